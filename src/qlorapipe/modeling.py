@@ -1,0 +1,176 @@
+"""Loading the frozen base (4-bit, 8-bit or 16-bit) and attaching LoRA adapters."""
+
+from __future__ import annotations
+
+import logging
+import resource
+import sys
+from pathlib import Path
+
+from qlorapipe.errors import UserError
+from qlorapipe.params import LoraParams, QuantizationParams
+
+logger = logging.getLogger(__name__)
+
+
+def pick_device():
+    """The device every stage computes on: the first CUDA GPU when there is one, else the CPU."""
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_compute_dtype(name: str, device):
+    """Map quantization.compute_dtype to a torch dtype.
+
+    ``auto`` is bfloat16 on GPUs that support it, float16 on older GPUs, and float32 on
+    the CPU, where bfloat16 matmuls are emulated on most processors and not faster.
+    """
+    import torch
+
+    if name != "auto":
+        return getattr(torch, name)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def quantization_config(params: QuantizationParams, compute_dtype):
+    """The BitsAndBytesConfig for params, or None for plain 16-bit LoRA."""
+    from transformers import BitsAndBytesConfig
+
+    if params.load_in == "4bit":
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=params.quant_type,
+            bnb_4bit_use_double_quant=params.use_double_quant,
+            bnb_4bit_compute_dtype=compute_dtype,
+        )
+    if params.load_in == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return None
+
+
+def load_base_model(base_dir: Path, params: QuantizationParams, device, trust_remote_code: bool = False):
+    """Load the base model quantized as params say, on ``device``.
+
+    Returns:
+        (model, compute_dtype)
+
+    Raises:
+        UserError: the directory is not a model directory.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if not (Path(base_dir) / "config.json").is_file():
+        raise UserError(f"{base_dir}: no base model here; run `dvc repro download`")
+    compute_dtype = resolve_compute_dtype(params.compute_dtype, device)
+    if device.type == "cpu" and compute_dtype == torch.float16:
+        raise UserError("quantization.compute_dtype float16 is not supported on the CPU; use auto or float32")
+    model = AutoModelForCausalLM.from_pretrained(
+        base_dir,
+        quantization_config=quantization_config(params, compute_dtype),
+        dtype=compute_dtype,
+        device_map={"": device},
+        trust_remote_code=trust_remote_code,
+    )
+    model.config.use_cache = False
+    return model, compute_dtype
+
+
+def linear_module_names(model) -> list[str]:
+    """Short names of the linear layers LoRA can target (what target_modules refers to)."""
+    import torch
+
+    names = set()
+    for full_name, module in model.named_modules():
+        is_linear = isinstance(module, torch.nn.Linear) or type(module).__name__ in ("Linear4bit", "Linear8bitLt")
+        if is_linear and "lm_head" not in full_name:
+            names.add(full_name.rsplit(".", 1)[-1])
+    return sorted(names)
+
+
+def lora_config(params: LoraParams):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=params.rank,
+        lora_alpha=params.alpha,
+        lora_dropout=params.dropout,
+        target_modules=params.target_modules,
+        bias=params.bias,
+        task_type="CAUSAL_LM",
+    )
+
+
+def add_lora(model, params: LoraParams, quantized: bool, gradient_checkpointing: bool):
+    """Freeze the base, prepare it for k-bit training and wrap it with trainable LoRA adapters.
+
+    Raises:
+        UserError: lora.target_modules names modules the model does not have.
+    """
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    if isinstance(params.target_modules, list):
+        available = linear_module_names(model)
+        missing = [m for m in params.target_modules if m not in available]
+        if missing:
+            raise UserError(
+                f"lora.target_modules {missing} match no linear layer of this model; "
+                f"its linear layers are: {', '.join(available)}"
+            )
+    ckpt_kwargs = {"use_reentrant": False}
+    if quantized:
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=gradient_checkpointing, gradient_checkpointing_kwargs=ckpt_kwargs
+        )
+    else:
+        for param in model.parameters():
+            param.requires_grad_(False)
+        if gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
+            model.enable_input_require_grads()
+    return get_peft_model(model, lora_config(params))
+
+
+def parameter_counts(model) -> tuple[int, int]:
+    """(trainable, total) parameters; 4-bit weights count as two values per stored byte."""
+    trainable, total = model.get_nb_trainable_parameters()
+    return int(trainable), int(total)
+
+
+def device_summary(device) -> str:
+    import torch
+
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return f"{props.name}, {props.total_memory / 2**30:.1f} GiB total VRAM"
+    return f"CPU, {torch.get_num_threads()} threads"
+
+
+def memory_summary(device) -> str:
+    import torch
+
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        return (f"GPU memory: {torch.cuda.memory_allocated(device) / 2**30:.2f} GiB allocated, "
+                f"{torch.cuda.memory_reserved(device) / 2**30:.2f} GiB reserved, {free / 2**30:.2f} GiB free")
+    return f"process peak RSS: {peak_rss_bytes() / 2**30:.2f} GiB"
+
+
+def peak_rss_bytes() -> int:
+    # ru_maxrss is KiB on Linux, bytes on macOS.
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def peak_memory_metrics(device) -> dict:
+    import torch
+
+    if device.type == "cuda":
+        return {
+            "peak_gpu_allocated_gb": round(torch.cuda.max_memory_allocated(device) / 1e9, 3),
+            "peak_gpu_reserved_gb": round(torch.cuda.max_memory_reserved(device) / 1e9, 3),
+        }
+    return {"peak_rss_gb": round(peak_rss_bytes() / 1e9, 3)}

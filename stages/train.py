@@ -1,0 +1,101 @@
+"""Quantize-load the base model and train LoRA adapters on it (QLoRA).
+
+    python stages/train.py --params params.yaml --base models/base --data data/prepared \
+        --adapter models/adapter --metrics metrics/train.json \
+        --history metrics/train_history.csv --curves metrics/training_curves.png \
+        --log metrics/training_log.txt
+
+Reads the ``quantization``, ``lora`` and ``training`` sections of params.yaml.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+
+from qlorapipe import curves, data, modeling, training
+from qlorapipe.adapters import write_adapter_record
+from qlorapipe.console import console, run_stage
+from qlorapipe.outputs import atomic_dir, write_json, write_text_atomic
+from qlorapipe.params import load_section
+
+logger = logging.getLogger("train")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--base", type=Path, required=True)
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--adapter", type=Path, required=True, help="PEFT adapter directory to write")
+    parser.add_argument("--metrics", type=Path, required=True)
+    parser.add_argument("--history", type=Path, required=True, help="per-step CSV for dvc plots")
+    parser.add_argument("--curves", type=Path, required=True, help="training curves PNG")
+    parser.add_argument("--log", type=Path, required=True, help="plain-text training log")
+    args = parser.parse_args(argv)
+    quant = load_section(args.params, "quantization")
+    lora = load_section(args.params, "lora")
+    params = load_section(args.params, "training")
+    # Inputs are checked before any weights are loaded.
+    train_set = data.load_split(args.data, data.TRAIN_SPLIT)
+    eval_set = data.load_split(args.data, data.EVAL_SPLIT)
+
+    import torch
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    started = time.perf_counter()
+    torch.manual_seed(params.seed)  # before the adapters are initialised
+    device = modeling.pick_device()
+    logger.info("Device: %s", modeling.device_summary(device))
+    model, compute_dtype = modeling.load_base_model(args.base, quant, device)
+    model = modeling.add_lora(model, lora, quant.load_in != "none", params.gradient_checkpointing)
+    trainable, total = modeling.parameter_counts(model)
+    trainable_line = (f"trainable params: {trainable:,} || all params: {total:,} || "
+                      f"trainable%: {100 * trainable / total:.4f}")
+    logger.info(trainable_line)
+    logger.info(modeling.memory_summary(device))
+    logger.info("Training on %d chunks of %d tokens, evaluating on %d", len(train_set),
+                train_set[0]["input_ids"].numel(), len(eval_set))
+
+    columns = [TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[status]}"),
+               TimeRemainingColumn()]
+    with Progress(*columns, console=console, transient=False) as progress:
+        result = training.train(model, train_set, eval_set, params, device, progress)
+    logger.info(modeling.memory_summary(device))
+
+    with atomic_dir(args.adapter) as out:
+        model.save_pretrained(out, safe_serialization=True)
+        record = {
+            "base_model": read_source_record(args.base),
+            "quantization": dataclasses.asdict(quant),
+            "lora": dataclasses.asdict(lora),
+            "training": dataclasses.asdict(params),
+        }
+        (out / ADAPTER_RECORD).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+
+    metrics = {
+        "train_loss": round(result.final_train_loss, 5),
+        "eval_loss": round(result.final_eval_loss, 5),
+        "steps": result.steps,
+        "tokens_trained": result.tokens_trained,
+        "tokens_per_second": round(result.tokens_trained / result.train_seconds, 1),
+        "train_seconds": round(result.train_seconds, 2),
+        "wall_seconds": round(time.perf_counter() - started, 2),
+        "trainable_params": trainable,
+        "total_params": total,
+        "compute_dtype": str(compute_dtype).removeprefix("torch."),
+        "device": modeling.device_summary(device),
+        **modeling.peak_memory_metrics(device),
+    }
+    write_json(args.metrics, metrics)
+    curves.write_history_csv(result.history, args.history)
+    curves.plot_training_curves(result.history, args.curves)
+    header = [trainable_line, f"device: {modeling.device_summary(device)}", modeling.memory_summary(device)]
+    write_text_atomic(args.log, "\n".join(header + result.log_lines) + "\n")
+    logger.info("Adapter written to %s; final eval loss %.4f", args.adapter, result.final_eval_loss)
+
+
+if __name__ == "__main__":
+    run_stage(main)
