@@ -67,13 +67,7 @@ def main(argv: list[str] | None = None) -> None:
 
     with atomic_dir(args.adapter) as out:
         model.save_pretrained(out, safe_serialization=True)
-        record = {
-            "base_model": read_source_record(args.base),
-            "quantization": dataclasses.asdict(quant),
-            "lora": dataclasses.asdict(lora),
-            "training": dataclasses.asdict(params),
-        }
-        (out / ADAPTER_RECORD).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+        write_adapter_record(out, args.base, quantization=quant, lora=lora, training=params)
 
     metrics = {
         "train_loss": round(result.final_train_loss, 5),

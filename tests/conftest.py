@@ -1,0 +1,144 @@
+"""Shared fixtures: tiny tokenizers and models built in-process, so tests need nothing from a hub."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A few hundred words of real prose is enough for a tokenizer and for a loss that can fall.
+CORPUS = """\
+The quick brown fox jumps over the lazy dog. A journey of a thousand miles begins with a single step.
+Python is a programming language that lets you work quickly and integrate systems more effectively.
+A list comprehension provides a concise way to create lists from other sequences and iterables.
+The with statement is used to wrap the execution of a block with methods defined by a context manager.
+Exceptions are raised when an error is detected, and they can be handled with try and except clauses.
+Generators produce items lazily, one at a time, and remember where they left off between calls.
+Dictionaries map hashable keys to values; they keep insertion order and offer fast lookups.
+Functions are defined with the def keyword, take parameters, and may return a value to the caller.
+Classes bundle data and behaviour; instances are created by calling the class like a function.
+Modules group related code; a package is a directory of modules with a shared namespace.
+"""
+
+
+def pytest_configure(config):
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
+
+
+def build_tokenizer():
+    """A byte-level BPE tokenizer trained on CORPUS, with BOS/EOS/pad/unk specials."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320,
+        special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tokenizer.train_from_iterator(CORPUS.splitlines(), trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+
+
+def tiny_config(arch: str, vocab_size: int):
+    """A 2-layer model of the given architecture with grouped-query attention."""
+    from transformers import LlamaConfig, Qwen2Config
+
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=3,
+        tie_word_embeddings=True,
+    )
+    return LlamaConfig(**common) if arch == "llama" else Qwen2Config(**common)
+
+
+def make_model_dir(path: Path, arch: str = "llama", seed: int = 0) -> Path:
+    """Save a tiny random model and its tokenizer as a Hugging Face directory."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = build_tokenizer()
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, len(tokenizer)))
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    return make_model_dir(tmp_path_factory.mktemp("tiny-llama") / "model", "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_dir(tmp_path_factory) -> Path:
+    return make_model_dir(tmp_path_factory.mktemp("tiny-qwen2") / "model", "qwen2")
+
+
+@pytest.fixture(scope="session")
+def corpus_file(tmp_path_factory) -> Path:
+    """A .jsonl corpus: each line of CORPUS, repeated so there is enough to chunk and split."""
+    import json
+
+    path = tmp_path_factory.mktemp("corpus") / "corpus.jsonl"
+    lines = [line for line in CORPUS.splitlines() if line.strip()]
+    with open(path, "w") as handle:
+        for i in range(6):
+            for line in lines:
+                handle.write(json.dumps({"text": f"{line} ({i})"}) + "\n")
+    return path
+
+
+def load_stage(name: str):
+    """Import stages/<name>.py as a module (stages are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(f"stage_{name}", ROOT / "stages" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def tiny_params(model_path: Path, corpus: Path, **overrides) -> dict:
+    """params.yaml contents for a tiny, seconds-long run of the whole pipeline."""
+    params = {
+        "model": {"source": "local", "local_path": str(model_path), "dtype": "float32"},
+        "data": {"source": "local", "path": str(corpus), "max_length": 32, "eval_fraction": 0.2, "seed": 1},
+        "quantization": {"load_in": "4bit", "quant_type": "nf4", "use_double_quant": True},
+        "lora": {"rank": 8, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear"},
+        "training": {"max_steps": 12, "per_device_batch_size": 4, "learning_rate": 0.003, "warmup_steps": 0,
+                     "eval_every_steps": 6, "optimizer": "adamw_torch"},
+        "evaluate": {"batch_size": 4, "prompts": ["Python is", "The with statement"], "max_new_tokens": 5},
+        "merge": {"dtype": "float32", "fidelity_batches": 2},
+        "export": {},
+    }
+    for key, value in overrides.items():
+        section, name = key.split(".")
+        params[section][name] = value
+    return params
+
+
+def write_params(path: Path, params: dict) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return path
