@@ -127,3 +127,26 @@ def test_sixteen_bit_lora_needs_no_bitsandbytes_layers(tiny_llama_dir):
     grads = [p.grad for n, p in model.named_parameters() if "lora_B" in n]
     assert len(grads) == 14 and all(g is not None and g.abs().sum() > 0 for g in grads)
     assert all(p.grad is None for n, p in model.named_parameters() if "lora_" not in n)
+
+
+def test_lora_gradients_through_4bit_layers_match_the_dequantized_model(tiny_llama_dir):
+    """Backward through bitsandbytes' 4-bit matmul gives the gradients of the function it computes."""
+    torch.manual_seed(0)
+    quantized, _ = modeling.load_base_model(tiny_llama_dir, QUANT, CPU)
+    quantized = modeling.add_lora(quantized, LORA, quantized=True, gradient_checkpointing=True)
+    _randomize_lora_b(quantized, scale=0.1)
+    adapter = {n: p.detach().clone() for n, p in quantized.named_parameters() if "lora_" in n}
+    reference, _ = modeling.load_base_model(tiny_llama_dir, QUANT, CPU)
+    reference = modeling.add_lora(reference.dequantize(dtype=torch.float32), LORA, quantized=False,
+                                  gradient_checkpointing=False)
+    for name, param in reference.named_parameters():
+        if name in adapter:
+            param.data = adapter[name].clone()
+    ids = _input_ids(quantized.config.vocab_size)
+    quantized(input_ids=ids, labels=ids).loss.backward()
+    reference(input_ids=ids, labels=ids).loss.backward()
+    expected = dict(reference.named_parameters())
+    for name, param in quantized.named_parameters():
+        if "lora_" in name:
+            cosine = torch.nn.functional.cosine_similarity(param.grad.flatten(), expected[name].grad.flatten(), dim=0)
+            assert cosine > 0.9999, name
