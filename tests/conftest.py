@@ -142,3 +142,34 @@ def write_params(path: Path, params: dict) -> Path:
 
     path.write_text(yaml.safe_dump(params, sort_keys=False))
     return path
+
+
+def run_cmd(cmd: list[str], cwd: Path, check: bool = True):
+    """Run a command with this interpreter's bin directory first on PATH (stage commands say `python`)."""
+    import os
+    import subprocess
+
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "PATH": path,
+           "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@localhost",
+           "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@localhost"}
+    result = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env)
+    if check:
+        assert result.returncode == 0, f"{' '.join(map(str, cmd))} failed:\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+def init_project(work: Path, params: dict) -> Path:
+    """A fresh git + DVC project holding this repository's pipeline and code, with ``params``."""
+    import shutil
+
+    tracked = run_cmd(["git", "ls-files"], ROOT).stdout.split()
+    for rel in tracked:
+        if rel.startswith((".dvc/", "dvc.yaml", "stages/", "src/", ".dvcignore")) and (ROOT / rel).is_file():
+            (work / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / rel, work / rel)
+    write_params(work / "params.yaml", params)
+    run_cmd(["git", "init", "-q"], work)
+    run_cmd(["git", "add", "-A"], work)
+    run_cmd(["git", "commit", "-qm", "init"], work)
+    return work

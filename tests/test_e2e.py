@@ -3,45 +3,26 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, tiny_params, write_params
+from conftest import init_project, run_cmd, tiny_params
 
 DVC = [sys.executable, "-m", "dvc"]
 
 
 def _sh(cmd: list[str], cwd: Path) -> str:
-    # Stage commands say `python`: the interpreter running the tests must be the one found first.
-    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "PATH": path}
-    result = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env)
-    assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout}\n{result.stderr}"
+    result = run_cmd(cmd, cwd)
     return result.stdout + result.stderr
 
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, tiny_llama_dir, corpus_file) -> Path:
-    """A fresh git + DVC clone of the project, configured for a tiny model."""
+    """A fresh git + DVC project of this pipeline, configured for a tiny model."""
     work = tmp_path_factory.mktemp("e2e") / "project"
-    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True).stdout.split()
-    for rel in tracked + ["dvc.yaml", "params.yaml", ".dvc/config", ".dvcignore"]:
-        if (ROOT / rel).is_file() and rel.startswith((".dvc", "dvc.", "params.", "stages/", "src/", ".dvcignore")):
-            (work / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / rel, work / rel)
-    (work / "dvc.lock").unlink(missing_ok=True)
-    for rel in ("metrics",):
-        shutil.rmtree(work / rel, ignore_errors=True)
-    write_params(work / "params.yaml", tiny_params(tiny_llama_dir, corpus_file))
-    _sh(["git", "init", "-q"], work)
-    _sh(["git", "-c", "user.name=t", "-c", "user.email=t@t", "add", "-A"], work)
-    _sh(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"], work)
-    return work
+    return init_project(work, tiny_params(tiny_llama_dir, corpus_file))
 
 
 def test_repro_then_noop_then_experiment_and_metrics_diff(project):
@@ -56,9 +37,8 @@ def test_repro_then_noop_then_experiment_and_metrics_diff(project):
     assert "Running stage" not in again
     assert "Data and pipelines are up to date" in again
 
-    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
-    _sh(git + ["add", "-A"], project)
-    _sh(git + ["commit", "-qm", "baseline run"], project)
+    _sh(["git", "add", "-A"], project)
+    _sh(["git", "commit", "-qm", "baseline run"], project)
 
     exp = _sh(DVC + ["exp", "run", "-S", "lora.rank=4"], project)
     assert "Running stage 'train'" in exp
