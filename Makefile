@@ -19,3 +19,9 @@ repro: install
 
 test: install
 	PATH="$(CURDIR)/$(BIN):$$PATH" python -m pytest -q
+
+# The experiment table with the columns that matter.
+EXP_COLUMNS := Experiment|Created|lora\.rank|lora\.alpha|quantization\.load_in|training\.learning_rate|training\.max_steps|^eval_loss|base\.perplexity|finetuned\.perplexity|merged\.max_logit_diff|tokens_per_second
+.PHONY: exps
+exps: install
+	PATH="$(CURDIR)/$(BIN):$$PATH" dvc exp show --no-pager --md --drop '.*' --keep '$(EXP_COLUMNS)'
