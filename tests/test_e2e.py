@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -50,6 +51,29 @@ def test_repro_then_noop_then_experiment_and_metrics_diff(project):
     assert new * 2 == old  # LoRA parameters scale with the rank
     params = json.loads(_sh(DVC + ["params", "diff", "--json"], project))
     assert params["params.yaml"]["lora.rank"] == {"old": 8, "new": 4, "diff": -4}
+
+    # `dvc plots diff` as an offline picture: both runs' curves in one PNG.
+    _sh([sys.executable, "-m", "qlorapipe.plot_diff", "HEAD", "workspace", "--out", "diff.png"], project)
+    assert (project / "diff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_queued_sweep_runs_every_experiment(project):
+    _sh(DVC + ["exp", "run", "--queue", "-S", "lora.rank=2,6"], project)
+    _sh(DVC + ["queue", "start", "-j", "1"], project)
+    deadline = time.monotonic() + 900
+    status = _sh(DVC + ["queue", "status"], project)
+    while ("Queued" in status or "Running" in status) and time.monotonic() < deadline:
+        time.sleep(5)
+        status = _sh(DVC + ["queue", "status"], project)
+    assert status.count("Success") == 2, status
+    shown = json.loads(_sh(DVC + ["exp", "show", "--json"], project))
+    ranks = set()
+    for commit in shown:
+        for experiment in commit.get("experiments") or []:
+            for revision in experiment.get("revs", []):
+                params = revision.get("data", {}).get("params", {}).get("params.yaml", {}).get("data", {})
+                ranks.add(params.get("lora", {}).get("rank"))
+    assert {2, 6} <= ranks
 
 
 def test_editing_evaluation_code_does_not_retrain(project):
