@@ -32,6 +32,18 @@ def pytest_configure(config):
     warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked gpu need CUDA: skip them, saying so, where there is none."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 def build_tokenizer():
     """A byte-level BPE tokenizer trained on CORPUS, with BOS/EOS/pad/unk specials."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
