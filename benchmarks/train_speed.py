@@ -254,6 +254,13 @@ def run_variant(label, model, case, batches, numerics_batch, autocast, warmup, r
         if reference is not None:
             row["loss_diff"], row["grad_cos"], row["grad_cos_worst"] = compare(reference, numerics)
         row.update(time_steps(model, batches, autocast, warmup, optimizer))
+        if "compile" in label:  # why compiling does not remove more of the launch overhead
+            from torch._dynamo.utils import counters
+
+            breaks = counters["graph_break"]
+            row["graph_breaks"] = {"total": sum(breaks.values()),
+                                   **{k[:160]: v for k, v in breaks.most_common(4)}}
+            breaks.clear()
     except Exception as exc:  # one failing lever must not lose the other figures
         row["error"] = f"{type(exc).__name__}: {exc}"[:400]
         traceback.print_exc()
@@ -278,7 +285,9 @@ def ours_variants(case: str, n_layers: int) -> list[tuple[str, AccelerationParam
         variants += [("ours, defaults + uncheckpointed_layers=8", replace(DEFAULT, uncheckpointed_layers=8)),
                      ("ours, defaults + uncheckpointed_layers=16", replace(DEFAULT, uncheckpointed_layers=16))]
     if case == "B":
-        variants += [(f"ours, defaults + no checkpointing ({n_layers})", replace(DEFAULT, uncheckpointed_layers=n_layers))]
+        variants += [(f"ours, defaults + no checkpointing ({n_layers})", replace(DEFAULT, uncheckpointed_layers=n_layers)),
+                     ("ours, defaults + compile_layers + uncheckpointed_layers=4",
+                      replace(DEFAULT, compile_layers=True, uncheckpointed_layers=4))]
     if case == "C":
         variants = [("ours, defaults", DEFAULT)]
     variants.append(("ours, defaults + compile_layers", replace(DEFAULT, compile_layers=True)))
@@ -304,6 +313,8 @@ def run_shape(shape: str, cases: list[str], args, results: list) -> None:
         set_lora_state(plain, init)
         references[case] = run_variant("plain recipe", plain, case, data[case][0], data[case][1], True,
                                        args.warmup, None, results)
+        if not args.plain_unpaged:
+            continue
         set_lora_state(plain, init)
         run_variant("plain recipe, adamw_8bit (unpaged)", plain, case, data[case][0], data[case][1], True,
                     args.warmup, references[case], results, optimizer="adamw_8bit")
@@ -316,6 +327,8 @@ def run_shape(shape: str, cases: list[str], args, results: list) -> None:
     device = torch.device("cuda")
     for case in cases:
         for label, params in ours_variants(case, config.num_hidden_layers):
+            if args.variants and not any(label.endswith(v) for v in args.variants.split(",")):
+                continue
             def prepare(params=params):
                 acceleration.remove(model, upcast_dtype=torch.float32)
                 set_lora_state(model, init)
@@ -381,6 +394,9 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/qlorapipe-bench"))
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--variants", default="", help="comma-separated endings of the ours-variant labels to run")
+    parser.add_argument("--no-plain-unpaged", dest="plain_unpaged", action="store_false",
+                        help="skip the plain recipe with the unpaged optimizer")
     parser.add_argument("--liger", action="store_true", help="also time liger-kernel's RMSNorm/SwiGLU/RoPE on A")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
