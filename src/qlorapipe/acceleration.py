@@ -84,10 +84,9 @@ def remove(model, upcast_dtype=None) -> None:
     import torch
 
     for module in model.modules():
-        for name in ("forward",):
-            if name in vars(module) and getattr(module, "_qlorapipe_patched", False):
-                delattr(module, name)
-                module._qlorapipe_patched = False
+        if getattr(module, "_qlorapipe_patched", False):
+            del module.forward  # the instance attribute; the class's forward shows again
+            module._qlorapipe_patched = False
         if getattr(module, "_qlorapipe_compiled", False):
             module._compiled_call_impl = None
             module._qlorapipe_compiled = False
