@@ -84,15 +84,14 @@ def remove(model, upcast_dtype=None) -> None:
     import torch
 
     for module in model.modules():
-        if getattr(module, "_qlorapipe_patched", False):
+        # vars(), not getattr(): peft's wrappers forward unknown attributes to the model inside.
+        flags = vars(module)
+        if flags.pop("_qlorapipe_patched", False):
             del module.forward  # the instance attribute; the class's forward shows again
-            module._qlorapipe_patched = False
-        if getattr(module, "_qlorapipe_compiled", False):
+        if flags.pop("_qlorapipe_compiled", False):
             module._compiled_call_impl = None
-            module._qlorapipe_compiled = False
-        if getattr(module, "_qlorapipe_uncheckpointed", False):
+        if flags.pop("_qlorapipe_uncheckpointed", False):
             module.gradient_checkpointing = True
-            module._qlorapipe_uncheckpointed = False
     if upcast_dtype is not None:
         for param in _frozen_float_params(model):
             if param.dtype != upcast_dtype:
