@@ -63,8 +63,12 @@ def training_params(params: TrainingParams, fast_paths: AccelerationParams, devi
 
     Paging keeps optimizer states in unified memory so they can spill to the host under
     memory pressure (bitsandbytes paged optimizers). LoRA's states are a few MB, so paging
-    buys nothing, and it costs a fixed time every step (docs/benchmarks.md). AdamW8bit and
-    PagedAdamW8bit run the same update; only where the states live differs.
+    buys nothing here; AdamW8bit and PagedAdamW8bit run the same update, only where the
+    states live differs. On an H100 the step-time difference was within run-to-run noise
+    (docs/benchmarks.md).
+
+    Returns:
+        ``params``, or a copy with the unpaged optimizer.
     """
     import dataclasses
 
