@@ -5,7 +5,7 @@
         --history metrics/train_history.csv --curves metrics/training_curves.png \
         --log metrics/training_log.txt
 
-Reads the ``quantization``, ``lora`` and ``training`` sections of params.yaml.
+Reads the ``quantization``, ``lora``, ``training`` and ``acceleration`` sections of params.yaml.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import logging
 import time
 from pathlib import Path
 
-from qlorapipe import curves, data, modeling, training
+from qlorapipe import acceleration, curves, data, modeling, training
 from qlorapipe.adapters import write_adapter_record
 from qlorapipe.console import console, run_stage
 from qlorapipe.outputs import atomic_dir, write_json, write_text_atomic
@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     quant = load_section(args.params, "quantization")
     lora = load_section(args.params, "lora")
     params = load_section(args.params, "training")
+    fast_paths = load_section(args.params, "acceleration")
     # Inputs are checked before any weights are loaded.
     train_set = data.load_split(args.data, data.TRAIN_SPLIT)
     eval_set = data.load_split(args.data, data.EVAL_SPLIT)
@@ -51,6 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     logger.info("Device: %s", modeling.device_summary(device))
     model, compute_dtype = modeling.load_base_model(args.base, quant, device)
     model = modeling.add_lora(model, lora, quant.load_in != "none", params.gradient_checkpointing)
+    acceleration.apply(model, fast_paths, device, compute_dtype)  # GPU fast paths; the CPU path is unchanged
     trainable, total = modeling.parameter_counts(model)
     trainable_line = (f"trainable params: {trainable:,} || all params: {total:,} || "
                       f"trainable%: {100 * trainable / total:.4f}")
@@ -62,7 +64,8 @@ def main(argv: list[str] | None = None) -> None:
     columns = [TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[status]}"),
                TimeRemainingColumn()]
     with Progress(*columns, console=console, transient=False) as progress:
-        result = training.train(model, train_set, eval_set, params, device, progress)
+        result = training.train(model, train_set, eval_set, acceleration.training_params(params, fast_paths, device),
+                                device, progress)
     logger.info(modeling.memory_summary(device))
 
     with atomic_dir(args.adapter) as out:

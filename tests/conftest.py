@@ -32,6 +32,18 @@ def pytest_configure(config):
     warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked gpu need CUDA: skip them, saying so, where there is none."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 def build_tokenizer():
     """A byte-level BPE tokenizer trained on CORPUS, with BOS/EOS/pad/unk specials."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -127,6 +139,7 @@ def tiny_params(model_path: Path, corpus: Path, **overrides) -> dict:
         "lora": {"rank": 8, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear"},
         "training": {"max_steps": 12, "per_device_batch_size": 4, "learning_rate": 0.003, "warmup_steps": 0,
                      "eval_every_steps": 6, "optimizer": "adamw_torch"},
+        "acceleration": {},
         "evaluate": {"batch_size": 4, "prompts": ["Python is", "The with statement"], "max_new_tokens": 5},
         "merge": {"dtype": "float32", "fidelity_batches": 2},
         "export": {},

@@ -158,6 +158,28 @@ class TrainingParams:
 
 
 @dataclass(frozen=True)
+class AccelerationParams:
+    """GPU fast paths for training (train stage); each computes the plain recipe's function.
+
+    Applied on CUDA only; on the CPU the plain path runs unchanged. See acceleration.py and
+    docs/benchmarks.md for what each one buys.
+    """
+
+    keep_frozen_dtype: bool = True  # no float32 upcast of frozen norms and embeddings
+    lora_fast_forward: bool = True  # LoRA matmuls in the compute dtype, add fused, no clone
+    chunked_cross_entropy: bool = True  # loss without materialising full float32 logits
+    uncheckpointed_layers: int = 0  # last N blocks keep activations (needs gradient checkpointing)
+    compile_layers: bool = False  # torch.compile each transformer block
+    unpaged_optimizer: bool = False  # true: paged_adamw_8bit runs as adamw_8bit (same update, states on the GPU)
+
+    def check(self) -> list[str]:
+        if self.uncheckpointed_layers < 0:
+            return [f"acceleration.uncheckpointed_layers must be >= 0 (0 checkpoints every block), "
+                    f"got {self.uncheckpointed_layers}"]
+        return []
+
+
+@dataclass(frozen=True)
 class EvaluateParams:
     """Held-out perplexity and sample generations (evaluate stage)."""
 
@@ -216,6 +238,7 @@ SECTIONS: dict[str, type] = {
     "quantization": QuantizationParams,
     "lora": LoraParams,
     "training": TrainingParams,
+    "acceleration": AccelerationParams,
     "evaluate": EvaluateParams,
     "merge": MergeParams,
     "export": ExportParams,

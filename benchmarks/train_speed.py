@@ -1,0 +1,423 @@
+"""Training speed and memory: the plain QLoRA recipe against this project's train path, on one GPU.
+
+    PYTHONPATH=src python benchmarks/train_speed.py --cases A,B,C --out bench-out
+
+(a) plain: transformers + peft + bitsandbytes as the tutorials write it: NF4 + double quant,
+    bf16 compute and bf16 autocast (what ``Trainer(bf16=True)`` does), sdpa,
+    ``prepare_model_for_kbit_training`` with gradient checkpointing, labels = input ids.
+(b) ours: ``modeling.load_base_model`` + ``modeling.add_lora`` + ``acceleration.apply``, stepped
+    as ``training.train`` steps (no autocast), each lever alone and all together.
+
+Both use random-init models of the real shapes (throughput does not depend on weight values),
+saved once to local disk and loaded through ``from_pretrained`` with the BitsAndBytesConfig so
+the quantization is real; the same LoRA weights (B made non-zero, so every adapter gradient is
+non-trivial), the same batches, the same optimizer (``training.make_optimizer``,
+paged_adamw_8bit) and the same clipping. Numerics: loss and LoRA gradients of each variant on
+one batch (dropout off) against the plain recipe's. Prints a table last; writes results.json
+and results.md under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import platform
+import time
+import traceback
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from qlorapipe import acceleration, modeling, training
+from qlorapipe.params import AccelerationParams, LoraParams, QuantizationParams, TrainingParams
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+PEAK_FLOPS = 790e12  # bf16 matmul rate measured on the H100 (NOTES.md)
+CASES = {  # name: (shape, seq, batch)
+    "A": ("qwen2.5-3b", 1024, 4),
+    "B": ("qwen2.5-3b", 512, 1),
+    "C": ("llama-2-7b", 2048, 2),
+}
+ALL_OFF = AccelerationParams(keep_frozen_dtype=False, lora_fast_forward=False, chunked_cross_entropy=False,
+                             uncheckpointed_layers=0, compile_layers=False, unpaged_optimizer=False)
+DEFAULT = AccelerationParams()
+RESULTS_FILE: Path | None = None
+
+
+def shape_config(name: str):
+    from transformers import LlamaConfig, Qwen2Config
+
+    if name == "qwen2.5-3b":
+        return Qwen2Config(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+                           num_attention_heads=16, num_key_value_heads=2, max_position_embeddings=32768,
+                           rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=True, use_cache=False)
+    if name == "llama-2-7b":
+        return LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                           num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
+                           rms_norm_eps=1e-5, tie_word_embeddings=False, use_cache=False)
+    if name == "smollm2-135m":
+        return LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                           num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
+                           rope_theta=1e5, rms_norm_eps=1e-5, tie_word_embeddings=True, use_cache=False)
+    raise ValueError(name)
+
+
+def save_random_model(name: str, workdir: Path) -> tuple[Path, float]:
+    """Random-init bf16 model of the named shape, saved once; returns (dir, FLOP parameter count)."""
+    from transformers import AutoModelForCausalLM
+
+    path = workdir / name
+    config = shape_config(name)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    n_params = sum(p.numel() for p in model.parameters())  # a tied head is counted once
+    if not config.tie_word_embeddings:  # the input embedding is a lookup, no FLOPs
+        n_params -= model.get_input_embeddings().weight.numel()
+    if not (path / "config.json").is_file():
+        model.save_pretrained(path, safe_serialization=True)
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+    return path, float(n_params)
+
+
+def flops_per_token(n_params: float, config, seq: int) -> float:
+    """4N (forward + input-gradient backward; no weight gradients for frozen weights) plus
+    attention 12 * layers * seq * d_attn (forward 4, backward 8; causal not halved, PaLM's
+    convention). Recompute of checkpointed layers is not counted: MFU is model FLOPs."""
+    d_attn = config.num_attention_heads * (config.hidden_size // config.num_attention_heads)
+    return 4 * n_params + 12 * config.num_hidden_layers * seq * d_attn
+
+
+def lora_params() -> LoraParams:
+    return LoraParams(rank=16, alpha=32, dropout=0.05, target_modules=list(TARGETS), bias="none")
+
+
+def build_plain(model_dir: Path):
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                             bnb_4bit_compute_dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=bnb, dtype=torch.bfloat16,
+                                                 device_map={"": 0}, attn_implementation="sdpa")
+    model.config.use_cache = False
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
+                                            gradient_checkpointing_kwargs={"use_reentrant": False})
+    torch.manual_seed(1)
+    config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=list(TARGETS), bias="none",
+                        task_type="CAUSAL_LM")
+    model = get_peft_model(model, config)
+    model.train()  # as Trainer does; checkpointing and dropout act only in training mode
+    return model
+
+
+def build_ours(model_dir: Path):
+    device = torch.device("cuda")
+    model, compute_dtype = modeling.load_base_model(model_dir, QuantizationParams(), device)
+    torch.manual_seed(1)
+    model = modeling.add_lora(model, lora_params(), quantized=True, gradient_checkpointing=True)
+    model.train()  # as training.train does
+    return model, compute_dtype
+
+
+def lora_state(model) -> dict:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def set_lora_state(model, state: dict) -> None:
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                p.copy_(state[n])
+
+
+def randomize_lora_b(model) -> None:
+    """LoRA B starts at zero, which makes every A gradient zero: give it small seeded values."""
+    generator = torch.Generator(device="cuda").manual_seed(2)
+    with torch.no_grad():
+        for n, p in sorted(model.named_parameters()):
+            if p.requires_grad and "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=generator, device=p.device) * 0.01)
+
+
+def step(model, optimizer, trainable, input_ids, autocast: bool) -> float:
+    """One optimizer step as training.train does it (plus autocast for the plain recipe)."""
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        loss = model(input_ids=input_ids, labels=input_ids).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+def loss_and_grads(model, input_ids, autocast: bool):
+    """Loss and flattened LoRA gradients on one batch with dropout off (deterministic)."""
+    dropouts = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    saved = [m.p for m in dropouts]
+    for m in dropouts:
+        m.p = 0.0
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        loss = model(input_ids=input_ids, labels=input_ids).loss
+    loss.backward()
+    grads = {n: p.grad.detach().float().flatten().cpu() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    for m, p in zip(dropouts, saved):
+        m.p = p
+    return float(loss), grads
+
+
+def compare(ref, other) -> tuple[float, float, float]:
+    """(|loss difference|, cosine of all LoRA gradients, worst per-tensor cosine)."""
+    ref_loss, ref_grads = ref
+    loss, grads = other
+    def cosine(x, y):  # float64: float32 sums over 30M entries drift past 1
+        x, y = x.double(), y.double()
+        return float(x @ y / (x.norm() * y.norm()))
+
+    a = torch.cat([ref_grads[n] for n in sorted(ref_grads)])
+    b = torch.cat([grads[n] for n in sorted(ref_grads)])
+    total = cosine(a, b)
+    worst = min(cosine(ref_grads[n], grads[n]) for n in ref_grads if ref_grads[n].norm() > 0)
+    return abs(loss - ref_loss), total, worst
+
+
+def phase_times(model, optimizer, trainable, batches, autocast: bool) -> dict:
+    """Milliseconds per phase of a step (synchronising between phases), averaged over batches."""
+    totals = {"forward_ms": 0.0, "backward_ms": 0.0, "optimizer_ms": 0.0}
+    for input_ids in batches:
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            loss = model(input_ids=input_ids, labels=input_ids).loss
+        torch.cuda.synchronize()
+        t1 = time.perf_counter()
+        loss.backward()
+        torch.cuda.synchronize()
+        t2 = time.perf_counter()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        t3 = time.perf_counter()
+        for key, value in zip(totals, (t1 - t0, t2 - t1, t3 - t2)):
+            totals[key] += 1000 * value / len(batches)
+    return totals
+
+
+def time_steps(model, batches, autocast: bool, warmup: int, optimizer_name: str) -> dict:
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = training.make_optimizer(optimizer_name, trainable, 2e-4, 0.0)
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    started = None
+    losses = []
+    for i, input_ids in enumerate(batches):
+        if i == warmup:
+            torch.cuda.synchronize()
+            started = time.perf_counter()
+        losses.append(step(model, optimizer, trainable, input_ids, autocast))
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - started
+    tokens = sum(b.numel() for b in batches[warmup:])
+    result = {
+        "tokens_per_s": tokens / seconds,
+        "step_ms": 1000 * seconds / (len(batches) - warmup),
+        "peak_alloc_gb": torch.cuda.max_memory_allocated() / 1e9,
+        "peak_reserved_gb": torch.cuda.max_memory_reserved() / 1e9,
+        "first_loss": float(losses[0]),
+        "last_loss": float(losses[-1]),
+        "optimizer": optimizer_name,
+    }
+    result.update(phase_times(model, optimizer, trainable, batches[-2:], autocast))
+    del optimizer
+    return result
+
+
+def run_variant(label, model, case, batches, numerics_batch, autocast, warmup, reference, results, prepare=None,
+                optimizer="paged_adamw_8bit"):
+    print(f"--- {case} {label}", flush=True)
+    row = {"case": case, "variant": label}
+    numerics = None
+    try:
+        if prepare is not None:
+            row["applied"] = prepare()
+        numerics = loss_and_grads(model, numerics_batch, autocast)
+        row["loss"] = numerics[0]
+        if reference is not None:
+            row["loss_diff"], row["grad_cos"], row["grad_cos_worst"] = compare(reference, numerics)
+        row.update(time_steps(model, batches, autocast, warmup, optimizer))
+        if "compile" in label:  # why compiling does not remove more of the launch overhead
+            from torch._dynamo.utils import counters
+
+            breaks = counters["graph_break"]
+            row["graph_breaks"] = {"total": sum(breaks.values()),
+                                   **{k[:160]: v for k, v in breaks.most_common(4)}}
+            breaks.clear()
+    except Exception as exc:  # one failing lever must not lose the other figures
+        row["error"] = f"{type(exc).__name__}: {exc}"[:400]
+        traceback.print_exc()
+        gc.collect()
+        torch.cuda.empty_cache()
+    print(json.dumps(row), flush=True)
+    results.append(row)
+    if RESULTS_FILE is not None:  # after every variant, so a run cut short keeps its figures
+        RESULTS_FILE.write_text(json.dumps(results, indent=1))
+    return numerics
+
+
+def ours_variants(case: str, n_layers: int) -> list[tuple[str, AccelerationParams]]:
+    """Each lever alone (case A), then the defaults, then the levers that trade memory or compile time."""
+    variants = [("ours, all levers off (before)", ALL_OFF)]
+    if case == "A":
+        variants += [(f"ours + {name} only", replace(ALL_OFF, **{name: True}))
+                     for name in ("keep_frozen_dtype", "lora_fast_forward", "chunked_cross_entropy",
+                                  "unpaged_optimizer")]
+    variants.append(("ours, defaults", DEFAULT))
+    if case == "A":
+        variants += [("ours, defaults + uncheckpointed_layers=8", replace(DEFAULT, uncheckpointed_layers=8)),
+                     ("ours, defaults + uncheckpointed_layers=16", replace(DEFAULT, uncheckpointed_layers=16))]
+    if case == "B":
+        variants += [(f"ours, defaults + no checkpointing ({n_layers})", replace(DEFAULT, uncheckpointed_layers=n_layers)),
+                     ("ours, defaults + compile_layers + uncheckpointed_layers=4",
+                      replace(DEFAULT, compile_layers=True, uncheckpointed_layers=4))]
+    if case == "C":
+        variants = [("ours, defaults", DEFAULT)]
+    variants.append(("ours, defaults + compile_layers", replace(DEFAULT, compile_layers=True)))
+    return variants
+
+
+def run_shape(shape: str, cases: list[str], args, results: list) -> None:
+    model_dir, n_params = save_random_model(shape, args.workdir)
+    config = shape_config(shape)
+    data = {}
+    for case in cases:
+        _, seq, batch = CASES[case]
+        generator = torch.Generator().manual_seed(3)
+        n = args.warmup + args.steps
+        batches = [torch.randint(0, config.vocab_size, (batch, seq), generator=generator).cuda() for _ in range(n)]
+        data[case] = (batches, batches[-1].clone())
+
+    plain = build_plain(model_dir)
+    randomize_lora_b(plain)
+    init = lora_state(plain)
+    references = {}
+    for case in cases:
+        set_lora_state(plain, init)
+        references[case] = run_variant("plain recipe", plain, case, data[case][0], data[case][1], True,
+                                       args.warmup, None, results)
+        if not args.plain_unpaged:
+            continue
+        set_lora_state(plain, init)
+        run_variant("plain recipe, adamw_8bit (unpaged)", plain, case, data[case][0], data[case][1], True,
+                    args.warmup, references[case], results, optimizer="adamw_8bit")
+    del plain
+    gc.collect()
+    torch.cuda.empty_cache()
+
+    model, compute_dtype = build_ours(model_dir)
+    set_lora_state(model, {k: v for k, v in init.items()})
+    device = torch.device("cuda")
+    for case in cases:
+        for label, params in ours_variants(case, config.num_hidden_layers):
+            if args.variants and not any(label.endswith(v) for v in args.variants.split(",")):
+                continue
+            def prepare(params=params):
+                acceleration.remove(model, upcast_dtype=torch.float32)
+                set_lora_state(model, init)
+                return acceleration.apply(model, params, device, compute_dtype)
+            optimizer = acceleration.training_params(TrainingParams(optimizer="paged_adamw_8bit"), params,
+                                                     device).optimizer
+            run_variant(label, model, case, data[case][0], data[case][1], False, args.warmup,
+                        references[case], results, prepare, optimizer)
+        acceleration.remove(model, upcast_dtype=torch.float32)
+    if args.liger and "A" in cases:
+        def prepare_liger():
+            from liger_kernel.transformers import apply_liger_kernel_to_qwen2
+
+            acceleration.remove(model, upcast_dtype=torch.float32)
+            set_lora_state(model, init)
+            applied = acceleration.apply(model, DEFAULT, device, compute_dtype)
+            apply_liger_kernel_to_qwen2(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                        fused_linear_cross_entropy=False, model=model.get_base_model())
+            return applied + ["liger rope, rms_norm, swiglu"]
+        run_variant("ours, defaults + liger-kernel RMSNorm/SwiGLU/RoPE", model, "A", data["A"][0], data["A"][1],
+                    False, args.warmup, references["A"], results, prepare_liger)
+    for row in results:
+        if row.get("case") in cases and "tokens_per_s" in row:
+            _, seq, _ = CASES[row["case"]]
+            row["mfu"] = row["tokens_per_s"] * flops_per_token(n_params, config, seq) / PEAK_FLOPS
+            row["n_params_flops"] = n_params
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def table(results: list) -> str:
+    plain = {r["case"]: r for r in results if r["variant"] == "plain recipe" and "tokens_per_s" in r}
+    lines = ["| case | variant | tokens/s | x plain | peak alloc GB | MFU | loss diff | grad cos (worst) | fwd/bwd/opt ms |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in results:
+        if "error" in r:
+            lines.append(f"| {r['case']} | {r['variant']} | error: {r['error'][:120]} | | | | | | |")
+            continue
+        ratio = r["tokens_per_s"] / plain[r["case"]]["tokens_per_s"] if r["case"] in plain else math.nan
+        cos = f"{r['grad_cos']:.5f} ({r['grad_cos_worst']:.4f})" if "grad_cos" in r else "ref"
+        diff = f"{r['loss_diff']:.2e}" if "loss_diff" in r else f"loss {r['loss']:.4f}"
+        lines.append(f"| {r['case']} | {r['variant']} | {r['tokens_per_s']:,.0f} | {ratio:.2f} | "
+                     f"{r['peak_alloc_gb']:.2f} | {100 * r.get('mfu', math.nan):.1f}% | {diff} | {cos} | "
+                     f"{r['forward_ms']:.0f}/{r['backward_ms']:.0f}/{r['optimizer_ms']:.0f} |")
+    return "\n".join(lines)
+
+
+def versions() -> dict:
+    import bitsandbytes
+    import peft
+    import transformers
+
+    return {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "cuda": torch.version.cuda,
+            "transformers": transformers.__version__, "peft": peft.__version__,
+            "bitsandbytes": bitsandbytes.__version__, "python": platform.python_version()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cases", default="A,B,C")
+    parser.add_argument("--out", type=Path, default=Path("bench-out"))
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/qlorapipe-bench"))
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--variants", default="", help="comma-separated endings of the ours-variant labels to run")
+    parser.add_argument("--no-plain-unpaged", dest="plain_unpaged", action="store_false",
+                        help="skip the plain recipe with the unpaged optimizer")
+    parser.add_argument("--liger", action="store_true", help="also time liger-kernel's RMSNorm/SwiGLU/RoPE on A")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    global RESULTS_FILE
+    RESULTS_FILE = args.out / "partial.json"
+    import logging
+
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    info = versions()
+    print(json.dumps(info), flush=True)
+    cases = args.cases.split(",")
+    results: list = []
+    started = time.perf_counter()
+    for shape in dict.fromkeys(CASES[c][0] for c in cases):
+        run_shape(shape, [c for c in cases if CASES[c][0] == shape], args, results)
+        (args.out / "results.json").write_text(json.dumps({"versions": info, "results": results}, indent=1))
+    text = table(results)
+    (args.out / "results.md").write_text(json.dumps(info) + "\n\n" + text + "\n")
+    print(f"\n{json.dumps(info)}\nwall {time.perf_counter() - started:.0f} s\n{text}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,341 @@
+"""GPU fast paths for QLoRA training that compute the same function as the plain recipe.
+
+The plain recipe (transformers + peft + bitsandbytes with ``prepare_model_for_kbit_training``)
+is launch- and copy-bound on a GPU, not FLOP-bound: it upcasts the frozen norms and embeddings
+to float32, so activations flip between float32 and bfloat16 around every layer; peft casts
+each LoRA input to the adapter's float32 and clones every base output; and the loss
+materialises full-vocabulary float32 logits (the largest activation with a 152k vocabulary).
+Each lever here removes one of those costs and has a switch in the ``acceleration`` params
+section. None changes what is computed beyond bfloat16 rounding (benchmarks/train_speed.py
+checks loss and LoRA gradients against the plain recipe). They are applied on CUDA only: the
+CPU path stays exactly the plain one.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import types
+
+from qlorapipe.params import AccelerationParams, TrainingParams
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+# Largest float32 logits block the chunked loss materialises at once (elements): 256 MiB.
+LOGITS_CHUNK_ELEMENTS = 2**26
+# Causal LMs whose forward is exactly decoder -> lm_head -> shifted cross-entropy, with no
+# logit scaling or soft-capping, so the chunked loss is the same function.
+CHUNKED_LOSS_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def apply(model, params: AccelerationParams, device, compute_dtype) -> list[str]:
+    """Switch on the levers ``params`` enables, on CUDA only.
+
+    Args:
+        model: the PEFT model ``modeling.add_lora`` returned.
+        params: the acceleration section.
+        device: where the model lives; on the CPU nothing is changed.
+        compute_dtype: the dtype the base was loaded in (``modeling.load_base_model``).
+
+    Returns:
+        The names of the levers applied.
+    """
+    if device.type != "cuda":
+        return []
+    applied = []
+    if params.keep_frozen_dtype and keep_frozen_dtype(model, compute_dtype):
+        applied.append("keep_frozen_dtype")
+    if params.lora_fast_forward and use_fast_lora_forward(model):
+        applied.append("lora_fast_forward")
+    if params.chunked_cross_entropy and use_chunked_loss(model):
+        applied.append("chunked_cross_entropy")
+    if params.uncheckpointed_layers and skip_checkpointing(model, params.uncheckpointed_layers):
+        applied.append(f"uncheckpointed_layers={params.uncheckpointed_layers}")
+    if params.compile_layers and compile_layers(model):
+        applied.append("compile_layers")
+    logger.info("Acceleration: %s", ", ".join(applied) or "none")
+    return applied
+
+
+def training_params(params: TrainingParams, fast_paths: AccelerationParams, device) -> TrainingParams:
+    """The training section to run with: on CUDA, paged 8-bit AdamW becomes its unpaged twin.
+
+    Paging keeps optimizer states in unified memory so they can spill to the host under
+    memory pressure (bitsandbytes paged optimizers). LoRA's states are a few MB, so paging
+    buys nothing here; AdamW8bit and PagedAdamW8bit run the same update, only where the
+    states live differs. On an H100 the step-time difference was within run-to-run noise
+    (docs/benchmarks.md).
+
+    Returns:
+        ``params``, or a copy with the unpaged optimizer.
+    """
+    import dataclasses
+
+    if device.type == "cuda" and fast_paths.unpaged_optimizer and params.optimizer == "paged_adamw_8bit":
+        return dataclasses.replace(params, optimizer="adamw_8bit")
+    return params
+
+
+def remove(model, upcast_dtype=None) -> None:
+    """Undo every lever (benchmarks and tests compare each against the plain path on one model).
+
+    Args:
+        model: a model ``apply`` changed.
+        upcast_dtype: cast frozen non-quantized float params back to this dtype (float32 is
+            what ``prepare_model_for_kbit_training`` leaves); None leaves dtypes alone.
+    """
+    import torch
+
+    for module in model.modules():
+        # vars(), not getattr(): peft's wrappers forward unknown attributes to the model inside.
+        flags = vars(module)
+        if flags.pop("_qlorapipe_patched", False):
+            del module.forward  # the instance attribute; the class's forward shows again
+        if flags.pop("_qlorapipe_compiled", False):
+            module._compiled_call_impl = None
+        if flags.pop("_qlorapipe_uncheckpointed", False):
+            module.gradient_checkpointing = True
+    if upcast_dtype is not None:
+        for param in _frozen_float_params(model):
+            if param.dtype != upcast_dtype:
+                param.data = param.data.to(upcast_dtype)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def _frozen_float_params(model):
+    for param in model.parameters():
+        if param.requires_grad or type(param).__name__ in ("Params4bit", "Int8Params"):
+            continue
+        if param.is_floating_point():
+            yield param
+
+
+def keep_frozen_dtype(model, compute_dtype) -> bool:
+    """Cast the frozen, non-quantized params (norms, embeddings) back to the compute dtype.
+
+    ``prepare_model_for_kbit_training`` upcasts them to float32 for numerical stability
+    (peft/utils/other.py). The RMSNorm variance is computed in float32 anyway
+    (LlamaRMSNorm.forward), so the upcast only turns every norm's output, and with it the
+    residual stream and every LoRA input, into float32: twice the activation memory and a
+    dtype conversion around every bitsandbytes matmul. Trainable (LoRA) params stay float32.
+
+    Returns:
+        True when any param was cast.
+    """
+    import torch
+
+    changed = False
+    for param in _frozen_float_params(model):
+        if param.dtype != compute_dtype:
+            param.data = param.data.to(compute_dtype)
+            changed = True
+    if changed and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return changed
+
+
+def _fast_lora_forward(self, x, *args, **kwargs):
+    """peft's LoRA forward for one plain adapter, with fewer and larger kernels.
+
+    Same function as peft's ``Linear4bit.forward`` / ``Linear.forward``: base(x) + B(A(drop(x)))
+    * scaling. Differences, all exact up to bfloat16 rounding: the small adapter weights are
+    cast to the activations' dtype instead of the activations to the weights' float32 (the
+    float32 master weights stay the ones the optimizer updates); the scaling is folded into
+    B; the add is fused into the second matmul (addmm); and the defensive clone of the base
+    output is skipped (addmm writes a new tensor, nothing is modified in place).
+    """
+    import torch
+
+    adapters = self.active_adapters
+    if (args or kwargs or self.disable_adapters or self.merged or len(adapters) != 1
+            or adapters[0] in getattr(self, "lora_variant", {}) or adapters[0] not in self.lora_A):
+        return type(self).forward(self, x, *args, **kwargs)
+    name = adapters[0]
+    lora_a, lora_b = self.lora_A[name], self.lora_B[name]
+    if lora_b.bias is not None:
+        return type(self).forward(self, x, *args, **kwargs)
+    result = self.base_layer(x)
+    dtype = result.dtype
+    hidden = torch.nn.functional.linear(self.lora_dropout[name](x).to(dtype), lora_a.weight.to(dtype))
+    scaled_b = (lora_b.weight * self.scaling[name]).to(dtype)
+    out = torch.addmm(result.reshape(-1, result.shape[-1]), hidden.reshape(-1, hidden.shape[-1]), scaled_b.t())
+    return out.view(result.shape)
+
+
+def use_fast_lora_forward(model) -> bool:
+    """Give every peft LoRA linear layer ``_fast_lora_forward``.
+
+    Returns:
+        True when any layer was patched.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    patched = False
+    for module in model.modules():
+        if isinstance(module, LoraLayer) and hasattr(module, "base_layer") and hasattr(module, "lora_A"):
+            if type(module).__name__ not in ("Linear", "Linear4bit", "Linear8bitLt"):
+                continue
+            module.forward = types.MethodType(_fast_lora_forward, module)
+            module._qlorapipe_patched = True
+            patched = True
+    return patched
+
+
+@functools.cache
+def _linear_cross_entropy_function():
+    """Build the autograd Function once, lazily, so importing this module needs no torch."""
+    import torch
+
+    class LinearCrossEntropy(torch.autograd.Function):
+        """mean CE(hidden @ weight.T, targets) over non-ignored targets, chunk by chunk.
+
+        The gradient with respect to ``hidden`` (and ``weight`` if it is trained) is
+        computed in the forward pass, chunk by chunk, as Liger Kernel's fused linear
+        cross-entropy does: the full float32 logits never exist, and no logits are kept
+        for the backward pass.
+        """
+
+        @staticmethod
+        def forward(ctx, hidden, weight, targets, chunk_rows):
+            n_rows = hidden.shape[0]
+            valid_all = targets != IGNORE_INDEX
+            n_valid = valid_all.sum().clamp(min=1).to(torch.float32)
+            need_hidden = ctx.needs_input_grad[0]
+            need_weight = ctx.needs_input_grad[1]
+            total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+            grad_hidden = torch.empty_like(hidden) if need_hidden else None
+            grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
+            weight_c = weight if weight.dtype == hidden.dtype else weight.to(hidden.dtype)
+            for start in range(0, n_rows, chunk_rows):
+                rows = hidden[start : start + chunk_rows]
+                target = targets[start : start + chunk_rows]
+                valid = valid_all[start : start + chunk_rows]
+                safe_target = target.clamp(min=0)
+                # Same rounding as the plain path: logits in the compute dtype, loss in float32.
+                logits = (rows @ weight_c.t()).float()
+                logsumexp = torch.logsumexp(logits, dim=-1)
+                target_logit = logits.gather(1, safe_target[:, None])[:, 0]
+                total += ((logsumexp - target_logit) * valid).sum()
+                if need_hidden or need_weight:
+                    # d(mean CE)/d(logits) = (softmax - onehot) / n_valid, zero on ignored rows.
+                    probs = logits.sub_(logsumexp[:, None]).exp_()
+                    probs[torch.arange(len(target), device=probs.device), safe_target] -= 1.0
+                    probs.mul_((valid.to(torch.float32) / n_valid)[:, None])
+                    grad_logits = probs.to(hidden.dtype)
+                    if need_hidden:
+                        grad_hidden[start : start + chunk_rows] = grad_logits @ weight_c
+                    if need_weight:
+                        grad_weight += grad_logits.t().float() @ rows.float()
+                del logits
+            ctx.save_for_backward(*(t for t in (grad_hidden, grad_weight) if t is not None))
+            ctx.has = (need_hidden, need_weight)
+            ctx.hidden_dtype = hidden.dtype
+            return total / n_valid
+
+        @staticmethod
+        def backward(ctx, grad_output):
+            saved = list(ctx.saved_tensors)
+            need_hidden, need_weight = ctx.has
+            grad_hidden = (saved.pop(0) * grad_output).to(ctx.hidden_dtype) if need_hidden else None
+            grad_weight = saved.pop(0) * grad_output if need_weight else None
+            return grad_hidden, grad_weight, None, None
+
+    return LinearCrossEntropy
+
+
+def linear_cross_entropy(hidden, weight, labels, chunk_rows: int | None = None):
+    """Causal-LM loss from the last hidden states without materialising all logits.
+
+    The same function as transformers' ``ForCausalLMLoss`` on ``hidden @ weight.T``: labels
+    are shifted left by one, ``-100`` is ignored, and the loss is the mean over the rest.
+
+    Args:
+        hidden: (batch, seq, hidden) final hidden states (after the last norm).
+        weight: (vocab, hidden) output projection.
+        labels: (batch, seq) token ids, -100 where no loss is wanted.
+        chunk_rows: tokens per chunk; default keeps each float32 logits block at or under
+            LOGITS_CHUNK_ELEMENTS.
+
+    Returns:
+        A scalar float32 loss.
+    """
+    import torch
+
+    targets = torch.nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:].reshape(-1)
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    if chunk_rows is None:
+        chunk_rows = max(1, LOGITS_CHUNK_ELEMENTS // weight.shape[0])
+    return _linear_cross_entropy_function().apply(flat, weight, targets.to(flat.device), chunk_rows)
+
+
+def _chunked_loss_forward(self, input_ids=None, labels=None, **kwargs):
+    """The causal LM's forward, taking the chunked loss when training with labels."""
+    import torch
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    original = type(self).forward
+    if labels is None or not torch.is_grad_enabled() or kwargs.get("inputs_embeds") is not None:
+        return original(self, input_ids=input_ids, labels=labels, **kwargs)
+    kwargs.pop("num_items_in_batch", None)
+    kwargs.pop("logits_to_keep", None)
+    outputs = self.model(input_ids=input_ids, **kwargs)
+    loss = linear_cross_entropy(outputs.last_hidden_state, self.lm_head.weight, labels)
+    return CausalLMOutputWithPast(loss=loss, past_key_values=outputs.past_key_values)
+
+
+def use_chunked_loss(model) -> bool:
+    """Route the training loss through ``linear_cross_entropy`` where it is the same function.
+
+    Returns:
+        True when the model's forward was patched; False for architectures whose head is not
+        a plain bias-free linear layer (their forward is left alone).
+    """
+    import torch
+
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(causal_lm, "config", None)
+    head = getattr(causal_lm, "lm_head", None)
+    if (getattr(config, "model_type", None) not in CHUNKED_LOSS_MODEL_TYPES or type(head) is not torch.nn.Linear
+            or head.bias is not None or not hasattr(causal_lm, "model")):
+        return False
+    causal_lm.forward = types.MethodType(_chunked_loss_forward, causal_lm)
+    causal_lm._qlorapipe_patched = True
+    return True
+
+
+def decoder_layers(model) -> list:
+    """The transformer blocks, in order (those gradient checkpointing wraps)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+def skip_checkpointing(model, n_layers: int) -> bool:
+    """Keep the activations of the last ``n_layers`` blocks instead of recomputing them.
+
+    Selective checkpointing: each un-checkpointed block saves a forward pass in the backward
+    pass at the price of its activations; checkpoint only as many as the memory needs.
+
+    Returns:
+        True when any block was changed.
+    """
+    layers = [layer for layer in decoder_layers(model) if getattr(layer, "gradient_checkpointing", False)]
+    for layer in layers[len(layers) - min(n_layers, len(layers)) :]:
+        layer.gradient_checkpointing = False
+        layer._qlorapipe_uncheckpointed = True
+    return bool(layers) and n_layers > 0
+
+
+def compile_layers(model) -> bool:
+    """torch.compile each transformer block (regional compilation: one graph, reused).
+
+    Returns:
+        True when any block was compiled.
+    """
+    layers = decoder_layers(model)
+    for layer in layers:
+        layer.compile()
+        layer._qlorapipe_compiled = True
+    return bool(layers)

@@ -1,0 +1,154 @@
+"""The GPU fast paths: switches, and that each computes the plain function (pure-PyTorch parts on CPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qlorapipe import acceleration, modeling
+from qlorapipe.errors import UserError
+from qlorapipe.params import AccelerationParams, LoraParams, QuantizationParams, parse_section
+
+LORA = LoraParams(rank=8, alpha=16, dropout=0.0, target_modules="all-linear")
+
+
+def _quantized_lora_model(model_dir, seed=0):
+    model, dtype = modeling.load_base_model(model_dir, QuantizationParams(load_in="4bit"), torch.device("cpu"))
+    torch.manual_seed(seed)
+    model = modeling.add_lora(model, LORA, quantized=True, gradient_checkpointing=True)
+    with torch.no_grad():  # B = 0 at init would hide every A gradient
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn_like(param) * 0.05)
+    model.train()
+    return model, dtype
+
+
+def _loss_and_grads(model, input_ids):
+    model.zero_grad(set_to_none=True)
+    loss = model(input_ids=input_ids, labels=input_ids).loss
+    loss.backward()
+    grads = torch.cat([p.grad.flatten() for _, p in sorted(model.named_parameters()) if p.requires_grad])
+    return loss.detach(), grads
+
+
+def test_params_defaults_turn_the_function_preserving_levers_on():
+    params = parse_section("acceleration", {})
+    assert params == AccelerationParams()
+    assert params.keep_frozen_dtype and params.lora_fast_forward and params.chunked_cross_entropy
+    assert params.uncheckpointed_layers == 0 and not params.compile_layers
+
+
+def test_params_refuse_bad_values_naming_the_key():
+    with pytest.raises(UserError, match="acceleration.uncheckpointed_layers must be >= 0"):
+        parse_section("acceleration", {"uncheckpointed_layers": -1})
+    with pytest.raises(UserError, match="did you mean 'chunked_cross_entropy'"):
+        parse_section("acceleration", {"chunked_cross_entropy_loss": True})
+    with pytest.raises(UserError, match="acceleration.compile_layers: must be true or false"):
+        parse_section("acceleration", {"compile_layers": "yes"})
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("chunk_rows", [1, 5, 64])
+def test_linear_cross_entropy_matches_plain_cross_entropy(dtype, chunk_rows):
+    torch.manual_seed(0)
+    hidden = torch.randn(3, 7, 16, dtype=dtype, requires_grad=True)
+    weight = (torch.randn(50, 16) * 0.3).to(dtype).requires_grad_()
+    labels = torch.randint(0, 50, (3, 7))
+    labels[0, 2] = labels[1, 5] = -100  # ignored positions
+    loss = acceleration.linear_cross_entropy(hidden, weight, labels, chunk_rows=chunk_rows)
+    loss.backward()
+    got = (loss.detach(), hidden.grad.clone(), weight.grad.clone())
+    hidden.grad = weight.grad = None
+    # transformers' ForCausalLMLoss: shift left, ignore -100, mean, float32 logits.
+    logits = (hidden @ weight.t()).float()
+    targets = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]
+    ref = torch.nn.functional.cross_entropy(logits.reshape(-1, 50), targets.reshape(-1), ignore_index=-100)
+    ref.backward()
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert got[0].dtype == torch.float32
+    assert torch.allclose(got[0], ref.detach(), rtol=tol, atol=tol)
+    assert torch.allclose(got[1].float(), hidden.grad.float(), rtol=tol, atol=tol * 0.1)
+    assert torch.allclose(got[2].float(), weight.grad.float(), rtol=tol, atol=tol * 0.1)
+    assert got[1].dtype == dtype
+
+
+def test_linear_cross_entropy_without_weight_grad_and_all_ignored():
+    hidden = torch.randn(2, 4, 8, requires_grad=True)
+    weight = torch.randn(10, 8)
+    loss = acceleration.linear_cross_entropy(hidden, weight, torch.full((2, 4), -100), chunk_rows=3)
+    loss.backward()
+    assert float(loss.detach()) == 0.0 and torch.count_nonzero(hidden.grad) == 0
+
+
+def test_apply_changes_nothing_on_the_cpu(tiny_llama_dir):
+    model, dtype = _quantized_lora_model(tiny_llama_dir)
+    before = {n: (p.dtype, p.data_ptr()) for n, p in model.named_parameters()}
+    assert acceleration.apply(model, AccelerationParams(compile_layers=True), torch.device("cpu"), dtype) == []
+    assert {n: (p.dtype, p.data_ptr()) for n, p in model.named_parameters()} == before
+    assert not any("forward" in vars(m) for m in model.modules())
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_fast_lora_forward_and_chunked_loss_compute_the_plain_function(arch, tiny_llama_dir, tiny_qwen2_dir):
+    model, _ = _quantized_lora_model(tiny_llama_dir if arch == "llama" else tiny_qwen2_dir)
+    input_ids = torch.randint(4, 300, (2, 24), generator=torch.Generator().manual_seed(1))
+    ref_loss, ref_grads = _loss_and_grads(model, input_ids)
+    assert acceleration.use_fast_lora_forward(model)
+    assert acceleration.use_chunked_loss(model)
+    loss, grads = _loss_and_grads(model, input_ids)
+    assert torch.allclose(loss, ref_loss, atol=1e-5)
+    assert torch.nn.functional.cosine_similarity(grads, ref_grads, dim=0) > 0.9999
+    assert torch.allclose(grads, ref_grads, atol=1e-5, rtol=1e-3)
+    # Evaluation (no labels) still returns logits; removing restores peft's forward.
+    with torch.no_grad():
+        assert model(input_ids=input_ids).logits.shape == (2, 24, model.config.vocab_size)
+    acceleration.remove(model)
+    assert not any("forward" in vars(m) for m in model.modules())
+    assert torch.allclose(_loss_and_grads(model, input_ids)[0], ref_loss)
+
+
+def test_fast_lora_forward_honours_disabled_adapters(tiny_llama_dir):
+    model, _ = _quantized_lora_model(tiny_llama_dir)
+    input_ids = torch.randint(4, 300, (1, 16), generator=torch.Generator().manual_seed(2))
+    acceleration.use_fast_lora_forward(model)
+    with torch.no_grad(), model.disable_adapter():
+        base_logits = model(input_ids=input_ids).logits
+    acceleration.remove(model)
+    with torch.no_grad(), model.disable_adapter():
+        assert torch.allclose(model(input_ids=input_ids).logits, base_logits)
+
+
+def test_keep_frozen_dtype_undoes_the_upcast_of_frozen_params_only(tiny_llama_dir):
+    model, _ = _quantized_lora_model(tiny_llama_dir)
+    frozen = [p for p in model.parameters() if not p.requires_grad and p.is_floating_point()
+              and type(p).__name__ != "Params4bit"]
+    assert frozen and all(p.dtype == torch.float32 for p in frozen)  # what prepare_model_for_kbit_training leaves
+    assert acceleration.keep_frozen_dtype(model, torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in frozen)
+    assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)  # master weights
+    acceleration.remove(model, upcast_dtype=torch.float32)
+    assert all(p.dtype == torch.float32 for p in frozen)
+
+
+def test_skip_checkpointing_turns_it_off_for_the_last_blocks(tiny_llama_dir):
+    model, _ = _quantized_lora_model(tiny_llama_dir)
+    layers = acceleration.decoder_layers(model)
+    assert len(layers) == 2 and all(layer.gradient_checkpointing for layer in layers)
+    assert acceleration.skip_checkpointing(model, 1)
+    assert [layer.gradient_checkpointing for layer in layers] == [True, False]
+    acceleration.remove(model)
+    assert all(layer.gradient_checkpointing for layer in layers)
+    assert not acceleration.skip_checkpointing(model, 0)
+
+
+def test_unpaged_optimizer_swaps_only_paged_8bit_adamw_and_only_on_cuda():
+    from qlorapipe.params import TrainingParams
+
+    paged = TrainingParams(optimizer="paged_adamw_8bit")
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert acceleration.training_params(paged, AccelerationParams(), cuda).optimizer == "adamw_8bit"
+    assert acceleration.training_params(paged, AccelerationParams(), cpu) is paged
+    assert acceleration.training_params(paged, AccelerationParams(unpaged_optimizer=False), cuda) is paged
+    torch_adamw = TrainingParams(optimizer="adamw_torch")
+    assert acceleration.training_params(torch_adamw, AccelerationParams(), cuda) is torch_adamw
