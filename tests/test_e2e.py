@@ -37,7 +37,8 @@ def project(tmp_path_factory, tiny_llama_dir, corpus_file) -> Path:
     (work / "dvc.lock").unlink(missing_ok=True)
     for rel in ("metrics",):
         shutil.rmtree(work / rel, ignore_errors=True)
-    write_params(work / "params.yaml", tiny_params(tiny_llama_dir, corpus_file))
+    write_params(work / "params.yaml", tiny_params(tiny_llama_dir, corpus_file, **{
+        "training.checkpoint_every_steps": 6}))
     _sh(["git", "init", "-q"], work)
     _sh(["git", "-c", "user.name=t", "-c", "user.email=t@t", "add", "-A"], work)
     _sh(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"], work)
@@ -79,3 +80,13 @@ def test_editing_evaluation_code_does_not_retrain(project):
         handle.write("\n# an edit\n")
     status = json.loads(_sh(DVC + ["status", "--json"], project))
     assert set(status) == {"evaluate"}
+
+
+def test_train_rerun_by_dvc_resumes_from_the_persisted_checkpoint(project):
+    # Without `persist: true` DVC would delete models/checkpoints before re-running train.
+    shutil.rmtree(project / "models/adapter")
+    out = _sh(DVC + ["repro"], project)
+    assert "Running stage 'train'" in out and "Resuming from models/checkpoints/step-000012" in out
+    assert json.loads((project / "metrics/train.json").read_text())["resumed_from_step"] == 12
+    # The resumed adapter has the same bytes, so nothing downstream of it re-runs.
+    assert "Running stage 'merge'" not in out

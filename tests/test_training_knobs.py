@@ -125,4 +125,5 @@ def test_bias_trains_no_biases_the_adapted_layers_biases_or_all(tiny_qwen2_dir, 
     assert modeling.parameter_counts(model)[0] == lora_only + extra
     biases = sorted(next(part for part in n.split(".") if part.endswith("_proj"))
                     for n, p in model.named_parameters() if p.requires_grad and n.endswith("bias"))
-    assert biases == {"none": [], "lora_only": ["q_proj"] * 2, "all": ["k_proj"] * 2 + ["q_proj"] * 2 + ["v_proj"] * 2}[bias]
+    expected = {"none": [], "lora_only": ["q_proj"] * 2, "all": ["k_proj"] * 2 + ["q_proj"] * 2 + ["v_proj"] * 2}
+    assert biases == expected[bias]

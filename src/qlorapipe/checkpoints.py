@@ -231,10 +231,12 @@ class CheckpointStore:
             logger.info("Deleting %s: a checkpoint write that was interrupted", leftover)
             shutil.rmtree(leftover, ignore_errors=True)
         found = None
-        for path in sorted(self.directory.glob(f"{_PREFIX}*"), reverse=True):
+        # Newest first; (length, name) orders step-1000000 after step-999999.
+        for path in sorted(self.directory.glob(f"{_PREFIX}*"), key=lambda p: (len(p.name), p.name), reverse=True):
             reason = self._unusable(path)
             if reason is None and found is None:
-                found = Checkpoint(path, int(path.name.removeprefix(_PREFIX)), json.loads((path / STATE_FILE).read_text()))
+                state = json.loads((path / STATE_FILE).read_text())
+                found = Checkpoint(path, state["step"], state)
                 continue
             if reason is not None:
                 logger.warning("Discarding checkpoint %s: %s", path, reason)
