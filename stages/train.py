@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from qlorapipe import checkpoints, curves, data, modeling, training
-from qlorapipe.adapters import write_adapter_record
+from qlorapipe.adapters import sort_target_modules, write_adapter_record
 from qlorapipe.console import console, run_stage
 from qlorapipe.outputs import atomic_dir, write_json, write_text_atomic
 from qlorapipe.params import load_section
@@ -71,6 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     logger.info(modeling.memory_summary(device))
 
     with atomic_dir(args.adapter) as out:
+        sort_target_modules(model)
         model.save_pretrained(out, safe_serialization=True)
         write_adapter_record(out, args.base, quantization=quant, lora=lora, training=params)
 
