@@ -128,6 +128,7 @@ def save_tree(directory: Path, name: str, obj: Any) -> None:
 
 
 def load_tree(directory: Path, name: str) -> Any:
+    """Read back what :func:`save_tree` wrote; tensors come from safetensors, never from a pickle."""
     from safetensors.torch import load_file
 
     tensors = load_file(str(directory / f"{name}.safetensors"))
@@ -149,6 +150,7 @@ def rng_states() -> dict:
 
 
 def restore_rng_states(states: dict) -> None:
+    """Put back the generators saved by :func:`rng_states` (CUDA only where there is a GPU)."""
     import numpy as np
     import torch
 
