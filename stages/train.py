@@ -3,9 +3,11 @@
     python stages/train.py --params params.yaml --base models/base --data data/prepared \
         --adapter models/adapter --metrics metrics/train.json \
         --history metrics/train_history.csv --curves metrics/training_curves.png \
-        --log metrics/training_log.txt
+        --log metrics/training_log.txt --checkpoints models/checkpoints
 
-Reads the ``quantization``, ``lora``, ``training`` and ``acceleration`` sections of params.yaml.
+Reads the ``quantization``, ``lora``, ``training`` and ``acceleration`` sections of params.yaml. Killed midway,
+it resumes from the last complete checkpoint in --checkpoints when run again with the same
+params, data and base model (and discards checkpoints of any other run).
 """
 
 from __future__ import annotations
@@ -15,8 +17,8 @@ import logging
 import time
 from pathlib import Path
 
-from qlorapipe import acceleration, curves, data, modeling, training
-from qlorapipe.adapters import write_adapter_record
+from qlorapipe import acceleration, checkpoints, curves, data, modeling, training
+from qlorapipe.adapters import sort_target_modules, write_adapter_record
 from qlorapipe.console import console, run_stage
 from qlorapipe.outputs import atomic_dir, write_json, write_text_atomic
 from qlorapipe.params import load_section
@@ -34,6 +36,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--history", type=Path, required=True, help="per-step CSV for dvc plots")
     parser.add_argument("--curves", type=Path, required=True, help="training curves PNG")
     parser.add_argument("--log", type=Path, required=True, help="plain-text training log")
+    parser.add_argument("--checkpoints", type=Path, required=True, help="persisted directory of resumable checkpoints")
     args = parser.parse_args(argv)
     quant = load_section(args.params, "quantization")
     lora = load_section(args.params, "lora")
@@ -63,12 +66,15 @@ def main(argv: list[str] | None = None) -> None:
 
     columns = [TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[status]}"),
                TimeRemainingColumn()]
+    fingerprint = checkpoints.run_fingerprint(args.base, args.data, quantization=quant, lora=lora, training=params)
+    store = checkpoints.CheckpointStore(args.checkpoints, params.checkpoint_every_steps, fingerprint)
     with Progress(*columns, console=console, transient=False) as progress:
         result = training.train(model, train_set, eval_set, acceleration.training_params(params, fast_paths, device),
-                                device, progress)
+                                device, progress, checkpoints=store)
     logger.info(modeling.memory_summary(device))
 
     with atomic_dir(args.adapter) as out:
+        sort_target_modules(model)
         model.save_pretrained(out, safe_serialization=True)
         write_adapter_record(out, args.base, quantization=quant, lora=lora, training=params)
 
@@ -85,6 +91,10 @@ def main(argv: list[str] | None = None) -> None:
         "compute_dtype": str(compute_dtype).removeprefix("torch."),
         "device": modeling.device_summary(device),
         **modeling.peak_memory_metrics(device),
+        "best_step": result.best_step,
+        "stopped_early": result.stop_reason is not None,
+        "resumed_from_step": result.resumed_from_step or 0,
+        "environment": modeling.environment_record(device),
     }
     write_json(args.metrics, metrics)
     curves.write_history_csv(result.history, args.history)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -23,7 +24,7 @@ def _sh(cmd: list[str], cwd: Path) -> str:
 def project(tmp_path_factory, tiny_llama_dir, corpus_file) -> Path:
     """A fresh git + DVC project of this pipeline, configured for a tiny model."""
     work = tmp_path_factory.mktemp("e2e") / "project"
-    return init_project(work, tiny_params(tiny_llama_dir, corpus_file))
+    return init_project(work, tiny_params(tiny_llama_dir, corpus_file, **{"training.checkpoint_every_steps": 6}))
 
 
 def test_repro_then_noop_then_experiment_and_metrics_diff(project):
@@ -83,3 +84,13 @@ def test_editing_evaluation_code_does_not_retrain(project):
         handle.write("\n# an edit\n")
     status = json.loads(_sh(DVC + ["status", "--json"], project))
     assert set(status) == {"evaluate"}
+
+
+def test_train_rerun_by_dvc_resumes_from_the_persisted_checkpoint(project):
+    # Without `persist: true` DVC would delete models/checkpoints before re-running train.
+    shutil.rmtree(project / "models/adapter")
+    out = _sh(DVC + ["repro"], project)
+    assert "Running stage 'train'" in out and "Resuming from models/checkpoints/step-000012" in out
+    assert json.loads((project / "metrics/train.json").read_text())["resumed_from_step"] == 12
+    # The resumed adapter has the same bytes, so nothing downstream of it re-runs.
+    assert "Running stage 'merge'" not in out

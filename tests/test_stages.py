@@ -34,7 +34,8 @@ def run(tmp_path_factory, tiny_llama_dir, corpus_file):
                                        "--adapter", str(p["adapter"]), "--metrics", str(m / "train.json"),
                                        "--history", str(m / "train_history.csv"),
                                        "--curves", str(m / "training_curves.png"),
-                                       "--log", str(m / "training_log.txt")])
+                                       "--log", str(m / "training_log.txt"),
+                                       "--checkpoints", str(work / "models/checkpoints")])
     load_stage("evaluate").main(common + ["--base", str(p["base"]), "--adapter", str(p["adapter"]),
                                           "--data", str(p["prepared"]), "--metrics", str(m / "eval.json"),
                                           "--samples", str(m / "samples.json")])
@@ -80,7 +81,10 @@ def test_train_writes_a_peft_adapter_metrics_curves_and_log(run):
     metrics = json.loads((run["metrics"] / "train.json").read_text())
     assert set(metrics) == {"train_loss", "eval_loss", "steps", "tokens_trained", "tokens_per_second",
                             "train_seconds", "wall_seconds", "trainable_params", "total_params", "compute_dtype",
-                            "device", "peak_rss_gb"}
+                            "device", "peak_rss_gb", "best_step", "stopped_early", "resumed_from_step",
+                            "environment"}
+    assert set(metrics["environment"]) == {"torch", "transformers", "peft", "bitsandbytes", "cuda", "gpu"}
+    assert metrics["environment"]["torch"] == __import__("torch").__version__
     assert metrics["steps"] == 12 and metrics["tokens_trained"] == 12 * 4 * 32
     assert metrics["trainable_params"] > 0 and metrics["total_params"] > metrics["trainable_params"]
     history = (run["metrics"] / "train_history.csv").read_text().splitlines()
@@ -153,5 +157,5 @@ def test_bad_params_stop_before_any_weights_load(tmp_path, tiny_llama_dir, corpu
         load_stage("train").main(["--params", str(params), "--base", "nowhere", "--data", "nowhere",
                                   "--adapter", str(tmp_path / "a"), "--metrics", str(tmp_path / "m.json"),
                                   "--history", str(tmp_path / "h.csv"), "--curves", str(tmp_path / "c.png"),
-                                  "--log", str(tmp_path / "l.txt")])
+                                  "--log", str(tmp_path / "l.txt"), "--checkpoints", str(tmp_path / "ck")])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]

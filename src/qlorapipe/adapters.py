@@ -19,6 +19,18 @@ def write_adapter_record(adapter_dir: Path, base_dir: Path, **sections) -> None:
     (Path(adapter_dir) / ADAPTER_RECORD).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
 
 
+def sort_target_modules(model) -> None:
+    """Store the adapter's resolved target modules as a sorted list before it is saved.
+
+    peft resolves "all-linear" into a set and saves it in hash order, which changes from one
+    process to the next; sorted, the same adapter always has the same adapter_config.json bytes
+    (and DVC does not re-run the stages downstream of an unchanged adapter).
+    """
+    for config in model.peft_config.values():
+        if isinstance(config.target_modules, set):
+            config.target_modules = sorted(config.target_modules)
+
+
 def read_adapter_record(adapter_dir: Path) -> dict:
     path = Path(adapter_dir) / ADAPTER_RECORD
     return json.loads(path.read_text()) if path.is_file() else {}

@@ -100,6 +100,9 @@ def lora_config(params: LoraParams):
         lora_dropout=params.dropout,
         target_modules=params.target_modules,
         bias=params.bias,
+        use_rslora=params.use_rslora,
+        use_dora=params.use_dora,
+        modules_to_save=params.modules_to_save,
         task_type="CAUSAL_LM",
     )
 
@@ -120,6 +123,14 @@ def add_lora(model, params: LoraParams, quantized: bool, gradient_checkpointing:
                 f"lora.target_modules {missing} match no linear layer of this model; "
                 f"its linear layers are: {', '.join(available)}"
             )
+    if params.modules_to_save:
+        # peft matches modules_to_save by the last part(s) of a module's dotted name.
+        names = [name for name, _ in model.named_modules() if name]
+        missing = [m for m in params.modules_to_save if not any(n == m or n.endswith("." + m) for n in names)]
+        if missing:
+            top = sorted({n.rsplit(".", 1)[-1] for n in names if not n.rsplit(".", 1)[-1].isdigit()})
+            raise UserError(f"lora.modules_to_save {missing} match no module of this model; "
+                            f"its module names are: {', '.join(top)}")
     ckpt_kwargs = {"use_reentrant": False}
     if quantized:
         model = prepare_model_for_kbit_training(
@@ -174,3 +185,25 @@ def peak_memory_metrics(device) -> dict:
             "peak_gpu_reserved_gb": round(torch.cuda.max_memory_reserved(device) / 1e9, 3),
         }
     return {"peak_rss_gb": round(peak_rss_bytes() / 1e9, 3)}
+
+
+def environment_record(device) -> dict:
+    """Library versions, CUDA and the device, so `dvc metrics diff` shows when the environment changed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    import torch
+
+    def installed(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return {
+        "torch": torch.__version__,
+        "transformers": installed("transformers"),
+        "peft": installed("peft"),
+        "bitsandbytes": installed("bitsandbytes"),
+        "cuda": torch.version.cuda or "none",
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "none",
+    }

@@ -104,6 +104,10 @@ class LoraParams:
     # "all-linear" or a list of module names such as [q_proj, v_proj]
     target_modules: str | list[str] = "all-linear"
     bias: Literal["none", "all", "lora_only"] = "none"
+    use_rslora: bool = False  # scale by alpha / sqrt(rank) instead of alpha / rank (Kalajdzievski 2023)
+    use_dora: bool = False  # weight-decomposed LoRA (Liu et al. 2024): a trained magnitude per output
+    # modules trained in full and saved with the adapter, e.g. [lm_head] for a new vocabulary
+    modules_to_save: list[str] | None = None
 
     def check(self) -> list[str]:
         problems = []
@@ -119,6 +123,8 @@ class LoraParams:
             )
         if isinstance(self.target_modules, list) and not self.target_modules:
             problems.append("lora.target_modules is an empty list: name at least one module, or use 'all-linear'")
+        if self.modules_to_save is not None and not self.modules_to_save:
+            problems.append("lora.modules_to_save is an empty list: name modules such as [lm_head], or use null")
         return problems
 
 
@@ -140,6 +146,10 @@ class TrainingParams:
     gradient_checkpointing: bool = True
     eval_every_steps: int = 10
     max_eval_batches: int | None = None
+    early_stopping_patience: int = 0  # stop after this many evaluations without a lower eval loss (0: never)
+    early_stopping_min_delta: float = 0.0  # how much lower the eval loss must be to count as lower
+    keep_best_adapter: bool = True  # end on the adapter with the lowest eval loss, not the last one
+    checkpoint_every_steps: int = 0  # write a resumable checkpoint every N optimizer steps (0: never)
 
     def check(self) -> list[str]:
         problems = []
@@ -154,6 +164,9 @@ class TrainingParams:
             problems.append(f"training.warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.max_grad_norm < 0:
             problems.append(f"training.max_grad_norm must be >= 0 (0 disables clipping), got {self.max_grad_norm}")
+        for name in ("early_stopping_patience", "early_stopping_min_delta", "checkpoint_every_steps"):
+            if getattr(self, name) < 0:
+                problems.append(f"training.{name} must be >= 0 (0 turns it off), got {getattr(self, name)}")
         return problems
 
 

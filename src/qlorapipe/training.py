@@ -2,6 +2,12 @@
 
 One optimizer step = ``gradient_accumulation_steps`` micro-batches of
 ``per_device_batch_size`` chunks. Only LoRA parameters have gradients.
+
+The loop can stop anywhere and continue from its last checkpoint (see checkpoints.py) to the
+same adapter: everything a step draws from (trainable weights, optimizer, scheduler, RNGs,
+position in the data) is restored. It evaluates every ``eval_every_steps``, stops early when
+the eval loss has not improved for ``early_stopping_patience`` evaluations, and can end on the
+adapter with the best eval loss instead of the last one.
 """
 
 from __future__ import annotations
@@ -9,8 +15,9 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
+from qlorapipe.checkpoints import CheckpointStore, load_trainable_state, restore_rng_states, trainable_state
 from qlorapipe.errors import UserError
 from qlorapipe.params import TrainingParams
 from qlorapipe.perplexity import mean_token_loss
@@ -36,6 +43,20 @@ class TrainResult:
     final_train_loss: float = float("nan")
     final_eval_loss: float = float("nan")
     log_lines: list[str] = field(default_factory=list)
+    best_step: int | None = None  # the step with the lowest eval loss
+    best_eval_loss: float | None = None
+    evals_without_improvement: int = 0
+    stop_reason: str | None = None  # why training ended before its last step
+    resumed_from_step: int | None = None
+
+    def to_state(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_state(cls, state: dict) -> TrainResult:
+        values = dict(state)
+        values["history"] = [StepRecord(**record) for record in state["history"]]
+        return cls(**values)
 
 
 def make_optimizer(name: str, parameters, learning_rate: float, weight_decay: float):
@@ -62,21 +83,53 @@ def total_steps(params: TrainingParams, n_train: int) -> int:
     return max(1, math.ceil(params.epochs * micro_batches / params.gradient_accumulation_steps))
 
 
-def micro_batches(n_examples: int, batch_size: int, seed: int):
-    """Endless stream of (epoch, index tensor) micro-batches; each epoch is a seeded permutation."""
+def micro_batches(n_examples: int, batch_size: int, seed: int, start: int = 0):
+    """Endless stream of (epoch, index tensor) micro-batches; each epoch is a seeded permutation.
+
+    Args:
+        start: micro-batches already consumed (a resumed run continues where it stopped).
+    """
     import torch
 
-    epoch = 0
+    per_epoch = math.ceil(n_examples / batch_size)
+    epoch, skip = divmod(start, per_epoch)
     while True:
         generator = torch.Generator().manual_seed(seed + epoch)
         order = torch.randperm(n_examples, generator=generator)
-        for start in range(0, n_examples, batch_size):
-            yield epoch, order[start : start + batch_size]
+        for begin in range(skip * batch_size, n_examples, batch_size):
+            yield epoch, order[begin : begin + batch_size]
+        skip = 0
         epoch += 1
 
 
-def train(model, train_set, eval_set, params: TrainingParams, device, progress=None) -> TrainResult:
-    """Train the LoRA parameters of ``model`` on ``train_set``.
+def divergence_message(loss: float, step: int, logits_dtype, params: TrainingParams, checkpoint) -> str:
+    """Say at which step the loss stopped being finite, the likely cause, and what is kept."""
+    import torch
+
+    if logits_dtype == torch.float16:
+        cause = "float16 overflow (set quantization.compute_dtype to bfloat16 or float32)"
+    else:
+        cause = (f"a learning rate too high (training.learning_rate={params.learning_rate}: lower it, "
+                 f"or add warmup or a lower training.max_grad_norm)")
+    kept = (f"the last good checkpoint {checkpoint} is kept" if checkpoint
+            else "no checkpoint was written before it (training.checkpoint_every_steps)")
+    return f"the training loss became {loss} at step {step}; likely cause: {cause}; {kept}"
+
+
+def _restore(checkpoint, model, optimizer, scheduler) -> tuple[TrainResult, dict | None]:
+    """Put the model, optimizer, scheduler and RNGs back as they were when ``checkpoint`` was written."""
+    load_trainable_state(model, checkpoint.adapter())
+    optimizer.load_state_dict(checkpoint.optimizer_state())
+    scheduler.load_state_dict(checkpoint.state["scheduler"])
+    result = TrainResult.from_state(checkpoint.state["result"])
+    result.resumed_from_step = checkpoint.step
+    restore_rng_states(checkpoint.rng_states())  # last: nothing may draw after this
+    return result, checkpoint.best_adapter()
+
+
+def train(model, train_set, eval_set, params: TrainingParams, device, progress=None,
+          checkpoints: CheckpointStore | None = None) -> TrainResult:
+    """Train the LoRA parameters of ``model`` on ``train_set``, resuming from a checkpoint if there is one.
 
     Args:
         model: a PEFT model whose trainable parameters are the adapters.
@@ -84,9 +137,11 @@ def train(model, train_set, eval_set, params: TrainingParams, device, progress=N
         params: the training section.
         device: where the model lives.
         progress: a rich Progress to draw the bar on (None: no bar).
+        checkpoints: where to resume from and write checkpoints (None: neither).
 
     Returns:
-        The per-step history, final losses and throughput.
+        The per-step history, final losses and throughput. ``model`` holds the adapter to
+        keep: the best by eval loss when ``params.keep_best_adapter``, else the last.
 
     Raises:
         UserError: the loss became NaN or infinite.
@@ -100,28 +155,34 @@ def train(model, train_set, eval_set, params: TrainingParams, device, progress=N
     scheduler = get_scheduler(
         params.lr_scheduler, optimizer, num_warmup_steps=params.warmup_steps, num_training_steps=n_steps
     )
-    batches = micro_batches(len(train_set), params.per_device_batch_size, params.seed)
+    result, best = TrainResult(), None
+    latest = checkpoints.latest() if checkpoints else None
+    last_checkpoint = latest.path if latest else None
+    if latest:
+        result, best = _restore(latest, model, optimizer, scheduler)
+        logger.info("Resuming from %s: %d of %d steps done", latest.path, latest.step, n_steps)
+    batches = micro_batches(len(train_set), params.per_device_batch_size, params.seed,
+                            start=result.steps * params.gradient_accumulation_steps)
     batches_per_epoch = math.ceil(len(train_set) / params.per_device_batch_size)
-    result = TrainResult()
-    task = progress.add_task("training", total=n_steps, status="") if progress else None
+    task = progress.add_task("training", total=n_steps, completed=result.steps, status="") if progress else None
     model.train()
+    seconds_before = result.train_seconds
     started = time.perf_counter()
-    for step in range(1, n_steps + 1):
+    remaining = range(result.steps + 1, n_steps + 1) if result.stop_reason is None else range(0)
+    for step in remaining:
         step_loss, step_tokens = 0.0, 0
         for _ in range(params.gradient_accumulation_steps):
             _, index = next(batches)
             batch = train_set[index]
             input_ids = batch["input_ids"].to(device)
             labels = batch["labels"].to(device).long()
-            loss = model(input_ids=input_ids, labels=labels).loss
-            (loss / params.gradient_accumulation_steps).backward()
-            step_loss += loss.item() / params.gradient_accumulation_steps
+            outputs = model(input_ids=input_ids, labels=labels)
+            (outputs.loss / params.gradient_accumulation_steps).backward()
+            step_loss += outputs.loss.item() / params.gradient_accumulation_steps
             step_tokens += input_ids.numel()
         if not math.isfinite(step_loss):
-            raise UserError(
-                f"the training loss became {step_loss} at step {step}: lower training.learning_rate, "
-                "or use quantization.compute_dtype bfloat16/float32 if float16 overflowed"
-            )
+            # Nothing of this step is applied or saved: the last checkpoint stays the last good one.
+            raise UserError(divergence_message(step_loss, step, outputs.logits.dtype, params, last_checkpoint))
         if params.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(trainable, params.max_grad_norm)
         learning_rate = scheduler.get_last_lr()[0]
@@ -132,15 +193,16 @@ def train(model, train_set, eval_set, params: TrainingParams, device, progress=N
 
         record = StepRecord(step=step, epoch=round(step * params.gradient_accumulation_steps / batches_per_epoch, 4),
                             train_loss=step_loss, learning_rate=learning_rate)
+        paused = time.perf_counter()  # throughput counts training time only, not eval or checkpoints
         if step % params.eval_every_steps == 0 or step == n_steps:
-            eval_started = time.perf_counter()
             record.eval_loss, _ = mean_token_loss(
                 model, eval_set, params.per_device_batch_size, device, params.max_eval_batches
             )
-            started += time.perf_counter() - eval_started  # throughput counts training time only
+            best = _track_best(result, record, model, params, best)
         result.history.append(record)
-        elapsed = time.perf_counter() - started
-        tokens_per_second = result.tokens_trained / elapsed if elapsed > 0 else 0.0
+        result.steps = step
+        result.train_seconds = seconds_before + (paused - started)
+        tokens_per_second = result.tokens_trained / result.train_seconds if result.train_seconds > 0 else 0.0
         line = (f"step {step}/{n_steps} loss {step_loss:.4f} lr {learning_rate:.3e} "
                 f"tokens/s {tokens_per_second:.0f}")
         if record.eval_loss is not None:
@@ -151,10 +213,38 @@ def train(model, train_set, eval_set, params: TrainingParams, device, progress=N
                                                     f"{tokens_per_second:,.0f} tok/s")
         else:
             logger.info(line)
-    result.steps = n_steps
-    result.train_seconds = time.perf_counter() - started
-    window = [r.train_loss for r in result.history[-max(1, min(10, n_steps // 4)) :]]
+        if checkpoints and checkpoints.due(step, last=step == n_steps or result.stop_reason is not None):
+            state = {"scheduler": scheduler.state_dict(), "result": result.to_state()}
+            last_checkpoint = checkpoints.save(step, model, optimizer, state, best)
+        started += time.perf_counter() - paused
+        if result.stop_reason:
+            logger.info("Stopping early at step %d: %s", step, result.stop_reason)
+            result.log_lines.append(f"stopped early at step {step}: {result.stop_reason}")
+            break
+    if params.keep_best_adapter and best is not None and result.best_step != result.steps:
+        load_trainable_state(model, best)
+        logger.info("Keeping the adapter of step %d (eval loss %.4f), not the last one", result.best_step,
+                    result.best_eval_loss)
+    window = [r.train_loss for r in result.history[-max(1, min(10, len(result.history) // 4)) :]]
     result.final_train_loss = sum(window) / len(window)
-    result.final_eval_loss = result.history[-1].eval_loss
+    kept_best = params.keep_best_adapter and result.best_eval_loss is not None
+    result.final_eval_loss = result.best_eval_loss if kept_best else result.history[-1].eval_loss
     return result
 
+
+def _track_best(result: TrainResult, record: StepRecord, model, params: TrainingParams, best):
+    """Update the best eval loss, the early-stopping count and the best adapter after an evaluation."""
+    if result.best_eval_loss is None:
+        improved = math.isfinite(record.eval_loss)
+    else:
+        improved = record.eval_loss < result.best_eval_loss - params.early_stopping_min_delta
+    if improved:
+        result.best_eval_loss, result.best_step = record.eval_loss, record.step
+        result.evals_without_improvement = 0
+        return trainable_state(model) if params.keep_best_adapter else None
+    result.evals_without_improvement += 1
+    patience = params.early_stopping_patience
+    if patience > 0 and result.evals_without_improvement >= patience:
+        result.stop_reason = (f"eval loss did not improve for {patience} evaluations "
+                              f"(best {result.best_eval_loss:.4f} at step {result.best_step})")
+    return best

@@ -1,0 +1,304 @@
+"""Training checkpoints that survive kill -9 and power loss, and are never resumed by mistake.
+
+DVC 3 has no checkpoint feature, so the train stage keeps its own in a persisted output
+directory. A checkpoint is one directory ``step-NNNNNN`` holding everything the loop needs to
+continue as if it had never stopped:
+
+- ``adapter.safetensors``: every trainable tensor (LoRA A/B, DoRA magnitudes, biases,
+  modules_to_save), by parameter name; ``best_adapter.safetensors`` the same at the best
+  eval loss so far, when keeping the best adapter;
+- ``optimizer.safetensors`` + ``optimizer.json`` and ``rng.safetensors`` + ``rng.json``:
+  optimizer and RNG states (python, numpy, torch CPU, CUDA), tensors in safetensors and the
+  structure around them in JSON, so nothing is unpickled on resume;
+- ``state.json``: step, data position, scheduler state, history, best eval loss, and the
+  fingerprint of the params and data that made it.
+
+It is written into a temporary sibling directory, flushed to disk, and renamed into place,
+so a directory named ``step-*`` is always complete; leftovers of an interrupted write are
+deleted. A checkpoint whose fingerprint differs from the run's (other params, data or base)
+is discarded with a log message, never resumed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from qlorapipe.model_source import read_source_record
+from qlorapipe.outputs import atomic_dir
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "state.json"
+ADAPTER_FILE = "adapter.safetensors"
+BEST_ADAPTER_FILE = "best_adapter.safetensors"
+FORMAT_VERSION = 1
+_PREFIX = "step-"
+
+
+def fingerprint(**parts: Any) -> str:
+    """A sha256 of JSON-serialisable parts (params sections, data and base digests)."""
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+def directory_digest(path: Path) -> str:
+    """sha256 over the relative names and bytes of every file under ``path``, in sorted order."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(str(file.relative_to(path)).encode() + b"\0")
+        with open(file, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def run_fingerprint(base_dir: Path, data_dir: Path, **sections: Any) -> str:
+    """What a checkpoint must share with a run to be resumed: base weights, data and params.
+
+    Args:
+        base_dir: the base model directory (its recorded weights sha256, else its files).
+        data_dir: the prepared dataset directory (its files).
+        sections: the params sections (frozen dataclasses) that shape training.
+    """
+    values = {name: dataclasses.asdict(section) for name, section in sections.items()}
+    # How often checkpoints are written does not change what is trained.
+    values.get("training", {}).pop("checkpoint_every_steps", None)
+    base = read_source_record(base_dir).get("content_sha256") or directory_digest(base_dir)
+    return fingerprint(base=base, data=directory_digest(data_dir), **values)
+
+
+# ---- tensors in safetensors, the structure around them in JSON ---------------------------
+
+
+def _split(obj: Any, tensors: dict, key: str) -> Any:
+    """Replace tensors in a nested structure by references; dicts keep their key types."""
+    import numpy as np
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        tensors[key] = obj.detach().cpu().clone().contiguous()
+        return {"tensor": key}
+    if isinstance(obj, np.ndarray):
+        return {"ndarray": obj.tolist(), "dtype": str(obj.dtype)}
+    if isinstance(obj, dict):
+        return {"dict": [[k, _split(v, tensors, f"{key}.{k}")] for k, v in obj.items()]}
+    if isinstance(obj, tuple):
+        return {"tuple": [_split(v, tensors, f"{key}.{i}") for i, v in enumerate(obj)]}
+    if isinstance(obj, list):
+        return [_split(v, tensors, f"{key}.{i}") for i, v in enumerate(obj)]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"cannot checkpoint a {type(obj).__name__} at {key}")
+
+
+def _join(obj: Any, tensors: dict) -> Any:
+    import numpy as np
+
+    if isinstance(obj, list):
+        return [_join(v, tensors) for v in obj]
+    if isinstance(obj, dict):
+        if "tensor" in obj:
+            return tensors[obj["tensor"]]
+        if "ndarray" in obj:
+            return np.array(obj["ndarray"], dtype=obj["dtype"])
+        if "tuple" in obj:
+            return tuple(_join(v, tensors) for v in obj["tuple"])
+        return {k: _join(v, tensors) for k, v in obj["dict"]}
+    return obj
+
+
+def save_tree(directory: Path, name: str, obj: Any) -> None:
+    """Write a nested structure of tensors and plain values as ``name``.safetensors + ``name``.json."""
+    from safetensors.torch import save_file
+
+    tensors: dict = {}
+    structure = _split(obj, tensors, name)
+    save_file(tensors, str(directory / f"{name}.safetensors"))
+    (directory / f"{name}.json").write_text(json.dumps(structure) + "\n")
+
+
+def load_tree(directory: Path, name: str) -> Any:
+    """Read back what :func:`save_tree` wrote; tensors come from safetensors, never from a pickle."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(directory / f"{name}.safetensors"))
+    return _join(json.loads((directory / f"{name}.json").read_text()), tensors)
+
+
+# ---- RNG and trainable tensors -------------------------------------------------------------
+
+
+def rng_states() -> dict:
+    """Every random number generator the training step draws from."""
+    import numpy as np
+    import torch
+
+    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def restore_rng_states(states: dict) -> None:
+    """Put back the generators saved by :func:`rng_states` (CUDA only where there is a GPU)."""
+    import numpy as np
+    import torch
+
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def trainable_state(model) -> dict:
+    """Copies of every trainable tensor, by parameter name (the adapter as it trains)."""
+    return {name: p.detach().cpu().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(model, tensors: dict) -> None:
+    """Copy tensors saved by :func:`trainable_state` back into ``model``'s trainable parameters."""
+    import torch
+
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.requires_grad:
+                param.copy_(tensors[name].to(param.device, param.dtype))
+
+
+# ---- the store -----------------------------------------------------------------------------
+
+
+@dataclass
+class Checkpoint:
+    """A complete checkpoint read back from disk."""
+
+    path: Path
+    step: int
+    state: dict
+
+    def adapter(self) -> dict:
+        from safetensors.torch import load_file
+
+        return load_file(str(self.path / ADAPTER_FILE))
+
+    def best_adapter(self) -> dict | None:
+        from safetensors.torch import load_file
+
+        path = self.path / BEST_ADAPTER_FILE
+        return load_file(str(path)) if path.is_file() else None
+
+    def optimizer_state(self) -> dict:
+        return load_tree(self.path, "optimizer")
+
+    def rng_states(self) -> dict:
+        return load_tree(self.path, "rng")
+
+
+class CheckpointStore:
+    """The checkpoint directory of one training run, identified by its fingerprint.
+
+    Args:
+        directory: the persisted output directory (``models/checkpoints``).
+        every_steps: write a checkpoint every this many optimizer steps (0: never).
+        run_fingerprint: :func:`fingerprint` of everything that determines the result.
+    """
+
+    def __init__(self, directory: Path, every_steps: int, run_fingerprint: str):
+        self.directory = Path(directory)
+        self.every_steps = every_steps
+        self.fingerprint = run_fingerprint
+
+    def due(self, step: int, last: bool) -> bool:
+        """Whether to write a checkpoint after ``step`` (always after the last step, when enabled)."""
+        return self.every_steps > 0 and (last or step % self.every_steps == 0)
+
+    def latest(self) -> Checkpoint | None:
+        """The newest complete checkpoint of this run; others are deleted, each with a log line.
+
+        Creates the directory when it is missing (it is a declared output even when empty).
+        """
+        self.directory.mkdir(parents=True, exist_ok=True)
+        for leftover in self.directory.glob(f".{_PREFIX}*.tmp-*"):
+            logger.info("Deleting %s: a checkpoint write that was interrupted", leftover)
+            shutil.rmtree(leftover, ignore_errors=True)
+        found = None
+        # Newest first; (length, name) orders step-1000000 after step-999999.
+        for path in sorted(self.directory.glob(f"{_PREFIX}*"), key=lambda p: (len(p.name), p.name), reverse=True):
+            reason = self._unusable(path)
+            if reason is None and found is None:
+                state = json.loads((path / STATE_FILE).read_text())
+                found = Checkpoint(path, state["step"], state)
+                continue
+            if reason is not None:
+                logger.warning("Discarding checkpoint %s: %s", path, reason)
+            shutil.rmtree(path, ignore_errors=True)
+        return found
+
+    def _unusable(self, path: Path) -> str | None:
+        try:
+            state = json.loads((path / STATE_FILE).read_text())
+        except (OSError, ValueError):
+            return "incomplete (no readable state.json)"
+        if state.get("format") != FORMAT_VERSION:
+            return f"written by checkpoint format {state.get('format')}, this code reads {FORMAT_VERSION}"
+        if state.get("fingerprint") != self.fingerprint:
+            return ("made with different params, data or base model "
+                    f"(fingerprint {str(state.get('fingerprint'))[:12]}, this run {self.fingerprint[:12]})")
+        return None
+
+    def save(self, step: int, model, optimizer, state: dict, best: dict | None) -> Path:
+        """Write a checkpoint atomically, then delete the older ones.
+
+        Args:
+            step: optimizer steps completed.
+            model: the model whose trainable parameters are saved.
+            optimizer: its optimizer (state saved through :func:`save_tree`).
+            state: JSON-serialisable loop state (data position, scheduler, history, ...).
+            best: trainable tensors at the best eval loss so far, or None.
+
+        Returns:
+            The checkpoint directory.
+        """
+        from safetensors.torch import save_file
+
+        path = self.directory / f"{_PREFIX}{step:06d}"
+        with atomic_dir(path) as tmp:
+            save_file(trainable_state(model), str(tmp / ADAPTER_FILE))
+            if best is not None:
+                save_file(best, str(tmp / BEST_ADAPTER_FILE))
+            save_tree(tmp, "optimizer", optimizer.state_dict())
+            save_tree(tmp, "rng", rng_states())
+            record = {**state, "step": step, "format": FORMAT_VERSION, "fingerprint": self.fingerprint}
+            (tmp / STATE_FILE).write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+            _fsync_tree(tmp)  # a rename can reach the disk before the data it names
+        _fsync_dir(self.directory)
+        for older in self.directory.glob(f"{_PREFIX}*"):
+            if older != path:
+                shutil.rmtree(older, ignore_errors=True)
+        return path
+
+
+def _fsync_tree(directory: Path) -> None:
+    for file in directory.iterdir():
+        with open(file, "rb") as handle:
+            os.fsync(handle.fileno())
+    _fsync_dir(directory)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

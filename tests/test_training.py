@@ -1,0 +1,236 @@
+"""Training that survives real use: resume after kill -9, early stopping, the best adapter, divergence, determinism."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, load_stage, tiny_params, write_params
+from qlorapipe import checkpoints, data, modeling, training
+from qlorapipe.errors import UserError
+from qlorapipe.params import parse_section
+
+CPU = torch.device("cpu")
+
+# 8 steps of 8 x 2 chunks cross an epoch boundary of the tiny corpus (93 chunks); dropout draws from the RNG
+# and the 8-bit optimizer has quantization state, so a resume must restore all of them.
+RESUME_OVERRIDES = {
+    "training.max_steps": 8, "training.per_device_batch_size": 8, "training.gradient_accumulation_steps": 2,
+    "training.optimizer": "adamw_8bit", "training.eval_every_steps": 5, "training.checkpoint_every_steps": 2,
+    "training.lr_scheduler": "cosine", "training.warmup_steps": 2, "lora.dropout": 0.1,
+}
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, tiny_llama_dir, corpus_file) -> Path:
+    """models/base and data/prepared of the tiny model, made by the real download and prepare stages."""
+    work = tmp_path_factory.mktemp("prepared")
+    params = write_params(work / "params.yaml", tiny_params(tiny_llama_dir, corpus_file))
+    load_stage("download").main(["--params", str(params), "--out", str(work / "models/base")])
+    load_stage("prepare").main(["--params", str(params), "--base", str(work / "models/base"),
+                                "--out", str(work / "data/prepared"), "--report", str(work / "data.json")])
+    return work
+
+
+def _train_args(prepared: Path, work: Path) -> list[str]:
+    return ["--params", str(work / "params.yaml"), "--base", str(prepared / "models/base"),
+            "--data", str(prepared / "data/prepared"), "--adapter", str(work / "adapter"),
+            "--metrics", str(work / "train.json"), "--history", str(work / "history.csv"),
+            "--curves", str(work / "curves.png"), "--log", str(work / "log.txt"),
+            "--checkpoints", str(work / "checkpoints")]
+
+
+def _run_dir(tmp_path_factory, tiny_llama_dir, corpus_file, name: str, **overrides) -> Path:
+    work = tmp_path_factory.mktemp(name)
+    write_params(work / "params.yaml", tiny_params(tiny_llama_dir, corpus_file, **overrides))
+    return work
+
+
+@pytest.fixture(scope="module")
+def reference(prepared, tmp_path_factory, tiny_llama_dir, corpus_file) -> Path:
+    """An uninterrupted run of the train stage with the resume settings."""
+    work = _run_dir(tmp_path_factory, tiny_llama_dir, corpus_file, "reference", **RESUME_OVERRIDES)
+    load_stage("train").main(_train_args(prepared, work))
+    return work
+
+
+def _adapter_bytes(work: Path) -> bytes:
+    return (work / "adapter" / "adapter_model.safetensors").read_bytes()
+
+
+def _checkpoint_steps(work: Path) -> list[int]:
+    return sorted(int(p.name.removeprefix("step-")) for p in (work / "checkpoints").glob("step-*"))
+
+
+def test_a_run_killed_midway_resumes_to_the_identical_adapter(prepared, reference, tmp_path_factory,
+                                                               tiny_llama_dir, corpus_file):
+    work = _run_dir(tmp_path_factory, tiny_llama_dir, corpus_file, "killed", **RESUME_OVERRIDES)
+    command = [sys.executable, str(ROOT / "stages/train.py")] + _train_args(prepared, work)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not any(step >= 4 for step in _checkpoint_steps(work)) and process.poll() is None:
+        assert time.monotonic() < deadline, "no checkpoint within 120 s"
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "training finished before it could be killed"
+    assert not (work / "adapter").exists() and not (work / "train.json").exists()
+    killed_at = _checkpoint_steps(work)[-1]
+    assert 4 <= killed_at < 8
+
+    result = subprocess.run(command, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((work / "train.json").read_text())
+    assert killed_at <= metrics["resumed_from_step"] < 8
+    expected = json.loads((reference / "train.json").read_text())
+    assert metrics["steps"] == 8 and metrics["tokens_trained"] == expected["tokens_trained"] > 7 * 16 * 32
+    # On the CPU the resumed run is bitwise identical, not merely close; the config too,
+    # although this process hashes strings differently from the one that made the reference.
+    assert _adapter_bytes(work) == _adapter_bytes(reference)
+    for name in ("adapter_config.json", "training_params.json"):
+        assert (work / "adapter" / name).read_bytes() == (reference / "adapter" / name).read_bytes()
+    assert (work / "history.csv").read_text() == (reference / "history.csv").read_text()
+    assert _checkpoint_steps(work) == [8]  # older checkpoints are deleted once a newer one is complete
+
+
+def test_same_params_and_data_give_the_same_adapter_bytes(prepared, reference, tmp_path_factory,
+                                                          tiny_llama_dir, corpus_file):
+    work = _run_dir(tmp_path_factory, tiny_llama_dir, corpus_file, "again", **RESUME_OVERRIDES)
+    torch.manual_seed(1234)  # the stage must seed itself, whatever state the process is in
+    load_stage("train").main(_train_args(prepared, work))
+    assert json.loads((work / "train.json").read_text())["resumed_from_step"] == 0
+    assert _adapter_bytes(work) == _adapter_bytes(reference)
+
+
+def test_a_finished_run_resumes_to_its_end_and_other_params_discard_the_checkpoint(
+        prepared, reference, tmp_path_factory, tiny_llama_dir, corpus_file, caplog):
+    work = _run_dir(tmp_path_factory, tiny_llama_dir, corpus_file, "rerun", **RESUME_OVERRIDES)
+    shutil.copytree(reference / "checkpoints", work / "checkpoints")
+    load_stage("train").main(_train_args(prepared, work))
+    assert json.loads((work / "train.json").read_text())["resumed_from_step"] == 8
+    assert _adapter_bytes(work) == _adapter_bytes(reference)
+    assert (work / "history.csv").read_text() == (reference / "history.csv").read_text()
+
+    write_params(work / "params.yaml", tiny_params(tiny_llama_dir, corpus_file, **{
+        **RESUME_OVERRIDES, "training.max_steps": 2}))
+    with caplog.at_level(logging.WARNING, logger="qlorapipe.checkpoints"):
+        load_stage("train").main(_train_args(prepared, work))
+    assert "made with different params, data or base model" in caplog.text
+    metrics = json.loads((work / "train.json").read_text())
+    assert metrics["resumed_from_step"] == 0 and metrics["steps"] == 2
+    assert _checkpoint_steps(work) == [2]
+
+
+def test_changing_only_the_checkpoint_interval_keeps_the_fingerprint(prepared):
+    base, prep = prepared / "models/base", prepared / "data/prepared"
+    every = [checkpoints.run_fingerprint(base, prep, training=parse_section("training", {"checkpoint_every_steps": n}))
+             for n in (0, 5)]
+    other = checkpoints.run_fingerprint(base, prep, training=parse_section("training", {"seed": 7}))
+    assert every[0] == every[1] != other
+
+
+def test_half_written_and_foreign_checkpoints_are_never_used(tmp_path, caplog):
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.ones(1, 3)).sum().backward()
+    optimizer.step()
+    store = checkpoints.CheckpointStore(tmp_path, every_steps=3, run_fingerprint="abc")
+    good = store.save(6, model, optimizer, {"note": "six"}, best=None)
+    # What kill -9 can leave behind: an unfinished temporary directory, and (copied by hand,
+    # or from an older version) a step directory without its state file.
+    (tmp_path / ".step-000009.tmp-x1y2").mkdir()
+    (tmp_path / ".step-000009.tmp-x1y2" / "adapter.safetensors").write_bytes(b"\0" * 10)
+    (tmp_path / "step-000012").mkdir()
+    (tmp_path / "step-000012" / "adapter.safetensors").write_bytes(b"\0" * 10)
+    foreign = checkpoints.CheckpointStore(tmp_path / "other", every_steps=3, run_fingerprint="xyz")
+    foreign.save(9, model, optimizer, {}, best=None).rename(tmp_path / "step-000009")
+
+    with caplog.at_level(logging.INFO, logger="qlorapipe.checkpoints"):
+        latest = store.latest()
+    assert latest.path == good and latest.step == 6 and latest.state["note"] == "six"
+    assert "step-000012: incomplete" in caplog.text and "step-000009: made with different params" in caplog.text
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "other") == ["step-000006"]
+    restored = torch.optim.AdamW(torch.nn.Linear(3, 2).parameters(), lr=0.1)
+    restored.load_state_dict(latest.optimizer_state())
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert torch.equal(restored.state_dict()["state"][0][key], optimizer.state_dict()["state"][0][key])
+    assert latest.adapter().keys() == {"weight", "bias"}
+
+
+def _model_and_data(prepared: Path, lora_dropout: float = 0.0):
+    from qlorapipe.params import LoraParams, QuantizationParams
+
+    torch.manual_seed(0)
+    quant = QuantizationParams(load_in="4bit", compute_dtype="float32")
+    model, _ = modeling.load_base_model(prepared / "models/base", quant, CPU)
+    model = modeling.add_lora(model, LoraParams(rank=8, alpha=16, dropout=lora_dropout), True, False)
+    splits = [data.load_split(prepared / "data/prepared", s) for s in (data.TRAIN_SPLIT, data.EVAL_SPLIT)]
+    return model, *splits
+
+
+def _training(**values):
+    return parse_section("training", {"per_device_batch_size": 4, "learning_rate": 0.003, "optimizer": "adamw_torch",
+                                      "warmup_steps": 0, "lr_scheduler": "constant", **values})
+
+
+def test_early_stopping_waits_patience_evaluations_and_keeps_the_best_adapter(prepared):
+    # A min_delta no step can beat makes every evaluation after the first "no improvement".
+    params = _training(max_steps=20, eval_every_steps=2, early_stopping_patience=2, early_stopping_min_delta=100.0)
+    model, train_set, eval_set = _model_and_data(prepared)
+    result = training.train(model, train_set, eval_set, params, CPU)
+    assert result.steps == 6 and len(result.history) == 6
+    assert [r.step for r in result.history if r.eval_loss is not None] == [2, 4, 6]
+    assert result.best_step == 2 and "did not improve for 2 evaluations" in result.stop_reason
+    assert result.final_eval_loss == result.history[1].eval_loss
+    kept = checkpoints.trainable_state(model)
+
+    two_steps, train_set, eval_set = _model_and_data(prepared)
+    training.train(two_steps, train_set, eval_set, _training(max_steps=2, eval_every_steps=2), CPU)
+    expected = checkpoints.trainable_state(two_steps)
+    assert all(torch.equal(kept[name], expected[name]) for name in expected)
+
+    last, train_set, eval_set = _model_and_data(prepared)
+    no_best = training.train(last, train_set, eval_set, _training(
+        max_steps=20, eval_every_steps=2, early_stopping_patience=2, early_stopping_min_delta=100.0,
+        keep_best_adapter=False), CPU)
+    assert no_best.steps == 6 and no_best.final_eval_loss == no_best.history[-1].eval_loss
+    assert not all(torch.equal(checkpoints.trainable_state(last)[n], expected[n]) for n in expected)
+
+
+def test_a_diverging_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(prepared, tmp_path):
+    params = _training(max_steps=10, eval_every_steps=10, checkpoint_every_steps=1, learning_rate=1e30,
+                       max_grad_norm=0.0)
+    model, train_set, eval_set = _model_and_data(prepared)
+    store = checkpoints.CheckpointStore(tmp_path, params.checkpoint_every_steps, "run")
+    with pytest.raises(UserError, match=r"the training loss became (nan|inf) at step (\d+); likely cause: a learning "
+                                        r"rate too high \(training.learning_rate=1e\+30") as error:
+        training.train(model, train_set, eval_set, params, CPU, checkpoints=store)
+    step = int(str(error.value).split(" at step ")[1].split(";")[0])
+    assert step >= 2
+    latest = store.latest()
+    assert latest.step == step - 1 and str(latest.path) in str(error.value)
+    assert all(torch.isfinite(t).all() for t in latest.adapter().values())
+
+
+def test_the_divergence_message_blames_float16_when_it_computed_in_float16():
+    message = training.divergence_message(float("inf"), 7, torch.float16, _training(), None)
+    assert message.startswith("the training loss became inf at step 7; likely cause: float16 overflow")
+    assert "quantization.compute_dtype" in message and "no checkpoint was written" in message
+
+
+def test_a_resumed_stream_of_micro_batches_continues_where_it_stopped():
+    full = training.micro_batches(10, 3, seed=5)
+    expected = [next(full)[1].tolist() for _ in range(11)]
+    resumed = training.micro_batches(10, 3, seed=5, start=6)
+    assert [next(resumed)[1].tolist() for _ in range(5)] == expected[6:]

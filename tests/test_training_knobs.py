@@ -1,0 +1,129 @@
+"""Every quantization mode and LoRA switch of params.yaml, each loaded and trained on a tiny model."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from qlorapipe import modeling, training
+from qlorapipe.errors import UserError
+from qlorapipe.params import LoraParams, QuantizationParams
+
+CPU = torch.device("cpu")
+LORA = LoraParams(rank=8, alpha=16, dropout=0.0)
+
+
+def _ids(vocab: int) -> torch.Tensor:
+    return torch.randint(4, vocab, (2, 24), generator=torch.Generator().manual_seed(0))
+
+
+def _losses_on_one_batch(model, steps: int = 3, learning_rate: float = 0.01) -> list[float]:
+    """Train on one fixed batch: the loss must fall if gradients reach the adapter."""
+    ids = _ids(model.config.vocab_size)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = training.make_optimizer("adamw_torch", trainable, learning_rate, 0.0)
+    losses = []
+    for _ in range(steps):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize(("quant", "layer_class", "dtype"), [
+    (QuantizationParams(load_in="4bit", quant_type="nf4", use_double_quant=True, compute_dtype="float32"),
+     "Linear4bit", torch.float32),
+    (QuantizationParams(load_in="4bit", quant_type="fp4", use_double_quant=True, compute_dtype="float32"),
+     "Linear4bit", torch.float32),
+    (QuantizationParams(load_in="4bit", quant_type="nf4", use_double_quant=False, compute_dtype="bfloat16"),
+     "Linear4bit", torch.bfloat16),
+    (QuantizationParams(load_in="4bit", quant_type="fp4", use_double_quant=False, compute_dtype="auto"),
+     "Linear4bit", torch.float32),
+    (QuantizationParams(load_in="8bit", compute_dtype="float32"), "Linear8bitLt", torch.float32),
+    (QuantizationParams(load_in="none", compute_dtype="float32"), "Linear", torch.float32),
+    (QuantizationParams(load_in="none", compute_dtype="bfloat16"), "Linear", torch.bfloat16),
+], ids=["nf4-dq-fp32", "fp4-dq-fp32", "nf4-bf16", "fp4-auto", "8bit", "16bit-lora-fp32", "16bit-lora-bf16"])
+def test_each_quantization_mode_loads_as_asked_and_trains(tiny_llama_dir, quant, layer_class, dtype):
+    model, compute_dtype = modeling.load_base_model(tiny_llama_dir, quant, CPU)
+    assert compute_dtype == dtype
+    q_proj = model.model.layers[0].self_attn.q_proj
+    assert type(q_proj).__name__ == layer_class
+    if layer_class == "Linear4bit":
+        assert q_proj.weight.quant_type == quant.quant_type
+        assert (q_proj.weight.quant_state.nested is True) == quant.use_double_quant
+        assert q_proj.compute_dtype == dtype
+    if layer_class == "Linear8bitLt":
+        assert q_proj.weight.dtype == torch.int8
+    model = modeling.add_lora(model, LORA, quant.load_in != "none", gradient_checkpointing=True)
+    losses = _losses_on_one_batch(model)
+    assert all(math.isfinite(loss) for loss in losses)
+    assert losses[-1] < losses[0] - 0.01, losses
+
+
+def test_float16_compute_is_refused_on_the_cpu(tiny_llama_dir):
+    with pytest.raises(UserError, match="compute_dtype float16 is not supported on the CPU; use auto or float32"):
+        modeling.load_base_model(tiny_llama_dir, QuantizationParams(compute_dtype="float16"), CPU)
+
+
+def _lora_model(model_dir, lora: LoraParams):
+    torch.manual_seed(0)
+    quant = QuantizationParams(load_in="4bit", compute_dtype="float32")
+    model, _ = modeling.load_base_model(model_dir, quant, CPU)
+    return modeling.add_lora(model, lora, quantized=True, gradient_checkpointing=False)
+
+
+def test_rslora_scales_by_alpha_over_the_square_root_of_the_rank(tiny_llama_dir):
+    plain = _lora_model(tiny_llama_dir, LORA)
+    rs = _lora_model(tiny_llama_dir, LoraParams(rank=8, alpha=16, dropout=0.0, use_rslora=True))
+    assert plain.base_model.model.model.layers[0].self_attn.q_proj.scaling["default"] == 16 / 8
+    assert rs.base_model.model.model.layers[0].self_attn.q_proj.scaling["default"] == pytest.approx(16 / math.sqrt(8))
+
+
+def test_dora_trains_a_magnitude_per_output_and_saves_it(tiny_llama_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    model = _lora_model(tiny_llama_dir, LoraParams(rank=8, alpha=16, dropout=0.0, use_dora=True))
+    magnitudes = {n: p for n, p in model.named_parameters() if "lora_magnitude_vector" in n}
+    assert len(magnitudes) == 2 * 7 and all(p.requires_grad for p in magnitudes.values())
+    q_magnitude = next(p for n, p in magnitudes.items() if "layers.0.self_attn.q_proj" in n)
+    assert q_magnitude.shape == (64,)
+    before = q_magnitude.detach().clone()
+    losses = _losses_on_one_batch(model)
+    assert losses[-1] < losses[0] and not torch.equal(q_magnitude.detach(), before)
+    model.save_pretrained(tmp_path)
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    assert sum("lora_magnitude_vector" in key for key in saved) == 14
+
+
+def test_modules_to_save_trains_and_saves_the_whole_module(tiny_llama_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    model = _lora_model(tiny_llama_dir, LoraParams(rank=8, alpha=16, dropout=0.0, modules_to_save=["lm_head"]))
+    full = [n for n, p in model.named_parameters() if p.requires_grad and "modules_to_save" in n]
+    assert full == ["base_model.model.lm_head.modules_to_save.default.weight"]
+    trainable, _ = modeling.parameter_counts(model)
+    assert trainable == modeling.parameter_counts(_lora_model(tiny_llama_dir, LORA))[0] + 320 * 64
+    model.save_pretrained(tmp_path)
+    assert "base_model.model.lm_head.weight" in load_file(tmp_path / "adapter_model.safetensors")
+
+
+def test_modules_to_save_naming_nothing_lists_the_models_modules(tiny_llama_dir):
+    with pytest.raises(UserError, match=r"modules_to_save \['output_layer'\] match no module.*embed_tokens.*lm_head"):
+        _lora_model(tiny_llama_dir, LoraParams(modules_to_save=["output_layer"]))
+
+
+@pytest.mark.parametrize(("bias", "extra"), [("none", 0), ("lora_only", 2 * 64), ("all", 2 * (64 + 32 + 32))])
+def test_bias_trains_no_biases_the_adapted_layers_biases_or_all(tiny_qwen2_dir, bias, extra):
+    # Qwen2 has biases on q, k and v only; the adapter targets q_proj alone.
+    lora = LoraParams(rank=8, alpha=16, dropout=0.0, target_modules=["q_proj"], bias=bias)
+    model = _lora_model(tiny_qwen2_dir, lora)
+    lora_only = 2 * 8 * (64 + 64)
+    assert modeling.parameter_counts(model)[0] == lora_only + extra
+    biases = sorted(next(part for part in n.split(".") if part.endswith("_proj"))
+                    for n, p in model.named_parameters() if p.requires_grad and n.endswith("bias"))
+    expected = {"none": [], "lora_only": ["q_proj"] * 2, "all": ["k_proj"] * 2 + ["q_proj"] * 2 + ["v_proj"] * 2}
+    assert biases == expected[bias]
