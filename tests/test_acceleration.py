@@ -147,8 +147,9 @@ def test_unpaged_optimizer_swaps_only_paged_8bit_adamw_and_only_on_cuda():
 
     paged = TrainingParams(optimizer="paged_adamw_8bit")
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    assert acceleration.training_params(paged, AccelerationParams(), cuda).optimizer == "adamw_8bit"
-    assert acceleration.training_params(paged, AccelerationParams(), cpu) is paged
-    assert acceleration.training_params(paged, AccelerationParams(unpaged_optimizer=False), cuda) is paged
+    unpaged = AccelerationParams(unpaged_optimizer=True)
+    assert acceleration.training_params(paged, unpaged, cuda).optimizer == "adamw_8bit"
+    assert acceleration.training_params(paged, unpaged, cpu) is paged
+    assert acceleration.training_params(paged, AccelerationParams(), cuda) is paged  # off by default
     torch_adamw = TrainingParams(optimizer="adamw_torch")
-    assert acceleration.training_params(torch_adamw, AccelerationParams(), cuda) is torch_adamw
+    assert acceleration.training_params(torch_adamw, unpaged, cuda) is torch_adamw
