@@ -20,7 +20,8 @@ def _files(path: Path) -> list[str]:
 def run(tmp_path_factory, tiny_llama_dir, corpus_file):
     """Run the six stages in order; each test below inspects one stage's outputs."""
     work = tmp_path_factory.mktemp("pipeline")
-    params = write_params(work / "params.yaml", tiny_params(tiny_llama_dir, corpus_file))
+    params = write_params(work / "params.yaml", tiny_params(tiny_llama_dir, corpus_file, **{
+        "export.formats": ["safetensors", "gguf-f16", "gguf-q8_0", "adapter"]}))
     p = {name: work / rel for name, rel in {
         "base": "models/base", "prepared": "data/prepared", "adapter": "models/adapter",
         "merged": "models/merged", "export": "models/export", "metrics": "metrics",
@@ -41,7 +42,9 @@ def run(tmp_path_factory, tiny_llama_dir, corpus_file):
     load_stage("merge").main(common + ["--base", str(p["base"]), "--adapter", str(p["adapter"]),
                                        "--data", str(p["prepared"]), "--out", str(p["merged"]),
                                        "--metrics", str(m / "merge.json")])
-    load_stage("export").main(common + ["--merged", str(p["merged"]), "--out", str(p["export"]),
+    load_stage("export").main(common + ["--merged", str(p["merged"]), "--adapter", str(p["adapter"]),
+                                        "--data", str(p["prepared"]), "--out", str(p["export"]),
+                                        "--metrics", str(m / "export.json"),
                                         "--data-report", str(m / "data.json"),
                                         "--train-metrics", str(m / "train.json"),
                                         "--eval-metrics", str(m / "eval.json"),
@@ -126,8 +129,11 @@ def test_merge_writes_a_standalone_model_that_computes_what_was_trained(run):
 
 
 def test_export_writes_model_tokenizer_and_card(run):
-    assert _files(run["export"]) == ["README.md", "config.json", "generation_config.json", "model.safetensors",
-                                     "tokenizer.json", "tokenizer_config.json", "training_params.json"]
+    assert _files(run["export"]) == [
+        "README.md", "adapter/README.md", "adapter/adapter_config.json", "adapter/adapter_model.safetensors",
+        "adapter/tokenizer.json", "adapter/tokenizer_config.json", "adapter/training_params.json", "config.json",
+        "generation_config.json", "gguf/model-f16.gguf", "gguf/model-q8_0.gguf", "model.safetensors",
+        "tokenizer.json", "tokenizer_config.json", "training_params.json"]
     card = (run["export"] / "README.md").read_text()
     assert card.startswith("---\nlibrary_name: transformers\nbase_model: model\n")
     for needle in ("## Base model", "## Data", "## Results", "fine-tuned", '"rank": 8'):
@@ -155,3 +161,51 @@ def test_bad_params_stop_before_any_weights_load(tmp_path, tiny_llama_dir, corpu
                                   "--history", str(tmp_path / "h.csv"), "--curves", str(tmp_path / "c.png"),
                                   "--log", str(tmp_path / "l.txt")])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
+
+
+def test_export_gguf_files_read_back_with_the_merged_models_logits_and_tokenizer(run):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qlorapipe.gguf_export import load_gguf
+
+    metrics = json.loads((run["metrics"] / "export.json").read_text())
+    assert metrics["formats"] == ["safetensors", "gguf-f16", "gguf-q8_0", "adapter"]
+    # f16 rounds each weight to 11 bits, q8_0 to 8 bits per block of 32: q8_0 drifts more, both stay close.
+    assert metrics["gguf_f16"]["max_logit_diff"] < 2e-3
+    assert metrics["gguf_f16"]["max_logit_diff"] < metrics["gguf_q8_0"]["max_logit_diff"] < 5e-2
+    assert abs(metrics["gguf_q8_0"]["perplexity_change"]) < 5e-3
+    assert metrics["gguf_f16"]["tokenizer_matches"] and metrics["gguf_q8_0"]["tokenizer_matches"]
+    assert metrics["gguf_q8_0"]["size_mb"] < metrics["gguf_f16"]["size_mb"]
+
+    merged = AutoModelForCausalLM.from_pretrained(run["export"], dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(run["export"])
+    gguf_model, gguf_tokenizer = load_gguf(run["export"] / "gguf/model-f16.gguf", dtype=torch.float32)
+    text = "The with statement is used to wrap 42 blocks!"
+    assert gguf_tokenizer(text)["input_ids"] == tokenizer(text)["input_ids"]
+    assert (gguf_tokenizer.bos_token, gguf_tokenizer.eos_token, gguf_tokenizer.pad_token) == ("<s>", "</s>", "<pad>")
+    ids = tokenizer(text, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert torch.allclose(gguf_model(ids).logits, merged(ids).logits, atol=2e-3)
+
+
+def test_export_adapter_alone_loads_with_peft_and_names_its_base(run):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    adapter = run["export"] / "adapter"
+    record = json.loads((adapter / "training_params.json").read_text())
+    assert record == json.loads((run["adapter"] / "training_params.json").read_text())
+    card = (adapter / "README.md").read_text()
+    assert f"revision `{record['base_model']['revision']}`" in card and "prompt template: plain text" in card
+    base = AutoModelForCausalLM.from_pretrained(run["base"], dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, adapter)
+    reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(run["base"], dtype=torch.float32),
+                                          run["adapter"])
+    ids = torch.tensor([[1, 5, 9, 40, 7]])
+    with torch.no_grad():
+        logits = model(ids).logits
+        assert torch.equal(logits, reference(ids).logits)
+        with model.disable_adapter():
+            assert (logits - model(ids).logits).abs().max() > 1e-3  # the adapter is really there
