@@ -21,8 +21,9 @@ def run(tmp_path_factory, tiny_llama_dir, corpus_file):
     """Run the six stages in order; each test below inspects one stage's outputs."""
     work = tmp_path_factory.mktemp("pipeline")
     params = write_params(work / "params.yaml", tiny_params(tiny_llama_dir, corpus_file, **{
-        "export.formats": ["safetensors", "gguf-f16", "gguf-q8_0", "adapter"]}))
-    p = {name: work / rel for name, rel in {
+        "export.formats": ["safetensors", "gguf-f16", "gguf-q8_0", "adapter"], "merge.requantized_candidate": True,
+        "merge.speed_new_tokens": 8}))
+    p = {"params": params} | {name: work / rel for name, rel in {
         "base": "models/base", "prepared": "data/prepared", "adapter": "models/adapter",
         "merged": "models/merged", "export": "models/export", "metrics": "metrics",
     }.items()}
@@ -121,9 +122,19 @@ def test_merge_writes_a_standalone_model_that_computes_what_was_trained(run):
     assert _files(run["merged"]) == ["config.json", "generation_config.json", "model.safetensors",
                                      "tokenizer.json", "tokenizer_config.json", "training_params.json"]
     metrics = json.loads((run["metrics"] / "merge.json").read_text())
-    assert set(metrics) == {"merged", "naive_merge_into_16bit_base", "reference_perplexity", "dtype", "eval_tokens"}
+    assert set(metrics) == {"merged", "naive_merge_into_16bit_base", "merged_requantized_4bit", "speed",
+                            "reference_perplexity", "dtype", "eval_tokens"}
     assert metrics["merged"]["max_logit_diff"] < 1e-2
-    assert metrics["naive_merge_into_16bit_base"]["max_logit_diff"] > metrics["merged"]["max_logit_diff"]
+    assert metrics["naive_merge_into_16bit_base"]["max_logit_diff"] > 5 * metrics["merged"]["max_logit_diff"]
+    # Quantizing the merged weights again re-rounds them: further from what was trained than the merge.
+    assert metrics["merged_requantized_4bit"]["max_logit_diff"] > 5 * metrics["merged"]["max_logit_diff"]
+    for name in ("base_plus_adapter", "merged"):
+        speed = metrics["speed"][name]
+        assert speed["new_tokens"] == 8
+        assert 0 < speed["time_to_first_token_ms"] < 1000 * speed["total_seconds"]
+        assert speed["tokens_per_second"] > 0 and speed["process_peak_rss_mb"] > 0
+    # The merged model is float32 here, the base + adapter 4-bit: it holds more bytes of weights.
+    assert metrics["speed"]["merged"]["weights_mb"] > metrics["speed"]["base_plus_adapter"]["weights_mb"]
     model = AutoModelForCausalLM.from_pretrained(run["merged"])
     assert "quantization_config" not in model.config.to_dict()
 
@@ -209,3 +220,31 @@ def test_export_adapter_alone_loads_with_peft_and_names_its_base(run):
         assert torch.equal(logits, reference(ids).logits)
         with model.disable_adapter():
             assert (logits - model(ids).logits).abs().max() > 1e-3  # the adapter is really there
+
+
+def _merge_argv(run, params: Path, out: Path, metrics: Path) -> list[str]:
+    return ["--params", str(params), "--base", str(run["base"]), "--adapter", str(run["adapter"]),
+            "--data", str(run["prepared"]), "--out", str(out), "--metrics", str(metrics)]
+
+
+def test_merge_gate_fires_on_a_broken_merge_and_writes_nothing(run, tmp_path, monkeypatch):
+    """Merging into the original 16-bit base (the usual mistake) is caught; the right merge passes."""
+    import yaml
+
+    from qlorapipe import merging
+
+    params = yaml.safe_load(run["params"].read_text())
+    params["merge"].update(max_logit_diff=0.02, max_mean_logit_diff=0.003, speed_new_tokens=0,
+                           requantized_candidate=False)
+    strict = write_params(tmp_path / "params.yaml", params)
+    load_stage("merge").main(_merge_argv(run, strict, tmp_path / "good", tmp_path / "good.json"))
+    assert json.loads((tmp_path / "good.json").read_text())["merged"]["max_logit_diff"] < 0.02
+
+    # A test-only hook: the stage's merge replaced by the naive one.
+    monkeypatch.setattr(merging, "dequantized_merge",
+                        lambda base, adapter, quant, dtype, device: merging.naive_merge(base, adapter, dtype, device))
+    with pytest.raises(UserError, match=r"the merged model does not compute what was trained: max logit difference "
+                                        r"0\.0\d+ > merge\.max_logit_diff 0\.02; mean logit difference "
+                                        r"0\.00\d+ > merge\.max_mean_logit_diff 0\.003"):
+        load_stage("merge").main(_merge_argv(run, strict, tmp_path / "broken", tmp_path / "broken.json"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["good", "good.json", "params.yaml"]

@@ -189,11 +189,17 @@ class MergeParams:
     max_logit_diff: float = 5.0
     max_mean_logit_diff: float = 0.25
     max_perplexity_change: float = 0.02  # relative, 0.02 = 2 %
+    # Also measure the merged model quantized again as the quantization section says (the
+    # "merge, then serve in 4-bit" path); recorded, not gated: re-rounding is expected there.
+    requantized_candidate: bool = False
+    speed_new_tokens: int = 32  # tokens generated when timing base + adapter against merged; 0 = skip
 
     def check(self) -> list[str]:
         problems = []
         if self.fidelity_batches < 1:
             problems.append(f"merge.fidelity_batches must be at least 1, got {self.fidelity_batches}")
+        if self.speed_new_tokens < 0:
+            problems.append(f"merge.speed_new_tokens must be >= 0 (0 skips timing), got {self.speed_new_tokens}")
         for name in ("max_logit_diff", "max_mean_logit_diff", "max_perplexity_change"):
             if getattr(self, name) <= 0:
                 problems.append(f"merge.{name} must be positive, got {getattr(self, name)}")
