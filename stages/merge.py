@@ -18,7 +18,7 @@ import logging
 import shutil
 from pathlib import Path
 
-from qlorapipe import data, generation, merging, modeling
+from qlorapipe import data, merging, modeling, speed
 from qlorapipe.adapters import ADAPTER_RECORD, check_adapter_matches_base
 from qlorapipe.console import run_stage
 from qlorapipe.errors import UserError
@@ -54,13 +54,12 @@ def main(argv: list[str] | None = None) -> None:
     base, _ = modeling.load_base_model(args.base, quant, device)
     with_adapter = PeftModel.from_pretrained(base, args.adapter)
     reference = merging.logits_on(with_adapter, batches, device)
-    speed = {}
+    timings = {}
     # Serving cost of the dynamic adapter against the merged model, on the first eval tokens.
     speed_prompt = batches[0][:1, :16]
     if params.speed_new_tokens:
         with_adapter.config.use_cache = True
-        speed["base_plus_adapter"] = generation.measure_speed(with_adapter, speed_prompt, params.speed_new_tokens,
-                                                              device)
+        timings["base_plus_adapter"] = speed.measure_speed(with_adapter, speed_prompt, params.speed_new_tokens, device)
     del base, with_adapter
 
     naive = merging.compare(reference, merging.logits_on(
@@ -77,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
         reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=dtype, device_map={"": device})
         fidelity = merging.compare(reference, merging.logits_on(reloaded, batches, device), batches)
         if params.speed_new_tokens:
-            speed["merged"] = generation.measure_speed(reloaded, speed_prompt, params.speed_new_tokens, device)
+            timings["merged"] = speed.measure_speed(reloaded, speed_prompt, params.speed_new_tokens, device)
         del reloaded
         metrics = {
             "merged": fidelity.as_metrics(),
@@ -86,8 +85,8 @@ def main(argv: list[str] | None = None) -> None:
             "dtype": params.dtype,
             "eval_tokens": sum(b.numel() for b in batches),
         }
-        if speed:
-            metrics["speed"] = speed
+        if timings:
+            metrics["speed"] = timings
         if params.requantized_candidate and quant.load_in != "none":
             # What users get when they serve the merged model quantized again: the merged weights are
             # rounded to the quantization grid a second time, so this differs more than the merge itself.

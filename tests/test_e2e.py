@@ -79,3 +79,23 @@ def test_editing_evaluation_code_does_not_retrain(project):
         handle.write("\n# an edit\n")
     status = json.loads(_sh(DVC + ["status", "--json"], project))
     assert set(status) == {"evaluate"}
+
+
+def test_adapter_versions_come_back_from_git_tags_and_experiments(project):
+    """The README's commands for switching adapter versions, on the baseline (rank 8) and an experiment (rank 4)."""
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+
+    def rank() -> int:
+        return json.loads((project / "models/adapter/adapter_config.json").read_text())["r"]
+
+    _sh(git + ["tag", "adapter-v1"], project)  # the committed baseline run
+    _sh(DVC + ["exp", "run", "-S", "lora.rank=4", "-n", "rank4"], project)
+    assert rank() == 4
+    _sh(["git", "checkout", "adapter-v1", "--", "dvc.lock"], project)
+    _sh(DVC + ["checkout", "models/adapter"], project)
+    assert rank() == 8
+    _sh(DVC + ["exp", "apply", "rank4"], project)
+    assert rank() == 4
+    _sh(["git", "checkout", "HEAD", "--", "dvc.lock", "params.yaml"], project)
+    _sh(DVC + ["checkout", "models/adapter"], project)
+    assert rank() == 8

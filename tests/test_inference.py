@@ -115,7 +115,7 @@ def test_interactive_mode_streams_answers_read_from_stdin_in_a_subprocess(projec
     chat = _greedy_reference(project["base"], project["chat"], "Python is", 6)
     code = _greedy_reference(project["base"], project["code"], "Python is", 6)
     assert chat != code
-    assert result.stdout.startswith("Type a prompt (/use NAME, /quit).\n[chat]> ")
+    assert result.stdout.startswith("Type a prompt (/use NAME, /base, /quit).\n[chat]> ")
     assert f"[chat]> {chat}\n[chat]> [code]> {code}\n[code]> error: no adapter named 'nope'" in result.stdout
 
 

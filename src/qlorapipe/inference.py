@@ -227,7 +227,8 @@ def load_standalone(model_path: Path, device) -> LoadedModel:
 def interactive(loaded: LoadedModel, settings: SamplingSettings, stdin: TextIO, stdout: TextIO) -> int:
     """Read prompts line by line, stream each answer; returns the number of prompts answered."""
     answered = 0
-    print(f"Type a prompt ({', '.join(['/use NAME'] * bool(loaded.adapters) + ['/quit'])}).", file=stdout)
+    commands = "/use NAME, /base, /quit" if loaded.adapters else "/quit"
+    print(f"Type a prompt ({commands}).", file=stdout)
     while True:
         print(f"[{loaded.active}]> ", end="", file=stdout, flush=True)
         line = stdin.readline()
