@@ -17,7 +17,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TextIO
 
@@ -320,9 +320,12 @@ def main(argv: list[str] | None = None, stdin: TextIO | None = None, stdout: Tex
     adapters = parse_adapter_specs(args.adapter)
     prompts = args.prompt
     if args.mode in ("demo", "compare") and not prompts:
-        prompts = load_section(args.params, "evaluate").prompts
+        evaluate = load_section(args.params, "evaluate")
+        prompts = evaluate.prompts
         if not prompts:
             raise UserError(f"{args.params}: evaluate.prompts is empty; add prompts or pass --prompt")
+        if args.chat_template is None:  # the prompts are written for evaluate.chat_template
+            settings = replace(settings, chat_template=evaluate.chat_template)
 
     import torch
 
