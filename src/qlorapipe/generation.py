@@ -29,4 +29,3 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, device, 
         new_tokens = generated[0, encoded["input_ids"].shape[1] :]
         outputs.append(tokenizer.decode(new_tokens, skip_special_tokens=True))
     return outputs
-
