@@ -43,6 +43,7 @@ def measure_speed(model, input_ids, new_tokens: int, device, repeats: int = 2) -
 
     model.eval()
     input_ids = input_ids.to(device)
+    # One unpadded sequence: the pad id is never used, it only keeps generate() from warning.
     kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, use_cache=True,
                   pad_token_id=0, attention_mask=torch.ones_like(input_ids))
     with torch.no_grad():
