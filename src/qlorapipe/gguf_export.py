@@ -1,8 +1,8 @@
 """Writing a merged Llama or Qwen2 model as a GGUF file (f16 or q8_0) for llama.cpp and friends.
 
 Tensor names, metadata keys and the Llama Q/K row permutation follow llama.cpp's
-convert_hf_to_gguf.py, so the file loads in llama.cpp, and in transformers
-(``from_pretrained(dir, gguf_file=...)``), which the export stage uses to verify it.
+convert_hf_to_gguf.py, the layout llama.cpp reads; transformers reads it too
+(``from_pretrained(dir, gguf_file=...)``), which is how the export stage verifies it.
 The tokenizer travels as metadata (``tokenizer.ggml.*``): vocabulary, merges, token types,
 special token ids and the chat template. Byte-level BPE tokenizers (Llama 3, Qwen2, SmolLM,
 GPT-2 style) are supported; sentencepiece vocabularies are refused with a message.
