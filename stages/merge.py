@@ -6,7 +6,9 @@
 Reads the ``quantization`` and ``merge`` sections of params.yaml. The base is dequantized
 from 4-bit before merging, so the merged model computes what was trained; the stage
 measures that on eval batches (and, for comparison, the naive merge into the original
-16-bit base) and fails when merge.max_logit_diff or merge.max_perplexity_change is exceeded.
+16-bit base and, with merge.requantized_candidate, the merged model quantized again) and
+fails when merge.max_logit_diff, merge.max_mean_logit_diff or merge.max_perplexity_change is
+exceeded. It also times generation with base + adapter and with the merged model.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import logging
 import shutil
 from pathlib import Path
 
-from qlorapipe import data, merging, modeling
+from qlorapipe import data, merging, modeling, speed
 from qlorapipe.adapters import ADAPTER_RECORD, check_adapter_matches_base
 from qlorapipe.console import run_stage
 from qlorapipe.errors import UserError
@@ -50,8 +52,15 @@ def main(argv: list[str] | None = None) -> None:
 
     # The reference: base + adapter exactly as trained.
     base, _ = modeling.load_base_model(args.base, quant, device)
-    reference = merging.logits_on(PeftModel.from_pretrained(base, args.adapter), batches, device)
-    del base
+    with_adapter = PeftModel.from_pretrained(base, args.adapter)
+    reference = merging.logits_on(with_adapter, batches, device)
+    timings = {}
+    # Serving cost of the dynamic adapter against the merged model, on the first eval tokens.
+    speed_prompt = batches[0][:1, :16]
+    if params.speed_new_tokens:
+        with_adapter.config.use_cache = True
+        timings["base_plus_adapter"] = speed.measure_speed(with_adapter, speed_prompt, params.speed_new_tokens, device)
+    del base, with_adapter
 
     naive = merging.compare(reference, merging.logits_on(
         merging.naive_merge(args.base, args.adapter, dtype, device), batches, device), batches)
@@ -66,6 +75,9 @@ def main(argv: list[str] | None = None) -> None:
         # Measure the model as saved: reload it from disk, as users will.
         reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=dtype, device_map={"": device})
         fidelity = merging.compare(reference, merging.logits_on(reloaded, batches, device), batches)
+        if params.speed_new_tokens:
+            timings["merged"] = speed.measure_speed(reloaded, speed_prompt, params.speed_new_tokens, device)
+        del reloaded
         metrics = {
             "merged": fidelity.as_metrics(),
             "naive_merge_into_16bit_base": naive.as_metrics(),
@@ -73,6 +85,15 @@ def main(argv: list[str] | None = None) -> None:
             "dtype": params.dtype,
             "eval_tokens": sum(b.numel() for b in batches),
         }
+        if timings:
+            metrics["speed"] = timings
+        if params.requantized_candidate and quant.load_in != "none":
+            # What users get when they serve the merged model quantized again: the merged weights are
+            # rounded to the quantization grid a second time, so this differs more than the merge itself.
+            requantized, _ = modeling.load_base_model(out, quant, device)
+            metrics[f"merged_requantized_{quant.load_in}"] = merging.compare(
+                reference, merging.logits_on(requantized, batches, device), batches).as_metrics()
+            del requantized
         logger.info("merged vs base+adapter: max logit diff %.4f, perplexity change %+.3f%% "
                     "(naive merge into the 16-bit base: %.4f, %+.3f%%)",
                     fidelity.max_logit_diff, 100 * fidelity.perplexity_change,

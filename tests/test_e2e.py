@@ -94,3 +94,23 @@ def test_train_rerun_by_dvc_resumes_from_the_persisted_checkpoint(project):
     assert json.loads((project / "metrics/train.json").read_text())["resumed_from_step"] == 12
     # The resumed adapter has the same bytes, so nothing downstream of it re-runs.
     assert "Running stage 'merge'" not in out
+
+
+def test_adapter_versions_come_back_from_git_tags_and_experiments(project):
+    """The README's commands for switching adapter versions, on the baseline (rank 8) and an experiment (rank 4)."""
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+
+    def rank() -> int:
+        return json.loads((project / "models/adapter/adapter_config.json").read_text())["r"]
+
+    _sh(git + ["tag", "adapter-v1"], project)  # the committed baseline run
+    _sh(DVC + ["exp", "run", "-S", "lora.rank=4", "-n", "rank4"], project)
+    assert rank() == 4
+    _sh(["git", "checkout", "adapter-v1", "--", "dvc.lock"], project)
+    _sh(DVC + ["checkout", "models/adapter"], project)
+    assert rank() == 8
+    _sh(DVC + ["exp", "apply", "rank4"], project)
+    assert rank() == 4
+    _sh(["git", "checkout", "HEAD", "--", "dvc.lock", "params.yaml"], project)
+    _sh(DVC + ["checkout", "models/adapter"], project)
+    assert rank() == 8

@@ -69,3 +69,13 @@ def test_numbers_written_the_way_yaml_and_dvc_exp_write_them():
 def test_missing_params_file_names_the_file(tmp_path):
     with pytest.raises(UserError, match="params.yaml: params file not found"):
         load_section(tmp_path / "params.yaml", "lora")
+
+
+def test_export_formats_are_checked_against_the_four_known():
+    assert parse_section("export", {"formats": ["gguf-q8_0", "adapter"]}).formats == ["gguf-q8_0", "adapter"]
+    with pytest.raises(UserError) as info:
+        parse_section("export", {"formats": ["gguf-q4", "adapter", "adapter"], "verify_batches": 0})
+    message = str(info.value)
+    assert "export.formats: unknown ['gguf-q4']; choose from safetensors, gguf-f16, gguf-q8_0, adapter" in message
+    assert "export.formats lists a format twice" in message
+    assert "export.verify_batches must be at least 1, got 0" in message

@@ -20,8 +20,10 @@ def _files(path: Path) -> list[str]:
 def run(tmp_path_factory, tiny_llama_dir, corpus_file):
     """Run the six stages in order; each test below inspects one stage's outputs."""
     work = tmp_path_factory.mktemp("pipeline")
-    params = write_params(work / "params.yaml", tiny_params(tiny_llama_dir, corpus_file))
-    p = {name: work / rel for name, rel in {
+    params = write_params(work / "params.yaml", tiny_params(tiny_llama_dir, corpus_file, **{
+        "export.formats": ["safetensors", "gguf-f16", "gguf-q8_0", "adapter"], "merge.requantized_candidate": True,
+        "merge.speed_new_tokens": 8}))
+    p = {"params": params} | {name: work / rel for name, rel in {
         "base": "models/base", "prepared": "data/prepared", "adapter": "models/adapter",
         "merged": "models/merged", "export": "models/export", "metrics": "metrics",
     }.items()}
@@ -42,7 +44,9 @@ def run(tmp_path_factory, tiny_llama_dir, corpus_file):
     load_stage("merge").main(common + ["--base", str(p["base"]), "--adapter", str(p["adapter"]),
                                        "--data", str(p["prepared"]), "--out", str(p["merged"]),
                                        "--metrics", str(m / "merge.json")])
-    load_stage("export").main(common + ["--merged", str(p["merged"]), "--out", str(p["export"]),
+    load_stage("export").main(common + ["--merged", str(p["merged"]), "--adapter", str(p["adapter"]),
+                                        "--data", str(p["prepared"]), "--out", str(p["export"]),
+                                        "--metrics", str(m / "export.json"),
                                         "--data-report", str(m / "data.json"),
                                         "--train-metrics", str(m / "train.json"),
                                         "--eval-metrics", str(m / "eval.json"),
@@ -122,16 +126,29 @@ def test_merge_writes_a_standalone_model_that_computes_what_was_trained(run):
     assert _files(run["merged"]) == ["config.json", "generation_config.json", "model.safetensors",
                                      "tokenizer.json", "tokenizer_config.json", "training_params.json"]
     metrics = json.loads((run["metrics"] / "merge.json").read_text())
-    assert set(metrics) == {"merged", "naive_merge_into_16bit_base", "reference_perplexity", "dtype", "eval_tokens"}
+    assert set(metrics) == {"merged", "naive_merge_into_16bit_base", "merged_requantized_4bit", "speed",
+                            "reference_perplexity", "dtype", "eval_tokens"}
     assert metrics["merged"]["max_logit_diff"] < 1e-2
-    assert metrics["naive_merge_into_16bit_base"]["max_logit_diff"] > metrics["merged"]["max_logit_diff"]
+    assert metrics["naive_merge_into_16bit_base"]["max_logit_diff"] > 5 * metrics["merged"]["max_logit_diff"]
+    # Quantizing the merged weights again re-rounds them: further from what was trained than the merge.
+    assert metrics["merged_requantized_4bit"]["max_logit_diff"] > 5 * metrics["merged"]["max_logit_diff"]
+    for name in ("base_plus_adapter", "merged"):
+        speed = metrics["speed"][name]
+        assert speed["new_tokens"] == 8
+        assert 0 < speed["time_to_first_token_ms"] < 1000 * speed["total_seconds"]
+        assert speed["tokens_per_second"] > 0 and speed["process_peak_rss_mb"] > 0
+    # The merged model is float32 here, the base + adapter 4-bit: it holds more bytes of weights.
+    assert metrics["speed"]["merged"]["weights_mb"] > metrics["speed"]["base_plus_adapter"]["weights_mb"]
     model = AutoModelForCausalLM.from_pretrained(run["merged"])
     assert "quantization_config" not in model.config.to_dict()
 
 
 def test_export_writes_model_tokenizer_and_card(run):
-    assert _files(run["export"]) == ["README.md", "config.json", "generation_config.json", "model.safetensors",
-                                     "tokenizer.json", "tokenizer_config.json", "training_params.json"]
+    assert _files(run["export"]) == [
+        "README.md", "adapter/README.md", "adapter/adapter_config.json", "adapter/adapter_model.safetensors",
+        "adapter/tokenizer.json", "adapter/tokenizer_config.json", "adapter/training_params.json", "config.json",
+        "generation_config.json", "gguf/model-f16.gguf", "gguf/model-q8_0.gguf", "model.safetensors",
+        "tokenizer.json", "tokenizer_config.json", "training_params.json"]
     card = (run["export"] / "README.md").read_text()
     assert card.startswith("---\nlibrary_name: transformers\nbase_model: model\n")
     for needle in ("## Base model", "## Data", "## Results", "fine-tuned", '"rank": 8'):
@@ -159,3 +176,79 @@ def test_bad_params_stop_before_any_weights_load(tmp_path, tiny_llama_dir, corpu
                                   "--history", str(tmp_path / "h.csv"), "--curves", str(tmp_path / "c.png"),
                                   "--log", str(tmp_path / "l.txt"), "--checkpoints", str(tmp_path / "ck")])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
+
+
+def test_export_gguf_files_read_back_with_the_merged_models_logits_and_tokenizer(run):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qlorapipe.gguf_export import load_gguf
+
+    metrics = json.loads((run["metrics"] / "export.json").read_text())
+    assert metrics["formats"] == ["safetensors", "gguf-f16", "gguf-q8_0", "adapter"]
+    # f16 rounds each weight to 11 bits, q8_0 to 8 bits per block of 32: q8_0 drifts more, both stay close.
+    assert metrics["gguf_f16"]["max_logit_diff"] < 2e-3
+    assert metrics["gguf_f16"]["max_logit_diff"] < metrics["gguf_q8_0"]["max_logit_diff"] < 5e-2
+    assert abs(metrics["gguf_q8_0"]["perplexity_change"]) < 5e-3
+    assert metrics["gguf_f16"]["tokenizer_matches"] and metrics["gguf_q8_0"]["tokenizer_matches"]
+    assert metrics["gguf_q8_0"]["size_mb"] < metrics["gguf_f16"]["size_mb"]
+
+    merged = AutoModelForCausalLM.from_pretrained(run["export"], dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(run["export"])
+    gguf_model, gguf_tokenizer = load_gguf(run["export"] / "gguf/model-f16.gguf", dtype=torch.float32)
+    text = "The with statement is used to wrap 42 blocks!"
+    assert gguf_tokenizer(text)["input_ids"] == tokenizer(text)["input_ids"]
+    assert (gguf_tokenizer.bos_token, gguf_tokenizer.eos_token, gguf_tokenizer.pad_token) == ("<s>", "</s>", "<pad>")
+    ids = tokenizer(text, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert torch.allclose(gguf_model(ids).logits, merged(ids).logits, atol=2e-3)
+
+
+def test_export_adapter_alone_loads_with_peft_and_names_its_base(run):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    adapter = run["export"] / "adapter"
+    record = json.loads((adapter / "training_params.json").read_text())
+    assert record == json.loads((run["adapter"] / "training_params.json").read_text())
+    card = (adapter / "README.md").read_text()
+    assert f"revision `{record['base_model']['revision']}`" in card and "prompt template: plain text" in card
+    base = AutoModelForCausalLM.from_pretrained(run["base"], dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, adapter)
+    reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(run["base"], dtype=torch.float32),
+                                          run["adapter"])
+    ids = torch.tensor([[1, 5, 9, 40, 7]])
+    with torch.no_grad():
+        logits = model(ids).logits
+        assert torch.equal(logits, reference(ids).logits)
+        with model.disable_adapter():
+            assert (logits - model(ids).logits).abs().max() > 1e-3  # the adapter is really there
+
+
+def _merge_argv(run, params: Path, out: Path, metrics: Path) -> list[str]:
+    return ["--params", str(params), "--base", str(run["base"]), "--adapter", str(run["adapter"]),
+            "--data", str(run["prepared"]), "--out", str(out), "--metrics", str(metrics)]
+
+
+def test_merge_gate_fires_on_a_broken_merge_and_writes_nothing(run, tmp_path, monkeypatch):
+    """Merging into the original 16-bit base (the usual mistake) is caught; the right merge passes."""
+    import yaml
+
+    from qlorapipe import merging
+
+    params = yaml.safe_load(run["params"].read_text())
+    params["merge"].update(max_logit_diff=0.02, max_mean_logit_diff=0.003, speed_new_tokens=0,
+                           requantized_candidate=False)
+    strict = write_params(tmp_path / "params.yaml", params)
+    load_stage("merge").main(_merge_argv(run, strict, tmp_path / "good", tmp_path / "good.json"))
+    assert json.loads((tmp_path / "good.json").read_text())["merged"]["max_logit_diff"] < 0.02
+
+    # A test-only hook: the stage's merge replaced by the naive one.
+    monkeypatch.setattr(merging, "dequantized_merge",
+                        lambda base, adapter, quant, dtype, device: merging.naive_merge(base, adapter, dtype, device))
+    with pytest.raises(UserError, match=r"the merged model does not compute what was trained: max logit difference "
+                                        r"0\.0\d+ > merge\.max_logit_diff 0\.02; mean logit difference "
+                                        r"0\.00\d+ > merge\.max_mean_logit_diff 0\.003"):
+        load_stage("merge").main(_merge_argv(run, strict, tmp_path / "broken", tmp_path / "broken.json"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["good", "good.json", "params.yaml"]

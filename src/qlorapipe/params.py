@@ -23,6 +23,7 @@ from qlorapipe.errors import UserError
 T = TypeVar("T")
 
 DTYPES = ("bfloat16", "float16", "float32")
+EXPORT_FORMATS = ("safetensors", "gguf-f16", "gguf-q8_0", "adapter")
 
 
 @dataclass(frozen=True)
@@ -223,11 +224,17 @@ class MergeParams:
     max_logit_diff: float = 5.0
     max_mean_logit_diff: float = 0.25
     max_perplexity_change: float = 0.02  # relative, 0.02 = 2 %
+    # Also measure the merged model quantized again as the quantization section says (the
+    # "merge, then serve in 4-bit" path); recorded, not gated: re-rounding is expected there.
+    requantized_candidate: bool = False
+    speed_new_tokens: int = 32  # tokens generated when timing base + adapter against merged; 0 = skip
 
     def check(self) -> list[str]:
         problems = []
         if self.fidelity_batches < 1:
             problems.append(f"merge.fidelity_batches must be at least 1, got {self.fidelity_batches}")
+        if self.speed_new_tokens < 0:
+            problems.append(f"merge.speed_new_tokens must be >= 0 (0 skips timing), got {self.speed_new_tokens}")
         for name in ("max_logit_diff", "max_mean_logit_diff", "max_perplexity_change"):
             if getattr(self, name) <= 0:
                 problems.append(f"merge.{name} must be positive, got {getattr(self, name)}")
@@ -238,11 +245,24 @@ class MergeParams:
 class ExportParams:
     """The deliverable (export stage)."""
 
-    format: Literal["safetensors"] = "safetensors"
+    # safetensors: the merged model directory; gguf-f16 / gguf-q8_0: one GGUF file each, for
+    # llama.cpp (Llama and Qwen2 architectures); adapter: the adapter alone, for PeftModel
+    formats: list[str] = field(default_factory=lambda: ["safetensors"])
     max_shard_size: str = "5GB"
+    verify_batches: int = 2  # eval batches on which each GGUF file is read back and compared
 
     def check(self) -> list[str]:
-        return []
+        problems = []
+        unknown = [f for f in self.formats if f not in EXPORT_FORMATS]
+        if unknown:
+            problems.append(f"export.formats: unknown {unknown}; choose from {', '.join(EXPORT_FORMATS)}")
+        if not self.formats:
+            problems.append(f"export.formats is empty; choose from {', '.join(EXPORT_FORMATS)}")
+        if len(set(self.formats)) != len(self.formats):
+            problems.append("export.formats lists a format twice")
+        if self.verify_batches < 1:
+            problems.append(f"export.verify_batches must be at least 1, got {self.verify_batches}")
+        return problems
 
 
 SECTIONS: dict[str, type] = {

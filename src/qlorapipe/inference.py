@@ -1,0 +1,354 @@
+"""Run a fine-tuned model: the 4-bit base with one or several adapters, or a merged/exported model.
+
+    qlorapipe-chat --adapter models/adapter                       # interactive, streamed
+    qlorapipe-chat --adapter models/adapter --mode demo           # the evaluate.prompts of params.yaml
+    qlorapipe-chat --model models/export --mode text --prompt "The with statement"
+    qlorapipe-chat --adapter chat=models/adapter --adapter code=/tmp/code-adapter --mode compare
+
+With adapters, the base (``--base``, default models/base) is loaded once, quantized as the
+first adapter's training_params.json records, and every adapter is attached to it by name
+(peft's ``load_adapter``); switching between them is ``set_adapter``, the base stays loaded.
+In interactive mode ``/use NAME`` switches adapter, ``/base`` turns adapters off, ``/quit`` ends.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TextIO
+
+from qlorapipe import modeling
+from qlorapipe.adapters import check_adapter_matches_base, read_adapter_record
+from qlorapipe.errors import UserError
+from qlorapipe.params import QuantizationParams, load_section, parse_section
+
+logger = logging.getLogger(__name__)
+
+BASE = "base"  # the name that selects the base model with every adapter switched off
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How answers are generated. temperature 0 means greedy decoding."""
+
+    max_new_tokens: int = 128
+    temperature: float = 0.7
+    top_p: float = 0.9
+    chat_template: bool | None = None  # None: use the tokenizer's chat template when it has one
+
+    def check(self) -> list[str]:
+        problems = []
+        if self.max_new_tokens < 1:
+            problems.append(f"--max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            problems.append(f"--temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            problems.append(f"--top_p must be in (0, 1], got {self.top_p}")
+        return problems
+
+
+class LoadedModel:
+    """A model ready to answer prompts, with the adapters attached to it by name.
+
+    Args:
+        model: a transformers model, or a peft PeftModel holding ``adapters``.
+        tokenizer: its tokenizer.
+        adapters: the adapter names, in the order they were loaded (empty for a merged model).
+        device: where the model computes.
+    """
+
+    def __init__(self, model, tokenizer, adapters: list[str], device):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.adapters = adapters
+        self.device = device
+        self.active = adapters[0] if adapters else BASE
+
+    def use(self, name: str) -> None:
+        """Make adapter ``name`` (or ``base``) answer the next prompts; the base is not reloaded.
+
+        Raises:
+            UserError: no adapter of that name is loaded.
+        """
+        if name != BASE and name not in self.adapters:
+            loaded = ", ".join(self.adapters) or "none"
+            raise UserError(f"no adapter named '{name}' is loaded (loaded: {loaded}; '{BASE}' = no adapter)")
+        if name != BASE:
+            self.model.set_adapter(name)
+        self.active = name
+
+    def answer(self, prompt: str, settings: SamplingSettings, streamer=None, adapter: str | None = None) -> str:
+        """Generate the answer to one prompt with the active adapter (or ``adapter``, for this request only).
+
+        Returns:
+            The generated text, without the prompt.
+        """
+        import contextlib
+
+        import torch
+
+        previous = self.active
+        if adapter is not None:
+            self.use(adapter)
+        try:
+            encoded = encode_prompt(self.tokenizer, prompt, use_chat_template(self.tokenizer, settings))
+            encoded = {k: v.to(self.device) for k, v in encoded.items()}
+            sampling = (dict(do_sample=True, temperature=settings.temperature, top_p=settings.top_p)
+                        if settings.temperature > 0 else dict(do_sample=False))
+            off = self.model.disable_adapter() if self.active == BASE and self.adapters else contextlib.nullcontext()
+            with off, torch.no_grad():
+                generated = self.model.generate(
+                    **encoded,
+                    max_new_tokens=settings.max_new_tokens,
+                    pad_token_id=pad_token_id(self.tokenizer),
+                    streamer=streamer,
+                    use_cache=True,
+                    **sampling,
+                )
+        finally:
+            if adapter is not None:
+                self.use(previous)
+        return self.tokenizer.decode(generated[0, encoded["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def pad_token_id(tokenizer) -> int | None:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def use_chat_template(tokenizer, settings: SamplingSettings) -> bool:
+    """Whether prompts are wrapped in the chat template; asking for one the tokenizer lacks is an error."""
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if settings.chat_template and not has_template:
+        raise UserError("--chat-template: this tokenizer has no chat template; use --no-chat-template")
+    return has_template if settings.chat_template is None else settings.chat_template
+
+
+def encode_prompt(tokenizer, prompt: str, chat_template: bool) -> dict:
+    """Token ids of ``prompt``, as a single-turn user message when ``chat_template`` is on."""
+    if chat_template:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                             tokenize=False)
+        return dict(tokenizer(text, return_tensors="pt", add_special_tokens=False))
+    return dict(tokenizer(prompt, return_tensors="pt"))
+
+
+def parse_adapter_specs(specs: Iterable[str]) -> dict[str, Path]:
+    """``name=path`` or ``path`` (named after its directory) into an ordered name -> path mapping.
+
+    Raises:
+        UserError: two adapters share a name, or a name is empty or reserved.
+    """
+    adapters: dict[str, Path] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep:
+            name, path = Path(spec).name, spec
+        if not name or name == BASE:
+            raise UserError(f"--adapter {spec}: give it a name other than '{BASE}', as NAME=PATH")
+        if name in adapters:
+            raise UserError(f"--adapter {spec}: the name '{name}' is used twice; name them NAME=PATH")
+        adapters[name] = Path(path)
+    return adapters
+
+
+def adapter_quantization(adapters: dict[str, Path]) -> QuantizationParams:
+    """The quantization every adapter was trained with (read from its training_params.json).
+
+    Raises:
+        UserError: the adapters were trained on differently quantized bases.
+    """
+    recorded = {name: read_adapter_record(path).get("quantization") for name, path in adapters.items()}
+    known = {name: q for name, q in recorded.items() if q is not None}
+    if len({repr(sorted(q.items())) for q in known.values()}) > 1:
+        raise UserError("the adapters were trained on differently quantized bases: " + "; ".join(
+            f"{name}: {q}" for name, q in known.items()) + "; load them in separate runs")
+    if not known:
+        logger.warning("no training_params.json beside the adapters; loading the base 4-bit NF4")
+        return QuantizationParams()
+    return parse_section("quantization", next(iter(known.values())))
+
+
+def load_with_adapters(base_dir: Path, adapters: dict[str, Path], device) -> LoadedModel:
+    """Load the base once, quantized as in training, and attach every adapter under its name.
+
+    Raises:
+        UserError: an adapter is missing or was trained on another base.
+    """
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    if not adapters:
+        raise UserError("no adapter given; pass --adapter PATH (or --model DIR for a merged model)")
+    for path in adapters.values():
+        if not path.is_dir():
+            raise UserError(f"adapter directory {path} does not exist; run `dvc repro train` or fix --adapter")
+        check_adapter_matches_base(path, base_dir)
+    quant = adapter_quantization(adapters)
+    base, _ = modeling.load_base_model(base_dir, quant, device)
+    base.config.use_cache = True  # training turns the cache off; generation wants it
+    (first, first_path), *rest = adapters.items()
+    model = PeftModel.from_pretrained(base, first_path, adapter_name=first)
+    for name, path in rest:
+        model.load_adapter(path, adapter_name=name)
+    model.set_adapter(first)
+    model.eval()
+    logger.info("Loaded %s (%s) with adapters %s on %s", base_dir, quant.load_in, ", ".join(adapters),
+                modeling.device_summary(device))
+    return LoadedModel(model, AutoTokenizer.from_pretrained(base_dir), list(adapters), device)
+
+
+def load_standalone(model_path: Path, device) -> LoadedModel:
+    """Load a merged or exported model directory, or a .gguf file (dequantized by transformers).
+
+    Raises:
+        UserError: the path holds no model (or only an adapter).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_path = Path(model_path)
+    if model_path.suffix == ".gguf" and model_path.is_file():
+        source, kwargs = model_path.parent, {"gguf_file": model_path.name}
+    elif (model_path / "config.json").is_file():
+        source, kwargs = model_path, {}
+    elif (model_path / "adapter_config.json").is_file():
+        raise UserError(f"{model_path} is an adapter, not a model; pass it as --adapter {model_path}")
+    else:
+        raise UserError(f"{model_path}: no model here (no config.json); run `dvc repro merge` or fix --model")
+    model = AutoModelForCausalLM.from_pretrained(source, device_map={"": device}, **kwargs)
+    model.eval()
+    logger.info("Loaded %s on %s", model_path, modeling.device_summary(device))
+    return LoadedModel(model, AutoTokenizer.from_pretrained(source, **kwargs), [], device)
+
+
+def interactive(loaded: LoadedModel, settings: SamplingSettings, stdin: TextIO, stdout: TextIO) -> int:
+    """Read prompts line by line, stream each answer; returns the number of prompts answered."""
+    answered = 0
+    commands = "/use NAME, /base, /quit" if loaded.adapters else "/quit"
+    print(f"Type a prompt ({commands}).", file=stdout)
+    while True:
+        print(f"[{loaded.active}]> ", end="", file=stdout, flush=True)
+        line = stdin.readline()
+        if not line or line.strip() in ("/quit", "/exit"):
+            print(file=stdout)
+            return answered
+        prompt = line.strip()
+        if not prompt:
+            continue
+        if prompt.startswith("/use ") or prompt == "/base":
+            try:
+                loaded.use(prompt.removeprefix("/use ").strip() if prompt != "/base" else BASE)
+            except UserError as exc:
+                print(f"error: {exc}", file=stdout)
+            continue
+        loaded.answer(prompt, settings, streamer=text_streamer(loaded.tokenizer, stdout))
+        answered += 1
+
+
+def text_streamer(tokenizer, stream: TextIO):
+    """transformers' TextStreamer, writing the answer to ``stream`` (it prints to stdout) as it is decoded."""
+    from transformers import TextStreamer
+
+    class StreamTo(TextStreamer):
+        def on_finalized_text(self, text: str, stream_end: bool = False):
+            stream.write(text + ("\n" if stream_end else ""))
+            stream.flush()
+
+    return StreamTo(tokenizer, skip_prompt=True, skip_special_tokens=True)
+
+
+def run_prompts(loaded: LoadedModel, prompts: list[str], settings: SamplingSettings, stdout: TextIO) -> list[str]:
+    """Answer each prompt in turn, streaming; returns the answers."""
+    answers = []
+    for prompt in prompts:
+        print(f"### {prompt}", file=stdout, flush=True)
+        answers.append(loaded.answer(prompt, settings, streamer=text_streamer(loaded.tokenizer, stdout)))
+        print(file=stdout)
+    return answers
+
+
+def compare_adapters(loaded: LoadedModel, prompts: list[str], settings: SamplingSettings,
+                     stdout: TextIO) -> dict[str, list[str]]:
+    """Each adapter's answer (and the base's) to the same prompts, switching without reloading the base.
+
+    Returns:
+        answers by adapter name, ``base`` first.
+    """
+    answers = {name: [loaded.answer(p, settings, adapter=name) for p in prompts]
+               for name in [BASE, *loaded.adapters]}
+    width = max(len(name) for name in answers)
+    for i, prompt in enumerate(prompts):
+        print(f"### {prompt}", file=stdout)
+        for name, texts in answers.items():
+            print(f"{name:>{width}}: {' '.join(texts[i].split())}", file=stdout)
+        print(file=stdout)
+    return answers
+
+
+def main(argv: list[str] | None = None, stdin: TextIO | None = None, stdout: TextIO | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="qlorapipe-chat", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--adapter", action="append", default=[], metavar="[NAME=]PATH",
+                        help="adapter directory on the 4-bit base; repeat to load several")
+    source.add_argument("--model", type=Path, help="a merged or exported model directory, or a .gguf file")
+    parser.add_argument("--base", type=Path, default=Path("models/base"), help="base model for --adapter")
+    parser.add_argument("--mode", choices=("interactive", "demo", "text", "compare"), default="interactive")
+    parser.add_argument("--prompt", action="append", default=[], help="text mode: the prompt (repeatable)")
+    parser.add_argument("--use", metavar="NAME", help="the adapter that answers (default: the first)")
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="demo mode reads evaluate.prompts")
+    parser.add_argument("--max_new_tokens", "--max-new-tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
+    parser.add_argument("--top_p", "--top-p", type=float, default=0.9)
+    parser.add_argument("--chat-template", dest="chat_template", action=argparse.BooleanOptionalAction,
+                        default=None, help="wrap prompts in the tokenizer's chat template (default: if it has one)")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed")
+    args = parser.parse_args(argv)
+    stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
+
+    settings = SamplingSettings(args.max_new_tokens, args.temperature, args.top_p, args.chat_template)
+    problems = settings.check()
+    if args.mode == "text" and not args.prompt:
+        problems.append("--mode text needs --prompt TEXT")
+    if args.mode == "compare" and not args.adapter:
+        problems.append("--mode compare needs at least one --adapter")
+    if problems:
+        raise UserError("; ".join(problems))
+    adapters = parse_adapter_specs(args.adapter)
+    prompts = args.prompt
+    if args.mode in ("demo", "compare") and not prompts:
+        evaluate = load_section(args.params, "evaluate")
+        prompts = evaluate.prompts
+        if not prompts:
+            raise UserError(f"{args.params}: evaluate.prompts is empty; add prompts or pass --prompt")
+        if args.chat_template is None:  # the prompts are written for evaluate.chat_template
+            settings = replace(settings, chat_template=evaluate.chat_template)
+
+    import torch
+
+    torch.manual_seed(args.seed)
+    device = modeling.pick_device()
+    loaded = (load_with_adapters(args.base, adapters, device) if adapters
+              else load_standalone(args.model or Path("models/export"), device))
+    if args.use:
+        loaded.use(args.use)
+    if args.mode == "interactive":
+        interactive(loaded, settings, stdin, stdout)
+    elif args.mode == "compare":
+        compare_adapters(loaded, prompts, settings, stdout)
+    else:
+        run_prompts(loaded, prompts, settings, stdout)
+
+
+def cli() -> None:
+    """Console entry point (``qlorapipe-chat``): a UserError is one red line and exit status 1."""
+    from qlorapipe.console import run_stage
+
+    run_stage(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,79 @@
+"""GGUF files written for tiny Llama and Qwen2 models read back with the same logits and tokenizer."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from qlorapipe.errors import UserError
+from qlorapipe.gguf_export import gguf_tensor_name, load_gguf, permute_for_rope, write_gguf
+
+TEXT = "Generators produce items lazily, 2026 of them, and remember where they left off!"
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("file_type, max_diff", [("f16", 2e-3), ("q8_0", 3e-2)])
+def test_gguf_round_trip_keeps_logits_and_tokenizer(arch, file_type, max_diff, request, tmp_path):
+    import gguf
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir = request.getfixturevalue(f"tiny_{arch}_dir")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    out = tmp_path / f"model-{file_type}.gguf"  # alone in its directory, as transformers reads the dir's files too
+    write_gguf(model, model_dir, out, file_type)
+
+    reader = gguf.GGUFReader(str(out))
+    names = {t.name for t in reader.tensors}
+    assert "output.weight" not in names  # tied embeddings: llama.cpp reuses token_embd
+    assert {"token_embd.weight", "output_norm.weight", "blk.1.ffn_down.weight", "blk.0.attn_q.weight"} <= names
+    assert ("blk.0.attn_q.bias" in names) == (arch == "qwen2")
+    quantized = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert quantized["blk.0.attn_q.weight"] == file_type.upper() and quantized["blk.0.attn_norm.weight"] == "F32"
+
+    gguf_model, gguf_tokenizer = load_gguf(out, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    assert gguf_tokenizer(TEXT)["input_ids"] == tokenizer(TEXT)["input_ids"]
+    assert gguf_tokenizer.decode(tokenizer(TEXT)["input_ids"]) == TEXT
+    ids = tokenizer(TEXT, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        diff = (gguf_model(ids).logits - model(ids).logits).abs().max().item()
+    assert diff < max_diff
+
+
+def test_llama_rope_permutation_is_what_transformers_undoes():
+    import numpy as np
+    from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
+
+    weight = np.arange(8 * 3 * 4, dtype=np.float32).reshape(8 * 3, 4)  # 3 heads of dim 8
+    permuted = permute_for_rope(weight, 3)
+    assert not np.array_equal(permuted, weight)
+    undone = LlamaTensorProcessor(config={})._reverse_permute_weights(permuted, 3, 3)
+    assert np.array_equal(undone, weight)
+
+
+def test_tensor_names_follow_llama_cpp_and_unknown_ones_are_refused():
+    assert gguf_tensor_name("model.layers.3.mlp.up_proj.weight") == "blk.3.ffn_up.weight"
+    assert gguf_tensor_name("model.layers.0.self_attn.k_proj.bias") == "blk.0.attn_k.bias"
+    assert gguf_tensor_name("model.embed_tokens.weight") == "token_embd.weight"
+    assert gguf_tensor_name("lm_head.weight") == "output.weight"
+    with pytest.raises(UserError, match="no GGUF name for parameter model.layers.0.mlp.experts.0.weight"):
+        gguf_tensor_name("model.layers.0.mlp.experts.0.weight")
+
+
+def test_a_sentencepiece_tokenizer_is_refused_with_the_file_named(tiny_llama_dir, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_llama_dir, model_dir)
+    spec = json.loads((model_dir / "tokenizer.json").read_text())
+    spec["model"]["type"] = "Unigram"
+    (model_dir / "tokenizer.json").write_text(json.dumps(spec))
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    with pytest.raises(UserError, match=f"GGUF export supports byte-level BPE tokenizers; {model_dir}/tokenizer.json "
+                                        "is Unigram"):
+        write_gguf(model, model_dir, tmp_path / "m.gguf", "f16")
+    assert not (tmp_path / "m.gguf").exists()
