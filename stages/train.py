@@ -76,7 +76,9 @@ def main(argv: list[str] | None = None) -> None:
     with atomic_dir(args.adapter) as out:
         sort_target_modules(model)
         model.save_pretrained(out, safe_serialization=True)
-        write_adapter_record(out, args.base, quantization=quant, lora=lora, training=params)
+        write_adapter_record(out, args.base, data_sha256=checkpoints.directory_digest(args.data),
+                             environment=modeling.environment_record(device),
+                             quantization=quant, lora=lora, training=params)
 
     metrics = {
         "train_loss": round(result.final_train_loss, 5),

@@ -106,7 +106,9 @@ def test_train_writes_a_peft_adapter_metrics_curves_and_log(run):
     log = (run["metrics"] / "training_log.txt").read_text()
     assert log.startswith("trainable params: ")
     record = json.loads((run["adapter"] / "training_params.json").read_text())
-    assert set(record) == {"base_model", "quantization", "lora", "training"}
+    assert set(record) == {"base_model", "data_sha256", "environment", "quantization", "lora", "training"}
+    assert len(record["data_sha256"]) == 64 and len(record["base_model"]["content_sha256"]) == 64
+    assert set(record["environment"]) == {"torch", "transformers", "peft", "bitsandbytes", "cuda", "gpu"}
     assert record["lora"]["rank"] == 8
 
 

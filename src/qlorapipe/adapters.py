@@ -12,9 +12,15 @@ from qlorapipe.model_source import read_source_record
 ADAPTER_RECORD = "training_params.json"  # beside adapter_config.json: base, params that made it
 
 
-def write_adapter_record(adapter_dir: Path, base_dir: Path, **sections) -> None:
-    """Record the base model (id, revision, content hash) and the params sections used."""
+def write_adapter_record(adapter_dir: Path, base_dir: Path, data_sha256: str | None = None,
+                         environment: dict | None = None, **sections) -> None:
+    """Record what made the adapter: the base model (id, revision, weights sha256), the
+    prepared data's sha256, the library versions and the params sections used."""
     record = {"base_model": read_source_record(base_dir)}
+    if data_sha256 is not None:
+        record["data_sha256"] = data_sha256
+    if environment is not None:
+        record["environment"] = environment
     record.update({name: dataclasses.asdict(section) for name, section in sections.items()})
     (Path(adapter_dir) / ADAPTER_RECORD).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
 
