@@ -29,7 +29,8 @@ def run(tmp_path_factory, tiny_llama_dir, corpus_file):
     m = p["metrics"]
     load_stage("download").main(common + ["--out", str(p["base"])])
     load_stage("prepare").main(common + ["--base", str(p["base"]), "--out", str(p["prepared"]),
-                                         "--report", str(m / "data.json")])
+                                         "--report", str(m / "data.json"), "--lengths", str(m / "data_lengths.csv"),
+                                         "--lengths-plot", str(m / "data_lengths.png")])
     load_stage("train").main(common + ["--base", str(p["base"]), "--data", str(p["prepared"]),
                                        "--adapter", str(p["adapter"]), "--metrics", str(m / "train.json"),
                                        "--history", str(m / "train_history.csv"),
@@ -63,14 +64,21 @@ def test_prepare_writes_train_and_eval_arrow_datasets_and_a_report(run):
     assert _files(run["prepared"]) == [f"{split}/{f}" for split in ("eval", "train")
                                        for f in ("data-00000-of-00001.arrow", "dataset_info.json", "state.json")]
     report = json.loads((run["metrics"] / "data.json").read_text())
-    assert set(report) == {"documents_empty_skipped", "max_length", "train", "eval"}
-    assert report["train"]["documents"] + report["eval"]["documents"] == 60
+    assert set(report) == {"format", "max_length", "records", "empty_skipped", "duplicates", "truncated",
+                           "dropped_too_long", "dropped_all_masked", "truncated_share", "dropped_share",
+                           "train", "eval"}
+    assert report["train"]["examples"] + report["eval"]["examples"] == report["records"] == 60
     for split in ("train", "eval"):
         stats = report[split]
-        assert set(stats) == {"documents", "tokens", "chunks", "tokens_dropped"}
-        assert stats["chunks"] * 32 + stats["tokens_dropped"] == stats["tokens"]
+        assert set(stats) == {"examples", "rows", "tokens", "trained_tokens", "padding_share", "tokens_dropped"}
+        assert stats["rows"] * 32 + stats["tokens_dropped"] == stats["tokens"]
         dataset = datasets.load_from_disk(str(run["prepared"] / split))
-        assert len(dataset) == stats["chunks"]
+        assert len(dataset) == stats["rows"]
+        assert dataset[0]["position_ids"] == list(range(32))
+    histogram = (run["metrics"] / "data_lengths.csv").read_text().splitlines()
+    assert histogram[0] == "length,examples"
+    assert sum(int(line.split(",")[1]) for line in histogram[1:]) == 60
+    assert (run["metrics"] / "data_lengths.png").read_bytes()[:4] == b"\x89PNG"
         assert dataset[0]["input_ids"] == dataset[0]["labels"]
 
 

@@ -11,6 +11,7 @@ import math
 import time
 from dataclasses import dataclass, field
 
+from qlorapipe.data import model_inputs
 from qlorapipe.errors import UserError
 from qlorapipe.params import TrainingParams
 from qlorapipe.perplexity import mean_token_loss
@@ -111,12 +112,12 @@ def train(model, train_set, eval_set, params: TrainingParams, device, progress=N
         for _ in range(params.gradient_accumulation_steps):
             _, index = next(batches)
             batch = train_set[index]
-            input_ids = batch["input_ids"].to(device)
+            inputs = model_inputs(batch, device)
             labels = batch["labels"].to(device).long()
-            loss = model(input_ids=input_ids, labels=labels).loss
+            loss = model(**inputs, labels=labels).loss
             (loss / params.gradient_accumulation_steps).backward()
             step_loss += loss.item() / params.gradient_accumulation_steps
-            step_tokens += input_ids.numel()
+            step_tokens += inputs["input_ids"].numel()
         if not math.isfinite(step_loss):
             raise UserError(
                 f"the training loss became {step_loss} at step {step}: lower training.learning_rate, "
