@@ -189,10 +189,14 @@ def test_a_packed_row_gives_each_example_the_logits_it_has_alone(tok, attention)
             n = len(example.input_ids)
             assert torch.allclose(packed[start : start + n], alone, atol=1e-5)
             start += n
-        # Without the position ids the second example would see the first one.
+        # Without the position ids, or with a KV cache (the default, also in train mode), the
+        # second example would see the first one.
+        second = slice(len(built[0].input_ids), start)
         unpacked = model(input_ids=batch["input_ids"]).logits[0]
-        assert not torch.allclose(unpacked[len(built[0].input_ids) : start], packed[len(built[0].input_ids) : start],
-                                  atol=1e-3)
+        assert not torch.allclose(unpacked[second], packed[second], atol=1e-3)
+        model.train()
+        cached = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits[0]
+        assert not torch.allclose(cached[second], packed[second], atol=1e-3)
 
 
 # --- validation ----------------------------------------------------------------------
@@ -351,3 +355,29 @@ def test_builtin_corpus_is_real_prose_that_needs_no_download():
     found, _ = sources.load_records(DataParams())
     assert len(found) > 50
     assert sum(len(r.columns["text"]) for r in found) > 300_000  # characters of reference-manual prose
+
+
+def test_packing_holds_through_the_trained_qlora_model_in_training_mode(tok, tiny_llama_dir):
+    """The real path: 4-bit base, LoRA, gradient checkpointing, train mode (where a KV cache
+    would otherwise be created and examples would see each other)."""
+    import torch
+
+    from qlorapipe import modeling
+    from qlorapipe.params import LoraParams, QuantizationParams
+
+    torch.manual_seed(0)
+    model, _ = modeling.load_base_model(tiny_llama_dir, QuantizationParams(compute_dtype="float32"), torch.device("cpu"))
+    model = modeling.add_lora(model, LoraParams(rank=4, alpha=8, dropout=0.0), True, True)
+    model.train()
+    built, _ = build([{"prompt": "Python is", "completion": " a language."},
+                      {"prompt": "Classes bundle data", "completion": " and behaviour."}], tok, format="completion")
+    rows = examples.pack_rows(built, max_length=64, pad_id=PAD)
+    batch = {name: torch.tensor(getattr(rows, name)) for name in ("input_ids", "position_ids")}
+    with torch.no_grad():
+        packed = model(**data.model_inputs(batch, "cpu")).logits[0]
+        start = 0
+        for example in sorted(built, key=lambda e: e.where):
+            alone = model(input_ids=torch.tensor([example.input_ids]), use_cache=False).logits[0]
+            n = len(example.input_ids)
+            assert torch.allclose(packed[start : start + n], alone, atol=1e-4)
+            start += n
