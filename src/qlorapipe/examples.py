@@ -341,13 +341,11 @@ def pad_rows(examples: list[Example], pad_id: int) -> Rows:
     """One example per row, right-padded to the longest. Padding is never a target; a
     causal model never attends forward, so right padding needs no attention mask."""
     width = max(len(e.input_ids) for e in examples)
-    rows = Rows([], [], [], 0)
-    for e in examples:
-        pad = width - len(e.input_ids)
-        rows.input_ids.append(e.input_ids + [pad_id] * pad)
-        rows.labels.append(e.labels + [IGNORE] * pad)
-        rows.position_ids.append(list(range(width)))
-    return Rows(rows.input_ids, rows.labels, rows.position_ids, sum(width - len(e.input_ids) for e in examples))
+    pads = [width - len(e.input_ids) for e in examples]
+    return Rows(input_ids=[e.input_ids + [pad_id] * pad for e, pad in zip(examples, pads)],
+                labels=[e.labels + [IGNORE] * pad for e, pad in zip(examples, pads)],
+                position_ids=[list(range(width)) for _ in examples],
+                padding_tokens=sum(pads))
 
 
 def pack_rows(examples: list[Example], max_length: int, pad_id: int) -> Rows:
