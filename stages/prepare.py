@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from pathlib import Path
 
 from qlorapipe import data, data_report, examples, sources
@@ -34,6 +35,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lengths-plot", type=Path, required=True, help="length histogram PNG")
     args = parser.parse_args(argv)
     params = load_section(args.params, "data")
+    # The fast tokenizer encodes a batch on all cores. Stages turn that off by default (a
+    # fork after the thread pool started can deadlock); this stage forks no workers.
+    os.environ["TOKENIZERS_PARALLELISM"] = "true"
 
     from transformers import AutoTokenizer
 
