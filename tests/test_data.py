@@ -1,40 +1,338 @@
-"""Causal-LM data preparation: chunking, seeded document split, byte-identical outputs, clear errors."""
+"""Data preparation: every format's exact labels, EOS/BOS/padding rules, packing, sources, validation."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import zipfile
 from pathlib import Path
 
 import pytest
 
-from conftest import build_tokenizer
-from qlorapipe import data
+from conftest import build_tokenizer, tiny_config
+from qlorapipe import data, examples, sources
 from qlorapipe.errors import UserError
 from qlorapipe.params import DataParams
+from qlorapipe.sources import Record
+
+IGNORE = -100
+EOS, BOS, PAD = 2, 1, 3  # build_tokenizer's specials: <unk> <s> </s> <pad>
+# A minimal chat template in the ChatML spirit: every turn is closed by the EOS token.
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 
 
-def test_documents_are_joined_with_eos_and_cut_into_full_chunks():
-    tokenizer = build_tokenizer()
+@pytest.fixture(scope="module")
+def tok():
+    return build_tokenizer()
+
+
+def enc(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def records(*rows: dict) -> list[Record]:
+    return [Record(row, f"rows.jsonl:{i}") for i, row in enumerate(rows, start=1)]
+
+
+def build(rows, tokenizer, **params):
+    built, counts = examples.build_examples(records(*rows), tokenizer, DataParams(**params))
+    return built, counts
+
+
+# --- formats: exact label positions --------------------------------------------------
+
+
+def test_text_concat_joins_documents_with_one_eos_and_cuts_full_chunks(tok):
     texts = ["Python is a programming language.", "The with statement is used to wrap a block."]
-    chunks, stats = data.tokenize_and_chunk(texts, tokenizer, max_length=8)
-    stream = []
-    for text in texts:
-        stream += tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    assert stats == {"documents": 2, "tokens": len(stream), "chunks": len(stream) // 8,
-                     "tokens_dropped": len(stream) % 8}
-    assert [t for chunk in chunks for t in chunk] == stream[: 8 * (len(stream) // 8)]
-    assert all(len(chunk) == 8 for chunk in chunks)
-    assert tokenizer.bos_token_id not in stream  # no BOS repeated per document
+    docs, counts = examples.text_documents(records(*({"text": t} for t in texts)), tok, DataParams())
+    stream = [t for text in texts for t in enc(tok, text) + [EOS]]
+    rows, tail = examples.chunk_stream(docs, 8)
+    assert [t for row in rows.input_ids for t in row] == stream[: 8 * (len(stream) // 8)]
+    assert rows.labels == rows.input_ids and tail == len(stream) % 8
+    assert rows.position_ids == [list(range(8))] * len(rows.input_ids)
+    assert BOS not in stream and counts.examples == 2
+
+
+def test_text_document_mode_is_one_example_per_document_trained_everywhere(tok):
+    (example,), _ = build([{"text": "Python is a programming language."}], tok, format="text", text_mode="document")
+    ids = enc(tok, "Python is a programming language.") + [EOS]
+    assert example.input_ids == ids and example.labels == ids
+
+
+def test_alpaca_instruction_masks_the_prompt_and_trains_answer_and_eos(tok):
+    (example,), _ = build([{"instruction": "Define a list.", "output": "A sequence."}], tok, format="instruction")
+    prompt = enc(tok, "### Instruction:\nDefine a list.\n\n### Answer:\n")
+    answer = enc(tok, "A sequence.")
+    assert example.input_ids == prompt + answer + [EOS]
+    assert example.labels == [IGNORE] * len(prompt) + answer + [EOS]
+
+
+def test_alpaca_input_block_and_full_loss_option(tok):
+    row = {"instruction": "Add.", "input": "2 and 3", "output": "5"}
+    (masked,), _ = build([row], tok, format="instruction")
+    prompt = enc(tok, "### Instruction:\nAdd.\n\n### Input:\n2 and 3\n\n### Answer:\n")
+    assert masked.input_ids == prompt + enc(tok, "5") + [EOS]
+    assert masked.labels[: len(prompt)] == [IGNORE] * len(prompt)
+    (full,), _ = build([row], tok, format="instruction", completion_only_loss=False)
+    assert full.labels == full.input_ids
+
+
+def test_guanaco_text_trains_only_the_assistant_turns(tok):
+    text = "### Human: Hi there### Assistant: Hello.### Human: Bye### Assistant: Goodbye."
+    (example,), _ = build([{"text": text}], tok, format="instruction", template="guanaco")
+    pieces = [("### Human: Hi there### Assistant:", False), (" Hello.", True),
+              ("### Human: Bye### Assistant:", False), (" Goodbye.", True)]
+    ids, labels = [], []
+    for text_piece, trained in pieces:
+        ids += enc(tok, text_piece)
+        labels += enc(tok, text_piece) if trained else [IGNORE] * len(enc(tok, text_piece))
+    assert example.input_ids == ids + [EOS] and example.labels == labels + [EOS]
+    with pytest.raises(UserError, match=r"rows.jsonl:1: no '### Assistant:' turn"):
+        build([{"text": "### Human: only a question"}], tok, format="instruction", template="guanaco")
+
+
+def test_prompt_completion_pairs(tok):
+    (example,), _ = build([{"q": "Python is", "a": " a language."}], tok, format="completion",
+                          prompt_column="q", completion_column="a")
+    prompt, completion = enc(tok, "Python is"), enc(tok, " a language.")
+    assert example.input_ids == prompt + completion + [EOS]
+    assert example.labels == [IGNORE] * len(prompt) + completion + [EOS]
+
+
+def _chat_expected(tok, turns):
+    ids, labels = [], []
+    for text_piece, trained in turns:
+        piece = enc(tok, text_piece)
+        ids += piece
+        labels += piece if trained else [IGNORE] * len(piece)
+    return ids, labels
+
+
+@pytest.mark.parametrize("spelling", ["openai", "sharegpt"])
+def test_chat_uses_the_template_and_trains_each_assistant_turn_with_its_eos(tok, spelling):
+    turns = [("user", "Hi"), ("assistant", "Hello."), ("user", "Bye"), ("assistant", "Goodbye.")]
+    if spelling == "openai":
+        messages = [{"role": r, "content": c} for r, c in turns]
+    else:
+        messages = [{"from": {"user": "human", "assistant": "gpt"}[r], "value": c} for r, c in turns]
+    (example,), _ = build([{"messages": messages}], tok, format="chat", chat_template=CHAT_TEMPLATE)
+    ids, labels = _chat_expected(tok, [("<|user|>Hi</s><|assistant|>", False), ("Hello.</s>", True),
+                                       ("<|user|>Bye</s><|assistant|>", False), ("Goodbye.</s>", True)])
+    assert example.input_ids == ids and example.labels == labels
+    assert example.input_ids[-1] == EOS and example.input_ids[-2] != EOS  # exactly one EOS at the end
+
+
+def test_chat_without_any_template_is_refused(tok):
+    with pytest.raises(UserError, match="tokenizer has no chat template; set data.chat_template"):
+        build([{"messages": [{"role": "user", "content": "Hi"}]}], tok, format="chat")
+
+
+def test_no_double_bos_when_the_tokenizer_and_the_template_both_add_one():
+    from tokenizers.processors import TemplateProcessing
+
+    tok = build_tokenizer()
+    tok._tokenizer.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", BOS)])
+    assert tok("Hi")["input_ids"][0] == BOS  # this tokenizer adds BOS itself
+    (plain,), _ = build([{"prompt": "Hi", "completion": " there"}], tok, format="completion")
+    assert plain.input_ids[0] == BOS and plain.input_ids[1] != BOS and plain.labels[0] == IGNORE
+    (templated,), _ = build([{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]}],
+                            tok, format="chat", chat_template="<s>" + CHAT_TEMPLATE)
+    assert templated.input_ids[0] == BOS and templated.input_ids[1] != BOS
+
+
+# --- padding, EOS and packing --------------------------------------------------------
+
+
+def test_pad_equal_to_eos_never_hides_the_real_eos(tok):
+    built, _ = build([{"prompt": "Hi", "completion": " there"}, {"prompt": "Python is", "completion": " a long answer."}],
+                     tok, format="completion")
+    rows = examples.pad_rows(built, pad_id=EOS)  # as with tokenizers whose pad token is the EOS token
+    short = min(range(2), key=lambda i: len(built[i].input_ids))
+    n = len(built[short].input_ids)
+    assert rows.input_ids[short][n - 1] == EOS and rows.labels[short][n - 1] == EOS  # the stop is learned
+    assert rows.input_ids[short][n:] == [EOS] * (len(rows.input_ids[short]) - n)
+    assert rows.labels[short][n:] == [IGNORE] * (len(rows.labels[short]) - n)  # padding is not
+
+
+def test_packing_restarts_positions_and_masks_each_examples_first_token(tok):
+    a = examples.Example([10, 11, 12, EOS], [IGNORE, 11, 12, EOS], "a", 4)
+    b = examples.Example([20, 21, EOS], [20, 21, EOS], "b", 3)
+    c = examples.Example([30, 31, 32, 33, 34, EOS], [IGNORE, IGNORE, 32, 33, 34, EOS], "c", 6)
+    rows = examples.pack_rows([a, b, c], max_length=8, pad_id=PAD)
+    assert rows.input_ids == [[30, 31, 32, 33, 34, EOS, PAD, PAD], [10, 11, 12, EOS, 20, 21, EOS, PAD]]
+    assert rows.labels == [[IGNORE, IGNORE, 32, 33, 34, EOS, IGNORE, IGNORE],
+                           [IGNORE, 11, 12, EOS, IGNORE, 21, EOS, IGNORE]]
+    assert rows.position_ids == [[0, 1, 2, 3, 4, 5, 6, 7], [0, 1, 2, 3, 0, 1, 2, 3]]
+    assert rows.padding_tokens == 3
+
+
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+def test_a_packed_row_gives_each_example_the_logits_it_has_alone(tok, attention):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = tiny_config("llama", len(tok))
+    config._attn_implementation = attention
+    model = AutoModelForCausalLM.from_config(config).eval()
+    built, _ = build([{"prompt": "Python is", "completion": " a language."},
+                      {"prompt": "The with statement", "completion": " wraps a block."}], tok, format="completion")
+    rows = examples.pack_rows(built, max_length=64, pad_id=PAD)
+    assert len(rows.input_ids) == 1
+    batch = {name: torch.tensor(getattr(rows, name)) for name in ("input_ids", "position_ids")}
+    with torch.no_grad():
+        packed = model(**data.model_inputs(batch, "cpu")).logits[0]
+        start = 0
+        for example in sorted(built, key=lambda e: e.where):
+            alone = model(input_ids=torch.tensor([example.input_ids])).logits[0]
+            n = len(example.input_ids)
+            assert torch.allclose(packed[start : start + n], alone, atol=1e-5)
+            start += n
+        # Without the position ids, or with a KV cache (the default, also in train mode), the
+        # second example would see the first one.
+        second = slice(len(built[0].input_ids), start)
+        unpacked = model(input_ids=batch["input_ids"]).logits[0]
+        assert not torch.allclose(unpacked[second], packed[second], atol=1e-3)
+        model.train()
+        cached = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits[0]
+        assert not torch.allclose(cached[second], packed[second], atol=1e-3)
+
+
+# --- validation ----------------------------------------------------------------------
+
+
+def test_missing_column_lists_the_columns_that_exist(tok):
+    with pytest.raises(UserError, match=r"rows.jsonl:1: no 'instruction' column \(has: answer, question\); "
+                                        r"set data.instruction_column"):
+        build([{"question": "q", "answer": "a"}], tok, format="instruction")
+
+
+def test_non_text_values_name_the_row_and_param(tok):
+    with pytest.raises(UserError, match=r"rows.jsonl:2: 'output' is int, not text; fix the row or set "
+                                        r"data.output_column"):
+        build([{"instruction": "a", "output": "b"}, {"instruction": "c", "output": 7}], tok, format="instruction")
+
+
+def test_too_long_examples_are_truncated_or_dropped_and_counted(tok):
+    rows = [{"prompt": "Hi", "completion": " " + "Python is a programming language. " * 4},
+            {"prompt": "Hi", "completion": " there"}]
+    kept, counts = build(rows, tok, format="completion", max_length=12)
+    assert counts.truncated == 1 and len(kept) == 2
+    assert len(kept[0].input_ids) == 12 and kept[0].input_ids[-1] != EOS  # a cut example must not learn to stop
+    kept, counts = build(rows, tok, format="completion", max_length=12, too_long="drop")
+    assert counts.dropped_too_long == 1 and len(kept) == 1
+    assert counts.lengths[0] > 12  # the histogram sees lengths before truncation
+
+
+def test_all_masked_examples_stop_the_stage_past_the_threshold(tok):
+    long_prompt = "Python is a programming language. " * 4
+    rows = [{"prompt": long_prompt, "completion": " yes"}] + [{"prompt": "Hi", "completion": f" {w}"}
+                                                              for w in ("a", "b", "c")]
+    with pytest.raises(UserError, match=r"1 of 4 examples \(25.0%\) have every label masked \(first: rows.jsonl:1\)"
+                                        r".*data.max_masked_share=0.05"):
+        build(rows, tok, format="completion", max_length=12)
+    kept, counts = build(rows, tok, format="completion", max_length=12, max_masked_share=0.5)
+    assert counts.dropped_all_masked == 1 and len(kept) == 3
+
+
+def test_duplicates_and_blank_records_are_counted_not_silently_dropped(tok):
+    rows = [{"prompt": "Hi", "completion": " there"}, {"prompt": "Hi", "completion": " there"},
+            {"prompt": "Hi", "completion": "  "}]
+    kept, counts = build(rows, tok, format="completion")
+    assert (len(kept), counts.duplicates, counts.empty_skipped, counts.records) == (1, 1, 1, 3)
 
 
 def test_split_is_seeded_disjoint_and_complete():
-    texts = [f"document {i}" for i in range(50)]
-    train, held_out = data.split_documents(texts, 0.2, seed=7)
+    items = [f"example {i}" for i in range(50)]
+    train, held_out = examples.split(items, 0.2, seed=7)
     assert (len(train), len(held_out)) == (40, 10)
-    assert set(train).isdisjoint(held_out) and set(train) | set(held_out) == set(texts)
-    assert data.split_documents(texts, 0.2, seed=7) == (train, held_out)
-    assert data.split_documents(texts, 0.2, seed=8)[1] != held_out
+    assert set(train).isdisjoint(held_out) and set(train) | set(held_out) == set(items)
+    assert examples.split(items, 0.2, seed=7) == (train, held_out)
+    assert examples.split(items, 0.2, seed=8)[1] != held_out
+
+
+# --- sources -------------------------------------------------------------------------
+
+
+def _local(path: Path, **kwargs) -> list[Record]:
+    return sources.load_records(DataParams(source="local", path=str(path), **kwargs))[0]
+
+
+def test_every_local_file_type_and_directories(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "a.jsonl").write_text(json.dumps({"prompt": "p1", "completion": "c1"}) + "\n\n")
+    (folder / "b.json").write_text(json.dumps({"data": [{"prompt": "p2", "completion": "c2"}]}))
+    (folder / "c.csv").write_text("prompt,completion\np3,\"c3, with a comma\"\n")
+    pq.write_table(pa.Table.from_pylist([{"prompt": "p4", "completion": "c4"}]), folder / "d.parquet")
+    (folder / "notes.md").write_text("ignored")
+    found = _local(folder)
+    assert [r.columns["completion"] for r in found] == ["c1", "c2", "c3, with a comma", "c4"]
+    assert [Path(r.where).name for r in found] == ["a.jsonl:1", "b.json:1", "c.csv:2", "d.parquet:1"]
+
+
+def test_invalid_json_and_undecodable_bytes_name_file_and_line(tmp_path):
+    path = tmp_path / "corpus.jsonl"
+    path.write_text('{"text": "fine"}\n{"text": broken}\n')
+    with pytest.raises(UserError, match=r"corpus.jsonl:2: not valid JSON"):
+        _local(path)
+    path.write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(UserError, match=r"corpus.jsonl:2: not UTF-8 text"):
+        _local(path)
+
+
+def test_hub_loader_reads_a_pinned_split_offline(tmp_path, monkeypatch, tok):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    repo = tmp_path / "org-dataset"
+    (repo / "data").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist([{"text": f"document {i}"} for i in range(5)]),
+                   repo / "data" / "train-00000-of-00001.parquet")
+    params = DataParams(source="hub", path=str(repo), revision="main", split="train")
+    found, origin = sources.load_records(params)
+    assert [r.columns["text"] for r in found] == [f"document {i}" for i in range(5)]
+    assert origin.startswith("hub:") and found[0].where.endswith("[train]:1")
+
+
+def _fake_chatterbot_wheel(path: Path) -> Path:
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr(sources.CHATTERBOT_ENGLISH_DIR + "computers.yml",
+                         "categories:\n- computers\nconversations:\n- - What is a computer?\n"
+                         "  - An electronic device.\n  - The thing you are using.\n- - Count?\n  - 42\n")
+        archive.writestr("chatterbot_corpus/data/french/x.yml", "conversations:\n- - Bonjour\n  - Salut\n")
+    return path
+
+
+def test_chatterbot_pairs_every_answer_with_its_question(tmp_path):
+    found = sources.chatterbot_records(_fake_chatterbot_wheel(tmp_path / "c.whl"))
+    assert [(r.columns["instruction"], r.columns["output"]) for r in found] == [
+        ("What is a computer?", "An electronic device."), ("What is a computer?", "The thing you are using."),
+        ("Count?", "42")]
+    assert found[0].columns["messages"][1] == {"role": "assistant", "content": "An electronic device."}
+    assert found[2].where == "chatterbot:computers.yml:2"
+
+
+def test_chatterbot_wheel_is_fetched_from_the_index_and_verified(tmp_path, monkeypatch):
+    monkeypatch.setenv("QLORAPIPE_CACHE", str(tmp_path))
+    try:
+        wheel = sources.fetch_chatterbot_wheel()
+    except UserError as exc:
+        pytest.skip(f"package index unreachable: {exc}")
+    digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
+    assert digest == sources.CHATTERBOT_WHEEL_SHA256
+    pairs = sources.chatterbot_records(wheel)
+    assert 1500 < len(pairs) < 4000
+    wheel.write_bytes(b"tampered")  # a cached file with the wrong hash is not trusted
+    assert sources.fetch_chatterbot_wheel().read_bytes() != b"tampered"
+
+
+# --- storage -------------------------------------------------------------------------
 
 
 def _tree_digest(path: Path) -> dict[str, str]:
@@ -42,65 +340,44 @@ def _tree_digest(path: Path) -> dict[str, str]:
             for p in sorted(path.rglob("*")) if p.is_file()}
 
 
-def test_same_chunks_give_byte_identical_datasets(tmp_path):
-    chunks = [[1, 2, 3, 4], [5, 6, 7, 8]]
-    data.save_chunks(chunks, tmp_path / "a")
-    data.save_chunks(chunks, tmp_path / "b")
+def test_same_rows_give_byte_identical_datasets(tmp_path):
+    data.save_chunks([[1, 2, 3, 4], [5, 6, 7, 8]], tmp_path / "a")
+    data.save_chunks([[1, 2, 3, 4], [5, 6, 7, 8]], tmp_path / "b")
     data.save_chunks([[1, 2, 3, 4], [5, 6, 7, 9]], tmp_path / "c")
     assert _tree_digest(tmp_path / "a") == _tree_digest(tmp_path / "b")
     assert _tree_digest(tmp_path / "a") != _tree_digest(tmp_path / "c")
     loaded = data.load_split(tmp_path, "a")
     assert loaded[1]["input_ids"].tolist() == [5, 6, 7, 8] == loaded[1]["labels"].tolist()
+    assert loaded[1]["position_ids"].tolist() == [0, 1, 2, 3]
 
 
 def test_builtin_corpus_is_real_prose_that_needs_no_download():
-    documents = data.load_documents(DataParams())
-    assert len(documents.texts) > 50
-    assert sum(len(t) for t in documents.texts) > 300_000  # characters of reference-manual prose
+    found, _ = sources.load_records(DataParams())
+    assert len(found) > 50
+    assert sum(len(r.columns["text"]) for r in found) > 300_000  # characters of reference-manual prose
 
 
-def _params(path: Path, **kwargs) -> DataParams:
-    return DataParams(source="local", path=str(path), **kwargs)
+def test_packing_holds_through_the_trained_qlora_model_in_training_mode(tok, tiny_llama_dir):
+    """The real path: 4-bit base, LoRA, gradient checkpointing, train mode (where a KV cache
+    would otherwise be created and examples would see each other)."""
+    import torch
 
+    from qlorapipe import modeling
+    from qlorapipe.params import LoraParams, QuantizationParams
 
-def test_jsonl_without_the_text_column_lists_the_columns_it_has(tmp_path):
-    path = tmp_path / "corpus.jsonl"
-    path.write_text(json.dumps({"content": "a"}) + "\n" + json.dumps({"content": "b"}) + "\n")
-    with pytest.raises(UserError, match=r"corpus.jsonl:1: no 'text' field \(has: content\); set data.text_column"):
-        data.load_documents(_params(path))
-    assert data.load_documents(_params(path, text_column="content")).texts == ["a", "b"]
-
-
-def test_invalid_json_names_file_and_line(tmp_path):
-    path = tmp_path / "corpus.jsonl"
-    path.write_text('{"text": "fine"}\n{"text": broken}\n')
-    with pytest.raises(UserError, match=r"corpus.jsonl:2: not valid JSON"):
-        data.load_documents(_params(path))
-
-
-def test_non_text_values_and_undecodable_bytes_are_named(tmp_path):
-    path = tmp_path / "corpus.jsonl"
-    path.write_text('{"text": "fine"}\n{"text": 42}\n')
-    with pytest.raises(UserError, match=r"corpus.jsonl:2: 'text' is int, not text"):
-        data.load_documents(_params(path))
-    latin = tmp_path / "latin.txt"
-    latin.write_bytes("caf\xe9".encode("latin-1"))
-    with pytest.raises(UserError, match=r"latin.txt: not UTF-8 text"):
-        data.load_documents(_params(latin))
-
-
-def test_blank_documents_are_counted_not_silently_dropped(tmp_path):
-    folder = tmp_path / "docs"
-    folder.mkdir()
-    for i, text in enumerate(["first document", "   ", "second document", ""]):
-        (folder / f"{i}.txt").write_text(text)
-    documents = data.load_documents(_params(folder))
-    assert documents.texts == ["first document", "second document"]
-    assert documents.empty_skipped == 2
-
-
-def test_too_few_documents_is_an_error(tmp_path):
-    path = tmp_path / "one.txt"
-    path.write_text("only one document")
-    with pytest.raises(UserError, match="found 1 non-empty document"):
-        data.load_documents(_params(path))
+    torch.manual_seed(0)
+    model, _ = modeling.load_base_model(tiny_llama_dir, QuantizationParams(compute_dtype="float32"), torch.device("cpu"))
+    model = modeling.add_lora(model, LoraParams(rank=4, alpha=8, dropout=0.0), True, True)
+    model.train()
+    built, _ = build([{"prompt": "Python is", "completion": " a language."},
+                      {"prompt": "Classes bundle data", "completion": " and behaviour."}], tok, format="completion")
+    rows = examples.pack_rows(built, max_length=64, pad_id=PAD)
+    batch = {name: torch.tensor(getattr(rows, name)) for name in ("input_ids", "position_ids")}
+    with torch.no_grad():
+        packed = model(**data.model_inputs(batch, "cpu")).logits[0]
+        start = 0
+        for example in sorted(built, key=lambda e: e.where):
+            alone = model(input_ids=torch.tensor([example.input_ids]), use_cache=False).logits[0]
+            n = len(example.input_ids)
+            assert torch.allclose(packed[start : start + n], alone, atol=1e-4)
+            start += n

@@ -58,6 +58,18 @@ def test_hub_source_requires_a_pinned_revision():
         parse_section("model", {"source": "hub", "repo_id": "Qwen/Qwen2.5-3B-Instruct"})
 
 
+def test_data_checks_name_the_fixing_param():
+    with pytest.raises(UserError) as info:
+        parse_section("data", {"source": "hub", "path": "org/set", "max_masked_share": 2})
+    message = str(info.value)
+    assert "data.revision is required when data.source is 'hub'" in message
+    assert "data.max_masked_share must be in [0, 1], got 2" in message
+    with pytest.raises(UserError, match="builtin:python-docs is raw text: use data.format: text"):
+        parse_section("data", {"format": "chat"})
+    with pytest.raises(UserError, match="data.format: must be one of 'text', 'instruction', 'chat', 'completion'"):
+        parse_section("data", {"format": "alpaca"})
+
+
 def test_numbers_written_the_way_yaml_and_dvc_exp_write_them():
     # YAML 1.1 loads 2e-4 as a string; `dvc exp run -S training.learning_rate=2e-4` writes it so.
     section = parse_section("training", {"learning_rate": "2e-4", "epochs": 3})

@@ -37,7 +37,8 @@ def run(tmp_path_factory, tiny_llama_dir, corpus_file):
     m = p["metrics"]
     load_stage("download").main(common + ["--out", str(p["base"])])
     load_stage("prepare").main(common + ["--base", str(p["base"]), "--out", str(p["prepared"]),
-                                         "--report", str(m / "data.json")])
+                                         "--report", str(m / "data.json"), "--lengths", str(m / "data_lengths.csv"),
+                                         "--lengths-plot", str(m / "data_lengths.png")])
     load_stage("train").main(common + ["--base", str(p["base"]), "--data", str(p["prepared"]),
                                        "--adapter", str(p["adapter"]), "--metrics", str(m / "train.json"),
                                        "--history", str(m / "train_history.csv"),
@@ -74,15 +75,22 @@ def test_prepare_writes_train_and_eval_arrow_datasets_and_a_report(run):
     assert _files(run["prepared"]) == [f"{split}/{f}" for split in ("eval", "train")
                                        for f in ("data-00000-of-00001.arrow", "dataset_info.json", "state.json")]
     report = json.loads((run["metrics"] / "data.json").read_text())
-    assert set(report) == {"documents_empty_skipped", "max_length", "train", "eval"}
-    assert report["train"]["documents"] + report["eval"]["documents"] == 60
+    assert set(report) == {"format", "max_length", "records", "empty_skipped", "duplicates", "truncated",
+                           "dropped_too_long", "dropped_all_masked", "truncated_share", "dropped_share",
+                           "train", "eval"}
+    assert report["train"]["examples"] + report["eval"]["examples"] == report["records"] == 60
     for split in ("train", "eval"):
         stats = report[split]
-        assert set(stats) == {"documents", "tokens", "chunks", "tokens_dropped"}
-        assert stats["chunks"] * 32 + stats["tokens_dropped"] == stats["tokens"]
+        assert set(stats) == {"examples", "rows", "tokens", "trained_tokens", "padding_share", "tokens_dropped"}
+        assert stats["rows"] * 32 + stats["tokens_dropped"] == stats["tokens"]
         dataset = datasets.load_from_disk(str(run["prepared"] / split))
-        assert len(dataset) == stats["chunks"]
+        assert len(dataset) == stats["rows"]
+        assert dataset[0]["position_ids"] == list(range(32))
         assert dataset[0]["input_ids"] == dataset[0]["labels"]
+    histogram = (run["metrics"] / "data_lengths.csv").read_text().splitlines()
+    assert histogram[0] == "length,examples"
+    assert sum(int(line.split(",")[1]) for line in histogram[1:]) == 60
+    assert (run["metrics"] / "data_lengths.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_train_writes_a_peft_adapter_metrics_curves_and_log(run):
@@ -171,7 +179,8 @@ def test_a_failing_stage_leaves_no_output_behind(tmp_path, tiny_llama_dir, corpu
     load_stage("download").main(["--params", str(params), "--out", str(tmp_path / "models/base")])
     with pytest.raises(UserError, match="fewer than data.max_length=100000: lower data.max_length"):
         load_stage("prepare").main(["--params", str(params), "--base", str(tmp_path / "models/base"),
-                                    "--out", str(tmp_path / "data/prepared"), "--report", str(tmp_path / "r.json")])
+                                    "--out", str(tmp_path / "data/prepared"), "--report", str(tmp_path / "r.json"),
+                                    "--lengths", str(tmp_path / "l.csv"), "--lengths-plot", str(tmp_path / "l.png")])
     assert list((tmp_path / "data").iterdir()) == []
     assert not (tmp_path / "r.json").exists()
 
@@ -261,3 +270,49 @@ def test_merge_gate_fires_on_a_broken_merge_and_writes_nothing(run, tmp_path, mo
                                         r"0\.00\d+ > merge\.max_mean_logit_diff 0\.003"):
         load_stage("merge").main(_merge_argv(run, strict, tmp_path / "broken", tmp_path / "broken.json"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["good", "good.json", "params.yaml"]
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def test_chat_data_is_packed_identically_twice_and_trains(tmp_path, tiny_llama_dir, corpus_file):
+    from conftest import CORPUS
+
+    lines = [line for line in CORPUS.splitlines() if line.strip()]
+    chat = tmp_path / "chat.jsonl"
+    with open(chat, "w") as handle:
+        for i, line in enumerate(lines * 3):
+            question, answer = line.split(" ", 3)[:3], line.split(" ", 3)[3]
+            messages = [{"from": "human", "value": f"{' '.join(question)} ({i})?"}, {"from": "gpt", "value": answer}]
+            handle.write(json.dumps({"conversations": messages}) + "\n")
+    params = write_params(tmp_path / "params.yaml", tiny_params(tiny_llama_dir, chat, **{
+        "data.format": "chat", "data.messages_column": "conversations", "data.chat_template": CHAT_TEMPLATE,
+        "data.max_length": 256, "training.max_steps": 2, "training.eval_every_steps": 2}))
+    load_stage("download").main(["--params", str(params), "--out", str(tmp_path / "base")])
+    digests = []
+    for run_dir in ("a", "b"):
+        out = tmp_path / run_dir
+        load_stage("prepare").main(["--params", str(params), "--base", str(tmp_path / "base"), "--out",
+                                    str(out / "prepared"), "--report", str(out / "data.json"), "--lengths",
+                                    str(out / "lengths.csv"), "--lengths-plot", str(out / "lengths.png")])
+        digests.append({p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()})
+    assert digests[0] == digests[1]  # byte-identical data, report and plots
+    report = json.loads((tmp_path / "a" / "data.json").read_text())
+    assert report["format"] == "chat" and report["records"] == 30 and report["duplicates"] == 0
+    assert report["train"]["examples"] + report["eval"]["examples"] == 30 and report["truncated"] == 0
+    # Packing: far fewer rows than examples, every row exactly max_length long.
+    assert report["train"]["rows"] < report["train"]["examples"] / 2
+    import datasets
+
+    train = datasets.load_from_disk(str(tmp_path / "a" / "prepared" / "train"))
+    assert {len(row) for row in train["input_ids"]} == {256}
+    restarts = sum(1 for row in train["position_ids"] for i, p in enumerate(row) if p == 0)
+    assert restarts == report["train"]["examples"]
+    load_stage("train").main(["--params", str(params), "--base", str(tmp_path / "base"),
+                              "--data", str(tmp_path / "a" / "prepared"), "--adapter", str(tmp_path / "adapter"),
+                              "--metrics", str(tmp_path / "m.json"), "--history", str(tmp_path / "h.csv"),
+                              "--curves", str(tmp_path / "c.png"), "--log", str(tmp_path / "l.txt"),
+                              "--checkpoints", str(tmp_path / "checkpoints")])
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert metrics["steps"] == 2 and math.isfinite(metrics["eval_loss"])

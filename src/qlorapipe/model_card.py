@@ -39,10 +39,10 @@ def render_model_card(record: dict, metrics: dict[str, dict], data_report: dict)
         "",
         "## Data",
         "",
-        f"- train: {data_report.get('train', {}).get('chunks')} chunks of {data_report.get('max_length')} tokens "
-        f"({data_report.get('train', {}).get('documents')} documents)",
-        f"- eval: {data_report.get('eval', {}).get('chunks')} chunks "
-        f"({data_report.get('eval', {}).get('documents')} held-out documents)",
+        f"- train: {data_report.get('train', {}).get('rows')} rows of up to {data_report.get('max_length')} tokens "
+        f"({data_report.get('train', {}).get('examples')} {data_report.get('format', 'text')} examples)",
+        f"- eval: {data_report.get('eval', {}).get('rows')} rows "
+        f"({data_report.get('eval', {}).get('examples')} held-out examples)",
         "",
         "## Results",
         "",

@@ -54,16 +54,33 @@ class ModelParams:
 
 @dataclass(frozen=True)
 class DataParams:
-    """Which text to train on and how to cut it (prepare stage)."""
+    """Which data to train on, in which format, and how to cut it (prepare stage)."""
 
-    # builtin:python-docs is the Python reference manual's prose shipped with every CPython
-    source: Literal["builtin:python-docs", "hub", "local"] = "builtin:python-docs"
-    path: str | None = None  # hub dataset id, or a local .txt/.jsonl file or directory
-    name: str | None = None  # hub dataset configuration, e.g. wikitext-2-raw-v1
-    revision: str | None = None
+    # builtin:python-docs is the Python reference manual's prose shipped with every CPython;
+    # builtin:chatterbot the chatterbot-corpus question/answer pairs (a PyPI wheel, no hub)
+    source: Literal["builtin:python-docs", "builtin:chatterbot", "hub", "local"] = "builtin:python-docs"
+    path: str | None = None  # hub dataset id, or a local file or directory (.txt .jsonl .json .csv .parquet)
+    name: str | None = None  # hub dataset configuration (subset), e.g. wikitext-2-raw-v1
+    revision: str | None = None  # hub: a commit hash or tag (pinned)
     split: str = "train"
+    # text: raw text (causal LM); instruction: alpaca columns or guanaco text; chat: a list
+    # of messages rendered with the chat template; completion: prompt/completion pairs
+    format: Literal["text", "instruction", "chat", "completion"] = "text"
+    text_mode: Literal["concat", "document"] = "concat"  # text: join with EOS and chunk, or one example each
+    template: Literal["alpaca", "guanaco"] = "alpaca"  # instruction: "### Instruction/### Answer" or "### Human/### Assistant"
     text_column: str = "text"
+    instruction_column: str = "instruction"
+    input_column: str = "input"
+    output_column: str = "output"
+    messages_column: str = "messages"
+    prompt_column: str = "prompt"
+    completion_column: str = "completion"
+    chat_template: str | None = None  # a Jinja chat template, for tokenizers without one
+    completion_only_loss: bool = True  # label -100 on prompt tokens (not used by format text)
+    packing: bool = True  # several short examples per row, kept apart (not used by text concat)
     max_length: int = 256
+    too_long: Literal["truncate", "drop"] = "truncate"
+    max_masked_share: float = 0.05  # stop when more examples than this have every label masked
     eval_fraction: float = 0.1
     seed: int = 42
     max_documents: int | None = None
@@ -72,10 +89,17 @@ class DataParams:
         problems = []
         if self.source in ("hub", "local") and not self.path:
             problems.append(f"data.path is required when data.source is '{self.source}'")
+        if self.source == "hub" and not self.revision:
+            problems.append("data.revision is required when data.source is 'hub': pin a commit hash or tag")
+        if self.source == "builtin:python-docs" and self.format != "text":
+            problems.append("data.source builtin:python-docs is raw text: use data.format: text "
+                            "(or data.source: builtin:chatterbot for instruction/chat data)")
         if self.max_length < 8:
             problems.append(f"data.max_length must be at least 8, got {self.max_length}")
         if not 0.0 < self.eval_fraction < 1.0:
             problems.append(f"data.eval_fraction must be between 0 and 1 (exclusive), got {self.eval_fraction}")
+        if not 0.0 <= self.max_masked_share <= 1.0:
+            problems.append(f"data.max_masked_share must be in [0, 1], got {self.max_masked_share}")
         if self.max_documents is not None and self.max_documents < 2:
             problems.append("data.max_documents must be at least 2 (one for training, one for evaluation) or null")
         return problems

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+from qlorapipe.data import model_inputs
+
 
 def mean_token_loss(model, dataset, batch_size: int, device, max_batches: int | None = None) -> tuple[float, int]:
     """Mean next-token cross-entropy over ``dataset``, weighted by predicted tokens.
@@ -21,10 +23,9 @@ def mean_token_loss(model, dataset, batch_size: int, device, max_batches: int | 
             if max_batches is not None and start // batch_size >= max_batches:
                 break
             batch = dataset[start : start + batch_size]
-            input_ids = batch["input_ids"].to(device)
             labels = batch["labels"].to(device).long()
             # Loss over shifted labels, ignoring -100, computed in float32.
-            logits = model(input_ids=input_ids).logits.float()
+            logits = model(**model_inputs(batch, device)).logits.float()
             shift_logits = logits[:, :-1].reshape(-1, logits.size(-1))
             shift_labels = labels[:, 1:].reshape(-1)
             loss = torch.nn.functional.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="sum")

@@ -18,6 +18,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from qlorapipe.checkpoints import CheckpointStore, load_trainable_state, restore_rng_states, trainable_state
+from qlorapipe.data import model_inputs
 from qlorapipe.errors import UserError
 from qlorapipe.params import TrainingParams
 from qlorapipe.perplexity import mean_token_loss
@@ -174,12 +175,12 @@ def train(model, train_set, eval_set, params: TrainingParams, device, progress=N
         for _ in range(params.gradient_accumulation_steps):
             _, index = next(batches)
             batch = train_set[index]
-            input_ids = batch["input_ids"].to(device)
+            inputs = model_inputs(batch, device)
             labels = batch["labels"].to(device).long()
-            outputs = model(input_ids=input_ids, labels=labels)
+            outputs = model(**inputs, labels=labels)
             (outputs.loss / params.gradient_accumulation_steps).backward()
             step_loss += outputs.loss.item() / params.gradient_accumulation_steps
-            step_tokens += input_ids.numel()
+            step_tokens += inputs["input_ids"].numel()
         if not math.isfinite(step_loss):
             # Nothing of this step is applied or saved: the last checkpoint stays the last good one.
             raise UserError(divergence_message(step_loss, step, outputs.logits.dtype, params, last_checkpoint))

@@ -1,0 +1,415 @@
+"""Turning records into training rows: formats, templates, prompt masking, EOS, packing.
+
+Each format renders a record into *segments*: pieces of text, each marked as prompt
+(label -100 when ``completion_only_loss`` is on) or completion (trained on). Segments are
+tokenized separately, in one batched fast-tokenizer call, and concatenated, so the
+boundary between prompt and completion is exact: the prompt's tokens are what the model
+is given at inference, the completion's tokens are what it must produce. (Tokenizing
+prompt+completion jointly and masking "the first len(prompt) tokens" goes wrong when a
+merge crosses the boundary; trl#1191, LLaMA-Factory#2509.)
+
+Rules every example obeys:
+- at most one BOS, and only where the tokenizer itself would put one;
+- exactly one EOS at the end, carrying a label: the model learns to stop. Padding has
+  label -100 even when the pad token *is* the EOS token, so "stop" is learned from the
+  real end of each example and never from padding (trl#1820, llm-course#33);
+- with packing, several examples share a row: position ids restart at 0 for each, the
+  first token of each example has label -100 (it would be predicted from the previous
+  example's EOS), and transformers turns restarting position ids into a block-diagonal
+  attention mask (masking_utils.find_packed_sequence_indices), so no token attends
+  across an example boundary.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import re
+from dataclasses import dataclass, field
+
+from qlorapipe.errors import UserError
+from qlorapipe.params import DataParams
+from qlorapipe.sources import Record
+
+logger = logging.getLogger(__name__)
+
+IGNORE = -100
+
+# The seeds' instruction template ("### Instruction / ### Answer"), alpaca-style with an
+# optional input block.
+ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n### Answer:\n"
+ALPACA_PROMPT_WITH_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Answer:\n"
+# guanaco (openassistant-guanaco, the seeds' Llama-2 example): one text column of turns.
+GUANACO_TURN = re.compile(r"(### Human:|### Assistant:)")
+
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "system": "system", "tool": "tool"}
+
+
+@dataclass(frozen=True)
+class Example:
+    """One tokenized example before rows are built."""
+
+    input_ids: list[int]
+    labels: list[int]
+    where: str
+    length_before_truncation: int
+
+
+@dataclass
+class Counts:
+    """What happened to the records, for the data report (nothing is dropped silently)."""
+
+    records: int = 0
+    empty_skipped: int = 0
+    duplicates: int = 0
+    truncated: int = 0
+    dropped_too_long: int = 0
+    dropped_all_masked: int = 0
+    examples: int = 0
+    lengths: list[int] = field(default_factory=list)  # before truncation, for the histogram
+    first_too_long: str | None = None
+    first_all_masked: str | None = None
+
+
+# --- rendering records into segments -----------------------------------------------------
+
+
+def _text(record: Record, column: str, param: str, optional: bool = False) -> str:
+    columns = record.columns
+    if column not in columns:
+        if optional:
+            return ""
+        have = ", ".join(sorted(map(str, columns))) or "none"
+        raise UserError(f"{record.where}: no '{column}' column (has: {have}); set data.{param}")
+    value = columns[column]
+    if value is None and optional:
+        return ""
+    if not isinstance(value, str):
+        raise UserError(f"{record.where}: '{column}' is {type(value).__name__}, not text; "
+                        f"fix the row or set data.{param}")
+    return value
+
+
+def _messages(record: Record, params: DataParams) -> list[dict]:
+    """Read OpenAI ({role, content}) or ShareGPT ({from, value}) messages."""
+    column = params.messages_column
+    if column not in record.columns:
+        have = ", ".join(sorted(map(str, record.columns))) or "none"
+        raise UserError(f"{record.where}: no '{column}' column (has: {have}); set data.messages_column")
+    raw = record.columns[column]
+    if not isinstance(raw, list):
+        raise UserError(f"{record.where}: '{column}' is {type(raw).__name__}, not a list of messages; "
+                        "set data.messages_column")
+    messages = []
+    for number, message in enumerate(raw, start=1):
+        if isinstance(message, dict) and "role" in message and "content" in message:
+            role, content = message["role"], message["content"]
+        elif isinstance(message, dict) and "from" in message and "value" in message:
+            role, content = SHAREGPT_ROLES.get(message["from"], message["from"]), message["value"]
+        else:
+            have = ", ".join(sorted(message)) if isinstance(message, dict) else type(message).__name__
+            raise UserError(f"{record.where}: message {number} has no role/content or from/value keys "
+                            f"(has: {have}); fix the row or set data.messages_column")
+        if not isinstance(content, str):
+            raise UserError(f"{record.where}: message {number} content is {type(content).__name__}, not text")
+        messages.append({"role": role, "content": content})
+    return messages
+
+
+def _chat_segments(messages: list[dict], render, where: str) -> list[tuple[str, bool]]:
+    """Split a rendered conversation into prompt and assistant segments.
+
+    The template is rendered for growing prefixes of the conversation: the text an
+    assistant turn adds to "conversation so far + generation prompt" is what the model
+    must produce. This works with any template whose renderings extend one another.
+    """
+    segments, done = [], ""
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt = render(messages[:i], True)
+        full = render(messages[: i + 1], False)
+        if not (prompt.startswith(done) and full.startswith(prompt)):
+            raise UserError(f"{where}: the chat template does not render this conversation as growing "
+                            "prefixes, so the assistant tokens cannot be found; set data.chat_template")
+        segments += [(prompt[len(done):], False), (full[len(prompt):], True)]
+        done = full
+    rest = render(messages, False)[len(done):]
+    if rest:
+        segments.append((rest, False))
+    return segments
+
+
+def _guanaco_segments(text: str, where: str) -> list[tuple[str, bool]]:
+    parts = GUANACO_TURN.split(text)
+    if "### Assistant:" not in parts:
+        raise UserError(f"{where}: no '### Assistant:' turn in the text; use data.template: alpaca "
+                        "or fix data.text_column")
+    segments, prompt, trained = [], parts[0], False
+    for i in range(1, len(parts), 2):
+        marker, body = parts[i], parts[i + 1]
+        if marker == "### Assistant:":
+            segments += [(prompt + marker, False), (body, True)]
+            prompt, trained = "", True
+        else:
+            prompt += marker + body
+    if prompt and trained:
+        segments.append((prompt, False))
+    return segments
+
+
+def render_segments(record: Record, params: DataParams, chat_render=None) -> list[tuple[str, bool]]:
+    """The (text, is_completion) segments of one record in the params' format.
+
+    Raises:
+        UserError: a missing or misnamed column (listing those that exist), non-text values.
+    """
+    fmt = params.format
+    if fmt == "text":
+        return [(_text(record, params.text_column, "text_column"), True)]
+    if fmt == "completion":
+        return [(_text(record, params.prompt_column, "prompt_column"), False),
+                (_text(record, params.completion_column, "completion_column"), True)]
+    if fmt == "instruction" and params.template == "guanaco":
+        return _guanaco_segments(_text(record, params.text_column, "text_column"), record.where)
+    if fmt == "instruction":
+        instruction = _text(record, params.instruction_column, "instruction_column")
+        extra = _text(record, params.input_column, "input_column", optional=True)
+        output = _text(record, params.output_column, "output_column")
+        template = ALPACA_PROMPT_WITH_INPUT if extra.strip() else ALPACA_PROMPT
+        return [(template.format(instruction=instruction, input=extra), False), (output, True)]
+    return _chat_segments(_messages(record, params), chat_render, record.where)
+
+
+def chat_renderer(tokenizer, template: str | None):
+    """A function (messages, add_generation_prompt) -> text using the chat template.
+
+    Raises:
+        UserError: the tokenizer has no chat template and data.chat_template is not set.
+    """
+    if template is None and not getattr(tokenizer, "chat_template", None):
+        raise UserError("data.format is chat but the tokenizer has no chat template; set data.chat_template "
+                        "to a Jinja template, or use data.format: instruction")
+
+    def render(messages, add_generation_prompt):
+        return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                             add_generation_prompt=add_generation_prompt)
+
+    return render
+
+
+# --- tokenizing -------------------------------------------------------------------------
+
+
+def _adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer's own encoding starts with BOS (so our examples do too)."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return False
+    return tokenizer("a")["input_ids"][:1] == [bos] and tokenizer("a", add_special_tokens=False)["input_ids"][:1] != [bos]
+
+
+def build_examples(records: list[Record], tokenizer, params: DataParams) -> tuple[list[Example], Counts]:
+    """Render, tokenize, mask and length-check every record.
+
+    Blank records and exact duplicates are skipped and counted; examples longer than
+    ``max_length`` are truncated or dropped (``too_long``); examples with no trained
+    token are dropped and counted.
+
+    Raises:
+        UserError: bad columns or values (naming the row and param), or more examples with
+            every label masked than ``max_masked_share`` allows.
+    """
+    counts = Counts(records=len(records))
+    render = chat_renderer(tokenizer, params.chat_template) if params.format == "chat" else None
+    rendered, seen = [], set()
+    for record in records:
+        segments = render_segments(record, params, render)
+        if not any(text.strip() for text, trained in segments if trained):
+            counts.empty_skipped += 1
+            continue
+        key = tuple(segments)
+        if key in seen:
+            counts.duplicates += 1
+            continue
+        seen.add(key)
+        rendered.append((record.where, segments))
+    if params.max_documents is not None:
+        rendered = rendered[: params.max_documents]
+
+    # One batched call over every distinct segment string (fast tokenizers parallelise it).
+    pieces = sorted({text for _, segments in rendered for text, _ in segments})
+    encoded = dict(zip(pieces, tokenizer(pieces, add_special_tokens=False)["input_ids"])) if pieces else {}
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    add_bos = _adds_bos(tokenizer)
+    mask_prompt = params.completion_only_loss and params.format != "text"
+    examples = []
+    for where, segments in rendered:
+        ids, labels, last_trained_start = [], [], 0
+        for text, trained in segments:
+            piece = encoded[text]
+            if trained:
+                last_trained_start = len(ids)
+            ids += piece
+            labels += piece if (trained or not mask_prompt) else [IGNORE] * len(piece)
+        ids, labels = _end_with_one_eos(ids, labels, last_trained_start, eos)
+        if add_bos and ids[:1] != [bos]:
+            ids, labels = [bos] + ids, [IGNORE] + labels
+        while len(ids) > 1 and ids[0] == ids[1] == bos:  # a template that writes BOS itself
+            ids, labels = ids[1:], labels[1:]
+        counts.lengths.append(len(ids))
+        length = len(ids)
+        if length > params.max_length:
+            if params.too_long == "drop":
+                counts.dropped_too_long += 1
+                counts.first_too_long = counts.first_too_long or where
+                continue
+            counts.truncated += 1
+            counts.first_too_long = counts.first_too_long or where
+            ids, labels = ids[: params.max_length], labels[: params.max_length]
+        # labels[0] is never a target (nothing precedes it): it does not count.
+        if all(label == IGNORE for label in labels[1:]):
+            counts.dropped_all_masked += 1
+            counts.first_all_masked = counts.first_all_masked or where
+            continue
+        examples.append(Example(ids, labels, where, length))
+    _check_counts(counts, len(rendered), params)
+    counts.examples = len(examples)
+    return examples, counts
+
+
+def _end_with_one_eos(ids: list[int], labels: list[int], last_trained_start: int, eos: int):
+    """Cut after the last EOS of the final completion (chat templates close turns with it),
+    or append one EOS that the model is trained to produce."""
+    tail = ids[last_trained_start:]
+    if eos in tail:
+        end = last_trained_start + len(tail) - tail[::-1].index(eos)
+        ids, labels = ids[:end], labels[:end]
+        labels[-1] = eos
+        return ids, labels
+    return ids + [eos], labels + [eos]
+
+
+def _check_counts(counts: Counts, n_rendered: int, params: DataParams) -> None:
+    if n_rendered and counts.dropped_all_masked / n_rendered > params.max_masked_share:
+        share = counts.dropped_all_masked / n_rendered
+        raise UserError(
+            f"{counts.dropped_all_masked} of {n_rendered} examples ({share:.1%}) have every label masked "
+            f"(first: {counts.first_all_masked}): the prompt fills data.max_length={params.max_length} or the "
+            f"completion is empty; raise data.max_length, or data.max_masked_share={params.max_masked_share} "
+            "to drop them"
+        )
+
+
+# --- splitting and rows ------------------------------------------------------------------
+
+
+def split(items: list, eval_fraction: float, seed: int) -> tuple[list, list]:
+    """Split items into disjoint train and eval lists, reproducibly from ``seed``."""
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    n_eval = max(1, round(len(items) * eval_fraction))
+    eval_ids, train_ids = sorted(order[:n_eval]), sorted(order[n_eval:])
+    return [items[i] for i in train_ids], [items[i] for i in eval_ids]
+
+
+@dataclass(frozen=True)
+class Rows:
+    """Equal-length rows ready for the train loop."""
+
+    input_ids: list[list[int]]
+    labels: list[list[int]]
+    position_ids: list[list[int]]
+    padding_tokens: int
+
+
+def chunk_stream(examples: list[Example], max_length: int) -> tuple[Rows, int]:
+    """The reference task's shape: join examples and cut the stream into full chunks.
+
+    Returns:
+        The rows and the number of tokens in the tail that fills no whole chunk.
+    """
+    stream = [t for example in examples for t in example.input_ids]
+    n = len(stream) // max_length
+    chunks = [stream[i * max_length : (i + 1) * max_length] for i in range(n)]
+    positions = [list(range(max_length))] * n
+    return Rows(chunks, chunks, positions, 0), len(stream) - n * max_length
+
+
+def pad_rows(examples: list[Example], pad_id: int) -> Rows:
+    """One example per row, right-padded to the longest. Padding is never a target; a
+    causal model never attends forward, so right padding needs no attention mask."""
+    width = max(len(e.input_ids) for e in examples)
+    pads = [width - len(e.input_ids) for e in examples]
+    return Rows(input_ids=[e.input_ids + [pad_id] * pad for e, pad in zip(examples, pads)],
+                labels=[e.labels + [IGNORE] * pad for e, pad in zip(examples, pads)],
+                position_ids=[list(range(width)) for _ in examples],
+                padding_tokens=sum(pads))
+
+
+def pack_rows(examples: list[Example], max_length: int, pad_id: int) -> Rows:
+    """Pack examples into rows of ``max_length`` (first-fit decreasing, deterministic).
+
+    Position ids restart at 0 for each example; the first token of each example gets
+    label -100; the row's tail is padding with label -100.
+    """
+    import bisect
+
+    order = sorted(range(len(examples)), key=lambda i: (-len(examples[i].input_ids), i))
+    bins: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (space left, bin index), sorted: best fit by bisect
+    for i in order:
+        size = len(examples[i].input_ids)
+        at = bisect.bisect_left(free, (size, -1))
+        if at < len(free):
+            space, b = free.pop(at)
+            bins[b].append(i)
+            if space - size > 0:
+                bisect.insort(free, (space - size, b))
+        else:
+            bins.append([i])
+            if max_length - size > 0:
+                bisect.insort(free, (max_length - size, len(bins) - 1))
+    ids_rows, label_rows, position_rows, padding = [], [], [], 0
+    for members in bins:
+        ids, labels, positions = [], [], []
+        for i in sorted(members):
+            e = examples[i]
+            ids += e.input_ids
+            labels += [IGNORE] + e.labels[1:]
+            positions += list(range(len(e.input_ids)))
+        pad = max_length - len(ids)
+        padding += pad
+        # Padding continues the last example's positions: restarting at 0 would make it a
+        # segment of its own, and nothing attends to it either way (causal, label -100).
+        positions += list(range(positions[-1] + 1, positions[-1] + 1 + pad))
+        ids_rows.append(ids + [pad_id] * pad)
+        label_rows.append(labels + [IGNORE] * pad)
+        position_rows.append(positions)
+    return Rows(ids_rows, label_rows, position_rows, padding)
+
+
+def text_documents(records: list[Record], tokenizer, params: DataParams) -> tuple[list[Example], Counts]:
+    """Raw text for concatenation: each document's tokens followed by one EOS, no BOS."""
+    counts = Counts(records=len(records))
+    texts, wheres, seen = [], [], set()
+    for record in records:
+        text = _text(record, params.text_column, "text_column")
+        if not text.strip():
+            counts.empty_skipped += 1
+            continue
+        if text in seen:
+            counts.duplicates += 1
+            continue
+        seen.add(text)
+        texts.append(text)
+        wheres.append(record.where)
+    if params.max_documents is not None:
+        texts, wheres = texts[: params.max_documents], wheres[: params.max_documents]
+    eos = tokenizer.eos_token_id
+    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    examples = [Example(ids + [eos], ids + [eos], where, len(ids) + 1) for ids, where in zip(encoded, wheres)]
+    counts.lengths = [len(e.input_ids) for e in examples]
+    counts.examples = len(examples)
+    return examples, counts

@@ -1,0 +1,261 @@
+"""Reading raw records from where the data lives: builtin corpora, local files, the Hub.
+
+Every record is a plain dict of column -> value plus ``where``, a short "file:row" string
+that error messages and the data report use to point at it. Nothing here knows about
+formats or tokenizers; the examples module turns records into training examples.
+
+Sources:
+- ``builtin:python-docs``: the Python reference manual's topic texts (PSF licence),
+  shipped with every CPython; one record per topic with a ``text`` column.
+- ``builtin:chatterbot``: the English question/answer pairs of the PyPI package
+  chatterbot-corpus (BSD), read from its wheel at a pinned sha256 without installing it.
+- ``local``: .txt, .jsonl, .json, .csv and .parquet files, or a directory of them.
+- ``hub``: ``datasets.load_dataset`` at a pinned revision, subset (name) and split.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from qlorapipe.errors import UserError
+from qlorapipe.params import DataParams
+
+logger = logging.getLogger(__name__)
+
+LOCAL_SUFFIXES = (".txt", ".jsonl", ".json", ".csv", ".parquet")
+
+CHATTERBOT_WHEEL = "chatterbot-corpus==1.3.3"
+CHATTERBOT_WHEEL_FILE = "chatterbot_corpus-1.3.3-py2.py3-none-any.whl"
+CHATTERBOT_WHEEL_SHA256 = "86de5300afb9a80826386339d3bec79c0a72eb0358abb8327e2ecef5ae0ce154"
+CHATTERBOT_ENGLISH_DIR = "chatterbot_corpus/data/english/"
+
+
+@dataclass(frozen=True)
+class Record:
+    """One raw row: its columns and where it came from (for messages)."""
+
+    columns: dict = field(hash=False)
+    where: str
+
+
+def load_records(params: DataParams) -> tuple[list[Record], str]:
+    """Read every record of the source params name, in a stable order.
+
+    Returns:
+        The records and a one-word description of the origin (for messages).
+
+    Raises:
+        UserError: missing files, unknown extensions, invalid JSON/CSV, undecodable bytes,
+            an unreachable hub dataset.
+    """
+    if params.source == "builtin:python-docs":
+        return python_docs_records(), "builtin:python-docs"
+    if params.source == "builtin:chatterbot":
+        return chatterbot_records(fetch_chatterbot_wheel()), "builtin:chatterbot"
+    if params.source == "local":
+        return list(_read_local(Path(params.path).expanduser())), params.path
+    return _read_hub(params), f"hub:{params.path}"
+
+
+def python_docs_records() -> list[Record]:
+    """The Python reference manual's topic texts, one record per topic."""
+    from pydoc_data.topics import topics
+
+    return [Record({"text": topics[key]}, f"builtin:python-docs:{key}") for key in sorted(topics)]
+
+
+# --- chatterbot-corpus -------------------------------------------------------------------
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _wheel_cache_dir() -> Path:
+    """The same cache the model download uses (QLORAPIPE_CACHE, else the XDG cache)."""
+    root = os.environ.get("QLORAPIPE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "qlorapipe"
+    )
+    return Path(root) / "wheels"
+
+
+def fetch_chatterbot_wheel() -> Path:
+    """Download the chatterbot-corpus wheel (no dependencies) and verify its pinned sha256.
+
+    pip is used so that the user's index configuration (mirrors, PIP_INDEX_URL) applies;
+    a cached wheel with the right hash is reused, so later runs need no network.
+
+    Raises:
+        UserError: pip cannot fetch the wheel, or its hash differs from the pinned one.
+    """
+    cache = _wheel_cache_dir()
+    wheel = cache / CHATTERBOT_WHEEL_FILE
+    if wheel.is_file() and _sha256_file(wheel) == CHATTERBOT_WHEEL_SHA256:
+        return wheel
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+               "--disable-pip-version-check", "-q", "-d", tmp, CHATTERBOT_WHEEL]
+        logger.info("Fetching %s from the package index (0.33 MiB)", CHATTERBOT_WHEEL)
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        fetched = Path(tmp) / CHATTERBOT_WHEEL_FILE
+        if result.returncode != 0 or not fetched.is_file():
+            last = (result.stderr.strip().splitlines() or ["no output"])[-1]
+            raise UserError(
+                f"could not download {CHATTERBOT_WHEEL} from the package index ({last}); check network "
+                "access to PyPI, or set data.source: local with data.path"
+            )
+        digest = _sha256_file(fetched)
+        if digest != CHATTERBOT_WHEEL_SHA256:
+            raise UserError(
+                f"{CHATTERBOT_WHEEL_FILE} has sha256 {digest}, expected {CHATTERBOT_WHEEL_SHA256}: "
+                "the package index served a different file; refusing to use it"
+            )
+        os.replace(fetched, wheel)
+    return wheel
+
+
+def chatterbot_records(wheel: Path) -> list[Record]:
+    """Question/answer records from the English YAML files inside the wheel (a zip).
+
+    Each conversation in the corpus is a question followed by one or more alternative
+    answers; each (question, answer) pair becomes one record. The record carries every
+    column spelling the formats read, so any of chat, instruction or completion works.
+    """
+    import yaml
+
+    records = []
+    with zipfile.ZipFile(wheel) as archive:
+        names = sorted(n for n in archive.namelist()
+                       if n.startswith(CHATTERBOT_ENGLISH_DIR) and n.endswith((".yml", ".yaml")))
+        for name in names:
+            document = yaml.safe_load(archive.read(name).decode("utf-8")) or {}
+            for number, conversation in enumerate(document.get("conversations") or [], start=1):
+                if not isinstance(conversation, list) or len(conversation) < 2:
+                    continue
+                # YAML turns answers such as "42" or "yes" into numbers or booleans.
+                question, *answers = [str(turn).strip() for turn in conversation]
+                for answer in answers:
+                    records.append(Record({
+                        "messages": [{"role": "user", "content": question},
+                                     {"role": "assistant", "content": answer}],
+                        "instruction": question, "input": "", "output": answer,
+                        "prompt": question, "completion": answer,
+                    }, f"chatterbot:{Path(name).name}:{number}"))
+    return records
+
+
+# --- local files -------------------------------------------------------------------------
+
+
+def _read_local(path: Path):
+    if not path.exists():
+        raise UserError(f"data.path '{path}' does not exist")
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    files = [f for f in files if f.suffix in LOCAL_SUFFIXES]
+    if not files:
+        raise UserError(f"data.path '{path}': no {', '.join(LOCAL_SUFFIXES)} files found")
+    for file in files:
+        yield from _READERS[file.suffix](file)
+
+
+def _decode(raw: bytes, where: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{where}: not UTF-8 text ({exc.reason} at byte {exc.start}); re-encode the file "
+                        "as UTF-8 or fix data.path") from None
+
+
+def _read_txt(file: Path):
+    # One document per file; blank-line separated paragraphs stay together.
+    yield Record({"text": _decode(file.read_bytes(), str(file))}, str(file))
+
+
+def _read_jsonl(file: Path):
+    for line_no, raw in enumerate(file.read_bytes().splitlines(), start=1):
+        line = _decode(raw, f"{file}:{line_no}")
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{file}:{line_no}: not valid JSON ({exc.msg}); fix the line or data.path") from None
+        yield _record(value, f"{file}:{line_no}")
+
+
+def _read_json(file: Path):
+    try:
+        value = json.loads(_decode(file.read_bytes(), str(file)))
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{file}: not valid JSON ({exc.msg} at line {exc.lineno}); fix the file or data.path") from None
+    # A list of records, or {"data": [...]}-style: one key holding the list.
+    if isinstance(value, dict) and len(value) == 1 and isinstance(next(iter(value.values())), list):
+        value = next(iter(value.values()))
+    if not isinstance(value, list):
+        raise UserError(f"{file}: expected a JSON list of records, got {type(value).__name__}")
+    for row, item in enumerate(value, start=1):
+        yield _record(item, f"{file}:{row}")
+
+
+def _read_csv(file: Path):
+    text = _decode(file.read_bytes(), str(file))
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    # Row numbers count the header as row 1, as spreadsheets show them.
+    for row, values in enumerate(reader, start=2):
+        yield Record(dict(values), f"{file}:{row}")
+
+
+def _read_parquet(file: Path):
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(file)
+    except Exception as exc:  # pyarrow raises several unrelated types for a corrupt file
+        raise UserError(f"{file}: not a readable parquet file ({exc.__class__.__name__}: {exc})") from None
+    for row, values in enumerate(table.to_pylist(), start=1):
+        yield Record(values, f"{file}:{row}")
+
+
+_READERS = {".txt": _read_txt, ".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv,
+            ".parquet": _read_parquet}
+
+
+def _record(value, where: str) -> Record:
+    if not isinstance(value, dict):
+        raise UserError(f"{where}: expected a JSON object of columns, got {type(value).__name__}")
+    return Record(value, where)
+
+
+# --- the Hub -----------------------------------------------------------------------------
+
+
+def _read_hub(params: DataParams) -> list[Record]:
+    import datasets
+
+    try:
+        dataset = datasets.load_dataset(params.path, params.name, revision=params.revision, split=params.split)
+    except (ConnectionError, FileNotFoundError, OSError) as exc:
+        raise UserError(
+            f"cannot load hub dataset {params.path} ({exc.__class__.__name__}); without network, set "
+            "data.source: local with data.path to local files, or data.source: builtin:chatterbot"
+        ) from None
+    except ValueError as exc:
+        raise UserError(f"hub dataset {params.path}: {exc}; check data.name and data.split") from None
+    where = f"{params.path}[{params.split}]"
+    return [Record(row, f"{where}:{i}") for i, row in enumerate(dataset.to_list(), start=1)]
