@@ -5,17 +5,20 @@
         --history metrics/train_history.csv --curves metrics/training_curves.png \
         --log metrics/training_log.txt
 
-Reads the ``quantization``, ``lora`` and ``training`` sections of params.yaml.
+Reads the ``quantization``, ``lora``, ``training`` and ``distributed`` sections of params.yaml.
+With distributed.num_processes > 1 it relaunches itself through ``accelerate launch`` on that
+many processes (see qlorapipe.distributed); only rank 0 writes the outputs.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import time
 from pathlib import Path
 
-from qlorapipe import curves, data, modeling, training
+from qlorapipe import curves, data, distributed, modeling, training
 from qlorapipe.adapters import write_adapter_record
 from qlorapipe.console import console, run_stage
 from qlorapipe.outputs import atomic_dir, write_json, write_text_atomic
@@ -38,6 +41,11 @@ def main(argv: list[str] | None = None) -> None:
     quant = load_section(args.params, "quantization")
     lora = load_section(args.params, "lora")
     params = load_section(args.params, "training")
+    dist = load_section(args.params, "distributed")
+    distributed.check_launch(dist, params)  # refuse before any process starts
+    if distributed.needs_launch(dist):
+        distributed.relaunch(dist, Path(__file__), sys.argv[1:] if argv is None else argv)
+        return
     # Inputs are checked before any weights are loaded.
     train_set = data.load_split(args.data, data.TRAIN_SPLIT)
     eval_set = data.load_split(args.data, data.EVAL_SPLIT)
@@ -47,26 +55,38 @@ def main(argv: list[str] | None = None) -> None:
 
     started = time.perf_counter()
     torch.manual_seed(params.seed)  # before the adapters are initialised
-    device = modeling.pick_device()
+    world = distributed.start(dist, modeling.pick_device())
+    if not world.is_main:
+        logging.getLogger().setLevel(logging.WARNING)  # one log, rank 0's
+    device = world.device
     logger.info("Device: %s", modeling.device_summary(device))
-    model, compute_dtype = modeling.load_base_model(args.base, quant, device)
+    model, compute_dtype = modeling.load_base_model(args.base, quant, device,
+                                                    shardable_4bit=distributed.shards_weights(dist))
     model = modeling.add_lora(model, lora, quant.load_in != "none", params.gradient_checkpointing)
     trainable, total = modeling.parameter_counts(model)
     trainable_line = (f"trainable params: {trainable:,} || all params: {total:,} || "
                       f"trainable%: {100 * trainable / total:.4f}")
     logger.info(trainable_line)
     logger.info(modeling.memory_summary(device))
+    model = world.wrap(model)
+    global_batch = distributed.global_batch_size(params)
+    logger.info("Global batch %d chunks = %d per device x %d accumulation x %d processes (%s)", global_batch,
+                params.per_device_batch_size, params.gradient_accumulation_steps // world.num_processes,
+                world.num_processes, dist.strategy if world.num_processes > 1 else "single")
     logger.info("Training on %d chunks of %d tokens, evaluating on %d", len(train_set),
                 train_set[0]["input_ids"].numel(), len(eval_set))
 
     columns = [TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[status]}"),
                TimeRemainingColumn()]
-    with Progress(*columns, console=console, transient=False) as progress:
-        result = training.train(model, train_set, eval_set, params, device, progress)
+    with Progress(*columns, console=console, transient=False, disable=not world.is_main) as progress:
+        result = training.train(model, train_set, eval_set, params, device, progress, processes=world)
     logger.info(modeling.memory_summary(device))
+    state_dict = world.adapter_state_dict(model)  # a collective under FSDP: every rank takes part
+    if not world.is_main:
+        return
 
     with atomic_dir(args.adapter) as out:
-        model.save_pretrained(out, safe_serialization=True)
+        world.unwrap(model).save_pretrained(out, safe_serialization=True, state_dict=state_dict)
         write_adapter_record(out, args.base, quantization=quant, lora=lora, training=params)
 
     metrics = {
@@ -81,6 +101,8 @@ def main(argv: list[str] | None = None) -> None:
         "total_params": total,
         "compute_dtype": str(compute_dtype).removeprefix("torch."),
         "device": modeling.device_summary(device),
+        "num_processes": world.num_processes,
+        "global_batch_size": global_batch,
         **modeling.peak_memory_metrics(device),
     }
     write_json(args.metrics, metrics)

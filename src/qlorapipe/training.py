@@ -11,6 +11,7 @@ import math
 import time
 from dataclasses import dataclass, field
 
+from qlorapipe.distributed import SingleProcess
 from qlorapipe.errors import UserError
 from qlorapipe.params import TrainingParams
 from qlorapipe.perplexity import mean_token_loss
@@ -75,7 +76,7 @@ def micro_batches(n_examples: int, batch_size: int, seed: int):
         epoch += 1
 
 
-def train(model, train_set, eval_set, params: TrainingParams, device, progress=None) -> TrainResult:
+def train(model, train_set, eval_set, params: TrainingParams, device, progress=None, processes=None) -> TrainResult:
     """Train the LoRA parameters of ``model`` on ``train_set``.
 
     Args:
@@ -84,6 +85,8 @@ def train(model, train_set, eval_set, params: TrainingParams, device, progress=N
         params: the training section.
         device: where the model lives.
         progress: a rich Progress to draw the bar on (None: no bar).
+        processes: the distributed.SingleProcess / AcceleratedProcesses this rank belongs to
+            (None: one process). Losses, tokens and the log then describe all ranks together.
 
     Returns:
         The per-step history, final losses and throughput.
@@ -91,16 +94,18 @@ def train(model, train_set, eval_set, params: TrainingParams, device, progress=N
     Raises:
         UserError: the loss became NaN or infinite.
     """
-    import torch
     from transformers import get_scheduler
 
+    processes = processes or SingleProcess(device)
     n_steps = total_steps(params, len(train_set))
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params.optimizer, trainable, params.learning_rate, params.weight_decay)
     scheduler = get_scheduler(
         params.lr_scheduler, optimizer, num_warmup_steps=params.warmup_steps, num_training_steps=n_steps
     )
-    batches = micro_batches(len(train_set), params.per_device_batch_size, params.seed)
+    batches = processes.shard(micro_batches(len(train_set), params.per_device_batch_size, params.seed))
+    # Each rank accumulates its share of the step's micro-batches (distributed.per_process_accumulation).
+    accumulation = params.gradient_accumulation_steps // processes.num_processes
     batches_per_epoch = math.ceil(len(train_set) / params.per_device_batch_size)
     result = TrainResult()
     task = progress.add_task("training", total=n_steps, status="") if progress else None
@@ -108,22 +113,24 @@ def train(model, train_set, eval_set, params: TrainingParams, device, progress=N
     started = time.perf_counter()
     for step in range(1, n_steps + 1):
         step_loss, step_tokens = 0.0, 0
-        for _ in range(params.gradient_accumulation_steps):
+        for micro in range(accumulation):
             _, index = next(batches)
             batch = train_set[index]
             input_ids = batch["input_ids"].to(device)
             labels = batch["labels"].to(device).long()
-            loss = model(input_ids=input_ids, labels=labels).loss
-            (loss / params.gradient_accumulation_steps).backward()
-            step_loss += loss.item() / params.gradient_accumulation_steps
+            with processes.no_sync(model, last=micro == accumulation - 1):
+                loss = model(input_ids=input_ids, labels=labels).loss
+                processes.backward(loss / accumulation)
+            step_loss += loss.item() / accumulation
             step_tokens += input_ids.numel()
+        step_loss, step_tokens = processes.mean(step_loss), processes.sum(step_tokens)
         if not math.isfinite(step_loss):
             raise UserError(
                 f"the training loss became {step_loss} at step {step}: lower training.learning_rate, "
                 "or use quantization.compute_dtype bfloat16/float32 if float16 overflowed"
             )
         if params.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(trainable, params.max_grad_norm)
+            processes.clip_grad_norm_(trainable, params.max_grad_norm)
         learning_rate = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()

@@ -1,0 +1,304 @@
+"""Training past one device: data-parallel (DDP) and sharded (FSDP) QLoRA through accelerate.
+
+One process is the default and trains exactly as it always did. With
+``distributed.num_processes`` > 1 the train stage relaunches itself through
+``accelerate launch`` (torch.distributed underneath: NCCL on GPUs, gloo on the CPU), so
+``dvc exp run -S distributed.num_processes=2`` needs no other command. Every rank then
+
+- reads the same seeded order of micro-batches and takes every N-th one (its shard), so the
+  N ranks together consume exactly the micro-batches one process would have, step by step;
+- accumulates ``training.gradient_accumulation_steps / N`` micro-batches, so the global batch
+  (per-device batch x accumulation x processes) stays what params.yaml says whatever N is,
+  and runs with different process counts stay comparable;
+- averages its gradients with the others (accelerate's DDP or FSDP wrapper) before the step;
+- leaves every file to rank 0.
+
+FSDP shards the frozen 4-bit base across ranks; it can only flatten the Params4bit weights
+together with the rest when they are stored in the compute dtype (``bnb_4bit_quant_storage``,
+bitsandbytes PR #970, peft#2505): modeling.load_base_model(shardable_4bit=True) does that.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+from qlorapipe.errors import UserError
+from qlorapipe.params import DistributedParams, TrainingParams
+
+logger = logging.getLogger(__name__)
+
+
+def launched_world_size() -> int:
+    """The number of processes of the torch.distributed launch this process belongs to (1: none)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def needs_launch(params: DistributedParams) -> bool:
+    """Whether the stage must relaunch itself on ``params.num_processes`` processes."""
+    return params.num_processes > 1 and launched_world_size() == 1
+
+
+def per_process_accumulation(training: TrainingParams, num_processes: int) -> int:
+    """Micro-batches each process accumulates per optimizer step, keeping the global batch.
+
+    Raises:
+        UserError: the accumulation steps do not divide among the processes.
+    """
+    accumulation = training.gradient_accumulation_steps
+    if accumulation % num_processes:
+        raise UserError(
+            f"training.gradient_accumulation_steps ({accumulation}) must be a multiple of "
+            f"distributed.num_processes ({num_processes}) so the global batch of "
+            f"{training.per_device_batch_size} x {accumulation} chunks stays the same on {num_processes} processes: "
+            f"set training.gradient_accumulation_steps to {num_processes * max(1, accumulation // num_processes)} "
+            f"(and lower training.per_device_batch_size to keep the global batch)"
+        )
+    return accumulation // num_processes
+
+
+def check_launch(params: DistributedParams, training: TrainingParams) -> None:
+    """Refuse, before anything loads, a process count or strategy this run cannot honour.
+
+    Raises:
+        UserError: the accumulation does not divide among the processes, or fsdp without GPUs.
+    """
+    import torch
+
+    per_process_accumulation(training, params.num_processes)
+    if params.strategy == "fsdp" and params.num_processes > 1 and not torch.cuda.is_available():
+        # accelerate (1.15, state.py) turns FSDP on only for GPU-type backends; with gloo on the
+        # CPU it would quietly wrap the model in DDP instead, which is not what was asked for.
+        raise UserError("distributed.strategy fsdp needs GPUs (accelerate runs FSDP only on NCCL-type "
+                        "backends, not on the CPU): use distributed.strategy ddp here")
+
+
+def global_batch_size(training: TrainingParams) -> int:
+    """Chunks per optimizer step over all processes: per-device batch x accumulation x processes."""
+    return training.per_device_batch_size * training.gradient_accumulation_steps
+
+
+def launch_command(params: DistributedParams, script: Path, argv: list[str], port: int) -> list[str]:
+    """The ``accelerate launch`` command line that runs ``script argv`` on every process.
+
+    The strategy is not a launcher flag: each rank reads it from params.yaml and builds its
+    own Accelerator, so a launch written by hand (multi-node) gets the same behaviour.
+    """
+    return [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--multi_gpu",  # torch.distributed.run underneath; on a machine without GPUs it runs gloo on the CPU
+        "--num_processes", str(params.num_processes),
+        "--num_machines", "1",
+        "--mixed_precision", "no",  # the compute dtype is quantization.compute_dtype's business
+        "--dynamo_backend", "no",
+        "--main_process_port", str(port),
+        str(script), *argv,
+    ]
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now, for the rendezvous of a single-machine launch."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def relaunch(params: DistributedParams, script: Path, argv: list[str]) -> None:
+    """Run ``script argv`` on ``params.num_processes`` processes and wait for all of them.
+
+    Raises:
+        UserError: a process failed (its own message is printed above this one).
+    """
+    port = params.main_process_port or free_port()
+    cmd = launch_command(params, script, argv, port)
+    logger.info("Launching %d processes (%s): %s", params.num_processes, params.strategy, " ".join(cmd[2:]))
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    status = subprocess.run(cmd, env=env).returncode
+    if status:
+        raise UserError(f"the {params.num_processes} training processes failed (exit status {status}); "
+                        "their messages are above")
+
+
+def shard(micro_batches: Iterator, rank: int, num_processes: int) -> Iterator:
+    """Rank ``rank``'s share of the one seeded micro-batch stream every rank generates.
+
+    Rank r takes micro-batches r, r+N, r+2N, ...: the N ranks of one optimizer step together
+    read exactly the chunks one process would have read in that step, whatever N is.
+    """
+    return itertools.islice(micro_batches, rank, None, num_processes)
+
+
+class SingleProcess:
+    """One process on one device: every collective is the identity. The default."""
+
+    num_processes = 1
+    rank = 0
+    is_main = True
+
+    def __init__(self, device):
+        self.device = device
+
+    def wrap(self, model):
+        """The model as the loop should call it (here: unchanged)."""
+        return model
+
+    def unwrap(self, model):
+        """The PEFT model inside whatever ``wrap`` returned."""
+        return model
+
+    def adapter_state_dict(self, model) -> dict | None:
+        """The full model weights for saving the adapter, gathered on every rank (None: the model's own)."""
+        return None
+
+    def shard(self, micro_batches: Iterator) -> Iterator:
+        """This process's share of the global micro-batch stream."""
+        return micro_batches
+
+    def backward(self, loss) -> None:
+        loss.backward()
+
+    def no_sync(self, model, last: bool):
+        """Skip the gradient all-reduce on all but the last micro-batch of a step."""
+        return contextlib.nullcontext()
+
+    def clip_grad_norm_(self, parameters, max_norm: float):
+        import torch
+
+        return torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+
+    def mean(self, value: float) -> float:
+        """The mean of ``value`` over all processes."""
+        return value
+
+    def sum(self, value: int) -> int:
+        """The sum of ``value`` over all processes."""
+        return value
+
+    def wait(self) -> None:
+        """Block until every process gets here."""
+
+
+class AcceleratedProcesses(SingleProcess):
+    """One of several processes, synchronised through an accelerate Accelerator (DDP or FSDP)."""
+
+    def __init__(self, params: DistributedParams):
+        import torch
+        from accelerate import Accelerator
+        from accelerate.utils import DistributedType
+
+        self.params = params
+        plugin = fsdp_plugin() if params.strategy == "fsdp" else None
+        # cpu=True is how accelerate picks gloo ranks on a machine without GPUs (MULTI_CPU).
+        self.accelerator = Accelerator(fsdp_plugin=plugin, cpu=not torch.cuda.is_available())
+        self.num_processes = self.accelerator.num_processes
+        self.rank = self.accelerator.process_index
+        self.is_main = self.accelerator.is_main_process
+        self.device = self.accelerator.device
+        if params.strategy == "fsdp" and self.accelerator.distributed_type != DistributedType.FSDP:
+            raise UserError(f"distributed.strategy fsdp: accelerate runs this launch as "
+                            f"{self.accelerator.distributed_type.value}, not FSDP; use distributed.strategy ddp")
+        if self.num_processes != params.num_processes:
+            raise UserError(
+                f"this launch has {self.num_processes} processes but distributed.num_processes is "
+                f"{params.num_processes}: set it to {self.num_processes} so the params describe the run"
+            )
+
+    def wrap(self, model):
+        if self.params.strategy == "fsdp":
+            uniform_float_dtype(model)
+        self.model = self.accelerator.prepare_model(model)
+        return self.model
+
+    def unwrap(self, model):
+        return self.accelerator.unwrap_model(model)
+
+    def adapter_state_dict(self, model) -> dict | None:
+        if self.params.strategy != "fsdp":
+            return None
+        # FSDP holds a shard of each parameter per rank: gather the full tensors (a collective);
+        # PeftModel.save_pretrained picks the adapter's out of them.
+        return self.accelerator.get_state_dict(model)
+
+    def shard(self, micro_batches: Iterator) -> Iterator:
+        return shard(micro_batches, self.rank, self.num_processes)
+
+    def backward(self, loss) -> None:
+        self.accelerator.backward(loss)
+
+    def no_sync(self, model, last: bool):
+        return contextlib.nullcontext() if last else self.accelerator.no_sync(model)
+
+    def clip_grad_norm_(self, parameters, max_norm: float):
+        if self.params.strategy == "fsdp":
+            # Each rank holds a shard of every gradient: FSDP computes the norm over all of them.
+            return self.model.clip_grad_norm_(max_norm)
+        return self.accelerator.clip_grad_norm_(parameters, max_norm)  # DDP: gradients already averaged
+
+    def mean(self, value: float) -> float:
+        import torch
+
+        tensor = torch.tensor([float(value)], device=self.device)
+        return float(self.accelerator.reduce(tensor, reduction="mean")[0])
+
+    def sum(self, value: int) -> int:
+        import torch
+
+        tensor = torch.tensor([int(value)], device=self.device)
+        return int(self.accelerator.reduce(tensor, reduction="sum")[0])
+
+    def wait(self) -> None:
+        self.accelerator.wait_for_everyone()
+
+
+def start(params: DistributedParams, device):
+    """The process group this stage runs in: one process, or a rank of an accelerate launch."""
+    if launched_world_size() == 1:
+        return SingleProcess(device)
+    return AcceleratedProcesses(params)
+
+
+def shards_weights(params: DistributedParams) -> bool:
+    """Whether the base weights are sharded across processes (FSDP): the 4-bit storage must then be shardable."""
+    return params.strategy == "fsdp" and params.num_processes > 1
+
+
+def fsdp_plugin():
+    """FSDP settings for QLoRA: shard whole decoder layers, keep the original parameters.
+
+    ``use_orig_params`` lets frozen 4-bit weights and trainable LoRA weights share a flat
+    parameter; the decoder layer is the wrap unit (peft's FSDP QLoRA recipe).
+    """
+    from accelerate import FullyShardedDataParallelPlugin
+
+    return FullyShardedDataParallelPlugin(
+        fsdp_version=1,
+        sharding_strategy="FULL_SHARD",
+        auto_wrap_policy="transformer_based_wrap",
+        use_orig_params=True,
+        sync_module_states=False,  # every rank loaded the same weights from disk
+        state_dict_type="FULL_STATE_DICT",
+        activation_checkpointing=False,  # the model's own gradient checkpointing is already on
+    )
+
+
+def uniform_float_dtype(model) -> None:
+    """Cast every floating parameter to one dtype: FSDP flattens a layer's parameters into one tensor.
+
+    prepare_model_for_kbit_training upcasts norms and LoRA weights to float32; the 4-bit
+    weights are stored in the compute dtype (quant_storage), so everything takes that dtype.
+    """
+    import torch
+
+    dtypes = {p.dtype for p in model.parameters() if p.dtype.is_floating_point}
+    storage = {getattr(p, "quant_storage", None) for p in model.parameters()} - {None}
+    target = next(iter(storage)) if storage else (torch.float32 if torch.float32 in dtypes else next(iter(dtypes)))
+    for param in model.parameters():
+        if param.dtype.is_floating_point and param.dtype != target and not hasattr(param, "quant_state"):
+            param.data = param.data.to(target)
