@@ -70,9 +70,9 @@ def main(argv: list[str] | None = None) -> None:
     logger.info(modeling.memory_summary(device))
     model = world.wrap(model)
     global_batch = distributed.global_batch_size(params)
-    logger.info("Global batch %d chunks = %d per device x %d accumulation x %d processes (%s)", global_batch,
-                params.per_device_batch_size, params.gradient_accumulation_steps // world.num_processes,
-                world.num_processes, dist.strategy if world.num_processes > 1 else "single")
+    batch_line = (f"global batch: {global_batch} chunks = {params.per_device_batch_size} per device x "
+                  f"{params.gradient_accumulation_steps // world.num_processes} accumulation x {world.describe()}")
+    logger.info(batch_line)
     logger.info("Training on %d chunks of %d tokens, evaluating on %d", len(train_set),
                 train_set[0]["input_ids"].numel(), len(eval_set))
 
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     with atomic_dir(args.adapter) as out:
-        world.unwrap(model).save_pretrained(out, safe_serialization=True, state_dict=state_dict)
+        world.save_adapter(model, out, state_dict)
         write_adapter_record(out, args.base, quantization=quant, lora=lora, training=params)
 
     metrics = {
@@ -108,7 +108,8 @@ def main(argv: list[str] | None = None) -> None:
     write_json(args.metrics, metrics)
     curves.write_history_csv(result.history, args.history)
     curves.plot_training_curves(result.history, args.curves)
-    header = [trainable_line, f"device: {modeling.device_summary(device)}", modeling.memory_summary(device)]
+    header = [trainable_line, f"device: {modeling.device_summary(device)}", modeling.memory_summary(device),
+              batch_line]
     write_text_atomic(args.log, "\n".join(header + result.log_lines) + "\n")
     logger.info("Adapter written to %s; final eval loss %.4f", args.adapter, result.final_eval_loss)
 

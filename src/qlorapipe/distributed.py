@@ -16,6 +16,8 @@ One process is the default and trains exactly as it always did. With
 FSDP shards the frozen 4-bit base across ranks; it can only flatten the Params4bit weights
 together with the rest when they are stored in the compute dtype (``bnb_4bit_quant_storage``,
 bitsandbytes PR #970, peft#2505): modeling.load_base_model(shardable_4bit=True) does that.
+accelerate launches the ranks and provides DDP; the FSDP wrapper is torch's own (fsdp_wrap),
+because accelerate enables FSDP only on GPU-type backends and the same code must run in CPU tests.
 """
 
 from __future__ import annotations
@@ -65,19 +67,22 @@ def per_process_accumulation(training: TrainingParams, num_processes: int) -> in
 
 
 def check_launch(params: DistributedParams, training: TrainingParams) -> None:
-    """Refuse, before anything loads, a process count or strategy this run cannot honour.
+    """Refuse, before anything loads, a distributed setting this run cannot honour.
 
     Raises:
-        UserError: the accumulation does not divide among the processes, or fsdp without GPUs.
+        UserError: the accumulation steps do not divide among the processes, or fsdp would
+            evaluate between steps.
     """
-    import torch
-
     per_process_accumulation(training, params.num_processes)
-    if params.strategy == "fsdp" and params.num_processes > 1 and not torch.cuda.is_available():
-        # accelerate (1.15, state.py) turns FSDP on only for GPU-type backends; with gloo on the
-        # CPU it would quietly wrap the model in DDP instead, which is not what was asked for.
-        raise UserError("distributed.strategy fsdp needs GPUs (accelerate runs FSDP only on NCCL-type "
-                        "backends, not on the CPU): use distributed.strategy ddp here")
+    sharded = params.strategy == "fsdp" and params.num_processes > 1
+    if sharded and (training.max_steps <= 0 or training.eval_every_steps < training.max_steps):
+        # Measured on two gloo ranks: training alone gives one process's adapter bit for bit, but
+        # an evaluation between steps (a no-grad forward through the FSDP-wrapped 4-bit layers,
+        # where bitsandbytes re-attaches the quant state to FSDP's weight views) changes every
+        # step after it. Until that is fixed, evaluate once, at the end.
+        raise UserError("distributed.strategy fsdp evaluates only after the last step for now: set "
+                        "training.max_steps and training.eval_every_steps >= training.max_steps, "
+                        "or use distributed.strategy ddp")
 
 
 def global_batch_size(training: TrainingParams) -> int:
@@ -149,13 +154,21 @@ class SingleProcess:
         """The model as the loop should call it (here: unchanged)."""
         return model
 
+    def describe(self) -> str:
+        """How the work is shared, for the log."""
+        return "1 process"
+
     def unwrap(self, model):
         """The PEFT model inside whatever ``wrap`` returned."""
         return model
 
     def adapter_state_dict(self, model) -> dict | None:
-        """The full model weights for saving the adapter, gathered on every rank (None: the model's own)."""
+        """The full adapter weights, gathered by every rank together (None: the model's own will do)."""
         return None
+
+    def save_adapter(self, model, out: Path, state_dict: dict | None) -> None:
+        """Write the PEFT adapter directory (rank 0 only), from ``adapter_state_dict``'s weights."""
+        model.save_pretrained(out, safe_serialization=True)
 
     def shard(self, micro_batches: Iterator) -> Iterator:
         """This process's share of the global micro-batch stream."""
@@ -191,19 +204,14 @@ class AcceleratedProcesses(SingleProcess):
     def __init__(self, params: DistributedParams):
         import torch
         from accelerate import Accelerator
-        from accelerate.utils import DistributedType
 
         self.params = params
-        plugin = fsdp_plugin() if params.strategy == "fsdp" else None
         # cpu=True is how accelerate picks gloo ranks on a machine without GPUs (MULTI_CPU).
-        self.accelerator = Accelerator(fsdp_plugin=plugin, cpu=not torch.cuda.is_available())
+        self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
         self.num_processes = self.accelerator.num_processes
         self.rank = self.accelerator.process_index
         self.is_main = self.accelerator.is_main_process
         self.device = self.accelerator.device
-        if params.strategy == "fsdp" and self.accelerator.distributed_type != DistributedType.FSDP:
-            raise UserError(f"distributed.strategy fsdp: accelerate runs this launch as "
-                            f"{self.accelerator.distributed_type.value}, not FSDP; use distributed.strategy ddp")
         if self.num_processes != params.num_processes:
             raise UserError(
                 f"this launch has {self.num_processes} processes but distributed.num_processes is "
@@ -211,20 +219,45 @@ class AcceleratedProcesses(SingleProcess):
             )
 
     def wrap(self, model):
+        self.values_total = sum(p.numel() for p in model.parameters())
         if self.params.strategy == "fsdp":
-            uniform_float_dtype(model)
-        self.model = self.accelerator.prepare_model(model)
+            self.model = fsdp_wrap(model, self.device)
+        else:
+            self.model = self.accelerator.prepare_model(model)  # DistributedDataParallel
+        self.values_held = sum(p.numel() for p in self.model.parameters())  # FSDP: this rank's shard
         return self.model
 
+    def describe(self) -> str:
+        return (f"{self.num_processes} processes ({self.params.strategy}, parameters held by rank 0: "
+                f"{self.values_held:,} of {self.values_total:,} values)")
+
     def unwrap(self, model):
-        return self.accelerator.unwrap_model(model)
+        return model.module if self.params.strategy == "fsdp" else self.accelerator.unwrap_model(model)
 
     def adapter_state_dict(self, model) -> dict | None:
         if self.params.strategy != "fsdp":
             return None
-        # FSDP holds a shard of each parameter per rank: gather the full tensors (a collective);
-        # PeftModel.save_pretrained picks the adapter's out of them.
-        return self.accelerator.get_state_dict(model)
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        # Each rank holds a shard of every parameter: gather the full adapter tensors (a
+        # collective, so every rank calls it), named as PeftModel.save_pretrained names them.
+        adapter = {}
+        with FullyShardedDataParallel.summon_full_params(model, writeback=False):
+            for name, param in model.named_parameters():
+                if "lora_" in name:
+                    name = name.replace("_fsdp_wrapped_module.", "").replace(".default.", ".")
+                    adapter[name] = param.detach().cpu().clone().contiguous()
+        return adapter
+
+    def save_adapter(self, model, out: Path, state_dict: dict | None) -> None:
+        if state_dict is None:
+            return super().save_adapter(self.unwrap(model), out, state_dict)
+        from safetensors.torch import save_file
+
+        # peft finds adapter weights by walking the modules, which FSDP renamed: let it write the
+        # config and model card from no weights, then write the gathered weights in its format.
+        self.unwrap(model).save_pretrained(out, safe_serialization=True, state_dict={})
+        save_file(state_dict, Path(out) / "adapter_model.safetensors", metadata={"format": "pt"})
 
     def shard(self, micro_batches: Iterator) -> Iterator:
         return shard(micro_batches, self.rank, self.num_processes)
@@ -233,7 +266,11 @@ class AcceleratedProcesses(SingleProcess):
         self.accelerator.backward(loss)
 
     def no_sync(self, model, last: bool):
-        return contextlib.nullcontext() if last else self.accelerator.no_sync(model)
+        # Under FSDP, no_sync would keep whole unsharded gradients on every rank until the last
+        # micro-batch; reduce-scattering each one keeps the memory FSDP is chosen for.
+        if self.params.strategy == "fsdp" or last:
+            return contextlib.nullcontext()
+        return self.accelerator.no_sync(model)
 
     def clip_grad_norm_(self, parameters, max_norm: float):
         if self.params.strategy == "fsdp":
@@ -269,22 +306,35 @@ def shards_weights(params: DistributedParams) -> bool:
     return params.strategy == "fsdp" and params.num_processes > 1
 
 
-def fsdp_plugin():
-    """FSDP settings for QLoRA: shard whole decoder layers, keep the original parameters.
+def fsdp_wrap(model, device):
+    """Shard ``model`` over the ranks with torch FSDP, one unit per decoder layer (peft's FSDP QLoRA recipe).
 
-    ``use_orig_params`` lets frozen 4-bit weights and trainable LoRA weights share a flat
-    parameter; the decoder layer is the wrap unit (peft's FSDP QLoRA recipe).
+    accelerate turns its own FSDP on only for GPU-type backends (accelerate 1.15, state.py),
+    so the wrapper is built here with torch's FullyShardedDataParallel, the same class
+    accelerate would use: the same code then runs on GPUs (NCCL) and, for tests, on the CPU
+    (gloo). ``use_orig_params`` lets frozen 4-bit weights and trainable LoRA weights share a
+    flat parameter.
     """
-    from accelerate import FullyShardedDataParallelPlugin
+    import functools
 
-    return FullyShardedDataParallelPlugin(
-        fsdp_version=1,
-        sharding_strategy="FULL_SHARD",
-        auto_wrap_policy="transformer_based_wrap",
+    import torch
+    from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
+    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+
+    uniform_float_dtype(model)
+    layer_names = set(getattr(model.get_base_model(), "_no_split_modules", None) or [])
+    layers = {type(m) for m in model.modules() if type(m).__name__ in layer_names}
+    if not layers:
+        raise UserError(f"distributed.strategy fsdp: {type(model.get_base_model()).__name__} names no decoder "
+                        "layer class to shard by (_no_split_modules); use distributed.strategy ddp")
+    return FullyShardedDataParallel(
+        model,
+        auto_wrap_policy=functools.partial(transformer_auto_wrap_policy, transformer_layer_cls=layers),
+        sharding_strategy=ShardingStrategy.FULL_SHARD,
         use_orig_params=True,
+        device_id=device if device.type == "cuda" else torch.device("cpu"),
         sync_module_states=False,  # every rank loaded the same weights from disk
-        state_dict_type="FULL_STATE_DICT",
-        activation_checkpointing=False,  # the model's own gradient checkpointing is already on
+        limit_all_gathers=True,
     )
 
 
