@@ -106,16 +106,6 @@ def test_a_global_batch_that_does_not_divide_is_refused_before_anything_loads(tm
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
 
 
-def test_fsdp_that_would_evaluate_between_steps_is_refused(tmp_path, tiny_llama_dir, corpus_file):
-    params = write_params(tmp_path / "params.yaml", tiny_params(
-        tiny_llama_dir, corpus_file, **{**BATCH, "distributed.num_processes": 2, "distributed.strategy": "fsdp"}))
-    with pytest.raises(UserError, match="distributed.strategy fsdp evaluates only after the last step"):
-        load_stage("train").main(["--params", str(params), "--base", "nowhere", "--data", "nowhere",
-                                  "--adapter", str(tmp_path / "a"), "--metrics", str(tmp_path / "m.json"),
-                                  "--history", str(tmp_path / "h.csv"), "--curves", str(tmp_path / "c.png"),
-                                  "--log", str(tmp_path / "l.txt")])
-
-
 def test_fsdp_qlora_stores_4bit_weights_in_the_compute_dtype(prepared):
     """bnb_4bit_quant_storage = compute dtype (bitsandbytes PR #970): what lets FSDP flatten 4-bit layers."""
     import torch
@@ -140,7 +130,9 @@ def test_fsdp_qlora_stores_4bit_weights_in_the_compute_dtype(prepared):
 
 @pytest.fixture(scope="module")
 def one_process(prepared, tiny_llama_dir, corpus_file) -> Path:
-    # Evaluation only after the last step, so the same reference serves DDP and FSDP.
+    # Evaluation only after the last step: on CPUs with AVX512-BF16, bitsandbytes repacks the
+    # 4-bit weights into a CPU layout at the first evaluation, which moves the later steps of one
+    # process (and of DDP ranks) by ~1e-3 in loss; FSDP keeps the plain layout (fsdp_wrap).
     return _train(prepared, tiny_llama_dir, corpus_file, "one", **{"training.eval_every_steps": 4})
 
 
@@ -184,3 +176,15 @@ def test_fsdp_on_two_gloo_processes_shards_the_4bit_base_and_trains_the_same_ada
     # Each rank held about half of the model's parameters (the 4-bit weights included).
     held, total = (int(n.replace(",", "")) for n in log.split("parameters held by rank 0: ")[1].split()[0:3:2])
     assert 0.4 * total < held < 0.6 * total
+
+
+def test_fsdp_training_is_not_changed_by_evaluations_between_steps(prepared, one_process, tiny_llama_dir,
+                                                                    corpus_file):
+    # Evaluating at step 2 must leave FSDP's sharded 4-bit weights as they were (see fsdp_wrap):
+    # before that was handled, the adapter came out up to 3e-3 away from one process's.
+    two = _train(prepared, tiny_llama_dir, corpus_file, "fsdp2-eval",
+                 **{"distributed.num_processes": 2, "distributed.strategy": "fsdp", "training.eval_every_steps": 2})
+    a, b = _adapter(one_process), _adapter(two)
+    assert max((a[name] - b[name]).abs().max().item() for name in a) < 1e-5
+    evals = [row.split(",")[3] for row in (two / "history.csv").read_text().splitlines()[1:]]
+    assert evals[1] and evals[3]  # it did evaluate at step 2 and at the end

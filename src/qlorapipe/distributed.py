@@ -67,22 +67,12 @@ def per_process_accumulation(training: TrainingParams, num_processes: int) -> in
 
 
 def check_launch(params: DistributedParams, training: TrainingParams) -> None:
-    """Refuse, before anything loads, a distributed setting this run cannot honour.
+    """Refuse, before anything loads, a process count this run cannot honour.
 
     Raises:
-        UserError: the accumulation steps do not divide among the processes, or fsdp would
-            evaluate between steps.
+        UserError: the accumulation steps do not divide among the processes.
     """
     per_process_accumulation(training, params.num_processes)
-    sharded = params.strategy == "fsdp" and params.num_processes > 1
-    if sharded and (training.max_steps <= 0 or training.eval_every_steps < training.max_steps):
-        # Measured on two gloo ranks: training alone gives one process's adapter bit for bit, but
-        # an evaluation between steps (a no-grad forward through the FSDP-wrapped 4-bit layers,
-        # where bitsandbytes re-attaches the quant state to FSDP's weight views) changes every
-        # step after it. Until that is fixed, evaluate once, at the end.
-        raise UserError("distributed.strategy fsdp evaluates only after the last step for now: set "
-                        "training.max_steps and training.eval_every_steps >= training.max_steps, "
-                        "or use distributed.strategy ddp")
 
 
 def global_batch_size(training: TrainingParams) -> int:
@@ -322,6 +312,13 @@ def fsdp_wrap(model, device):
     from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
 
     uniform_float_dtype(model)
+    for module in model.modules():
+        # On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit weight in place into a CPU layout
+        # at its first no-grad eval forward. Under FSDP that rewrites a view of the flat parameter
+        # while the shared quant state says "repacked": every step after the first evaluation
+        # then computed with garbled weights (measured on two gloo ranks). Keep the plain layout.
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
     layer_names = set(getattr(model.get_base_model(), "_no_split_modules", None) or [])
     layers = {type(m) for m in model.modules() if type(m).__name__ in layer_names}
     if not layers:
