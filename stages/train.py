@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> None:
     lora = load_section(args.params, "lora")
     params = load_section(args.params, "training")
     dist = load_section(args.params, "distributed")
-    distributed.check_launch(dist, params)  # refuse before any process starts
+    distributed.per_process_accumulation(params, dist.num_processes)  # refuse before any process starts
     if distributed.needs_launch(dist):
         distributed.relaunch(dist, Path(__file__), sys.argv[1:] if argv is None else argv)
         return

@@ -10,7 +10,7 @@ One process is the default and trains exactly as it always did. With
 - accumulates ``training.gradient_accumulation_steps / N`` micro-batches, so the global batch
   (per-device batch x accumulation x processes) stays what params.yaml says whatever N is,
   and runs with different process counts stay comparable;
-- averages its gradients with the others (accelerate's DDP or FSDP wrapper) before the step;
+- averages its gradients with the others (DDP prepared by accelerate, or torch FSDP) before the step;
 - leaves every file to rank 0.
 
 FSDP shards the frozen 4-bit base across ranks; it can only flatten the Params4bit weights
@@ -64,15 +64,6 @@ def per_process_accumulation(training: TrainingParams, num_processes: int) -> in
             f"(and lower training.per_device_batch_size to keep the global batch)"
         )
     return accumulation // num_processes
-
-
-def check_launch(params: DistributedParams, training: TrainingParams) -> None:
-    """Refuse, before anything loads, a process count this run cannot honour.
-
-    Raises:
-        UserError: the accumulation steps do not divide among the processes.
-    """
-    per_process_accumulation(training, params.num_processes)
 
 
 def global_batch_size(training: TrainingParams) -> int:
@@ -184,9 +175,6 @@ class SingleProcess:
         """The sum of ``value`` over all processes."""
         return value
 
-    def wait(self) -> None:
-        """Block until every process gets here."""
-
 
 class AcceleratedProcesses(SingleProcess):
     """One of several processes, synchronised through an accelerate Accelerator (DDP or FSDP)."""
@@ -279,9 +267,6 @@ class AcceleratedProcesses(SingleProcess):
 
         tensor = torch.tensor([int(value)], device=self.device)
         return int(self.accelerator.reduce(tensor, reduction="sum")[0])
-
-    def wait(self) -> None:
-        self.accelerator.wait_for_everyone()
 
 
 def start(params: DistributedParams, device):
