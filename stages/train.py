@@ -5,19 +5,22 @@
         --history metrics/train_history.csv --curves metrics/training_curves.png \
         --log metrics/training_log.txt --checkpoints models/checkpoints
 
-Reads the ``quantization``, ``lora``, ``training`` and ``acceleration`` sections of params.yaml. Killed midway,
-it resumes from the last complete checkpoint in --checkpoints when run again with the same
-params, data and base model (and discards checkpoints of any other run).
+Reads the ``quantization``, ``lora``, ``training``, ``acceleration`` and ``distributed`` sections
+of params.yaml. Killed midway, it resumes from the last complete checkpoint in --checkpoints when
+run again with the same params, data and base model (and discards checkpoints of any other run).
+With distributed.num_processes > 1 it relaunches itself through ``accelerate launch`` on that
+many processes (see qlorapipe.distributed); only rank 0 writes the outputs.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import time
 from pathlib import Path
 
-from qlorapipe import acceleration, checkpoints, curves, data, modeling, training
+from qlorapipe import acceleration, checkpoints, curves, data, distributed, modeling, training
 from qlorapipe.adapters import sort_target_modules, write_adapter_record
 from qlorapipe.console import console, run_stage
 from qlorapipe.outputs import atomic_dir, write_json, write_text_atomic
@@ -42,6 +45,11 @@ def main(argv: list[str] | None = None) -> None:
     lora = load_section(args.params, "lora")
     params = load_section(args.params, "training")
     fast_paths = load_section(args.params, "acceleration")
+    dist = load_section(args.params, "distributed")
+    distributed.per_process_accumulation(params, dist.num_processes)  # refuse before any process starts
+    if distributed.needs_launch(dist):
+        distributed.relaunch(dist, Path(__file__), sys.argv[1:] if argv is None else argv)
+        return
     # Inputs are checked before any weights are loaded.
     train_set = data.load_split(args.data, data.TRAIN_SPLIT)
     eval_set = data.load_split(args.data, data.EVAL_SPLIT)
@@ -51,9 +59,13 @@ def main(argv: list[str] | None = None) -> None:
 
     started = time.perf_counter()
     torch.manual_seed(params.seed)  # before the adapters are initialised
-    device = modeling.pick_device()
+    world = distributed.start(dist, modeling.pick_device())
+    if not world.is_main:
+        logging.getLogger().setLevel(logging.WARNING)  # one log, rank 0's
+    device = world.device
     logger.info("Device: %s", modeling.device_summary(device))
-    model, compute_dtype = modeling.load_base_model(args.base, quant, device)
+    model, compute_dtype = modeling.load_base_model(args.base, quant, device,
+                                                    shardable_4bit=distributed.shards_weights(dist))
     model = modeling.add_lora(model, lora, quant.load_in != "none", params.gradient_checkpointing)
     acceleration.apply(model, fast_paths, device, compute_dtype)  # GPU fast paths; the CPU path is unchanged
     trainable, total = modeling.parameter_counts(model)
@@ -61,21 +73,33 @@ def main(argv: list[str] | None = None) -> None:
                       f"trainable%: {100 * trainable / total:.4f}")
     logger.info(trainable_line)
     logger.info(modeling.memory_summary(device))
+    model = world.wrap(model)
+    global_batch = distributed.global_batch_size(params)
+    batch_line = (f"global batch: {global_batch} chunks = {params.per_device_batch_size} per device x "
+                  f"{params.gradient_accumulation_steps // world.num_processes} accumulation x {world.describe()}")
+    logger.info(batch_line)
     logger.info("Training on %d chunks of %d tokens, evaluating on %d", len(train_set),
                 train_set[0]["input_ids"].numel(), len(eval_set))
 
     columns = [TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[status]}"),
                TimeRemainingColumn()]
     fingerprint = checkpoints.run_fingerprint(args.base, args.data, quantization=quant, lora=lora, training=params)
-    store = checkpoints.CheckpointStore(args.checkpoints, params.checkpoint_every_steps, fingerprint)
-    with Progress(*columns, console=console, transient=False) as progress:
+    # Checkpoints are written by one process; several processes train without them for now.
+    store = (checkpoints.CheckpointStore(args.checkpoints, params.checkpoint_every_steps, fingerprint)
+             if world.num_processes == 1 else None)
+    if store is None:
+        logger.warning("Checkpoints and resume are not used with %d processes", world.num_processes)
+    with Progress(*columns, console=console, transient=False, disable=not world.is_main) as progress:
         result = training.train(model, train_set, eval_set, acceleration.training_params(params, fast_paths, device),
-                                device, progress, checkpoints=store)
+                                device, progress, checkpoints=store, processes=world)
     logger.info(modeling.memory_summary(device))
+    state_dict = world.adapter_state_dict(model)  # a collective under FSDP: every rank takes part
+    if not world.is_main:
+        return
 
     with atomic_dir(args.adapter) as out:
-        sort_target_modules(model)
-        model.save_pretrained(out, safe_serialization=True)
+        sort_target_modules(world.unwrap(model))
+        world.save_adapter(model, out, state_dict)
         write_adapter_record(out, args.base, data_sha256=checkpoints.directory_digest(args.data),
                              environment=modeling.environment_record(device),
                              quantization=quant, lora=lora, training=params)
@@ -92,6 +116,8 @@ def main(argv: list[str] | None = None) -> None:
         "total_params": total,
         "compute_dtype": str(compute_dtype).removeprefix("torch."),
         "device": modeling.device_summary(device),
+        "num_processes": world.num_processes,
+        "global_batch_size": global_batch,
         **modeling.peak_memory_metrics(device),
         "best_step": result.best_step,
         "stopped_early": result.stop_reason is not None,
@@ -101,7 +127,8 @@ def main(argv: list[str] | None = None) -> None:
     write_json(args.metrics, metrics)
     curves.write_history_csv(result.history, args.history)
     curves.plot_training_curves(result.history, args.curves)
-    header = [trainable_line, f"device: {modeling.device_summary(device)}", modeling.memory_summary(device)]
+    header = [trainable_line, f"device: {modeling.device_summary(device)}", modeling.memory_summary(device),
+              batch_line]
     write_text_atomic(args.log, "\n".join(header + result.log_lines) + "\n")
     logger.info("Adapter written to %s; final eval loss %.4f", args.adapter, result.final_eval_loss)
 

@@ -140,6 +140,7 @@ def tiny_params(model_path: Path, corpus: Path, **overrides) -> dict:
         "training": {"max_steps": 12, "per_device_batch_size": 4, "learning_rate": 0.003, "warmup_steps": 0,
                      "eval_every_steps": 6, "optimizer": "adamw_torch"},
         "acceleration": {},
+        "distributed": {},
         "evaluate": {"batch_size": 4, "prompts": ["Python is", "The with statement"], "max_new_tokens": 5},
         "merge": {"dtype": "float32", "fidelity_batches": 2},
         "export": {},

@@ -35,24 +35,33 @@ def resolve_compute_dtype(name: str, device):
     return torch.float32
 
 
-def quantization_config(params: QuantizationParams, compute_dtype):
-    """The BitsAndBytesConfig for params, or None for plain 16-bit LoRA."""
+def quantization_config(params: QuantizationParams, compute_dtype, quant_storage=None):
+    """The BitsAndBytesConfig for params, or None for plain 16-bit LoRA.
+
+    ``quant_storage`` is the dtype the packed 4-bit weights are stored as (None: uint8);
+    FSDP needs the compute dtype there to shard them (bitsandbytes PR #970).
+    """
     from transformers import BitsAndBytesConfig
 
     if params.load_in == "4bit":
+        storage = {"bnb_4bit_quant_storage": quant_storage} if quant_storage is not None else {}
         return BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type=params.quant_type,
             bnb_4bit_use_double_quant=params.use_double_quant,
             bnb_4bit_compute_dtype=compute_dtype,
+            **storage,
         )
     if params.load_in == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
     return None
 
 
-def load_base_model(base_dir: Path, params: QuantizationParams, device, trust_remote_code: bool = False):
+def load_base_model(base_dir: Path, params: QuantizationParams, device, trust_remote_code: bool = False,
+                    shardable_4bit: bool = False):
     """Load the base model quantized as params say, on ``device``.
+
+    ``shardable_4bit`` stores the 4-bit weights in the compute dtype, so FSDP can shard them.
 
     Returns:
         (model, compute_dtype)
@@ -70,7 +79,7 @@ def load_base_model(base_dir: Path, params: QuantizationParams, device, trust_re
         raise UserError("quantization.compute_dtype float16 is not supported on the CPU; use auto or float32")
     model = AutoModelForCausalLM.from_pretrained(
         base_dir,
-        quantization_config=quantization_config(params, compute_dtype),
+        quantization_config=quantization_config(params, compute_dtype, compute_dtype if shardable_4bit else None),
         dtype=compute_dtype,
         device_map={"": device},
         trust_remote_code=trust_remote_code,

@@ -215,6 +215,28 @@ class AccelerationParams:
             return [f"acceleration.uncheckpointed_layers must be >= 0 (0 checkpoints every block), "
                     f"got {self.uncheckpointed_layers}"]
         return []
+class DistributedParams:
+    """How many processes train, and how they share the work (train stage).
+
+    One process is plain single-device training. With more, the train stage relaunches
+    itself through accelerate: ddp keeps a whole copy of the model per GPU and averages
+    gradients (more throughput); fsdp also shards the frozen 4-bit base across GPUs (a model
+    too big for one GPU). training.gradient_accumulation_steps is split among the processes
+    so the global batch stays the same.
+    """
+
+    num_processes: int = 1
+    strategy: Literal["ddp", "fsdp"] = "ddp"  # used when num_processes > 1
+    main_process_port: int | None = None  # rendezvous port; null: a free one
+
+    def check(self) -> list[str]:
+        problems = []
+        if self.num_processes < 1:
+            problems.append(f"distributed.num_processes must be at least 1, got {self.num_processes}")
+        if self.main_process_port is not None and not 0 < self.main_process_port < 65536:
+            problems.append(f"distributed.main_process_port must be a TCP port (1-65535) or null, "
+                            f"got {self.main_process_port}")
+        return problems
 
 
 @dataclass(frozen=True)
@@ -296,6 +318,7 @@ SECTIONS: dict[str, type] = {
     "lora": LoraParams,
     "training": TrainingParams,
     "acceleration": AccelerationParams,
+    "distributed": DistributedParams,
     "evaluate": EvaluateParams,
     "merge": MergeParams,
     "export": ExportParams,

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 
 from qlorapipe.checkpoints import CheckpointStore, load_trainable_state, restore_rng_states, trainable_state
 from qlorapipe.data import model_inputs
+from qlorapipe.distributed import SingleProcess
 from qlorapipe.errors import UserError
 from qlorapipe.params import TrainingParams
 from qlorapipe.perplexity import mean_token_loss
@@ -129,7 +130,7 @@ def _restore(checkpoint, model, optimizer, scheduler) -> tuple[TrainResult, dict
 
 
 def train(model, train_set, eval_set, params: TrainingParams, device, progress=None,
-          checkpoints: CheckpointStore | None = None) -> TrainResult:
+          checkpoints: CheckpointStore | None = None, processes=None) -> TrainResult:
     """Train the LoRA parameters of ``model`` on ``train_set``, resuming from a checkpoint if there is one.
 
     Args:
@@ -139,6 +140,8 @@ def train(model, train_set, eval_set, params: TrainingParams, device, progress=N
         device: where the model lives.
         progress: a rich Progress to draw the bar on (None: no bar).
         checkpoints: where to resume from and write checkpoints (None: neither).
+        processes: the distributed.SingleProcess / AcceleratedProcesses this rank belongs to
+            (None: one process). Losses, tokens and the log then describe all ranks together.
 
     Returns:
         The per-step history, final losses and throughput. ``model`` holds the adapter to
@@ -147,9 +150,9 @@ def train(model, train_set, eval_set, params: TrainingParams, device, progress=N
     Raises:
         UserError: the loss became NaN or infinite.
     """
-    import torch
     from transformers import get_scheduler
 
+    processes = processes or SingleProcess(device)
     n_steps = total_steps(params, len(train_set))
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params.optimizer, trainable, params.learning_rate, params.weight_decay)
@@ -162,8 +165,11 @@ def train(model, train_set, eval_set, params: TrainingParams, device, progress=N
     if latest:
         result, best = _restore(latest, model, optimizer, scheduler)
         logger.info("Resuming from %s: %d of %d steps done", latest.path, latest.step, n_steps)
-    batches = micro_batches(len(train_set), params.per_device_batch_size, params.seed,
-                            start=result.steps * params.gradient_accumulation_steps)
+    # The data position counts the whole run's micro-batches, before they are split across ranks.
+    batches = processes.shard(micro_batches(len(train_set), params.per_device_batch_size, params.seed,
+                                            start=result.steps * params.gradient_accumulation_steps))
+    # Each rank accumulates its share of the step's micro-batches (distributed.per_process_accumulation).
+    accumulation = params.gradient_accumulation_steps // processes.num_processes
     batches_per_epoch = math.ceil(len(train_set) / params.per_device_batch_size)
     task = progress.add_task("training", total=n_steps, completed=result.steps, status="") if progress else None
     model.train()
@@ -172,20 +178,22 @@ def train(model, train_set, eval_set, params: TrainingParams, device, progress=N
     remaining = range(result.steps + 1, n_steps + 1) if result.stop_reason is None else range(0)
     for step in remaining:
         step_loss, step_tokens = 0.0, 0
-        for _ in range(params.gradient_accumulation_steps):
+        for micro in range(accumulation):
             _, index = next(batches)
             batch = train_set[index]
             inputs = model_inputs(batch, device)
             labels = batch["labels"].to(device).long()
-            outputs = model(**inputs, labels=labels)
-            (outputs.loss / params.gradient_accumulation_steps).backward()
-            step_loss += outputs.loss.item() / params.gradient_accumulation_steps
+            with processes.no_sync(model, last=micro == accumulation - 1):
+                outputs = model(**inputs, labels=labels)
+                processes.backward(outputs.loss / accumulation)
+            step_loss += outputs.loss.item() / accumulation
             step_tokens += inputs["input_ids"].numel()
+        step_loss, step_tokens = processes.mean(step_loss), processes.sum(step_tokens)
         if not math.isfinite(step_loss):
             # Nothing of this step is applied or saved: the last checkpoint stays the last good one.
             raise UserError(divergence_message(step_loss, step, outputs.logits.dtype, params, last_checkpoint))
         if params.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(trainable, params.max_grad_norm)
+            processes.clip_grad_norm_(trainable, params.max_grad_norm)
         learning_rate = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
