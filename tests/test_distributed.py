@@ -31,7 +31,8 @@ def prepared(tmp_path_factory, tiny_llama_dir, corpus_file) -> dict:
     paths = {"work": work, "base": work / "base", "prepared": work / "prepared"}
     load_stage("download").main(["--params", str(params), "--out", str(paths["base"])])
     load_stage("prepare").main(["--params", str(params), "--base", str(paths["base"]), "--out",
-                                str(paths["prepared"]), "--report", str(work / "data.json")])
+                                str(paths["prepared"]), "--report", str(work / "data.json"),
+                                "--lengths", str(work / "lengths.csv"), "--lengths-plot", str(work / "lengths.png")])
     return paths
 
 
@@ -44,7 +45,8 @@ def _train(prepared: dict, tiny_llama_dir: Path, corpus_file: Path, name: str, *
     load_stage("train").main(["--params", str(params), "--base", str(prepared["base"]),
                               "--data", str(prepared["prepared"]), "--adapter", str(out / "adapter"),
                               "--metrics", str(out / "train.json"), "--history", str(out / "history.csv"),
-                              "--curves", str(out / "curves.png"), "--log", str(out / "log.txt")])
+                              "--curves", str(out / "curves.png"), "--log", str(out / "log.txt"),
+                              "--checkpoints", str(out / "checkpoints")])
     return out
 
 
@@ -102,7 +104,7 @@ def test_a_global_batch_that_does_not_divide_is_refused_before_anything_loads(tm
         load_stage("train").main(["--params", str(params), "--base", "nowhere", "--data", "nowhere",
                                   "--adapter", str(tmp_path / "a"), "--metrics", str(tmp_path / "m.json"),
                                   "--history", str(tmp_path / "h.csv"), "--curves", str(tmp_path / "c.png"),
-                                  "--log", str(tmp_path / "l.txt")])
+                                  "--log", str(tmp_path / "l.txt"), "--checkpoints", str(tmp_path / "k")])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
 
 

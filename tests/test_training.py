@@ -38,7 +38,8 @@ def prepared(tmp_path_factory, tiny_llama_dir, corpus_file) -> Path:
     params = write_params(work / "params.yaml", tiny_params(tiny_llama_dir, corpus_file))
     load_stage("download").main(["--params", str(params), "--out", str(work / "models/base")])
     load_stage("prepare").main(["--params", str(params), "--base", str(work / "models/base"),
-                                "--out", str(work / "data/prepared"), "--report", str(work / "data.json")])
+                                "--out", str(work / "data/prepared"), "--report", str(work / "data.json"),
+                                "--lengths", str(work / "lengths.csv"), "--lengths-plot", str(work / "lengths.png")])
     return work
 
 

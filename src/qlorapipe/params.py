@@ -215,6 +215,9 @@ class AccelerationParams:
             return [f"acceleration.uncheckpointed_layers must be >= 0 (0 checkpoints every block), "
                     f"got {self.uncheckpointed_layers}"]
         return []
+
+
+@dataclass(frozen=True)
 class DistributedParams:
     """How many processes train, and how they share the work (train stage).
 
