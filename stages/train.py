@@ -84,11 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     columns = [TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[status]}"),
                TimeRemainingColumn()]
     fingerprint = checkpoints.run_fingerprint(args.base, args.data, quantization=quant, lora=lora, training=params)
-    # Checkpoints are written by one process; several processes train without them for now.
-    store = (checkpoints.CheckpointStore(args.checkpoints, params.checkpoint_every_steps, fingerprint)
-             if world.num_processes == 1 else None)
-    if store is None:
-        logger.warning("Checkpoints and resume are not used with %d processes", world.num_processes)
+    store = checkpoints.CheckpointStore(args.checkpoints, params.checkpoint_every_steps, fingerprint, world)
     with Progress(*columns, console=console, transient=False, disable=not world.is_main) as progress:
         result = training.train(model, train_set, eval_set, acceleration.training_params(params, fast_paths, device),
                                 device, progress, checkpoints=store, processes=world)

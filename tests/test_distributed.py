@@ -8,11 +8,17 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from conftest import load_stage, tiny_params, write_params
+from conftest import ROOT, load_stage, tiny_params, write_params
 from qlorapipe import distributed
 from qlorapipe.errors import UserError
 from qlorapipe.params import DistributedParams, TrainingParams, parse_section
@@ -21,7 +27,7 @@ from qlorapipe.training import micro_batches
 # Global batch 4 = 2 per device x 2 accumulation x 1 process = 2 x 1 x 2 processes.
 BATCH = {"training.per_device_batch_size": 2, "training.gradient_accumulation_steps": 2,
          "training.max_steps": 4, "training.eval_every_steps": 2, "training.max_eval_batches": 2}
-OUTPUT_FILES = ["adapter", "curves.png", "history.csv", "log.txt", "train.json"]
+OUTPUT_FILES = ["adapter", "checkpoints", "curves.png", "history.csv", "log.txt", "train.json"]
 
 
 @pytest.fixture(scope="module")
@@ -190,3 +196,85 @@ def test_fsdp_training_is_not_changed_by_evaluations_between_steps(prepared, one
     assert max((a[name] - b[name]).abs().max().item() for name in a) < 1e-5
     evals = [row.split(",")[3] for row in (two / "history.csv").read_text().splitlines()[1:]]
     assert evals[1] and evals[3]  # it did evaluate at step 2 and at the end
+
+
+# ---- resume with several processes ----------------------------------------------------------
+
+# 12 steps, a checkpoint every 2, dropout and the 8-bit optimizer's state: everything a resume restores.
+RESUME = {"training.max_steps": 12, "training.per_device_batch_size": 8, "training.checkpoint_every_steps": 2,
+          "training.optimizer": "adamw_8bit", "training.eval_every_steps": 12, "lora.dropout": 0.1,
+          "distributed.num_processes": 2}
+
+
+def _stage_command(prepared: dict, out: Path, params: Path) -> list[str]:
+    return [sys.executable, str(ROOT / "stages/train.py"), "--params", str(params), "--base", str(prepared["base"]),
+            "--data", str(prepared["prepared"]), "--adapter", str(out / "adapter"),
+            "--metrics", str(out / "train.json"), "--history", str(out / "history.csv"),
+            "--curves", str(out / "curves.png"), "--log", str(out / "log.txt"), "--checkpoints", str(out / "checkpoints")]
+
+
+def _checkpoint_steps(out: Path) -> list[int]:
+    return sorted(int(p.name.removeprefix("step-")) for p in (out / "checkpoints").glob("step-*"))
+
+
+def _kill_after_a_checkpoint_and_rerun(prepared: dict, tiny_llama_dir, corpus_file, name: str, **overrides) -> Path:
+    """Start the train stage on two processes, SIGKILL the launcher and its ranks once a checkpoint is
+    complete, check nothing but checkpoints was left, then run it again to the end."""
+    out = prepared["work"] / name
+    out.mkdir()
+    params = write_params(prepared["work"] / f"{name}.yaml",
+                          tiny_params(tiny_llama_dir, corpus_file, **{**BATCH, **RESUME, **overrides}))
+    command = _stage_command(prepared, out, params)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)  # its own process group: the ranks die with it
+    deadline = time.monotonic() + 300
+    while not _checkpoint_steps(out) and process.poll() is None:
+        assert time.monotonic() < deadline, "no checkpoint within 300 s"
+        time.sleep(0.01)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "training finished before it could be killed"
+    killed_at = _checkpoint_steps(out)[-1]
+    assert 2 <= killed_at < 12
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints"]
+    result = subprocess.run(command, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert killed_at <= json.loads((out / "train.json").read_text())["resumed_from_step"] < 12
+    return out
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_killed_midway_resume_to_the_adapter_of_an_uninterrupted_run(
+        prepared, tiny_llama_dir, corpus_file, strategy):
+    whole = _train(prepared, tiny_llama_dir, corpus_file, f"{strategy}-whole",
+                   **{**RESUME, "distributed.strategy": strategy})
+    resumed = _kill_after_a_checkpoint_and_rerun(prepared, tiny_llama_dir, corpus_file, f"{strategy}-killed",
+                                                 **{"distributed.strategy": strategy})
+    # Same bytes, not merely close: weights, optimizer state, RNGs and data position were all restored.
+    assert (resumed / "adapter/adapter_model.safetensors").read_bytes() == \
+        (whole / "adapter/adapter_model.safetensors").read_bytes()
+    assert (resumed / "history.csv").read_text() == (whole / "history.csv").read_text()
+    assert _checkpoint_steps(resumed) == [12]
+    ranks = sorted(p.name for p in (resumed / "checkpoints/step-000012").iterdir() if p.is_dir())
+    assert ranks == (["rank-0", "rank-1"] if strategy == "fsdp" else ["rank-1"])
+    if strategy == "fsdp":
+        # The sharded state resumes only as it was written: any other layout is refused, and kept.
+        again = write_params(prepared["work"] / "fsdp-as-ddp.yaml", tiny_params(
+            tiny_llama_dir, corpus_file, **{**BATCH, **RESUME, "distributed.strategy": "ddp"}))
+        result = subprocess.run(_stage_command(prepared, resumed, again), capture_output=True, text=True,
+                                env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+        assert result.returncode != 0
+        assert ("holds the training state sharded over 2 FSDP processes, this run needs it whole (one process or "
+                "DDP): to resume it set distributed.strategy to fsdp and distributed.num_processes to 2") in \
+            result.stderr.replace("\n", " ")
+        assert _checkpoint_steps(resumed) == [12]
+    else:
+        # DDP ranks hold the whole state: one process resumes it (here: at its last step) to the same adapter.
+        one = write_params(prepared["work"] / "ddp-as-one.yaml", tiny_params(
+            tiny_llama_dir, corpus_file, **{**BATCH, **RESUME, "distributed.num_processes": 1}))
+        shutil.rmtree(resumed / "adapter")
+        load_stage("train").main(_stage_command(prepared, resumed, one)[2:])
+        assert json.loads((resumed / "train.json").read_text())["resumed_from_step"] == 12
+        assert (resumed / "adapter/adapter_model.safetensors").read_bytes() == \
+            (whole / "adapter/adapter_model.safetensors").read_bytes()

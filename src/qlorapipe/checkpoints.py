@@ -13,6 +13,14 @@ continue as if it had never stopped:
 - ``state.json``: step, data position, scheduler state, history, best eval loss, and the
   fingerprint of the params and data that made it.
 
+With several processes (qlorapipe.distributed) a checkpoint is still one directory, written by
+all ranks together into one temporary directory that rank 0 completes with ``state.json`` and
+renames once every rank's part is on disk. Under DDP every rank holds the same adapter and
+optimizer state, so rank 0 writes the single-process files and ranks N > 0 add only their RNG
+states in ``rank-N/``; any process count (one included) can resume it. Under FSDP each rank
+holds only its shard and writes all its tensors into ``rank-N/``; only the same number of FSDP
+processes can resume it, and any other run is refused with the setting that would resume it.
+
 It is written into a temporary sibling directory, flushed to disk, and renamed into place,
 so a directory named ``step-*`` is always complete; leftovers of an interrupted write are
 deleted. A checkpoint whose fingerprint differs from the run's (other params, data or base)
@@ -32,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from qlorapipe.errors import UserError
 from qlorapipe.model_source import read_source_record
 from qlorapipe.outputs import atomic_dir
 
@@ -179,30 +188,52 @@ def load_trainable_state(model, tensors: dict) -> None:
 # ---- the store -----------------------------------------------------------------------------
 
 
+def layout(processes) -> dict:
+    """How a run holds its trainable state: whole on every rank, or sharded over ``num_processes`` (FSDP)."""
+    sharded = getattr(processes, "shards_state", False)
+    return {"sharded": sharded, "num_processes": processes.num_processes if sharded else 1}
+
+
+def describe_layout(value: dict) -> str:
+    if value["sharded"]:
+        return f"sharded over {value['num_processes']} FSDP processes"
+    return "whole (one process or DDP)"
+
+
 @dataclass
 class Checkpoint:
-    """A complete checkpoint read back from disk."""
+    """A complete checkpoint read back from disk; ``files`` holds this rank's tensors."""
 
     path: Path
     step: int
     state: dict
+    files: Path | None = None
+    rng_files: Path | None = None  # this rank's RNG states (DDP: each rank's own GPU generators)
+
+    def __post_init__(self):
+        self.files = self.files or self.path
+        self.rng_files = self.rng_files or self.files
 
     def adapter(self) -> dict:
         from safetensors.torch import load_file
 
-        return load_file(str(self.path / ADAPTER_FILE))
+        return load_file(str(self.files / ADAPTER_FILE))
 
     def best_adapter(self) -> dict | None:
         from safetensors.torch import load_file
 
-        path = self.path / BEST_ADAPTER_FILE
+        path = self.files / BEST_ADAPTER_FILE
         return load_file(str(path)) if path.is_file() else None
 
     def optimizer_state(self) -> dict:
-        return load_tree(self.path, "optimizer")
+        return load_tree(self.files, "optimizer")
 
     def rng_states(self) -> dict:
-        return load_tree(self.path, "rng")
+        return load_tree(self.rng_files, "rng")
+
+
+def _rank_dir(rank: int) -> str:
+    return f"rank-{rank}"
 
 
 class CheckpointStore:
@@ -212,12 +243,18 @@ class CheckpointStore:
         directory: the persisted output directory (``models/checkpoints``).
         every_steps: write a checkpoint every this many optimizer steps (0: never).
         run_fingerprint: :func:`fingerprint` of everything that determines the result.
+        processes: the distributed.SingleProcess / AcceleratedProcesses of this rank (None:
+            one process). With several, every method is called by every rank together.
     """
 
-    def __init__(self, directory: Path, every_steps: int, run_fingerprint: str):
+    def __init__(self, directory: Path, every_steps: int, run_fingerprint: str, processes=None):
+        from qlorapipe.distributed import SingleProcess
+
         self.directory = Path(directory)
         self.every_steps = every_steps
         self.fingerprint = run_fingerprint
+        self.processes = processes or SingleProcess(None)
+        self.layout = layout(self.processes)
 
     def due(self, step: int, last: bool) -> bool:
         """Whether to write a checkpoint after ``step`` (always after the last step, when enabled)."""
@@ -227,11 +264,45 @@ class CheckpointStore:
         """The newest complete checkpoint of this run; others are deleted, each with a log line.
 
         Creates the directory when it is missing (it is a declared output even when empty).
+        With several processes rank 0 cleans up first and the others read what it left.
+
+        Raises:
+            UserError: the newest checkpoint of this run was written by another process layout
+                (FSDP shards) than this run's; that checkpoint is kept.
         """
+        processes = self.processes
+        if not processes.is_main:
+            processes.barrier()  # rank 0 has deleted what is not to be resumed
+            found = self._find(clean=False)
+        else:
+            try:
+                found = self._find(clean=True)
+            finally:
+                processes.barrier()
+        if found is None:
+            return None
+        written = found.state.get("layout", {"sharded": False, "num_processes": 1})
+        if written != self.layout:
+            raise UserError(
+                f"{found.path} holds the training state {describe_layout(written)}, this run needs it "
+                f"{describe_layout(self.layout)}: to resume it set distributed.strategy to "
+                f"{'fsdp' if written['sharded'] else 'ddp'}"
+                + (f" and distributed.num_processes to {written['num_processes']}" if written["sharded"] else "")
+                + f", or delete {self.directory} to start over"
+            )
+        own = found.path / _rank_dir(processes.rank)
+        if written["sharded"]:
+            found.files = own
+        found.rng_files = own if (own / "rng.json").is_file() else found.files
+        return found
+
+    def _find(self, clean: bool) -> Checkpoint | None:
+        """The newest usable checkpoint; with ``clean``, delete every other one and interrupted writes."""
         self.directory.mkdir(parents=True, exist_ok=True)
-        for leftover in self.directory.glob(f".{_PREFIX}*.tmp-*"):
-            logger.info("Deleting %s: a checkpoint write that was interrupted", leftover)
-            shutil.rmtree(leftover, ignore_errors=True)
+        if clean:
+            for leftover in self.directory.glob(f".{_PREFIX}*.tmp-*"):
+                logger.info("Deleting %s: a checkpoint write that was interrupted", leftover)
+                shutil.rmtree(leftover, ignore_errors=True)
         found = None
         # Newest first; (length, name) orders step-1000000 after step-999999.
         for path in sorted(self.directory.glob(f"{_PREFIX}*"), key=lambda p: (len(p.name), p.name), reverse=True):
@@ -239,10 +310,10 @@ class CheckpointStore:
             if reason is None and found is None:
                 state = json.loads((path / STATE_FILE).read_text())
                 found = Checkpoint(path, state["step"], state)
-                continue
-            if reason is not None:
-                logger.warning("Discarding checkpoint %s: %s", path, reason)
-            shutil.rmtree(path, ignore_errors=True)
+            elif clean:
+                if reason is not None:
+                    logger.warning("Discarding checkpoint %s: %s", path, reason)
+                shutil.rmtree(path, ignore_errors=True)
         return found
 
     def _unusable(self, path: Path) -> str | None:
@@ -270,27 +341,81 @@ class CheckpointStore:
         Returns:
             The checkpoint directory.
         """
-        from safetensors.torch import save_file
-
         path = self.directory / f"{_PREFIX}{step:06d}"
-        with atomic_dir(path) as tmp:
-            save_file(trainable_state(model), str(tmp / ADAPTER_FILE))
-            if best is not None:
-                save_file(best, str(tmp / BEST_ADAPTER_FILE))
-            save_tree(tmp, "optimizer", optimizer.state_dict())
-            save_tree(tmp, "rng", rng_states())
-            record = {**state, "step": step, "format": FORMAT_VERSION, "fingerprint": self.fingerprint}
-            (tmp / STATE_FILE).write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
-            _fsync_tree(tmp)  # a rename can reach the disk before the data it names
+        record = {**state, "step": step, "format": FORMAT_VERSION, "fingerprint": self.fingerprint,
+                  "layout": self.layout}
+        if self.processes.num_processes > 1:
+            self._save_together(path, model, optimizer, record, best)
+        else:
+            with atomic_dir(path) as tmp:
+                _write_tensors(tmp, model, optimizer, best)
+                _write_state(tmp, record)
+            self._delete_older(path)
+        return path
+
+    def _save_together(self, path: Path, model, optimizer, record: dict, best: dict | None) -> None:
+        """Every rank writes its part into one temporary directory that rank 0 completes and renames.
+
+        Sharded (FSDP): each rank's tensors go to ``rank-N/``. Whole (DDP): rank 0 writes the
+        single-process files, the other ranks only their RNG states (each GPU has its own).
+        """
+        processes = self.processes
+        tmp = self.directory / f".{path.name}.tmp-ranks"
+        if processes.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        processes.barrier()
+        ok = True
+        try:
+            if processes.is_main and not self.layout["sharded"]:
+                _write_tensors(tmp, model, optimizer, best)
+            else:
+                own = tmp / _rank_dir(processes.rank)
+                own.mkdir()
+                if self.layout["sharded"]:
+                    _write_tensors(own, model, optimizer, best)
+                else:
+                    save_tree(own, "rng", rng_states())
+                    _fsync_tree(own)
+        except OSError:
+            logger.exception("rank %d could not write its part of checkpoint %s", processes.rank, path)
+            ok = False
+        if not processes.all_true(ok):  # a collective: every rank has finished writing
+            raise UserError(f"a training process could not write its part of {path} (see the messages above): "
+                            "free disk space or point --checkpoints elsewhere")
+        if processes.is_main:
+            _write_state(tmp, record)
+            os.replace(tmp, path)
+            self._delete_older(path)
+        processes.barrier()
+
+    def _delete_older(self, path: Path) -> None:
         _fsync_dir(self.directory)
         for older in self.directory.glob(f"{_PREFIX}*"):
             if older != path:
                 shutil.rmtree(older, ignore_errors=True)
-        return path
+
+
+def _write_tensors(directory: Path, model, optimizer, best: dict | None) -> None:
+    from safetensors.torch import save_file
+
+    save_file(trainable_state(model), str(directory / ADAPTER_FILE))
+    if best is not None:
+        save_file(best, str(directory / BEST_ADAPTER_FILE))
+    save_tree(directory, "optimizer", optimizer.state_dict())
+    save_tree(directory, "rng", rng_states())
+    _fsync_tree(directory)  # a rename can reach the disk before the data it names
+
+
+def _write_state(directory: Path, record: dict) -> None:
+    (directory / STATE_FILE).write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+    _fsync_tree(directory)
 
 
 def _fsync_tree(directory: Path) -> None:
     for file in directory.iterdir():
+        if file.is_dir():
+            continue  # a rank's shard, synced by that rank
         with open(file, "rb") as handle:
             os.fsync(handle.fileno())
     _fsync_dir(directory)

@@ -11,7 +11,9 @@ One process is the default and trains exactly as it always did. With
   (per-device batch x accumulation x processes) stays what params.yaml says whatever N is,
   and runs with different process counts stay comparable;
 - averages its gradients with the others (DDP prepared by accelerate, or torch FSDP) before the step;
-- leaves every file to rank 0.
+- leaves every file to rank 0, except its own shard of an FSDP checkpoint (checkpoints.py);
+- resumes from the run's last checkpoint with the others: the data position counts global
+  micro-batches, so each rank's shard of the stream continues where it stopped.
 
 FSDP shards the frozen 4-bit base across ranks; it can only flatten the Params4bit weights
 together with the rest when they are stored in the compute dtype (``bnb_4bit_quant_storage``,
@@ -127,6 +129,7 @@ class SingleProcess:
     num_processes = 1
     rank = 0
     is_main = True
+    shards_state = False  # whether each rank holds only a shard of the trainable state (FSDP)
 
     def __init__(self, device):
         self.device = device
@@ -175,6 +178,13 @@ class SingleProcess:
         """The sum of ``value`` over all processes."""
         return value
 
+    def all_true(self, value: bool) -> bool:
+        """Whether ``value`` holds on every process."""
+        return value
+
+    def barrier(self) -> None:
+        """Wait until every process gets here."""
+
 
 class AcceleratedProcesses(SingleProcess):
     """One of several processes, synchronised through an accelerate Accelerator (DDP or FSDP)."""
@@ -184,12 +194,14 @@ class AcceleratedProcesses(SingleProcess):
         from accelerate import Accelerator
 
         self.params = params
+        die_with_launcher()
         # cpu=True is how accelerate picks gloo ranks on a machine without GPUs (MULTI_CPU).
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
         self.num_processes = self.accelerator.num_processes
         self.rank = self.accelerator.process_index
         self.is_main = self.accelerator.is_main_process
         self.device = self.accelerator.device
+        self.shards_state = params.strategy == "fsdp"
         if self.num_processes != params.num_processes:
             raise UserError(
                 f"this launch has {self.num_processes} processes but distributed.num_processes is "
@@ -267,6 +279,29 @@ class AcceleratedProcesses(SingleProcess):
 
         tensor = torch.tensor([int(value)], device=self.device)
         return int(self.accelerator.reduce(tensor, reduction="sum")[0])
+
+    def all_true(self, value: bool) -> bool:
+        return self.sum(int(bool(value))) == self.num_processes
+
+    def barrier(self) -> None:
+        self.accelerator.wait_for_everyone()
+
+
+def die_with_launcher() -> None:
+    """Make this rank exit when the launcher that started it dies, however it died (Linux).
+
+    torch.distributed.run starts each rank in a session of its own, so a rank outlives a
+    launcher killed with SIGKILL and would go on training and writing checkpoints unseen.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() == 1:  # the launcher died before the line above
+        os._exit(1)
 
 
 def start(params: DistributedParams, device):

@@ -153,6 +153,8 @@ def train(model, train_set, eval_set, params: TrainingParams, device, progress=N
     from transformers import get_scheduler
 
     processes = processes or SingleProcess(device)
+    # Saved and restored tensors are named as in the PEFT model, whatever wraps it (DDP adds "module.").
+    inner = processes.unwrap(model)
     n_steps = total_steps(params, len(train_set))
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params.optimizer, trainable, params.learning_rate, params.weight_decay)
@@ -163,7 +165,7 @@ def train(model, train_set, eval_set, params: TrainingParams, device, progress=N
     latest = checkpoints.latest() if checkpoints else None
     last_checkpoint = latest.path if latest else None
     if latest:
-        result, best = _restore(latest, model, optimizer, scheduler)
+        result, best = _restore(latest, inner, optimizer, scheduler)
         logger.info("Resuming from %s: %d of %d steps done", latest.path, latest.step, n_steps)
     # The data position counts the whole run's micro-batches, before they are split across ranks.
     batches = processes.shard(micro_batches(len(train_set), params.per_device_batch_size, params.seed,
@@ -207,7 +209,7 @@ def train(model, train_set, eval_set, params: TrainingParams, device, progress=N
             record.eval_loss, _ = mean_token_loss(
                 model, eval_set, params.per_device_batch_size, device, params.max_eval_batches
             )
-            best = _track_best(result, record, model, params, best)
+            best = _track_best(result, record, inner, params, best)
         result.history.append(record)
         result.steps = step
         result.train_seconds = seconds_before + (paused - started)
@@ -224,14 +226,14 @@ def train(model, train_set, eval_set, params: TrainingParams, device, progress=N
             logger.info(line)
         if checkpoints and checkpoints.due(step, last=step == n_steps or result.stop_reason is not None):
             state = {"scheduler": scheduler.state_dict(), "result": result.to_state()}
-            last_checkpoint = checkpoints.save(step, model, optimizer, state, best)
+            last_checkpoint = checkpoints.save(step, inner, optimizer, state, best)
         started += time.perf_counter() - paused
         if result.stop_reason:
             logger.info("Stopping early at step %d: %s", step, result.stop_reason)
             result.log_lines.append(f"stopped early at step {step}: {result.stop_reason}")
             break
     if params.keep_best_adapter and best is not None and result.best_step != result.steps:
-        load_trainable_state(model, best)
+        load_trainable_state(inner, best)
         logger.info("Keeping the adapter of step %d (eval loss %.4f), not the last one", result.best_step,
                     result.best_eval_loss)
     window = [r.train_loss for r in result.history[-max(1, min(10, len(result.history) // 4)) :]]
