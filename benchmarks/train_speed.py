@@ -42,8 +42,10 @@ CASES = {  # name: (shape, seq, batch)
     "C": ("llama-2-7b", 2048, 2),
 }
 ALL_OFF = AccelerationParams(keep_frozen_dtype=False, lora_fast_forward=False, chunked_cross_entropy=False,
-                             uncheckpointed_layers=0, compile_layers=False, unpaged_optimizer=False)
+                             fused_kernels=False, uncheckpointed_layers=0, compile_layers=False,
+                             unpaged_optimizer=False, cuda_graphs=False)
 DEFAULT = AccelerationParams()
+NO_GRAPHS = replace(DEFAULT, cuda_graphs=False)
 RESULTS_FILE: Path | None = None
 
 
@@ -145,32 +147,50 @@ def randomize_lora_b(model) -> None:
                 p.copy_(torch.randn(p.shape, generator=generator, device=p.device) * 0.01)
 
 
-def step(model, optimizer, trainable, input_ids, autocast: bool) -> float:
-    """One optimizer step as training.train does it (plus autocast for the plain recipe)."""
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-        loss = model(input_ids=input_ids, labels=input_ids).loss
-    loss.backward()
+def forward_backward(model, input_ids, autocast: bool, graphed=None):
+    """Forward and backward of one batch as training.train runs it: replayed as a CUDA graph
+    when ``graphed`` (an acceleration.GraphedStep) takes it, else eagerly (plus autocast for the plain recipe)."""
+    loss = graphed({"input_ids": input_ids}, input_ids, 1.0) if graphed is not None else None
+    if loss is None:
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            loss = model(input_ids=input_ids, labels=input_ids).loss
+        loss.backward()
+    return loss
+
+
+def step(model, optimizer, trainable, input_ids, autocast: bool, graphed=None) -> float:
+    """One optimizer step as training.train does it."""
+    loss = forward_backward(model, input_ids, autocast, graphed)
     torch.nn.utils.clip_grad_norm_(trainable, 1.0)
     optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return loss.detach()
+    optimizer.zero_grad(set_to_none=graphed is None)
+    return loss.detach().clone()
 
 
-def loss_and_grads(model, input_ids, autocast: bool):
-    """Loss and flattened LoRA gradients on one batch with dropout off (deterministic)."""
+def loss_and_grads(model, input_ids, autocast: bool, graphed_factory=None):
+    """Loss and flattened LoRA gradients on one batch with dropout off (deterministic).
+
+    With ``graphed_factory`` the batch runs as a replayed CUDA graph captured for it (with
+    dropout off; the timed steps capture their own, with dropout on).
+    """
     dropouts = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
     saved = [m.p for m in dropouts]
     for m in dropouts:
         m.p = 0.0
     model.zero_grad(set_to_none=True)
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-        loss = model(input_ids=input_ids, labels=input_ids).loss
-    loss.backward()
+    graphed = graphed_factory() if graphed_factory else None
+    loss = forward_backward(model, input_ids, autocast, graphed)
+    if graphed is not None:
+        assert graphed.replays == 1, f"the CUDA graph was not used: {graphed.failed}"
     grads = {n: p.grad.detach().float().flatten().cpu() for n, p in model.named_parameters() if p.requires_grad}
+    loss = float(loss)
+    del graphed
     model.zero_grad(set_to_none=True)
+    gc.collect()
+    torch.cuda.empty_cache()
     for m, p in zip(dropouts, saved):
         m.p = p
-    return float(loss), grads
+    return loss, grads
 
 
 def compare(ref, other) -> tuple[float, float, float]:
@@ -188,22 +208,30 @@ def compare(ref, other) -> tuple[float, float, float]:
     return abs(loss - ref_loss), total, worst
 
 
-def phase_times(model, optimizer, trainable, batches, autocast: bool) -> dict:
-    """Milliseconds per phase of a step (synchronising between phases), averaged over batches."""
+def phase_times(model, optimizer, trainable, batches, autocast: bool, graphed=None) -> dict:
+    """Milliseconds per phase of a step (synchronising between phases), averaged over batches.
+
+    A CUDA graph runs forward and backward as one replay: its time is counted as forward.
+    """
     totals = {"forward_ms": 0.0, "backward_ms": 0.0, "optimizer_ms": 0.0}
     for input_ids in batches:
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-            loss = model(input_ids=input_ids, labels=input_ids).loss
-        torch.cuda.synchronize()
-        t1 = time.perf_counter()
-        loss.backward()
+        loss = graphed({"input_ids": input_ids}, input_ids, 1.0) if graphed is not None else None
+        if loss is None:
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+                loss = model(input_ids=input_ids, labels=input_ids).loss
+            torch.cuda.synchronize()
+            t1 = time.perf_counter()
+            loss.backward()
+        else:
+            torch.cuda.synchronize()
+            t1 = time.perf_counter()
         torch.cuda.synchronize()
         t2 = time.perf_counter()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=graphed is None)
         torch.cuda.synchronize()
         t3 = time.perf_counter()
         for key, value in zip(totals, (t1 - t0, t2 - t1, t3 - t2)):
@@ -211,19 +239,20 @@ def phase_times(model, optimizer, trainable, batches, autocast: bool) -> dict:
     return totals
 
 
-def time_steps(model, batches, autocast: bool, warmup: int, optimizer_name: str) -> dict:
+def time_steps(model, batches, autocast: bool, warmup: int, optimizer_name: str, graphed_factory=None) -> dict:
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = training.make_optimizer(optimizer_name, trainable, 2e-4, 0.0)
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
+    graphed = graphed_factory() if graphed_factory else None  # captured at the first step (warm-up)
     started = None
     losses = []
     for i, input_ids in enumerate(batches):
         if i == warmup:
             torch.cuda.synchronize()
             started = time.perf_counter()
-        losses.append(step(model, optimizer, trainable, input_ids, autocast))
+        losses.append(step(model, optimizer, trainable, input_ids, autocast, graphed))
     torch.cuda.synchronize()
     seconds = time.perf_counter() - started
     tokens = sum(b.numel() for b in batches[warmup:])
@@ -236,24 +265,29 @@ def time_steps(model, batches, autocast: bool, warmup: int, optimizer_name: str)
         "last_loss": float(losses[-1]),
         "optimizer": optimizer_name,
     }
-    result.update(phase_times(model, optimizer, trainable, batches[-2:], autocast))
-    del optimizer
+    if graphed is not None:
+        result["cuda_graph_replays"] = graphed.replays
+        result["cuda_graph_failed"] = graphed.failed
+    result.update(phase_times(model, optimizer, trainable, batches[-2:], autocast, graphed))
+    del optimizer, graphed
+    model.zero_grad(set_to_none=True)
     return result
 
 
 def run_variant(label, model, case, batches, numerics_batch, autocast, warmup, reference, results, prepare=None,
-                optimizer="paged_adamw_8bit"):
+                optimizer="paged_adamw_8bit", graphs=False):
     print(f"--- {case} {label}", flush=True)
     row = {"case": case, "variant": label}
     numerics = None
+    graphed_factory = (lambda: acceleration.GraphedStep(model)) if graphs else None  # noqa: E731
     try:
         if prepare is not None:
-            row["applied"] = prepare()
-        numerics = loss_and_grads(model, numerics_batch, autocast)
+            row["applied"] = prepare() + (["cuda_graphs"] if graphs else [])
+        numerics = loss_and_grads(model, numerics_batch, autocast, graphed_factory)
         row["loss"] = numerics[0]
         if reference is not None:
             row["loss_diff"], row["grad_cos"], row["grad_cos_worst"] = compare(reference, numerics)
-        row.update(time_steps(model, batches, autocast, warmup, optimizer))
+        row.update(time_steps(model, batches, autocast, warmup, optimizer, graphed_factory))
         if "compile" in label:  # why compiling does not remove more of the launch overhead
             from torch._dynamo.utils import counters
 
@@ -279,18 +313,22 @@ def ours_variants(case: str, n_layers: int) -> list[tuple[str, AccelerationParam
     if case == "A":
         variants += [(f"ours + {name} only", replace(ALL_OFF, **{name: True}))
                      for name in ("keep_frozen_dtype", "lora_fast_forward", "chunked_cross_entropy",
-                                  "unpaged_optimizer")]
-    variants.append(("ours, defaults", DEFAULT))
+                                  "unpaged_optimizer", "cuda_graphs")]
+    variants += [("ours, defaults without cuda_graphs", NO_GRAPHS),
+                 ("ours, defaults without fused_kernels", replace(DEFAULT, fused_kernels=False)),
+                 ("ours, defaults", DEFAULT)]
     if case == "A":
         variants += [("ours, defaults + uncheckpointed_layers=8", replace(DEFAULT, uncheckpointed_layers=8)),
+                     ("ours, defaults + uncheckpointed_layers=12", replace(DEFAULT, uncheckpointed_layers=12)),
                      ("ours, defaults + uncheckpointed_layers=16", replace(DEFAULT, uncheckpointed_layers=16))]
     if case == "B":
         variants += [(f"ours, defaults + no checkpointing ({n_layers})", replace(DEFAULT, uncheckpointed_layers=n_layers)),
                      ("ours, defaults + compile_layers + uncheckpointed_layers=4",
-                      replace(DEFAULT, compile_layers=True, uncheckpointed_layers=4))]
+                      replace(DEFAULT, compile_layers=True, uncheckpointed_layers=4, cuda_graphs=False))]
     if case == "C":
-        variants = [("ours, defaults", DEFAULT)]
-    variants.append(("ours, defaults + compile_layers", replace(DEFAULT, compile_layers=True)))
+        variants = [("ours, defaults without cuda_graphs", NO_GRAPHS), ("ours, defaults", DEFAULT)]
+    # compile_layers runs without CUDA graphs (acceleration.graphed_step): the two do not combine.
+    variants.append(("ours, defaults + compile_layers", replace(DEFAULT, compile_layers=True, cuda_graphs=False)))
     return variants
 
 
@@ -336,7 +374,7 @@ def run_shape(shape: str, cases: list[str], args, results: list) -> None:
             optimizer = acceleration.training_params(TrainingParams(optimizer="paged_adamw_8bit"), params,
                                                      device).optimizer
             run_variant(label, model, case, data[case][0], data[case][1], False, args.warmup,
-                        references[case], results, prepare, optimizer)
+                        references[case], results, prepare, optimizer, graphs=params.cuda_graphs)
         acceleration.remove(model, upcast_dtype=torch.float32)
     if args.liger and "A" in cases:
         def prepare_liger():
@@ -349,7 +387,7 @@ def run_shape(shape: str, cases: list[str], args, results: list) -> None:
                                         fused_linear_cross_entropy=False, model=model.get_base_model())
             return applied + ["liger rope, rms_norm, swiglu"]
         run_variant("ours, defaults + liger-kernel RMSNorm/SwiGLU/RoPE", model, "A", data["A"][0], data["A"][1],
-                    False, args.warmup, references["A"], results, prepare_liger)
+                    False, args.warmup, references["A"], results, prepare_liger, graphs=DEFAULT.cuda_graphs)
     for row in results:
         if row.get("case") in cases and "tokens_per_s" in row:
             _, seq, _ = CASES[row["case"]]

@@ -86,8 +86,11 @@ def main(argv: list[str] | None = None) -> None:
     fingerprint = checkpoints.run_fingerprint(args.base, args.data, quantization=quant, lora=lora, training=params)
     store = checkpoints.CheckpointStore(args.checkpoints, params.checkpoint_every_steps, fingerprint, world)
     with Progress(*columns, console=console, transient=False, disable=not world.is_main) as progress:
+        graphed = acceleration.graphed_step(model, fast_paths, device, world.num_processes)
         result = training.train(model, train_set, eval_set, acceleration.training_params(params, fast_paths, device),
-                                device, progress, checkpoints=store, processes=world)
+                                device, progress, checkpoints=store, processes=world, graphed=graphed)
+    if graphed is not None and graphed.failed:
+        logger.warning("Trained without CUDA graphs: %s", graphed.failed)
     logger.info(modeling.memory_summary(device))
     state_dict = world.adapter_state_dict(model)  # a collective under FSDP: every rank takes part
     if not world.is_main:
@@ -118,6 +121,7 @@ def main(argv: list[str] | None = None) -> None:
         "best_step": result.best_step,
         "stopped_early": result.stop_reason is not None,
         "resumed_from_step": result.resumed_from_step or 0,
+        "cuda_graph_replays": graphed.replays if graphed is not None else 0,
         "environment": modeling.environment_record(device),
     }
     write_json(args.metrics, metrics)

@@ -153,3 +153,48 @@ def test_unpaged_optimizer_swaps_only_paged_8bit_adamw_and_only_on_cuda():
     assert acceleration.training_params(paged, AccelerationParams(), cuda) is paged  # off by default
     torch_adamw = TrainingParams(optimizer="adamw_torch")
     assert acceleration.training_params(torch_adamw, unpaged, cuda) is torch_adamw
+
+
+def test_cuda_graphs_are_on_by_default_and_only_taken_on_cuda_in_one_process(tiny_llama_dir):
+    model, _ = _quantized_lora_model(tiny_llama_dir)
+    assert AccelerationParams().cuda_graphs
+    assert acceleration.graphed_step(model, AccelerationParams(), torch.device("cpu")) is None
+    if torch.cuda.is_available():
+        assert acceleration.graphed_step(model, AccelerationParams(), torch.device("cuda")) is not None
+        assert acceleration.graphed_step(model, AccelerationParams(cuda_graphs=False), torch.device("cuda")) is None
+        assert acceleration.graphed_step(model, AccelerationParams(), torch.device("cuda"), num_processes=2) is None
+        assert acceleration.graphed_step(model, AccelerationParams(compile_layers=True), torch.device("cuda")) is None
+
+
+def test_the_packed_mask_is_causal_within_each_document_only():
+    positions = torch.tensor([[0, 1, 2, 0, 1, 5, 6]])  # documents [0, 3), [3, 5), [5, 7) (5 does not follow 1)
+    mask = acceleration.packed_causal_mask(positions)[0, 0]
+    document = torch.tensor([0, 0, 0, 1, 1, 2, 2])
+    want = (document[:, None] == document[None, :]) & torch.ones(7, 7, dtype=torch.bool).tril()
+    assert mask.dtype == torch.bool and torch.equal(mask, want)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_the_packed_mask_is_what_transformers_builds_from_position_ids(arch, tiny_llama_dir, tiny_qwen2_dir):
+    """The graphed step passes the mask explicitly; the model must compute what position_ids alone give."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir if arch == "llama" else tiny_qwen2_dir,
+                                                 dtype=torch.float32).eval()
+    input_ids = torch.randint(4, 200, (2, 24), generator=torch.Generator().manual_seed(0))
+    positions = torch.tensor([list(range(10)) + list(range(14)), list(range(7, 20)) + list(range(11))])
+    with torch.no_grad():
+        packed = model(input_ids=input_ids, position_ids=positions, use_cache=False).logits
+        masked = model(input_ids=input_ids, position_ids=positions, use_cache=False,
+                       attention_mask=acceleration.packed_causal_mask(positions)).logits
+        causal = model(input_ids=input_ids, position_ids=positions, use_cache=False,
+                       attention_mask=torch.ones(2, 1, 24, 24, dtype=torch.bool).tril()).logits
+    assert torch.allclose(masked, packed, atol=1e-5)
+    assert not torch.allclose(causal[:, 14:], packed[:, 14:], atol=1e-3)  # the documents really are kept apart
+
+
+def test_fused_kernels_are_on_by_default_and_leave_the_cpu_path_alone(tiny_qwen2_dir):
+    assert AccelerationParams().fused_kernels
+    model, dtype = _quantized_lora_model(tiny_qwen2_dir)
+    assert "fused_kernels" not in acceleration.apply(model, AccelerationParams(), torch.device("cpu"), dtype)
+    assert not any("forward" in vars(m) for m in model.modules())

@@ -99,7 +99,7 @@ def test_train_writes_a_peft_adapter_metrics_curves_and_log(run):
     metrics = json.loads((run["metrics"] / "train.json").read_text())
     assert set(metrics) == {"train_loss", "eval_loss", "steps", "tokens_trained", "tokens_per_second",
                             "train_seconds", "wall_seconds", "trainable_params", "total_params", "compute_dtype",
-                            "device", "best_step", "stopped_early", "resumed_from_step",
+                            "device", "best_step", "stopped_early", "resumed_from_step", "cuda_graph_replays",
                             "environment", "num_processes", "global_batch_size"} | _memory_keys()
     assert set(metrics["environment"]) == {"torch", "transformers", "peft", "bitsandbytes", "cuda", "gpu"}
     assert metrics["environment"]["torch"] == __import__("torch").__version__

@@ -130,7 +130,7 @@ def _restore(checkpoint, model, optimizer, scheduler) -> tuple[TrainResult, dict
 
 
 def train(model, train_set, eval_set, params: TrainingParams, device, progress=None,
-          checkpoints: CheckpointStore | None = None, processes=None) -> TrainResult:
+          checkpoints: CheckpointStore | None = None, processes=None, graphed=None) -> TrainResult:
     """Train the LoRA parameters of ``model`` on ``train_set``, resuming from a checkpoint if there is one.
 
     Args:
@@ -142,6 +142,8 @@ def train(model, train_set, eval_set, params: TrainingParams, device, progress=N
         checkpoints: where to resume from and write checkpoints (None: neither).
         processes: the distributed.SingleProcess / AcceleratedProcesses this rank belongs to
             (None: one process). Losses, tokens and the log then describe all ranks together.
+        graphed: an acceleration.GraphedStep that runs a micro-batch's forward and backward as
+            one CUDA graph (None, or a micro-batch it declines: the eager forward and backward).
 
     Returns:
         The per-step history, final losses and throughput. ``model`` holds the adapter to
@@ -185,21 +187,23 @@ def train(model, train_set, eval_set, params: TrainingParams, device, progress=N
             batch = train_set[index]
             inputs = model_inputs(batch, device)
             labels = batch["labels"].to(device).long()
-            with processes.no_sync(model, last=micro == accumulation - 1):
-                outputs = model(**inputs, labels=labels)
-                processes.backward(outputs.loss / accumulation)
-            step_loss += outputs.loss.item() / accumulation
+            loss = graphed(inputs, labels, 1 / accumulation) if graphed is not None else None
+            if loss is None:  # eager: the plain forward and backward
+                with processes.no_sync(model, last=micro == accumulation - 1):
+                    loss = model(**inputs, labels=labels).loss
+                    processes.backward(loss / accumulation)
+            step_loss += loss.item() / accumulation
             step_tokens += inputs["input_ids"].numel()
         step_loss, step_tokens = processes.mean(step_loss), processes.sum(step_tokens)
         if not math.isfinite(step_loss):
             # Nothing of this step is applied or saved: the last checkpoint stays the last good one.
-            raise UserError(divergence_message(step_loss, step, outputs.logits.dtype, params, last_checkpoint))
+            raise UserError(divergence_message(step_loss, step, _compute_dtype(inner), params, last_checkpoint))
         if params.max_grad_norm > 0:
             processes.clip_grad_norm_(trainable, params.max_grad_norm)
         learning_rate = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=graphed is None)  # a graph accumulates into fixed tensors
         result.tokens_trained += step_tokens
 
         record = StepRecord(step=step, epoch=round(step * params.gradient_accumulation_steps / batches_per_epoch, 4),
@@ -241,6 +245,15 @@ def train(model, train_set, eval_set, params: TrainingParams, device, progress=N
     kept_best = params.keep_best_adapter and result.best_eval_loss is not None
     result.final_eval_loss = result.best_eval_loss if kept_best else result.history[-1].eval_loss
     return result
+
+
+def _compute_dtype(model):
+    """The dtype the model computes in: its quantized layers' compute dtype, else its output head's."""
+    for module in model.modules():
+        dtype = getattr(module, "compute_dtype", None)
+        if dtype is not None:
+            return dtype
+    return model.get_output_embeddings().weight.dtype
 
 
 def _track_best(result: TrainResult, record: StepRecord, model, params: TrainingParams, best):

@@ -1,0 +1,149 @@
+"""Where a training step's time goes on the GPU: host-bound or device-bound, and on what.
+
+    PYTHONPATH=src python benchmarks/profile_step.py --cases B,A --out bench-out/profile
+
+Builds this project's train path on the random-init Qwen2.5-3B shape (as train_speed.py does),
+runs a few warm-up steps per variant, then records two steps with torch.profiler and prints,
+per variant: wall ms per step, GPU-busy ms per step (the union of kernel intervals), kernel
+launches per step, and the operators with the most host time and the kernels with the most
+GPU time. A step whose GPU-busy time is far below its wall time is host-bound: fewer, larger
+kernels (or graphs) pay there, faster kernels do not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from qlorapipe import acceleration, training
+from train_speed import CASES, DEFAULT, build_ours, randomize_lora_b, save_random_model, shape_config
+
+VARIANTS = {
+    "defaults": DEFAULT,
+    "defaults + compile_layers": replace(DEFAULT, compile_layers=True),
+    "defaults + compile_layers + flat_absmax": replace(DEFAULT, compile_layers=True),
+}
+
+
+def flatten_absmax(model) -> int:
+    """Dequantize double-quantized absmax once (frozen weights: it never changes); returns weights changed.
+
+    An experiment: it removes one small kernel and its Python per 4-bit matmul, and costs
+    about 0.4 bits per weight (fp32 absmax per 64 weights instead of 8-bit).
+    """
+    import bitsandbytes.functional as F
+
+    changed = 0
+    for module in model.modules():
+        state = getattr(getattr(module, "weight", None), "quant_state", None)
+        if state is None or not state.nested:
+            continue
+        absmax = F.dequantize_blockwise(state.absmax, state.state2)
+        absmax += state.offset
+        state.absmax, state.nested, state.state2, state.offset = absmax.float(), False, None, None
+        changed += 1
+    return changed
+
+
+def busy_ms(events) -> float:
+    """Milliseconds during which at least one kernel ran (overlapping kernels counted once)."""
+    spans = sorted((e.time_range.start, e.time_range.end) for e in events)
+    total, end = 0.0, -1.0
+    for start, stop in spans:
+        if stop <= end:
+            continue
+        total += stop - max(start, end)
+        end = stop
+    return total / 1000
+
+
+def profile_variant(model, batches, trainable, label: str, case: str, out: Path) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    optimizer = training.make_optimizer("adamw_8bit", trainable, 2e-4, 0.0)
+
+    def one_step(input_ids):
+        loss = model(input_ids=input_ids, labels=input_ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for input_ids in batches[:-2]:
+        one_step(input_ids)
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for input_ids in batches[-2:]:
+            one_step(input_ids)
+        torch.cuda.synchronize()
+    wall = (time.perf_counter() - started) * 1000 / 2
+    events = prof.events()
+    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    launches = [e for e in events if e.name in ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel",
+                                                "cudaGraphLaunch")]
+    row = {
+        "case": case, "variant": label,
+        "wall_ms_per_step_profiled": round(wall, 1),
+        "gpu_busy_ms_per_step": round(busy_ms(kernels) / 2, 1),
+        "kernels_per_step": len(kernels) // 2,
+        "launch_calls_per_step": len(launches) // 2,
+    }
+    averages = prof.key_averages()
+    cpu_table = averages.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=70)
+    gpu_table = averages.table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=70)
+    name = f"{case}-{label.replace(' ', '').replace('+', '_')}"
+    (out / f"{name}-cpu.txt").write_text(cpu_table)
+    (out / f"{name}-gpu.txt").write_text(gpu_table)
+    print(json.dumps(row), flush=True)
+    print(cpu_table[:6000], flush=True)
+    print(gpu_table[:4000], flush=True)
+    del optimizer
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cases", default="B,A")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--out", type=Path, default=Path("bench-out/profile"))
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/qlorapipe-bench"))
+    parser.add_argument("--steps", type=int, default=5, help="warm-up steps before the two profiled ones")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    model_dir, _ = save_random_model("qwen2.5-3b", args.workdir)
+    config = shape_config("qwen2.5-3b")
+    model, compute_dtype = build_ours(model_dir)
+    randomize_lora_b(model)
+    device = torch.device("cuda")
+    rows = []
+    for label in args.variants.split(","):
+        acceleration.remove(model, upcast_dtype=torch.float32)
+        applied = acceleration.apply(model, VARIANTS[label], device, compute_dtype)
+        if label.endswith("flat_absmax"):
+            applied.append(f"flat_absmax on {flatten_absmax(model)} weights")
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        for case in args.cases.split(","):
+            _, seq, batch = CASES[case]
+            generator = torch.Generator().manual_seed(3)
+            batches = [torch.randint(0, config.vocab_size, (batch, seq), generator=generator).cuda()
+                       for _ in range(args.steps + 2)]
+            row = profile_variant(model, batches, trainable, label, case, args.out)
+            row["applied"] = applied
+            rows.append(row)
+            (args.out / "profile.json").write_text(json.dumps(rows, indent=1))
+            gc.collect()
+            torch.cuda.empty_cache()
+    for row in rows:
+        print(json.dumps(row))
+
+
+if __name__ == "__main__":
+    main()
