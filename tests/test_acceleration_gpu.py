@@ -114,3 +114,23 @@ def test_the_train_stage_replays_cuda_graphs_and_reports_it(tmp_path, tiny_qwen2
     metrics = json.loads((tmp_path / "train.json").read_text())
     assert metrics["cuda_graph_replays"] >= 6  # 8 micro-batches; a short last one may run eagerly
     assert metrics["eval_loss"] < 20
+
+
+def test_a_step_that_cannot_be_captured_runs_eagerly_and_training_goes_on(tiny_qwen2_dir, caplog):
+    device = torch.device("cuda")
+    model = _tiny_lora(tiny_qwen2_dir, AccelerationParams())
+    def read_on_host(module, inputs, output):  # a host read of a GPU value, as some layers do: not capturable
+        float(output.sum())
+
+    hook = model.get_base_model().model.norm.register_forward_hook(read_on_host)
+    ids = torch.randint(4, 300, (2, 64), device=device, generator=torch.Generator(device).manual_seed(1))
+    graphed = acceleration.GraphedStep(model)
+    model.zero_grad(set_to_none=True)
+    assert graphed({"input_ids": ids}, ids, 1.0) is None
+    assert graphed.failed and "CUDA graphs off" in caplog.text
+    assert all(p.grad is None or not p.grad.any() for p in model.parameters() if p.requires_grad)
+    loss = model(input_ids=ids, labels=ids).loss  # the eager step after the failed capture
+    loss.backward()
+    assert torch.isfinite(loss) and any(p.grad.abs().sum() > 0 for p in model.parameters() if p.requires_grad)
+    assert graphed({"input_ids": ids}, ids, 1.0) is None  # it does not try again
+    hook.remove()

@@ -520,5 +520,9 @@ def graphed_step(model, params: AccelerationParams, device, num_processes: int =
     if params.compile_layers:
         logger.info("acceleration.cuda_graphs is not combined with compile_layers: training without CUDA graphs")
         return None
+    if any(type(module).__name__ == "Linear8bitLt" for module in model.modules()):
+        # LLM.int8() picks outlier columns on the host at every call: nothing a graph can replay.
+        logger.info("acceleration.cuda_graphs does not apply to 8-bit layers: training without CUDA graphs")
+        return None
     logger.info("Acceleration: cuda_graphs (captured at the first micro-batch)")
     return GraphedStep(model)
