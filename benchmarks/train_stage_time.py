@@ -29,14 +29,16 @@ from train_speed import save_random_model  # noqa: E402
 from qlorapipe import data  # noqa: E402
 
 OFF = {"keep_frozen_dtype": False, "lora_fast_forward": False, "chunked_cross_entropy": False,
-       "uncheckpointed_layers": 0, "compile_layers": False, "unpaged_optimizer": False}
+       "fused_kernels": False, "uncheckpointed_layers": 0, "compile_layers": False, "unpaged_optimizer": False,
+       "cuda_graphs": False}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("bench-out"))
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/qlorapipe-stage"))
-    parser.add_argument("--only-defaults", action="store_true", help="skip the run with every lever off")
+    parser.add_argument("--runs", default="defaults,without cuda_graphs,all levers off",
+                        help="comma-separated labels of the runs to make")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     args.workdir.mkdir(parents=True, exist_ok=True)
@@ -48,8 +50,10 @@ def main() -> None:
         chunks = torch.randint(0, 49152, (n, seq), generator=generator).tolist()
         data.save_chunks(chunks, args.workdir / "prepared" / split)
     rows = []
-    runs = [("defaults", params["acceleration"]), ("all levers off", OFF)]
-    for label, accel in runs[:1] if args.only_defaults else runs:
+    runs = [("defaults", params["acceleration"]),
+            ("without cuda_graphs", dict(params["acceleration"], cuda_graphs=False)),
+            ("all levers off", OFF)]
+    for label, accel in [(label, accel) for label, accel in runs if label in args.runs.split(",")]:
         run_params = dict(params, acceleration=accel)
         params_file = args.workdir / f"params-{len(rows)}.yaml"
         params_file.write_text(yaml.safe_dump(run_params, sort_keys=False))
@@ -58,7 +62,8 @@ def main() -> None:
         command = [sys.executable, str(ROOT / "stages" / "train.py"), "--params", str(params_file),
                    "--base", str(base), "--data", str(args.workdir / "prepared"), "--adapter", str(out / "adapter"),
                    "--metrics", str(metrics), "--history", str(out / "history.csv"),
-                   "--curves", str(out / "curves.png"), "--log", str(out / "log.txt")]
+                   "--curves", str(out / "curves.png"), "--log", str(out / "log.txt"),
+                   "--checkpoints", str(out / "checkpoints")]
         started = time.perf_counter()
         subprocess.run(command, check=True)
         wall = time.perf_counter() - started
