@@ -20,19 +20,28 @@ def _loss_and_grads(model, input_ids, autocast):
     return float(loss), grads
 
 
-@pytest.mark.parametrize("params", [AccelerationParams(), AccelerationParams(uncheckpointed_layers=1)])
-def test_fast_paths_match_the_plain_recipe_on_cuda(tiny_qwen2_dir, params):
+def _tiny_lora(tiny_qwen2_dir, params: AccelerationParams | None, dropout: float = 0.0):
+    """The tiny Qwen2 in 4-bit with LoRA (B non-zero), training mode; ``params``' levers applied unless None."""
     device = torch.device("cuda")
     model, dtype = modeling.load_base_model(tiny_qwen2_dir, QuantizationParams(), device)
     assert dtype in (torch.bfloat16, torch.float16)
     torch.manual_seed(0)
-    model = modeling.add_lora(model, LoraParams(rank=8, alpha=16, dropout=0.0), quantized=True,
+    model = modeling.add_lora(model, LoraParams(rank=8, alpha=16, dropout=dropout), quantized=True,
                               gradient_checkpointing=True)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_B" in name:
                 param.copy_(torch.randn_like(param) * 0.05)
     model.train()
+    if params is not None:
+        acceleration.apply(model, params, device, dtype)
+    return model, dtype
+
+
+@pytest.mark.parametrize("params", [AccelerationParams(), AccelerationParams(uncheckpointed_layers=1)])
+def test_fast_paths_match_the_plain_recipe_on_cuda(tiny_qwen2_dir, params):
+    device = torch.device("cuda")
+    model, dtype = _tiny_lora(tiny_qwen2_dir, None)
     input_ids = torch.randint(4, 300, (2, 64), device=device, generator=torch.Generator(device).manual_seed(0))
     ref_loss, ref_grads = _loss_and_grads(model, input_ids, autocast=True)
     applied = acceleration.apply(model, params, device, dtype)
@@ -44,25 +53,10 @@ def test_fast_paths_match_the_plain_recipe_on_cuda(tiny_qwen2_dir, params):
     assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
 
 
-def _tiny_lora(tiny_qwen2_dir, params: AccelerationParams, dropout: float = 0.0):
-    device = torch.device("cuda")
-    model, dtype = modeling.load_base_model(tiny_qwen2_dir, QuantizationParams(), device)
-    torch.manual_seed(0)
-    model = modeling.add_lora(model, LoraParams(rank=8, alpha=16, dropout=dropout), quantized=True,
-                              gradient_checkpointing=True)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn_like(param) * 0.05)
-    model.train()
-    acceleration.apply(model, params, device, dtype)
-    return model
-
-
 @pytest.mark.parametrize("packed", [False, True])
 def test_a_graphed_step_computes_the_eager_loss_and_accumulates_the_eager_gradients(tiny_qwen2_dir, packed):
     device = torch.device("cuda")
-    model = _tiny_lora(tiny_qwen2_dir, AccelerationParams())
+    model, _ = _tiny_lora(tiny_qwen2_dir, AccelerationParams())
     trainable = [p for _, p in sorted(model.named_parameters()) if p.requires_grad]
     generator = torch.Generator(device).manual_seed(0)
     batches = [torch.randint(4, 300, (2, 64), device=device, generator=generator) for _ in range(3)]
@@ -118,7 +112,7 @@ def test_the_train_stage_replays_cuda_graphs_and_reports_it(tmp_path, tiny_qwen2
 
 def test_a_step_that_cannot_be_captured_runs_eagerly_and_training_goes_on(tiny_qwen2_dir, caplog):
     device = torch.device("cuda")
-    model = _tiny_lora(tiny_qwen2_dir, AccelerationParams())
+    model, _ = _tiny_lora(tiny_qwen2_dir, AccelerationParams())
     def read_on_host(module, inputs, output):  # a host read of a GPU value, as some layers do: not capturable
         float(output.sum())
 
