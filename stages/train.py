@@ -9,7 +9,9 @@ Reads the ``quantization``, ``lora``, ``training``, ``acceleration`` and ``distr
 of params.yaml. Killed midway, it resumes from the last complete checkpoint in --checkpoints when
 run again with the same params, data and base model (and discards checkpoints of any other run).
 With distributed.num_processes > 1 it relaunches itself through ``accelerate launch`` on that
-many processes (see qlorapipe.distributed); only rank 0 writes the outputs.
+many processes (see qlorapipe.distributed); only rank 0 writes the outputs, and all ranks write
+and resume each checkpoint together (see qlorapipe.checkpoints). On CUDA in one process, each
+micro-batch's forward and backward is a CUDA graph replay (acceleration.GraphedStep).
 """
 
 from __future__ import annotations
