@@ -151,6 +151,14 @@ def tiny_params(model_path: Path, corpus: Path, **overrides) -> dict:
     return params
 
 
+def train_args(params: Path, base: Path, data: Path, out: Path) -> list[str]:
+    """stages/train.py's arguments, every output under ``out`` with the names the tests read."""
+    return ["--params", str(params), "--base", str(base), "--data", str(data), "--adapter", str(out / "adapter"),
+            "--metrics", str(out / "train.json"), "--history", str(out / "history.csv"),
+            "--curves", str(out / "curves.png"), "--log", str(out / "log.txt"),
+            "--checkpoints", str(out / "checkpoints")]
+
+
 def write_params(path: Path, params: dict) -> Path:
     import yaml
 

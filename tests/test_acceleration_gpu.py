@@ -92,7 +92,7 @@ def test_a_graphed_step_computes_the_eager_loss_and_accumulates_the_eager_gradie
 def test_the_train_stage_replays_cuda_graphs_and_reports_it(tmp_path, tiny_qwen2_dir, corpus_file):
     import json
 
-    from conftest import load_stage, tiny_params, write_params
+    from conftest import load_stage, tiny_params, train_args, write_params
 
     params = write_params(tmp_path / "params.yaml", tiny_params(tiny_qwen2_dir, corpus_file, **{
         "training.max_steps": 4, "training.gradient_accumulation_steps": 2, "model.dtype": "bfloat16"}))
@@ -100,11 +100,7 @@ def test_the_train_stage_replays_cuda_graphs_and_reports_it(tmp_path, tiny_qwen2
     load_stage("prepare").main(["--params", str(params), "--base", str(tmp_path / "base"), "--out",
                                 str(tmp_path / "data"), "--report", str(tmp_path / "data.json"),
                                 "--lengths", str(tmp_path / "l.csv"), "--lengths-plot", str(tmp_path / "l.png")])
-    load_stage("train").main(["--params", str(params), "--base", str(tmp_path / "base"), "--data",
-                              str(tmp_path / "data"), "--adapter", str(tmp_path / "adapter"),
-                              "--metrics", str(tmp_path / "train.json"), "--history", str(tmp_path / "h.csv"),
-                              "--curves", str(tmp_path / "c.png"), "--log", str(tmp_path / "log.txt"),
-                              "--checkpoints", str(tmp_path / "checkpoints")])
+    load_stage("train").main(train_args(params, tmp_path / "base", tmp_path / "data", tmp_path))
     metrics = json.loads((tmp_path / "train.json").read_text())
     assert metrics["cuda_graph_replays"] >= 6  # 8 micro-batches; a short last one may run eagerly
     assert metrics["eval_loss"] < 20

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, load_stage, tiny_params, write_params
+from conftest import ROOT, load_stage, tiny_params, train_args, write_params
 from qlorapipe import distributed
 from qlorapipe.errors import UserError
 from qlorapipe.params import DistributedParams, TrainingParams, parse_section
@@ -48,11 +48,7 @@ def _train(prepared: dict, tiny_llama_dir: Path, corpus_file: Path, name: str, *
     out.mkdir()
     params = write_params(out.parent / f"{name}.yaml",
                           tiny_params(tiny_llama_dir, corpus_file, **{**BATCH, **overrides}))
-    load_stage("train").main(["--params", str(params), "--base", str(prepared["base"]),
-                              "--data", str(prepared["prepared"]), "--adapter", str(out / "adapter"),
-                              "--metrics", str(out / "train.json"), "--history", str(out / "history.csv"),
-                              "--curves", str(out / "curves.png"), "--log", str(out / "log.txt"),
-                              "--checkpoints", str(out / "checkpoints")])
+    load_stage("train").main(train_args(params, prepared["base"], prepared["prepared"], out))
     return out
 
 
@@ -107,10 +103,7 @@ def test_a_global_batch_that_does_not_divide_is_refused_before_anything_loads(tm
     params = write_params(tmp_path / "params.yaml", tiny_params(
         tiny_llama_dir, corpus_file, **{"training.gradient_accumulation_steps": 3, "distributed.num_processes": 2}))
     with pytest.raises(UserError, match="must be a multiple of distributed.num_processes"):
-        load_stage("train").main(["--params", str(params), "--base", "nowhere", "--data", "nowhere",
-                                  "--adapter", str(tmp_path / "a"), "--metrics", str(tmp_path / "m.json"),
-                                  "--history", str(tmp_path / "h.csv"), "--curves", str(tmp_path / "c.png"),
-                                  "--log", str(tmp_path / "l.txt"), "--checkpoints", str(tmp_path / "k")])
+        load_stage("train").main(train_args(params, Path("nowhere"), Path("nowhere"), tmp_path))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
 
 
@@ -207,10 +200,7 @@ RESUME = {"training.max_steps": 12, "training.per_device_batch_size": 8, "traini
 
 
 def _stage_command(prepared: dict, out: Path, params: Path) -> list[str]:
-    return [sys.executable, str(ROOT / "stages/train.py"), "--params", str(params), "--base", str(prepared["base"]),
-            "--data", str(prepared["prepared"]), "--adapter", str(out / "adapter"),
-            "--metrics", str(out / "train.json"), "--history", str(out / "history.csv"),
-            "--curves", str(out / "curves.png"), "--log", str(out / "log.txt"), "--checkpoints", str(out / "checkpoints")]
+    return [sys.executable, str(ROOT / "stages/train.py"), *train_args(params, prepared["base"], prepared["prepared"], out)]
 
 
 def _checkpoint_steps(out: Path) -> list[int]:

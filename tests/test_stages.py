@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import load_stage, tiny_params, write_params
+from conftest import load_stage, tiny_params, train_args, write_params
 from qlorapipe.errors import UserError
 
 
@@ -190,10 +190,7 @@ def test_bad_params_stop_before_any_weights_load(tmp_path, tiny_llama_dir, corpu
     params = write_params(tmp_path / "params.yaml", tiny_params(tiny_llama_dir, corpus_file, **{
         "training.optimizer": "adam"}))
     with pytest.raises(UserError, match="training.optimizer: must be one of"):
-        load_stage("train").main(["--params", str(params), "--base", "nowhere", "--data", "nowhere",
-                                  "--adapter", str(tmp_path / "a"), "--metrics", str(tmp_path / "m.json"),
-                                  "--history", str(tmp_path / "h.csv"), "--curves", str(tmp_path / "c.png"),
-                                  "--log", str(tmp_path / "l.txt"), "--checkpoints", str(tmp_path / "ck")])
+        load_stage("train").main(train_args(params, Path("nowhere"), Path("nowhere"), tmp_path))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
 
 
@@ -310,10 +307,6 @@ def test_chat_data_is_packed_identically_twice_and_trains(tmp_path, tiny_llama_d
     assert {len(row) for row in train["input_ids"]} == {256}
     restarts = sum(1 for row in train["position_ids"] for i, p in enumerate(row) if p == 0)
     assert restarts == report["train"]["examples"]
-    load_stage("train").main(["--params", str(params), "--base", str(tmp_path / "base"),
-                              "--data", str(tmp_path / "a" / "prepared"), "--adapter", str(tmp_path / "adapter"),
-                              "--metrics", str(tmp_path / "m.json"), "--history", str(tmp_path / "h.csv"),
-                              "--curves", str(tmp_path / "c.png"), "--log", str(tmp_path / "l.txt"),
-                              "--checkpoints", str(tmp_path / "checkpoints")])
-    metrics = json.loads((tmp_path / "m.json").read_text())
+    load_stage("train").main(train_args(params, tmp_path / "base", tmp_path / "a" / "prepared", tmp_path))
+    metrics = json.loads((tmp_path / "train.json").read_text())
     assert metrics["steps"] == 2 and math.isfinite(metrics["eval_loss"])

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, load_stage, tiny_params, write_params
+from conftest import ROOT, load_stage, tiny_params, train_args, write_params
 from qlorapipe import checkpoints, data, modeling, training
 from qlorapipe.errors import UserError
 from qlorapipe.params import parse_section
@@ -44,11 +44,7 @@ def prepared(tmp_path_factory, tiny_llama_dir, corpus_file) -> Path:
 
 
 def _train_args(prepared: Path, work: Path) -> list[str]:
-    return ["--params", str(work / "params.yaml"), "--base", str(prepared / "models/base"),
-            "--data", str(prepared / "data/prepared"), "--adapter", str(work / "adapter"),
-            "--metrics", str(work / "train.json"), "--history", str(work / "history.csv"),
-            "--curves", str(work / "curves.png"), "--log", str(work / "log.txt"),
-            "--checkpoints", str(work / "checkpoints")]
+    return train_args(work / "params.yaml", prepared / "models/base", prepared / "data/prepared", work)
 
 
 def _run_dir(tmp_path_factory, tiny_llama_dir, corpus_file, name: str, **overrides) -> Path:

@@ -473,11 +473,10 @@ class GraphedStep:
         import torch
 
         self.static = {"input_ids": inputs["input_ids"].clone(), "labels": labels.clone(),
-                       "scale": torch.zeros((), dtype=torch.float32, device=labels.device)}
+                       "scale": torch.full((), scale, dtype=torch.float32, device=labels.device)}
         if "position_ids" in inputs:
             self.static["position_ids"] = inputs["position_ids"].clone()
             self.static["attention_mask"] = packed_causal_mask(inputs["position_ids"])
-        self._load(inputs, labels, scale)
         # The warm-up runs really accumulate gradients: put back what the step had so far
         # (usually nothing: the first micro-batch of a step).
         kept = [None if param.grad is None else param.grad.clone() for param in self.trainable]

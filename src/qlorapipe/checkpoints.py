@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from qlorapipe.distributed import SingleProcess
 from qlorapipe.errors import UserError
 from qlorapipe.model_source import read_source_record
 from qlorapipe.outputs import atomic_dir
@@ -190,7 +191,7 @@ def load_trainable_state(model, tensors: dict) -> None:
 
 def layout(processes) -> dict:
     """How a run holds its trainable state: whole on every rank, or sharded over ``num_processes`` (FSDP)."""
-    sharded = getattr(processes, "shards_state", False)
+    sharded = processes.shards_state
     return {"sharded": sharded, "num_processes": processes.num_processes if sharded else 1}
 
 
@@ -248,8 +249,6 @@ class CheckpointStore:
     """
 
     def __init__(self, directory: Path, every_steps: int, run_fingerprint: str, processes=None):
-        from qlorapipe.distributed import SingleProcess
-
         self.directory = Path(directory)
         self.every_steps = every_steps
         self.fingerprint = run_fingerprint
