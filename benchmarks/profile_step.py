@@ -26,6 +26,7 @@ from train_speed import CASES, DEFAULT, build_ours, randomize_lora_b, save_rando
 
 VARIANTS = {
     "defaults": DEFAULT,
+    "defaults + uncheckpointed_layers=36": replace(DEFAULT, uncheckpointed_layers=36),
     "defaults + compile_layers": replace(DEFAULT, compile_layers=True),
     "defaults + compile_layers + flat_absmax": replace(DEFAULT, compile_layers=True),
 }
@@ -63,7 +64,31 @@ def busy_ms(events) -> float:
     return total / 1000
 
 
-def profile_variant(model, batches, trainable, label: str, case: str, out: Path) -> dict:
+# Kernel-name fragments -> category, first match wins (names as CUDA reports them).
+CATEGORIES = (
+    ("flash attention", ("flash", "fmha", "attention")),
+    ("matmul", ("gemm", "sm90_xmma", "cutlass", "nvjet", "cublas", "matmul")),
+    ("nf4 dequantize", ("dequantize", "kDequant")),
+    ("triton (liger)", ("_rms_norm", "_swiglu", "triton")),
+    ("dropout / random", ("dropout", "philox", "fused_dropout", "bernoulli", "rand")),
+    ("copy / cast", ("copy", "cast", "direct_copy", "to_copy", "cat", "transpose")),
+    ("reduction", ("reduce", "norm", "sum", "softmax", "log_softmax", "nll")),
+    ("optimizer", ("optimizer", "kOptimizer", "adam")),
+    ("elementwise", ("elementwise", "vectorized", "unrolled", "mul", "add", "silu")),
+)
+
+
+def kernel_categories(kernels, steps: int) -> dict:
+    """GPU milliseconds per step by kernel category, largest first."""
+    totals: dict[str, float] = {}
+    for event in kernels:
+        name = event.name.lower()
+        category = next((c for c, parts in CATEGORIES if any(p.lower() in name for p in parts)), "other")
+        totals[category] = totals.get(category, 0.0) + (event.time_range.end - event.time_range.start) / 1000 / steps
+    return {k: round(v, 1) for k, v in sorted(totals.items(), key=lambda kv: -kv[1])}
+
+
+def profile_variant(model, batches, trainable, label: str, case: str, out: Path, rows: int = 25) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     optimizer = training.make_optimizer("adamw_8bit", trainable, 2e-4, 0.0)
@@ -85,7 +110,10 @@ def profile_variant(model, batches, trainable, label: str, case: str, out: Path)
         torch.cuda.synchronize()
     wall = (time.perf_counter() - started) * 1000 / 2
     events = prof.events()
-    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    # GPU-side events, less the user annotations torch.profiler also puts on the GPU timeline
+    # (such as the whole "Optimizer.step#..." span), which are not kernels.
+    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA
+               and not getattr(e, "is_user_annotation", False) and not e.name.startswith("Optimizer.")]
     launches = [e for e in events if e.name in ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel",
                                                 "cudaGraphLaunch")]
     row = {
@@ -94,16 +122,17 @@ def profile_variant(model, batches, trainable, label: str, case: str, out: Path)
         "gpu_busy_ms_per_step": round(busy_ms(kernels) / 2, 1),
         "kernels_per_step": len(kernels) // 2,
         "launch_calls_per_step": len(launches) // 2,
+        "gpu_ms_per_step_by_category": kernel_categories(kernels, 2),
     }
     averages = prof.key_averages()
     cpu_table = averages.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=70)
-    gpu_table = averages.table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=70)
+    gpu_table = averages.table(sort_by="self_cuda_time_total", row_limit=rows, max_name_column_width=90)
     name = f"{case}-{label.replace(' ', '').replace('+', '_')}"
     (out / f"{name}-cpu.txt").write_text(cpu_table)
     (out / f"{name}-gpu.txt").write_text(gpu_table)
     print(json.dumps(row), flush=True)
     print(cpu_table[:6000], flush=True)
-    print(gpu_table[:4000], flush=True)
+    print(gpu_table[:12000], flush=True)
     del optimizer
     return row
 
@@ -115,6 +144,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench-out/profile"))
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/qlorapipe-bench"))
     parser.add_argument("--steps", type=int, default=5, help="warm-up steps before the two profiled ones")
+    parser.add_argument("--rows", type=int, default=25, help="kernels listed in the GPU table")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     args.workdir.mkdir(parents=True, exist_ok=True)
@@ -135,7 +165,7 @@ def main() -> None:
             generator = torch.Generator().manual_seed(3)
             batches = [torch.randint(0, config.vocab_size, (batch, seq), generator=generator).cuda()
                        for _ in range(args.steps + 2)]
-            row = profile_variant(model, batches, trainable, label, case, args.out)
+            row = profile_variant(model, batches, trainable, label, case, args.out, args.rows)
             row["applied"] = applied
             rows.append(row)
             (args.out / "profile.json").write_text(json.dumps(rows, indent=1))

@@ -43,7 +43,7 @@ CASES = {  # name: (shape, seq, batch)
 }
 ALL_OFF = AccelerationParams(keep_frozen_dtype=False, lora_fast_forward=False, chunked_cross_entropy=False,
                              fused_kernels=False, uncheckpointed_layers=0, compile_layers=False,
-                             unpaged_optimizer=False, cuda_graphs=False)
+                             unpaged_optimizer=False, cuda_graphs=False, async_optimizer=False)
 DEFAULT = AccelerationParams()
 NO_GRAPHS = replace(DEFAULT, cuda_graphs=False)
 RESULTS_FILE: Path | None = None
@@ -239,12 +239,14 @@ def phase_times(model, optimizer, trainable, batches, autocast: bool, graphed=No
     return totals
 
 
-def time_steps(model, batches, autocast: bool, warmup: int, optimizer_name: str, graphed_factory=None) -> dict:
+def time_steps(model, batches, autocast: bool, warmup: int, optimizer_name: str, graphed_factory=None,
+               async_optimizer: bool = False) -> dict:
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = training.make_optimizer(optimizer_name, trainable, 2e-4, 0.0)
+    optimizer = training.make_optimizer(optimizer_name, trainable, 2e-4, 0.0, sync_each_parameter=not async_optimizer)
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
+    allocated_before = torch.cuda.memory_allocated()
     graphed = graphed_factory() if graphed_factory else None  # captured at the first step (warm-up)
     started = None
     losses = []
@@ -261,6 +263,7 @@ def time_steps(model, batches, autocast: bool, warmup: int, optimizer_name: str,
         "step_ms": 1000 * seconds / (len(batches) - warmup),
         "peak_alloc_gb": torch.cuda.max_memory_allocated() / 1e9,
         "peak_reserved_gb": torch.cuda.max_memory_reserved() / 1e9,
+        "allocated_before_gb": allocated_before / 1e9,  # weights, LoRA and whatever earlier variants left
         "first_loss": float(losses[0]),
         "last_loss": float(losses[-1]),
         "optimizer": optimizer_name,
@@ -275,7 +278,7 @@ def time_steps(model, batches, autocast: bool, warmup: int, optimizer_name: str,
 
 
 def run_variant(label, model, case, batches, numerics_batch, autocast, warmup, reference, results, prepare=None,
-                optimizer="paged_adamw_8bit", graphs=False):
+                optimizer="paged_adamw_8bit", graphs=False, async_optimizer=False):
     print(f"--- {case} {label}", flush=True)
     row = {"case": case, "variant": label}
     numerics = None
@@ -287,7 +290,7 @@ def run_variant(label, model, case, batches, numerics_batch, autocast, warmup, r
         row["loss"] = numerics[0]
         if reference is not None:
             row["loss_diff"], row["grad_cos"], row["grad_cos_worst"] = compare(reference, numerics)
-        row.update(time_steps(model, batches, autocast, warmup, optimizer, graphed_factory))
+        row.update(time_steps(model, batches, autocast, warmup, optimizer, graphed_factory, async_optimizer))
         if "compile" in label:  # why compiling does not remove more of the launch overhead
             from torch._dynamo.utils import counters
 
@@ -313,14 +316,15 @@ def ours_variants(case: str, n_layers: int) -> list[tuple[str, AccelerationParam
     if case == "A":
         variants += [(f"ours + {name} only", replace(ALL_OFF, **{name: True}))
                      for name in ("keep_frozen_dtype", "lora_fast_forward", "chunked_cross_entropy",
-                                  "unpaged_optimizer", "cuda_graphs")]
+                                  "unpaged_optimizer", "cuda_graphs", "async_optimizer")]
     variants += [("ours, defaults without cuda_graphs", NO_GRAPHS),
+                 ("ours, defaults without async_optimizer", replace(DEFAULT, async_optimizer=False)),
+                 ("ours, defaults without unpaged_optimizer", replace(DEFAULT, unpaged_optimizer=False)),
                  ("ours, defaults without fused_kernels", replace(DEFAULT, fused_kernels=False)),
                  ("ours, defaults", DEFAULT)]
     if case == "A":
-        variants += [("ours, defaults + uncheckpointed_layers=8", replace(DEFAULT, uncheckpointed_layers=8)),
-                     ("ours, defaults + uncheckpointed_layers=12", replace(DEFAULT, uncheckpointed_layers=12)),
-                     ("ours, defaults + uncheckpointed_layers=16", replace(DEFAULT, uncheckpointed_layers=16))]
+        variants += [(f"ours, defaults + uncheckpointed_layers={n}", replace(DEFAULT, uncheckpointed_layers=n))
+                     for n in (8, 16, 24, 28, 32, 36)]
     if case == "B":
         variants += [(f"ours, defaults + no checkpointing ({n_layers})", replace(DEFAULT, uncheckpointed_layers=n_layers)),
                      ("ours, defaults + compile_layers + uncheckpointed_layers=4",
@@ -374,7 +378,8 @@ def run_shape(shape: str, cases: list[str], args, results: list) -> None:
             optimizer = acceleration.training_params(TrainingParams(optimizer="paged_adamw_8bit"), params,
                                                      device).optimizer
             run_variant(label, model, case, data[case][0], data[case][1], False, args.warmup,
-                        references[case], results, prepare, optimizer, graphs=params.cuda_graphs)
+                        references[case], results, prepare, optimizer, graphs=params.cuda_graphs,
+                        async_optimizer=params.async_optimizer)
         acceleration.remove(model, upcast_dtype=torch.float32)
     if args.liger and "A" in cases:
         def prepare_liger():

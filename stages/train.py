@@ -90,7 +90,8 @@ def main(argv: list[str] | None = None) -> None:
     with Progress(*columns, console=console, transient=False, disable=not world.is_main) as progress:
         graphed = acceleration.graphed_step(model, fast_paths, device, world.num_processes)
         result = training.train(model, train_set, eval_set, acceleration.training_params(params, fast_paths, device),
-                                device, progress, checkpoints=store, processes=world, graphed=graphed)
+                                device, progress, checkpoints=store, processes=world, graphed=graphed,
+                                async_optimizer=fast_paths.async_optimizer and device.type == "cuda")
     if graphed is not None and graphed.failed:
         logger.warning("Trained without CUDA graphs: %s", graphed.failed)
     logger.info(modeling.memory_summary(device))

@@ -150,7 +150,8 @@ def test_unpaged_optimizer_swaps_only_paged_8bit_adamw_and_only_on_cuda():
     unpaged = AccelerationParams(unpaged_optimizer=True)
     assert acceleration.training_params(paged, unpaged, cuda).optimizer == "adamw_8bit"
     assert acceleration.training_params(paged, unpaged, cpu) is paged
-    assert acceleration.training_params(paged, AccelerationParams(), cuda) is paged  # off by default
+    assert acceleration.training_params(paged, AccelerationParams(), cuda).optimizer == "adamw_8bit"  # on by default
+    assert acceleration.training_params(paged, AccelerationParams(unpaged_optimizer=False), cuda) is paged
     torch_adamw = TrainingParams(optimizer="adamw_torch")
     assert acceleration.training_params(torch_adamw, unpaged, cuda) is torch_adamw
 
@@ -198,3 +199,31 @@ def test_fused_kernels_are_on_by_default_and_leave_the_cpu_path_alone(tiny_qwen2
     model, dtype = _quantized_lora_model(tiny_qwen2_dir)
     assert "fused_kernels" not in acceleration.apply(model, AccelerationParams(), torch.device("cpu"), dtype)
     assert not any("forward" in vars(m) for m in model.modules())
+
+
+@pytest.mark.parametrize("name", ["adamw_8bit", "paged_adamw_8bit"])
+def test_the_async_optimizer_makes_the_same_updates_without_a_sync_per_parameter(name, monkeypatch):
+    import bitsandbytes.optim.optimizer as bnb_optimizer
+
+    from qlorapipe import training
+
+    syncs = []
+    monkeypatch.setattr(bnb_optimizer, "sync_gpu", lambda tensor: syncs.append(tensor))
+    generator = torch.Generator().manual_seed(0)
+    start = [torch.randn(64, 300, generator=generator) for _ in range(3)]  # > 4,096 elements: 8-bit states
+    finals = []
+    for sync_each_parameter in (True, False):
+        params = [torch.nn.Parameter(t.clone()) for t in start]
+        optimizer = training.make_optimizer(name, params, 1e-2, 0.01, sync_each_parameter=sync_each_parameter)
+        syncs.clear()
+        for step in range(3):
+            for i, param in enumerate(params):
+                param.grad = torch.sin(param.detach() * (step + i + 1))
+            optimizer.step()
+        finals.append([p.detach().clone() for p in params])
+        # bitsandbytes: one sync per parameter and step, plus one per step when paged.
+        assert len(syncs) == ((9 + 3 * name.startswith("paged")) if sync_each_parameter else 0)
+        assert isinstance(optimizer, type(training.make_optimizer(name, [torch.nn.Parameter(torch.zeros(1))], 1e-2, 0)))
+    assert not torch.equal(finals[0][0], start[0])
+    for stock, ours in zip(*finals, strict=True):
+        assert torch.equal(stock, ours)

@@ -108,7 +108,7 @@ def test_the_train_stage_replays_cuda_graphs_and_reports_it(tmp_path, tiny_qwen2
 
 def test_a_step_that_cannot_be_captured_runs_eagerly_and_training_goes_on(tiny_qwen2_dir, caplog):
     device = torch.device("cuda")
-    model, _ = _tiny_lora(tiny_qwen2_dir, AccelerationParams())
+    model, _ = _tiny_lora(tiny_qwen2_dir, AccelerationParams(), dropout=0.1)
     def read_on_host(module, inputs, output):  # a host read of a GPU value, as some layers do: not capturable
         float(output.sum())
 
@@ -119,8 +119,80 @@ def test_a_step_that_cannot_be_captured_runs_eagerly_and_training_goes_on(tiny_q
     assert graphed({"input_ids": ids}, ids, 1.0) is None
     assert graphed.failed and "CUDA graphs off" in caplog.text
     assert all(p.grad is None or not p.grad.any() for p in model.parameters() if p.requires_grad)
+    torch.rand(8, device=device)  # the generator left capture mode (dropout draws from it)
     loss = model(input_ids=ids, labels=ids).loss  # the eager step after the failed capture
     loss.backward()
     assert torch.isfinite(loss) and any(p.grad.abs().sum() > 0 for p in model.parameters() if p.requires_grad)
     assert graphed({"input_ids": ids}, ids, 1.0) is None  # it does not try again
     hook.remove()
+
+
+def test_the_dropout_kernel_redraws_the_same_mask_from_a_seed_at_the_rate_asked():
+    from qlorapipe import fused_lora
+
+    x = torch.randn(1000, 999, device="cuda", dtype=torch.bfloat16)
+    seed = fused_lora.new_seed("cuda")
+    first, second = fused_lora.dropout(x, 0.1, seed), fused_lora.dropout(x, 0.1, seed)
+    assert torch.equal(first, second)
+    kept = first != 0
+    assert abs(kept.float().mean().item() - 0.9) < 0.005
+    assert torch.allclose(first[kept].float(), x[kept].float() / 0.9, rtol=1e-2)
+    assert not torch.equal(first, fused_lora.dropout(x, 0.1, fused_lora.new_seed("cuda")))
+    add = torch.ones_like(x)
+    fused_lora.dropout(x, 0.1, seed, add=add)
+    assert torch.allclose(add.float(), first.float() + 1, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("swiglu", [False, True])
+def test_the_fused_lora_functions_compute_the_unfused_function_on_cuda(swiglu):
+    import bitsandbytes as bnb
+
+    from qlorapipe import fused_lora
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(256, 128, bias=False)
+    base = bnb.nn.Linear4bit(256, 128, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4")
+    base.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, quant_type="nf4")
+    base = base.cuda()
+    lora_a = (torch.randn(8, 256, device="cuda") * 0.1).requires_grad_()
+    lora_b = (torch.randn(128, 8, device="cuda") * 0.1).requires_grad_()
+    inputs = [torch.randn(4, 32, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+              for _ in range(2 if swiglu else 1)]
+    grad_out = torch.randn(4, 32, 128, device="cuda", dtype=torch.bfloat16)
+    torch.manual_seed(5)
+    fn = fused_lora.SwigluLoraLinear if swiglu else fused_lora.LoraLinear
+    out = fn.apply(*[t * 1 for t in inputs], lora_a, lora_b, base, 2.0, 0.1)
+    out.backward(grad_out)
+    got = [out.detach().float()] + [t.grad.float() for t in (*inputs, lora_a, lora_b)]
+    for t in (*inputs, lora_a, lora_b):
+        t.grad = None
+    torch.manual_seed(5)
+    ones = torch.ones(128, 256, device="cuda", dtype=torch.bfloat16)
+    mask = fused_lora.dropout(ones, 0.1, fused_lora.new_seed("cuda")).view(4, 32, 256)
+    x = torch.nn.functional.silu(inputs[0]) * inputs[1] if swiglu else inputs[0]
+    ref = base(x) + ((x * mask) @ lora_a.t().bfloat16() @ (lora_b * 2.0).t().bfloat16())
+    ref.backward(grad_out)
+    expected = [ref.detach().float()] + [t.grad.float() for t in (*inputs, lora_a, lora_b)]
+    for value, want in zip(got, expected, strict=True):
+        cosine = torch.nn.functional.cosine_similarity(value.flatten(), want.flatten(), dim=0)
+        assert cosine > 0.999, cosine
+
+
+def test_dropout_masks_are_redrawn_by_recomputation_and_fresh_at_every_replay(tiny_qwen2_dir):
+    device = torch.device("cuda")
+    ids = torch.randint(4, 300, (2, 64), device=device, generator=torch.Generator(device).manual_seed(2))
+    grads = []
+    for uncheckpointed in (0, 8):
+        model, _ = _tiny_lora(tiny_qwen2_dir, AccelerationParams(uncheckpointed_layers=uncheckpointed),
+                              dropout=0.2)
+        torch.manual_seed(3)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for _, p in sorted(model.named_parameters()) if p.requires_grad]))
+        del loss
+    assert torch.allclose(grads[0], grads[1], rtol=1e-3, atol=1e-6)  # recomputation used the same masks
+    graphed = acceleration.GraphedStep(model)
+    model.zero_grad(set_to_none=True)
+    losses = [float(graphed({"input_ids": ids}, ids, 1.0)) for _ in range(3)]
+    assert graphed.failed is None and graphed.replays == 3
+    assert len(set(losses)) == 3  # the same batch, different masks at each replay

@@ -64,10 +64,11 @@ def training_params(params: TrainingParams, fast_paths: AccelerationParams, devi
     """The training section to run with: on CUDA, paged 8-bit AdamW becomes its unpaged twin.
 
     Paging keeps optimizer states in unified memory so they can spill to the host under
-    memory pressure (bitsandbytes paged optimizers). LoRA's states are a few MB, so paging
+    memory pressure (bitsandbytes paged optimizers). LoRA's states are tens of MB, so paging
     buys nothing here; AdamW8bit and PagedAdamW8bit run the same update, only where the
-    states live differs. On an H100 the step-time difference was within run-to-run noise
-    (docs/benchmarks.md).
+    states live differs. A paged optimizer also synchronises with the GPU once per step,
+    which stalls the host while a CUDA graph replays: on an H100, unpaged was 6% (3B, seq
+    1024 x 4) to 38% (seq 512 x 1) faster (docs/benchmarks.md).
 
     Returns:
         ``params``, or a copy with the unpaged optimizer.
@@ -139,31 +140,22 @@ def keep_frozen_dtype(model, compute_dtype) -> bool:
 
 
 def _fast_lora_forward(self, x, *args, **kwargs):
-    """peft's LoRA forward for one plain adapter, with fewer and larger kernels.
+    """peft's LoRA forward for one plain adapter as one autograd function (fused_lora.LoraLinear).
 
     Same function as peft's ``Linear4bit.forward`` / ``Linear.forward``: base(x) + B(A(drop(x)))
     * scaling. Differences, all exact up to bfloat16 rounding: the small adapter weights are
     cast to the activations' dtype instead of the activations to the weights' float32 (the
     float32 master weights stay the ones the optimizer updates); the scaling is folded into
-    B; the add is fused into the second matmul (addmm); and the defensive clone of the base
-    output is skipped (addmm writes a new tensor, nothing is modified in place).
+    B; the LoRA product is added in place into the base output (no clone); and the backward
+    pass keeps only the input, drawing the dropout mask again from a seed instead of keeping
+    the dropped-out copy and the mask. Layers it cannot compute exactly run peft's forward.
     """
-    import torch
+    from qlorapipe import fused_lora
 
-    adapters = self.active_adapters
-    if (args or kwargs or self.disable_adapters or self.merged or len(adapters) != 1
-            or adapters[0] in getattr(self, "lora_variant", {}) or adapters[0] not in self.lora_A):
+    parts = None if (args or kwargs or x.numel() >= fused_lora.MAX_ELEMENTS) else fused_lora.lora_parts(self)
+    if parts is None:
         return type(self).forward(self, x, *args, **kwargs)
-    name = adapters[0]
-    lora_a, lora_b = self.lora_A[name], self.lora_B[name]
-    if lora_b.bias is not None:
-        return type(self).forward(self, x, *args, **kwargs)
-    result = self.base_layer(x)
-    dtype = result.dtype
-    hidden = torch.nn.functional.linear(self.lora_dropout[name](x).to(dtype), lora_a.weight.to(dtype))
-    scaled_b = (lora_b.weight * self.scaling[name]).to(dtype)
-    out = torch.addmm(result.reshape(-1, result.shape[-1]), hidden.reshape(-1, hidden.shape[-1]), scaled_b.t())
-    return out.view(result.shape)
+    return fused_lora.LoraLinear.apply(x, *parts)
 
 
 def use_fast_lora_forward(model) -> bool:
@@ -317,10 +309,23 @@ def _fused_rms_norm_forward(self, hidden_states):
 
 
 def _fused_swiglu_forward(self, x):
-    """down(silu(gate(x)) * up(x)) with the activation and product in one Triton kernel."""
+    """down(silu(gate(x)) * up(x)) with the activation and product in one Triton kernel.
+
+    With ``lora_fast_forward`` on the LoRA ``down_proj``, the product and the down projection
+    are one autograd function (fused_lora.SwigluLoraLinear) that recomputes the product in
+    the backward pass instead of keeping it.
+    """
     from liger_kernel.ops.swiglu import LigerSiLUMulFunction
 
-    return self.down_proj(LigerSiLUMulFunction.apply(self.gate_proj(x), self.up_proj(x)))
+    from qlorapipe import fused_lora
+
+    gate, up = self.gate_proj(x), self.up_proj(x)
+    down = self.down_proj
+    if vars(down).get("_qlorapipe_patched") and gate.numel() < fused_lora.MAX_ELEMENTS:
+        parts = fused_lora.lora_parts(down)
+        if parts is not None:
+            return fused_lora.SwigluLoraLinear.apply(gate, up, *parts)
+    return down(LigerSiLUMulFunction.apply(gate, up))
 
 
 def use_fused_kernels(model, compute_dtype) -> bool:
@@ -483,6 +488,10 @@ class GraphedStep:
         for param in self.trainable:
             if param.grad is None:
                 param.grad = torch.zeros_like(param)
+        # A capture that fails part-way leaves the CUDA generator in capture mode, and every
+        # later random draw (dropout) would fail: its state is put back from this copy.
+        generator = torch.cuda.default_generators[labels.device.index or 0]
+        generator_state = generator.clone_state()
         try:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
@@ -501,6 +510,7 @@ class GraphedStep:
             logger.warning("CUDA graphs off (acceleration.cuda_graphs), training eagerly: capturing the step "
                            "failed with %s", self.failed)
             torch.cuda.synchronize()
+            generator.graphsafe_set_state(generator_state)
         with torch.no_grad():
             for param, grad in zip(self.trainable, kept, strict=True):
                 param.grad.zero_() if grad is None else param.grad.copy_(grad)

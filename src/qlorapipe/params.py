@@ -204,13 +204,14 @@ class AccelerationParams:
     """
 
     keep_frozen_dtype: bool = True  # no float32 upcast of frozen norms and embeddings
-    lora_fast_forward: bool = True  # LoRA matmuls in the compute dtype, add fused, no clone
+    lora_fast_forward: bool = True  # each LoRA layer one autograd function: compute dtype, keeps only its input
     chunked_cross_entropy: bool = True  # loss without materialising full float32 logits
     fused_kernels: bool = True  # liger-kernel's fused RMSNorm and SwiGLU (Triton)
     uncheckpointed_layers: int = 0  # last N blocks keep activations (needs gradient checkpointing)
     compile_layers: bool = False  # torch.compile each transformer block
-    unpaged_optimizer: bool = False  # true: paged_adamw_8bit runs as adamw_8bit (same update, states on the GPU)
+    unpaged_optimizer: bool = True  # paged_adamw_8bit runs as adamw_8bit (same update, states on the GPU)
     cuda_graphs: bool = True  # forward + backward of a micro-batch replayed as one CUDA graph
+    async_optimizer: bool = True  # bitsandbytes optimizers without a GPU sync after every parameter
 
     def check(self) -> list[str]:
         if self.uncheckpointed_layers < 0:

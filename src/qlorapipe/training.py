@@ -12,6 +12,7 @@ adapter with the best eval loss instead of the last one.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import time
@@ -61,8 +62,15 @@ class TrainResult:
         return cls(**values)
 
 
-def make_optimizer(name: str, parameters, learning_rate: float, weight_decay: float):
-    """The optimizer params name. Paged variants fall back to unpaged on the CPU (bitsandbytes)."""
+def make_optimizer(name: str, parameters, learning_rate: float, weight_decay: float, sync_each_parameter: bool = True):
+    """The optimizer params name. Paged variants fall back to unpaged on the CPU (bitsandbytes).
+
+    Args:
+        sync_each_parameter: False steps a bitsandbytes optimizer without the
+            ``torch.cuda.synchronize()`` it issues after every parameter's update
+            (``acceleration.async_optimizer``): the same update, but the host queues the
+            updates while the GPU still runs the backward pass instead of waiting for it.
+    """
     import torch
 
     if name == "adamw_torch":
@@ -74,7 +82,44 @@ def make_optimizer(name: str, parameters, learning_rate: float, weight_decay: fl
         "paged_adamw_32bit": bnb.optim.PagedAdamW32bit,
         "adamw_8bit": bnb.optim.AdamW8bit,
     }[name]
+    # torch.optim wraps a class's step when it makes the first instance: compare what is wrapped.
+    if not sync_each_parameter and inspect.unwrap(cls.step) is inspect.unwrap(bnb.optim.optimizer.Optimizer8bit.step):
+        cls = _without_parameter_syncs(cls)
     return cls(parameters, lr=learning_rate, weight_decay=weight_decay)
+
+
+def _without_parameter_syncs(cls):
+    """A subclass of the bitsandbytes optimizer ``cls`` whose step does not synchronize per parameter."""
+    import torch
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        # bitsandbytes 0.50's Optimizer8bit.step, less its sync_gpu(p) after each parameter;
+        # paged optimizers still synchronize once at the end, as there.
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if not self.initialized:
+            self.check_overrides()
+            self.to_gpu()
+            self.initialized = True
+        last = None
+        for gindex, group in enumerate(self.param_groups):
+            for pindex, param in enumerate(group["params"]):
+                if param.grad is None:
+                    continue
+                if len(self.state[param]) == 0:
+                    self.init_state(group, param, gindex, pindex)
+                self.prefetch_state(param)
+                self.update_step(group, param, gindex, pindex)
+                last = param
+        if self.is_paged and last is not None and last.is_cuda:
+            torch.cuda.synchronize(last.device)
+        return loss
+
+    return type(cls.__name__, (cls,), {"step": step, "__module__": __name__,
+                                       "__doc__": f"{cls.__name__} without a GPU sync per parameter."})
 
 
 def total_steps(params: TrainingParams, n_train: int) -> int:
@@ -130,7 +175,8 @@ def _restore(checkpoint, model, optimizer, scheduler) -> tuple[TrainResult, dict
 
 
 def train(model, train_set, eval_set, params: TrainingParams, device, progress=None,
-          checkpoints: CheckpointStore | None = None, processes=None, graphed=None) -> TrainResult:
+          checkpoints: CheckpointStore | None = None, processes=None, graphed=None,
+          async_optimizer: bool = False) -> TrainResult:
     """Train the LoRA parameters of ``model`` on ``train_set``, resuming from a checkpoint if there is one.
 
     Args:
@@ -144,6 +190,8 @@ def train(model, train_set, eval_set, params: TrainingParams, device, progress=N
             (None: one process). Losses, tokens and the log then describe all ranks together.
         graphed: an acceleration.GraphedStep that runs a micro-batch's forward and backward as
             one CUDA graph (None, or a micro-batch it declines: the eager forward and backward).
+        async_optimizer: step a bitsandbytes optimizer without a GPU sync per parameter
+            (``make_optimizer``'s ``sync_each_parameter=False``).
 
     Returns:
         The per-step history, final losses and throughput. ``model`` holds the adapter to
@@ -159,7 +207,8 @@ def train(model, train_set, eval_set, params: TrainingParams, device, progress=N
     inner = processes.unwrap(model)
     n_steps = total_steps(params, len(train_set))
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params.optimizer, trainable, params.learning_rate, params.weight_decay)
+    optimizer = make_optimizer(params.optimizer, trainable, params.learning_rate, params.weight_decay,
+                               sync_each_parameter=not async_optimizer)
     scheduler = get_scheduler(
         params.lr_scheduler, optimizer, num_warmup_steps=params.warmup_steps, num_training_steps=n_steps
     )

@@ -1,0 +1,158 @@
+"""The fused LoRA autograd functions: the unfused function and gradients, less kept for backward (CPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qlorapipe import acceleration, fused_lora, modeling
+from qlorapipe.params import LoraParams, QuantizationParams
+
+
+def _base(kind: str, in_features: int, out_features: int):
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(in_features, out_features, bias=False)
+    if kind == "linear":
+        return linear.requires_grad_(False)
+    import bitsandbytes as bnb
+
+    quantized = bnb.nn.Linear4bit(in_features, out_features, bias=False, compute_dtype=torch.float32,
+                                  quant_type="nf4")
+    quantized.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, quant_type="nf4")
+    return quantized.to("cpu")
+
+
+def _mask(p: float, torch_seed: int, shape) -> torch.Tensor:
+    """The mask the fused function draws after torch.manual_seed(torch_seed), scaled by 1 / (1 - p)."""
+    torch.manual_seed(torch_seed)
+    return fused_lora.dropout(torch.ones(shape), p, fused_lora.new_seed("cpu"))
+
+
+def _lora(in_features, out_features, rank=4):
+    generator = torch.Generator().manual_seed(1)
+    lora_a = (torch.randn(rank, in_features, generator=generator) * 0.2).requires_grad_()
+    lora_b = (torch.randn(out_features, rank, generator=generator) * 0.2).requires_grad_()
+    return lora_a, lora_b
+
+
+@pytest.mark.parametrize("kind", ["linear", "nf4"])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_lora_linear_is_the_unfused_function_with_its_gradients(kind, p):
+    base = _base(kind, 16, 24)
+    lora_a, lora_b = _lora(16, 24)
+    x = torch.randn(3, 5, 16, generator=torch.Generator().manual_seed(2), requires_grad=True)
+    grad_out = torch.randn(3, 5, 24, generator=torch.Generator().manual_seed(3))
+    torch.manual_seed(7)
+    out = fused_lora.LoraLinear.apply(x, lora_a, lora_b, base, 2.0, p)
+    out.backward(grad_out)
+    got = [out.detach(), x.grad, lora_a.grad, lora_b.grad]
+    for tensor in (x, lora_a, lora_b):
+        tensor.grad = None
+    mask = _mask(p, 7, (15, 16)).view(3, 5, 16) if p > 0 else 1.0
+    ref = base(x) + (x * mask) @ lora_a.t() @ lora_b.t() * 2.0
+    ref.backward(grad_out)
+    for value, expected in zip(got, [ref.detach(), x.grad, lora_a.grad, lora_b.grad], strict=True):
+        assert torch.allclose(value, expected, atol=1e-5, rtol=1e-4)
+    if p > 0:  # the mask really drops: the function differs from the undropped one
+        assert not torch.allclose(got[0], base(x) + x @ lora_a.t() @ lora_b.t() * 2.0, atol=1e-3)
+
+
+def test_the_same_seed_draws_the_same_mask_at_the_rate_asked():
+    seed = torch.tensor([12345])
+    x = torch.randn(200, 300)
+    first, second = fused_lora.dropout(x, 0.25, seed), fused_lora.dropout(x, 0.25, seed)
+    assert torch.equal(first, second)
+    kept = first != 0
+    assert abs(kept.float().mean().item() - 0.75) < 0.01
+    assert torch.allclose(first[kept], x[kept] / 0.75)
+    other = fused_lora.dropout(x, 0.25, torch.tensor([54321]))
+    assert not torch.equal(first, other)
+    add = torch.ones_like(x)
+    assert fused_lora.dropout(x, 0.25, seed, add=add) is add
+    assert torch.allclose(add, first + 1)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_swiglu_lora_linear_is_down_of_silu_gate_times_up_with_its_gradients(p):
+    base = _base("nf4", 32, 8)
+    lora_a, lora_b = _lora(32, 8)
+    generator = torch.Generator().manual_seed(4)
+    gate = torch.randn(2, 6, 32, generator=generator, requires_grad=True)
+    up = torch.randn(2, 6, 32, generator=generator, requires_grad=True)
+    grad_out = torch.randn(2, 6, 8, generator=generator)
+    torch.manual_seed(9)
+    out = fused_lora.SwigluLoraLinear.apply(gate * 1, up * 1, lora_a, lora_b, base, 0.5, p)
+    out.backward(grad_out)
+    got = [out.detach(), gate.grad, up.grad, lora_a.grad, lora_b.grad]
+    for tensor in (gate, up, lora_a, lora_b):
+        tensor.grad = None
+    product = torch.nn.functional.silu(gate) * up
+    mask = _mask(p, 9, (12, 32)).view(2, 6, 32) if p > 0 else 1.0
+    ref = base(product) + (product * mask) @ lora_a.t() @ lora_b.t() * 0.5
+    ref.backward(grad_out)
+    for value, expected in zip(got, [ref.detach(), gate.grad, up.grad, lora_a.grad, lora_b.grad], strict=True):
+        assert torch.allclose(value, expected, atol=1e-5, rtol=1e-4)
+
+
+def _saved_bytes(fn) -> int:
+    """Bytes of distinct storages autograd keeps for the backward pass of ``fn()``."""
+    storages = {}
+
+    def pack(tensor):
+        storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        fn()
+    return sum(storages.values())
+
+
+def _lora_model(model_dir, dropout: float, checkpointing: bool = True):
+    model, _ = modeling.load_base_model(model_dir, QuantizationParams(load_in="4bit"), torch.device("cpu"))
+    torch.manual_seed(0)
+    model = modeling.add_lora(model, LoraParams(rank=8, alpha=16, dropout=dropout), quantized=True,
+                              gradient_checkpointing=checkpointing)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn_like(param) * 0.05)
+    model.train()
+    return model
+
+
+def test_a_fused_block_keeps_far_less_for_backward_than_peft(tiny_llama_dir):
+    model = _lora_model(tiny_llama_dir, dropout=0.1, checkpointing=False)
+    block = acceleration.decoder_layers(model)[0]
+    hidden = torch.randn(2, 64, model.config.hidden_size, requires_grad=True)
+    position_embeddings = model.get_base_model().model.rotary_emb(hidden, torch.arange(64)[None].expand(2, 64))
+
+    def run():
+        block(hidden, position_embeddings=position_embeddings)
+
+    peft_bytes = _saved_bytes(run)
+    assert acceleration.use_fast_lora_forward(model)
+    fused_bytes = _saved_bytes(run)
+    # peft keeps each of the 7 projections' dropped-out input and mask; the fused layers keep
+    # the inputs the block holds anyway.
+    assert fused_bytes < 0.75 * peft_bytes, (fused_bytes, peft_bytes)
+
+
+def test_checkpointed_blocks_redraw_the_masks_of_their_forward_pass(tiny_llama_dir):
+    """Same seeds, with and without recomputation: the same loss and gradients, so the
+    backward pass used the forward pass's masks; and dropout really acts."""
+    input_ids = torch.randint(4, 300, (2, 24), generator=torch.Generator().manual_seed(1))
+    results = []
+    for checkpointing in (True, False):
+        model = _lora_model(tiny_llama_dir, dropout=0.3, checkpointing=checkpointing)
+        assert acceleration.use_fast_lora_forward(model)
+        torch.manual_seed(11)
+        loss = model(input_ids=input_ids, labels=input_ids).loss
+        loss.backward()
+        grads = torch.cat([p.grad.flatten() for _, p in sorted(model.named_parameters()) if p.requires_grad])
+        results.append((loss.detach(), grads))
+        model.eval()
+        with torch.no_grad():
+            undropped = model(input_ids=input_ids, labels=input_ids).loss
+    assert torch.allclose(results[0][0], results[1][0], atol=1e-6)
+    assert torch.allclose(results[0][1], results[1][1], atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(results[0][0], undropped, atol=1e-4)
