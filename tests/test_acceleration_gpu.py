@@ -196,3 +196,19 @@ def test_dropout_masks_are_redrawn_by_recomputation_and_fresh_at_every_replay(ti
     losses = [float(graphed({"input_ids": ids}, ids, 1.0)) for _ in range(3)]
     assert graphed.failed is None and graphed.replays == 3
     assert len(set(losses)) == 3  # the same batch, different masks at each replay
+
+
+def test_capturing_again_leaves_no_memory_behind(tiny_qwen2_dir):
+    device = torch.device("cuda")
+    model, _ = _tiny_lora(tiny_qwen2_dir, AccelerationParams())
+    ids = torch.randint(4, 300, (2, 64), device=device, generator=torch.Generator(device).manual_seed(4))
+    allocated = []
+    for _ in range(3):
+        graphed = acceleration.GraphedStep(model)
+        model.zero_grad(set_to_none=True)
+        assert graphed({"input_ids": ids}, ids, 1.0) is not None
+        del graphed
+        model.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        allocated.append(torch.cuda.memory_allocated())
+    assert allocated[2] == allocated[1], allocated
