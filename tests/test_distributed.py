@@ -107,17 +107,19 @@ def test_a_global_batch_that_does_not_divide_is_refused_before_anything_loads(tm
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
 
 
-def test_fsdp_qlora_stores_4bit_weights_in_the_compute_dtype(prepared):
-    """bnb_4bit_quant_storage = compute dtype (bitsandbytes PR #970): what lets FSDP flatten 4-bit layers."""
+def test_fsdp_qlora_stores_4bit_weights_as_float32(prepared):
+    """bnb_4bit_quant_storage = float32 (bitsandbytes PR #970): what lets FSDP flatten 4-bit layers
+    with the float32 LoRA weights, whatever the compute dtype."""
     import torch
 
     from qlorapipe import modeling
     from qlorapipe.params import QuantizationParams
 
     cpu = torch.device("cpu")
-    plain, _ = modeling.load_base_model(prepared["base"], QuantizationParams(), cpu)
-    shardable, dtype = modeling.load_base_model(prepared["base"], QuantizationParams(), cpu, shardable_4bit=True)
-    assert dtype == torch.float32
+    plain, _ = modeling.load_base_model(prepared["base"], QuantizationParams(compute_dtype="bfloat16"), cpu)
+    shardable, dtype = modeling.load_base_model(prepared["base"], QuantizationParams(compute_dtype="bfloat16"), cpu,
+                                                shardable_4bit=True)
+    assert dtype == torch.bfloat16
     weight = dict(shardable.named_parameters())["model.layers.0.self_attn.q_proj.weight"]
     assert type(weight).__name__ == "Params4bit" and weight.dtype == torch.float32
     assert dict(plain.named_parameters())["model.layers.0.self_attn.q_proj.weight"].dtype == torch.uint8
@@ -189,6 +191,19 @@ def test_fsdp_training_is_not_changed_by_evaluations_between_steps(prepared, one
     assert max((a[name] - b[name]).abs().max().item() for name in a) < 1e-5
     evals = [row.split(",")[3] for row in (two / "history.csv").read_text().splitlines()[1:]]
     assert evals[1] and evals[3]  # it did evaluate at step 2 and at the end
+
+
+def test_fsdp_with_bfloat16_compute_keeps_float32_lora_weights(prepared, tiny_llama_dir, corpus_file):
+    """On GPUs the compute dtype is bfloat16; FSDP must still train float32 LoRA weights, as one
+    process does (seen on two H200s before the fix: a bfloat16 adapter, 3.6e-3 away)."""
+    bf16 = {"quantization.compute_dtype": "bfloat16", "training.eval_every_steps": 4}
+    one = _train(prepared, tiny_llama_dir, corpus_file, "one-bf16", **bf16)
+    two = _train(prepared, tiny_llama_dir, corpus_file, "fsdp2-bf16",
+                 **{**bf16, "distributed.num_processes": 2, "distributed.strategy": "fsdp"})
+    a, b = _adapter(one), _adapter(two)
+    assert {t.dtype for t in b.values()} == {t.dtype for t in a.values()} == {__import__("torch").float32}
+    worst = max((a[name] - b[name]).abs().max().item() for name in a)
+    assert worst < 1e-4, worst
 
 
 # ---- resume with several processes ----------------------------------------------------------

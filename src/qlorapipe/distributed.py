@@ -358,8 +358,9 @@ def fsdp_wrap(model, device):
 def uniform_float_dtype(model) -> None:
     """Cast every floating parameter to one dtype: FSDP flattens a layer's parameters into one tensor.
 
-    prepare_model_for_kbit_training upcasts norms and LoRA weights to float32; the 4-bit
-    weights are stored in the compute dtype (quant_storage), so everything takes that dtype.
+    prepare_model_for_kbit_training upcasts norms and LoRA weights to float32 and the 4-bit
+    weights are stored as float32 (quant_storage, ``modeling.load_base_model``), so everything
+    takes that dtype; the GPU levers' bfloat16 norms and embeddings go back to float32 here.
     """
     import torch
 

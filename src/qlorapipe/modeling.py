@@ -39,7 +39,7 @@ def quantization_config(params: QuantizationParams, compute_dtype, quant_storage
     """The BitsAndBytesConfig for params, or None for plain 16-bit LoRA.
 
     ``quant_storage`` is the dtype the packed 4-bit weights are stored as (None: uint8);
-    FSDP needs the compute dtype there to shard them (bitsandbytes PR #970).
+    FSDP needs a float dtype there to shard them (bitsandbytes PR #970).
     """
     from transformers import BitsAndBytesConfig
 
@@ -61,7 +61,10 @@ def load_base_model(base_dir: Path, params: QuantizationParams, device, trust_re
                     shardable_4bit: bool = False):
     """Load the base model quantized as params say, on ``device``.
 
-    ``shardable_4bit`` stores the 4-bit weights in the compute dtype, so FSDP can shard them.
+    ``shardable_4bit`` stores the packed 4-bit weights as float32 elements, so FSDP can flatten
+    them with the float32 LoRA weights (and the float32 norms prepare_model_for_kbit_training
+    leaves) into one shard: a bfloat16 storage would make the whole shard, LoRA weights
+    included, bfloat16 (``distributed.uniform_float_dtype``).
 
     Returns:
         (model, compute_dtype)
@@ -79,7 +82,7 @@ def load_base_model(base_dir: Path, params: QuantizationParams, device, trust_re
         raise UserError("quantization.compute_dtype float16 is not supported on the CPU; use auto or float32")
     model = AutoModelForCausalLM.from_pretrained(
         base_dir,
-        quantization_config=quantization_config(params, compute_dtype, compute_dtype if shardable_4bit else None),
+        quantization_config=quantization_config(params, compute_dtype, torch.float32 if shardable_4bit else None),
         dtype=compute_dtype,
         device_map={"": device},
         trust_remote_code=trust_remote_code,
