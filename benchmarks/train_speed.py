@@ -60,6 +60,10 @@ def shape_config(name: str):
         return LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                            num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
                            rms_norm_eps=1e-5, tie_word_embeddings=False, use_cache=False)
+    if name == "tiny":  # for trying the benchmark scripts on a CPU
+        return LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                           tie_word_embeddings=True, use_cache=False)
     if name == "smollm2-135m":
         return LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                            num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
@@ -74,7 +78,7 @@ def save_random_model(name: str, workdir: Path) -> tuple[Path, float]:
     path = workdir / name
     config = shape_config(name)
     torch.manual_seed(0)
-    with torch.device("cuda"):
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     n_params = sum(p.numel() for p in model.parameters())  # a tied head is counted once
     if not config.tie_word_embeddings:  # the input embedding is a lookup, no FLOPs

@@ -1,18 +1,30 @@
-"""Wall time of the pipeline's train stage on a GPU, on a random-init model of the offline default's shape.
+"""Wall time and tokens/s of the pipeline's train stage on GPUs, on a random-init model of a real shape.
 
     PYTHONPATH=src python benchmarks/train_stage_time.py --out bench-out
+    PYTHONPATH=src python benchmarks/train_stage_time.py --shape qwen2.5-3b --seq 1024 --batch 4 \
+        --steps 20 --processes 1,2 --runs defaults --out bench-out/ddp        # data-parallel scaling
 
-Builds a SmolLM2-135M-shaped model (llama, hidden 576, 30 layers, 9 / 3 heads, intermediate
-1536, vocab 49152, tied) with random weights, writes random token chunks of data.max_length
-in the prepare stage's format, and runs ``stages/train.py`` with params.yaml's defaults, once
-with the acceleration defaults and once with every lever off. Prints each run's wall time
-(process start to exit, model load included) and the stage's own tokens/s.
+Builds a model of the named shape (default: SmolLM2-135M's, the offline default: llama, hidden
+576, 30 layers, 9 / 3 heads, intermediate 1536, vocab 49152, tied) with random weights, writes
+random token chunks in the prepare stage's format, and runs ``stages/train.py`` with
+params.yaml's defaults (or --seq / --batch / --steps), once per acceleration run and process
+count. Prints each run's wall time (process start to exit, model load included) and the
+stage's own tokens/s. With several process counts every run keeps the same global batch
+(--batch per device x accumulation x processes, the accumulation being the largest process
+count divided by this run's), and the table adds, against the one-process run of the same
+acceleration: tokens/s per process as a share of one process's (scaling efficiency) and the
+largest difference of the per-step training losses (the same chunks train each step).
+Several processes on GPUs need one GPU each (NCCL); on a machine without GPUs they run gloo.
+CUDA graphs apply to one process only, so compare process counts within "without cuda_graphs"
+(the one-process "defaults" run is the single-GPU figure to beat). The stage's tokens/s count
+every step, the first included: use enough --steps that the first does not dominate.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -24,13 +36,19 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from train_speed import save_random_model  # noqa: E402
+from train_speed import save_random_model, shape_config  # noqa: E402
 
 from qlorapipe import data  # noqa: E402
 
 OFF = {"keep_frozen_dtype": False, "lora_fast_forward": False, "chunked_cross_entropy": False,
        "fused_kernels": False, "uncheckpointed_layers": 0, "compile_layers": False, "unpaged_optimizer": False,
-       "cuda_graphs": False}
+       "cuda_graphs": False, "async_optimizer": False}
+
+
+def train_losses(history: Path) -> list[float]:
+    rows = history.read_text().splitlines()
+    column = rows[0].split(",").index("train_loss")
+    return [float(row.split(",")[column]) for row in rows[1:]]
 
 
 def main() -> None:
@@ -39,43 +57,72 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/qlorapipe-stage"))
     parser.add_argument("--runs", default="defaults,without cuda_graphs,all levers off",
                         help="comma-separated labels of the runs to make")
+    parser.add_argument("--shape", default="smollm2-135m", help="a shape of train_speed.shape_config")
+    parser.add_argument("--seq", type=int, help="tokens per chunk (default: params.yaml data.max_length)")
+    parser.add_argument("--batch", type=int, help="chunks per device (default: params.yaml)")
+    parser.add_argument("--steps", type=int, help="optimizer steps (default: params.yaml training.max_steps)")
+    parser.add_argument("--processes", default="1", help="comma-separated process counts (distributed.num_processes)")
+    parser.add_argument("--strategy", default="ddp", choices=["ddp", "fsdp"])
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     args.workdir.mkdir(parents=True, exist_ok=True)
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    base, _ = save_random_model("smollm2-135m", args.workdir)
-    seq = params["data"]["max_length"]
+    base, _ = save_random_model(args.shape, args.workdir)
+    vocab = shape_config(args.shape).vocab_size
+    seq = args.seq or params["data"]["max_length"]
+    batch = args.batch or params["training"]["per_device_batch_size"]
+    steps = args.steps or params["training"]["max_steps"]
+    counts = [int(n) for n in args.processes.split(",")]
+    if any(max(counts) % n for n in counts):
+        parser.error(f"--processes {args.processes}: each count must divide the largest (the global batch is kept)")
     generator = torch.Generator().manual_seed(0)
-    for split, n in ((data.TRAIN_SPLIT, 400), (data.EVAL_SPLIT, 40)):
-        chunks = torch.randint(0, 49152, (n, seq), generator=generator).tolist()
-        data.save_chunks(chunks, args.workdir / "prepared" / split)
+    prepared = args.workdir / f"prepared-{args.shape}-{seq}"
+    for split, n in ((data.TRAIN_SPLIT, max(400, 2 * steps * batch * max(counts))), (data.EVAL_SPLIT, 40)):
+        chunks = torch.randint(0, vocab, (n, seq), generator=generator).tolist()
+        data.save_chunks(chunks, prepared / split)
     rows = []
     runs = [("defaults", params["acceleration"]),
             ("without cuda_graphs", dict(params["acceleration"], cuda_graphs=False)),
             ("all levers off", OFF)]
     for label, accel in [(label, accel) for label, accel in runs if label in args.runs.split(",")]:
-        run_params = dict(params, acceleration=accel)
-        params_file = args.workdir / f"params-{len(rows)}.yaml"
-        params_file.write_text(yaml.safe_dump(run_params, sort_keys=False))
-        out = args.workdir / f"run-{len(rows)}"
-        metrics = out / "train.json"
-        command = [sys.executable, str(ROOT / "stages" / "train.py"), "--params", str(params_file),
-                   "--base", str(base), "--data", str(args.workdir / "prepared"), "--adapter", str(out / "adapter"),
-                   "--metrics", str(metrics), "--history", str(out / "history.csv"),
-                   "--curves", str(out / "curves.png"), "--log", str(out / "log.txt"),
-                   "--checkpoints", str(out / "checkpoints")]
-        started = time.perf_counter()
-        subprocess.run(command, check=True)
-        wall = time.perf_counter() - started
-        row = {"acceleration": label, "process_wall_s": round(wall, 2), **json.loads(metrics.read_text())}
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+        for processes in counts:
+            training = dict(params["training"], per_device_batch_size=batch, max_steps=steps, eval_every_steps=steps,
+                            max_eval_batches=2, gradient_accumulation_steps=max(counts))
+            run_params = dict(params, acceleration=accel, training=training, data=dict(params["data"], max_length=seq),
+                              distributed=dict(params["distributed"], num_processes=processes, strategy=args.strategy))
+            params_file = args.workdir / f"params-{len(rows)}.yaml"
+            params_file.write_text(yaml.safe_dump(run_params, sort_keys=False))
+            out = args.workdir / f"run-{len(rows)}"
+            shutil.rmtree(out, ignore_errors=True)  # a stale checkpoint would resume
+            metrics = out / "train.json"
+            command = [sys.executable, str(ROOT / "stages" / "train.py"), "--params", str(params_file),
+                       "--base", str(base), "--data", str(prepared), "--adapter", str(out / "adapter"),
+                       "--metrics", str(metrics), "--history", str(out / "history.csv"),
+                       "--curves", str(out / "curves.png"), "--log", str(out / "log.txt"),
+                       "--checkpoints", str(out / "checkpoints")]
+            started = time.perf_counter()
+            subprocess.run(command, check=True)
+            wall = time.perf_counter() - started
+            row = {"acceleration": label, "processes": processes, "shape": args.shape, "seq": seq,
+                   "process_wall_s": round(wall, 2), **json.loads(metrics.read_text()),
+                   "train_losses": train_losses(out / "history.csv")}
+            single = next((r for r in rows if r["acceleration"] == label and r["processes"] == 1), None)
+            if single is not None and processes > 1:
+                row["scaling_efficiency"] = row["tokens_per_second"] / processes / single["tokens_per_second"]
+                row["max_loss_diff_vs_one_process"] = max(
+                    abs(a - b) for a, b in zip(row["train_losses"], single["train_losses"], strict=True))
+            rows.append(row)
+            print(json.dumps(row), flush=True)
     (args.out / "train_stage.json").write_text(json.dumps(rows, indent=1))
-    print("\n| acceleration | process wall s | stage wall s | train s | tokens/s | train loss | eval loss | peak GB |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("\n| acceleration | processes | process wall s | stage wall s | train s | tokens/s | per process vs one "
+          "| max loss diff | train loss | eval loss | peak GB |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
-        print(f"| {r['acceleration']} | {r['process_wall_s']} | {r['wall_seconds']} | {r['train_seconds']} | "
-              f"{r['tokens_per_second']:,.0f} | {r['train_loss']} | {r['eval_loss']} | {r['peak_gpu_allocated_gb']} |")
+        efficiency = f"{100 * r['scaling_efficiency']:.1f}%" if "scaling_efficiency" in r else ""
+        loss_diff = f"{r['max_loss_diff_vs_one_process']:.2e}" if "max_loss_diff_vs_one_process" in r else ""
+        print(f"| {r['acceleration']} | {r['processes']} | {r['process_wall_s']} | {r['wall_seconds']} | "
+              f"{r['train_seconds']} | {r['tokens_per_second']:,.0f} | {efficiency} | {loss_diff} | "
+              f"{r['train_loss']} | {r['eval_loss']} | {r.get('peak_gpu_allocated_gb', '')} |")
 
 
 if __name__ == "__main__":
