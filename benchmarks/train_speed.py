@@ -64,6 +64,10 @@ def shape_config(name: str):
         return LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                            tie_word_embeddings=True, use_cache=False)
+    if name == "llama-2-70b":  # the 70B shape of the multi-GPU issue; saved sparse (save_sparse_model)
+        return LlamaConfig(vocab_size=32000, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                           num_attention_heads=64, num_key_value_heads=8, max_position_embeddings=4096,
+                           rms_norm_eps=1e-5, tie_word_embeddings=False, use_cache=False)
     if name == "smollm2-135m":
         return LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                            num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
@@ -71,24 +75,110 @@ def shape_config(name: str):
     raise ValueError(name)
 
 
+SPARSE_SHAPES = ("llama-2-70b",)  # too large to build in memory or to write out as bf16
+SPARSE_MIN_ELEMENTS = 2**26  # MLP matrices at least this large are zeros, stored as holes of the file
+
+
+def flop_params(model, config) -> float:
+    """Parameters that cost FLOPs per token: a tied head counted once, an untied input embedding not."""
+    n_params = sum(p.numel() for p in model.parameters())
+    if not config.tie_word_embeddings:  # the input embedding is a lookup, no FLOPs
+        n_params -= model.get_input_embeddings().weight.numel()
+    return float(n_params)
+
+
+def save_sparse_model(name: str, workdir: Path, min_elements: int = SPARSE_MIN_ELEMENTS) -> tuple[Path, float]:
+    """A safetensors checkpoint of the named shape without building the model; returns (dir, FLOP params).
+
+    MLP matrices of ``min_elements`` or more are zeros, written as holes of a sparse file, so a
+    70B shape (138 GB of bf16) takes about 25 GB of disk (its attention matrices); norms are
+    ones, everything else is random. Throughput and memory do not depend on the values (NF4
+    stores zeros like any other block). The attention's LoRA weights get gradients and train;
+    the MLP's get none (their inputs or downstream weights are zero).
+    """
+    import json as json_module
+
+    from transformers import AutoModelForCausalLM
+
+    path = workdir / name
+    config = shape_config(name)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    n_params = flop_params(model, config)
+    shapes = {key: tuple(tensor.shape) for key, tensor in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        shapes.pop("lm_head.weight", None)
+    if not (path / "config.json").is_file():
+        path.mkdir(parents=True, exist_ok=True)
+        # Shards of at most 4 GB: a reader maps one file at a time (one 138 GB map can fail).
+        shards, size = [[]], 0
+        for key, shape in shapes.items():
+            nbytes = math.prod(shape) * 2
+            if shards[-1] and size + nbytes > 4e9:
+                shards.append([])
+                size = 0
+            shards[-1].append(key)
+            size += nbytes
+        names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        for name_, keys in zip(names, shards, strict=True):
+            _write_sparse_shard(path / name_, {key: shapes[key] for key in keys}, min_elements)
+        index = {"metadata": {"total_size": sum(math.prod(shape) * 2 for shape in shapes.values())},
+                 "weight_map": {key: name_ for name_, keys in zip(names, shards, strict=True) for key in keys}}
+        (path / "model.safetensors.index.json").write_text(json_module.dumps(index, indent=1))
+        config.save_pretrained(path)
+    return path, n_params
+
+
+def _write_sparse_shard(file_path: Path, shapes: dict, min_elements: int) -> None:
+    """One safetensors file of bf16 tensors: large MLP matrices as holes, norms ones, the rest random."""
+    import json as json_module
+
+    header, offset = {}, 0
+    for key, shape in shapes.items():
+        nbytes = math.prod(shape) * 2
+        header[key] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    header["__metadata__"] = {"format": "pt"}
+    raw = json_module.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    # One random block of 2**20 bf16 values, repeated: writing 24 GB of distinct random numbers
+    # would take minutes of the GPU machine's time and buys nothing here.
+    block = (torch.randn(2**20, generator=torch.Generator().manual_seed(0)) * 0.02).to(torch.bfloat16)
+    random_bytes = block.view(torch.int16).numpy().tobytes()
+    one_bytes = torch.ones(2**20, dtype=torch.bfloat16).view(torch.int16).numpy().tobytes()
+    with open(file_path, "wb") as file:
+        file.write(len(raw).to_bytes(8, "little") + raw)
+        start = file.tell()
+        for key, shape in shapes.items():
+            if ".mlp." in key and math.prod(shape) >= min_elements:
+                continue  # a hole: reads as zeros
+            file.seek(start + header[key]["data_offsets"][0])
+            pattern = one_bytes if "norm" in key else random_bytes
+            nbytes = math.prod(shape) * 2
+            for _ in range(nbytes // len(pattern)):
+                file.write(pattern)
+            file.write(pattern[: nbytes % len(pattern)])
+        file.truncate(start + offset)
+
+
 def save_random_model(name: str, workdir: Path) -> tuple[Path, float]:
     """Random-init bf16 model of the named shape, saved once; returns (dir, FLOP parameter count)."""
     from transformers import AutoModelForCausalLM
 
+    if name in SPARSE_SHAPES:
+        return save_sparse_model(name, workdir)
     path = workdir / name
     config = shape_config(name)
     torch.manual_seed(0)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    n_params = sum(p.numel() for p in model.parameters())  # a tied head is counted once
-    if not config.tie_word_embeddings:  # the input embedding is a lookup, no FLOPs
-        n_params -= model.get_input_embeddings().weight.numel()
+    n_params = flop_params(model, config)
     if not (path / "config.json").is_file():
         model.save_pretrained(path, safe_serialization=True)
     del model
     gc.collect()
     torch.cuda.empty_cache()
-    return path, float(n_params)
+    return path, n_params
 
 
 def flops_per_token(n_params: float, config, seq: int) -> float:

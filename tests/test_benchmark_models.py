@@ -1,0 +1,50 @@
+"""The benchmarks' model builders: a sparse checkpoint loads like any other and takes little disk."""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import train_speed  # noqa: E402
+
+
+def test_a_sparse_checkpoint_loads_with_zero_mlp_matrices_and_trains_its_attention_adapters(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    path, n_params = train_speed.save_sparse_model("tiny", tmp_path, min_elements=4096)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+    params = dict(model.named_parameters())
+    assert n_params == sum(p.numel() for p in model.parameters())  # tied head: counted once
+    assert not params["model.layers.0.mlp.gate_proj.weight"].any()  # 64 x 128 >= 4,096: a hole
+    assert params["model.embed_tokens.weight"].std() > 0.01
+    assert torch.equal(params["model.norm.weight"], torch.ones(64, dtype=torch.bfloat16))
+    assert params["model.layers.0.self_attn.q_proj.weight"].std() > 0.01  # attention: random
+    with torch.no_grad():
+        logits = model(input_ids=torch.arange(8)[None]).logits
+    assert torch.isfinite(logits).all() and logits.std() > 0
+    (shard,) = path.glob("*.safetensors")  # with its index: how large checkpoints are laid out
+    assert (path / "model.safetensors.index.json").is_file()
+    stat = shard.stat()
+    assert stat.st_blocks * 512 < stat.st_size  # the zero matrices take no disk
+    # Written once: a second call finds it and computes the same count without writing.
+    assert train_speed.save_sparse_model("tiny", tmp_path, min_elements=4096) == (path, n_params)
+    assert shard.stat().st_mtime_ns == stat.st_mtime_ns
+    # Loaded in 4-bit with LoRA, as the train stage loads it: finite loss, and the attention
+    # adapters get gradients (the zero MLP gives its own adapters none).
+    from qlorapipe import modeling
+    from qlorapipe.params import LoraParams, QuantizationParams
+
+    quantized, _ = modeling.load_base_model(path, QuantizationParams(), torch.device("cpu"))
+    quantized = modeling.add_lora(quantized, LoraParams(rank=4, alpha=8), True, True)
+    quantized.train()
+    ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))
+    loss = quantized(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    grads = {n: p.grad.abs().sum().item() for n, p in quantized.named_parameters() if "lora_B" in n}
+    assert all(g > 0 for n, g in grads.items() if "self_attn" in n)
