@@ -227,3 +227,25 @@ def test_the_async_optimizer_makes_the_same_updates_without_a_sync_per_parameter
     assert not torch.equal(finals[0][0], start[0])
     for stock, ours in zip(*finals, strict=True):
         assert torch.equal(stock, ours)
+
+
+def test_fast_lora_forward_on_8bit_layers_computes_the_plain_function(tiny_llama_dir):
+    """8-bit bases are not fused (fused_lora.lora_parts declines them): they take the unfused fast path."""
+    from qlorapipe import fused_lora
+
+    model, _ = modeling.load_base_model(tiny_llama_dir, QuantizationParams(load_in="8bit"), torch.device("cpu"))
+    torch.manual_seed(0)
+    model = modeling.add_lora(model, LORA, quantized=True, gradient_checkpointing=True)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn_like(param) * 0.05)
+    model.train()
+    layers = [m for m in model.modules() if type(m).__name__ == "Linear8bitLt" and hasattr(m, "lora_A")]
+    assert layers and all(fused_lora.lora_parts(m) is None for m in layers)
+    input_ids = torch.randint(4, 300, (2, 24), generator=torch.Generator().manual_seed(1))
+    ref_loss, ref_grads = _loss_and_grads(model, input_ids)
+    assert acceleration.use_fast_lora_forward(model)
+    loss, grads = _loss_and_grads(model, input_ids)
+    assert torch.allclose(loss, ref_loss, atol=1e-4)
+    assert torch.nn.functional.cosine_similarity(grads, ref_grads, dim=0) > 0.999

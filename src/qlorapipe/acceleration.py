@@ -154,8 +154,30 @@ def _fast_lora_forward(self, x, *args, **kwargs):
 
     parts = None if (args or kwargs or x.numel() >= fused_lora.MAX_ELEMENTS) else fused_lora.lora_parts(self)
     if parts is None:
-        return type(self).forward(self, x, *args, **kwargs)
+        return _unfused_fast_lora_forward(self, x, *args, **kwargs)
     return fused_lora.LoraLinear.apply(x, *parts)
+
+
+def _unfused_fast_lora_forward(self, x, *args, **kwargs):
+    """The same function for layers the fused one does not take (8-bit bases, other dropouts):
+    adapter weights cast to the activations' dtype, the scaling folded into B, the add fused
+    into the second matmul (addmm) and no clone of the base output; else peft's forward."""
+    import torch
+
+    adapters = self.active_adapters
+    if (args or kwargs or self.disable_adapters or self.merged or len(adapters) != 1
+            or adapters[0] in getattr(self, "lora_variant", {}) or adapters[0] not in self.lora_A):
+        return type(self).forward(self, x, *args, **kwargs)
+    name = adapters[0]
+    lora_a, lora_b = self.lora_A[name], self.lora_B[name]
+    if lora_b.bias is not None:
+        return type(self).forward(self, x, *args, **kwargs)
+    result = self.base_layer(x)
+    dtype = result.dtype
+    hidden = torch.nn.functional.linear(self.lora_dropout[name](x).to(dtype), lora_a.weight.to(dtype))
+    scaled_b = (lora_b.weight * self.scaling[name]).to(dtype)
+    out = torch.addmm(result.reshape(-1, result.shape[-1]), hidden.reshape(-1, hidden.shape[-1]), scaled_b.t())
+    return out.view(result.shape)
 
 
 def use_fast_lora_forward(model) -> bool:
