@@ -12,8 +12,8 @@ from qlorapipe.params import AccelerationParams, LoraParams, QuantizationParams,
 LORA = LoraParams(rank=8, alpha=16, dropout=0.0, target_modules="all-linear")
 
 
-def _quantized_lora_model(model_dir, seed=0):
-    model, dtype = modeling.load_base_model(model_dir, QuantizationParams(load_in="4bit"), torch.device("cpu"))
+def _quantized_lora_model(model_dir, seed=0, load_in="4bit"):
+    model, dtype = modeling.load_base_model(model_dir, QuantizationParams(load_in=load_in), torch.device("cpu"))
     torch.manual_seed(seed)
     model = modeling.add_lora(model, LORA, quantized=True, gradient_checkpointing=True)
     with torch.no_grad():  # B = 0 at init would hide every A gradient
@@ -233,14 +233,7 @@ def test_fast_lora_forward_on_8bit_layers_computes_the_plain_function(tiny_llama
     """8-bit bases are not fused (fused_lora.lora_parts declines them): they take the unfused fast path."""
     from qlorapipe import fused_lora
 
-    model, _ = modeling.load_base_model(tiny_llama_dir, QuantizationParams(load_in="8bit"), torch.device("cpu"))
-    torch.manual_seed(0)
-    model = modeling.add_lora(model, LORA, quantized=True, gradient_checkpointing=True)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn_like(param) * 0.05)
-    model.train()
+    model, _ = _quantized_lora_model(tiny_llama_dir, load_in="8bit")
     layers = [m for m in model.modules() if type(m).__name__ == "Linear8bitLt" and hasattr(m, "lora_A")]
     assert layers and all(fused_lora.lora_parts(m) is None for m in layers)
     input_ids = torch.randint(4, 300, (2, 24), generator=torch.Generator().manual_seed(1))
