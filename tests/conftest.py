@@ -121,6 +121,32 @@ def corpus_file(tmp_path_factory) -> Path:
     return path
 
 
+def tiny_lora_model(model_dir: Path, device="cpu", dropout: float = 0.0, gradient_checkpointing: bool = True,
+                    load_in: str = "4bit", seed: int = 0):
+    """A tiny model quantized as ``load_in`` with rank-8 LoRA on every linear layer, in training mode.
+
+    B is set to small seeded values (at init it is zero, which would hide every A gradient).
+
+    Returns:
+        (model, compute_dtype)
+    """
+    import torch
+
+    from qlorapipe import modeling
+    from qlorapipe.params import LoraParams, QuantizationParams
+
+    model, dtype = modeling.load_base_model(model_dir, QuantizationParams(load_in=load_in), torch.device(device))
+    torch.manual_seed(seed)
+    model = modeling.add_lora(model, LoraParams(rank=8, alpha=16, dropout=dropout), quantized=True,
+                              gradient_checkpointing=gradient_checkpointing)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn_like(param) * 0.05)
+    model.train()
+    return model, dtype
+
+
 def load_stage(name: str):
     """Import stages/<name>.py as a module (stages are scripts, not a package)."""
     spec = importlib.util.spec_from_file_location(f"stage_{name}", ROOT / "stages" / f"{name}.py")

@@ -5,23 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qlorapipe import acceleration, modeling
+from conftest import tiny_lora_model
+from qlorapipe import acceleration
 from qlorapipe.errors import UserError
-from qlorapipe.params import AccelerationParams, LoraParams, QuantizationParams, parse_section
-
-LORA = LoraParams(rank=8, alpha=16, dropout=0.0, target_modules="all-linear")
+from qlorapipe.params import AccelerationParams, parse_section
 
 
 def _quantized_lora_model(model_dir, seed=0, load_in="4bit"):
-    model, dtype = modeling.load_base_model(model_dir, QuantizationParams(load_in=load_in), torch.device("cpu"))
-    torch.manual_seed(seed)
-    model = modeling.add_lora(model, LORA, quantized=True, gradient_checkpointing=True)
-    with torch.no_grad():  # B = 0 at init would hide every A gradient
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn_like(param) * 0.05)
-    model.train()
-    return model, dtype
+    return tiny_lora_model(model_dir, seed=seed, load_in=load_in)
 
 
 def _loss_and_grads(model, input_ids):

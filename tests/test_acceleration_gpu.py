@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qlorapipe import acceleration, modeling
-from qlorapipe.params import AccelerationParams, LoraParams, QuantizationParams
+from conftest import tiny_lora_model
+from qlorapipe import acceleration
+from qlorapipe.params import AccelerationParams
 
 pytestmark = pytest.mark.gpu
 
@@ -23,16 +24,8 @@ def _loss_and_grads(model, input_ids, autocast):
 def _tiny_lora(tiny_qwen2_dir, params: AccelerationParams | None, dropout: float = 0.0):
     """The tiny Qwen2 in 4-bit with LoRA (B non-zero), training mode; ``params``' levers applied unless None."""
     device = torch.device("cuda")
-    model, dtype = modeling.load_base_model(tiny_qwen2_dir, QuantizationParams(), device)
+    model, dtype = tiny_lora_model(tiny_qwen2_dir, device, dropout=dropout)
     assert dtype in (torch.bfloat16, torch.float16)
-    torch.manual_seed(0)
-    model = modeling.add_lora(model, LoraParams(rank=8, alpha=16, dropout=dropout), quantized=True,
-                              gradient_checkpointing=True)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn_like(param) * 0.05)
-    model.train()
     if params is not None:
         acceleration.apply(model, params, device, dtype)
     return model, dtype

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qlorapipe import acceleration, fused_lora, modeling
-from qlorapipe.params import LoraParams, QuantizationParams
+from conftest import tiny_lora_model
+from qlorapipe import acceleration, fused_lora
 
 
 def _base(kind: str, in_features: int, out_features: int):
@@ -108,16 +108,7 @@ def _saved_bytes(fn) -> int:
 
 
 def _lora_model(model_dir, dropout: float, checkpointing: bool = True):
-    model, _ = modeling.load_base_model(model_dir, QuantizationParams(load_in="4bit"), torch.device("cpu"))
-    torch.manual_seed(0)
-    model = modeling.add_lora(model, LoraParams(rank=8, alpha=16, dropout=dropout), quantized=True,
-                              gradient_checkpointing=checkpointing)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn_like(param) * 0.05)
-    model.train()
-    return model
+    return tiny_lora_model(model_dir, dropout=dropout, gradient_checkpointing=checkpointing)[0]
 
 
 def test_a_fused_block_keeps_far_less_for_backward_than_peft(tiny_llama_dir):

@@ -152,26 +152,22 @@ def _fast_lora_forward(self, x, *args, **kwargs):
     """
     from qlorapipe import fused_lora
 
-    parts = None if (args or kwargs or x.numel() >= fused_lora.MAX_ELEMENTS) else fused_lora.lora_parts(self)
-    if parts is None:
-        return _unfused_fast_lora_forward(self, x, *args, **kwargs)
-    return fused_lora.LoraLinear.apply(x, *parts)
+    name = None if (args or kwargs) else fused_lora.plain_adapter(self)
+    if name is None:
+        return type(self).forward(self, x, *args, **kwargs)
+    parts = fused_lora.lora_parts(self) if x.numel() < fused_lora.MAX_ELEMENTS else None
+    if parts is not None:
+        return fused_lora.LoraLinear.apply(x, *parts)
+    return _unfused_fast_lora_forward(self, x, name)
 
 
-def _unfused_fast_lora_forward(self, x, *args, **kwargs):
+def _unfused_fast_lora_forward(self, x, name: str):
     """The same function for layers the fused one does not take (8-bit bases, other dropouts):
     adapter weights cast to the activations' dtype, the scaling folded into B, the add fused
-    into the second matmul (addmm) and no clone of the base output; else peft's forward."""
+    into the second matmul (addmm) and no clone of the base output."""
     import torch
 
-    adapters = self.active_adapters
-    if (args or kwargs or self.disable_adapters or self.merged or len(adapters) != 1
-            or adapters[0] in getattr(self, "lora_variant", {}) or adapters[0] not in self.lora_A):
-        return type(self).forward(self, x, *args, **kwargs)
-    name = adapters[0]
     lora_a, lora_b = self.lora_A[name], self.lora_B[name]
-    if lora_b.bias is not None:
-        return type(self).forward(self, x, *args, **kwargs)
     result = self.base_layer(x)
     dtype = result.dtype
     hidden = torch.nn.functional.linear(self.lora_dropout[name](x).to(dtype), lora_a.weight.to(dtype))

@@ -16,8 +16,9 @@ One process is the default and trains exactly as it always did. With
   micro-batches, so each rank's shard of the stream continues where it stopped.
 
 FSDP shards the frozen 4-bit base across ranks; it can only flatten the Params4bit weights
-together with the rest when they are stored in the compute dtype (``bnb_4bit_quant_storage``,
-bitsandbytes PR #970, peft#2505): modeling.load_base_model(shardable_4bit=True) does that.
+together with the rest when they are stored in a float dtype (``bnb_4bit_quant_storage``,
+bitsandbytes PR #970, peft#2505): modeling.load_base_model(shardable_4bit=True) stores them
+as float32, the dtype of the LoRA weights.
 accelerate launches the ranks and provides DDP; the FSDP wrapper is torch's own (fsdp_wrap),
 because accelerate enables FSDP only on GPU-type backends and the same code must run in CPU tests.
 """

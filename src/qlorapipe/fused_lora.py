@@ -192,24 +192,32 @@ class SwigluLoraLinear(torch.autograd.Function):
         return grad_gate, grad_up, grad_a, grad_b, None, None, None
 
 
-def lora_parts(layer):
-    """(lora_A weight, lora_B weight, base layer, scaling, dropout p) of a peft LoRA linear layer
-    that the fused functions compute exactly, or None.
+def plain_adapter(layer) -> str | None:
+    """The name of a peft LoRA layer's one active plain adapter, or None.
 
-    Exactly: one active plain adapter (no DoRA or other variant), not merged, no LoRA bias, a
-    torch or bitsandbytes 4-bit base, and dropout that is ``torch.nn.Dropout`` or none.
+    Plain: the only active adapter, no DoRA or other variant, not merged, no LoRA bias.
     """
-    if type(layer).__name__ not in ("Linear", "Linear4bit") or not hasattr(layer, "lora_A"):
-        return None
     adapters = layer.active_adapters
     if layer.disable_adapters or layer.merged or len(adapters) != 1:
         return None
     name = adapters[0]
-    if name in getattr(layer, "lora_variant", {}) or name not in layer.lora_A:
+    if name in getattr(layer, "lora_variant", {}) or name not in layer.lora_A or layer.lora_B[name].bias is not None:
         return None
-    lora_a, lora_b = layer.lora_A[name], layer.lora_B[name]
+    return name
+
+
+def lora_parts(layer):
+    """(lora_A weight, lora_B weight, base layer, scaling, dropout p) of a peft LoRA linear layer
+    that the fused functions compute exactly, or None.
+
+    Exactly: a ``plain_adapter``, a torch or bitsandbytes 4-bit base, and dropout that is
+    ``torch.nn.Dropout`` or none.
+    """
+    if type(layer).__name__ not in ("Linear", "Linear4bit") or not hasattr(layer, "lora_A"):
+        return None
+    name = plain_adapter(layer)
     base = layer.base_layer
-    if lora_b.bias is not None or type(base).__name__ not in ("Linear", "Linear4bit"):
+    if name is None or type(base).__name__ not in ("Linear", "Linear4bit"):
         return None
     drop = layer.lora_dropout[name]
     if isinstance(drop, torch.nn.Dropout):
@@ -218,4 +226,4 @@ def lora_parts(layer):
         p = 0.0
     else:
         return None
-    return lora_a.weight, lora_b.weight, base, float(layer.scaling[name]), float(p)
+    return layer.lora_A[name].weight, layer.lora_B[name].weight, base, float(layer.scaling[name]), float(p)

@@ -12,6 +12,7 @@ adapter with the best eval loss instead of the last one.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import math
@@ -88,6 +89,7 @@ def make_optimizer(name: str, parameters, learning_rate: float, weight_decay: fl
     return cls(parameters, lr=learning_rate, weight_decay=weight_decay)
 
 
+@functools.cache  # one subclass per optimizer class, however many optimizers are made
 def _without_parameter_syncs(cls):
     """A subclass of the bitsandbytes optimizer ``cls`` whose step does not synchronize per parameter."""
     import torch
