@@ -26,6 +26,7 @@ from train_speed import CASES, DEFAULT, build_ours, randomize_lora_b, save_rando
 
 VARIANTS = {
     "defaults": DEFAULT,
+    "defaults + uncheckpointed_layers=24": replace(DEFAULT, uncheckpointed_layers=24),
     "defaults + uncheckpointed_layers=36": replace(DEFAULT, uncheckpointed_layers=36),
     "defaults + compile_layers": replace(DEFAULT, compile_layers=True),
     "defaults + compile_layers + flat_absmax": replace(DEFAULT, compile_layers=True),
@@ -104,7 +105,7 @@ def profile_variant(model, batches, trainable, label: str, case: str, out: Path,
         one_step(input_ids)
     torch.cuda.synchronize()
     started = time.perf_counter()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
         for input_ids in batches[-2:]:
             one_step(input_ids)
         torch.cuda.synchronize()
@@ -127,7 +128,11 @@ def profile_variant(model, batches, trainable, label: str, case: str, out: Path,
     averages = prof.key_averages()
     cpu_table = averages.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=70)
     gpu_table = averages.table(sort_by="self_cuda_time_total", row_limit=rows, max_name_column_width=90)
-    name = f"{case}-{label.replace(' ', '').replace('+', '_')}"
+    # The same GPU time by operator and input shapes: which tensors the copies and adds are.
+    shapes_table = prof.key_averages(group_by_input_shape=True).table(
+        sort_by="self_cuda_time_total", row_limit=rows, max_name_column_width=40, max_shapes_column_width=70)
+    name = f"{case}-{label.replace(' ', '').replace('+', '_').replace('=', '')}"
+    (out / f"{name}-shapes.txt").write_text(shapes_table)
     (out / f"{name}-cpu.txt").write_text(cpu_table)
     (out / f"{name}-gpu.txt").write_text(gpu_table)
     print(json.dumps(row), flush=True)

@@ -147,6 +147,21 @@ def tiny_lora_model(model_dir: Path, device="cpu", dropout: float = 0.0, gradien
     return model, dtype
 
 
+def run_under_triton_interpreter(code: str) -> None:
+    """Run ``code`` in a fresh Python with ``TRITON_INTERPRET=1``: the Triton kernels the GPU
+    runs then run on CPU tensors. The variable must be set before triton is first imported,
+    hence the fresh process; ``code`` can import the test modules."""
+    pytest.importorskip("triton")
+    import os
+    import subprocess
+
+    tests = Path(__file__).parent
+    env = {**os.environ, "TRITON_INTERPRET": "1",
+           "PYTHONPATH": os.pathsep.join([str(tests), str(tests.parent / "src"), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
 def load_stage(name: str):
     """Import stages/<name>.py as a module (stages are scripts, not a package)."""
     spec = importlib.util.spec_from_file_location(f"stage_{name}", ROOT / "stages" / f"{name}.py")

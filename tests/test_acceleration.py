@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import tiny_lora_model
+from conftest import run_under_triton_interpreter, tiny_lora_model
 from qlorapipe import acceleration
 from qlorapipe.errors import UserError
 from qlorapipe.params import AccelerationParams, parse_section
@@ -62,6 +62,47 @@ def test_linear_cross_entropy_matches_plain_cross_entropy(dtype, chunk_rows):
     assert torch.allclose(got[1].float(), hidden.grad.float(), rtol=tol, atol=tol * 0.1)
     assert torch.allclose(got[2].float(), weight.grad.float(), rtol=tol, atol=tol * 0.1)
     assert got[1].dtype == dtype
+
+
+def test_the_liger_kernel_loss_is_the_same_function():
+    """On CUDA the chunked loss runs liger-kernel's cross-entropy kernel (here under Triton's
+    interpreter on CPU tensors): the same loss and gradients, ignored rows included."""
+    run_under_triton_interpreter(
+        "import torch, test_acceleration as t\n"
+        "for dtype in (torch.float32, torch.bfloat16):\n"
+        "    for rows in (1, 5, 64):\n"
+        "        t.test_linear_cross_entropy_matches_plain_cross_entropy(dtype, rows)\n"
+        "t.test_linear_cross_entropy_without_weight_grad_and_all_ignored()\n")
+
+
+def check_fused_rope(model_dir) -> None:
+    """liger-kernel's RoPE on the tiny model: the same loss and LoRA gradients; the kernel runs
+    inside the patched model's attention only, and not after ``remove``."""
+    from liger_kernel.ops.rope import LigerRopeFunction
+
+    calls = []
+    apply = LigerRopeFunction.apply
+    LigerRopeFunction.apply = staticmethod(lambda *args: calls.append(1) or apply(*args))
+    model, dtype = _quantized_lora_model(model_dir)
+    other, _ = _quantized_lora_model(model_dir)
+    ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(0))
+    ref_loss, ref_grads = _loss_and_grads(model, ids)
+    assert acceleration.use_fused_rope(model)
+    loss, grads = _loss_and_grads(model, ids)
+    n_layers = len(acceleration.decoder_layers(model))
+    # once per block in the forward pass and once in its recomputation (the blocks are
+    # checkpointed): the recomputation takes the same kernel, so it recomputes the same values
+    assert len(calls) == 2 * n_layers
+    assert torch.allclose(loss, ref_loss, atol=1e-5) and torch.allclose(grads, ref_grads, atol=1e-5, rtol=1e-4)
+    _loss_and_grads(other, ids)  # another model in the process keeps transformers' RoPE
+    acceleration.remove(model)
+    _loss_and_grads(model, ids)
+    assert len(calls) == 2 * n_layers
+
+
+def test_the_fused_rope_keeps_the_function_and_stays_on_its_instance(tiny_llama_dir):
+    run_under_triton_interpreter(
+        f"import test_acceleration as t, pathlib; t.check_fused_rope(pathlib.Path({str(tiny_llama_dir)!r}))")
 
 
 def test_linear_cross_entropy_without_weight_grad_and_all_ignored():

@@ -131,9 +131,10 @@ def test_the_dropout_kernel_redraws_the_same_mask_from_a_seed_at_the_rate_asked(
     assert abs(kept.float().mean().item() - 0.9) < 0.005
     assert torch.allclose(first[kept].float(), x[kept].float() / 0.9, rtol=1e-2)
     assert not torch.equal(first, fused_lora.dropout(x, 0.1, fused_lora.new_seed("cuda")))
-    add = torch.ones_like(x)
-    fused_lora.dropout(x, 0.1, seed, add=add)
-    assert torch.allclose(add.float(), first.float() + 1, rtol=1e-2, atol=1e-2)
+    grad, into = torch.randn_like(x), torch.ones_like(x)
+    assert torch.equal(fused_lora.dropout(x, 0.1, seed, grad, into), first)
+    assert torch.equal(into != 1, kept & (grad != 0))  # the same mask on the gradient
+    assert torch.allclose(into.float(), torch.where(kept, grad.float() / 0.9, 0.0) + 1, rtol=1e-2, atol=1e-2)
 
 
 @pytest.mark.parametrize("swiglu", [False, True])

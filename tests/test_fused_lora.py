@@ -5,20 +5,22 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import tiny_lora_model
+from conftest import run_under_triton_interpreter, tiny_lora_model
 from qlorapipe import acceleration, fused_lora
 
 
-def _base(kind: str, in_features: int, out_features: int):
+def _base(kind: str, in_features: int, out_features: int, bias: bool = False):
     torch.manual_seed(0)
-    linear = torch.nn.Linear(in_features, out_features, bias=False)
+    linear = torch.nn.Linear(in_features, out_features, bias=bias)
     if kind == "linear":
         return linear.requires_grad_(False)
     import bitsandbytes as bnb
 
-    quantized = bnb.nn.Linear4bit(in_features, out_features, bias=False, compute_dtype=torch.float32,
+    quantized = bnb.nn.Linear4bit(in_features, out_features, bias=bias, compute_dtype=torch.float32,
                                   quant_type="nf4")
     quantized.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, quant_type="nf4")
+    if bias:
+        quantized.bias = torch.nn.Parameter(linear.bias.data, requires_grad=False)
     return quantized.to("cpu")
 
 
@@ -35,10 +37,10 @@ def _lora(in_features, out_features, rank=4):
     return lora_a, lora_b
 
 
-@pytest.mark.parametrize("kind", ["linear", "nf4"])
+@pytest.mark.parametrize("kind,bias", [("linear", False), ("nf4", False), ("nf4", True)])
 @pytest.mark.parametrize("p", [0.0, 0.3])
-def test_lora_linear_is_the_unfused_function_with_its_gradients(kind, p):
-    base = _base(kind, 16, 24)
+def test_lora_linear_is_the_unfused_function_with_its_gradients(kind, bias, p):
+    base = _base(kind, 16, 24, bias)
     lora_a, lora_b = _lora(16, 24)
     x = torch.randn(3, 5, 16, generator=torch.Generator().manual_seed(2), requires_grad=True)
     grad_out = torch.randn(3, 5, 24, generator=torch.Generator().manual_seed(3))
@@ -57,19 +59,36 @@ def test_lora_linear_is_the_unfused_function_with_its_gradients(kind, p):
         assert not torch.allclose(got[0], base(x) + x @ lora_a.t() @ lora_b.t() * 2.0, atol=1e-3)
 
 
-def test_the_same_seed_draws_the_same_mask_at_the_rate_asked():
+def check_dropout_draws() -> None:
+    """The same seed redraws the same mask at the rate asked; the backward form applies it too."""
     seed = torch.tensor([12345])
-    x = torch.randn(200, 300)
+    x = torch.randn(200, 301)  # not a multiple of the kernel's block: the tail is masked too
     first, second = fused_lora.dropout(x, 0.25, seed), fused_lora.dropout(x, 0.25, seed)
     assert torch.equal(first, second)
     kept = first != 0
     assert abs(kept.float().mean().item() - 0.75) < 0.01
     assert torch.allclose(first[kept], x[kept] / 0.75)
+    # every quarter of the kernel's block draws its own uniforms (no repeated pattern)
+    assert not torch.equal(kept.flatten()[:512], kept.flatten()[512:1024])
     other = fused_lora.dropout(x, 0.25, torch.tensor([54321]))
     assert not torch.equal(first, other)
-    add = torch.ones_like(x)
-    assert fused_lora.dropout(x, 0.25, seed, add=add) is add
-    assert torch.allclose(add, first + 1)
+    # the backward form: the same mask on a gradient, added in place, with or without x
+    grad, into = torch.randn(200, 301), torch.ones(200, 301)
+    again = fused_lora.dropout(x, 0.25, seed, grad, into)
+    assert torch.equal(again, first)
+    assert torch.allclose(into, torch.where(kept, grad / 0.75, 0.0) + 1, atol=1e-6)
+    only = torch.zeros(200, 301)
+    assert fused_lora.dropout(None, 0.25, seed, grad, only) is None
+    assert torch.allclose(only, into - 1, atol=1e-6)
+
+
+def test_the_same_seed_draws_the_same_mask_at_the_rate_asked():
+    check_dropout_draws()
+
+
+def test_the_triton_dropout_kernel_draws_masks_the_same_way():
+    """The kernel the GPU runs, under Triton's interpreter on CPU tensors."""
+    run_under_triton_interpreter("import test_fused_lora as t; t.check_dropout_draws()")
 
 
 @pytest.mark.parametrize("p", [0.0, 0.2])

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
 import types
 
 from qlorapipe.params import AccelerationParams, TrainingParams
@@ -99,6 +100,8 @@ def remove(model, upcast_dtype=None) -> None:
             module._compiled_call_impl = None
         if flags.pop("_qlorapipe_uncheckpointed", False):
             module.gradient_checkpointing = True
+        for hook in flags.pop("_qlorapipe_rope_hooks", ()):
+            hook.remove()
     if upcast_dtype is not None:
         for param in _frozen_float_params(model):
             if param.dtype != upcast_dtype:
@@ -220,10 +223,25 @@ def _linear_cross_entropy_function():
             grad_hidden = torch.empty_like(hidden) if need_hidden else None
             grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
             weight_c = weight if weight.dtype == hidden.dtype else weight.to(hidden.dtype)
+            fused = _on_triton(hidden)
             for start in range(0, n_rows, chunk_rows):
                 rows = hidden[start : start + chunk_rows]
                 target = targets[start : start + chunk_rows]
                 valid = valid_all[start : start + chunk_rows]
+                if fused:
+                    # liger-kernel's cross-entropy kernel: loss per row and, in place of the
+                    # logits, softmax - onehot (zero on ignored rows), in two passes over the
+                    # compute-dtype logits instead of a float32 copy and five more passes.
+                    logits = rows @ weight_c.t()
+                    row_loss = torch.zeros(len(rows), dtype=torch.float32, device=rows.device)  # ignored rows stay 0
+                    _liger_cross_entropy_rows(logits, target, row_loss, need_hidden or need_weight)
+                    total += row_loss.sum()
+                    if need_hidden:
+                        torch.mm(logits, weight_c, out=grad_hidden[start : start + chunk_rows])
+                    if need_weight:
+                        grad_weight += logits.t().float() @ rows.float()
+                    del logits
+                    continue
                 safe_target = target.clamp(min=0)
                 # Same rounding as the plain path: logits in the compute dtype, loss in float32.
                 logits = (rows @ weight_c.t()).float()
@@ -241,6 +259,10 @@ def _linear_cross_entropy_function():
                     if need_weight:
                         grad_weight += grad_logits.t().float() @ rows.float()
                 del logits
+            if fused:  # the kernel's gradients are per row, not yet divided by the number of valid rows
+                for grad in (grad_hidden, grad_weight):
+                    if grad is not None:
+                        grad.div_(n_valid)
             ctx.save_for_backward(*(t for t in (grad_hidden, grad_weight) if t is not None))
             ctx.has = (need_hidden, need_weight)
             ctx.hidden_dtype = hidden.dtype
@@ -255,6 +277,31 @@ def _linear_cross_entropy_function():
             return grad_hidden, grad_weight, None, None
 
     return LinearCrossEntropy
+
+
+def _on_triton(tensor) -> bool:
+    """Whether Triton kernels run on ``tensor``: CUDA, or Triton's interpreter (the CPU tests)."""
+    import os
+
+    return tensor.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _liger_cross_entropy_rows(logits, targets, row_loss, gradients: bool) -> None:
+    """Cross-entropy of each row of ``logits`` (sum reduction) into ``row_loss``; with
+    ``gradients``, ``logits`` is overwritten with d(loss)/d(logits): softmax - onehot, and
+    zero on rows whose target is IGNORE_INDEX."""
+    import triton
+    from liger_kernel.ops.cross_entropy import liger_cross_entropy_kernel
+
+    n_rows, n_cols = logits.shape
+    liger_cross_entropy_kernel[(n_rows,)](
+        X_ptr=logits, X_stride=logits.stride(-2), Y_ptr=targets, Y_stride=targets.stride(-1), weight_ptr=None,
+        loss_ptr=row_loss, z_loss_ptr=None, loss_stride=row_loss.stride(-1), token_accuracy_ptr=None,
+        token_accuracy_stride=0, predicted_tokens_ptr=None, predicted_tokens_stride=0, n_cols=n_cols,
+        n_non_ignore=1.0, sum_non_ignore_weight=1.0, weight_sum=0.0, ignore_index=IGNORE_INDEX,
+        lse_square_scale=0.0, label_smoothing=0.0, reduction="sum", softcap=None, RETURN_Z_LOSS=False,
+        RETURN_TOKEN_ACCURACY=False, RETURN_PREDICTED_TOKENS=False, HAS_WEIGHT=False, HAS_SOFTCAPPING=False,
+        HAS_GRADIENTS=gradients, BLOCK_SIZE=min(32768, triton.next_power_of_2(n_cols)), num_warps=32)
 
 
 def linear_cross_entropy(hidden, weight, labels, chunk_rows: int | None = None):
@@ -347,11 +394,13 @@ def _fused_swiglu_forward(self, x):
 
 
 def use_fused_kernels(model, compute_dtype) -> bool:
-    """Give the RMSNorm and SwiGLU MLP modules of Llama-family models liger-kernel's fused kernels.
+    """Give the RMSNorm, SwiGLU MLP and RoPE of Llama-family models liger-kernel's fused kernels.
 
     Only where the function is exactly the same: Llama-style norms whose weight is already in
     the compute dtype (``keep_frozen_dtype``; an upcast float32 weight would change the output
-    dtype), and MLPs whose activation is SiLU. The module instances are patched, nothing global.
+    dtype), MLPs whose activation is SiLU, and the rotary embedding of their attention
+    modules (``use_fused_rope``: a module global becomes a dispatcher that changes nothing
+    outside the marked instances). The module instances are patched.
 
     Returns:
         True when any module was patched.
@@ -366,7 +415,7 @@ def use_fused_kernels(model, compute_dtype) -> bool:
     except ImportError as error:
         logger.info("acceleration.fused_kernels needs liger-kernel (%s): skipped", error)
         return False
-    patched = False
+    patched = use_fused_rope(model)
     for module in model.modules():
         name = type(module).__name__
         if (name.endswith("RMSNorm") and hasattr(module, "variance_epsilon")
@@ -380,6 +429,70 @@ def use_fused_kernels(model, compute_dtype) -> bool:
         module._qlorapipe_patched = True
         patched = True
     return patched
+
+
+# Set while a module with the fused RoPE runs its forward (per thread: checkpointed blocks are
+# recomputed in autograd's thread, where the module's hooks set it again).
+_FUSED_ROPE = threading.local()
+
+
+def _rope_dispatcher(original):
+    """``apply_rotary_pos_emb`` of a transformers modeling module, taking liger-kernel's RoPE
+    kernel inside attention modules ``_use_fused_rope`` marked, and ``original`` elsewhere."""
+
+    @functools.wraps(original)
+    def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
+        if (getattr(_FUSED_ROPE, "depth", 0) and _on_triton(q) and not args and not kwargs
+                and cos.shape[-1] == q.shape[-1] and q.dim() == 4):
+            from liger_kernel.ops.rope import LigerRopeFunction
+
+            return LigerRopeFunction.apply(q, k, cos, sin)
+        return original(q, k, cos, sin, *args, **kwargs)
+
+    apply_rotary_pos_emb._qlorapipe_original = original
+    return apply_rotary_pos_emb
+
+
+def use_fused_rope(model) -> bool:
+    """Run the rotary embedding of each attention module as one Triton kernel (liger-kernel's).
+
+    Returns:
+        True when any attention module was marked.
+    """
+    return any([_use_fused_rope(m) for m in model.modules() if type(m).__name__.endswith("Attention")])
+
+
+def _use_fused_rope(attention) -> bool:
+    """Run ``attention``'s rotary embedding as one Triton kernel (liger-kernel's) for q and k.
+
+    transformers' attention calls its module's global ``apply_rotary_pos_emb`` (q * cos +
+    rotate_half(q) * sin: six kernels and two copies, and the same again backward). That global
+    becomes a dispatcher (once per modeling module) which takes the fused kernel only while a
+    marked attention module runs: forward hooks on this instance mark it, so other models in
+    the process keep transformers' function.
+    """
+    import sys
+
+    module = sys.modules.get(type(attention).__module__)
+    original = getattr(module, "apply_rotary_pos_emb", None)
+    if original is None or not hasattr(module, "rotate_half"):
+        return False
+    try:
+        import liger_kernel.ops.rope  # noqa: F401
+    except ImportError:
+        return False
+    if not hasattr(original, "_qlorapipe_original"):
+        module.apply_rotary_pos_emb = _rope_dispatcher(original)
+
+    def enter(*_):
+        _FUSED_ROPE.depth = getattr(_FUSED_ROPE, "depth", 0) + 1
+
+    def leave(*_):
+        _FUSED_ROPE.depth -= 1
+
+    attention._qlorapipe_rope_hooks = (attention.register_forward_pre_hook(enter),
+                                       attention.register_forward_hook(leave, always_call=True))
+    return True
 
 
 def decoder_layers(model) -> list:

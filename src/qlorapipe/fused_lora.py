@@ -22,30 +22,23 @@ PyTorch, which the CPU tests use.
 
 from __future__ import annotations
 
-import functools
+import os
 
 import torch
 
 MAX_ELEMENTS = 2**31 - 1  # the dropout kernel indexes elements with 32-bit offsets
 
 
-@functools.cache
+def _on_triton(tensor: torch.Tensor) -> bool:
+    """Whether the Triton kernels run on ``tensor``: on CUDA, or anywhere under Triton's
+    interpreter (``TRITON_INTERPRET=1``, which the CPU tests use to check the kernels)."""
+    return tensor.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def _dropout_kernel():
-    import triton
-    import triton.language as tl
+    from qlorapipe import triton_kernels
 
-    @triton.jit
-    def dropout_kernel(x_ptr, add_ptr, out_ptr, seed_ptr, n, p, scale, ADD: tl.constexpr, BLOCK: tl.constexpr):
-        offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        inside = offsets < n
-        x = tl.load(x_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
-        keep = tl.rand(tl.load(seed_ptr), offsets) >= p
-        y = tl.where(keep, x * scale, 0.0)
-        if ADD:
-            y += tl.load(add_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
-        tl.store(out_ptr + offsets, y.to(out_ptr.dtype.element_ty), mask=inside)
-
-    return dropout_kernel
+    return triton_kernels.dropout_kernel
 
 
 def new_seed(device) -> torch.Tensor:
@@ -53,26 +46,34 @@ def new_seed(device) -> torch.Tensor:
     return torch.randint(0, 2**31 - 1, (1,), device=device, dtype=torch.int64)
 
 
-def dropout(x: torch.Tensor, p: float, seed: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
-    """``x * mask / (1 - p)`` (plus ``add``, in place into it) with the mask that ``seed`` draws.
+def dropout(x: torch.Tensor | None, p: float, seed: torch.Tensor, grad: torch.Tensor | None = None,
+            into: torch.Tensor | None = None) -> torch.Tensor | None:
+    """``x * mask / (1 - p)`` with the mask that ``seed`` draws; also adds ``grad * mask / (1 - p)``
+    into ``into`` in place when both are given.
 
     The same seed, shape and ``p`` give the same mask, so a backward pass applies the forward
-    pass's mask to the gradient by calling this again. ``x`` (and ``add``) must be contiguous.
+    pass's mask by calling this again, for the dropped input and the input's gradient at
+    once (one draw of the mask). Tensors must be contiguous and of one shape.
+
+    Returns:
+        The dropped-out ``x``, or None when ``x`` is None.
     """
     scale = 1.0 / (1.0 - p)
-    if x.is_cuda:
-        out = add if add is not None else torch.empty_like(x)
-        n = x.numel()
-        block = 1024
-        _dropout_kernel()[((n + block - 1) // block,)](x, out, out, seed, n, p, scale, ADD=add is not None,
-                                                        BLOCK=block)
+    shaped = x if x is not None else grad
+    if _on_triton(shaped):
+        out = torch.empty_like(x) if x is not None else None
+        n = shaped.numel()
+        block = 2048
+        _dropout_kernel()[((n + block - 1) // block,)](
+            x if x is not None else grad, out if out is not None else into, grad if grad is not None else x,
+            into if into is not None else out, seed, n, p, scale,
+            DROP_X=x is not None, ADD_G=grad is not None, BLOCK=block)
         return out
-    generator = torch.Generator(device=x.device).manual_seed(int(seed.item()))
-    keep = torch.rand(x.shape, generator=generator, device=x.device) >= p
-    dropped = torch.where(keep, x.float() * scale, 0.0)
-    if add is None:
-        return dropped.to(x.dtype)
-    return add.copy_(add.float() + dropped)
+    generator = torch.Generator(device=shaped.device).manual_seed(int(seed.item()))
+    keep = torch.rand(shaped.shape, generator=generator, device=shaped.device) >= p
+    if grad is not None:
+        into.copy_(into.float() + torch.where(keep, grad.float() * scale, 0.0))
+    return None if x is None else torch.where(keep, x.float() * scale, 0.0).to(x.dtype)
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -112,13 +113,19 @@ def frozen_weight(base, dtype) -> torch.Tensor:
 
 
 def _forward(x2, base, lora_a, lora_b, scaling: float, p: float):
-    """base(x2) + (dropout(x2) @ A^T) @ (B * scaling)^T, and the tensors the backward pass needs."""
+    """base(x2) + (dropout(x2) @ A^T) @ (B * scaling)^T, and the tensors the backward pass needs.
+
+    The rank-r product is computed first and the base matmul accumulates onto it (cuBLAS
+    reads it in its epilogue), instead of a rank-r ``addmm_`` that reads and writes the whole
+    output once more after the base matmul.
+    """
     a = lora_a.to(x2.dtype)
     b = (lora_b * scaling).to(x2.dtype)
     seed = new_seed(x2.device) if p > 0 else None
     hidden = (dropout(x2, p, seed) if p > 0 else x2) @ a.t()
-    out = base(x2).to(x2.dtype)
-    out.addmm_(hidden, b.t())
+    bias = base.bias
+    out = hidden @ b.t() if bias is None else torch.addmm(bias.to(x2.dtype), hidden, b.t())
+    out.addmm_(x2, frozen_weight(base, x2.dtype).t())
     return out, (hidden, a, b, seed)
 
 
@@ -129,15 +136,17 @@ def _backward(ctx, grad2, x2, hidden, a, b, seed):
     grad_a = grad_b = grad_x = None
     if needs_b:
         grad_b = (grad2.t() @ hidden).float().mul_(ctx.scaling)
-    if needs_a:
-        dropped = dropout(x2, ctx.p, seed) if ctx.p > 0 else x2
-        grad_a = (grad_hidden.t() @ dropped).float()
     if needs_x:
         grad_x = grad2 @ frozen_weight(ctx.base, grad2.dtype)
-        if ctx.p > 0:
-            dropout(grad_hidden @ a, ctx.p, seed, add=grad_x)
-        else:
+    if ctx.p > 0 and (needs_a or needs_x):
+        # One mask draw for both the dropped input (A's gradient) and the input's gradient.
+        dropped = dropout(x2 if needs_a else None, ctx.p, seed, grad_hidden @ a if needs_x else None, grad_x)
+    else:
+        dropped = x2
+        if needs_x:
             grad_x.addmm_(grad_hidden, a)
+    if needs_a:
+        grad_a = (grad_hidden.t() @ dropped).float()
     return grad_x, grad_a, grad_b
 
 
