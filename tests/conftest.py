@@ -150,8 +150,13 @@ def tiny_lora_model(model_dir: Path, device="cpu", dropout: float = 0.0, gradien
 def run_under_triton_interpreter(code: str) -> None:
     """Run ``code`` in a fresh Python with ``TRITON_INTERPRET=1``: the Triton kernels the GPU
     runs then run on CPU tensors. The variable must be set before triton is first imported,
-    hence the fresh process; ``code`` can import the test modules."""
+    hence the fresh process; ``code`` can import the test modules. Skipped where CUDA is:
+    the GPU tests run the same kernels there."""
     pytest.importorskip("triton")
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is here: tests/test_acceleration_gpu.py runs the kernels on it")
     import os
     import subprocess
 

@@ -131,10 +131,36 @@ def test_the_dropout_kernel_redraws_the_same_mask_from_a_seed_at_the_rate_asked(
     assert abs(kept.float().mean().item() - 0.9) < 0.005
     assert torch.allclose(first[kept].float(), x[kept].float() / 0.9, rtol=1e-2)
     assert not torch.equal(first, fused_lora.dropout(x, 0.1, fused_lora.new_seed("cuda")))
-    grad, into = torch.randn_like(x), torch.ones_like(x)
+    grad, into = torch.randn_like(x), torch.zeros_like(x)
     assert torch.equal(fused_lora.dropout(x, 0.1, seed, grad, into), first)
-    assert torch.equal(into != 1, kept & (grad != 0))  # the same mask on the gradient
-    assert torch.allclose(into.float(), torch.where(kept, grad.float() / 0.9, 0.0) + 1, rtol=1e-2, atol=1e-2)
+    assert torch.equal(into != 0, kept & (grad != 0))  # the same mask on the gradient
+    assert torch.allclose(into.float(), torch.where(kept, grad.float() / 0.9, 0.0), rtol=1e-2, atol=1e-2)
+
+
+def test_the_fused_lora_dropout_kernels_on_cuda():
+    from test_fused_lora import check_fused_dropout_kernels
+
+    check_fused_dropout_kernels("cuda", torch.bfloat16, tol=2e-2)
+
+
+@pytest.mark.parametrize("chunk_rows", [7, 4096])
+def test_the_chunked_loss_kernel_on_cuda_is_the_plain_loss(chunk_rows):
+    from qlorapipe import acceleration
+
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 50, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    weight = (torch.randn(1000, 64, device="cuda") * 0.2).to(torch.bfloat16)
+    labels = torch.randint(0, 1000, (2, 50), device="cuda")
+    labels[0, :5] = -100
+    loss = acceleration.linear_cross_entropy(hidden, weight, labels, chunk_rows=chunk_rows)
+    loss.backward()
+    got = hidden.grad.float()
+    hidden.grad = None
+    targets = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:].reshape(-1)
+    ref = torch.nn.functional.cross_entropy((hidden @ weight.t()).float().reshape(-1, 1000), targets)
+    ref.backward()
+    assert abs(loss.item() - ref.item()) < 1e-3
+    assert torch.nn.functional.cosine_similarity(got.flatten(), hidden.grad.float().flatten(), dim=0) > 0.999
 
 
 @pytest.mark.parametrize("swiglu", [False, True])
@@ -148,8 +174,8 @@ def test_the_fused_lora_functions_compute_the_unfused_function_on_cuda(swiglu):
     base = bnb.nn.Linear4bit(256, 128, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4")
     base.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, quant_type="nf4")
     base = base.cuda()
-    lora_a = (torch.randn(8, 256, device="cuda") * 0.1).requires_grad_()
-    lora_b = (torch.randn(128, 8, device="cuda") * 0.1).requires_grad_()
+    lora_a = (torch.randn(16, 256, device="cuda") * 0.1).requires_grad_()
+    lora_b = (torch.randn(128, 16, device="cuda") * 0.1).requires_grad_()
     inputs = [torch.randn(4, 32, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
               for _ in range(2 if swiglu else 1)]
     grad_out = torch.randn(4, 32, 128, device="cuda", dtype=torch.bfloat16)
@@ -161,8 +187,9 @@ def test_the_fused_lora_functions_compute_the_unfused_function_on_cuda(swiglu):
     for t in (*inputs, lora_a, lora_b):
         t.grad = None
     torch.manual_seed(5)
-    ones = torch.ones(128, 256, device="cuda", dtype=torch.bfloat16)
-    mask = fused_lora.dropout(ones, 0.1, fused_lora.new_seed("cuda")).view(4, 32, 256)
+    from test_fused_lora import fused_mask
+
+    mask = fused_mask(128, 256, 16, 0.1, fused_lora.new_seed("cuda"), "cuda", torch.bfloat16).view(4, 32, 256)
     x = torch.nn.functional.silu(inputs[0]) * inputs[1] if swiglu else inputs[0]
     ref = base(x) + ((x * mask) @ lora_a.t().bfloat16() @ (lora_b * 2.0).t().bfloat16())
     ref.backward(grad_out)

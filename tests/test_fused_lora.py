@@ -91,6 +91,65 @@ def test_the_triton_dropout_kernel_draws_masks_the_same_way():
     run_under_triton_interpreter("import test_fused_lora as t; t.check_dropout_draws()")
 
 
+def fused_mask(m: int, k: int, r: int, p: float, seed: torch.Tensor, device="cpu", dtype=torch.float32):
+    """The mask (times 1 / (1 - p)) the fused LoRA-dropout kernels draw from ``seed``: the input
+    gradient of a rank-r A whose first row is ones, from a one-hot gradient."""
+    one_hot = torch.zeros(m, r, device=device, dtype=dtype)
+    ones = torch.zeros(r, k, device=device, dtype=dtype)
+    one_hot[:, 0], ones[0] = 1.0, 1.0
+    mask = torch.zeros(m, k, device=device, dtype=torch.float32)
+    fused_lora.lora_input_grad_(mask, one_hot, ones, p, seed)
+    return mask
+
+
+def check_fused_dropout_kernels(device="cpu", dtype=torch.float32, tol=1e-4) -> None:
+    """The three LoRA-dropout kernels draw one mask, the one the LoRA layer's gradients use."""
+    torch.manual_seed(0)
+    m, k, r, p = 70, 256, 16, 0.3  # 70 rows: blocks and splits end part-way
+    x, a, grad_hidden = (torch.randn(m, k, device=device).to(dtype), (torch.randn(r, k, device=device) * 0.1).to(dtype),
+                         torch.randn(m, r, device=device).to(dtype))
+    seed = torch.tensor([77], device=device)
+    assert fused_lora.fuses_dropout(x, a) and not fused_lora.fuses_dropout(x[:, :200].contiguous(), a)
+    mask = fused_mask(m, k, r, p, seed, device, dtype)
+    kept = mask != 0
+    assert abs(kept.float().mean().item() - (1 - p)) < 0.03
+    assert torch.allclose(mask[kept], torch.tensor(1 / (1 - p), device=device))
+    assert not torch.equal(kept[:, :128], kept[:, 128:]) and not torch.equal(kept[:35], kept[35:])
+    assert not torch.equal(fused_mask(m, k, r, p, torch.tensor([78], device=device), device, dtype), mask)
+    dropped = (x.float() * mask).to(dtype)
+    assert torch.allclose(fused_lora.lora_down(x, a, p, seed).float(), (dropped @ a.t()).float(), atol=tol, rtol=tol)
+    assert torch.allclose(fused_lora.lora_down_grad(grad_hidden, x, p, seed),
+                          grad_hidden.t().float() @ dropped.float(), atol=tol, rtol=tol)
+    grad = torch.randn(m, k, device=device).to(dtype)
+    want = grad.float() + (grad_hidden.float() @ a.float()) * mask
+    fused_lora.lora_input_grad_(grad, grad_hidden, a, p, seed)
+    assert torch.allclose(grad.float(), want, atol=tol, rtol=tol)
+    if device != "cpu":
+        return
+    # the LoRA layer takes them, forward and backward, with the mask its seed draws
+    base = _base("nf4", k, 24, bias=True)
+    lora_a, lora_b = _lora(k, 24, rank=16)
+    x3 = torch.randn(2, 35, k, requires_grad=True)
+    grad_out = torch.randn(2, 35, 24)
+    torch.manual_seed(5)
+    out = fused_lora.LoraLinear.apply(x3, lora_a, lora_b, base, 2.0, p)
+    out.backward(grad_out)
+    got = [out.detach(), x3.grad, lora_a.grad, lora_b.grad]
+    for tensor in (x3, lora_a, lora_b):
+        tensor.grad = None
+    torch.manual_seed(5)
+    mask = fused_mask(70, k, 16, p, fused_lora.new_seed("cpu")).view(2, 35, k)
+    ref = base(x3) + (x3 * mask) @ lora_a.t() @ lora_b.t() * 2.0
+    ref.backward(grad_out)
+    for value, expected in zip(got, [ref.detach(), x3.grad, lora_a.grad, lora_b.grad], strict=True):
+        assert torch.allclose(value, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_the_fused_lora_dropout_kernels_draw_one_mask():
+    """Under Triton's interpreter on CPU tensors."""
+    run_under_triton_interpreter("import test_fused_lora as t; t.check_fused_dropout_kernels()")
+
+
 @pytest.mark.parametrize("p", [0.0, 0.2])
 def test_swiglu_lora_linear_is_down_of_silu_gate_times_up_with_its_gradients(p):
     base = _base("nf4", 32, 8)

@@ -76,6 +76,64 @@ def dropout(x: torch.Tensor | None, p: float, seed: torch.Tensor, grad: torch.Te
     return None if x is None else torch.where(keep, x.float() * scale, 0.0).to(x.dtype)
 
 
+# The fused LoRA-dropout kernels: inputs with a multiple of 128 columns, ranks tl.dot takes.
+FUSED_GROUP = 128
+FUSED_RANKS = (16, 32, 64, 128)
+_BLOCK_M = 64
+_TARGET_PROGRAMS = 264  # about two per multiprocessor of an H100 / H200
+
+
+def fuses_dropout(x2: torch.Tensor, a: torch.Tensor) -> bool:
+    """Whether ``lora_down`` and its gradients take the fused kernels for this input and rank:
+    the dropout mask drawn inside the rank-r matmuls, the dropped-out input never stored."""
+    sixteen_bit = x2.dtype in (torch.bfloat16, torch.float16) or not x2.is_cuda  # tl.dot: no tf32 for float32
+    return (_on_triton(x2) and sixteen_bit and x2.dim() == 2 and x2.is_contiguous()
+            and x2.shape[1] % FUSED_GROUP == 0 and a.shape[0] in FUSED_RANKS and x2.numel() < MAX_ELEMENTS)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def lora_down(x2: torch.Tensor, a: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:
+    """``dropout(x2) @ a.T`` (fused kernels; see ``fuses_dropout``), in x2's dtype."""
+    from qlorapipe import triton_kernels
+
+    (m, k), r = x2.shape, a.shape[0]
+    groups = k // FUSED_GROUP
+    n_m = _cdiv(m, _BLOCK_M)
+    per_split = _cdiv(groups, max(1, min(groups, _cdiv(_TARGET_PROGRAMS, n_m))))
+    splits = _cdiv(groups, per_split)
+    partial = torch.empty(splits, m, r, device=x2.device, dtype=torch.float32)
+    triton_kernels.lora_down_kernel[(n_m, splits)](x2, a.contiguous(), partial, seed, m, k, per_split, p,
+                                                   1.0 / (1.0 - p), R=r, BLOCK_M=_BLOCK_M)
+    return (partial[0] if splits == 1 else partial.sum(0)).to(x2.dtype)
+
+
+def lora_down_grad(grad_hidden: torch.Tensor, x2: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:
+    """``grad_hidden.T @ dropout(x2)`` in float32: the gradient of A (fused kernels)."""
+    from qlorapipe import triton_kernels
+
+    (m, k), r = x2.shape, grad_hidden.shape[1]
+    groups = k // FUSED_GROUP
+    per_split = _cdiv(_cdiv(m, max(1, min(_cdiv(m, _BLOCK_M), _cdiv(_TARGET_PROGRAMS, groups)))), _BLOCK_M) * _BLOCK_M
+    splits = _cdiv(m, per_split)
+    partial = torch.empty(splits, r, k, device=x2.device, dtype=torch.float32)
+    triton_kernels.lora_down_grad_kernel[(groups, splits)](grad_hidden.contiguous(), x2, partial, seed, m, k,
+                                                           per_split, p, 1.0 / (1.0 - p), R=r, BLOCK_M=_BLOCK_M)
+    return partial[0] if splits == 1 else partial.sum(0)
+
+
+def lora_input_grad_(grad_x: torch.Tensor, grad_hidden: torch.Tensor, a: torch.Tensor, p: float,
+                     seed: torch.Tensor) -> None:
+    """``grad_x += dropout(grad_hidden @ a)`` in place, with the mask of ``lora_down`` (fused kernels)."""
+    from qlorapipe import triton_kernels
+
+    (m, k), r = grad_x.shape, a.shape[0]
+    triton_kernels.lora_input_grad_kernel[(_cdiv(m, _BLOCK_M), k // FUSED_GROUP)](
+        grad_hidden.contiguous(), a.contiguous(), grad_x, seed, m, k, p, 1.0 / (1.0 - p), R=r, BLOCK_M=_BLOCK_M)
+
+
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """``silu(gate) * up`` as LlamaMLP computes it (SiLU rounded to the input dtype first)."""
     if gate.is_cuda:
@@ -122,11 +180,15 @@ def _forward(x2, base, lora_a, lora_b, scaling: float, p: float):
     a = lora_a.to(x2.dtype)
     b = (lora_b * scaling).to(x2.dtype)
     seed = new_seed(x2.device) if p > 0 else None
-    hidden = (dropout(x2, p, seed) if p > 0 else x2) @ a.t()
+    fused = p > 0 and fuses_dropout(x2, a)
+    if fused:
+        hidden = lora_down(x2, a, p, seed)
+    else:
+        hidden = (dropout(x2, p, seed) if p > 0 else x2) @ a.t()
     bias = base.bias
     out = hidden @ b.t() if bias is None else torch.addmm(bias.to(x2.dtype), hidden, b.t())
     out.addmm_(x2, frozen_weight(base, x2.dtype).t())
-    return out, (hidden, a, b, seed)
+    return out, (hidden, a, b, seed), fused
 
 
 def _backward(ctx, grad2, x2, hidden, a, b, seed):
@@ -138,6 +200,12 @@ def _backward(ctx, grad2, x2, hidden, a, b, seed):
         grad_b = (grad2.t() @ hidden).float().mul_(ctx.scaling)
     if needs_x:
         grad_x = grad2 @ frozen_weight(ctx.base, grad2.dtype)
+    if ctx.fused:  # the mask drawn inside the kernels, as in the forward pass
+        if needs_x:
+            lora_input_grad_(grad_x, grad_hidden, a, ctx.p, seed)
+        if needs_a:
+            grad_a = lora_down_grad(grad_hidden, x2, ctx.p, seed)
+        return grad_x, grad_a, grad_b
     if ctx.p > 0 and (needs_a or needs_x):
         # One mask draw for both the dropped input (A's gradient) and the input's gradient.
         dropped = dropout(x2 if needs_a else None, ctx.p, seed, grad_hidden @ a if needs_x else None, grad_x)
@@ -156,7 +224,7 @@ class LoraLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, lora_a, lora_b, base, scaling: float, p: float):
         x2 = x.reshape(-1, x.shape[-1]).contiguous()
-        out, (hidden, a, b, seed) = _forward(x2, base, lora_a, lora_b, scaling, p)
+        out, (hidden, a, b, seed), ctx.fused = _forward(x2, base, lora_a, lora_b, scaling, p)
         ctx.save_for_backward(x2, hidden, a, b, seed)
         ctx.base, ctx.scaling, ctx.p = base, scaling, p
         ctx.needs_lora = ctx.needs_input_grad[:3]
@@ -180,7 +248,7 @@ class SwigluLoraLinear(torch.autograd.Function):
         gate2 = gate.reshape(-1, gate.shape[-1]).contiguous()
         up2 = up.reshape(-1, up.shape[-1]).contiguous()
         product = swiglu(gate2, up2)
-        out, (hidden, a, b, seed) = _forward(product, base, lora_a, lora_b, scaling, p)
+        out, (hidden, a, b, seed), ctx.fused = _forward(product, base, lora_a, lora_b, scaling, p)
         ctx.save_for_backward(gate2, up2, hidden, a, b, seed)
         ctx.base, ctx.scaling, ctx.p = base, scaling, p
         ctx.needs_lora = (any(ctx.needs_input_grad[:2]), *ctx.needs_input_grad[2:4])
