@@ -27,6 +27,7 @@ from train_speed import CASES, DEFAULT, build_ours, randomize_lora_b, save_rando
 VARIANTS = {
     "defaults": DEFAULT,
     "defaults + uncheckpointed_layers=24": replace(DEFAULT, uncheckpointed_layers=24),
+    "defaults + uncheckpointed_layers=28": replace(DEFAULT, uncheckpointed_layers=28),
     "defaults + uncheckpointed_layers=36": replace(DEFAULT, uncheckpointed_layers=36),
     "defaults + compile_layers": replace(DEFAULT, compile_layers=True),
     "defaults + compile_layers + flat_absmax": replace(DEFAULT, compile_layers=True),

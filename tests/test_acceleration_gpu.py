@@ -190,6 +190,7 @@ def test_the_fused_lora_functions_compute_the_unfused_function_on_cuda(swiglu):
     from test_fused_lora import fused_mask
 
     mask = fused_mask(128, 256, 16, 0.1, fused_lora.new_seed("cuda"), "cuda", torch.bfloat16).view(4, 32, 256)
+    mask = mask.to(torch.bfloat16)  # 0 or 1 / 0.9 (rounded as the kernels round the dropped input)
     x = torch.nn.functional.silu(inputs[0]) * inputs[1] if swiglu else inputs[0]
     ref = base(x) + ((x * mask) @ lora_a.t().bfloat16() @ (lora_b * 2.0).t().bfloat16())
     ref.backward(grad_out)
