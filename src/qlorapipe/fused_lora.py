@@ -95,6 +95,11 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def _threshold(p: float) -> int:
+    """The fused kernels keep an element when its 16-bit uniform is at least this (rate p to 1/65536)."""
+    return round(p * 65536)
+
+
 def lora_down(x2: torch.Tensor, a: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:
     """``dropout(x2) @ a.T`` (fused kernels; see ``fuses_dropout``), in x2's dtype."""
     from qlorapipe import triton_kernels
@@ -105,7 +110,7 @@ def lora_down(x2: torch.Tensor, a: torch.Tensor, p: float, seed: torch.Tensor) -
     per_split = _cdiv(groups, max(1, min(groups, _cdiv(_TARGET_PROGRAMS, n_m))))
     splits = _cdiv(groups, per_split)
     partial = torch.empty(splits, m, r, device=x2.device, dtype=torch.float32)
-    triton_kernels.lora_down_kernel[(n_m, splits)](x2, a.contiguous(), partial, seed, m, k, per_split, p,
+    triton_kernels.lora_down_kernel[(n_m, splits)](x2, a.contiguous(), partial, seed, m, k, per_split, _threshold(p),
                                                    1.0 / (1.0 - p), R=r, BLOCK_M=_BLOCK_M)
     return (partial[0] if splits == 1 else partial.sum(0)).to(x2.dtype)
 
@@ -120,7 +125,8 @@ def lora_down_grad(grad_hidden: torch.Tensor, x2: torch.Tensor, p: float, seed: 
     splits = _cdiv(m, per_split)
     partial = torch.empty(splits, r, k, device=x2.device, dtype=torch.float32)
     triton_kernels.lora_down_grad_kernel[(groups, splits)](grad_hidden.contiguous(), x2, partial, seed, m, k,
-                                                           per_split, p, 1.0 / (1.0 - p), R=r, BLOCK_M=_BLOCK_M)
+                                                           per_split, _threshold(p), 1.0 / (1.0 - p), R=r,
+                                                           BLOCK_M=_BLOCK_M)
     return partial[0] if splits == 1 else partial.sum(0)
 
 
@@ -131,7 +137,8 @@ def lora_input_grad_(grad_x: torch.Tensor, grad_hidden: torch.Tensor, a: torch.T
 
     (m, k), r = grad_x.shape, a.shape[0]
     triton_kernels.lora_input_grad_kernel[(_cdiv(m, _BLOCK_M), k // FUSED_GROUP)](
-        grad_hidden.contiguous(), a.contiguous(), grad_x, seed, m, k, p, 1.0 / (1.0 - p), R=r, BLOCK_M=_BLOCK_M)
+        grad_hidden.contiguous(), a.contiguous(), grad_x, seed, m, k, _threshold(p), 1.0 / (1.0 - p), R=r,
+        BLOCK_M=_BLOCK_M)
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
