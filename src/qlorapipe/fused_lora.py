@@ -16,8 +16,11 @@ backward pass instead of keeping it (another 0.1 GB per block at that size).
 
 Gradients are the ones of the unfused graph up to bfloat16 rounding, and the mask is a
 different draw than ``torch.nn.Dropout``'s (tests/test_fused_lora.py checks both). On CUDA
-the dropout and SwiGLU run as Triton kernels (the latter liger-kernel's); elsewhere as plain
-PyTorch, which the CPU tests use.
+the dropout and SwiGLU run as Triton kernels (the latter liger-kernel's); for inputs with a
+multiple of 128 features the dropout is drawn inside the rank-r matmuls themselves
+(``lora_down`` and its two gradients, ``triton_kernels.py``), so the dropped-out input is
+never written. Elsewhere everything runs as plain PyTorch, which the CPU tests use (and
+Triton's interpreter, for the kernels).
 """
 
 from __future__ import annotations

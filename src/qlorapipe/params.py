@@ -206,7 +206,7 @@ class AccelerationParams:
     keep_frozen_dtype: bool = True  # no float32 upcast of frozen norms and embeddings
     lora_fast_forward: bool = True  # each LoRA layer one autograd function: compute dtype, keeps only its input
     chunked_cross_entropy: bool = True  # loss without materialising full float32 logits
-    fused_kernels: bool = True  # liger-kernel's fused RMSNorm and SwiGLU (Triton)
+    fused_kernels: bool = True  # liger-kernel's fused RMSNorm, SwiGLU and RoPE (Triton)
     uncheckpointed_layers: int = 0  # last N blocks keep activations (needs gradient checkpointing)
     compile_layers: bool = False  # torch.compile each transformer block
     unpaged_optimizer: bool = True  # paged_adamw_8bit runs as adamw_8bit (same update, states on the GPU)
