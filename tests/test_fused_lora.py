@@ -37,6 +37,24 @@ def _lora(in_features, out_features, rank=4):
     return lora_a, lora_b
 
 
+def _assert_lora_linear_matches(base, lora_a, lora_b, x, grad_out, p, mask_for, tol=1e-5):
+    """LoraLinear's output and gradients equal base(x) + (x * mask) @ A^T @ B^T * 2 and its
+    gradients, where ``mask_for(seed)`` redraws the layer's mask from the seed it drew."""
+    torch.manual_seed(7)
+    out = fused_lora.LoraLinear.apply(x, lora_a, lora_b, base, 2.0, p)
+    out.backward(grad_out)
+    got = [out.detach(), x.grad, lora_a.grad, lora_b.grad]
+    for tensor in (x, lora_a, lora_b):
+        tensor.grad = None
+    torch.manual_seed(7)
+    mask = mask_for(fused_lora.new_seed("cpu")) if p > 0 else 1.0
+    ref = base(x) + (x * mask) @ lora_a.t() @ lora_b.t() * 2.0
+    ref.backward(grad_out)
+    for value, expected in zip(got, [ref.detach(), x.grad, lora_a.grad, lora_b.grad], strict=True):
+        assert torch.allclose(value, expected, atol=tol, rtol=1e-4)
+    return got
+
+
 @pytest.mark.parametrize("kind,bias", [("linear", False), ("nf4", False), ("nf4", True)])
 @pytest.mark.parametrize("p", [0.0, 0.3])
 def test_lora_linear_is_the_unfused_function_with_its_gradients(kind, bias, p):
@@ -44,17 +62,8 @@ def test_lora_linear_is_the_unfused_function_with_its_gradients(kind, bias, p):
     lora_a, lora_b = _lora(16, 24)
     x = torch.randn(3, 5, 16, generator=torch.Generator().manual_seed(2), requires_grad=True)
     grad_out = torch.randn(3, 5, 24, generator=torch.Generator().manual_seed(3))
-    torch.manual_seed(7)
-    out = fused_lora.LoraLinear.apply(x, lora_a, lora_b, base, 2.0, p)
-    out.backward(grad_out)
-    got = [out.detach(), x.grad, lora_a.grad, lora_b.grad]
-    for tensor in (x, lora_a, lora_b):
-        tensor.grad = None
-    mask = _mask(p, 7, (15, 16)).view(3, 5, 16) if p > 0 else 1.0
-    ref = base(x) + (x * mask) @ lora_a.t() @ lora_b.t() * 2.0
-    ref.backward(grad_out)
-    for value, expected in zip(got, [ref.detach(), x.grad, lora_a.grad, lora_b.grad], strict=True):
-        assert torch.allclose(value, expected, atol=1e-5, rtol=1e-4)
+    got = _assert_lora_linear_matches(base, lora_a, lora_b, x, grad_out, p,
+                                      lambda seed: fused_lora.dropout(torch.ones(15, 16), p, seed).view(3, 5, 16))
     if p > 0:  # the mask really drops: the function differs from the undropped one
         assert not torch.allclose(got[0], base(x) + x @ lora_a.t() @ lora_b.t() * 2.0, atol=1e-3)
 
@@ -131,18 +140,8 @@ def check_fused_dropout_kernels(device="cpu", dtype=torch.float32, tol=1e-4) -> 
     lora_a, lora_b = _lora(k, 24, rank=16)
     x3 = torch.randn(2, 35, k, requires_grad=True)
     grad_out = torch.randn(2, 35, 24)
-    torch.manual_seed(5)
-    out = fused_lora.LoraLinear.apply(x3, lora_a, lora_b, base, 2.0, p)
-    out.backward(grad_out)
-    got = [out.detach(), x3.grad, lora_a.grad, lora_b.grad]
-    for tensor in (x3, lora_a, lora_b):
-        tensor.grad = None
-    torch.manual_seed(5)
-    mask = fused_mask(70, k, 16, p, fused_lora.new_seed("cpu")).view(2, 35, k)
-    ref = base(x3) + (x3 * mask) @ lora_a.t() @ lora_b.t() * 2.0
-    ref.backward(grad_out)
-    for value, expected in zip(got, [ref.detach(), x3.grad, lora_a.grad, lora_b.grad], strict=True):
-        assert torch.allclose(value, expected, atol=1e-4, rtol=1e-4)
+    _assert_lora_linear_matches(base, lora_a, lora_b, x3, grad_out, p,
+                                lambda seed: fused_mask(70, k, 16, p, seed).view(2, 35, k), tol=1e-4)
 
 
 def test_the_fused_lora_dropout_kernels_draw_one_mask():
