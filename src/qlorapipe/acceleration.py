@@ -223,7 +223,9 @@ def _linear_cross_entropy_function():
             grad_hidden = torch.empty_like(hidden) if need_hidden else None
             grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
             weight_c = weight if weight.dtype == hidden.dtype else weight.to(hidden.dtype)
-            fused = _on_triton(hidden)
+            from qlorapipe import fused_lora
+
+            fused = fused_lora.on_triton(hidden)
             for start in range(0, n_rows, chunk_rows):
                 rows = hidden[start : start + chunk_rows]
                 target = targets[start : start + chunk_rows]
@@ -277,13 +279,6 @@ def _linear_cross_entropy_function():
             return grad_hidden, grad_weight, None, None
 
     return LinearCrossEntropy
-
-
-def _on_triton(tensor) -> bool:
-    """Whether Triton kernels run on ``tensor``: CUDA, or Triton's interpreter (the CPU tests)."""
-    import os
-
-    return tensor.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _liger_cross_entropy_rows(logits, targets, row_loss, gradients: bool) -> None:
@@ -440,9 +435,11 @@ def _rope_dispatcher(original):
     """``apply_rotary_pos_emb`` of a transformers modeling module, taking liger-kernel's RoPE
     kernel inside attention modules ``_use_fused_rope`` marked, and ``original`` elsewhere."""
 
+    from qlorapipe import fused_lora
+
     @functools.wraps(original)
     def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
-        if (getattr(_FUSED_ROPE, "depth", 0) and _on_triton(q) and not args and not kwargs
+        if (getattr(_FUSED_ROPE, "depth", 0) and fused_lora.on_triton(q) and not args and not kwargs
                 and cos.shape[-1] == q.shape[-1] and q.dim() == 4):
             from liger_kernel.ops.rope import LigerRopeFunction
 

@@ -32,7 +32,7 @@ import torch
 MAX_ELEMENTS = 2**31 - 1  # the dropout kernel indexes elements with 32-bit offsets
 
 
-def _on_triton(tensor: torch.Tensor) -> bool:
+def on_triton(tensor: torch.Tensor) -> bool:
     """Whether the Triton kernels run on ``tensor``: on CUDA, or anywhere under Triton's
     interpreter (``TRITON_INTERPRET=1``, which the CPU tests use to check the kernels)."""
     return tensor.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
@@ -63,7 +63,7 @@ def dropout(x: torch.Tensor | None, p: float, seed: torch.Tensor, grad: torch.Te
     """
     scale = 1.0 / (1.0 - p)
     shaped = x if x is not None else grad
-    if _on_triton(shaped):
+    if on_triton(shaped):
         out = torch.empty_like(x) if x is not None else None
         n = shaped.numel()
         block = 2048
@@ -90,7 +90,7 @@ def fuses_dropout(x2: torch.Tensor, a: torch.Tensor) -> bool:
     """Whether ``lora_down`` and its gradients take the fused kernels for this input and rank:
     the dropout mask drawn inside the rank-r matmuls, the dropped-out input never stored."""
     sixteen_bit = x2.dtype in (torch.bfloat16, torch.float16) or not x2.is_cuda  # tl.dot: no tf32 for float32
-    return (_on_triton(x2) and sixteen_bit and x2.dim() == 2 and x2.is_contiguous()
+    return (on_triton(x2) and sixteen_bit and x2.dim() == 2 and x2.is_contiguous()
             and x2.shape[1] % FUSED_GROUP == 0 and a.shape[0] in FUSED_RANKS and x2.numel() < MAX_ELEMENTS)
 
 
