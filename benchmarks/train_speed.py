@@ -535,7 +535,14 @@ def main() -> None:
     parser.add_argument("--no-plain-unpaged", dest="plain_unpaged", action="store_false",
                         help="skip the plain recipe with the unpaged optimizer")
     parser.add_argument("--liger", action="store_true", help="also time liger-kernel's RMSNorm/SwiGLU/RoPE on A")
+    parser.add_argument("--kernel-configs", type=Path, default=None,
+                        help="launch configurations of the fused LoRA kernels (lora_kernels_speed.py --sweep writes them)")
     args = parser.parse_args()
+    if args.kernel_configs:
+        from qlorapipe import fused_lora
+
+        fused_lora.KERNEL_CONFIGS.update(json.loads(args.kernel_configs.read_text()))
+        print(json.dumps({"kernel_configs": fused_lora.KERNEL_CONFIGS}), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     args.workdir.mkdir(parents=True, exist_ok=True)
     global RESULTS_FILE
