@@ -11,7 +11,9 @@ run again with the same params, data and base model (and discards checkpoints of
 With distributed.num_processes > 1 it relaunches itself through ``accelerate launch`` on that
 many processes (see qlorapipe.distributed); only rank 0 writes the outputs, and all ranks write
 and resume each checkpoint together (see qlorapipe.checkpoints). On CUDA in one process, each
-micro-batch's forward and backward is a CUDA graph replay (acceleration.GraphedStep).
+micro-batch's forward and backward is a CUDA graph replay (acceleration.GraphedStep), and with
+acceleration.uncheckpointed_layers: auto the first micro-batch measures how many blocks can keep
+their activations within acceleration.memory_budget_gb.
 """
 
 from __future__ import annotations
@@ -70,6 +72,9 @@ def main(argv: list[str] | None = None) -> None:
                                                     shardable_4bit=distributed.shards_weights(dist))
     model = modeling.add_lora(model, lora, quant.load_in != "none", params.gradient_checkpointing)
     acceleration.apply(model, fast_paths, device, compute_dtype)  # GPU fast paths; the CPU path is unchanged
+    _, first = next(training.micro_batches(len(train_set), params.per_device_batch_size, params.seed))
+    uncheckpointed = acceleration.plan_uncheckpointed_layers(model, fast_paths, train_set[first], device,
+                                                             world.num_processes)
     trainable, total = modeling.parameter_counts(model)
     trainable_line = (f"trainable params: {trainable:,} || all params: {total:,} || "
                       f"trainable%: {100 * trainable / total:.4f}")
@@ -125,6 +130,7 @@ def main(argv: list[str] | None = None) -> None:
         "stopped_early": result.stop_reason is not None,
         "resumed_from_step": result.resumed_from_step or 0,
         "cuda_graph_replays": graphed.replays if graphed is not None else 0,
+        "uncheckpointed_layers": uncheckpointed,
         "environment": modeling.environment_record(device),
     }
     write_json(args.metrics, metrics)

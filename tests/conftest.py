@@ -63,15 +63,15 @@ def build_tokenizer():
     )
 
 
-def tiny_config(arch: str, vocab_size: int):
-    """A 2-layer model of the given architecture with grouped-query attention."""
+def tiny_config(arch: str, vocab_size: int, num_hidden_layers: int = 2):
+    """A small model (2 layers unless told) of the given architecture with grouped-query attention."""
     from transformers import LlamaConfig, Qwen2Config
 
     common = dict(
         vocab_size=vocab_size,
         hidden_size=64,
         intermediate_size=128,
-        num_hidden_layers=2,
+        num_hidden_layers=num_hidden_layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=256,
@@ -83,14 +83,14 @@ def tiny_config(arch: str, vocab_size: int):
     return LlamaConfig(**common) if arch == "llama" else Qwen2Config(**common)
 
 
-def make_model_dir(path: Path, arch: str = "llama", seed: int = 0) -> Path:
+def make_model_dir(path: Path, arch: str = "llama", seed: int = 0, num_hidden_layers: int = 2) -> Path:
     """Save a tiny random model and its tokenizer as a Hugging Face directory."""
     import torch
     from transformers import AutoModelForCausalLM
 
     tokenizer = build_tokenizer()
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(arch, len(tokenizer)))
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, len(tokenizer), num_hidden_layers))
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)

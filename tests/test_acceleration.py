@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import math
+import types
+
 import pytest
 import torch
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from conftest import run_under_triton_interpreter, tiny_lora_model
 from qlorapipe import acceleration
@@ -27,16 +32,192 @@ def test_params_defaults_turn_the_function_preserving_levers_on():
     params = parse_section("acceleration", {})
     assert params == AccelerationParams()
     assert params.keep_frozen_dtype and params.lora_fast_forward and params.chunked_cross_entropy
-    assert params.uncheckpointed_layers == 0 and not params.compile_layers
+    assert params.uncheckpointed_layers == "auto" and params.memory_budget_gb is None and not params.compile_layers
 
 
 def test_params_refuse_bad_values_naming_the_key():
-    with pytest.raises(UserError, match="acceleration.uncheckpointed_layers must be >= 0"):
+    with pytest.raises(UserError, match=r"acceleration.uncheckpointed_layers must be an integer >= 0 .* or 'auto'"):
         parse_section("acceleration", {"uncheckpointed_layers": -1})
     with pytest.raises(UserError, match="did you mean 'chunked_cross_entropy'"):
         parse_section("acceleration", {"chunked_cross_entropy_loss": True})
     with pytest.raises(UserError, match="acceleration.compile_layers: must be true or false"):
         parse_section("acceleration", {"compile_layers": "yes"})
+
+
+def test_uncheckpointed_layers_take_a_count_or_auto_with_a_memory_budget():
+    assert parse_section("acceleration", {"uncheckpointed_layers": "auto"}).uncheckpointed_layers == "auto"
+    assert parse_section("acceleration", {"uncheckpointed_layers": 28}).uncheckpointed_layers == 28
+    assert parse_section("acceleration", {"uncheckpointed_layers": 0}).uncheckpointed_layers == 0
+    # YAML or `dvc exp run -S acceleration.memory_budget_gb=12.5` may give the number as a string.
+    assert parse_section("acceleration", {"memory_budget_gb": "12.5"}).memory_budget_gb == 12.5
+    assert parse_section("acceleration", {"memory_budget_gb": 40}).memory_budget_gb == 40.0
+    assert parse_section("acceleration", {"memory_budget_gb": None}).memory_budget_gb is None
+    for bad in ("all", "Auto", 2.5, True, [4]):
+        with pytest.raises(UserError, match=r"acceleration.uncheckpointed_layers: must be an integer or 'auto', got"):
+            parse_section("acceleration", {"uncheckpointed_layers": bad})
+    for bad in (0, -1.5, float("nan")):
+        with pytest.raises(UserError, match=r"acceleration.memory_budget_gb must be > 0 \(GB\) or null"):
+            parse_section("acceleration", {"memory_budget_gb": bad})
+    with pytest.raises(UserError, match="acceleration.memory_budget_gb: must be a number or null, got 'lots'"):
+        parse_section("acceleration", {"memory_budget_gb": "lots"})
+    # The dataclass built directly is checked the same way.
+    assert AccelerationParams(uncheckpointed_layers="all").check() == [
+        "acceleration.uncheckpointed_layers must be an integer >= 0 (0 checkpoints every block) or 'auto' "
+        "(as many as fit in acceleration.memory_budget_gb), got 'all'"]
+
+
+def test_blocks_within_budget_is_the_most_blocks_on_the_measured_line():
+    # Qwen2.5-3B at 4,096 tokens on an H200: 10.90 GB with 24 blocks kept, 0.31 GB a block.
+    assert acceleration.blocks_within_budget(10.90, 24, 0.31, 12.35, 36) == 28  # 12.14 GB measured with 28
+    assert acceleration.blocks_within_budget(3.79, 1, 0.31, 12.35, 36) == 28  # the same line from one block
+    assert acceleration.blocks_within_budget(10.90, 24, 0.31, 10.90, 36) == 24  # exactly on the budget
+    assert acceleration.blocks_within_budget(10.90, 24, 0.31, 10.89, 36) == 23
+    assert acceleration.blocks_within_budget(3.79, 1, 0.25, 3.79 + 3 * 0.25, 36) == 4  # a float sum, kept
+    assert acceleration.blocks_within_budget(10.90, 24, 0.31, 80.0, 36) == 36  # clamped to the blocks there are
+    assert acceleration.blocks_within_budget(10.90, 24, 0.31, float("inf"), 36) == 36
+    assert acceleration.blocks_within_budget(3.79, 1, 0.31, 3.0, 36) == 0  # not even the line fits: none
+    assert acceleration.blocks_within_budget(4.0, 2, 0.0, 5.0, 6) == 6  # nothing measurable per block: all fit
+    assert acceleration.blocks_within_budget(4.0, 2, -0.001, 3.0, 6) == 0  # ... unless the peak itself does not
+
+
+def _checkpointing_flags(model):
+    return [(layer.gradient_checkpointing, "_qlorapipe_uncheckpointed" in vars(layer))
+            for layer in acceleration.decoder_layers(model)]
+
+
+def test_fitting_uncheckpointed_layers_does_nothing_on_the_cpu(tiny_llama_dir):
+    model, _ = _quantized_lora_model(tiny_llama_dir)
+    before = _checkpointing_flags(model)
+    assert before == [(True, False), (True, False)]
+    ids = torch.randint(4, 300, (2, 16), generator=torch.Generator().manual_seed(3))
+    rng = torch.get_rng_state()
+    cpu = torch.device("cpu")
+    assert acceleration.fit_uncheckpointed_layers(model, {"input_ids": ids}, ids, None, cpu) == (0, {})
+    assert acceleration.fit_uncheckpointed_layers(model, {"input_ids": ids}, ids, 1.0, cpu) == (0, {})
+    batch = {"input_ids": ids, "labels": ids}
+    assert acceleration.plan_uncheckpointed_layers(model, AccelerationParams(), batch, cpu) == 0
+    assert _checkpointing_flags(model) == before
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(p.grad is None for p in model.parameters())
+
+
+class _Block(GradientCheckpointingLayer):
+    def __init__(self):
+        super().__init__()
+        self.gradient_checkpointing = True
+
+
+class _BlocksModel(torch.nn.Module):
+    """Decoder blocks that only carry their checkpointing flag, and a loss from one weight."""
+
+    def __init__(self, n_blocks: int):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(_Block() for _ in range(n_blocks))
+        self.weight = torch.nn.Parameter(torch.ones(3))
+
+    def forward(self, input_ids, labels):
+        return types.SimpleNamespace(loss=(self.weight * input_ids).sum())
+
+
+def _simulated_gpu(monkeypatch, model, peak_gb, capacity_gb=math.inf, free_gb=100.0) -> list[int]:
+    """torch.cuda's memory calls answering ``peak_gb(blocks kept)`` for each step ``model`` runs.
+
+    Returns:
+        The list each step's count of kept blocks is appended to.
+    """
+    steps = []
+
+    def max_memory_allocated(device=None):
+        kept = sum(not block.gradient_checkpointing for block in model.blocks)
+        steps.append(kept)
+        if peak_gb(kept) > capacity_gb:
+            raise torch.cuda.OutOfMemoryError("simulated")
+        return peak_gb(kept) * 1e9
+
+    calls = {"max_memory_allocated": max_memory_allocated, "reset_peak_memory_stats": lambda device=None: None,
+             "synchronize": lambda device=None: None, "empty_cache": lambda: None,
+             "memory_allocated": lambda device=None: 0, "mem_get_info": lambda device=None: (free_gb * 1e9, 0)}
+    for name, call in calls.items():
+        monkeypatch.setattr(torch.cuda, name, call)
+    monkeypatch.setattr(torch.random, "fork_rng", lambda devices: contextlib.nullcontext())
+    return steps
+
+
+def _h200_peak(kept: int) -> float:
+    """Qwen2.5-3B at 4,096 tokens on an H200: 3.79 GB all checkpointed, then 0.31 GB a block past the first."""
+    return 3.79 + max(kept - 1, 0) * 0.31
+
+
+def _fit(model, budget_gb):
+    ids = torch.ones(3)
+    return acceleration.fit_uncheckpointed_layers(model, {"input_ids": ids}, ids, budget_gb, torch.device("cuda", 0))
+
+
+def test_the_probe_keeps_the_blocks_the_measured_line_fits_in_the_budget(monkeypatch):
+    model = _BlocksModel(36)
+    steps = _simulated_gpu(monkeypatch, model, _h200_peak)
+    model.eval()
+    grad = model.weight.grad = torch.full((3,), 7.0)
+    kept, measured = _fit(model, 12.35)
+    assert kept == 28 and steps == [0, 1, 2, 28]  # 0, 1 and 2 blocks kept, then the count predicted
+    assert [block.gradient_checkpointing for block in model.blocks] == [True] * 8 + [False] * 28
+    assert acceleration.uncheckpointed_count(model) == 28
+    assert measured == {"peak_all_checkpointed_gb": 3.79, "per_block_gb": 0.31, "budget_gb": 12.35, "kept": 28,
+                        "n_blocks": 36, "peak_gb": 12.16}
+    assert model.weight.grad is grad and not model.training and not model.blocks[0].training  # put back
+
+
+def test_the_probe_steps_down_until_a_measured_peak_fits(monkeypatch):
+    # Each block costing a little more than the last: the line from blocks 1 and 2 predicts too many.
+    def peak(kept):
+        return 3.0 + 0.25 * kept + 0.004 * kept**2
+
+    model = _BlocksModel(36)
+    steps = _simulated_gpu(monkeypatch, model, peak)
+    kept, measured = _fit(model, 10.0)
+    assert steps == [0, 1, 2, 26, 19] and kept == 19  # 26 peaks at 12.2 GB; the line through it and 2 gives 19
+    assert peak(kept) <= 10.0 < peak(21) and measured["peak_gb"] == round(peak(19), 3)
+
+
+def test_the_probe_halves_the_way_down_when_a_step_runs_out_of_memory(monkeypatch):
+    model = _BlocksModel(36)
+    steps = _simulated_gpu(monkeypatch, model, _h200_peak, capacity_gb=8.0, free_gb=100.0)
+    kept, measured = _fit(model, None)  # 90% of (100 GB free + nothing allocated): more than the GPU holds
+    assert measured["budget_gb"] == 90.0
+    assert steps == [0, 1, 2, 36, 19, 10] and kept == 10  # 36 and 19 ran out of memory
+
+
+def test_the_probe_keeps_every_block_checkpointed_below_the_budget(monkeypatch):
+    model = _BlocksModel(36)
+    steps = _simulated_gpu(monkeypatch, model, _h200_peak)
+    kept, measured = _fit(model, 3.5)
+    assert kept == 0 and steps == [0, 1, 2] and measured["peak_all_checkpointed_gb"] == 3.79
+    assert all(block.gradient_checkpointing for block in model.blocks)
+    one = _BlocksModel(1)
+    _simulated_gpu(monkeypatch, one, _h200_peak)
+    assert _fit(one, 12.35)[0] == 1 and not one.blocks[0].gradient_checkpointing
+
+
+def test_auto_is_left_to_the_probe_and_kept_off_with_several_processes(tiny_llama_dir, caplog):
+    """No CUDA call is made on these paths, so a CUDA device is named without one."""
+    model, dtype = _quantized_lora_model(tiny_llama_dir)
+    cuda = torch.device("cuda")
+    only_layers = dict(keep_frozen_dtype=False, lora_fast_forward=False, chunked_cross_entropy=False,
+                       fused_kernels=False)
+    assert acceleration.apply(model, AccelerationParams(**only_layers), cuda, dtype) == []  # auto: not here
+    assert _checkpointing_flags(model) == [(True, False), (True, False)]
+    batch = {"input_ids": torch.zeros(1, 8, dtype=torch.long), "labels": torch.zeros(1, 8, dtype=torch.long)}
+    with caplog.at_level("INFO", logger="qlorapipe.acceleration"):
+        assert acceleration.plan_uncheckpointed_layers(model, AccelerationParams(), batch, cuda, num_processes=2) == 0
+    assert "auto keeps every block checkpointed with 2 processes" in caplog.text
+    assert _checkpointing_flags(model) == [(True, False), (True, False)]
+    # A count is applied by apply and reported as it is.
+    fixed = AccelerationParams(**only_layers, uncheckpointed_layers=1)
+    assert acceleration.apply(model, fixed, cuda, dtype) == ["uncheckpointed_layers=1"]
+    assert acceleration.plan_uncheckpointed_layers(model, fixed, batch, cuda, num_processes=2) == 1
+    assert acceleration.uncheckpointed_count(model) == 1
+    acceleration.remove(model)
+    assert _checkpointing_flags(model) == [(True, False), (True, False)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

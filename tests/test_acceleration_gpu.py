@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 
@@ -82,10 +84,12 @@ def test_a_graphed_step_computes_the_eager_loss_and_accumulates_the_eager_gradie
     assert graphed(inputs(batches[0][:1]), batches[0][:1], 0.5) is None
 
 
-def test_the_train_stage_replays_cuda_graphs_and_reports_it(tmp_path, tiny_qwen2_dir, corpus_file):
+def test_the_train_stage_replays_cuda_graphs_and_reports_it(tmp_path, tiny_qwen2_dir, corpus_file, caplog):
     import json
 
     from conftest import load_stage, tiny_params, train_args, write_params
+
+    caplog.set_level("INFO", logger="qlorapipe.acceleration")
 
     params = write_params(tmp_path / "params.yaml", tiny_params(tiny_qwen2_dir, corpus_file, **{
         "training.max_steps": 4, "training.gradient_accumulation_steps": 2, "model.dtype": "bfloat16"}))
@@ -97,6 +101,80 @@ def test_the_train_stage_replays_cuda_graphs_and_reports_it(tmp_path, tiny_qwen2
     metrics = json.loads((tmp_path / "train.json").read_text())
     assert metrics["cuda_graph_replays"] >= 6  # 8 micro-batches; a short last one may run eagerly
     assert metrics["eval_loss"] < 20
+    # uncheckpointed_layers: auto (the default) measured the first micro-batch: both tiny blocks fit.
+    assert metrics["uncheckpointed_layers"] == 2
+    assert "uncheckpointed_layers: auto keeps 2 of 2 blocks (" in caplog.text
+    assert "90% of the GPU's memory)" in caplog.text
+
+
+@pytest.fixture(scope="module")
+def six_block_qwen2_dir(tmp_path_factory):
+    from conftest import make_model_dir
+
+    return make_model_dir(tmp_path_factory.mktemp("tiny-qwen2-6") / "model", "qwen2", num_hidden_layers=6)
+
+
+def _step_peak_gb(model, inputs: dict, labels) -> float:
+    """The peak allocated memory of one eager forward and backward, from a clean start (GB)."""
+    model.zero_grad(set_to_none=True)
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    model(**inputs, labels=labels).loss.backward()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() / 1e9
+    model.zero_grad(set_to_none=True)
+    return peak
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_auto_keeps_the_blocks_that_fit_in_the_budget_and_leaves_no_trace(six_block_qwen2_dir, packed):
+    device = torch.device("cuda")
+    model, _ = _tiny_lora(six_block_qwen2_dir, AccelerationParams(), dropout=0.1)  # auto: nothing yet
+    layers = acceleration.decoder_layers(model)
+    assert len(layers) == 6 and all(layer.gradient_checkpointing for layer in layers)
+    ids = torch.randint(4, 300, (4, 256), device=device, generator=torch.Generator(device).manual_seed(5))
+    inputs = {"input_ids": ids, "use_cache": False}
+    if packed:
+        inputs["position_ids"] = torch.cat([torch.arange(100), torch.arange(156)]).repeat(4, 1).to(device)
+    # The peaks with no block kept and with every block kept, measured here the plain way,
+    # after a first step that compiles the kernels.
+    _step_peak_gb(model, inputs, ids)
+    none_kept = _step_peak_gb(model, inputs, ids)
+    acceleration.skip_checkpointing(model, 6)
+    all_kept = _step_peak_gb(model, inputs, ids)
+    acceleration.checkpoint_again(layers)
+    assert all_kept > none_kept
+    budget = (none_kept + all_kept) / 2
+
+    model.eval()  # put back afterwards, as the gradients and random states are
+    cuda_state, cpu_state = torch.cuda.get_rng_state(), torch.get_rng_state()
+    kept, measured = acceleration.fit_uncheckpointed_layers(model, inputs, ids, budget, device)
+    assert torch.equal(torch.cuda.get_rng_state(), cuda_state) and torch.equal(torch.get_rng_state(), cpu_state)
+    assert all(p.grad is None for p in model.parameters())
+    assert not model.training and not any(layer.training for layer in layers)
+    assert torch.cuda.max_memory_allocated() == torch.cuda.memory_allocated()  # the peak statistics were reset
+    assert 0 < kept < 6, measured
+    assert measured["kept"] == kept and measured["n_blocks"] == 6 and measured["budget_gb"] == round(budget, 3)
+    assert measured["peak_all_checkpointed_gb"] == pytest.approx(none_kept, abs=2e-3)
+    assert measured["peak_gb"] <= budget and measured["per_block_gb"] > 0
+    assert [layer.gradient_checkpointing for layer in layers] == [True] * (6 - kept) + [False] * kept
+    model.train()
+    assert _step_peak_gb(model, inputs, ids) <= budget  # a real step with the blocks it kept
+
+
+def test_auto_with_the_default_budget_keeps_every_tiny_block(six_block_qwen2_dir):
+    device = torch.device("cuda")
+    model, _ = _tiny_lora(six_block_qwen2_dir, AccelerationParams())
+    ids = torch.randint(4, 300, (2, 64), device=device, generator=torch.Generator(device).manual_seed(6))
+    gc.collect()
+    torch.cuda.empty_cache()  # as the probe does before it reads the free memory
+    free, _ = torch.cuda.mem_get_info()
+    kept, measured = acceleration.fit_uncheckpointed_layers(model, {"input_ids": ids, "use_cache": False}, ids,
+                                                            None, device)
+    assert kept == 6 and acceleration.uncheckpointed_count(model) == 6
+    expected = 0.9 * (free + torch.cuda.memory_allocated()) / 1e9
+    assert measured["budget_gb"] == pytest.approx(expected, rel=0.01)
 
 
 def test_a_step_that_cannot_be_captured_runs_eagerly_and_training_goes_on(tiny_qwen2_dir, caplog):

@@ -207,17 +207,26 @@ class AccelerationParams:
     lora_fast_forward: bool = True  # each LoRA layer one autograd function: compute dtype, keeps only its input
     chunked_cross_entropy: bool = True  # loss without materialising full float32 logits
     fused_kernels: bool = True  # liger-kernel's fused RMSNorm, SwiGLU and RoPE (Triton)
-    uncheckpointed_layers: int = 0  # last N blocks keep activations (needs gradient checkpointing)
+    # the last N blocks keep their activations instead of recomputing them (needs gradient
+    # checkpointing); auto: as many as fit in memory_budget_gb, measured on the first micro-batch
+    uncheckpointed_layers: int | Literal["auto"] = "auto"
+    memory_budget_gb: float | None = None  # peak GPU memory auto may fill; null: 90% of the GPU's memory
     compile_layers: bool = False  # torch.compile each transformer block
     unpaged_optimizer: bool = True  # paged_adamw_8bit runs as adamw_8bit (same update, states on the GPU)
     cuda_graphs: bool = True  # forward + backward of a micro-batch replayed as one CUDA graph
     async_optimizer: bool = True  # bitsandbytes optimizers without a GPU sync after every parameter
 
     def check(self) -> list[str]:
-        if self.uncheckpointed_layers < 0:
-            return [f"acceleration.uncheckpointed_layers must be >= 0 (0 checkpoints every block), "
-                    f"got {self.uncheckpointed_layers}"]
-        return []
+        problems = []
+        layers = self.uncheckpointed_layers
+        if layers != "auto" and (type(layers) is not int or layers < 0):
+            problems.append(f"acceleration.uncheckpointed_layers must be an integer >= 0 (0 checkpoints every "
+                            f"block) or 'auto' (as many as fit in acceleration.memory_budget_gb), got {layers!r}")
+        budget = self.memory_budget_gb
+        if budget is not None and not (isinstance(budget, (int, float)) and budget > 0):  # NaN too
+            problems.append(f"acceleration.memory_budget_gb must be > 0 (GB) or null (90% of the GPU's memory), "
+                            f"got {budget!r}")
+        return problems
 
 
 @dataclass(frozen=True)
@@ -405,12 +414,18 @@ def _type_error(hint, value) -> str | None:
     origin = get_origin(hint)
     if origin is Literal:
         allowed = get_args(hint)
-        return None if value in allowed else "must be one of " + ", ".join(repr(a) for a in allowed)
+        if _is_literal_value(hint, value):
+            return None
+        return f"must be {allowed[0]!r}" if len(allowed) == 1 else "must be one of " + ", ".join(map(repr, allowed))
     if origin in (typing.Union, types.UnionType):
         errors = [_type_error(option, value) for option in get_args(hint)]
-        return None if any(e is None for e in errors) else " or ".join(e for e in errors if e)
+        if any(e is None for e in errors):
+            return None
+        if all(e.startswith("must be ") for e in errors):  # one phrase: "must be an integer or 'auto'"
+            return "must be " + " or ".join(e.removeprefix("must be ") for e in errors)
+        return " or ".join(errors)
     if hint is type(None):
-        return None if value is None else "may be null"
+        return None if value is None else "must be null"
     if origin is list:
         (item,) = get_args(hint)
         if not isinstance(value, list):
@@ -440,8 +455,16 @@ def _is_float_string(value) -> bool:
     return True
 
 
+def _is_literal_value(hint, value) -> bool:
+    """Whether ``value`` is one of the values of the Literal ``hint`` (True is not 1 here)."""
+    return any(value == a and type(value) is type(a) for a in get_args(hint))
+
+
 def _coerce(hint, value):
-    if hint is float or (get_origin(hint) in (typing.Union, types.UnionType) and float in get_args(hint)):
+    union = get_origin(hint) in (typing.Union, types.UnionType)
+    if union and any(get_origin(o) is Literal and _is_literal_value(o, value) for o in get_args(hint)):
+        return value  # a named value such as 'auto' stays itself, whatever else the union allows
+    if hint is float or (union and float in get_args(hint)):
         if isinstance(value, (int, str)) and not isinstance(value, bool):
             return float(value)
     return value
