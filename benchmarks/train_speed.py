@@ -5,8 +5,11 @@
 (a) plain: transformers + peft + bitsandbytes as the tutorials write it: NF4 + double quant,
     bf16 compute and bf16 autocast (what ``Trainer(bf16=True)`` does), sdpa,
     ``prepare_model_for_kbit_training`` with gradient checkpointing, labels = input ids.
-(b) ours: ``modeling.load_base_model`` + ``modeling.add_lora`` + ``acceleration.apply``, stepped
-    as ``training.train`` steps (no autocast), each lever alone and all together.
+(b) ours: ``modeling.load_base_model`` + ``modeling.add_lora`` + ``acceleration.apply`` (and, with
+    ``uncheckpointed_layers: auto``, ``acceleration.plan_uncheckpointed_layers`` on the first
+    batch, as the train stage does), stepped as ``training.train`` steps (no autocast), each
+    lever alone and all together; ``memory_budget_gb`` rows keep as many blocks as fit in that
+    budget (case A: the plain recipe's peak measured in the same run).
 
 Both use random-init models of the real shapes (throughput does not depend on weight values),
 saved once to local disk and loaded through ``from_pretrained`` with the BitsAndBytesConfig so
@@ -46,6 +49,8 @@ ALL_OFF = AccelerationParams(keep_frozen_dtype=False, lora_fast_forward=False, c
                              unpaged_optimizer=False, cuda_graphs=False, async_optimizer=False)
 DEFAULT = AccelerationParams()
 NO_GRAPHS = replace(DEFAULT, cuda_graphs=False)
+WITHIN_PLAIN_PEAK = "ours, defaults + memory_budget_gb=the plain recipe's peak"
+EAGER_PROBE = ", probed eagerly"
 RESULTS_FILE: Path | None = None
 
 
@@ -415,7 +420,14 @@ def ours_variants(case: str, n_layers: int) -> list[tuple[str, AccelerationParam
                  ("ours, defaults without async_optimizer", replace(DEFAULT, async_optimizer=False)),
                  ("ours, defaults without unpaged_optimizer", replace(DEFAULT, unpaged_optimizer=False)),
                  ("ours, defaults without fused_kernels", replace(DEFAULT, fused_kernels=False)),
-                 ("ours, defaults", DEFAULT)]
+                 ("ours, defaults", DEFAULT),
+                 ("ours, every block checkpointed", replace(DEFAULT, uncheckpointed_layers=0))]
+    # uncheckpointed_layers: auto within a memory budget: the plain recipe's peak (A), the targets' (B, C).
+    if case == "A":  # what the probe predicts from eager steps, against the graphed steps that train
+        variants.append((WITHIN_PLAIN_PEAK + EAGER_PROBE, DEFAULT))
+    variants.append({"A": (WITHIN_PLAIN_PEAK, DEFAULT),
+                     "B": ("ours, defaults + memory_budget_gb=3.5", replace(DEFAULT, memory_budget_gb=3.5)),
+                     "C": ("ours, defaults + memory_budget_gb=10", replace(DEFAULT, memory_budget_gb=10.0))}[case])
     if case == "A":
         variants += [(f"ours, defaults + uncheckpointed_layers={n}", replace(DEFAULT, uncheckpointed_layers=n))
                      for n in (8, 16, 24, 28, 32, 36)]
@@ -424,7 +436,7 @@ def ours_variants(case: str, n_layers: int) -> list[tuple[str, AccelerationParam
                      ("ours, defaults + compile_layers + uncheckpointed_layers=4",
                       replace(DEFAULT, compile_layers=True, uncheckpointed_layers=4, cuda_graphs=False))]
     if case == "C":
-        variants = [("ours, defaults without cuda_graphs", NO_GRAPHS), ("ours, defaults", DEFAULT)]
+        variants = [("ours, defaults without cuda_graphs", NO_GRAPHS)] + variants[-3:]
     # compile_layers runs without CUDA graphs (acceleration.graphed_step): the two do not combine.
     variants.append(("ours, defaults + compile_layers", replace(DEFAULT, compile_layers=True, cuda_graphs=False)))
     return variants
@@ -465,10 +477,20 @@ def run_shape(shape: str, cases: list[str], args, results: list) -> None:
         for label, params in ours_variants(case, config.num_hidden_layers):
             if args.variants and not any(label.endswith(v) for v in args.variants.split(",")):
                 continue
-            def prepare(params=params):
+            if label.startswith(WITHIN_PLAIN_PEAK):
+                plain_peak = next(r["peak_alloc_gb"] for r in results if r["case"] == case and r["variant"] == "plain recipe")
+                params = replace(params, memory_budget_gb=plain_peak)
+            def prepare(params=params, first=data[case][0][0]):
                 acceleration.remove(model, upcast_dtype=torch.float32)
                 set_lora_state(model, init)
-                return acceleration.apply(model, params, device, compute_dtype)
+                applied = acceleration.apply(model, params, device, compute_dtype)
+                if params.uncheckpointed_layers == "auto":  # as the train stage plans it, on its first micro-batch
+                    graphs = params.cuda_graphs and not label.endswith(EAGER_PROBE)
+                    kept, measured = acceleration.fit_uncheckpointed_layers(
+                        model, {"input_ids": first, "use_cache": False}, first, params.memory_budget_gb, device,
+                        cuda_graphs=graphs)
+                    applied.append(f"uncheckpointed_layers=auto: {kept} kept, probe {json.dumps(measured)}")
+                return applied
             optimizer = acceleration.training_params(TrainingParams(optimizer="paged_adamw_8bit"), params,
                                                      device).optimizer
             run_variant(label, model, case, data[case][0], data[case][1], False, args.warmup,

@@ -72,9 +72,10 @@ def main(argv: list[str] | None = None) -> None:
                                                     shardable_4bit=distributed.shards_weights(dist))
     model = modeling.add_lora(model, lora, quant.load_in != "none", params.gradient_checkpointing)
     acceleration.apply(model, fast_paths, device, compute_dtype)  # GPU fast paths; the CPU path is unchanged
+    graphed = acceleration.graphed_step(model, fast_paths, device, world.num_processes)
     _, first = next(training.micro_batches(len(train_set), params.per_device_batch_size, params.seed))
     uncheckpointed = acceleration.plan_uncheckpointed_layers(model, fast_paths, train_set[first], device,
-                                                             world.num_processes)
+                                                             world.num_processes, cuda_graphs=graphed is not None)
     trainable, total = modeling.parameter_counts(model)
     trainable_line = (f"trainable params: {trainable:,} || all params: {total:,} || "
                       f"trainable%: {100 * trainable / total:.4f}")
@@ -93,7 +94,6 @@ def main(argv: list[str] | None = None) -> None:
     fingerprint = checkpoints.run_fingerprint(args.base, args.data, quantization=quant, lora=lora, training=params)
     store = checkpoints.CheckpointStore(args.checkpoints, params.checkpoint_every_steps, fingerprint, world)
     with Progress(*columns, console=console, transient=False, disable=not world.is_main) as progress:
-        graphed = acceleration.graphed_step(model, fast_paths, device, world.num_processes)
         result = training.train(model, train_set, eval_set, acceleration.training_params(params, fast_paths, device),
                                 device, progress, checkpoints=store, processes=world, graphed=graphed,
                                 async_optimizer=fast_paths.async_optimizer and device.type == "cuda")

@@ -114,21 +114,27 @@ def six_block_qwen2_dir(tmp_path_factory):
     return make_model_dir(tmp_path_factory.mktemp("tiny-qwen2-6") / "model", "qwen2", num_hidden_layers=6)
 
 
-def _step_peak_gb(model, inputs: dict, labels) -> float:
-    """The peak allocated memory of one eager forward and backward, from a clean start (GB)."""
+def _step_peak_gb(model, inputs: dict, labels, graphed: bool = False) -> float:
+    """The peak allocated memory of one forward and backward, from a clean start (GB): eager, or
+    captured and replayed as a GraphedStep, as the train stage's first micro-batch is."""
     model.zero_grad(set_to_none=True)
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    model(**inputs, labels=labels).loss.backward()
+    if graphed:
+        step = acceleration.GraphedStep(model)
+        assert step(inputs, labels, 1.0) is not None, step.failed
+        del step
+    else:
+        model(**inputs, labels=labels).loss.backward()
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() / 1e9
     model.zero_grad(set_to_none=True)
     return peak
 
 
-@pytest.mark.parametrize("packed", [False, True])
-def test_auto_keeps_the_blocks_that_fit_in_the_budget_and_leaves_no_trace(six_block_qwen2_dir, packed):
+@pytest.mark.parametrize("packed,graphed", [(False, False), (True, False), (False, True), (True, True)])
+def test_auto_keeps_the_blocks_that_fit_in_the_budget_and_leaves_no_trace(six_block_qwen2_dir, packed, graphed):
     device = torch.device("cuda")
     model, _ = _tiny_lora(six_block_qwen2_dir, AccelerationParams(), dropout=0.1)  # auto: nothing yet
     layers = acceleration.decoder_layers(model)
@@ -139,17 +145,17 @@ def test_auto_keeps_the_blocks_that_fit_in_the_budget_and_leaves_no_trace(six_bl
         inputs["position_ids"] = torch.cat([torch.arange(100), torch.arange(156)]).repeat(4, 1).to(device)
     # The peaks with no block kept and with every block kept, measured here the plain way,
     # after a first step that compiles the kernels.
-    _step_peak_gb(model, inputs, ids)
-    none_kept = _step_peak_gb(model, inputs, ids)
+    _step_peak_gb(model, inputs, ids, graphed)
+    none_kept = _step_peak_gb(model, inputs, ids, graphed)
     acceleration.skip_checkpointing(model, 6)
-    all_kept = _step_peak_gb(model, inputs, ids)
+    all_kept = _step_peak_gb(model, inputs, ids, graphed)
     acceleration.checkpoint_again(layers)
     assert all_kept > none_kept
     budget = (none_kept + all_kept) / 2
 
     model.eval()  # put back afterwards, as the gradients and random states are
     cuda_state, cpu_state = torch.cuda.get_rng_state(), torch.get_rng_state()
-    kept, measured = acceleration.fit_uncheckpointed_layers(model, inputs, ids, budget, device)
+    kept, measured = acceleration.fit_uncheckpointed_layers(model, inputs, ids, budget, device, cuda_graphs=graphed)
     assert torch.equal(torch.cuda.get_rng_state(), cuda_state) and torch.equal(torch.get_rng_state(), cpu_state)
     assert all(p.grad is None for p in model.parameters())
     assert not model.training and not any(layer.training for layer in layers)
@@ -160,7 +166,7 @@ def test_auto_keeps_the_blocks_that_fit_in_the_budget_and_leaves_no_trace(six_bl
     assert measured["peak_gb"] <= budget and measured["per_block_gb"] > 0
     assert [layer.gradient_checkpointing for layer in layers] == [True] * (6 - kept) + [False] * kept
     model.train()
-    assert _step_peak_gb(model, inputs, ids) <= budget  # a real step with the blocks it kept
+    assert _step_peak_gb(model, inputs, ids, graphed) <= budget  # a real step with the blocks it kept
 
 
 def test_auto_with_the_default_budget_keeps_every_tiny_block(six_block_qwen2_dir):

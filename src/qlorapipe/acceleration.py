@@ -559,7 +559,8 @@ def blocks_within_budget(peak: float, kept: int, per_block: float, budget: float
     return max(0, math.floor(room + 1e-9))
 
 
-def plan_uncheckpointed_layers(model, params: AccelerationParams, batch, device, num_processes: int = 1) -> int:
+def plan_uncheckpointed_layers(model, params: AccelerationParams, batch, device, num_processes: int = 1,
+                               cuda_graphs: bool = False) -> int:
     """With ``uncheckpointed_layers: auto``, keep as many blocks as fit in the memory budget.
 
     Runs ``fit_uncheckpointed_layers`` on ``batch`` on CUDA in one process. With several
@@ -575,6 +576,7 @@ def plan_uncheckpointed_layers(model, params: AccelerationParams, batch, device,
             ``position_ids``), as the training loop draws them.
         device: where the model lives.
         num_processes: how many processes train.
+        cuda_graphs: training replays CUDA graphs (``graphed_step``): measure steps the same way.
 
     Returns:
         How many blocks keep their activations (0 on the CPU, or when none does).
@@ -586,7 +588,7 @@ def plan_uncheckpointed_layers(model, params: AccelerationParams, batch, device,
                     "(set an integer to keep some)", num_processes)
         return uncheckpointed_count(model)
     inputs, labels = model_inputs(batch, device), batch["labels"].to(device).long()
-    kept, measured = fit_uncheckpointed_layers(model, inputs, labels, params.memory_budget_gb, device)
+    kept, measured = fit_uncheckpointed_layers(model, inputs, labels, params.memory_budget_gb, device, cuda_graphs)
     if measured:
         logger.info("uncheckpointed_layers: auto keeps %d of %d blocks (%.2f GB each; %.2f GB with all "
                     "checkpointed, %.2f GB with %d kept; budget %.2f GB%s)", kept, measured["n_blocks"],
@@ -599,7 +601,8 @@ def plan_uncheckpointed_layers(model, params: AccelerationParams, batch, device,
     return kept
 
 
-def fit_uncheckpointed_layers(model, inputs: dict, labels, budget_gb: float | None, device) -> tuple[int, dict]:
+def fit_uncheckpointed_layers(model, inputs: dict, labels, budget_gb: float | None, device,
+                              cuda_graphs: bool = False) -> tuple[int, dict]:
     """Measure what a block's activations cost, then keep as many blocks as fit in ``budget_gb``.
 
     Eager forward and backward passes of one micro-batch measure the peak allocated memory
@@ -627,6 +630,10 @@ def fit_uncheckpointed_layers(model, inputs: dict, labels, budget_gb: float | No
         budget_gb: the peak allowed (GB, 1e9 bytes); None: 90% of the GPU's memory, that is
             of the free memory plus what this process has allocated, when it starts.
         device: where the model lives; on anything but CUDA nothing is done.
+        cuda_graphs: measure each step as training will run it, captured and replayed as a
+            ``GraphedStep`` (warm-up runs included): on an H200 the graphed step of the 3B model
+            with 33 blocks kept peaked at least 1.3 GB above its eager step. A step that
+            cannot be captured is measured eagerly, as it will then train.
 
     Returns:
         (N, measured): the blocks kept and, for the log and metrics, ``peak_all_checkpointed_gb``,
@@ -661,9 +668,12 @@ def fit_uncheckpointed_layers(model, inputs: dict, labels, budget_gb: float | No
         """The peak allocated memory (GB) of one step with the last ``kept`` blocks kept; inf if it runs out."""
         release()
         skip_checkpointing(model, kept)
+        step = None
         try:
             torch.cuda.reset_peak_memory_stats(device)
-            model(**inputs, labels=labels).loss.backward()
+            step = GraphedStep(model) if cuda_graphs else None
+            if step is None or step(inputs, labels, 1.0) is None:  # eager, or a step that could not be captured
+                model(**inputs, labels=labels).loss.backward()
             torch.cuda.synchronize(device)
             return torch.cuda.max_memory_allocated(device) / 1e9
         except torch.cuda.OutOfMemoryError:
@@ -671,6 +681,7 @@ def fit_uncheckpointed_layers(model, inputs: dict, labels, budget_gb: float | No
                 raise  # training itself would not fit
             return math.inf
         finally:
+            del step  # the graph and its memory pool
             checkpoint_again(layers[n_blocks - kept :])
 
     release()

@@ -83,12 +83,13 @@ def dropout(x: torch.Tensor | None, p: float, seed: torch.Tensor, grad: torch.Te
 FUSED_GROUP = 128
 FUSED_RANKS = (16, 32, 64, 128)
 _TARGET_PROGRAMS = 264  # about two per multiprocessor of an H100 / H200
-# Rows per program, warps and pipeline stages of each kernel (benchmarks/lora_kernels_speed.py
-# measured them on an H200 at 512 and 4,096 rows, 2,048 and 11,008 columns, rank 16).
+# Rows per program, warps and pipeline stages of each kernel: the fastest of
+# benchmarks/lora_kernels_speed.py --sweep on an H200 (sum over 512 and 4,096 rows, 2,048 and
+# 11,008 columns, rank 16, timed as CUDA graph replays).
 KERNEL_CONFIGS = {
-    "lora_down": {"BLOCK_M": 64, "num_warps": 4, "num_stages": 3},
-    "lora_down_grad": {"BLOCK_M": 64, "num_warps": 4, "num_stages": 3},
-    "lora_input_grad": {"BLOCK_M": 64, "num_warps": 4, "num_stages": 1},
+    "lora_down": {"BLOCK_M": 32, "num_warps": 4, "num_stages": 4},
+    "lora_down_grad": {"BLOCK_M": 32, "num_warps": 8, "num_stages": 3},
+    "lora_input_grad": {"BLOCK_M": 32, "num_warps": 4, "num_stages": 1},
 }
 
 
