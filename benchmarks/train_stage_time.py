@@ -83,6 +83,7 @@ def main() -> None:
     rows = []
     runs = [("defaults", params["acceleration"]),
             ("without cuda_graphs", dict(params["acceleration"], cuda_graphs=False)),
+            ("every block checkpointed", dict(params["acceleration"], uncheckpointed_layers=0)),
             ("all levers off", OFF)]
     for label, accel in [(label, accel) for label, accel in runs if label in args.runs.split(",")]:
         for processes in counts:

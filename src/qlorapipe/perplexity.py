@@ -7,8 +7,18 @@ import math
 from qlorapipe.data import model_inputs
 
 
-def mean_token_loss(model, dataset, batch_size: int, device, max_batches: int | None = None) -> tuple[float, int]:
+# Float32 logits the loss materialises at once (elements): 64 MiB, whatever the vocabulary.
+LOSS_CHUNK_ELEMENTS = 2**24
+
+
+def mean_token_loss(model, dataset, batch_size: int, device, max_batches: int | None = None,
+                    chunk_elements: int = LOSS_CHUNK_ELEMENTS) -> tuple[float, int]:
     """Mean next-token cross-entropy over ``dataset``, weighted by predicted tokens.
+
+    The loss is computed in float32 on chunks of ``chunk_elements`` logits at a time: upcasting
+    a whole batch's logits, shifting and log-softmaxing them keeps three float32 copies of the
+    largest activation (Qwen2.5-3B, 4 x 1,024 tokens: the train stage's evaluations peaked at
+    11.25 GB on an H200 that way, against 3.79 GB for a training step).
 
     Returns:
         (mean loss in nats, number of predicted tokens)
@@ -24,13 +34,17 @@ def mean_token_loss(model, dataset, batch_size: int, device, max_batches: int | 
                 break
             batch = dataset[start : start + batch_size]
             labels = batch["labels"].to(device).long()
-            # Loss over shifted labels, ignoring -100, computed in float32.
-            logits = model(**model_inputs(batch, device)).logits.float()
-            shift_logits = logits[:, :-1].reshape(-1, logits.size(-1))
-            shift_labels = labels[:, 1:].reshape(-1)
-            loss = torch.nn.functional.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="sum")
+            logits = model(**model_inputs(batch, device)).logits  # (rows, seq, vocab), compute dtype
+            step = max(1, chunk_elements // logits.shape[-1])
+            loss = torch.zeros((), device=logits.device, dtype=torch.float32)
+            for row in range(logits.shape[0]):  # position t predicts label t + 1
+                for first in range(0, logits.shape[1] - 1, step):
+                    last = min(first + step, logits.shape[1] - 1)
+                    loss += torch.nn.functional.cross_entropy(logits[row, first:last].float(),
+                                                              labels[row, first + 1 : last + 1],
+                                                              ignore_index=-100, reduction="sum")
             total_loss += loss.item()
-            total_tokens += int((shift_labels != -100).sum())
+            total_tokens += int((labels[:, 1:] != -100).sum())
     model.train(was_training)
     if total_tokens == 0:
         return float("nan"), 0

@@ -1,0 +1,45 @@
+"""The evaluation loss: chunked over tokens, the same number as the whole-batch cross-entropy (CPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qlorapipe.perplexity import mean_token_loss
+
+
+class _Rows:
+    """A dataset of prepared rows as ``datasets`` returns them with torch formatting: a slice is a dict of tensors."""
+
+    def __init__(self, input_ids: torch.Tensor, labels: torch.Tensor):
+        self.input_ids, self.labels = input_ids, labels
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def __getitem__(self, index: slice) -> dict:
+        return {"input_ids": self.input_ids[index], "labels": self.labels[index]}
+
+
+@pytest.mark.parametrize("chunk_tokens", [1, 7, None])  # None: the default chunk, whole rows here
+def test_the_chunked_loss_is_the_whole_batch_cross_entropy(tiny_llama_dir, chunk_tokens):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(4, model.config.vocab_size, (5, 24), generator=generator)
+    labels = ids.clone()
+    labels[0, :10] = -100  # a masked prompt
+    labels[3, 20:] = -100  # padding
+    model.train()
+    chunk = {} if chunk_tokens is None else {"chunk_elements": chunk_tokens * model.config.vocab_size}
+    loss, tokens = mean_token_loss(model, _Rows(ids, labels), batch_size=2, device="cpu", **chunk)
+    assert model.training  # put back as it was
+
+    with torch.no_grad():
+        logits = model.eval()(input_ids=ids).logits.float()
+    targets = labels[:, 1:].reshape(-1)
+    expected = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets,
+                                                 ignore_index=-100)
+    assert tokens == int((targets != -100).sum()) == 5 * 23 - 9 - 4
+    assert loss == pytest.approx(expected.item(), rel=1e-6)
