@@ -605,10 +605,10 @@ def fit_uncheckpointed_layers(model, inputs: dict, labels, budget_gb: float | No
                               cuda_graphs: bool = False) -> tuple[int, dict]:
     """Measure what a block's activations cost, then keep as many blocks as fit in ``budget_gb``.
 
-    Eager forward and backward passes of one micro-batch measure the peak allocated memory
-    with every block checkpointed, with the last block kept and with the last two kept; the
-    difference of the last two is what each further kept block adds, and the line through
-    them predicts how many fit (``blocks_within_budget``). Not the difference to all
+    Forward and backward passes of one micro-batch (eager, or as CUDA graphs with
+    ``cuda_graphs``) measure the peak allocated memory with every block checkpointed, with
+    the last block kept and with the last two kept; the difference of the last two is what
+    each further kept block adds, and the line through them predicts how many fit (``blocks_within_budget``). Not the difference to all
     checkpointed: that step already holds one block's activations at a time, recomputing
     each for its backward pass, so the first kept block adds less than the others
     (Qwen2.5-3B at 4,096 tokens on an H200: 3.79 GB with none kept; 10.90, 12.14 and 14.61 GB
