@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from qlorapipe import fused_lora
+from qlorapipe.train.fast import fused_lora
 
 SHAPES = [(4096, 2048), (4096, 11008), (512, 2048), (512, 11008)]
 RANK, P = 16, 0.05

@@ -27,8 +27,9 @@ def main() -> None:
     import datasets
     from transformers import AutoTokenizer
 
-    from qlorapipe import examples, sources
     from qlorapipe.params import DataParams
+    from qlorapipe.prepare import examples, sources
+    from qlorapipe.prepare import rows as row_layout
 
     datasets.disable_progress_bars()
     tokenizer = AutoTokenizer.from_pretrained(args.base)
@@ -41,7 +42,7 @@ def main() -> None:
     for _ in range(args.repeats):
         started = time.perf_counter()
         docs, _ = examples.text_documents(records, tokenizer, params)
-        rows, _ = examples.chunk_stream(docs, params.max_length)
+        rows, _ = row_layout.chunk_stream(docs, params.max_length)
         ours.append(time.perf_counter() - started)
         n_tokens = sum(len(d.input_ids) for d in docs)
 

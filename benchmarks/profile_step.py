@@ -20,9 +20,10 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-
-from qlorapipe import acceleration, training
 from train_speed import CASES, DEFAULT, build_ours, randomize_lora_b, save_random_model, shape_config
+
+from qlorapipe.train import fast
+from qlorapipe.train import loop as training
 
 VARIANTS = {
     "defaults": DEFAULT,
@@ -161,8 +162,8 @@ def main() -> None:
     device = torch.device("cuda")
     rows = []
     for label in args.variants.split(","):
-        acceleration.remove(model, upcast_dtype=torch.float32)
-        applied = acceleration.apply(model, VARIANTS[label], device, compute_dtype)
+        fast.remove(model, upcast_dtype=torch.float32)
+        applied = fast.apply(model, VARIANTS[label], device, compute_dtype)
         if label.endswith("flat_absmax"):
             applied.append(f"flat_absmax on {flatten_absmax(model)} weights")
         trainable = [p for p in model.parameters() if p.requires_grad]

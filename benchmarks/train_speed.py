@@ -5,8 +5,8 @@
 (a) plain: transformers + peft + bitsandbytes as the tutorials write it: NF4 + double quant,
     bf16 compute and bf16 autocast (what ``Trainer(bf16=True)`` does), sdpa,
     ``prepare_model_for_kbit_training`` with gradient checkpointing, labels = input ids.
-(b) ours: ``modeling.load_base_model`` + ``modeling.add_lora`` + ``acceleration.apply`` (and, with
-    ``uncheckpointed_layers: auto``, ``acceleration.plan_uncheckpointed_layers`` on the first
+(b) ours: ``modeling.load_base_model`` + ``modeling.add_lora`` + ``fast.apply`` (and, with
+    ``uncheckpointed_layers: auto``, ``memory_plan.plan_uncheckpointed_layers`` on the first
     batch, as the train stage does), stepped as ``training.train`` steps (no autocast), each
     lever alone and all together; ``memory_budget_gb`` rows keep as many blocks as fit in that
     budget (case A: the plain recipe's peak measured in the same run).
@@ -34,8 +34,11 @@ from pathlib import Path
 
 import torch
 
-from qlorapipe import acceleration, modeling, training
+from qlorapipe import modeling
 from qlorapipe.params import AccelerationParams, LoraParams, QuantizationParams, TrainingParams
+from qlorapipe.train import fast
+from qlorapipe.train import loop as training
+from qlorapipe.train.fast import cuda_graphs, memory_plan
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PEAK_FLOPS = 790e12  # bf16 matmul rate measured on the H100 (NOTES.md)
@@ -248,7 +251,7 @@ def randomize_lora_b(model) -> None:
 
 def forward_backward(model, input_ids, autocast: bool, graphed=None):
     """Forward and backward of one batch as training.train runs it: replayed as a CUDA graph
-    when ``graphed`` (an acceleration.GraphedStep) takes it, else eagerly (plus autocast for the plain recipe)."""
+    when ``graphed`` (a cuda_graphs.GraphedStep) takes it, else eagerly (plus autocast for the plain recipe)."""
     loss = graphed({"input_ids": input_ids}, input_ids, 1.0) if graphed is not None else None
     if loss is None:
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
@@ -381,7 +384,7 @@ def run_variant(label, model, case, batches, numerics_batch, autocast, warmup, r
     print(f"--- {case} {label}", flush=True)
     row = {"case": case, "variant": label}
     numerics = None
-    graphed_factory = (lambda: acceleration.GraphedStep(model)) if graphs else None  # noqa: E731
+    graphed_factory = (lambda: cuda_graphs.GraphedStep(model)) if graphs else None  # noqa: E731
     try:
         if prepare is not None:
             row["applied"] = prepare() + (["cuda_graphs"] if graphs else [])
@@ -437,7 +440,7 @@ def ours_variants(case: str, n_layers: int) -> list[tuple[str, AccelerationParam
                       replace(DEFAULT, compile_layers=True, uncheckpointed_layers=4, cuda_graphs=False))]
     if case == "C":
         variants = [("ours, defaults without cuda_graphs", NO_GRAPHS)] + variants[-3:]
-    # compile_layers runs without CUDA graphs (acceleration.graphed_step): the two do not combine.
+    # compile_layers runs without CUDA graphs (cuda_graphs.graphed_step): the two do not combine.
     variants.append(("ours, defaults + compile_layers", replace(DEFAULT, compile_layers=True, cuda_graphs=False)))
     return variants
 
@@ -481,29 +484,29 @@ def run_shape(shape: str, cases: list[str], args, results: list) -> None:
                 plain_peak = next(r["peak_alloc_gb"] for r in results if r["case"] == case and r["variant"] == "plain recipe")
                 params = replace(params, memory_budget_gb=plain_peak)
             def prepare(params=params, first=data[case][0][0]):
-                acceleration.remove(model, upcast_dtype=torch.float32)
+                fast.remove(model, upcast_dtype=torch.float32)
                 set_lora_state(model, init)
-                applied = acceleration.apply(model, params, device, compute_dtype)
+                applied = fast.apply(model, params, device, compute_dtype)
                 if params.uncheckpointed_layers == "auto":  # as the train stage plans it, on its first micro-batch
                     graphs = params.cuda_graphs and not label.endswith(EAGER_PROBE)
-                    kept, measured = acceleration.fit_uncheckpointed_layers(
+                    kept, measured = memory_plan.fit_uncheckpointed_layers(
                         model, {"input_ids": first, "use_cache": False}, first, params.memory_budget_gb, device,
                         cuda_graphs=graphs)
                     applied.append(f"uncheckpointed_layers=auto: {kept} kept, probe {json.dumps(measured)}")
                 return applied
-            optimizer = acceleration.training_params(TrainingParams(optimizer="paged_adamw_8bit"), params,
+            optimizer = fast.training_params(TrainingParams(optimizer="paged_adamw_8bit"), params,
                                                      device).optimizer
             run_variant(label, model, case, data[case][0], data[case][1], False, args.warmup,
                         references[case], results, prepare, optimizer, graphs=params.cuda_graphs,
                         async_optimizer=params.async_optimizer)
-        acceleration.remove(model, upcast_dtype=torch.float32)
+        fast.remove(model, upcast_dtype=torch.float32)
     if args.liger and "A" in cases:
         def prepare_liger():
             from liger_kernel.transformers import apply_liger_kernel_to_qwen2
 
-            acceleration.remove(model, upcast_dtype=torch.float32)
+            fast.remove(model, upcast_dtype=torch.float32)
             set_lora_state(model, init)
-            applied = acceleration.apply(model, DEFAULT, device, compute_dtype)
+            applied = fast.apply(model, DEFAULT, device, compute_dtype)
             apply_liger_kernel_to_qwen2(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
                                         fused_linear_cross_entropy=False, model=model.get_base_model())
             return applied + ["liger rope, rms_norm, swiglu"]
@@ -561,7 +564,7 @@ def main() -> None:
                         help="launch configurations of the fused LoRA kernels (lora_kernels_speed.py --sweep writes them)")
     args = parser.parse_args()
     if args.kernel_configs:
-        from qlorapipe import fused_lora
+        from qlorapipe.train.fast import fused_lora
 
         fused_lora.KERNEL_CONFIGS.update(json.loads(args.kernel_configs.read_text()))
         print(json.dumps({"kernel_configs": fused_lora.KERNEL_CONFIGS}), flush=True)

@@ -184,12 +184,13 @@ def tiny_params(model_path: Path, corpus: Path, **overrides) -> dict:
         "quantization": {"load_in": "4bit", "quant_type": "nf4", "use_double_quant": True},
         "lora": {"rank": 8, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear"},
         "training": {"max_steps": 12, "per_device_batch_size": 4, "learning_rate": 0.003, "warmup_steps": 0,
-                     "eval_every_steps": 6, "optimizer": "adamw_torch"},
+                     "eval_every_steps": 6, "optimizer": "adamw_torch", "max_eval_batches": None,
+                     "early_stopping_patience": 0, "checkpoint_every_steps": 0},
         "acceleration": {},
         "distributed": {},
         "evaluate": {"batch_size": 4, "prompts": ["Python is", "The with statement"], "max_new_tokens": 5},
-        "merge": {"dtype": "float32", "fidelity_batches": 2},
-        "export": {},
+        "merge": {"dtype": "float32", "fidelity_batches": 2, "requantized_candidate": False},
+        "export": {"formats": ["safetensors"]},
     }
     for key, value in overrides.items():
         section, name = key.split(".")

@@ -8,12 +8,21 @@ import types
 
 import pytest
 import torch
+from conftest import run_under_triton_interpreter, tiny_lora_model
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from conftest import run_under_triton_interpreter, tiny_lora_model
-from qlorapipe import acceleration
 from qlorapipe.errors import UserError
 from qlorapipe.params import AccelerationParams, parse_section
+from qlorapipe.train import fast
+from qlorapipe.train.fast import (
+    checkpointing,
+    chunked_loss,
+    cuda_graphs,
+    frozen_dtype,
+    fused_kernels,
+    lora_forward,
+    memory_plan,
+)
 
 
 def _quantized_lora_model(model_dir, seed=0, load_in="4bit"):
@@ -68,21 +77,21 @@ def test_uncheckpointed_layers_take_a_count_or_auto_with_a_memory_budget():
 
 def test_blocks_within_budget_is_the_most_blocks_on_the_measured_line():
     # Qwen2.5-3B at 4,096 tokens on an H200: 10.90 GB with 24 blocks kept, 0.31 GB a block.
-    assert acceleration.blocks_within_budget(10.90, 24, 0.31, 12.35, 36) == 28  # 12.14 GB measured with 28
-    assert acceleration.blocks_within_budget(3.79, 1, 0.31, 12.35, 36) == 28  # the same line from one block
-    assert acceleration.blocks_within_budget(10.90, 24, 0.31, 10.90, 36) == 24  # exactly on the budget
-    assert acceleration.blocks_within_budget(10.90, 24, 0.31, 10.89, 36) == 23
-    assert acceleration.blocks_within_budget(3.79, 1, 0.25, 3.79 + 3 * 0.25, 36) == 4  # a float sum, kept
-    assert acceleration.blocks_within_budget(10.90, 24, 0.31, 80.0, 36) == 36  # clamped to the blocks there are
-    assert acceleration.blocks_within_budget(10.90, 24, 0.31, float("inf"), 36) == 36
-    assert acceleration.blocks_within_budget(3.79, 1, 0.31, 3.0, 36) == 0  # not even the line fits: none
-    assert acceleration.blocks_within_budget(4.0, 2, 0.0, 5.0, 6) == 6  # nothing measurable per block: all fit
-    assert acceleration.blocks_within_budget(4.0, 2, -0.001, 3.0, 6) == 0  # ... unless the peak itself does not
+    assert memory_plan.blocks_within_budget(10.90, 24, 0.31, 12.35, 36) == 28  # 12.14 GB measured with 28
+    assert memory_plan.blocks_within_budget(3.79, 1, 0.31, 12.35, 36) == 28  # the same line from one block
+    assert memory_plan.blocks_within_budget(10.90, 24, 0.31, 10.90, 36) == 24  # exactly on the budget
+    assert memory_plan.blocks_within_budget(10.90, 24, 0.31, 10.89, 36) == 23
+    assert memory_plan.blocks_within_budget(3.79, 1, 0.25, 3.79 + 3 * 0.25, 36) == 4  # a float sum, kept
+    assert memory_plan.blocks_within_budget(10.90, 24, 0.31, 80.0, 36) == 36  # clamped to the blocks there are
+    assert memory_plan.blocks_within_budget(10.90, 24, 0.31, float("inf"), 36) == 36
+    assert memory_plan.blocks_within_budget(3.79, 1, 0.31, 3.0, 36) == 0  # not even the line fits: none
+    assert memory_plan.blocks_within_budget(4.0, 2, 0.0, 5.0, 6) == 6  # nothing measurable per block: all fit
+    assert memory_plan.blocks_within_budget(4.0, 2, -0.001, 3.0, 6) == 0  # ... unless the peak itself does not
 
 
 def _checkpointing_flags(model):
     return [(layer.gradient_checkpointing, "_qlorapipe_uncheckpointed" in vars(layer))
-            for layer in acceleration.decoder_layers(model)]
+            for layer in checkpointing.decoder_layers(model)]
 
 
 def test_fitting_uncheckpointed_layers_does_nothing_on_the_cpu(tiny_llama_dir):
@@ -92,10 +101,10 @@ def test_fitting_uncheckpointed_layers_does_nothing_on_the_cpu(tiny_llama_dir):
     ids = torch.randint(4, 300, (2, 16), generator=torch.Generator().manual_seed(3))
     rng = torch.get_rng_state()
     cpu = torch.device("cpu")
-    assert acceleration.fit_uncheckpointed_layers(model, {"input_ids": ids}, ids, None, cpu) == (0, {})
-    assert acceleration.fit_uncheckpointed_layers(model, {"input_ids": ids}, ids, 1.0, cpu) == (0, {})
+    assert memory_plan.fit_uncheckpointed_layers(model, {"input_ids": ids}, ids, None, cpu) == (0, {})
+    assert memory_plan.fit_uncheckpointed_layers(model, {"input_ids": ids}, ids, 1.0, cpu) == (0, {})
     batch = {"input_ids": ids, "labels": ids}
-    assert acceleration.plan_uncheckpointed_layers(model, AccelerationParams(), batch, cpu) == 0
+    assert memory_plan.plan_uncheckpointed_layers(model, AccelerationParams(), batch, cpu) == 0
     assert _checkpointing_flags(model) == before
     assert torch.equal(torch.get_rng_state(), rng)
     assert all(p.grad is None for p in model.parameters())
@@ -150,7 +159,7 @@ def _h200_peak(kept: int) -> float:
 
 def _fit(model, budget_gb):
     ids = torch.ones(3)
-    return acceleration.fit_uncheckpointed_layers(model, {"input_ids": ids}, ids, budget_gb, torch.device("cuda", 0))
+    return memory_plan.fit_uncheckpointed_layers(model, {"input_ids": ids}, ids, budget_gb, torch.device("cuda", 0))
 
 
 def test_the_probe_keeps_the_blocks_the_measured_line_fits_in_the_budget(monkeypatch):
@@ -161,7 +170,7 @@ def test_the_probe_keeps_the_blocks_the_measured_line_fits_in_the_budget(monkeyp
     kept, measured = _fit(model, 12.35)
     assert kept == 28 and steps == [0, 1, 2, 28]  # 0, 1 and 2 blocks kept, then the count predicted
     assert [block.gradient_checkpointing for block in model.blocks] == [True] * 8 + [False] * 28
-    assert acceleration.uncheckpointed_count(model) == 28
+    assert checkpointing.uncheckpointed_count(model) == 28
     assert measured == {"peak_all_checkpointed_gb": 3.79, "per_block_gb": 0.31, "budget_gb": 12.35, "kept": 28,
                         "n_blocks": 36, "peak_gb": 12.16}
     assert model.weight.grad is grad and not model.training and not model.blocks[0].training  # put back
@@ -204,19 +213,19 @@ def test_auto_is_left_to_the_probe_and_kept_off_with_several_processes(tiny_llam
     cuda = torch.device("cuda")
     only_layers = dict(keep_frozen_dtype=False, lora_fast_forward=False, chunked_cross_entropy=False,
                        fused_kernels=False)
-    assert acceleration.apply(model, AccelerationParams(**only_layers), cuda, dtype) == []  # auto: not here
+    assert fast.apply(model, AccelerationParams(**only_layers), cuda, dtype) == []  # auto: not here
     assert _checkpointing_flags(model) == [(True, False), (True, False)]
     batch = {"input_ids": torch.zeros(1, 8, dtype=torch.long), "labels": torch.zeros(1, 8, dtype=torch.long)}
-    with caplog.at_level("INFO", logger="qlorapipe.acceleration"):
-        assert acceleration.plan_uncheckpointed_layers(model, AccelerationParams(), batch, cuda, num_processes=2) == 0
+    with caplog.at_level("INFO", logger="qlorapipe.train.fast"):
+        assert memory_plan.plan_uncheckpointed_layers(model, AccelerationParams(), batch, cuda, num_processes=2) == 0
     assert "auto keeps every block checkpointed with 2 processes" in caplog.text
     assert _checkpointing_flags(model) == [(True, False), (True, False)]
     # A count is applied by apply and reported as it is.
     fixed = AccelerationParams(**only_layers, uncheckpointed_layers=1)
-    assert acceleration.apply(model, fixed, cuda, dtype) == ["uncheckpointed_layers=1"]
-    assert acceleration.plan_uncheckpointed_layers(model, fixed, batch, cuda, num_processes=2) == 1
-    assert acceleration.uncheckpointed_count(model) == 1
-    acceleration.remove(model)
+    assert fast.apply(model, fixed, cuda, dtype) == ["uncheckpointed_layers=1"]
+    assert memory_plan.plan_uncheckpointed_layers(model, fixed, batch, cuda, num_processes=2) == 1
+    assert checkpointing.uncheckpointed_count(model) == 1
+    fast.remove(model)
     assert _checkpointing_flags(model) == [(True, False), (True, False)]
 
 
@@ -228,7 +237,7 @@ def test_linear_cross_entropy_matches_plain_cross_entropy(dtype, chunk_rows):
     weight = (torch.randn(50, 16) * 0.3).to(dtype).requires_grad_()
     labels = torch.randint(0, 50, (3, 7))
     labels[0, 2] = labels[1, 5] = -100  # ignored positions
-    loss = acceleration.linear_cross_entropy(hidden, weight, labels, chunk_rows=chunk_rows)
+    loss = chunked_loss.linear_cross_entropy(hidden, weight, labels, chunk_rows=chunk_rows)
     loss.backward()
     got = (loss.detach(), hidden.grad.clone(), weight.grad.clone())
     hidden.grad = weight.grad = None
@@ -268,15 +277,15 @@ def check_fused_rope(model_dir) -> None:
     other, _ = _quantized_lora_model(model_dir)
     ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(0))
     ref_loss, ref_grads = _loss_and_grads(model, ids)
-    assert acceleration.use_fused_rope(model)
+    assert fused_kernels.use_fused_rope(model)
     loss, grads = _loss_and_grads(model, ids)
-    n_layers = len(acceleration.decoder_layers(model))
+    n_layers = len(checkpointing.decoder_layers(model))
     # once per block in the forward pass and once in its recomputation (the blocks are
     # checkpointed): the recomputation takes the same kernel, so it recomputes the same values
     assert len(calls) == 2 * n_layers
     assert torch.allclose(loss, ref_loss, atol=1e-5) and torch.allclose(grads, ref_grads, atol=1e-5, rtol=1e-4)
     _loss_and_grads(other, ids)  # another model in the process keeps transformers' RoPE
-    acceleration.remove(model)
+    fast.remove(model)
     _loss_and_grads(model, ids)
     assert len(calls) == 2 * n_layers
 
@@ -289,7 +298,7 @@ def test_the_fused_rope_keeps_the_function_and_stays_on_its_instance(tiny_llama_
 def test_linear_cross_entropy_without_weight_grad_and_all_ignored():
     hidden = torch.randn(2, 4, 8, requires_grad=True)
     weight = torch.randn(10, 8)
-    loss = acceleration.linear_cross_entropy(hidden, weight, torch.full((2, 4), -100), chunk_rows=3)
+    loss = chunked_loss.linear_cross_entropy(hidden, weight, torch.full((2, 4), -100), chunk_rows=3)
     loss.backward()
     assert float(loss.detach()) == 0.0 and torch.count_nonzero(hidden.grad) == 0
 
@@ -297,7 +306,7 @@ def test_linear_cross_entropy_without_weight_grad_and_all_ignored():
 def test_apply_changes_nothing_on_the_cpu(tiny_llama_dir):
     model, dtype = _quantized_lora_model(tiny_llama_dir)
     before = {n: (p.dtype, p.data_ptr()) for n, p in model.named_parameters()}
-    assert acceleration.apply(model, AccelerationParams(compile_layers=True), torch.device("cpu"), dtype) == []
+    assert fast.apply(model, AccelerationParams(compile_layers=True), torch.device("cpu"), dtype) == []
     assert {n: (p.dtype, p.data_ptr()) for n, p in model.named_parameters()} == before
     assert not any("forward" in vars(m) for m in model.modules())
 
@@ -307,8 +316,8 @@ def test_fast_lora_forward_and_chunked_loss_compute_the_plain_function(arch, tin
     model, _ = _quantized_lora_model(tiny_llama_dir if arch == "llama" else tiny_qwen2_dir)
     input_ids = torch.randint(4, 300, (2, 24), generator=torch.Generator().manual_seed(1))
     ref_loss, ref_grads = _loss_and_grads(model, input_ids)
-    assert acceleration.use_fast_lora_forward(model)
-    assert acceleration.use_chunked_loss(model)
+    assert lora_forward.use_fast_lora_forward(model)
+    assert chunked_loss.use_chunked_loss(model)
     loss, grads = _loss_and_grads(model, input_ids)
     assert torch.allclose(loss, ref_loss, atol=1e-5)
     assert torch.nn.functional.cosine_similarity(grads, ref_grads, dim=0) > 0.9999
@@ -316,7 +325,7 @@ def test_fast_lora_forward_and_chunked_loss_compute_the_plain_function(arch, tin
     # Evaluation (no labels) still returns logits; removing restores peft's forward.
     with torch.no_grad():
         assert model(input_ids=input_ids).logits.shape == (2, 24, model.config.vocab_size)
-    acceleration.remove(model)
+    fast.remove(model)
     assert not any("forward" in vars(m) for m in model.modules())
     assert torch.allclose(_loss_and_grads(model, input_ids)[0], ref_loss)
 
@@ -324,10 +333,10 @@ def test_fast_lora_forward_and_chunked_loss_compute_the_plain_function(arch, tin
 def test_fast_lora_forward_honours_disabled_adapters(tiny_llama_dir):
     model, _ = _quantized_lora_model(tiny_llama_dir)
     input_ids = torch.randint(4, 300, (1, 16), generator=torch.Generator().manual_seed(2))
-    acceleration.use_fast_lora_forward(model)
+    lora_forward.use_fast_lora_forward(model)
     with torch.no_grad(), model.disable_adapter():
         base_logits = model(input_ids=input_ids).logits
-    acceleration.remove(model)
+    fast.remove(model)
     with torch.no_grad(), model.disable_adapter():
         assert torch.allclose(model(input_ids=input_ids).logits, base_logits)
 
@@ -337,22 +346,22 @@ def test_keep_frozen_dtype_undoes_the_upcast_of_frozen_params_only(tiny_llama_di
     frozen = [p for p in model.parameters() if not p.requires_grad and p.is_floating_point()
               and type(p).__name__ != "Params4bit"]
     assert frozen and all(p.dtype == torch.float32 for p in frozen)  # what prepare_model_for_kbit_training leaves
-    assert acceleration.keep_frozen_dtype(model, torch.bfloat16)
+    assert frozen_dtype.keep_frozen_dtype(model, torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 for p in frozen)
     assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)  # master weights
-    acceleration.remove(model, upcast_dtype=torch.float32)
+    fast.remove(model, upcast_dtype=torch.float32)
     assert all(p.dtype == torch.float32 for p in frozen)
 
 
 def test_skip_checkpointing_turns_it_off_for_the_last_blocks(tiny_llama_dir):
     model, _ = _quantized_lora_model(tiny_llama_dir)
-    layers = acceleration.decoder_layers(model)
+    layers = checkpointing.decoder_layers(model)
     assert len(layers) == 2 and all(layer.gradient_checkpointing for layer in layers)
-    assert acceleration.skip_checkpointing(model, 1)
+    assert checkpointing.skip_checkpointing(model, 1)
     assert [layer.gradient_checkpointing for layer in layers] == [True, False]
-    acceleration.remove(model)
+    fast.remove(model)
     assert all(layer.gradient_checkpointing for layer in layers)
-    assert not acceleration.skip_checkpointing(model, 0)
+    assert not checkpointing.skip_checkpointing(model, 0)
 
 
 def test_unpaged_optimizer_swaps_only_paged_8bit_adamw_and_only_on_cuda():
@@ -361,28 +370,28 @@ def test_unpaged_optimizer_swaps_only_paged_8bit_adamw_and_only_on_cuda():
     paged = TrainingParams(optimizer="paged_adamw_8bit")
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     unpaged = AccelerationParams(unpaged_optimizer=True)
-    assert acceleration.training_params(paged, unpaged, cuda).optimizer == "adamw_8bit"
-    assert acceleration.training_params(paged, unpaged, cpu) is paged
-    assert acceleration.training_params(paged, AccelerationParams(), cuda).optimizer == "adamw_8bit"  # on by default
-    assert acceleration.training_params(paged, AccelerationParams(unpaged_optimizer=False), cuda) is paged
+    assert fast.training_params(paged, unpaged, cuda).optimizer == "adamw_8bit"
+    assert fast.training_params(paged, unpaged, cpu) is paged
+    assert fast.training_params(paged, AccelerationParams(), cuda).optimizer == "adamw_8bit"  # on by default
+    assert fast.training_params(paged, AccelerationParams(unpaged_optimizer=False), cuda) is paged
     torch_adamw = TrainingParams(optimizer="adamw_torch")
-    assert acceleration.training_params(torch_adamw, unpaged, cuda) is torch_adamw
+    assert fast.training_params(torch_adamw, unpaged, cuda) is torch_adamw
 
 
 def test_cuda_graphs_are_on_by_default_and_only_taken_on_cuda_in_one_process(tiny_llama_dir):
     model, _ = _quantized_lora_model(tiny_llama_dir)
     assert AccelerationParams().cuda_graphs
-    assert acceleration.graphed_step(model, AccelerationParams(), torch.device("cpu")) is None
+    assert cuda_graphs.graphed_step(model, AccelerationParams(), torch.device("cpu")) is None
     if torch.cuda.is_available():
-        assert acceleration.graphed_step(model, AccelerationParams(), torch.device("cuda")) is not None
-        assert acceleration.graphed_step(model, AccelerationParams(cuda_graphs=False), torch.device("cuda")) is None
-        assert acceleration.graphed_step(model, AccelerationParams(), torch.device("cuda"), num_processes=2) is None
-        assert acceleration.graphed_step(model, AccelerationParams(compile_layers=True), torch.device("cuda")) is None
+        assert cuda_graphs.graphed_step(model, AccelerationParams(), torch.device("cuda")) is not None
+        assert cuda_graphs.graphed_step(model, AccelerationParams(cuda_graphs=False), torch.device("cuda")) is None
+        assert cuda_graphs.graphed_step(model, AccelerationParams(), torch.device("cuda"), num_processes=2) is None
+        assert cuda_graphs.graphed_step(model, AccelerationParams(compile_layers=True), torch.device("cuda")) is None
 
 
 def test_the_packed_mask_is_causal_within_each_document_only():
     positions = torch.tensor([[0, 1, 2, 0, 1, 5, 6]])  # documents [0, 3), [3, 5), [5, 7) (5 does not follow 1)
-    mask = acceleration.packed_causal_mask(positions)[0, 0]
+    mask = cuda_graphs.packed_causal_mask(positions)[0, 0]
     document = torch.tensor([0, 0, 0, 1, 1, 2, 2])
     want = (document[:, None] == document[None, :]) & torch.ones(7, 7, dtype=torch.bool).tril()
     assert mask.dtype == torch.bool and torch.equal(mask, want)
@@ -400,7 +409,7 @@ def test_the_packed_mask_is_what_transformers_builds_from_position_ids(arch, tin
     with torch.no_grad():
         packed = model(input_ids=input_ids, position_ids=positions, use_cache=False).logits
         masked = model(input_ids=input_ids, position_ids=positions, use_cache=False,
-                       attention_mask=acceleration.packed_causal_mask(positions)).logits
+                       attention_mask=cuda_graphs.packed_causal_mask(positions)).logits
         causal = model(input_ids=input_ids, position_ids=positions, use_cache=False,
                        attention_mask=torch.ones(2, 1, 24, 24, dtype=torch.bool).tril()).logits
     assert torch.allclose(masked, packed, atol=1e-5)
@@ -410,7 +419,7 @@ def test_the_packed_mask_is_what_transformers_builds_from_position_ids(arch, tin
 def test_fused_kernels_are_on_by_default_and_leave_the_cpu_path_alone(tiny_qwen2_dir):
     assert AccelerationParams().fused_kernels
     model, dtype = _quantized_lora_model(tiny_qwen2_dir)
-    assert "fused_kernels" not in acceleration.apply(model, AccelerationParams(), torch.device("cpu"), dtype)
+    assert "fused_kernels" not in fast.apply(model, AccelerationParams(), torch.device("cpu"), dtype)
     assert not any("forward" in vars(m) for m in model.modules())
 
 
@@ -418,7 +427,7 @@ def test_fused_kernels_are_on_by_default_and_leave_the_cpu_path_alone(tiny_qwen2
 def test_the_async_optimizer_makes_the_same_updates_without_a_sync_per_parameter(name, monkeypatch):
     import bitsandbytes.optim.optimizer as bnb_optimizer
 
-    from qlorapipe import training
+    from qlorapipe.train import loop as training
 
     syncs = []
     monkeypatch.setattr(bnb_optimizer, "sync_gpu", lambda tensor: syncs.append(tensor))
@@ -444,14 +453,14 @@ def test_the_async_optimizer_makes_the_same_updates_without_a_sync_per_parameter
 
 def test_fast_lora_forward_on_8bit_layers_computes_the_plain_function(tiny_llama_dir):
     """8-bit bases are not fused (fused_lora.lora_parts declines them): they take the unfused fast path."""
-    from qlorapipe import fused_lora
+    from qlorapipe.train.fast import fused_lora
 
     model, _ = _quantized_lora_model(tiny_llama_dir, load_in="8bit")
     layers = [m for m in model.modules() if type(m).__name__ == "Linear8bitLt" and hasattr(m, "lora_A")]
     assert layers and all(fused_lora.lora_parts(m) is None for m in layers)
     input_ids = torch.randint(4, 300, (2, 24), generator=torch.Generator().manual_seed(1))
     ref_loss, ref_grads = _loss_and_grads(model, input_ids)
-    assert acceleration.use_fast_lora_forward(model)
+    assert lora_forward.use_fast_lora_forward(model)
     loss, grads = _loss_and_grads(model, input_ids)
     assert torch.allclose(loss, ref_loss, atol=1e-4)
     assert torch.nn.functional.cosine_similarity(grads, ref_grads, dim=0) > 0.999

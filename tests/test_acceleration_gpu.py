@@ -6,10 +6,11 @@ import gc
 
 import pytest
 import torch
-
 from conftest import tiny_lora_model
-from qlorapipe import acceleration
+
 from qlorapipe.params import AccelerationParams
+from qlorapipe.train import fast
+from qlorapipe.train.fast import checkpointing, cuda_graphs, memory_plan
 
 pytestmark = pytest.mark.gpu
 
@@ -29,7 +30,7 @@ def _tiny_lora(tiny_qwen2_dir, params: AccelerationParams | None, dropout: float
     model, dtype = tiny_lora_model(tiny_qwen2_dir, device, dropout=dropout)
     assert dtype in (torch.bfloat16, torch.float16)
     if params is not None:
-        acceleration.apply(model, params, device, dtype)
+        fast.apply(model, params, device, dtype)
     return model, dtype
 
 
@@ -39,7 +40,7 @@ def test_fast_paths_match_the_plain_recipe_on_cuda(tiny_qwen2_dir, params):
     model, dtype = _tiny_lora(tiny_qwen2_dir, None)
     input_ids = torch.randint(4, 300, (2, 64), device=device, generator=torch.Generator(device).manual_seed(0))
     ref_loss, ref_grads = _loss_and_grads(model, input_ids, autocast=True)
-    applied = acceleration.apply(model, params, device, dtype)
+    applied = fast.apply(model, params, device, dtype)
     assert {"keep_frozen_dtype", "lora_fast_forward", "chunked_cross_entropy", "fused_kernels"} <= set(applied)
     assert sum(type(m).__name__.endswith("RMSNorm") and "forward" in vars(m) for m in model.modules()) > 2
     loss, grads = _loss_and_grads(model, input_ids, autocast=False)
@@ -70,7 +71,7 @@ def test_a_graphed_step_computes_the_eager_loss_and_accumulates_the_eager_gradie
     del loss  # a live autograd graph would tie the gradient accumulators to this stream
     eager = torch.cat([p.grad.flatten() for p in trainable])
 
-    graphed = acceleration.GraphedStep(model)
+    graphed = cuda_graphs.GraphedStep(model)
     model.zero_grad(set_to_none=True)
     assert graphed(inputs(batches[0]), batches[0], 0.5) is not None  # captured on another batch
     for p in trainable:
@@ -89,7 +90,7 @@ def test_the_train_stage_replays_cuda_graphs_and_reports_it(tmp_path, tiny_qwen2
 
     from conftest import load_stage, tiny_params, train_args, write_params
 
-    caplog.set_level("INFO", logger="qlorapipe.acceleration")
+    caplog.set_level("INFO", logger="qlorapipe.train.fast")
 
     params = write_params(tmp_path / "params.yaml", tiny_params(tiny_qwen2_dir, corpus_file, **{
         "training.max_steps": 4, "training.gradient_accumulation_steps": 2, "model.dtype": "bfloat16"}))
@@ -122,7 +123,7 @@ def _step_peak_gb(model, inputs: dict, labels, graphed: bool = False) -> float:
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     if graphed:
-        step = acceleration.GraphedStep(model)
+        step = cuda_graphs.GraphedStep(model)
         assert step(inputs, labels, 1.0) is not None, step.failed
         del step
     else:
@@ -137,7 +138,7 @@ def _step_peak_gb(model, inputs: dict, labels, graphed: bool = False) -> float:
 def test_auto_keeps_the_blocks_that_fit_in_the_budget_and_leaves_no_trace(six_block_qwen2_dir, packed, graphed):
     device = torch.device("cuda")
     model, _ = _tiny_lora(six_block_qwen2_dir, AccelerationParams(), dropout=0.1)  # auto: nothing yet
-    layers = acceleration.decoder_layers(model)
+    layers = checkpointing.decoder_layers(model)
     assert len(layers) == 6 and all(layer.gradient_checkpointing for layer in layers)
     ids = torch.randint(4, 300, (4, 256), device=device, generator=torch.Generator(device).manual_seed(5))
     inputs = {"input_ids": ids, "use_cache": False}
@@ -147,15 +148,15 @@ def test_auto_keeps_the_blocks_that_fit_in_the_budget_and_leaves_no_trace(six_bl
     # after a first step that compiles the kernels.
     _step_peak_gb(model, inputs, ids, graphed)
     none_kept = _step_peak_gb(model, inputs, ids, graphed)
-    acceleration.skip_checkpointing(model, 6)
+    checkpointing.skip_checkpointing(model, 6)
     all_kept = _step_peak_gb(model, inputs, ids, graphed)
-    acceleration.checkpoint_again(layers)
+    checkpointing.checkpoint_again(layers)
     assert all_kept > none_kept
     budget = (none_kept + all_kept) / 2
 
     model.eval()  # put back afterwards, as the gradients and random states are
     cuda_state, cpu_state = torch.cuda.get_rng_state(), torch.get_rng_state()
-    kept, measured = acceleration.fit_uncheckpointed_layers(model, inputs, ids, budget, device, cuda_graphs=graphed)
+    kept, measured = memory_plan.fit_uncheckpointed_layers(model, inputs, ids, budget, device, cuda_graphs=graphed)
     assert torch.equal(torch.cuda.get_rng_state(), cuda_state) and torch.equal(torch.get_rng_state(), cpu_state)
     assert all(p.grad is None for p in model.parameters())
     assert not model.training and not any(layer.training for layer in layers)
@@ -176,9 +177,9 @@ def test_auto_with_the_default_budget_keeps_every_tiny_block(six_block_qwen2_dir
     gc.collect()
     torch.cuda.empty_cache()  # as the probe does before it reads the free memory
     free, _ = torch.cuda.mem_get_info()
-    kept, measured = acceleration.fit_uncheckpointed_layers(model, {"input_ids": ids, "use_cache": False}, ids,
+    kept, measured = memory_plan.fit_uncheckpointed_layers(model, {"input_ids": ids, "use_cache": False}, ids,
                                                             None, device)
-    assert kept == 6 and acceleration.uncheckpointed_count(model) == 6
+    assert kept == 6 and checkpointing.uncheckpointed_count(model) == 6
     expected = 0.9 * (free + torch.cuda.memory_allocated()) / 1e9
     assert measured["budget_gb"] == pytest.approx(expected, rel=0.01)
 
@@ -191,7 +192,7 @@ def test_a_step_that_cannot_be_captured_runs_eagerly_and_training_goes_on(tiny_q
 
     hook = model.get_base_model().model.norm.register_forward_hook(read_on_host)
     ids = torch.randint(4, 300, (2, 64), device=device, generator=torch.Generator(device).manual_seed(1))
-    graphed = acceleration.GraphedStep(model)
+    graphed = cuda_graphs.GraphedStep(model)
     model.zero_grad(set_to_none=True)
     assert graphed({"input_ids": ids}, ids, 1.0) is None
     assert graphed.failed and "CUDA graphs off" in caplog.text
@@ -205,7 +206,7 @@ def test_a_step_that_cannot_be_captured_runs_eagerly_and_training_goes_on(tiny_q
 
 
 def test_the_dropout_kernel_redraws_the_same_mask_from_a_seed_at_the_rate_asked():
-    from qlorapipe import fused_lora
+    from qlorapipe.train.fast import fused_lora
 
     x = torch.randn(1000, 999, device="cuda", dtype=torch.bfloat16)
     seed = fused_lora.new_seed("cuda")
@@ -229,14 +230,14 @@ def test_the_fused_lora_dropout_kernels_on_cuda():
 
 @pytest.mark.parametrize("chunk_rows", [7, 4096])
 def test_the_chunked_loss_kernel_on_cuda_is_the_plain_loss(chunk_rows):
-    from qlorapipe import acceleration
+    from qlorapipe.train.fast import chunked_loss
 
     torch.manual_seed(0)
     hidden = torch.randn(2, 50, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     weight = (torch.randn(1000, 64, device="cuda") * 0.2).to(torch.bfloat16)
     labels = torch.randint(0, 1000, (2, 50), device="cuda")
     labels[0, :5] = -100
-    loss = acceleration.linear_cross_entropy(hidden, weight, labels, chunk_rows=chunk_rows)
+    loss = chunked_loss.linear_cross_entropy(hidden, weight, labels, chunk_rows=chunk_rows)
     loss.backward()
     got = hidden.grad.float()
     hidden.grad = None
@@ -251,7 +252,7 @@ def test_the_chunked_loss_kernel_on_cuda_is_the_plain_loss(chunk_rows):
 def test_the_fused_lora_functions_compute_the_unfused_function_on_cuda(swiglu):
     import bitsandbytes as bnb
 
-    from qlorapipe import fused_lora
+    from qlorapipe.train.fast import fused_lora
 
     torch.manual_seed(0)
     linear = torch.nn.Linear(256, 128, bias=False)
@@ -297,7 +298,7 @@ def test_dropout_masks_are_redrawn_by_recomputation_and_fresh_at_every_replay(ti
         grads.append(torch.cat([p.grad.flatten() for _, p in sorted(model.named_parameters()) if p.requires_grad]))
         del loss
     assert torch.allclose(grads[0], grads[1], rtol=1e-3, atol=1e-6)  # recomputation used the same masks
-    graphed = acceleration.GraphedStep(model)
+    graphed = cuda_graphs.GraphedStep(model)
     model.zero_grad(set_to_none=True)
     losses = [float(graphed({"input_ids": ids}, ids, 1.0)) for _ in range(3)]
     assert graphed.failed is None and graphed.replays == 3
@@ -310,7 +311,7 @@ def test_capturing_again_leaves_no_memory_behind(tiny_qwen2_dir):
     ids = torch.randint(4, 300, (2, 64), device=device, generator=torch.Generator(device).manual_seed(4))
     allocated = []
     for _ in range(3):
-        graphed = acceleration.GraphedStep(model)
+        graphed = cuda_graphs.GraphedStep(model)
         model.zero_grad(set_to_none=True)
         assert graphed({"input_ids": ids}, ids, 1.0) is not None
         del graphed

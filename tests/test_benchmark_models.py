@@ -5,7 +5,6 @@ from __future__ import annotations
 import sys
 
 import torch
-
 from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "benchmarks"))

@@ -8,12 +8,14 @@ import zipfile
 from pathlib import Path
 
 import pytest
-
 from conftest import build_tokenizer, tiny_config
-from qlorapipe import data, examples, sources
+
+from qlorapipe import data
 from qlorapipe.errors import UserError
 from qlorapipe.params import DataParams
-from qlorapipe.sources import Record
+from qlorapipe.prepare import examples, sources
+from qlorapipe.prepare import rows as row_layout
+from qlorapipe.prepare.sources import Record
 
 IGNORE = -100
 EOS, BOS, PAD = 2, 1, 3  # build_tokenizer's specials: <unk> <s> </s> <pad>
@@ -47,7 +49,7 @@ def test_text_concat_joins_documents_with_one_eos_and_cuts_full_chunks(tok):
     texts = ["Python is a programming language.", "The with statement is used to wrap a block."]
     docs, counts = examples.text_documents(records(*({"text": t} for t in texts)), tok, DataParams())
     stream = [t for text in texts for t in enc(tok, text) + [EOS]]
-    rows, tail = examples.chunk_stream(docs, 8)
+    rows, tail = row_layout.chunk_stream(docs, 8)
     assert [t for row in rows.input_ids for t in row] == stream[: 8 * (len(stream) // 8)]
     assert rows.labels == rows.input_ids and tail == len(stream) % 8
     assert rows.position_ids == [list(range(8))] * len(rows.input_ids)
@@ -147,7 +149,7 @@ def test_no_double_bos_when_the_tokenizer_and_the_template_both_add_one():
 def test_pad_equal_to_eos_never_hides_the_real_eos(tok):
     built, _ = build([{"prompt": "Hi", "completion": " there"}, {"prompt": "Python is", "completion": " a long answer."}],
                      tok, format="completion")
-    rows = examples.pad_rows(built, pad_id=EOS)  # as with tokenizers whose pad token is the EOS token
+    rows = row_layout.pad_rows(built, pad_id=EOS)  # as with tokenizers whose pad token is the EOS token
     short = min(range(2), key=lambda i: len(built[i].input_ids))
     n = len(built[short].input_ids)
     assert rows.input_ids[short][n - 1] == EOS and rows.labels[short][n - 1] == EOS  # the stop is learned
@@ -159,7 +161,7 @@ def test_packing_restarts_positions_and_masks_each_examples_first_token(tok):
     a = examples.Example([10, 11, 12, EOS], [IGNORE, 11, 12, EOS], "a", 4)
     b = examples.Example([20, 21, EOS], [20, 21, EOS], "b", 3)
     c = examples.Example([30, 31, 32, 33, 34, EOS], [IGNORE, IGNORE, 32, 33, 34, EOS], "c", 6)
-    rows = examples.pack_rows([a, b, c], max_length=8, pad_id=PAD)
+    rows = row_layout.pack_rows([a, b, c], max_length=8, pad_id=PAD)
     assert rows.input_ids == [[30, 31, 32, 33, 34, EOS, PAD, PAD], [10, 11, 12, EOS, 20, 21, EOS, PAD]]
     assert rows.labels == [[IGNORE, IGNORE, 32, 33, 34, EOS, IGNORE, IGNORE],
                            [IGNORE, 11, 12, EOS, IGNORE, 21, EOS, IGNORE]]
@@ -178,7 +180,7 @@ def test_a_packed_row_gives_each_example_the_logits_it_has_alone(tok, attention)
     model = AutoModelForCausalLM.from_config(config).eval()
     built, _ = build([{"prompt": "Python is", "completion": " a language."},
                       {"prompt": "The with statement", "completion": " wraps a block."}], tok, format="completion")
-    rows = examples.pack_rows(built, max_length=64, pad_id=PAD)
+    rows = row_layout.pack_rows(built, max_length=64, pad_id=PAD)
     assert len(rows.input_ids) == 1
     batch = {name: torch.tensor(getattr(rows, name)) for name in ("input_ids", "position_ids")}
     with torch.no_grad():
@@ -245,11 +247,11 @@ def test_duplicates_and_blank_records_are_counted_not_silently_dropped(tok):
 
 def test_split_is_seeded_disjoint_and_complete():
     items = [f"example {i}" for i in range(50)]
-    train, held_out = examples.split(items, 0.2, seed=7)
+    train, held_out = row_layout.split(items, 0.2, seed=7)
     assert (len(train), len(held_out)) == (40, 10)
     assert set(train).isdisjoint(held_out) and set(train) | set(held_out) == set(items)
-    assert examples.split(items, 0.2, seed=7) == (train, held_out)
-    assert examples.split(items, 0.2, seed=8)[1] != held_out
+    assert row_layout.split(items, 0.2, seed=7) == (train, held_out)
+    assert row_layout.split(items, 0.2, seed=8)[1] != held_out
 
 
 # --- sources -------------------------------------------------------------------------
@@ -371,7 +373,7 @@ def test_packing_holds_through_the_trained_qlora_model_in_training_mode(tok, tin
     model.train()
     built, _ = build([{"prompt": "Python is", "completion": " a language."},
                       {"prompt": "Classes bundle data", "completion": " and behaviour."}], tok, format="completion")
-    rows = examples.pack_rows(built, max_length=64, pad_id=PAD)
+    rows = row_layout.pack_rows(built, max_length=64, pad_id=PAD)
     batch = {name: torch.tensor(getattr(rows, name)) for name in ("input_ids", "position_ids")}
     with torch.no_grad():
         packed = model(**data.model_inputs(batch, "cpu")).logits[0]

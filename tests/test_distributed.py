@@ -17,12 +17,12 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, load_stage, tiny_params, train_args, write_params
-from qlorapipe import distributed
+
 from qlorapipe.errors import UserError
 from qlorapipe.params import DistributedParams, TrainingParams, parse_section
-from qlorapipe.training import micro_batches
+from qlorapipe.train import distributed
+from qlorapipe.train.loop import micro_batches
 
 # Global batch 4 = 2 per device x 2 accumulation x 1 process = 2 x 1 x 2 processes.
 BATCH = {"training.per_device_batch_size": 2, "training.gradient_accumulation_steps": 2,

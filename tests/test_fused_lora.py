@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import run_under_triton_interpreter, tiny_lora_model
-from qlorapipe import acceleration, fused_lora
+
+from qlorapipe.train.fast import fused_lora, lora_forward
+from qlorapipe.train.fast.checkpointing import decoder_layers
 
 
 def _base(kind: str, in_features: int, out_features: int, bias: bool = False):
@@ -190,7 +191,7 @@ def _lora_model(model_dir, dropout: float, checkpointing: bool = True):
 
 def test_a_fused_block_keeps_far_less_for_backward_than_peft(tiny_llama_dir):
     model = _lora_model(tiny_llama_dir, dropout=0.1, checkpointing=False)
-    block = acceleration.decoder_layers(model)[0]
+    block = decoder_layers(model)[0]
     hidden = torch.randn(2, 64, model.config.hidden_size, requires_grad=True)
     position_embeddings = model.get_base_model().model.rotary_emb(hidden, torch.arange(64)[None].expand(2, 64))
 
@@ -198,7 +199,7 @@ def test_a_fused_block_keeps_far_less_for_backward_than_peft(tiny_llama_dir):
         block(hidden, position_embeddings=position_embeddings)
 
     peft_bytes = _saved_bytes(run)
-    assert acceleration.use_fast_lora_forward(model)
+    assert lora_forward.use_fast_lora_forward(model)
     fused_bytes = _saved_bytes(run)
     # peft keeps each of the 7 projections' dropped-out input and mask; the fused layers keep
     # the inputs the block holds anyway.
@@ -212,7 +213,7 @@ def test_checkpointed_blocks_redraw_the_masks_of_their_forward_pass(tiny_llama_d
     results = []
     for checkpointing in (True, False):
         model = _lora_model(tiny_llama_dir, dropout=0.3, checkpointing=checkpointing)
-        assert acceleration.use_fast_lora_forward(model)
+        assert lora_forward.use_fast_lora_forward(model)
         torch.manual_seed(11)
         loss = model(input_ids=input_ids, labels=input_ids).loss
         loss.backward()

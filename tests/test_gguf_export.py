@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 from qlorapipe.errors import UserError
-from qlorapipe.gguf_export import gguf_tensor_name, load_gguf, permute_for_rope, write_gguf
+from qlorapipe.export.gguf import gguf_tensor_name, load_gguf, permute_for_rope, write_gguf
 
 TEXT = "Generators produce items lazily, 2026 of them, and remember where they left off!"
 

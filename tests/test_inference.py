@@ -9,9 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, load_stage, make_model_dir, tiny_params, write_params
+
 from qlorapipe import inference
+from qlorapipe.cli import chat
 from qlorapipe.errors import UserError
 
 GREEDY = ["--temperature", "0", "--max_new_tokens", "6"]
@@ -29,15 +30,17 @@ def _make_adapter(base_dir: Path, out: Path, seed: int) -> Path:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from qlorapipe.adapters import write_adapter_record
-    from qlorapipe.params import LoraParams, QuantizationParams
+    from qlorapipe.params import DataParams, LoraParams, QuantizationParams, TrainingParams
+    from qlorapipe.records import AdapterRecord, read_source_record, write_adapter_record
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(base_dir)
     config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False,
                         task_type="CAUSAL_LM")
     get_peft_model(model, config).save_pretrained(out)
-    write_adapter_record(out, base_dir, quantization=QuantizationParams(), lora=LoraParams(rank=4, alpha=8))
+    write_adapter_record(out, AdapterRecord(base_model=read_source_record(base_dir), data_sha256="0" * 64,
+                                            environment={}, data=DataParams(), quantization=QuantizationParams(),
+                                            lora=LoraParams(rank=4, alpha=8), training=TrainingParams()))
     return out
 
 
@@ -51,7 +54,7 @@ def project(tmp_path_factory, tiny_llama_dir, corpus_file):
 
 def _run(argv: list[str], stdin: str = "") -> str:
     out = io.StringIO()
-    inference.main(argv, stdin=io.StringIO(stdin), stdout=out)
+    chat.main(argv, stdin=io.StringIO(stdin), stdout=out)
     return out.getvalue()
 
 
@@ -87,10 +90,10 @@ def test_demo_mode_answers_every_params_prompt(project):
 
 
 def test_merged_model_directory_loads_without_an_adapter(project, tmp_path):
-    from qlorapipe import merging
-    from qlorapipe.params import QuantizationParams
-
     import torch
+
+    from qlorapipe.merge import merging
+    from qlorapipe.params import QuantizationParams
 
     merged = merging.dequantized_merge(project["base"], project["chat"], QuantizationParams(), torch.float32,
                                        torch.device("cpu"))

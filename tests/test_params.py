@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
 
 from qlorapipe.errors import UserError
-from qlorapipe.params import SECTIONS, load_section, parse_section, read_params_file
+from qlorapipe.params import (
+    SECTIONS,
+    accumulation_problem,
+    cross_section_problems,
+    load_section,
+    load_sections,
+    parse_section,
+    read_params_file,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -91,3 +100,129 @@ def test_export_formats_are_checked_against_the_four_known():
     assert "export.formats: unknown ['gguf-q4']; choose from safetensors, gguf-f16, gguf-q8_0, adapter" in message
     assert "export.formats lists a format twice" in message
     assert "export.verify_batches must be at least 1, got 0" in message
+
+
+def _field_default(f: dataclasses.Field):
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
+def test_params_yaml_is_the_one_source_of_every_default():
+    # params.yaml is what `dvc repro` runs; the dataclasses' defaults must be the same values,
+    # of the same type as params.yaml's value once loaded (1 for a float field loads as 1.0).
+    raw = read_params_file(ROOT / "params.yaml")
+    problems = []
+    for name, cls in SECTIONS.items():
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        assert isinstance(raw[name], dict), f"params.yaml section {name} is empty"
+        problems += [f"params.yaml lacks {name}.{key}" for key in fields if key not in raw[name]]
+        problems += [f"params.yaml has {name}.{key}, no field" for key in raw[name] if key not in fields]
+        loaded = parse_section(name, raw[name])
+        for key, f in fields.items():
+            default, value = _field_default(f), getattr(loaded, key)
+            if default != value or type(default) is not type(value):
+                problems.append(f"{name}.{key}: dataclass default {default!r}, params.yaml {value!r}")
+    assert not problems, "\n".join(problems)
+
+
+def test_every_default_section_passes_its_checks():
+    for name, cls in SECTIONS.items():
+        assert cls().check() == [], name
+        assert parse_section(name, {}) == cls()
+
+
+def test_type_errors_unknown_keys_and_range_problems_come_in_one_message():
+    with pytest.raises(UserError) as info:
+        parse_section("training", {"per_device_batch_size": "four", "learning_rate": -1, "warmup_step": 2,
+                                   "eval_every_steps": 0})
+    message = str(info.value)
+    assert message.startswith("invalid params: ")
+    assert "training: key 'warmup_step' is unknown (did you mean 'warmup_steps'?)" in message
+    assert "training.per_device_batch_size: must be an integer, got 'four'" in message
+    assert "training.learning_rate must be positive, got -1.0" in message
+    assert "training.eval_every_steps must be at least 1, got 0" in message
+    assert message.count("; ") == 3
+
+
+def test_a_check_about_an_ill_typed_key_is_not_reported_twice():
+    # repo_id falls back to None for the check, which would then say it is missing: the type
+    # error is the one problem with it.
+    with pytest.raises(UserError) as info:
+        parse_section("model", {"source": "hub", "repo_id": 5})
+    message = str(info.value)
+    assert "model.repo_id: must be a string or null, got 5" in message
+    assert "model.repo_id is required" not in message
+    assert "model.revision is required when model.source is 'hub'" in message
+    with pytest.raises(UserError) as info:
+        parse_section("training", {"max_steps": "many", "epochs": 0})
+    assert str(info.value) == "invalid params: training.max_steps: must be an integer, got 'many'"
+
+
+def _params_file(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    return path
+
+
+ACCUMULATION = (r"training.gradient_accumulation_steps \(3\) must be a multiple of distributed.num_processes \(2\) "
+                r"so the global batch of 4 x 3 chunks stays the same on 2 processes: "
+                r"set training.gradient_accumulation_steps to 2")
+
+
+def test_rules_between_sections_apply_when_both_load_together(tmp_path):
+    path = _params_file(tmp_path, "training:\n  gradient_accumulation_steps: 3\ndistributed:\n  num_processes: 2\n")
+    with pytest.raises(UserError, match="invalid params: " + ACCUMULATION):
+        load_sections(path, "training", "distributed")
+    # Each section alone is fine: the rule needs both.
+    assert load_section(path, "training").gradient_accumulation_steps == 3
+    assert load_section(path, "distributed").num_processes == 2
+    path.write_text("training:\n  gradient_accumulation_steps: 4\ndistributed:\n  num_processes: 2\n")
+    assert load_sections(path, "training", "distributed")["distributed"].num_processes == 2
+
+
+def test_the_train_step_refuses_with_the_same_message_as_loading():
+    training = parse_section("training", {"gradient_accumulation_steps": 3})
+    distributed = parse_section("distributed", {"num_processes": 2})
+    (problem,) = cross_section_problems({"training": training, "distributed": distributed})
+    assert problem == accumulation_problem(training, 2)
+    from qlorapipe.train.distributed import per_process_accumulation
+
+    with pytest.raises(UserError) as info:
+        per_process_accumulation(training, 2)
+    assert str(info.value) == problem
+    assert per_process_accumulation(training, 3) == 1
+
+
+def test_every_problem_of_every_section_and_between_them_in_one_message(tmp_path):
+    path = _params_file(tmp_path, "lora:\n  rank: 0\n  alpha: x\ntraining:\n  gradient_accumulation_steps: 3\n"
+                                  "distributed:\n  num_processes: 2\n  strategy: zero\ntrainig:\n  seed: 1\n")
+    with pytest.raises(UserError) as info:
+        load_sections(path, "lora", "training", "distributed")
+    message = str(info.value)
+    assert message.startswith("invalid params: ")
+    for part in ("section 'trainig' is unknown (did you mean 'training'?)",
+                 "lora.rank must be a positive integer, got 0",
+                 "lora.alpha: must be a number, got 'x'",
+                 "distributed.strategy: must be one of 'ddp', 'fsdp', got 'zero'"):
+        assert part in message
+    assert re.search(ACCUMULATION, message)
+    assert "lora.alpha must be positive" not in message
+
+
+def test_a_rule_between_sections_skips_values_their_own_sections_refuse(tmp_path):
+    path = _params_file(tmp_path, "training:\n  gradient_accumulation_steps: x\ndistributed:\n  num_processes: 2\n")
+    with pytest.raises(UserError) as info:
+        load_sections(path, "training", "distributed")
+    assert str(info.value) == "invalid params: training.gradient_accumulation_steps: must be an integer, got 'x'"
+    path.write_text("training:\n  gradient_accumulation_steps: 3\ndistributed:\n  num_processes: 0\n")
+    with pytest.raises(UserError) as info:  # no ZeroDivisionError: the distributed check says it
+        load_sections(path, "training", "distributed")
+    assert str(info.value) == "invalid params: distributed.num_processes must be at least 1, got 0"
+
+
+def test_memory_is_counted_in_gb_of_1e9_bytes_everywhere_in_params():
+    import qlorapipe.params as package
+
+    for source in [*Path(package.__file__).parent.glob("*.py"), ROOT / "params.yaml"]:
+        assert "GiB" not in source.read_text(), source
+    with pytest.raises(UserError, match=r"acceleration.memory_budget_gb must be > 0 \(GB\)"):
+        parse_section("acceleration", {"memory_budget_gb": 0})

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qlorapipe import merging, modeling
+from qlorapipe import fidelity, modeling
+from qlorapipe.merge import merging
 from qlorapipe.params import LoraParams, QuantizationParams
 
 CPU = torch.device("cpu")
@@ -96,12 +97,12 @@ def test_dequantize_then_merge_matches_what_was_trained_and_naive_merge_does_not
     ids = [_input_ids(model.config.vocab_size)]
 
     base, _ = modeling.load_base_model(model_dir, QUANT, CPU)
-    reference = merging.logits_on(PeftModel.from_pretrained(base, tmp_path / "adapter"), ids, CPU)
+    reference = fidelity.logits_on(PeftModel.from_pretrained(base, tmp_path / "adapter"), ids, CPU)
     good = merging.dequantized_merge(model_dir, tmp_path / "adapter", QUANT, torch.float32, CPU)
     naive = merging.naive_merge(model_dir, tmp_path / "adapter", torch.float32, CPU)
     assert not any("Linear4bit" in type(m).__name__ for m in good.modules())
-    good_fidelity = merging.compare(reference, merging.logits_on(good, ids, CPU), ids)
-    naive_fidelity = merging.compare(reference, merging.logits_on(naive, ids, CPU), ids)
+    good_fidelity = fidelity.compare(reference, fidelity.logits_on(good, ids, CPU), ids)
+    naive_fidelity = fidelity.compare(reference, fidelity.logits_on(naive, ids, CPU), ids)
     # bitsandbytes' CPU 4-bit matmul rounds like bfloat16, so "the same" is 1e-2 here, not 1e-6.
     assert good_fidelity.max_logit_diff < 1e-2
     assert naive_fidelity.max_logit_diff > 10 * good_fidelity.max_logit_diff

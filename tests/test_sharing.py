@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import init_project, run_cmd, tiny_params
 
 DVC = [sys.executable, "-m", "dvc"]

@@ -7,8 +7,8 @@ import math
 from pathlib import Path
 
 import pytest
-
 from conftest import load_stage, tiny_params, train_args, write_params
+
 from qlorapipe.errors import UserError
 
 
@@ -118,7 +118,7 @@ def test_train_writes_a_peft_adapter_metrics_curves_and_log(run):
     log = (run["metrics"] / "training_log.txt").read_text()
     assert log.startswith("trainable params: ")
     record = json.loads((run["adapter"] / "training_params.json").read_text())
-    assert set(record) == {"base_model", "data_sha256", "environment", "quantization", "lora", "training"}
+    assert set(record) == {"base_model", "data_sha256", "environment", "data", "quantization", "lora", "training"}
     assert len(record["data_sha256"]) == 64 and len(record["base_model"]["content_sha256"]) == 64
     assert set(record["environment"]) == {"torch", "transformers", "peft", "bitsandbytes", "cuda", "gpu"}
     assert record["lora"]["rank"] == 8
@@ -201,7 +201,7 @@ def test_export_gguf_files_read_back_with_the_merged_models_logits_and_tokenizer
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from qlorapipe.gguf_export import load_gguf
+    from qlorapipe.export.gguf import load_gguf
 
     metrics = json.loads((run["metrics"] / "export.json").read_text())
     assert metrics["formats"] == ["safetensors", "gguf-f16", "gguf-q8_0", "adapter"]
@@ -254,7 +254,7 @@ def test_merge_gate_fires_on_a_broken_merge_and_writes_nothing(run, tmp_path, mo
     """Merging into the original 16-bit base (the usual mistake) is caught; the right merge passes."""
     import yaml
 
-    from qlorapipe import merging
+    from qlorapipe.merge import merging
 
     params = yaml.safe_load(run["params"].read_text())
     params["merge"].update(max_logit_diff=0.02, max_mean_logit_diff=0.003, speed_new_tokens=0,

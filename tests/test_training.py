@@ -14,11 +14,13 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import ROOT, load_stage, tiny_params, train_args, write_params
-from qlorapipe import checkpoints, data, modeling, training
+
+from qlorapipe import data, modeling
 from qlorapipe.errors import UserError
 from qlorapipe.params import parse_section
+from qlorapipe.train import checkpoints
+from qlorapipe.train import loop as training
 
 CPU = torch.device("cpu")
 
@@ -121,7 +123,7 @@ def test_a_finished_run_resumes_to_its_end_and_other_params_discard_the_checkpoi
 
     write_params(work / "params.yaml", tiny_params(tiny_llama_dir, corpus_file, **{
         **RESUME_OVERRIDES, "training.max_steps": 2}))
-    with caplog.at_level(logging.WARNING, logger="qlorapipe.checkpoints"):
+    with caplog.at_level(logging.WARNING, logger="qlorapipe.train.checkpoints"):
         load_stage("train").main(_train_args(prepared, work))
     assert "made with different params, data or base model" in caplog.text
     metrics = json.loads((work / "train.json").read_text())
@@ -153,7 +155,7 @@ def test_half_written_and_foreign_checkpoints_are_never_used(tmp_path, caplog):
     foreign = checkpoints.CheckpointStore(tmp_path / "other", every_steps=3, run_fingerprint="xyz")
     foreign.save(9, model, optimizer, {}, best=None).rename(tmp_path / "step-000009")
 
-    with caplog.at_level(logging.INFO, logger="qlorapipe.checkpoints"):
+    with caplog.at_level(logging.INFO, logger="qlorapipe.train.checkpoints"):
         latest = store.latest()
     assert latest.path == good and latest.step == 6 and latest.state["note"] == "six"
     assert "step-000012: incomplete" in caplog.text and "step-000009: made with different params" in caplog.text
@@ -178,7 +180,8 @@ def _model_and_data(prepared: Path, lora_dropout: float = 0.0):
 
 def _training(**values):
     return parse_section("training", {"per_device_batch_size": 4, "learning_rate": 0.003, "optimizer": "adamw_torch",
-                                      "warmup_steps": 0, "lr_scheduler": "constant", **values})
+                                      "warmup_steps": 0, "lr_scheduler": "constant", "max_eval_batches": None,
+                                      "early_stopping_patience": 0, "checkpoint_every_steps": 0, **values})
 
 
 def test_early_stopping_waits_patience_evaluations_and_keeps_the_best_adapter(prepared):

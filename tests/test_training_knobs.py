@@ -7,9 +7,10 @@ import math
 import pytest
 import torch
 
-from qlorapipe import modeling, training
+from qlorapipe import modeling
 from qlorapipe.errors import UserError
 from qlorapipe.params import LoraParams, QuantizationParams
+from qlorapipe.train import loop as training
 
 CPU = torch.device("cpu")
 LORA = LoraParams(rank=8, alpha=16, dropout=0.0)

@@ -19,9 +19,19 @@ console = Console(stderr=True)
 _NOISY_LOGGERS = ("bitsandbytes", "httpx", "urllib3", "filelock", "datasets", "torch.distributed", "matplotlib")
 
 
-def configure_logging(level: int = logging.INFO) -> None:
-    """Send log records through rich, once per stage process."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+def configure_logging(level: int = logging.INFO, tokenizer_threads: bool = False) -> None:
+    """Send log records through rich, once per stage process.
+
+    Args:
+        level: the root log level.
+        tokenizer_threads: let the fast tokenizers encode batches on all cores. Off by default
+            (unless the environment says otherwise): a fork after their thread pool started
+            can deadlock, and training forks dataloader and launcher processes.
+    """
+    if tokenizer_threads:
+        os.environ["TOKENIZERS_PARALLELISM"] = "true"
+    else:
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.basicConfig(
         level=level,
         format="%(message)s",
@@ -45,9 +55,10 @@ def configure_logging(level: int = logging.INFO) -> None:
     datasets.disable_progress_bars()
 
 
-def run_stage(main: Callable[[list[str] | None], None], argv: list[str] | None = None) -> None:
+def run_stage(main: Callable[[list[str] | None], None], argv: list[str] | None = None,
+              tokenizer_threads: bool = False) -> None:
     """Run a stage's main(): a UserError becomes one red line and exit status 1."""
-    configure_logging()
+    configure_logging(tokenizer_threads=tokenizer_threads)
     try:
         main(argv)
     except UserError as exc:

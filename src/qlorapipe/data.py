@@ -16,6 +16,7 @@ from pathlib import Path
 
 from qlorapipe.errors import UserError
 
+IGNORE_INDEX = -100  # the label of tokens no loss is taken on (torch cross_entropy's default)
 TRAIN_SPLIT = "train"
 EVAL_SPLIT = "eval"
 COLUMNS = ("input_ids", "labels", "position_ids")

@@ -164,22 +164,24 @@ def parameter_counts(model) -> tuple[int, int]:
 
 
 def device_summary(device) -> str:
+    """The GPU's name and memory (GB = 1e9 bytes, as everywhere here), or the CPU's thread count."""
     import torch
 
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        return f"{props.name}, {props.total_memory / 2**30:.1f} GiB total VRAM"
+        return f"{props.name}, {props.total_memory / 1e9:.1f} GB total VRAM"
     return f"CPU, {torch.get_num_threads()} threads"
 
 
 def memory_summary(device) -> str:
+    """GPU memory allocated, reserved and free now, or the process's peak RSS on the CPU (GB)."""
     import torch
 
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
-        return (f"GPU memory: {torch.cuda.memory_allocated(device) / 2**30:.2f} GiB allocated, "
-                f"{torch.cuda.memory_reserved(device) / 2**30:.2f} GiB reserved, {free / 2**30:.2f} GiB free")
-    return f"process peak RSS: {peak_rss_bytes() / 2**30:.2f} GiB"
+        return (f"GPU memory: {torch.cuda.memory_allocated(device) / 1e9:.2f} GB allocated, "
+                f"{torch.cuda.memory_reserved(device) / 1e9:.2f} GB reserved, {free / 1e9:.2f} GB free")
+    return f"process peak RSS: {peak_rss_bytes() / 1e9:.2f} GB"
 
 
 def peak_rss_bytes() -> int:

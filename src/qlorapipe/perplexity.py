@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import math
 
-from qlorapipe.data import model_inputs
-
+from qlorapipe.data import IGNORE_INDEX, model_inputs
 
 # Float32 logits the loss materialises at once (elements): 64 MiB, whatever the vocabulary.
 LOSS_CHUNK_ELEMENTS = 2**24
@@ -42,7 +41,7 @@ def mean_token_loss(model, dataset, batch_size: int, device, max_batches: int | 
                     last = min(first + step, logits.shape[1] - 1)
                     loss += torch.nn.functional.cross_entropy(logits[row, first:last].float(),
                                                               labels[row, first + 1 : last + 1],
-                                                              ignore_index=-100, reduction="sum")
+                                                              ignore_index=IGNORE_INDEX, reduction="sum")
             total_loss += loss.item()
             total_tokens += int((labels[:, 1:] != -100).sum())
     model.train(was_training)

@@ -6,7 +6,6 @@ so that the user's index configuration (mirrors, PIP_INDEX_URL, PIP_FIND_LINKS) 
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import subprocess
@@ -15,16 +14,9 @@ import tempfile
 from pathlib import Path
 
 from qlorapipe.errors import UserError
+from qlorapipe.records import sha256_file
 
 logger = logging.getLogger(__name__)
-
-
-def sha256_file(path: Path, chunk_size: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk_size):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def wheel_cache_dir() -> Path:

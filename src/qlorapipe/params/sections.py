@@ -1,28 +1,16 @@
-"""Typed, validated sections of params.yaml.
+"""The sections of params.yaml, one frozen dataclass each.
 
-Each section of params.yaml loads into one frozen dataclass. The dataclass is the schema:
-its fields are the allowed keys, their annotations the allowed types, and ``check()``
-collects every cross-field problem into one message. Unknown keys are refused with the
-nearest valid key suggested, so a typo never silently falls back to a default.
+A dataclass is its section's schema: the fields are the allowed keys, the annotations the
+allowed types, and ``check()`` lists every problem among the section's own values. The
+defaults are params.yaml's values (the offline default run); tests/test_params.py fails when
+the two disagree, so either can be read as the other.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
-import types
-import typing
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal, TypeVar, get_args, get_origin
+from typing import Literal
 
-import yaml
-
-from qlorapipe.errors import UserError
-
-T = TypeVar("T")
-
-DTYPES = ("bfloat16", "float16", "float32")
 EXPORT_FORMATS = ("safetensors", "gguf-f16", "gguf-q8_0", "adapter")
 
 
@@ -124,7 +112,7 @@ class LoraParams:
     """The low-rank adapters that are trained (train stage)."""
 
     rank: int = 16
-    alpha: float = 32
+    alpha: float = 32.0
     dropout: float = 0.05
     # "all-linear" or a list of module names such as [q_proj, v_proj]
     target_modules: str | list[str] = "all-linear"
@@ -158,23 +146,23 @@ class TrainingParams:
     """The optimisation loop (train stage)."""
 
     seed: int = 42
-    epochs: float = 1
-    max_steps: int = -1  # > 0 overrides epochs
+    epochs: float = 1.0
+    max_steps: int = 40  # > 0 overrides epochs; -1: train for epochs
     per_device_batch_size: int = 4
     gradient_accumulation_steps: int = 1
-    learning_rate: float = 2e-4
+    learning_rate: float = 3e-4
     lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
-    warmup_steps: int = 0
+    warmup_steps: int = 4
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     optimizer: Literal["paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit", "adamw_torch"] = "paged_adamw_8bit"
     gradient_checkpointing: bool = True
     eval_every_steps: int = 10
-    max_eval_batches: int | None = None
-    early_stopping_patience: int = 0  # stop after this many evaluations without a lower eval loss (0: never)
+    max_eval_batches: int | None = 8  # null: the whole eval split
+    early_stopping_patience: int = 3  # stop after this many evaluations without a lower eval loss (0: never)
     early_stopping_min_delta: float = 0.0  # how much lower the eval loss must be to count as lower
     keep_best_adapter: bool = True  # end on the adapter with the lowest eval loss, not the last one
-    checkpoint_every_steps: int = 0  # write a resumable checkpoint every N optimizer steps (0: never)
+    checkpoint_every_steps: int = 10  # write a resumable checkpoint every N optimizer steps (0: never)
 
     def check(self) -> list[str]:
         problems = []
@@ -199,7 +187,7 @@ class TrainingParams:
 class AccelerationParams:
     """GPU fast paths for training (train stage); each computes the plain recipe's function.
 
-    Applied on CUDA only; on the CPU the plain path runs unchanged. See acceleration.py and
+    Applied on CUDA only; on the CPU the plain path runs unchanged. See qlorapipe.train.fast and
     docs/benchmarks.md for what each one buys.
     """
 
@@ -210,7 +198,8 @@ class AccelerationParams:
     # the last N blocks keep their activations instead of recomputing them (needs gradient
     # checkpointing); auto: as many as fit in memory_budget_gb, measured on the first micro-batch
     uncheckpointed_layers: int | Literal["auto"] = "auto"
-    memory_budget_gb: float | None = None  # peak GPU memory auto may fill; null: 90% of the GPU's memory
+    # peak GPU memory auto may fill, in GB (1e9 bytes, as every GB in this project); null: 90% of the GPU's memory
+    memory_budget_gb: float | None = None
     compile_layers: bool = False  # torch.compile each transformer block
     unpaged_optimizer: bool = True  # paged_adamw_8bit runs as adamw_8bit (same update, states on the GPU)
     cuda_graphs: bool = True  # forward + backward of a micro-batch replayed as one CUDA graph
@@ -260,8 +249,9 @@ class EvaluateParams:
 
     batch_size: int = 4
     max_eval_batches: int | None = None
-    prompts: list[str] = field(default_factory=list)
-    max_new_tokens: int = 48
+    prompts: list[str] = field(default_factory=lambda: [
+        "The capital of France is", "A Python list comprehension", "The with statement is used to"])
+    max_new_tokens: int = 40
     chat_template: bool = False  # wrap prompts in the tokenizer's chat template
 
     def check(self) -> list[str]:
@@ -287,7 +277,7 @@ class MergeParams:
     max_perplexity_change: float = 0.02  # relative, 0.02 = 2 %
     # Also measure the merged model quantized again as the quantization section says (the
     # "merge, then serve in 4-bit" path); recorded, not gated: re-rounding is expected there.
-    requantized_candidate: bool = False
+    requantized_candidate: bool = True
     speed_new_tokens: int = 32  # tokens generated when timing base + adapter against merged; 0 = skip
 
     def check(self) -> list[str]:
@@ -308,7 +298,7 @@ class ExportParams:
 
     # safetensors: the merged model directory; gguf-f16 / gguf-q8_0: one GGUF file each, for
     # llama.cpp (Llama and Qwen2 architectures); adapter: the adapter alone, for PeftModel
-    formats: list[str] = field(default_factory=lambda: ["safetensors"])
+    formats: list[str] = field(default_factory=lambda: list(EXPORT_FORMATS))
     max_shard_size: str = "5GB"
     verify_batches: int = 2  # eval batches on which each GGUF file is read back and compared
 
@@ -338,133 +328,3 @@ SECTIONS: dict[str, type] = {
     "merge": MergeParams,
     "export": ExportParams,
 }
-
-
-def read_params_file(path: Path) -> dict[str, Any]:
-    """Read params.yaml as a mapping of section name to mapping.
-
-    Raises:
-        UserError: the file is missing, is not YAML, or has an unknown section.
-    """
-    if not path.is_file():
-        raise UserError(f"{path}: params file not found (run from the project root, where params.yaml is)")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise UserError(f"{path}: not valid YAML ({exc.__class__.__name__}: {exc})") from None
-    if not isinstance(raw, dict):
-        raise UserError(f"{path}: expected a mapping of sections ({', '.join(SECTIONS)})")
-    unknown = [name for name in raw if name not in SECTIONS]
-    if unknown:
-        raise UserError("; ".join(_unknown_key_message(f"{path}: section", k, SECTIONS) for k in unknown))
-    return raw
-
-
-def load_section(path: Path, name: str) -> Any:
-    """Load and validate one section of a params file.
-
-    Args:
-        path: the params file (params.yaml).
-        name: the section, one of SECTIONS.
-
-    Returns:
-        The section's frozen dataclass.
-
-    Raises:
-        UserError: naming every unknown key, wrong type and failed check at once.
-    """
-    raw = read_params_file(path).get(name) or {}
-    return parse_section(name, raw)
-
-
-def parse_section(name: str, raw: dict[str, Any]) -> Any:
-    """Build the dataclass for section ``name`` from a mapping, collecting every problem."""
-    cls = SECTIONS[name]
-    if not isinstance(raw, dict):
-        raise UserError(f"params section '{name}' must be a mapping of keys to values")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name for f in dataclasses.fields(cls)}
-    problems = [_unknown_key_message(f"{name}: key", key, fields) for key in raw if key not in fields]
-    values = {}
-    for key, value in raw.items():
-        if key not in fields:
-            continue
-        error = _type_error(hints[key], value)
-        if error:
-            problems.append(f"{name}.{key}: {error}, got {value!r}")
-        else:
-            values[key] = _coerce(hints[key], value)
-    if problems:
-        raise UserError("invalid params: " + "; ".join(problems))
-    section = cls(**values)
-    problems = section.check()
-    if problems:
-        raise UserError("invalid params: " + "; ".join(problems))
-    return section
-
-
-def _unknown_key_message(what: str, key: str, valid) -> str:
-    close = difflib.get_close_matches(str(key), list(valid), n=1)
-    hint = f"did you mean '{close[0]}'?" if close else f"valid: {', '.join(sorted(valid))}"
-    return f"{what} '{key}' is unknown ({hint})"
-
-
-def _type_error(hint, value) -> str | None:
-    """Return why ``value`` does not fit ``hint``, or None when it does."""
-    origin = get_origin(hint)
-    if origin is Literal:
-        allowed = get_args(hint)
-        if _is_literal_value(hint, value):
-            return None
-        return f"must be {allowed[0]!r}" if len(allowed) == 1 else "must be one of " + ", ".join(map(repr, allowed))
-    if origin in (typing.Union, types.UnionType):
-        errors = [_type_error(option, value) for option in get_args(hint)]
-        if any(e is None for e in errors):
-            return None
-        if all(e.startswith("must be ") for e in errors):  # one phrase: "must be an integer or 'auto'"
-            return "must be " + " or ".join(e.removeprefix("must be ") for e in errors)
-        return " or ".join(errors)
-    if hint is type(None):
-        return None if value is None else "must be null"
-    if origin is list:
-        (item,) = get_args(hint)
-        if not isinstance(value, list):
-            return "must be a list"
-        bad = [v for v in value if _type_error(item, v)]
-        return f"list items must be {item.__name__}" if bad else None
-    if hint is bool:
-        return None if isinstance(value, bool) else "must be true or false"
-    if hint is int:
-        return None if isinstance(value, int) and not isinstance(value, bool) else "must be an integer"
-    if hint is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        # YAML 1.1 reads 2e-4 as a string; accept numeric strings for floats.
-        return None if ok or _is_float_string(value) else "must be a number"
-    if hint is str:
-        return None if isinstance(value, str) else "must be a string"
-    return None
-
-
-def _is_float_string(value) -> bool:
-    if not isinstance(value, str):
-        return False
-    try:
-        float(value)
-    except ValueError:
-        return False
-    return True
-
-
-def _is_literal_value(hint, value) -> bool:
-    """Whether ``value`` is one of the values of the Literal ``hint`` (True is not 1 here)."""
-    return any(value == a and type(value) is type(a) for a in get_args(hint))
-
-
-def _coerce(hint, value):
-    union = get_origin(hint) in (typing.Union, types.UnionType)
-    if union and any(get_origin(o) is Literal and _is_literal_value(o, value) for o in get_args(hint)):
-        return value  # a named value such as 'auto' stays itself, whatever else the union allows
-    if hint is float or (union and float in get_args(hint)):
-        if isinstance(value, (int, str)) and not isinstance(value, bool):
-            return float(value)
-    return value

@@ -23,17 +23,16 @@ Rules every example obeys:
 from __future__ import annotations
 
 import logging
-import random
 import re
 from dataclasses import dataclass, field
 
+from qlorapipe.data import IGNORE_INDEX
 from qlorapipe.errors import UserError
 from qlorapipe.params import DataParams
-from qlorapipe.sources import Record
+from qlorapipe.prepare.sources import Record
 
 logger = logging.getLogger(__name__)
 
-IGNORE = -100
 
 # The seeds' instruction template ("### Instruction / ### Answer"), alpaca-style with an
 # optional input block.
@@ -252,10 +251,10 @@ def build_examples(records: list[Record], tokenizer, params: DataParams) -> tupl
             if trained:
                 last_trained_start = len(ids)
             ids += piece
-            labels += piece if (trained or not mask_prompt) else [IGNORE] * len(piece)
+            labels += piece if (trained or not mask_prompt) else [IGNORE_INDEX] * len(piece)
         ids, labels = _end_with_one_eos(ids, labels, last_trained_start, eos)
         if add_bos and ids[:1] != [bos]:
-            ids, labels = [bos] + ids, [IGNORE] + labels
+            ids, labels = [bos] + ids, [IGNORE_INDEX] + labels
         while len(ids) > 1 and ids[0] == ids[1] == bos:  # a template that writes BOS itself
             ids, labels = ids[1:], labels[1:]
         counts.lengths.append(len(ids))
@@ -269,7 +268,7 @@ def build_examples(records: list[Record], tokenizer, params: DataParams) -> tupl
             counts.first_too_long = counts.first_too_long or where
             ids, labels = ids[: params.max_length], labels[: params.max_length]
         # labels[0] is never a target (nothing precedes it): it does not count.
-        if all(label == IGNORE for label in labels[1:]):
+        if all(label == IGNORE_INDEX for label in labels[1:]):
             counts.dropped_all_masked += 1
             counts.first_all_masked = counts.first_all_masked or where
             continue
@@ -300,94 +299,6 @@ def _check_counts(counts: Counts, n_rendered: int, params: DataParams) -> None:
             f"completion is empty; raise data.max_length, or data.max_masked_share={params.max_masked_share} "
             "to drop them"
         )
-
-
-# --- splitting and rows ------------------------------------------------------------------
-
-
-def split(items: list, eval_fraction: float, seed: int) -> tuple[list, list]:
-    """Split items into disjoint train and eval lists, reproducibly from ``seed``."""
-    order = list(range(len(items)))
-    random.Random(seed).shuffle(order)
-    n_eval = max(1, round(len(items) * eval_fraction))
-    eval_ids, train_ids = sorted(order[:n_eval]), sorted(order[n_eval:])
-    return [items[i] for i in train_ids], [items[i] for i in eval_ids]
-
-
-@dataclass(frozen=True)
-class Rows:
-    """Equal-length rows ready for the train loop."""
-
-    input_ids: list[list[int]]
-    labels: list[list[int]]
-    position_ids: list[list[int]]
-    padding_tokens: int
-
-
-def chunk_stream(examples: list[Example], max_length: int) -> tuple[Rows, int]:
-    """The reference task's shape: join examples and cut the stream into full chunks.
-
-    Returns:
-        The rows and the number of tokens in the tail that fills no whole chunk.
-    """
-    stream = [t for example in examples for t in example.input_ids]
-    n = len(stream) // max_length
-    chunks = [stream[i * max_length : (i + 1) * max_length] for i in range(n)]
-    positions = [list(range(max_length))] * n
-    return Rows(chunks, chunks, positions, 0), len(stream) - n * max_length
-
-
-def pad_rows(examples: list[Example], pad_id: int) -> Rows:
-    """One example per row, right-padded to the longest. Padding is never a target; a
-    causal model never attends forward, so right padding needs no attention mask."""
-    width = max(len(e.input_ids) for e in examples)
-    pads = [width - len(e.input_ids) for e in examples]
-    return Rows(input_ids=[e.input_ids + [pad_id] * pad for e, pad in zip(examples, pads)],
-                labels=[e.labels + [IGNORE] * pad for e, pad in zip(examples, pads)],
-                position_ids=[list(range(width)) for _ in examples],
-                padding_tokens=sum(pads))
-
-
-def pack_rows(examples: list[Example], max_length: int, pad_id: int) -> Rows:
-    """Pack examples into rows of ``max_length`` (first-fit decreasing, deterministic).
-
-    Position ids restart at 0 for each example; the first token of each example gets
-    label -100; the row's tail is padding with label -100.
-    """
-    import bisect
-
-    order = sorted(range(len(examples)), key=lambda i: (-len(examples[i].input_ids), i))
-    bins: list[list[int]] = []
-    free: list[tuple[int, int]] = []  # (space left, bin index), sorted: best fit by bisect
-    for i in order:
-        size = len(examples[i].input_ids)
-        at = bisect.bisect_left(free, (size, -1))
-        if at < len(free):
-            space, b = free.pop(at)
-            bins[b].append(i)
-            if space - size > 0:
-                bisect.insort(free, (space - size, b))
-        else:
-            bins.append([i])
-            if max_length - size > 0:
-                bisect.insort(free, (max_length - size, len(bins) - 1))
-    ids_rows, label_rows, position_rows, padding = [], [], [], 0
-    for members in bins:
-        ids, labels, positions = [], [], []
-        for i in sorted(members):
-            e = examples[i]
-            ids += e.input_ids
-            labels += [IGNORE] + e.labels[1:]
-            positions += list(range(len(e.input_ids)))
-        pad = max_length - len(ids)
-        padding += pad
-        # Padding continues the last example's positions: restarting at 0 would make it a
-        # segment of its own, and nothing attends to it either way (causal, label -100).
-        positions += list(range(positions[-1] + 1, positions[-1] + 1 + pad))
-        ids_rows.append(ids + [pad_id] * pad)
-        label_rows.append(labels + [IGNORE] * pad)
-        position_rows.append(positions)
-    return Rows(ids_rows, label_rows, position_rows, padding)
 
 
 def text_documents(records: list[Record], tokenizer, params: DataParams) -> tuple[list[Example], Counts]:

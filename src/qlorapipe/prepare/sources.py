@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qlorapipe.errors import UserError
-from qlorapipe.pinned_wheels import fetch_pinned_wheel
 from qlorapipe.params import DataParams
+from qlorapipe.pinned_wheels import fetch_pinned_wheel
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ continue as if it had never stopped:
 - ``state.json``: step, data position, scheduler state, history, best eval loss, and the
   fingerprint of the params and data that made it.
 
-With several processes (qlorapipe.distributed) a checkpoint is still one directory, written by
+With several processes (qlorapipe.train.distributed) a checkpoint is still one directory, written by
 all ranks together into one temporary directory that rank 0 completes with ``state.json`` and
 renames once every rank's part is on disk. Under DDP every rank holds the same adapter and
 optimizer state, so rank 0 writes the single-process files and ranks N > 0 add only their RNG
@@ -40,10 +40,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qlorapipe.distributed import SingleProcess
 from qlorapipe.errors import UserError
-from qlorapipe.model_source import read_source_record
 from qlorapipe.outputs import atomic_dir
+from qlorapipe.records import directory_digest, read_source_record
+from qlorapipe.train.distributed import SingleProcess
+from qlorapipe.train.tensor_tree import load_tree, save_tree
 
 logger = logging.getLogger(__name__)
 
@@ -60,18 +61,6 @@ def fingerprint(**parts: Any) -> str:
     return hashlib.sha256(blob).hexdigest()
 
 
-def directory_digest(path: Path) -> str:
-    """sha256 over the relative names and bytes of every file under ``path``, in sorted order."""
-    path = Path(path)
-    digest = hashlib.sha256()
-    for file in sorted(p for p in path.rglob("*") if p.is_file()):
-        digest.update(str(file.relative_to(path)).encode() + b"\0")
-        with open(file, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
-
-
 def run_fingerprint(base_dir: Path, data_dir: Path, **sections: Any) -> str:
     """What a checkpoint must share with a run to be resumed: base weights, data and params.
 
@@ -83,69 +72,8 @@ def run_fingerprint(base_dir: Path, data_dir: Path, **sections: Any) -> str:
     values = {name: dataclasses.asdict(section) for name, section in sections.items()}
     # How often checkpoints are written does not change what is trained.
     values.get("training", {}).pop("checkpoint_every_steps", None)
-    base = read_source_record(base_dir).get("content_sha256") or directory_digest(base_dir)
+    base = read_source_record(base_dir).content_sha256
     return fingerprint(base=base, data=directory_digest(data_dir), **values)
-
-
-# ---- tensors in safetensors, the structure around them in JSON ---------------------------
-
-
-def _split(obj: Any, tensors: dict, key: str) -> Any:
-    """Replace tensors in a nested structure by references; dicts keep their key types."""
-    import numpy as np
-    import torch
-
-    if isinstance(obj, torch.Tensor):
-        tensors[key] = obj.detach().cpu().clone().contiguous()
-        return {"tensor": key}
-    if isinstance(obj, np.ndarray):
-        return {"ndarray": obj.tolist(), "dtype": str(obj.dtype)}
-    if isinstance(obj, dict):
-        return {"dict": [[k, _split(v, tensors, f"{key}.{k}")] for k, v in obj.items()]}
-    if isinstance(obj, tuple):
-        return {"tuple": [_split(v, tensors, f"{key}.{i}") for i, v in enumerate(obj)]}
-    if isinstance(obj, list):
-        return [_split(v, tensors, f"{key}.{i}") for i, v in enumerate(obj)]
-    if obj is None or isinstance(obj, (bool, int, float, str)):
-        return obj
-    raise TypeError(f"cannot checkpoint a {type(obj).__name__} at {key}")
-
-
-def _join(obj: Any, tensors: dict) -> Any:
-    import numpy as np
-
-    if isinstance(obj, list):
-        return [_join(v, tensors) for v in obj]
-    if isinstance(obj, dict):
-        if "tensor" in obj:
-            return tensors[obj["tensor"]]
-        if "ndarray" in obj:
-            return np.array(obj["ndarray"], dtype=obj["dtype"])
-        if "tuple" in obj:
-            return tuple(_join(v, tensors) for v in obj["tuple"])
-        return {k: _join(v, tensors) for k, v in obj["dict"]}
-    return obj
-
-
-def save_tree(directory: Path, name: str, obj: Any) -> None:
-    """Write a nested structure of tensors and plain values as ``name``.safetensors + ``name``.json."""
-    from safetensors.torch import save_file
-
-    tensors: dict = {}
-    structure = _split(obj, tensors, name)
-    save_file(tensors, str(directory / f"{name}.safetensors"))
-    (directory / f"{name}.json").write_text(json.dumps(structure) + "\n")
-
-
-def load_tree(directory: Path, name: str) -> Any:
-    """Read back what :func:`save_tree` wrote; tensors come from safetensors, never from a pickle."""
-    from safetensors.torch import load_file
-
-    tensors = load_file(str(directory / f"{name}.safetensors"))
-    return _join(json.loads((directory / f"{name}.json").read_text()), tensors)
-
-
-# ---- RNG and trainable tensors -------------------------------------------------------------
 
 
 def rng_states() -> dict:

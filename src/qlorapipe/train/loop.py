@@ -19,12 +19,12 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 
-from qlorapipe.checkpoints import CheckpointStore, load_trainable_state, restore_rng_states, trainable_state
 from qlorapipe.data import model_inputs
-from qlorapipe.distributed import SingleProcess
 from qlorapipe.errors import UserError
 from qlorapipe.params import TrainingParams
 from qlorapipe.perplexity import mean_token_loss
+from qlorapipe.train.checkpoints import CheckpointStore, load_trainable_state, restore_rng_states, trainable_state
+from qlorapipe.train.distributed import SingleProcess
 
 logger = logging.getLogger(__name__)
 
@@ -190,7 +190,7 @@ def train(model, train_set, eval_set, params: TrainingParams, device, progress=N
         checkpoints: where to resume from and write checkpoints (None: neither).
         processes: the distributed.SingleProcess / AcceleratedProcesses this rank belongs to
             (None: one process). Losses, tokens and the log then describe all ranks together.
-        graphed: an acceleration.GraphedStep that runs a micro-batch's forward and backward as
+        graphed: a fast.cuda_graphs.GraphedStep that runs a micro-batch's forward and backward as
             one CUDA graph (None, or a micro-batch it declines: the eager forward and backward).
         async_optimizer: step a bitsandbytes optimizer without a GPU sync per parameter
             (``make_optimizer``'s ``sync_each_parameter=False``).

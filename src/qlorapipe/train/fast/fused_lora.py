@@ -39,7 +39,7 @@ def on_triton(tensor: torch.Tensor) -> bool:
 
 
 def _dropout_kernel():
-    from qlorapipe import triton_kernels
+    from qlorapipe.train.fast import triton_kernels
 
     return triton_kernels.dropout_kernel
 
@@ -112,7 +112,7 @@ def _threshold(p: float) -> int:
 
 def lora_down(x2: torch.Tensor, a: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:
     """``dropout(x2) @ a.T`` (fused kernels; see ``fuses_dropout``), in x2's dtype."""
-    from qlorapipe import triton_kernels
+    from qlorapipe.train.fast import triton_kernels
 
     (m, k), r = x2.shape, a.shape[0]
     config = KERNEL_CONFIGS["lora_down"]
@@ -128,7 +128,7 @@ def lora_down(x2: torch.Tensor, a: torch.Tensor, p: float, seed: torch.Tensor) -
 
 def lora_down_grad(grad_hidden: torch.Tensor, x2: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:
     """``grad_hidden.T @ dropout(x2)`` in float32: the gradient of A (fused kernels)."""
-    from qlorapipe import triton_kernels
+    from qlorapipe.train.fast import triton_kernels
 
     (m, k), r = x2.shape, grad_hidden.shape[1]
     config = KERNEL_CONFIGS["lora_down_grad"]
@@ -146,7 +146,7 @@ def lora_down_grad(grad_hidden: torch.Tensor, x2: torch.Tensor, p: float, seed: 
 def lora_input_grad_(grad_x: torch.Tensor, grad_hidden: torch.Tensor, a: torch.Tensor, p: float,
                      seed: torch.Tensor) -> None:
     """``grad_x += dropout(grad_hidden @ a)`` in place, with the mask of ``lora_down`` (fused kernels)."""
-    from qlorapipe import triton_kernels
+    from qlorapipe.train.fast import triton_kernels
 
     (m, k), r = grad_x.shape, a.shape[0]
     config = KERNEL_CONFIGS["lora_input_grad"]

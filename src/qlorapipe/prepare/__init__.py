@@ -1,0 +1,84 @@
+"""Prepare step: read records, render and tokenize them, mask prompts, pack, and split train/eval."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from qlorapipe import data
+from qlorapipe.errors import UserError
+from qlorapipe.outputs import atomic_dir, write_json
+from qlorapipe.params import DataParams
+from qlorapipe.prepare import examples, report, rows, sources
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """Where the prepare step writes."""
+
+    prepared: Path  # the train and eval datasets (data/prepared)
+    report: Path  # the data report metrics (JSON)
+    lengths: Path  # the length histogram CSV, for dvc plots
+    lengths_plot: Path  # the length histogram PNG
+
+
+def run(params: DataParams, base_dir: Path, out: Outputs) -> dict:
+    """Turn the records ``params`` names into tokenized train and eval datasets.
+
+    Every record is checked before anything is written: a bad one stops the step with one
+    line naming its file, row and the param that fixes it, and ``out.prepared`` is left as it was.
+
+    Args:
+        params: the data section.
+        base_dir: the base model directory (its tokenizer and chat template are used).
+        out: the output paths.
+
+    Returns:
+        The data report written to ``out.report``.
+
+    Raises:
+        UserError: a bad record, too few examples, or a split shorter than one row.
+    """
+    from transformers import AutoTokenizer
+
+    records, origin = sources.load_records(params)
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    concat = params.format == "text" and params.text_mode == "concat"
+    if concat:
+        all_examples, counts = examples.text_documents(records, tokenizer, params)
+    else:
+        all_examples, counts = examples.build_examples(records, tokenizer, params)
+    if len(all_examples) < 2:
+        raise UserError(f"{origin}: {len(all_examples)} usable example(s) out of {counts.records} records "
+                        f"(empty {counts.empty_skipped}, duplicates {counts.duplicates}, dropped "
+                        f"{counts.dropped_too_long + counts.dropped_all_masked}); need at least 2: add data "
+                        "or check data.format and its column params")
+    train_examples, eval_examples = rows.split(all_examples, params.eval_fraction, params.seed)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    data_report = report.counts_report(counts, params)
+    with atomic_dir(out.prepared) as prepared:
+        for split, split_examples in ((data.TRAIN_SPLIT, train_examples), (data.EVAL_SPLIT, eval_examples)):
+            tail = 0
+            if concat:
+                split_rows, tail = rows.chunk_stream(split_examples, params.max_length)
+            elif params.packing:
+                split_rows = rows.pack_rows(split_examples, params.max_length, pad_id)
+            else:
+                split_rows = rows.pad_rows(split_examples, pad_id)
+            if not split_rows.input_ids:
+                tokens = sum(len(e.input_ids) for e in split_examples)
+                raise UserError(f"the {split} split has {tokens} tokens, fewer than data.max_length="
+                                f"{params.max_length}: lower data.max_length or add data")
+            data.save_rows(split_rows.input_ids, split_rows.labels, split_rows.position_ids, prepared / split)
+            stats = data_report[split] = report.split_report(split_examples, split_rows, tail)
+            logger.info("%s: %d examples, %d tokens (%d trained) in %d rows of %d tokens, %.1f%% padding",
+                        split, len(split_examples), stats["tokens"], stats["trained_tokens"],
+                        len(split_rows.input_ids), len(split_rows.input_ids[0]), 100 * stats["padding_share"])
+    histogram = report.length_histogram(counts.lengths, params.max_length)
+    report.write_histogram_csv(histogram, out.lengths)
+    report.plot_histogram(histogram, params.max_length, out.lengths_plot)
+    write_json(out.report, data_report)
+    return data_report

@@ -1,0 +1,178 @@
+"""Train step: quantize-load the base, add LoRA adapters, train them, write the adapter (QLoRA).
+
+``run`` is the recipe, read top to bottom: check the inputs, start the processes, load the
+4-bit base, add the adapters, switch on the GPU fast paths (``qlorapipe.train.fast``), train
+(``loop``) with resumable checkpoints (``checkpoints``), and write the adapter with its record,
+the metrics, the per-step history, the curves and the log. With several processes
+(``distributed``) only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from qlorapipe import data, modeling
+from qlorapipe.console import console
+from qlorapipe.outputs import atomic_dir, write_json, write_text_atomic
+from qlorapipe.params import (
+    AccelerationParams,
+    DataParams,
+    DistributedParams,
+    LoraParams,
+    QuantizationParams,
+    TrainingParams,
+)
+from qlorapipe.records import AdapterRecord, directory_digest, read_source_record, write_adapter_record
+from qlorapipe.train import checkpoints, curves, distributed, fast, loop
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Sections:
+    """The params sections that shape training (``data`` is recorded with the adapter)."""
+
+    quantization: QuantizationParams
+    lora: LoraParams
+    training: TrainingParams
+    acceleration: AccelerationParams
+    distributed: DistributedParams
+    data: DataParams
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """Where the train step writes."""
+
+    adapter: Path  # the PEFT adapter directory
+    metrics: Path  # final metrics (JSON)
+    history: Path  # per-step CSV for dvc plots
+    curves: Path  # training curves PNG
+    log: Path  # plain-text training log
+    checkpoints: Path  # persisted directory of resumable checkpoints
+
+
+def run(sections: Sections, base_dir: Path, data_dir: Path, out: Outputs, relaunch: tuple[Path, list[str]]) -> None:
+    """Train LoRA adapters on the quantized base and write ``out``.
+
+    Args:
+        sections: the params sections.
+        base_dir: the base model directory (models/base).
+        data_dir: the prepared datasets (data/prepared).
+        out: the output paths.
+        relaunch: the script and arguments that start this step again, for
+            ``distributed.num_processes > 1`` (run through ``accelerate launch``).
+
+    Raises:
+        UserError: bad inputs, a diverged loss, or a failed process.
+    """
+    params, dist = sections.training, sections.distributed
+    if distributed.needs_launch(dist):
+        distributed.relaunch(dist, *relaunch)
+        return
+    # Inputs are checked before any weights are loaded.
+    train_set = data.load_split(data_dir, data.TRAIN_SPLIT)
+    eval_set = data.load_split(data_dir, data.EVAL_SPLIT)
+
+    import torch
+
+    started = time.perf_counter()
+    torch.manual_seed(params.seed)  # before the adapters are initialised
+    world = distributed.start(dist, modeling.pick_device())
+    if not world.is_main:
+        logging.getLogger().setLevel(logging.WARNING)  # one log, rank 0's
+    device = world.device
+    logger.info("Device: %s", modeling.device_summary(device))
+    model, compute_dtype = modeling.load_base_model(base_dir, sections.quantization, device,
+                                                    shardable_4bit=distributed.shards_weights(dist))
+    model = modeling.add_lora(model, sections.lora, sections.quantization.load_in != "none",
+                              params.gradient_checkpointing)
+    fast.apply(model, sections.acceleration, device, compute_dtype)  # GPU fast paths; the CPU path is unchanged
+    graphed = fast.graphed_step(model, sections.acceleration, device, world.num_processes)
+    _, first = next(loop.micro_batches(len(train_set), params.per_device_batch_size, params.seed))
+    uncheckpointed = fast.plan_uncheckpointed_layers(model, sections.acceleration, train_set[first], device,
+                                                     world.num_processes, cuda_graphs=graphed is not None)
+    trainable, total = modeling.parameter_counts(model)
+    header = [f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}",
+              f"device: {modeling.device_summary(device)}", modeling.memory_summary(device),
+              f"global batch: {distributed.global_batch_size(params)} chunks = {params.per_device_batch_size} per "
+              f"device x {params.gradient_accumulation_steps // world.num_processes} accumulation x "
+              f"{world.describe()}"]
+    for line in (header[0], header[2], header[3]):
+        logger.info(line)
+    model = world.wrap(model)
+    logger.info("Training on %d chunks of %d tokens, evaluating on %d", len(train_set),
+                train_set[0]["input_ids"].numel(), len(eval_set))
+
+    fingerprint = checkpoints.run_fingerprint(base_dir, data_dir, quantization=sections.quantization,
+                                              lora=sections.lora, training=params)
+    store = checkpoints.CheckpointStore(out.checkpoints, params.checkpoint_every_steps, fingerprint, world)
+    with _progress(world.is_main) as progress:
+        result = loop.train(model, train_set, eval_set, fast.training_params(params, sections.acceleration, device),
+                            device, progress, checkpoints=store, processes=world, graphed=graphed,
+                            async_optimizer=sections.acceleration.async_optimizer and device.type == "cuda")
+    if graphed is not None and graphed.failed:
+        logger.warning("Trained without CUDA graphs: %s", graphed.failed)
+    logger.info(modeling.memory_summary(device))
+    state_dict = world.adapter_state_dict(model)  # a collective under FSDP: every rank takes part
+    if not world.is_main:
+        return
+
+    record = AdapterRecord(base_model=read_source_record(base_dir), data_sha256=directory_digest(data_dir),
+                           environment=modeling.environment_record(device), data=sections.data,
+                           quantization=sections.quantization, lora=sections.lora, training=params)
+    with atomic_dir(out.adapter) as adapter_dir:
+        sort_target_modules(world.unwrap(model))
+        world.save_adapter(model, adapter_dir, state_dict)
+        write_adapter_record(adapter_dir, record)
+    metrics = {
+        "train_loss": round(result.final_train_loss, 5),
+        "eval_loss": round(result.final_eval_loss, 5),
+        "steps": result.steps,
+        "tokens_trained": result.tokens_trained,
+        "tokens_per_second": round(result.tokens_trained / result.train_seconds, 1),
+        "train_seconds": round(result.train_seconds, 2),
+        "wall_seconds": round(time.perf_counter() - started, 2),
+        "trainable_params": trainable,
+        "total_params": total,
+        "compute_dtype": str(compute_dtype).removeprefix("torch."),
+        "device": modeling.device_summary(device),
+        "num_processes": world.num_processes,
+        "global_batch_size": distributed.global_batch_size(params),
+        **modeling.peak_memory_metrics(device),
+        "best_step": result.best_step,
+        "stopped_early": result.stop_reason is not None,
+        "resumed_from_step": result.resumed_from_step or 0,
+        "cuda_graph_replays": graphed.replays if graphed is not None else 0,
+        "uncheckpointed_layers": uncheckpointed,
+        "environment": modeling.environment_record(device),
+    }
+    write_json(out.metrics, metrics)
+    curves.write_history_csv(result.history, out.history)
+    curves.plot_training_curves(result.history, out.curves)
+    write_text_atomic(out.log, "\n".join(header + result.log_lines) + "\n")
+    logger.info("Adapter written to %s; final eval loss %.4f", out.adapter, result.final_eval_loss)
+
+
+def _progress(enabled: bool):
+    """The rich progress bar the loop advances (rank 0 only)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = [TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[status]}"),
+               TimeRemainingColumn()]
+    return Progress(*columns, console=console, transient=False, disable=not enabled)
+
+
+def sort_target_modules(model) -> None:
+    """Store the adapter's resolved target modules as a sorted list before it is saved.
+
+    peft resolves "all-linear" into a set and saves it in hash order, which changes from one
+    process to the next; sorted, the same adapter always has the same adapter_config.json bytes
+    (and DVC does not re-run the stages downstream of an unchanged adapter).
+    """
+    for config in model.peft_config.values():
+        if isinstance(config.target_modules, set):
+            config.target_modules = sorted(config.target_modules)

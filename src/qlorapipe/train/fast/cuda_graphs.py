@@ -1,0 +1,159 @@
+"""A micro-batch's forward and backward as one CUDA graph (``acceleration.cuda_graphs``)."""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+from qlorapipe.params import AccelerationParams
+
+logger = logging.getLogger(__name__)
+
+
+def packed_causal_mask(position_ids):
+    """The (batch, 1, seq, seq) boolean mask of packed rows: causal, and only within a document.
+
+    A document starts wherever the position does not continue the previous one by 1, as
+    transformers decides for packed rows it is given ``position_ids`` for
+    (masking_utils.find_packed_sequence_indices). True means "may attend".
+    """
+    import torch
+
+    steps = position_ids[:, 1:] - position_ids[:, :-1]
+    starts = torch.nn.functional.pad(steps != 1, (1, 0), value=False)
+    document = starts.cumsum(-1)
+    seq = position_ids.shape[-1]
+    causal = torch.ones(seq, seq, dtype=torch.bool, device=position_ids.device).tril()
+    return ((document[:, :, None] == document[:, None, :]) & causal)[:, None]
+
+
+class GraphedStep:
+    """Forward and backward of one micro-batch, captured once as a CUDA graph and then replayed.
+
+    The step is host-bound on a GPU: Python, peft, bitsandbytes and autograd issue about
+    10,000 small kernels per step, and the GPU waits for them (docs/benchmarks.md). A CUDA
+    graph records those kernels once and replays them with one launch, so the host no
+    longer paces the GPU. What the graph computes is the eager step's function: the same
+    kernels on the same weights; the trainable weights, their gradients (accumulated in
+    place, so the optimizer must zero them without freeing them) and the inputs stay at
+    fixed addresses. Packed rows get their block-diagonal mask as an input (transformers
+    decides whether rows are packed with a host-side check, which a graph cannot contain).
+
+    One graph, for the shape of the first micro-batch: other shapes (a short last batch) run
+    eagerly. If capturing fails, a warning says why and every step runs eagerly.
+    """
+
+    WARMUP_RUNS = 2  # eager runs on a side stream first, as torch.cuda.graphs documents
+
+    def __init__(self, model):
+        self.model = model
+        self.trainable = [p for p in model.parameters() if p.requires_grad]
+        self.graph = None
+        self.static: dict = {}
+        self.loss = None
+        self.key = None
+        self.failed: str | None = None
+        self.replays = 0
+
+    def __call__(self, inputs: dict, labels, scale: float):
+        """Run forward and ``(loss * scale).backward()``; return the loss, or None to run eagerly."""
+        key = (tuple(inputs["input_ids"].shape), "position_ids" in inputs)
+        if self.failed or (self.key is not None and key != self.key):
+            return None
+        if self.graph is None:
+            self.key = key
+            if not self._capture(inputs, labels, scale):
+                return None
+        self._load(inputs, labels, scale)
+        self.graph.replay()
+        self.replays += 1
+        return self.loss
+
+    def _load(self, inputs: dict, labels, scale: float) -> None:
+        self.static["input_ids"].copy_(inputs["input_ids"])
+        self.static["labels"].copy_(labels)
+        self.static["scale"].fill_(scale)
+        if "position_ids" in inputs:
+            self.static["position_ids"].copy_(inputs["position_ids"])
+            self.static["attention_mask"].copy_(packed_causal_mask(inputs["position_ids"]))
+
+    def _run(self):
+        static = self.static
+        kwargs = {name: static[name] for name in ("input_ids", "position_ids", "attention_mask") if name in static}
+        loss = self.model(**kwargs, labels=static["labels"], use_cache=False).loss
+        (loss * static["scale"]).backward()
+        return loss
+
+    def _capture(self, inputs: dict, labels, scale: float) -> bool:
+        import torch
+
+        self.static = {"input_ids": inputs["input_ids"].clone(), "labels": labels.clone(),
+                       "scale": torch.full((), scale, dtype=torch.float32, device=labels.device)}
+        if "position_ids" in inputs:
+            self.static["position_ids"] = inputs["position_ids"].clone()
+            self.static["attention_mask"] = packed_causal_mask(inputs["position_ids"])
+        # The warm-up runs really accumulate gradients: put back what the step had so far
+        # (usually nothing: the first micro-batch of a step).
+        kept = [None if param.grad is None else param.grad.clone() for param in self.trainable]
+        for param in self.trainable:
+            if param.grad is None:
+                param.grad = torch.zeros_like(param)
+        # A capture that fails part-way leaves the CUDA generator in capture mode, and every
+        # later random draw (dropout) would fail: its state is put back from this copy.
+        generator = torch.cuda.default_generators[labels.device.index or 0]
+        generator_state = generator.clone_state()
+        try:
+            side = _warmup_stream(labels.device.index or 0)
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(self.WARMUP_RUNS):
+                    self._run()
+            torch.cuda.current_stream().wait_stream(side)
+            torch.cuda.empty_cache()  # the warm-up's activations: the graph gets its own pool
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                loss = self._run()
+            self.loss = loss.detach()  # the kernels are in the graph; the autograd objects can go
+            self.graph = graph
+        except Exception as error:  # noqa: BLE001 - any capture failure means: run eagerly
+            self.failed = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:300]
+            logger.warning("CUDA graphs off (acceleration.cuda_graphs), training eagerly: capturing the step "
+                           "failed with %s", self.failed)
+            torch.cuda.synchronize()
+            generator.graphsafe_set_state(generator_state)
+        with torch.no_grad():
+            for param, grad in zip(self.trainable, kept, strict=True):
+                param.grad.zero_() if grad is None else param.grad.copy_(grad)
+        return self.graph is not None
+
+
+@functools.cache
+def _warmup_stream(device_index: int):
+    """One side stream per device for every capture's warm-up runs.
+
+    torch keeps a cuBLAS workspace for every stream that ran a matmul, for the life of the
+    process (about 0.07 GB on an H100): a new stream per capture would leave one behind each time.
+    """
+    import torch
+
+    return torch.cuda.Stream(device=device_index)
+
+
+def graphed_step(model, params: AccelerationParams, device, num_processes: int = 1) -> GraphedStep | None:
+    """A GraphedStep for ``model`` when ``params.cuda_graphs`` is on, on CUDA, in one process.
+
+    Several processes would need their gradient all-reduce inside the graph; they run eagerly.
+    Compiled blocks failed to capture (torch 2.11, H100): with ``compile_layers`` the step runs
+    compiled and eager, without a graph.
+    """
+    if not params.cuda_graphs or device.type != "cuda" or num_processes != 1:
+        return None
+    if params.compile_layers:
+        logger.info("acceleration.cuda_graphs is not combined with compile_layers: training without CUDA graphs")
+        return None
+    if any(type(module).__name__ == "Linear8bitLt" for module in model.modules()):
+        # LLM.int8() picks outlier columns on the host at every call: nothing a graph can replay.
+        logger.info("acceleration.cuda_graphs does not apply to 8-bit layers: training without CUDA graphs")
+        return None
+    logger.info("Acceleration: cuda_graphs (captured at the first micro-batch)")
+    return GraphedStep(model)

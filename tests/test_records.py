@@ -1,0 +1,99 @@
+"""The records that travel with models: one writer and one reader each, missing keys refused, cards that name what made them."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from qlorapipe.errors import UserError
+from qlorapipe.export.adapter import adapter_card
+from qlorapipe.params import DataParams, LoraParams, QuantizationParams, TrainingParams
+from qlorapipe.records import (
+    AdapterRecord,
+    SourceRecord,
+    check_adapter_matches_base,
+    read_adapter_record,
+    read_source_record,
+    write_adapter_record,
+    write_source_record,
+)
+
+SOURCE = SourceRecord(source="hub", repo_id="org/model", revision="v1", commit="abc123", wheel_sha256=None,
+                      dtype="bfloat16", model_type="llama", vocab_size=320, trust_remote_code=False,
+                      content_sha256="f" * 64)
+
+
+def _record(**changes) -> AdapterRecord:
+    values = dict(base_model=SOURCE, data_sha256="d" * 64, environment={"torch": "2"}, data=DataParams(),
+                  quantization=QuantizationParams(), lora=LoraParams(rank=4), training=TrainingParams())
+    return AdapterRecord(**{**values, **changes})
+
+
+def test_records_round_trip_typed(tmp_path):
+    write_source_record(tmp_path, SOURCE)
+    assert read_source_record(tmp_path) == SOURCE
+    record = _record(data=DataParams(source="builtin:chatterbot", format="instruction", template="guanaco"))
+    write_adapter_record(tmp_path, record)
+    assert read_adapter_record(tmp_path) == record
+    assert read_adapter_record(tmp_path).lora.rank == 4
+
+
+def test_a_missing_or_unknown_key_is_an_error_naming_it_and_the_stage(tmp_path):
+    write_adapter_record(tmp_path, _record())
+    raw = json.loads((tmp_path / "training_params.json").read_text())
+    del raw["data"]
+    raw["extra"] = 1
+    (tmp_path / "training_params.json").write_text(json.dumps(raw))
+    with pytest.raises(UserError, match=r"missing data; unknown extra .*dvc repro train"):
+        read_adapter_record(tmp_path)
+    write_source_record(tmp_path, SOURCE)
+    raw = json.loads((tmp_path / "source.json").read_text())
+    del raw["content_sha256"]
+    (tmp_path / "source.json").write_text(json.dumps(raw))
+    with pytest.raises(UserError, match="missing content_sha256 .*dvc repro download"):
+        read_source_record(tmp_path)
+    with pytest.raises(UserError, match="not found; run `dvc repro download`"):
+        read_source_record(tmp_path / "nowhere")
+
+
+def test_an_adapter_of_another_base_is_refused(tmp_path):
+    base, adapter = tmp_path / "base", tmp_path / "adapter"
+    base.mkdir()
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    write_source_record(base, SOURCE)
+    write_adapter_record(adapter, _record())
+    check_adapter_matches_base(adapter, base)
+    write_source_record(base, SourceRecord(**{**SOURCE.__dict__, "content_sha256": "e" * 64}))
+    with pytest.raises(UserError, match="was trained on org/model .*retrain"):
+        check_adapter_matches_base(adapter, base)
+
+
+@pytest.mark.parametrize(("data", "chat", "expected"), [
+    (DataParams(), False, "plain text continuation"),
+    (DataParams(format="instruction"), False, "`alpaca`: `### Instruction:`"),
+    (DataParams(format="instruction", template="guanaco"), False, "`guanaco`: `### Human:`"),
+    (DataParams(source="builtin:chatterbot", format="chat"), True, "the tokenizer's chat template"),
+    (DataParams(format="completion"), False, "no template: the prompt, then the completion"),
+])
+def test_the_adapter_card_names_the_prompt_template_it_was_trained_with(data, chat, expected, tmp_path):
+    card = adapter_card(_record(data=data), chat, tmp_path / "adapter")
+    assert f"- prompt template: {expected}" in card
+    assert f'PeftModel.from_pretrained(base, "{tmp_path / "adapter"}")' in card
+
+
+@pytest.mark.parametrize(("quant", "loaded", "snippet"), [
+    (QuantizationParams(), "4-bit nf4 with double quantization",
+     'BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True)'),
+    (QuantizationParams(quant_type="fp4", use_double_quant=False, compute_dtype="float16"), "4-bit fp4",
+     'bnb_4bit_quant_type="fp4", bnb_4bit_use_double_quant=False, bnb_4bit_compute_dtype=torch.float16)'),
+    (QuantizationParams(load_in="8bit"), "8-bit", "BitsAndBytesConfig(load_in_8bit=True)"),
+    (QuantizationParams(load_in="none"), "in 16 bits (plain LoRA)", 'from_pretrained("org/model", dtype="auto")'),
+])
+def test_the_adapter_card_loads_the_base_as_it_was_quantized_in_training(quant, loaded, snippet, tmp_path):
+    card = adapter_card(_record(quantization=quant), False, tmp_path)
+    assert f"trained on the base loaded {loaded};" in card
+    assert snippet in card
+    if quant.load_in != "4bit":
+        assert "nf4" not in card
