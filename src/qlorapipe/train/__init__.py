@@ -97,13 +97,14 @@ def run(sections: Sections, base_dir: Path, data_dir: Path, out: Outputs, relaun
                                                      world.num_processes, cuda_graphs=graphed is not None)
     trainable, total = modeling.parameter_counts(model)
     header = [f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}",
-              f"device: {modeling.device_summary(device)}", modeling.memory_summary(device),
-              f"global batch: {distributed.global_batch_size(params)} chunks = {params.per_device_batch_size} per "
-              f"device x {params.gradient_accumulation_steps // world.num_processes} accumulation x "
-              f"{world.describe()}"]
-    for line in (header[0], header[2], header[3]):
-        logger.info(line)
+              f"device: {modeling.device_summary(device)}", modeling.memory_summary(device)]
+    logger.info(header[0])
+    logger.info(header[2])
     model = world.wrap(model)
+    header.append(f"global batch: {distributed.global_batch_size(params)} chunks = {params.per_device_batch_size} "
+                  f"per device x {params.gradient_accumulation_steps // world.num_processes} accumulation x "
+                  f"{world.describe()}")  # describe() after wrap: FSDP reports the values this rank holds
+    logger.info(header[3])
     logger.info("Training on %d chunks of %d tokens, evaluating on %d", len(train_set),
                 train_set[0]["input_ids"].numel(), len(eval_set))
 
