@@ -265,7 +265,8 @@ def test_merge_gate_fires_on_a_broken_merge_and_writes_nothing(run, tmp_path, mo
 
     # A test-only hook: the stage's merge replaced by the naive one.
     monkeypatch.setattr(merging, "dequantized_merge",
-                        lambda base, adapter, quant, dtype, device: merging.naive_merge(base, adapter, dtype, device))
+                        lambda base, adapter, quant, dtype, device, trust: merging.naive_merge(base, adapter, dtype,
+                                                                                              device, trust))
     with pytest.raises(UserError, match=r"the merged model does not compute what was trained: max logit difference "
                                         r"0\.0\d+ > merge\.max_logit_diff 0\.02; mean logit difference "
                                         r"0\.00\d+ > merge\.max_mean_logit_diff 0\.003"):

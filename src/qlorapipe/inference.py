@@ -16,7 +16,7 @@ from pathlib import Path
 from qlorapipe import modeling
 from qlorapipe.errors import UserError
 from qlorapipe.params import QuantizationParams
-from qlorapipe.records import check_adapter_matches_base, has_adapter_record, read_adapter_record
+from qlorapipe.records import check_adapter_matches_base, has_adapter_record, read_adapter_record, read_source_record
 
 logger = logging.getLogger(__name__)
 
@@ -180,7 +180,8 @@ def load_with_adapters(base_dir: Path, adapters: dict[str, Path], device) -> Loa
             raise UserError(f"adapter directory {path} does not exist; run `dvc repro train` or fix --adapter")
         check_adapter_matches_base(path, base_dir)
     quant = adapter_quantization(adapters)
-    base, _ = modeling.load_base_model(base_dir, quant, device)
+    trust = read_source_record(base_dir).trust_remote_code
+    base, _ = modeling.load_base_model(base_dir, quant, device, trust_remote_code=trust)
     base.config.use_cache = True  # training turns the cache off; generation wants it
     (first, first_path), *rest = adapters.items()
     model = PeftModel.from_pretrained(base, first_path, adapter_name=first)
@@ -190,7 +191,8 @@ def load_with_adapters(base_dir: Path, adapters: dict[str, Path], device) -> Loa
     model.eval()
     logger.info("Loaded %s (%s) with adapters %s on %s", base_dir, quant.load_in, ", ".join(adapters),
                 modeling.device_summary(device))
-    return LoadedModel(model, AutoTokenizer.from_pretrained(base_dir), list(adapters), device)
+    return LoadedModel(model, AutoTokenizer.from_pretrained(base_dir, trust_remote_code=trust), list(adapters),
+                       device)
 
 
 def load_standalone(model_path: Path, device) -> LoadedModel:

@@ -1,15 +1,46 @@
-"""Writing outputs so that a failed stage leaves nothing half-written behind."""
+"""Writing outputs so that a failed or killed stage leaves nothing half-written behind.
+
+Every output is written into a temporary sibling (``.NAME.tmp-XXXX``, same filesystem) and
+renamed into place only when complete. An exception deletes the temporary; a SIGKILL cannot,
+so each writer first removes the leftovers an earlier, killed run of it left beside its output.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from qlorapipe.errors import UserError
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def sweep_leftovers(path: Path) -> list[Path]:
+    """Delete the temporaries a killed writer of ``path`` left beside it.
+
+    Returns:
+        The leftovers removed.
+    """
+    path = Path(path)
+    removed = []
+    for leftover in path.parent.glob(f".{path.name}.tmp-*"):
+        if leftover.is_dir() and not leftover.is_symlink():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
+        removed.append(leftover)
+    return removed
 
 
 @contextlib.contextmanager
@@ -21,8 +52,9 @@ def atomic_dir(path: Path) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    sweep_leftovers(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; outputs are ordinary directories
+    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; outputs are ordinary directories
     try:
         yield tmp
         if path.exists():
@@ -37,8 +69,10 @@ def write_text_atomic(path: Path, text: str) -> None:
     """Write a text file through a temporary sibling and a rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    sweep_leftovers(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes it private; outputs are ordinary files
         with os.fdopen(fd, "w") as handle:
             handle.write(text)
         os.replace(tmp, path)
@@ -47,9 +81,34 @@ def write_text_atomic(path: Path, text: str) -> None:
             os.unlink(tmp)
 
 
+def _non_finite(data: Any, where: str = "") -> str | None:
+    """The key path of the first NaN or infinite number in ``data``, or None."""
+    if isinstance(data, float) and not math.isfinite(data):
+        return where or "(the value)"
+    if isinstance(data, dict):
+        items = data.items()
+    elif isinstance(data, (list, tuple)):
+        items = enumerate(data)
+    else:
+        return None
+    for key, value in items:
+        found = _non_finite(value, f"{where}.{key}" if where else str(key))
+        if found:
+            return found
+    return None
+
+
 def write_json(path: Path, data: Any) -> None:
-    """Write JSON deterministically (sorted keys, fixed indent) and atomically."""
-    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+    """Write JSON deterministically (sorted keys, fixed indent) and atomically.
+
+    Raises:
+        UserError: a value is NaN or infinite (not JSON; DVC and other readers refuse it).
+    """
+    bad = _non_finite(data)
+    if bad:
+        raise UserError(f"{path}: {bad} is not a finite number, and NaN or Infinity is not JSON; "
+                        "nothing was written (check the params that feed it)")
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + "\n")
 
 
 def read_json(path: Path) -> Any:

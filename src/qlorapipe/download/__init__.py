@@ -52,6 +52,8 @@ def run(params: ModelParams, out_dir: Path) -> SourceRecord:
             else:
                 raise UserError(f"model.local_path '{local}' must be a model directory or a .gguf file")
             origin.update(repo_id=local.name)
+        where = f"model.local_path '{params.local_path}'" if params.source == "local" else origin["repo_id"]
+        sources.check_model_files(out, where)
         info = sources.check_loadable(out, params.trust_remote_code)
         record = SourceRecord(source=params.source, dtype=params.dtype, trust_remote_code=params.trust_remote_code,
                               content_sha256=content_hash(out), **origin, **info)

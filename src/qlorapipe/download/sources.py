@@ -9,6 +9,7 @@ Three sources:
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import zipfile
@@ -107,6 +108,66 @@ def copy_local_model_dir(src: Path, out_dir: Path, trust_remote_code: bool) -> N
     for item in sorted(src.iterdir()):
         if item.is_file() and _wanted(item.name, trust_remote_code):
             shutil.copy2(item, out_dir / item.name)
+
+
+# Any one of these makes a tokenizer transformers can load without the Hub.
+TOKENIZER_FILES = (("tokenizer.json",), ("tokenizer.model",), ("vocab.json", "merges.txt"))
+
+
+def check_model_files(model_dir: Path, origin: str) -> None:
+    """Check what the later stages need before anything else reads the directory.
+
+    A tokenizer (without one transformers quietly builds a placeholder that breaks prepare
+    later), and complete safetensors files: each file's header must parse and its size must be
+    what the header says (a truncated copy otherwise fails only when training loads it), and
+    every shard an index names must be there.
+
+    Args:
+        model_dir: the model directory written.
+        origin: what to name in the message (model.local_path, the repo id, ...).
+
+    Raises:
+        UserError: one line naming the file that is missing or broken.
+    """
+    model_dir = Path(model_dir)
+    if not any(all((model_dir / name).is_file() for name in files) for files in TOKENIZER_FILES):
+        wanted = ", ".join(" + ".join(files) for files in TOKENIZER_FILES)
+        raise UserError(f"{origin}: no tokenizer files (one of {wanted}); copy them from the model's repository")
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, AttributeError) as exc:
+            raise UserError(f"{origin}: {index.name} is not a safetensors index ({exc}); re-download it") from None
+        missing = [name for name in shards if not (model_dir / name).is_file()]
+        if missing:
+            raise UserError(f"{origin}: {index.name} names shards that are not there: {', '.join(missing)}")
+    for weights in sorted(model_dir.glob("*.safetensors")):
+        problem = _safetensors_problem(weights)
+        if problem:
+            raise UserError(f"{origin}: {weights.name} {problem}; re-download or re-save the weights")
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """Why ``path`` is not a complete safetensors file (header length, JSON header, data size), or None."""
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+        if len(head) < 8:
+            return f"is {size} bytes, too short for a safetensors header"
+        header_len = int.from_bytes(head, "little")
+        if header_len > size - 8:
+            return f"is truncated: its header alone claims {header_len} bytes, the file has {size}"
+        try:
+            header = json.loads(handle.read(header_len))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return "has a header that is not JSON (not a safetensors file)"
+    ends = [entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"]
+    expected = 8 + header_len + max(ends, default=0)
+    if size != expected:
+        state = "truncated" if size < expected else "longer than its header says"
+        return f"is {state}: {size} bytes, expected {expected}"
+    return None
 
 
 def _wanted(name: str, trust_remote_code: bool) -> bool:

@@ -11,7 +11,7 @@ from qlorapipe.evaluate import generation
 from qlorapipe.outputs import write_json
 from qlorapipe.params import EvaluateParams, QuantizationParams
 from qlorapipe.perplexity import mean_token_loss, perplexity
-from qlorapipe.records import check_adapter_matches_base
+from qlorapipe.records import check_adapter_matches_base, read_source_record
 
 logger = logging.getLogger(__name__)
 
@@ -40,8 +40,9 @@ def run(quant: QuantizationParams, params: EvaluateParams, base_dir: Path, adapt
     from transformers import AutoTokenizer
 
     device = modeling.pick_device()
-    tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    base, _ = modeling.load_base_model(base_dir, quant, device)
+    trust = read_source_record(base_dir).trust_remote_code
+    tokenizer = AutoTokenizer.from_pretrained(base_dir, trust_remote_code=trust)
+    base, _ = modeling.load_base_model(base_dir, quant, device, trust_remote_code=trust)
     model = PeftModel.from_pretrained(base, adapter_dir)
     metrics = {}
     samples = {"prompts": params.prompts, "base": [], "finetuned": []}

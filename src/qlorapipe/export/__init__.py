@@ -62,8 +62,9 @@ def run(params: ExportParams, inputs: Inputs, out_dir: Path, metrics_path: Path)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(inputs.merged)  # keeps the saved dtype
-    tokenizer = AutoTokenizer.from_pretrained(inputs.merged)
+    trust = record.base_model.trust_remote_code
+    model = AutoModelForCausalLM.from_pretrained(inputs.merged, trust_remote_code=trust)  # keeps the saved dtype
+    tokenizer = AutoTokenizer.from_pretrained(inputs.merged, trust_remote_code=trust)
     metrics = {"train": read_json(inputs.train_metrics), "eval": read_json(inputs.eval_metrics),
                "merge": read_json(inputs.merge_metrics)}
     export_metrics = {"formats": params.formats}

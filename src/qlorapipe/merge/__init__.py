@@ -17,7 +17,7 @@ from qlorapipe import data, fidelity, modeling
 from qlorapipe.merge import gate, merging, speed
 from qlorapipe.outputs import atomic_dir, write_json
 from qlorapipe.params import MergeParams, QuantizationParams
-from qlorapipe.records import ADAPTER_RECORD, check_adapter_matches_base
+from qlorapipe.records import ADAPTER_RECORD, check_adapter_matches_base, read_source_record
 
 logger = logging.getLogger(__name__)
 
@@ -47,11 +47,12 @@ def run(quant: QuantizationParams, params: MergeParams, base_dir: Path, adapter_
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = modeling.pick_device()
+    trust = read_source_record(base_dir).trust_remote_code  # a custom-code model loads with its code
     dtype = getattr(torch, params.dtype)
     batches = fidelity.eval_batches(eval_set, batch_size=4, n_batches=params.fidelity_batches)
 
     # The reference: base + adapter exactly as trained.
-    base, _ = modeling.load_base_model(base_dir, quant, device)
+    base, _ = modeling.load_base_model(base_dir, quant, device, trust_remote_code=trust)
     with_adapter = PeftModel.from_pretrained(base, adapter_dir)
     reference = fidelity.logits_on(with_adapter, batches, device)
     timings = {}
@@ -63,17 +64,18 @@ def run(quant: QuantizationParams, params: MergeParams, base_dir: Path, adapter_
     del base, with_adapter
 
     naive = fidelity.compare(reference, fidelity.logits_on(
-        merging.naive_merge(base_dir, adapter_dir, dtype, device), batches, device), batches)
+        merging.naive_merge(base_dir, adapter_dir, dtype, device, trust), batches, device), batches)
 
     with atomic_dir(out_dir) as out:
-        merged = merging.dequantized_merge(base_dir, adapter_dir, quant, dtype, device)
+        merged = merging.dequantized_merge(base_dir, adapter_dir, quant, dtype, device, trust)
         merged.config.dtype = params.dtype
         merged.save_pretrained(out, safe_serialization=True)
-        AutoTokenizer.from_pretrained(base_dir).save_pretrained(out)
+        AutoTokenizer.from_pretrained(base_dir, trust_remote_code=trust).save_pretrained(out)
         shutil.copy2(adapter_dir / ADAPTER_RECORD, out / ADAPTER_RECORD)
         del merged
         # Measure the model as saved: reload it from disk, as users will.
-        reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=dtype, device_map={"": device})
+        reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=dtype, device_map={"": device},
+                                                        trust_remote_code=trust)
         merged_fidelity = fidelity.compare(reference, fidelity.logits_on(reloaded, batches, device), batches)
         if params.speed_new_tokens:
             timings["merged"] = speed.measure_speed(reloaded, speed_prompt, params.speed_new_tokens, device)
@@ -90,7 +92,7 @@ def run(quant: QuantizationParams, params: MergeParams, base_dir: Path, adapter_
         if params.requantized_candidate and quant.load_in != "none":
             # What users get when they serve the merged model quantized again: the merged weights are
             # rounded to the quantization grid a second time, so this differs more than the merge itself.
-            requantized, _ = modeling.load_base_model(out, quant, device)
+            requantized, _ = modeling.load_base_model(out, quant, device, trust_remote_code=trust)
             metrics[f"merged_requantized_{quant.load_in}"] = fidelity.compare(
                 reference, fidelity.logits_on(requantized, batches, device), batches).as_metrics()
             del requantized

@@ -19,7 +19,8 @@ from qlorapipe.params import QuantizationParams
 logger = logging.getLogger(__name__)
 
 
-def dequantized_merge(base_dir: Path, adapter_dir: Path, quant: QuantizationParams, dtype, device):
+def dequantized_merge(base_dir: Path, adapter_dir: Path, quant: QuantizationParams, dtype, device,
+                      trust_remote_code: bool = False):
     """Load the base quantized as in training, dequantize it, then merge the adapter.
 
     Returns:
@@ -28,7 +29,7 @@ def dequantized_merge(base_dir: Path, adapter_dir: Path, quant: QuantizationPara
     import torch
     from peft import PeftModel
 
-    model, _ = modeling.load_base_model(base_dir, quant, device)
+    model, _ = modeling.load_base_model(base_dir, quant, device, trust_remote_code=trust_remote_code)
     if quant.load_in != "none":
         # Dequantize to float32 so the merge itself adds no rounding; cast once at the end.
         model = model.dequantize(dtype=torch.float32)
@@ -37,11 +38,12 @@ def dequantized_merge(base_dir: Path, adapter_dir: Path, quant: QuantizationPara
     return merged.to(dtype)
 
 
-def naive_merge(base_dir: Path, adapter_dir: Path, dtype, device):
+def naive_merge(base_dir: Path, adapter_dir: Path, dtype, device, trust_remote_code: bool = False):
     """Merge into the original 16-bit base: what most scripts do, kept as a reference point."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32, device_map={"": device})
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32, device_map={"": device},
+                                                 trust_remote_code=trust_remote_code)
     return PeftModel.from_pretrained(model, adapter_dir).merge_and_unload().to(dtype)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -173,9 +174,10 @@ def _type_error(hint, value) -> str | None:
     if hint is int:
         return None if isinstance(value, int) and not isinstance(value, bool) else "must be an integer"
     if hint is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         # YAML 1.1 reads 2e-4 as a string; accept numeric strings for floats.
-        return None if ok or _is_float_string(value) else "must be a number"
+        if isinstance(value, bool) or not (isinstance(value, (int, float)) or _is_float_string(value)):
+            return "must be a number"
+        return None if math.isfinite(float(value)) else "must be a finite number"  # .nan, .inf, "nan"
     if hint is str:
         return None if isinstance(value, str) else "must be a string"
     return None

@@ -8,10 +8,14 @@ the two disagree, so either can be read as the other.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Literal
 
 EXPORT_FORMATS = ("safetensors", "gguf-f16", "gguf-q8_0", "adapter")
+# What transformers' save_pretrained(max_shard_size=...) reads (utils.hub.convert_file_size_to_int): a
+# whole number and a unit, bytes (KB, MB, GB, TB and their binary twins) or, in lower case, bits.
+SHARD_SIZE = re.compile(r"\d+\s*([KMGT]i?B|[KMG]b)")
 
 
 @dataclass(frozen=True)
@@ -180,6 +184,9 @@ class TrainingParams:
         for name in ("early_stopping_patience", "early_stopping_min_delta", "checkpoint_every_steps"):
             if getattr(self, name) < 0:
                 problems.append(f"training.{name} must be >= 0 (0 turns it off), got {getattr(self, name)}")
+        if self.max_eval_batches is not None and self.max_eval_batches < 1:
+            problems.append(f"training.max_eval_batches must be at least 1, or null for the whole eval split, "
+                            f"got {self.max_eval_batches}")
         return problems
 
 
@@ -260,6 +267,9 @@ class EvaluateParams:
             problems.append(f"evaluate.batch_size must be at least 1, got {self.batch_size}")
         if self.max_new_tokens < 1:
             problems.append(f"evaluate.max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if self.max_eval_batches is not None and self.max_eval_batches < 1:
+            problems.append(f"evaluate.max_eval_batches must be at least 1, or null for the whole eval split, "
+                            f"got {self.max_eval_batches}")
         return problems
 
 
@@ -313,6 +323,9 @@ class ExportParams:
             problems.append("export.formats lists a format twice")
         if self.verify_batches < 1:
             problems.append(f"export.verify_batches must be at least 1, got {self.verify_batches}")
+        if not SHARD_SIZE.fullmatch(self.max_shard_size.strip()):
+            problems.append(f"export.max_shard_size must be a whole number and a unit, such as 5GB or 500MB, "
+                            f"got {self.max_shard_size!r}")
         return problems
 
 

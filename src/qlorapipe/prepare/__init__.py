@@ -11,6 +11,7 @@ from qlorapipe.errors import UserError
 from qlorapipe.outputs import atomic_dir, write_json
 from qlorapipe.params import DataParams
 from qlorapipe.prepare import examples, report, rows, sources
+from qlorapipe.records import read_source_record
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +46,8 @@ def run(params: DataParams, base_dir: Path, out: Outputs) -> dict:
     from transformers import AutoTokenizer
 
     records, origin = sources.load_records(params)
-    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    trust = read_source_record(base_dir).trust_remote_code
+    tokenizer = AutoTokenizer.from_pretrained(base_dir, trust_remote_code=trust)
     concat = params.format == "text" and params.text_mode == "concat"
     if concat:
         all_examples, counts = examples.text_documents(records, tokenizer, params)

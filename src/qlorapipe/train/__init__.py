@@ -86,7 +86,9 @@ def run(sections: Sections, base_dir: Path, data_dir: Path, out: Outputs, relaun
         logging.getLogger().setLevel(logging.WARNING)  # one log, rank 0's
     device = world.device
     logger.info("Device: %s", modeling.device_summary(device))
+    source = read_source_record(base_dir)
     model, compute_dtype = modeling.load_base_model(base_dir, sections.quantization, device,
+                                                    trust_remote_code=source.trust_remote_code,
                                                     shardable_4bit=distributed.shards_weights(dist))
     model = modeling.add_lora(model, sections.lora, sections.quantization.load_in != "none",
                               params.gradient_checkpointing)
@@ -122,7 +124,7 @@ def run(sections: Sections, base_dir: Path, data_dir: Path, out: Outputs, relaun
     if not world.is_main:
         return
 
-    record = AdapterRecord(base_model=read_source_record(base_dir), data_sha256=directory_digest(data_dir),
+    record = AdapterRecord(base_model=source, data_sha256=directory_digest(data_dir),
                            environment=modeling.environment_record(device), data=sections.data,
                            quantization=sections.quantization, lora=sections.lora, training=params)
     with atomic_dir(out.adapter) as adapter_dir:

@@ -1,0 +1,124 @@
+"""Failing well: bad input refused in one line before anything is written, and no leftovers after a kill."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, load_stage, write_params
+
+from qlorapipe.errors import UserError
+from qlorapipe.outputs import atomic_dir, write_json, write_text_atomic
+from qlorapipe.params import parse_section
+
+
+def test_a_killed_writers_leftovers_are_removed_by_the_next_write(tmp_path):
+    # What SIGKILL leaves: the temporaries of atomic_dir and write_text_atomic, never renamed.
+    (tmp_path / ".prepared.tmp-k1ll3d").mkdir()
+    (tmp_path / ".prepared.tmp-k1ll3d" / "half.arrow").write_bytes(b"x" * 100)
+    (tmp_path / ".eval.json.tmp-k1ll3d").write_text("{")
+    (tmp_path / ".other.tmp-keep").mkdir()  # another output's temporary is not ours to remove
+    with atomic_dir(tmp_path / "prepared") as out:
+        (out / "rows").write_text("complete")
+    write_text_atomic(tmp_path / "eval.json", "{}\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.tmp-keep", "eval.json", "prepared"]
+
+
+def test_outputs_are_readable_by_others_as_the_umask_allows(tmp_path):
+    old = os.umask(0o022)
+    try:
+        write_text_atomic(tmp_path / "metrics.json", "{}\n")
+        with atomic_dir(tmp_path / "adapter") as out:
+            (out / "a").write_text("a")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "metrics.json").stat().st_mode & 0o777 == 0o644  # mkstemp alone gives 0600
+    assert (tmp_path / "adapter").stat().st_mode & 0o777 == 0o755
+
+
+def test_a_metric_file_never_holds_nan_or_infinity(tmp_path):
+    with pytest.raises(UserError, match=r"eval.json: finetuned.perplexity is not a finite number"):
+        write_json(tmp_path / "eval.json", {"base": {"loss": 1.0}, "finetuned": {"perplexity": float("inf")}})
+    with pytest.raises(UserError, match=r"curve.1 is not a finite number"):
+        write_json(tmp_path / "eval.json", {"curve": [1.0, float("nan")]})
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(("section", "raw", "message"), [
+    ("training", {"learning_rate": "nan"}, "training.learning_rate: must be a finite number, got 'nan'"),
+    ("training", {"learning_rate": float("inf")}, "training.learning_rate: must be a finite number, got inf"),
+    ("training", {"epochs": float("nan")}, "training.epochs: must be a finite number"),
+    ("lora", {"alpha": float("nan")}, "lora.alpha: must be a finite number"),
+    ("merge", {"max_perplexity_change": float("inf")}, "merge.max_perplexity_change: must be a finite number"),
+    ("acceleration", {"memory_budget_gb": float("nan")}, "acceleration.memory_budget_gb: must be a finite number or null"),
+    ("training", {"max_eval_batches": -1}, "training.max_eval_batches must be at least 1, or null"),
+    ("evaluate", {"max_eval_batches": 0}, "evaluate.max_eval_batches must be at least 1, or null"),
+    ("export", {"max_shard_size": "banana"}, "export.max_shard_size must be a whole number and a unit"),
+    ("export", {"max_shard_size": "1.5GB"}, "export.max_shard_size must be a whole number and a unit"),
+])
+def test_numbers_that_are_not_finite_or_out_of_range_are_refused(section, raw, message):
+    with pytest.raises(UserError) as info:
+        parse_section(section, raw)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_the_shard_sizes_transformers_reads_are_accepted():
+    from transformers.utils.hub import convert_file_size_to_int
+
+    for size in ("5GB", "500MB", "2GiB", "10 GB"):
+        assert parse_section("export", {"max_shard_size": size}).max_shard_size == size
+        assert convert_file_size_to_int(size) > 0
+
+
+def _download(tmp_path: Path, model_dir: Path) -> subprocess.CompletedProcess:
+    params = write_params(tmp_path / "params.yaml", {"model": {"source": "local", "local_path": str(model_dir)}})
+    return subprocess.run([sys.executable, str(ROOT / "stages/download.py"), "--params", str(params),
+                           "--out", str(tmp_path / "models/base")], capture_output=True, text=True, cwd=tmp_path)
+
+
+def _copy(model_dir: Path, dest: Path) -> Path:
+    shutil.copytree(model_dir, dest)
+    return dest
+
+
+@pytest.mark.parametrize("case", ["no tokenizer", "truncated weights", "missing shard"])
+def test_a_broken_local_model_directory_is_refused_at_download_in_one_line(tmp_path, tiny_llama_dir, case):
+    broken = _copy(tiny_llama_dir, tmp_path / "broken")
+    if case == "no tokenizer":
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            (broken / name).unlink(missing_ok=True)
+        expected = "no tokenizer files (one of tokenizer.json, tokenizer.model, vocab.json + merges.txt)"
+    elif case == "truncated weights":
+        weights = broken / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:-1000])
+        expected = "model.safetensors is truncated:"
+    else:
+        (broken / "model.safetensors.index.json").write_text(json.dumps(
+            {"weight_map": {"lm_head.weight": "model-00002-of-00002.safetensors"}}))
+        expected = "model.safetensors.index.json names shards that are not there: model-00002-of-00002.safetensors"
+    result = _download(tmp_path, broken)
+    assert result.returncode == 1
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith("error: model.local_path") and expected in " ".join(lines[-3:]), result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "models/base").exists()
+    assert [p.name for p in (tmp_path / "models").iterdir()] == []  # no temporary left either
+
+
+def test_a_complete_local_model_directory_still_downloads(tmp_path, tiny_llama_dir):
+    result = _download(tmp_path, tiny_llama_dir)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "models/base/model.safetensors").is_file()
+
+
+def test_a_stage_rerun_after_a_kill_leaves_no_temporary_behind(tmp_path, tiny_llama_dir):
+    params = write_params(tmp_path / "params.yaml", {"model": {"source": "local", "local_path": str(tiny_llama_dir)}})
+    (tmp_path / "models/.base.tmp-k1ll3d").mkdir(parents=True)  # what a download killed with SIGKILL leaves
+    (tmp_path / "models/.base.tmp-k1ll3d/model.safetensors").write_bytes(b"half")
+    load_stage("download").main(["--params", str(params), "--out", str(tmp_path / "models/base")])
+    assert [p.name for p in (tmp_path / "models").iterdir()] == ["base"]
