@@ -125,6 +125,21 @@ def test_chat_uses_the_template_and_trains_each_assistant_turn_with_its_eos(tok,
     assert example.input_ids[-1] == EOS and example.input_ids[-2] != EOS  # exactly one EOS at the end
 
 
+def test_chat_roles_templates_do_not_know_are_named_with_their_row_or_mapped_by_params(tok):
+    rows = [{"messages": [{"role": "customer", "content": "Hi"}, {"role": "bot", "content": "Hello."}]},
+            {"messages": [{"role": "customer", "content": "Bye"}, {"role": "robot", "content": "Goodbye."}]}]
+    with pytest.raises(UserError, match=r"rows.jsonl:1: message 1 has role 'customer', which chat templates do not "
+                                        r"know .*; map it with data.roles, e.g. data.roles: \{customer: assistant\}"):
+        build(rows, tok, format="chat", chat_template=CHAT_TEMPLATE)
+    with pytest.raises(UserError, match=r"rows.jsonl:2: message 2 has role 'robot'"):
+        build(rows, tok, format="chat", chat_template=CHAT_TEMPLATE, roles={"customer": "user", "bot": "assistant"})
+    mapped, counts = build(rows, tok, format="chat", chat_template=CHAT_TEMPLATE,
+                           roles={"customer": "user", "bot": "assistant", "robot": "assistant"})
+    assert counts.examples == 2 and counts.empty_skipped == 0
+    ids, labels = _chat_expected(tok, [("<|user|>Hi</s><|assistant|>", False), ("Hello.</s>", True)])
+    assert mapped[0].input_ids == ids and mapped[0].labels == labels
+
+
 def test_chat_without_any_template_is_refused(tok):
     with pytest.raises(UserError, match="tokenizer has no chat template; set data.chat_template"):
         build([{"messages": [{"role": "user", "content": "Hi"}]}], tok, format="chat")

@@ -28,7 +28,7 @@ def project(tmp_path_factory, tiny_llama_dir, corpus_file) -> Path:
 
 def test_repro_then_noop_then_experiment_and_metrics_diff(project):
     out = _sh(DVC + ["repro"], project)
-    for stage in ("download", "prepare", "train", "evaluate", "merge", "export"):
+    for stage in ("check", "download", "prepare", "train", "evaluate", "merge", "export"):
         assert f"Running stage '{stage}'" in out
     evaluation = json.loads((project / "metrics/eval.json").read_text())
     assert evaluation["finetuned"]["perplexity"] < evaluation["base"]["perplexity"]
@@ -113,3 +113,40 @@ def test_adapter_versions_come_back_from_git_tags_and_experiments(project):
     _sh(["git", "checkout", "HEAD", "--", "dvc.lock", "params.yaml"], project)
     _sh(DVC + ["checkout", "models/adapter"], project)
     assert rank() == 8
+
+
+def test_a_failure_costs_nothing_the_last_good_run_stays_or_comes_back(project):
+    """A rejected param touches no output; a stage that fails midway is undone by `dvc checkout`."""
+    _sh(DVC + ["repro"], project)
+    params_file = project / "params.yaml"
+    good = params_file.read_text()
+    kept = ("metrics/train.json", "metrics/train_history.csv", "metrics/training_curves.png",
+            "metrics/training_log.txt", "metrics/eval.json", "models/adapter/adapter_model.safetensors")
+    before = {rel: (project / rel).read_bytes() for rel in kept}
+
+    def learning_rate(value) -> str:
+        import yaml
+
+        params = yaml.safe_load(good)
+        params["training"]["learning_rate"] = value
+        return yaml.safe_dump(params, sort_keys=False)
+
+    params_file.write_text(learning_rate(-1))
+    result = run_cmd(DVC + ["repro"], project, check=False)
+    assert result.returncode != 0
+    assert "training.learning_rate must be positive, got -1.0" in result.stdout + result.stderr
+    assert "Running stage 'train'" not in result.stdout
+    assert {rel: (project / rel).read_bytes() for rel in kept} == before  # nothing was deleted or rewritten
+
+    # Inside a stage: DVC deletes train's outputs before running it, and the loss diverges.
+    params_file.write_text(learning_rate(1e30))
+    result = run_cmd(DVC + ["repro"], project, check=False)
+    assert result.returncode != 0 and "the training loss became" in result.stdout + result.stderr
+    assert not (project / "metrics/train.json").exists()
+    params_file.write_text(good)
+    _sh(DVC + ["checkout"], project)  # every output is cached, metrics and plots included
+    assert {rel: (project / rel).read_bytes() for rel in kept} == before
+    again = _sh(DVC + ["repro"], project)  # only the check re-runs, to record the params put back
+    assert "Running stage 'check'" in again and "Running stage 'train'" not in again
+    assert json.loads(_sh(DVC + ["status", "--json"], project)) == {}
+    assert not list(project.rglob(".*.tmp-*"))

@@ -122,3 +122,46 @@ def test_a_stage_rerun_after_a_kill_leaves_no_temporary_behind(tmp_path, tiny_ll
     (tmp_path / "models/.base.tmp-k1ll3d/model.safetensors").write_bytes(b"half")
     load_stage("download").main(["--params", str(params), "--out", str(tmp_path / "models/base")])
     assert [p.name for p in (tmp_path / "models").iterdir()] == ["base"]
+
+
+def _prepare(tmp_path: Path, model_dir: Path, corpus: Path, **data) -> list[str]:
+    from conftest import tiny_params
+
+    params = tiny_params(model_dir, corpus)
+    params["data"].update(data)
+    path = write_params(tmp_path / "params.yaml", params)
+    load_stage("download").main(["--params", str(path), "--out", str(tmp_path / "base")])
+    return ["--params", str(path), "--base", str(tmp_path / "base"), "--out", str(tmp_path / "prepared"),
+            "--report", str(tmp_path / "data.json"), "--lengths", str(tmp_path / "lengths.csv"),
+            "--lengths-plot", str(tmp_path / "lengths.png")]
+
+
+def test_one_text_file_is_a_stream_split_into_train_rows_and_a_held_out_tail(tmp_path, tiny_llama_dir):
+    import datasets
+    from conftest import CORPUS
+
+    corpus = tmp_path / "book.txt"
+    corpus.write_text("\n".join([CORPUS] * 4))
+    load_stage("prepare").main(_prepare(tmp_path, tiny_llama_dir, corpus))
+    report = json.loads((tmp_path / "data.json").read_text())
+    assert report["records"] == 1 and report["train"]["examples"] == report["eval"]["examples"] == 1
+    tokens = report["train"]["tokens"] + report["eval"]["tokens"]
+    assert report["eval"]["tokens"] == max(32, round(0.2 * tokens))  # the last eval_fraction of the stream
+    train = datasets.load_from_disk(str(tmp_path / "prepared/train"))
+    held_out = datasets.load_from_disk(str(tmp_path / "prepared/eval"))
+    assert len(train) == report["train"]["tokens"] // 32 and len(held_out) == report["eval"]["tokens"] // 32 >= 1
+
+
+def test_a_split_that_cannot_be_made_is_refused_before_tokenizing(tmp_path, tiny_llama_dir):
+    one_record = tmp_path / "one.jsonl"
+    one_record.write_text(json.dumps({"prompt": "Hi", "completion": "Hello"}) + "\n")
+    with pytest.raises(UserError, match=r"one.jsonl: 1 record\(s\); need at least 2, one for training and one for "
+                                        r"evaluation"):
+        load_stage("prepare").main(_prepare(tmp_path, tiny_llama_dir, one_record, format="completion"))
+    short = tmp_path / "short.txt"
+    short.write_text("Python is a programming language.")
+    with pytest.raises(UserError, match=r"is one document of \d+ tokens: too few for a train row and an eval row of "
+                                        r"data.max_length=32"):
+        (tmp_path / "b").mkdir()
+        load_stage("prepare").main(_prepare(tmp_path / "b", tiny_llama_dir, short))
+    assert not (tmp_path / "prepared").exists() and not (tmp_path / "b" / "prepared").exists()

@@ -102,11 +102,11 @@ def test_changing_only_downstream_params_reruns_only_downstream_stages(team):
     run_cmd(DVC + ["pull"], frank)
     params_file = frank / "params.yaml"
     original = params_file.read_text()
-    expectations = {
-        "evaluate.max_new_tokens=3": {"evaluate"},
-        "merge.fidelity_batches=1": {"merge"},
-        "export.max_shard_size=1GB": {"export"},
-        "lora.rank=4": {"train"},  # status lists the stages whose own inputs changed
+    expectations = {  # check reads every section: it runs first, and re-runs nothing when it passes
+        "evaluate.max_new_tokens=3": {"check", "evaluate"},
+        "merge.fidelity_batches=1": {"check", "merge"},
+        "export.max_shard_size=1GB": {"check", "export"},
+        "lora.rank=4": {"check", "train"},  # status lists the stages whose own inputs changed
     }
     import yaml
 

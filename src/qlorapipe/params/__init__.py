@@ -12,6 +12,7 @@ to a default; values of the wrong type; failed checks; and broken rules between 
 from qlorapipe.params.loading import load_section, load_sections, parse_section, read_params_file
 from qlorapipe.params.rules import accumulation_problem, cross_section_problems
 from qlorapipe.params.sections import (
+    CHAT_ROLES,
     EXPORT_FORMATS,
     SECTIONS,
     AccelerationParams,
@@ -27,6 +28,7 @@ from qlorapipe.params.sections import (
 )
 
 __all__ = [
+    "CHAT_ROLES",
     "EXPORT_FORMATS",
     "SECTIONS",
     "AccelerationParams",

@@ -163,6 +163,12 @@ def _type_error(hint, value) -> str | None:
         return " or ".join(errors)
     if hint is type(None):
         return None if value is None else "must be null"
+    if origin is dict:
+        key_type, value_type = get_args(hint)
+        if not isinstance(value, dict):
+            return "must be a mapping"
+        bad = [k for k, v in value.items() if _type_error(key_type, k) or _type_error(value_type, v)]
+        return f"must map {key_type.__name__} to {value_type.__name__}" if bad else None
     if origin is list:
         (item,) = get_args(hint)
         if not isinstance(value, list):

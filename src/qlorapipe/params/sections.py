@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 EXPORT_FORMATS = ("safetensors", "gguf-f16", "gguf-q8_0", "adapter")
+# The roles chat templates know; others are mapped with data.roles or refused (a template would
+# drop or garble them, and a conversation without an assistant turn trains nothing).
+CHAT_ROLES = ("system", "user", "assistant", "tool", "function", "ipython", "developer")
 # What transformers' save_pretrained(max_shard_size=...) reads (utils.hub.convert_file_size_to_int): a
 # whole number and a unit, bytes (KB, MB, GB, TB and their binary twins) or, in lower case, bits.
 SHARD_SIZE = re.compile(r"\d+\s*([KMGT]i?B|[KMG]b)")
@@ -65,6 +68,8 @@ class DataParams:
     input_column: str = "input"
     output_column: str = "output"
     messages_column: str = "messages"
+    # chat: the data's role names -> chat roles, e.g. {customer: user, bot: assistant}
+    roles: dict[str, str] = field(default_factory=dict)
     prompt_column: str = "prompt"
     completion_column: str = "completion"
     chat_template: str | None = None  # a Jinja chat template, for tokenizers without one
@@ -92,6 +97,10 @@ class DataParams:
             problems.append(f"data.eval_fraction must be between 0 and 1 (exclusive), got {self.eval_fraction}")
         if not 0.0 <= self.max_masked_share <= 1.0:
             problems.append(f"data.max_masked_share must be in [0, 1], got {self.max_masked_share}")
+        unknown = sorted(f"{name}: {role}" for name, role in self.roles.items() if role not in CHAT_ROLES)
+        if unknown:
+            problems.append(f"data.roles maps to roles chat templates do not know ({', '.join(unknown)}); "
+                            f"map to one of {', '.join(CHAT_ROLES)}")
         if self.max_documents is not None and self.max_documents < 2:
             problems.append("data.max_documents must be at least 2 (one for training, one for evaluation) or null")
         return problems

@@ -46,19 +46,27 @@ def run(params: DataParams, base_dir: Path, out: Outputs) -> dict:
     from transformers import AutoTokenizer
 
     records, origin = sources.load_records(params)
+    concat = params.format == "text" and params.text_mode == "concat"
+    if len(records) < 2 and not concat:  # one text document is still a stream to split (below)
+        raise UserError(f"{origin}: {len(records)} record(s); need at least 2, one for training and one for "
+                        "evaluation: add data, or for raw text use data.format: text with data.text_mode: concat")
     trust = read_source_record(base_dir).trust_remote_code
     tokenizer = AutoTokenizer.from_pretrained(base_dir, trust_remote_code=trust)
-    concat = params.format == "text" and params.text_mode == "concat"
     if concat:
         all_examples, counts = examples.text_documents(records, tokenizer, params)
     else:
         all_examples, counts = examples.build_examples(records, tokenizer, params)
-    if len(all_examples) < 2:
+    minimum = 1 if concat else 2
+    if len(all_examples) < minimum:
         raise UserError(f"{origin}: {len(all_examples)} usable example(s) out of {counts.records} records "
                         f"(empty {counts.empty_skipped}, duplicates {counts.duplicates}, dropped "
-                        f"{counts.dropped_too_long + counts.dropped_all_masked}); need at least 2: add data "
+                        f"{counts.dropped_too_long + counts.dropped_all_masked}); need at least {minimum}: add data "
                         "or check data.format and its column params")
-    train_examples, eval_examples = rows.split(all_examples, params.eval_fraction, params.seed)
+    if len(all_examples) == 1:  # one text document: its token stream is split instead
+        train_part, held_out = rows.split_stream(all_examples[0], params.eval_fraction, params.max_length)
+        train_examples, eval_examples = [train_part], [held_out]
+    else:
+        train_examples, eval_examples = rows.split(all_examples, params.eval_fraction, params.seed)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     data_report = report.counts_report(counts, params)
     with atomic_dir(out.prepared) as prepared:

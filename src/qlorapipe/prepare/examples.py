@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 from qlorapipe.data import IGNORE_INDEX
 from qlorapipe.errors import UserError
-from qlorapipe.params import DataParams
+from qlorapipe.params import CHAT_ROLES, DataParams
 from qlorapipe.prepare.sources import Record
 
 logger = logging.getLogger(__name__)
@@ -43,6 +43,7 @@ GUANACO_TURN = re.compile(r"(### Human:|### Assistant:)")
 
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "system": "system", "tool": "tool"}
+
 
 
 @dataclass(frozen=True)
@@ -112,6 +113,11 @@ def _messages(record: Record, params: DataParams) -> list[dict]:
                             f"(has: {have}); fix the row or set data.messages_column")
         if not isinstance(content, str):
             raise UserError(f"{record.where}: message {number} content is {type(content).__name__}, not text")
+        role = params.roles.get(role, role)
+        if role not in CHAT_ROLES:
+            raise UserError(f"{record.where}: message {number} has role {role!r}, which chat templates do not know "
+                            f"({', '.join(CHAT_ROLES)}); map it with data.roles, e.g. data.roles: "
+                            f"{{{role}: assistant}}")
         messages.append({"role": role, "content": content})
     return messages
 

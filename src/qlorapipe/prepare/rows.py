@@ -6,6 +6,7 @@ import random
 from dataclasses import dataclass
 
 from qlorapipe.data import IGNORE_INDEX
+from qlorapipe.errors import UserError
 from qlorapipe.prepare.examples import Example
 
 
@@ -16,6 +17,27 @@ def split(items: list, eval_fraction: float, seed: int) -> tuple[list, list]:
     n_eval = max(1, round(len(items) * eval_fraction))
     eval_ids, train_ids = sorted(order[:n_eval]), sorted(order[n_eval:])
     return [items[i] for i in train_ids], [items[i] for i in eval_ids]
+
+
+def split_stream(example: Example, eval_fraction: float, max_length: int) -> tuple[Example, Example]:
+    """Split one document's token stream (text concat mode) into a train part and a held-out tail.
+
+    A corpus that is one document (a single .txt file) cannot be split by documents; its stream
+    is cut instead: the last ``eval_fraction`` of its tokens, at least one row of ``max_length``,
+    is held out.
+
+    Raises:
+        UserError: the stream is shorter than one train row plus one eval row.
+    """
+    n = len(example.input_ids)
+    n_eval = max(max_length, round(n * eval_fraction))
+    if n - n_eval < max_length:
+        raise UserError(f"{example.where} is one document of {n} tokens: too few for a train row and an eval row of "
+                        f"data.max_length={max_length}; lower data.max_length or add data")
+    cut = n - n_eval
+    train = Example(example.input_ids[:cut], example.labels[:cut], f"{example.where} (first {cut} tokens)", cut)
+    held = Example(example.input_ids[cut:], example.labels[cut:], f"{example.where} (last {n_eval} tokens)", n_eval)
+    return train, held
 
 
 @dataclass(frozen=True)
