@@ -2,8 +2,8 @@
 
     python stages/check.py --params params.yaml --out metrics/params_check.txt
 
-Reads every section. Every other stage depends on --out, so DVC runs this stage first whenever
-params.yaml changes: bad params stop `dvc repro` here, with every problem in one message,
+Reads every section. The download stage depends on --out, and every other stage on download, so
+DVC runs this stage first whenever params.yaml changes: bad params stop `dvc repro` here, with every problem in one message,
 before DVC deletes any other stage's outputs to run it. --out's text never changes, so a
 passing check re-runs nothing downstream.
 """
@@ -17,7 +17,7 @@ from qlorapipe.console import run_stage
 from qlorapipe.outputs import write_text_atomic
 from qlorapipe.params import load_sections
 
-CHECKED = ("params.yaml passed every check. Every stage depends on this file, so that bad params stop "
+CHECKED = ("params.yaml passed every check. The pipeline depends on this file, so that bad params stop "
            "`dvc repro` before any output is touched.\n")
 
 
