@@ -43,3 +43,30 @@ def test_the_chunked_loss_is_the_whole_batch_cross_entropy(tiny_llama_dir, chunk
                                                  ignore_index=-100)
     assert tokens == int((targets != -100).sum()) == 5 * 23 - 9 - 4
     assert loss == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_an_evaluation_during_training_leaves_the_next_training_step_bit_for_bit_the_same(tiny_llama_dir):
+    from conftest import tiny_lora_model
+
+    model, _ = tiny_lora_model(tiny_llama_dir)
+    ids = torch.randint(0, 300, (4, 32), generator=torch.Generator().manual_seed(0))
+    rows = _Rows(ids, ids.clone())
+
+    def training_step() -> tuple[float, list[torch.Tensor]]:
+        model.zero_grad(set_to_none=True)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.item(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    before = training_step()
+    mean_token_loss(model, rows, 2, torch.device("cpu"), during_training=True)
+    assert model.training
+    after = training_step()
+    assert after[0] == before[0] and all(torch.equal(a, b) for a, b in zip(after[1], before[1]))
+    # Why it matters: an evaluation in eval mode lets bitsandbytes repack the 4-bit weights for
+    # CPU inference (on CPUs with AVX512-BF16), re-rounding their scales for every later step.
+    mean_token_loss(model, rows, 2, torch.device("cpu"))
+    packed = [m for m in model.modules() if getattr(getattr(getattr(m, "weight", None), "quant_state", None),
+                                                     "packing_format_for_cpu", False)]
+    if packed:
+        assert training_step()[0] != before[0]
