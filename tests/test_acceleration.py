@@ -64,7 +64,9 @@ def test_uncheckpointed_layers_take_a_count_or_auto_with_a_memory_budget():
     for bad in ("all", "Auto", 2.5, True, [4]):
         with pytest.raises(UserError, match=r"acceleration.uncheckpointed_layers: must be an integer or 'auto', got"):
             parse_section("acceleration", {"uncheckpointed_layers": bad})
-    for bad in (0, -1.5, float("nan")):
+    with pytest.raises(UserError, match=r"acceleration.memory_budget_gb: must be a finite number or null"):
+        parse_section("acceleration", {"memory_budget_gb": float("nan")})
+    for bad in (0, -1.5):
         with pytest.raises(UserError, match=r"acceleration.memory_budget_gb must be > 0 \(GB\) or null"):
             parse_section("acceleration", {"memory_budget_gb": bad})
     with pytest.raises(UserError, match="acceleration.memory_budget_gb: must be a number or null, got 'lots'"):
