@@ -21,6 +21,14 @@ CHAT_ROLES = ("system", "user", "assistant", "tool", "function", "ipython", "dev
 SHARD_SIZE = re.compile(r"\d+\s*([KMGT]i?B|[KMG]b)")
 
 
+def _eval_batches_problems(section: str, max_eval_batches: int | None) -> list[str]:
+    """The max_eval_batches rule training and evaluate share: at least 1, or null for the whole split."""
+    if max_eval_batches is not None and max_eval_batches < 1:
+        return [f"{section}.max_eval_batches must be at least 1, or null for the whole eval split, "
+                f"got {max_eval_batches}"]
+    return []
+
+
 @dataclass(frozen=True)
 class ModelParams:
     """Where the base model comes from (download stage)."""
@@ -193,9 +201,7 @@ class TrainingParams:
         for name in ("early_stopping_patience", "early_stopping_min_delta", "checkpoint_every_steps"):
             if getattr(self, name) < 0:
                 problems.append(f"training.{name} must be >= 0 (0 turns it off), got {getattr(self, name)}")
-        if self.max_eval_batches is not None and self.max_eval_batches < 1:
-            problems.append(f"training.max_eval_batches must be at least 1, or null for the whole eval split, "
-                            f"got {self.max_eval_batches}")
+        problems += _eval_batches_problems("training", self.max_eval_batches)
         return problems
 
 
@@ -276,9 +282,7 @@ class EvaluateParams:
             problems.append(f"evaluate.batch_size must be at least 1, got {self.batch_size}")
         if self.max_new_tokens < 1:
             problems.append(f"evaluate.max_new_tokens must be at least 1, got {self.max_new_tokens}")
-        if self.max_eval_batches is not None and self.max_eval_batches < 1:
-            problems.append(f"evaluate.max_eval_batches must be at least 1, or null for the whole eval split, "
-                            f"got {self.max_eval_batches}")
+        problems += _eval_batches_problems("evaluate", self.max_eval_batches)
         return problems
 
 
