@@ -7,9 +7,15 @@ BIN := $(VENV)/bin
 
 .PHONY: install repro test
 
+# llama-cpp-python is built from its pinned source (it vendors llama.cpp): a C/C++ compiler is
+# needed (CMake too, which pip fetches when the machine has none). pip keeps the built wheel in
+# its cache, so a second install does not rebuild. The CPU build skips the multimodal library.
+LLAMA_CMAKE_ARGS ?= -DLLAVA_BUILD=OFF
+
 $(BIN)/.installed: pyproject.toml constraints.txt
+	@command -v c++ >/dev/null || { echo "error: building llama.cpp (llama-cpp-python) needs a C++ compiler: install g++ (Debian: apt install build-essential)" >&2; exit 1; }
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --disable-pip-version-check -q -c constraints.txt -e '.[test]'
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip install --disable-pip-version-check -q -c constraints.txt -e '.[test]'
 	touch $@
 
 install: $(BIN)/.installed

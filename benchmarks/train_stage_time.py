@@ -100,7 +100,7 @@ def main() -> None:
                        "--base", str(base), "--data", str(prepared), "--adapter", str(out / "adapter"),
                        "--metrics", str(metrics), "--history", str(out / "history.csv"),
                        "--curves", str(out / "curves.png"), "--log", str(out / "log.txt"),
-                       "--checkpoints", str(out / "checkpoints")]
+                       "--checkpoints", str(out / "checkpoints"), "--live", str(out / "live")]
             started = time.perf_counter()
             subprocess.run(command, check=True)
             wall = time.perf_counter() - started

@@ -1,14 +1,16 @@
 """Write the deliverables chosen in export.formats: merged safetensors, GGUF files, the adapter alone.
 
-    python stages/export.py --params params.yaml --merged models/merged --adapter models/adapter \
-        --data data/prepared --out models/export --metrics metrics/export.json \
+    python stages/export.py --params params.yaml --merged models/merged --base models/base \
+        --adapter models/adapter --data data/prepared --out models/export --metrics metrics/export.json \
         --data-report metrics/data.json --train-metrics metrics/train.json \
         --eval-metrics metrics/eval.json --merge-metrics metrics/merge.json
 
 Reads the ``export`` section of params.yaml. Writes, in --out: the merged model with its
-tokenizer and model card (safetensors), gguf/model-f16.gguf and gguf/model-q8_0.gguf, and
-adapter/ (the adapter alone). Each GGUF file is read back with transformers and its logits
-compared with the merged model's on eval batches; the differences go to --metrics.
+tokenizer and model card (safetensors), gguf/model-<type>.gguf for each gguf-<type> format
+(k-quants quantized by llama.cpp), and adapter/ (the adapter alone). Each GGUF file runs in
+llama.cpp: its logits on held-out rows are compared with the merged model's, its greedy
+continuations of held-out prompts with base + adapter's; the figures go to --metrics, and a
+file beyond the export section's gates fails the stage.
 """
 
 from __future__ import annotations
@@ -25,18 +27,19 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--merged", type=Path, required=True)
+    parser.add_argument("--base", type=Path, required=True)
     parser.add_argument("--adapter", type=Path, required=True)
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--metrics", type=Path, required=True, help="GGUF read-back fidelity")
+    parser.add_argument("--metrics", type=Path, required=True, help="each GGUF file measured in llama.cpp")
     parser.add_argument("--data-report", type=Path, required=True)
     parser.add_argument("--train-metrics", type=Path, required=True)
     parser.add_argument("--eval-metrics", type=Path, required=True)
     parser.add_argument("--merge-metrics", type=Path, required=True)
     args = parser.parse_args(argv)
-    inputs = export.Inputs(merged=args.merged, adapter=args.adapter, data=args.data, data_report=args.data_report,
-                           train_metrics=args.train_metrics, eval_metrics=args.eval_metrics,
-                           merge_metrics=args.merge_metrics)
+    inputs = export.Inputs(merged=args.merged, base=args.base, adapter=args.adapter, data=args.data,
+                           data_report=args.data_report, train_metrics=args.train_metrics,
+                           eval_metrics=args.eval_metrics, merge_metrics=args.merge_metrics)
     export.run(load_section(args.params, "export"), inputs, args.out, args.metrics)
 
 

@@ -3,10 +3,12 @@
     python stages/train.py --params params.yaml --base models/base --data data/prepared \
         --adapter models/adapter --metrics metrics/train.json \
         --history metrics/train_history.csv --curves metrics/training_curves.png \
-        --log metrics/training_log.txt --checkpoints models/checkpoints
+        --log metrics/training_log.txt --checkpoints models/checkpoints --live metrics/train_live
 
 Reads the ``quantization``, ``lora``, ``training``, ``acceleration`` and ``distributed`` sections
-of params.yaml, and records ``data`` (the prompt template) with the adapter. Killed midway, it
+of params.yaml, and records ``data`` (the prompt template) with the adapter. Each step's metrics
+go to --live through dvclive as soon as the step is done (``dvc exp show`` and DVC Studio follow
+a run there); the other outputs are written when training ends. Killed midway, it
 resumes from the last complete checkpoint in --checkpoints when run again with the same params,
 data and base model (and discards checkpoints of any other run). With distributed.num_processes
 > 1 it relaunches itself through ``accelerate launch`` on that many processes; only rank 0
@@ -38,10 +40,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--curves", type=Path, required=True, help="training curves PNG")
     parser.add_argument("--log", type=Path, required=True, help="plain-text training log")
     parser.add_argument("--checkpoints", type=Path, required=True, help="persisted directory of resumable checkpoints")
+    parser.add_argument("--live", type=Path, required=True, help="dvclive directory: each step's metrics as it is done")
     args = parser.parse_args(argv)
     sections = load_sections(args.params, "quantization", "lora", "training", "acceleration", "distributed", "data")
     outputs = train.Outputs(adapter=args.adapter, metrics=args.metrics, history=args.history, curves=args.curves,
-                            log=args.log, checkpoints=args.checkpoints)
+                            log=args.log, checkpoints=args.checkpoints, live=args.live)
     relaunch = (Path(__file__), sys.argv[1:] if argv is None else argv)
     train.run(train.Sections(**sections), args.base, args.data, outputs, relaunch)
 

@@ -203,7 +203,7 @@ def train_args(params: Path, base: Path, data: Path, out: Path) -> list[str]:
     return ["--params", str(params), "--base", str(base), "--data", str(data), "--adapter", str(out / "adapter"),
             "--metrics", str(out / "train.json"), "--history", str(out / "history.csv"),
             "--curves", str(out / "curves.png"), "--log", str(out / "log.txt"),
-            "--checkpoints", str(out / "checkpoints")]
+            "--checkpoints", str(out / "checkpoints"), "--live", str(out / "live")]
 
 
 def write_params(path: Path, params: dict) -> Path:

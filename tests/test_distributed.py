@@ -27,7 +27,7 @@ from qlorapipe.train.loop import micro_batches
 # Global batch 4 = 2 per device x 2 accumulation x 1 process = 2 x 1 x 2 processes.
 BATCH = {"training.per_device_batch_size": 2, "training.gradient_accumulation_steps": 2,
          "training.max_steps": 4, "training.eval_every_steps": 2, "training.max_eval_batches": 2}
-OUTPUT_FILES = ["adapter", "checkpoints", "curves.png", "history.csv", "log.txt", "train.json"]
+OUTPUT_FILES = ["adapter", "checkpoints", "curves.png", "history.csv", "live", "log.txt", "train.json"]
 
 
 @pytest.fixture(scope="module")
@@ -222,9 +222,13 @@ def _checkpoint_steps(out: Path) -> list[int]:
     return sorted(int(p.name.removeprefix("step-")) for p in (out / "checkpoints").glob("step-*"))
 
 
+def _tree(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
 def _kill_after_a_checkpoint_and_rerun(prepared: dict, tiny_llama_dir, corpus_file, name: str, **overrides) -> Path:
     """Start the train stage on two processes, SIGKILL the launcher and its ranks once a checkpoint is
-    complete, check nothing but checkpoints was left, then run it again to the end."""
+    complete, check nothing but checkpoints and the live metrics was left, then run it again to the end."""
     out = prepared["work"] / name
     out.mkdir()
     params = write_params(prepared["work"] / f"{name}.yaml",
@@ -242,7 +246,8 @@ def _kill_after_a_checkpoint_and_rerun(prepared: dict, tiny_llama_dir, corpus_fi
     assert process.returncode == -signal.SIGKILL, "training finished before it could be killed"
     killed_at = _checkpoint_steps(out)[-1]
     assert 2 <= killed_at < 12
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoints"]
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "live"]  # live metrics are written in place
+    assert json.loads((out / "live/metrics.json").read_text())["step"] >= killed_at
     result = subprocess.run(command, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     assert killed_at <= json.loads((out / "train.json").read_text())["resumed_from_step"] < 12
@@ -260,6 +265,7 @@ def test_two_processes_killed_midway_resume_to_the_adapter_of_an_uninterrupted_r
     assert (resumed / "adapter/adapter_model.safetensors").read_bytes() == \
         (whole / "adapter/adapter_model.safetensors").read_bytes()
     assert (resumed / "history.csv").read_text() == (whole / "history.csv").read_text()
+    assert _tree(resumed / "live") == _tree(whole / "live")
     assert _checkpoint_steps(resumed) == [12]
     ranks = sorted(p.name for p in (resumed / "checkpoints/step-000012").iterdir() if p.is_dir())
     assert ranks == (["rank-0", "rank-1"] if strategy == "fsdp" else ["rank-1"])

@@ -98,7 +98,8 @@ def test_stages_never_import_each_other():
 def test_no_step_package_imports_another_step():
     # Steps share code through the core modules at the package's top level, never directly,
     # so editing one step's code never reruns another.
-    steps = [name for name in _stages() if name != "check"]  # a package per stage: download, prepare, ...
+    # A package per stage: download, prepare, ...; the two checking stages are scripts over the core.
+    steps = [name for name in _stages() if name not in ("check", "compat")]
     assert all((SRC / PACKAGE / step / "__init__.py").is_file() for step in steps)
     for step in steps:
         for file in (SRC / PACKAGE / step).rglob("*.py"):

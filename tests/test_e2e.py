@@ -28,7 +28,7 @@ def project(tmp_path_factory, tiny_llama_dir, corpus_file) -> Path:
 
 def test_repro_then_noop_then_experiment_and_metrics_diff(project):
     out = _sh(DVC + ["repro"], project)
-    for stage in ("check", "download", "prepare", "train", "evaluate", "merge", "export"):
+    for stage in ("check", "download", "compat", "prepare", "train", "evaluate", "merge", "export"):
         assert f"Running stage '{stage}'" in out
     evaluation = json.loads((project / "metrics/eval.json").read_text())
     assert evaluation["finetuned"]["perplexity"] < evaluation["base"]["perplexity"]
@@ -124,12 +124,15 @@ def test_a_failure_costs_nothing_the_last_good_run_stays_or_comes_back(project):
             "metrics/training_log.txt", "metrics/eval.json", "models/adapter/adapter_model.safetensors")
     before = {rel: (project / rel).read_bytes() for rel in kept}
 
-    def learning_rate(value) -> str:
+    def changed(section: str, key: str, value) -> str:
         import yaml
 
         params = yaml.safe_load(good)
-        params["training"]["learning_rate"] = value
+        params[section][key] = value
         return yaml.safe_dump(params, sort_keys=False)
+
+    def learning_rate(value) -> str:
+        return changed("training", "learning_rate", value)
 
     params_file.write_text(learning_rate(-1))
     result = run_cmd(DVC + ["repro"], project, check=False)
@@ -137,6 +140,15 @@ def test_a_failure_costs_nothing_the_last_good_run_stays_or_comes_back(project):
     assert "training.learning_rate must be positive, got -1.0" in result.stdout + result.stderr
     assert "Running stage 'train'" not in result.stdout
     assert {rel: (project / rel).read_bytes() for rel in kept} == before  # nothing was deleted or rewritten
+
+    # Valid on its own, impossible for this model (a GPT-NeoX module name on a Llama): refused
+    # against the downloaded model, before prepare or train run.
+    params_file.write_text(changed("lora", "target_modules", ["query_key_value"]))
+    result = run_cmd(DVC + ["repro"], project, check=False)
+    assert result.returncode != 0
+    assert "lora.target_modules ['query_key_value'] match no linear layer" in result.stdout + result.stderr
+    assert "Running stage 'compat'" in result.stdout and "Running stage 'train'" not in result.stdout
+    assert {rel: (project / rel).read_bytes() for rel in kept} == before
 
     # Inside a stage: DVC deletes train's outputs before running it, and the loss diverges.
     params_file.write_text(learning_rate(1e30))
@@ -146,7 +158,7 @@ def test_a_failure_costs_nothing_the_last_good_run_stays_or_comes_back(project):
     params_file.write_text(good)
     _sh(DVC + ["checkout"], project)  # every output is cached, metrics and plots included
     assert {rel: (project / rel).read_bytes() for rel in kept} == before
-    again = _sh(DVC + ["repro"], project)  # only the check re-runs, to record the params put back
+    again = _sh(DVC + ["repro"], project)  # only the checks re-run, to record the params put back
     assert "Running stage 'check'" in again and "Running stage 'train'" not in again
     assert json.loads(_sh(DVC + ["status", "--json"], project)) == {}
     assert not list(project.rglob(".*.tmp-*"))

@@ -165,3 +165,75 @@ def test_a_split_that_cannot_be_made_is_refused_before_tokenizing(tmp_path, tiny
         (tmp_path / "b").mkdir()
         load_stage("prepare").main(_prepare(tmp_path / "b", tiny_llama_dir, short))
     assert not (tmp_path / "prepared").exists() and not (tmp_path / "b" / "prepared").exists()
+
+
+@pytest.fixture(scope="module")
+def tiny_neox_base(tmp_path_factory) -> Path:
+    """A downloaded tiny GPT-NeoX model: an architecture that trains but has no GGUF writer here."""
+    import torch
+    from conftest import build_tokenizer
+    from transformers import AutoModelForCausalLM, GPTNeoXConfig
+
+    work = tmp_path_factory.mktemp("neox")
+    tokenizer = build_tokenizer()
+    config = GPTNeoXConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, max_position_embeddings=512, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(work / "neox")
+    tokenizer.save_pretrained(work / "neox")
+    params = write_params(work / "params.yaml", {"model": {"source": "local", "local_path": str(work / "neox")}})
+    load_stage("download").main(["--params", str(params), "--out", str(work / "base")])
+    return work / "base"
+
+
+def _compat(tmp_path: Path, base: Path, **sections) -> list[str]:
+    path = write_params(tmp_path / "params.yaml", sections)
+    return ["--params", str(path), "--base", str(base), "--out", str(tmp_path / "compat_check.txt")]
+
+
+def test_what_the_model_cannot_do_is_refused_before_prepare_naming_each_key(tmp_path, tiny_neox_base):
+    args = _compat(tmp_path, tiny_neox_base, export={"formats": ["safetensors", "gguf-q8_0"]},
+                   lora={"target_modules": ["q_proj", "v_proj"], "modules_to_save": ["embed_tokens"]},
+                   data={"source": "builtin:chatterbot", "max_length": 1024, "format": "chat"},
+                   evaluate={"chat_template": True})
+    result = subprocess.run([sys.executable, str(ROOT / "stages/compat.py"), *args], capture_output=True, text=True,
+                            check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    message = result.stderr.strip().splitlines()[-1]
+    assert message.startswith(f"error: params ask what {tiny_neox_base} (gpt_neox) cannot do: ")
+    for expected in ("export.formats ['gguf-q8_0']: GGUF files are written for llama and qwen2 models; this one is "
+                     "gpt_neox; keep safetensors and adapter only",
+                     "lora.target_modules ['q_proj', 'v_proj'] match no linear layer of this model; its linear layers "
+                     "are: dense, dense_4h_to_h, dense_h_to_4h, query_key_value",
+                     "lora.modules_to_save ['embed_tokens'] match no module",
+                     "data.max_length 1024 is longer than this model's 512 positions (max_position_embeddings); "
+                     "set it to 512 or less",
+                     "data.format is chat but the tokenizer has no chat template; set data.chat_template",
+                     "evaluate.chat_template is true but the tokenizer has no chat template"):
+        assert expected in message
+    assert list(tmp_path.iterdir()) == [tmp_path / "params.yaml"]  # nothing written
+
+
+def test_what_the_model_can_do_passes_and_writes_the_same_text_every_time(tmp_path, tiny_neox_base, tiny_llama_dir):
+    neox = _compat(tmp_path, tiny_neox_base, export={"formats": ["safetensors", "adapter"]},
+                   lora={"target_modules": ["query_key_value"], "modules_to_save": ["embed_in"]})
+    load_stage("compat").main(neox)
+    first = (tmp_path / "compat_check.txt").read_bytes()
+    (tmp_path / "llama").mkdir()
+    params = write_params(tmp_path / "llama/params.yaml",
+                          {"model": {"source": "local", "local_path": str(tiny_llama_dir)}})
+    load_stage("download").main(["--params", str(params), "--out", str(tmp_path / "llama/base")])
+    load_stage("compat").main(_compat(tmp_path / "llama", tmp_path / "llama/base"))  # the repo defaults: GGUF too
+    assert (tmp_path / "llama/compat_check.txt").read_bytes() == first
+
+
+def test_the_export_step_refuses_gguf_with_the_same_rule(tmp_path, tiny_neox_base):
+    from transformers import AutoModelForCausalLM
+
+    from qlorapipe.export.gguf import write_gguf
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_neox_base)
+    with pytest.raises(UserError, match=r"export.formats gguf-f16: GGUF files are written for llama and qwen2 "
+                                        r"models; this one is gpt_neox"):
+        write_gguf(model, tiny_neox_base, tmp_path / "m.gguf", "f16")
+    assert not (tmp_path / "m.gguf").exists()

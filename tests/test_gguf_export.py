@@ -73,7 +73,45 @@ def test_a_sentencepiece_tokenizer_is_refused_with_the_file_named(tiny_llama_dir
     spec["model"]["type"] = "Unigram"
     (model_dir / "tokenizer.json").write_text(json.dumps(spec))
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
-    with pytest.raises(UserError, match=f"GGUF export supports byte-level BPE tokenizers; {model_dir}/tokenizer.json "
-                                        "is Unigram"):
+    with pytest.raises(UserError, match=f"export.formats gguf-f16: GGUF files are written for byte-level BPE "
+                                        f"tokenizers; {model_dir}/tokenizer.json is Unigram"):
         write_gguf(model, model_dir, tmp_path / "m.gguf", "f16")
     assert not (tmp_path / "m.gguf").exists()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_llama_cpp_itself_runs_the_written_file_as_transformers_runs_the_model(arch, request, tmp_path):
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qlorapipe.export import llamacpp
+
+    model_dir = request.getfixturevalue(f"tiny_{arch}_dir")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    write_gguf(model, model_dir, tmp_path / "model-f16.gguf", "f16")
+    llm = llamacpp.load(tmp_path / "model-f16.gguf", n_ctx=64)
+    try:
+        ids = tokenizer(TEXT)["input_ids"]
+        assert llm.tokenize(TEXT.encode(), add_bos=False, special=False) == ids  # digits, punctuation, spaces
+        llm.eval(ids)
+        ours = np.array(llm.scores[: len(ids)])
+    finally:
+        llm.close()
+    with torch.no_grad():
+        theirs = model(torch.tensor([ids])).logits[0].numpy()
+    assert np.abs(ours - theirs).max() < 2e-3
+
+
+def test_a_file_llama_cpp_cannot_load_or_quantize_is_named_in_one_line(tmp_path):
+    from qlorapipe.export import llamacpp
+
+    broken = tmp_path / "model-f16.gguf"
+    broken.write_bytes(b"GGUF" + b"\0" * 60)
+    with pytest.raises(UserError, match=f"^llama.cpp refuses to load {broken}: ") as info:
+        llamacpp.load(broken, n_ctx=64)
+    assert "\n" not in str(info.value)
+    with pytest.raises(UserError, match=f"^export.formats gguf-q4_k_m: llama.cpp's quantizer failed on {broken}"):
+        llamacpp.quantize(broken, tmp_path / "model-q4_k_m.gguf", "q4_k_m")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model-f16.gguf"]

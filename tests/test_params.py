@@ -92,14 +92,29 @@ def test_missing_params_file_names_the_file(tmp_path):
         load_section(tmp_path / "params.yaml", "lora")
 
 
-def test_export_formats_are_checked_against_the_four_known():
+def test_export_formats_are_checked_against_the_known_ones():
     assert parse_section("export", {"formats": ["gguf-q8_0", "adapter"]}).formats == ["gguf-q8_0", "adapter"]
     with pytest.raises(UserError) as info:
         parse_section("export", {"formats": ["gguf-q4", "adapter", "adapter"], "verify_batches": 0})
     message = str(info.value)
-    assert "export.formats: unknown ['gguf-q4']; choose from safetensors, gguf-f16, gguf-q8_0, adapter" in message
+    assert ("export.formats: unknown ['gguf-q4']; choose from safetensors, gguf-f16, gguf-q8_0, gguf-q5_k_m, "
+            "gguf-q4_k_m, gguf-q4_0, adapter") in message
     assert "export.formats lists a format twice" in message
     assert "export.verify_batches must be at least 1, got 0" in message
+    assert "no entry for" not in message  # an unknown format is named once
+
+
+def test_every_gguf_file_has_its_gates_and_they_are_in_range():
+    with pytest.raises(UserError) as info:
+        parse_section("export", {"formats": ["gguf-q4_0"], "max_perplexity_change": {"gguf-q8_0": -0.1},
+                                 "min_token_agreement": {"gguf-q4_0": 1.5, "q4_0": 0.5}, "max_stop_mismatches": -1})
+    message = str(info.value)
+    for expected in ("export.max_perplexity_change has no entry for gguf-q4_0; add one",
+                     "export.max_perplexity_change: the values for gguf-q8_0 must be >= 0.0",
+                     "export.min_token_agreement: ['q4_0'] are not GGUF formats",
+                     "export.min_token_agreement: the values for gguf-q4_0 must be in [0.0, 1.0]",
+                     "export.max_stop_mismatches must be >= 0, got -1"):
+        assert expected in message
 
 
 def _field_default(f: dataclasses.Field):

@@ -102,11 +102,13 @@ def test_changing_only_downstream_params_reruns_only_downstream_stages(team):
     run_cmd(DVC + ["pull"], frank)
     params_file = frank / "params.yaml"
     original = params_file.read_text()
-    expectations = {  # check reads every section: it runs first, and re-runs nothing when it passes
-        "evaluate.max_new_tokens=3": {"check", "evaluate"},
+    # check reads every section and compat those the model constrains: they run first, and re-run
+    # nothing downstream when they pass.
+    expectations = {
+        "evaluate.max_new_tokens=3": {"check", "compat", "evaluate"},
         "merge.fidelity_batches=1": {"check", "merge"},
-        "export.max_shard_size=1GB": {"check", "export"},
-        "lora.rank=4": {"check", "train"},  # status lists the stages whose own inputs changed
+        "export.max_shard_size=1GB": {"check", "compat", "export"},
+        "lora.rank=4": {"check", "compat", "train"},  # status lists the stages whose own inputs changed
     }
     import yaml
 

@@ -27,7 +27,8 @@ def run(tmp_path_factory, tiny_llama_dir, corpus_file):
     """Run the six stages in order; each test below inspects one stage's outputs."""
     work = tmp_path_factory.mktemp("pipeline")
     params = write_params(work / "params.yaml", tiny_params(tiny_llama_dir, corpus_file, **{
-        "export.formats": ["safetensors", "gguf-f16", "gguf-q8_0", "adapter"], "merge.requantized_candidate": True,
+        "export.formats": ["safetensors", "gguf-f16", "gguf-q8_0", "gguf-q4_k_m", "adapter"],
+        "merge.requantized_candidate": True,
         "merge.speed_new_tokens": 8}))
     p = {"params": params} | {name: work / rel for name, rel in {
         "base": "models/base", "prepared": "data/prepared", "adapter": "models/adapter",
@@ -44,14 +45,16 @@ def run(tmp_path_factory, tiny_llama_dir, corpus_file):
                                        "--history", str(m / "train_history.csv"),
                                        "--curves", str(m / "training_curves.png"),
                                        "--log", str(m / "training_log.txt"),
-                                       "--checkpoints", str(work / "models/checkpoints")])
+                                       "--checkpoints", str(work / "models/checkpoints"),
+                                       "--live", str(m / "train_live")])
     load_stage("evaluate").main(common + ["--base", str(p["base"]), "--adapter", str(p["adapter"]),
                                           "--data", str(p["prepared"]), "--metrics", str(m / "eval.json"),
                                           "--samples", str(m / "samples.json")])
     load_stage("merge").main(common + ["--base", str(p["base"]), "--adapter", str(p["adapter"]),
                                        "--data", str(p["prepared"]), "--out", str(p["merged"]),
                                        "--metrics", str(m / "merge.json")])
-    load_stage("export").main(common + ["--merged", str(p["merged"]), "--adapter", str(p["adapter"]),
+    load_stage("export").main(common + ["--merged", str(p["merged"]), "--base", str(p["base"]),
+                                        "--adapter", str(p["adapter"]),
                                         "--data", str(p["prepared"]), "--out", str(p["export"]),
                                         "--metrics", str(m / "export.json"),
                                         "--data-report", str(m / "data.json"),
@@ -168,7 +171,8 @@ def test_export_writes_model_tokenizer_and_card(run):
     assert _files(run["export"]) == [
         "README.md", "adapter/README.md", "adapter/adapter_config.json", "adapter/adapter_model.safetensors",
         "adapter/tokenizer.json", "adapter/tokenizer_config.json", "adapter/training_params.json", "config.json",
-        "generation_config.json", "gguf/model-f16.gguf", "gguf/model-q8_0.gguf", "model.safetensors",
+        "generation_config.json", "gguf/model-f16.Modelfile", "gguf/model-f16.gguf", "gguf/model-q4_k_m.Modelfile",
+        "gguf/model-q4_k_m.gguf", "gguf/model-q8_0.Modelfile", "gguf/model-q8_0.gguf", "model.safetensors",
         "tokenizer.json", "tokenizer_config.json", "training_params.json"]
     card = (run["export"] / "README.md").read_text()
     assert card.startswith("---\nlibrary_name: transformers\nbase_model: model\n")
@@ -197,20 +201,37 @@ def test_bad_params_stop_before_any_weights_load(tmp_path, tiny_llama_dir, corpu
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
 
 
-def test_export_gguf_files_read_back_with_the_merged_models_logits_and_tokenizer(run):
+def test_export_gguf_files_run_in_llama_cpp_as_the_trained_model_does(run):
+    import gguf
+
+    metrics = json.loads((run["metrics"] / "export.json").read_text())
+    assert metrics["formats"] == ["safetensors", "gguf-f16", "gguf-q8_0", "gguf-q4_k_m", "adapter"]
+    f16, q8, q4 = metrics["gguf_f16"], metrics["gguf_q8_0"], metrics["gguf_q4_k_m"]
+    # Logits computed by llama.cpp against the merged model: f16 rounds each weight to 11 bits, q8_0
+    # to 8 bits per block of 32, q4_k_m to 4-6 bits: each drifts more, all stay close.
+    assert f16["max_logit_diff"] < 2e-3
+    assert f16["max_logit_diff"] < q8["max_logit_diff"] < q4["max_logit_diff"] < 0.2
+    assert abs(q8["perplexity_change"]) < 5e-3 and abs(q4["perplexity_change"]) < 2e-2
+    for found in (f16, q8, q4):
+        assert found["tokenizer_matches"] and found["chat_template_matches"] is None  # no chat template here
+        assert found["stop_mismatches"] == 0 and found["token_agreement"] >= 0.5
+        assert found["ollama_modelfile"]
+    assert f16["token_agreement"] == 1.0  # greedy continuations of base + adapter, token for token
+    assert q4["size_mb"] < q8["size_mb"] < f16["size_mb"]
+    # The k-quant file is llama.cpp's own: its quantizer wrote the file type and its metadata.
+    reader = gguf.GGUFReader(run["export"] / "gguf/model-q4_k_m.gguf")
+    file_type = reader.fields["general.file_type"]
+    assert int(file_type.parts[file_type.data[0]][0]) == gguf.LlamaFileType.MOSTLY_Q4_K_M
+    assert "general.quantization_version" in reader.fields
+    modelfile = (run["export"] / "gguf/model-q4_k_m.Modelfile").read_text()
+    assert "FROM ./model-q4_k_m.gguf\n" in modelfile and 'PARAMETER stop "</s>"' in modelfile
+
+
+def test_the_f16_gguf_also_reads_back_in_transformers(run):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from qlorapipe.export.gguf import load_gguf
-
-    metrics = json.loads((run["metrics"] / "export.json").read_text())
-    assert metrics["formats"] == ["safetensors", "gguf-f16", "gguf-q8_0", "adapter"]
-    # f16 rounds each weight to 11 bits, q8_0 to 8 bits per block of 32: q8_0 drifts more, both stay close.
-    assert metrics["gguf_f16"]["max_logit_diff"] < 2e-3
-    assert metrics["gguf_f16"]["max_logit_diff"] < metrics["gguf_q8_0"]["max_logit_diff"] < 5e-2
-    assert abs(metrics["gguf_q8_0"]["perplexity_change"]) < 5e-3
-    assert metrics["gguf_f16"]["tokenizer_matches"] and metrics["gguf_q8_0"]["tokenizer_matches"]
-    assert metrics["gguf_q8_0"]["size_mb"] < metrics["gguf_f16"]["size_mb"]
 
     merged = AutoModelForCausalLM.from_pretrained(run["export"], dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(run["export"])
@@ -221,6 +242,35 @@ def test_export_gguf_files_read_back_with_the_merged_models_logits_and_tokenizer
     ids = tokenizer(text, return_tensors="pt")["input_ids"]
     with torch.no_grad():
         assert torch.allclose(gguf_model(ids).logits, merged(ids).logits, atol=2e-3)
+
+
+def _export_argv(run, params: Path, out: Path, metrics: Path) -> list[str]:
+    m = run["metrics"]
+    return ["--params", str(params), "--merged", str(run["merged"]), "--base", str(run["base"]),
+            "--adapter", str(run["adapter"]), "--data", str(run["prepared"]), "--out", str(out),
+            "--metrics", str(metrics), "--data-report", str(m / "data.json"), "--train-metrics", str(m / "train.json"),
+            "--eval-metrics", str(m / "eval.json"), "--merge-metrics", str(m / "merge.json")]
+
+
+def test_a_gguf_that_llama_cpp_runs_differently_fails_the_export_and_writes_nothing(run, tmp_path, monkeypatch):
+    """A GGUF file of the base weights, the adapter lost on the way (the complaint "the GGUF answers
+    like the base model"): llama.cpp's perplexity on held-out rows gives it away."""
+    import torch
+    import yaml
+    from transformers import AutoModelForCausalLM
+
+    from qlorapipe.export import gguf
+
+    params = yaml.safe_load(run["params"].read_text())
+    params["export"]["formats"] = ["gguf-q8_0"]
+    path = write_params(tmp_path / "params.yaml", params)
+    write = gguf.write_gguf
+    base = AutoModelForCausalLM.from_pretrained(run["base"], dtype=torch.float32)
+    monkeypatch.setattr(gguf, "write_gguf", lambda model, *args: write(base, *args))
+    with pytest.raises(UserError, match=r"^gguf-q8_0 in llama.cpp drifts from the trained model: perplexity change "
+                                        r"\+0\.\d{4} > export.max_perplexity_change.gguf-q8_0 0.02"):
+        load_stage("export").main(_export_argv(run, path, tmp_path / "export", tmp_path / "export.json"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
 
 
 def test_export_adapter_alone_loads_with_peft_and_names_its_base(run):

@@ -71,6 +71,12 @@ def _checkpoint_steps(work: Path) -> list[int]:
     return sorted(int(p.name.removeprefix("step-")) for p in (work / "checkpoints").glob("step-*"))
 
 
+def _live_files(work: Path) -> dict[str, str]:
+    """The live metrics directory (dvclive's metrics.json and per-metric TSVs), by relative path."""
+    live = work / "live"
+    return {str(p.relative_to(live)): p.read_text() for p in sorted(live.rglob("*")) if p.is_file()}
+
+
 def test_a_run_killed_midway_resumes_to_the_identical_adapter(prepared, reference, tmp_path_factory,
                                                                tiny_llama_dir, corpus_file):
     work = _run_dir(tmp_path_factory, tiny_llama_dir, corpus_file, "killed", **RESUME_OVERRIDES)
@@ -87,6 +93,12 @@ def test_a_run_killed_midway_resumes_to_the_identical_adapter(prepared, referenc
     assert not (work / "adapter").exists() and not (work / "train.json").exists()
     killed_at = _checkpoint_steps(work)[-1]
     assert 4 <= killed_at < 8
+    # The live metrics were written in place: the killed run left them, every file whole, up to its last step.
+    live = _live_files(work)
+    assert json.loads(live["metrics.json"])["step"] >= killed_at
+    for name, text in live.items():
+        if name.endswith(".tsv"):
+            assert text.endswith("\n") and all(len(line.split("\t")) == 2 for line in text.splitlines()), name
 
     result = subprocess.run(command, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
@@ -100,6 +112,7 @@ def test_a_run_killed_midway_resumes_to_the_identical_adapter(prepared, referenc
     for name in ("adapter_config.json", "training_params.json"):
         assert (work / "adapter" / name).read_bytes() == (reference / "adapter" / name).read_bytes()
     assert (work / "history.csv").read_text() == (reference / "history.csv").read_text()
+    assert _live_files(work) == _live_files(reference)  # the restored steps were published first
     assert _checkpoint_steps(work) == [8]  # older checkpoints are deleted once a newer one is complete
 
 
@@ -120,6 +133,7 @@ def test_a_finished_run_resumes_to_its_end_and_other_params_discard_the_checkpoi
     assert json.loads((work / "train.json").read_text())["resumed_from_step"] == 8
     assert _adapter_bytes(work) == _adapter_bytes(reference)
     assert (work / "history.csv").read_text() == (reference / "history.csv").read_text()
+    assert _live_files(work) == _live_files(reference)
 
     write_params(work / "params.yaml", tiny_params(tiny_llama_dir, corpus_file, **{
         **RESUME_OVERRIDES, "training.max_steps": 2}))

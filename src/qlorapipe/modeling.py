@@ -103,6 +103,26 @@ def linear_module_names(model) -> list[str]:
     return sorted(names)
 
 
+def lora_problems(model, params: LoraParams) -> list[str]:
+    """The lora.target_modules and lora.modules_to_save names that match nothing in ``model``."""
+    problems = []
+    if isinstance(params.target_modules, list):
+        available = linear_module_names(model)
+        missing = [m for m in params.target_modules if m not in available]
+        if missing:
+            problems.append(f"lora.target_modules {missing} match no linear layer of this model; "
+                            f"its linear layers are: {', '.join(available)}")
+    if params.modules_to_save:
+        # peft matches modules_to_save by the last part(s) of a module's dotted name.
+        names = [name for name, _ in model.named_modules() if name]
+        missing = [m for m in params.modules_to_save if not any(n == m or n.endswith("." + m) for n in names)]
+        if missing:
+            top = sorted({n.rsplit(".", 1)[-1] for n in names if not n.rsplit(".", 1)[-1].isdigit()})
+            problems.append(f"lora.modules_to_save {missing} match no module of this model; "
+                            f"its module names are: {', '.join(top)}")
+    return problems
+
+
 def lora_config(params: LoraParams):
     from peft import LoraConfig
 
@@ -123,26 +143,13 @@ def add_lora(model, params: LoraParams, quantized: bool, gradient_checkpointing:
     """Freeze the base, prepare it for k-bit training and wrap it with trainable LoRA adapters.
 
     Raises:
-        UserError: lora.target_modules names modules the model does not have.
+        UserError: lora.target_modules or lora.modules_to_save name modules the model does not have.
     """
     from peft import get_peft_model, prepare_model_for_kbit_training
 
-    if isinstance(params.target_modules, list):
-        available = linear_module_names(model)
-        missing = [m for m in params.target_modules if m not in available]
-        if missing:
-            raise UserError(
-                f"lora.target_modules {missing} match no linear layer of this model; "
-                f"its linear layers are: {', '.join(available)}"
-            )
-    if params.modules_to_save:
-        # peft matches modules_to_save by the last part(s) of a module's dotted name.
-        names = [name for name, _ in model.named_modules() if name]
-        missing = [m for m in params.modules_to_save if not any(n == m or n.endswith("." + m) for n in names)]
-        if missing:
-            top = sorted({n.rsplit(".", 1)[-1] for n in names if not n.rsplit(".", 1)[-1].isdigit()})
-            raise UserError(f"lora.modules_to_save {missing} match no module of this model; "
-                            f"its module names are: {', '.join(top)}")
+    problems = lora_problems(model, params)
+    if problems:
+        raise UserError("; ".join(problems))
     ckpt_kwargs = {"use_reentrant": False}
     if quantized:
         model = prepare_model_for_kbit_training(

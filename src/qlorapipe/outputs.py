@@ -3,6 +3,8 @@
 Every output is written into a temporary sibling (``.NAME.tmp-XXXX``, same filesystem) and
 renamed into place only when complete. An exception deletes the temporary; a SIGKILL cannot,
 so each writer first removes the leftovers an earlier, killed run of it left beside its output.
+Live metrics, read while they are written, are the one exception (``live_dir``): written in
+place, each file whole, and removed if the stage fails (the previous ones come back).
 """
 
 from __future__ import annotations
@@ -63,6 +65,37 @@ def atomic_dir(path: Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def live_dir(path: Path) -> Iterator[Path]:
+    """Yield ``path`` as an empty directory that the block fills in place, while others read it.
+
+    For the one kind of output that must be readable before it is complete: live metrics, which
+    ``dvc exp show`` and DVC Studio read at their declared path while the stage runs (a temporary
+    sibling would hide them). The previous ``path`` waits in a temporary sibling meanwhile: if
+    the block fails, what it wrote is removed and the previous ``path`` comes back, so a failed
+    stage leaves nothing half-written. SIGKILL leaves what the killed block had written (the
+    writer's files, each whole) and that temporary; the next writer removes both.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sweep_leftovers(path)
+    previous = None
+    if path.exists() or path.is_symlink():
+        previous = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent)) / path.name
+        os.replace(path, previous)
+    path.mkdir()
+    try:
+        yield path
+    except BaseException:
+        shutil.rmtree(path, ignore_errors=True)
+        if previous is not None:
+            os.replace(previous, path)
+        raise
+    finally:
+        if previous is not None:
+            shutil.rmtree(previous.parent, ignore_errors=True)
 
 
 def write_text_atomic(path: Path, text: str) -> None:

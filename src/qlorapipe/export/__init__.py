@@ -1,8 +1,10 @@
 """Export step: the deliverables chosen in export.formats.
 
 ``safetensors``: the merged model with its tokenizer, record and model card (``model_card``);
-``gguf-f16`` / ``gguf-q8_0``: one GGUF file each (``gguf``), read back and compared with the
-merged model (``verify``); ``adapter``: the adapter alone, loadable with peft (``adapter``).
+``gguf-f16`` / ``gguf-q8_0``: one GGUF file each (``gguf``); ``gguf-q5_k_m`` / ``gguf-q4_k_m`` /
+``gguf-q4_0``: quantized from the f16 file by llama.cpp (``llamacpp``). Every GGUF file is run
+in llama.cpp and measured against the trained model, and gated (``gates``). ``adapter``: the
+adapter alone, loadable with peft (``adapter``).
 """
 
 from __future__ import annotations
@@ -13,10 +15,10 @@ from pathlib import Path
 
 from qlorapipe import data, fidelity
 from qlorapipe.errors import UserError
-from qlorapipe.export import gguf
+from qlorapipe.export import gguf, llamacpp
 from qlorapipe.export.adapter import write_adapter_package
 from qlorapipe.export.model_card import render_model_card
-from qlorapipe.export.verify import verify_gguf
+from qlorapipe.export.modelfile import write_modelfile
 from qlorapipe.outputs import atomic_dir, read_json, write_json
 from qlorapipe.params import ExportParams
 from qlorapipe.records import ADAPTER_RECORD, read_adapter_record
@@ -29,6 +31,7 @@ class Inputs:
     """What the export step reads."""
 
     merged: Path  # the merged model (models/merged)
+    base: Path  # the base model (models/base): base + adapter is what GGUF continuations are compared with
     adapter: Path  # the adapter (models/adapter)
     data: Path  # the prepared data: GGUF files are verified on its eval split
     data_report: Path  # metrics of the earlier stages, for the model card
@@ -77,18 +80,104 @@ def run(params: ExportParams, inputs: Inputs, out_dir: Path, metrics_path: Path)
                                                              out_dir))
         gguf_types = [f.removeprefix("gguf-") for f in params.formats if f.startswith("gguf-")]
         if gguf_types:
-            # The reference is the merged model in float32, what the GGUF files were written from.
+            # Logits are compared with the merged model in float32, what the GGUF files were written from.
             reference_model = model.float().eval()
             batches = fidelity.eval_batches(eval_set, batch_size=4, n_batches=params.verify_batches)
-            reference = fidelity.logits_on(reference_model, batches, torch.device("cpu"))
+            reference_logits = fidelity.logits_on(reference_model, batches, torch.device("cpu"))
+            prompts = llamacpp.held_out_prompts(eval_set, params.parity_prompts)
+            continuations = _trained_continuations(inputs, prompts, params.parity_tokens, tokenizer)
             (out / "gguf").mkdir()
-            for file_type in gguf_types:
+            for file_type in _writing_order(gguf_types):
                 gguf_file = out / "gguf" / f"model-{file_type}.gguf"
-                gguf.write_gguf(reference_model, inputs.merged, gguf_file, file_type)
-                export_metrics[f"gguf_{file_type}"] = verify_gguf(gguf_file, tokenizer, reference, batches)
+                if file_type in llamacpp.QUANTIZED_TYPES:
+                    llamacpp.quantize(out / "gguf" / "model-f16.gguf", gguf_file, file_type)
+                else:
+                    gguf.write_gguf(reference_model, inputs.merged, gguf_file, file_type)
+                if file_type not in gguf_types:
+                    continue
+                found = llamacpp.check_file(gguf_file, tokenizer, reference_logits, batches, prompts,
+                                            continuations, params.parity_tokens)
+                gate(params, f"gguf-{file_type}", found)
+                found["ollama_modelfile"] = _modelfile(out / "gguf" / f"model-{file_type}.Modelfile", gguf_file.name,
+                                                       tokenizer, inputs.merged)
+                export_metrics[f"gguf_{file_type}"] = found
+            if "f16" not in gguf_types:
+                (out / "gguf" / "model-f16.gguf").unlink(missing_ok=True)  # written only to quantize from
         if "adapter" in params.formats:
             write_adapter_package(inputs.adapter, read_adapter_record(inputs.adapter), tokenizer, out / "adapter",
                                   out_dir / "adapter")
     write_json(metrics_path, export_metrics)
     logger.info("Exported %s (%s) to %s", record.base_model.repo_id, ", ".join(params.formats), out_dir)
     return export_metrics
+
+
+def _modelfile(path: Path, gguf_name: str, tokenizer, merged: Path) -> bool:
+    """Write the Ollama Modelfile for ``gguf_name``; False (and a warning) when its chat template has no
+    Go template counterpart, which is no reason to withhold the GGUF file."""
+    config = merged / "generation_config.json"
+    sampling = read_json(config) if config.is_file() else None
+    try:
+        write_modelfile(path, gguf_name, tokenizer, sampling)
+    except UserError as error:
+        logger.warning("No Ollama Modelfile for %s: %s", gguf_name, error)
+        return False
+    return True
+
+
+def _writing_order(gguf_types: list[str]) -> list[str]:
+    """The GGUF files to write, f16 first when a llama.cpp quantization reads it."""
+    quantized = [t for t in gguf_types if t in llamacpp.QUANTIZED_TYPES]
+    written = [t for t in gguf_types if t not in llamacpp.QUANTIZED_TYPES]
+    if quantized and "f16" not in written:
+        written.insert(0, "f16")
+    return sorted(written, key=lambda t: t != "f16") + quantized
+
+
+def _trained_continuations(inputs: Inputs, prompts: list[list[int]], max_new_tokens: int, tokenizer) -> list:
+    """Greedy continuations of ``prompts`` by base + adapter as trained (quantized as the adapter records)."""
+    from qlorapipe.inference import load_with_adapters, pad_token_id
+    from qlorapipe.modeling import pick_device
+
+    device = pick_device()
+    loaded = load_with_adapters(inputs.base, {"trained": inputs.adapter}, device)
+    stop_ids = _stop_ids(loaded.model, tokenizer)
+    try:
+        return llamacpp.reference_continuations(loaded.model, prompts, max_new_tokens, stop_ids,
+                                                pad_token_id(tokenizer), device)
+    finally:
+        del loaded
+
+
+def _stop_ids(model, tokenizer) -> set[int]:
+    """The ids transformers stops generating on: the generation config's EOS ids and the tokenizer's."""
+    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+def gate(params: ExportParams, file_format: str, found: dict) -> None:
+    """Refuse a GGUF file that drifts from the trained model beyond the export section's gates.
+
+    Raises:
+        UserError: naming the file's format, the figure, and the gate it breaks.
+    """
+    problems = []
+    limit = float(params.max_perplexity_change[file_format])
+    if found["perplexity_change"] > limit:
+        problems.append(f"perplexity change {found['perplexity_change']:+.4f} > export.max_perplexity_change"
+                        f".{file_format} {limit}")
+    floor = float(params.min_token_agreement[file_format])
+    if found["token_agreement"] < floor:
+        problems.append(f"greedy agreement {found['token_agreement']:.3f} < export.min_token_agreement"
+                        f".{file_format} {floor}")
+    if found["stop_mismatches"] > params.max_stop_mismatches:
+        problems.append(f"{found['stop_mismatches']} prompt(s) stop where the trained model does not "
+                        f"(export.max_stop_mismatches {params.max_stop_mismatches})")
+    if not found["tokenizer_matches"]:
+        problems.append("llama.cpp splits held-out text into other token ids than the tokenizer")
+    if found["chat_template_matches"] is False:
+        problems.append("llama.cpp renders the chat template differently from transformers")
+    if problems:
+        raise UserError(f"{file_format} in llama.cpp drifts from the trained model: " + "; ".join(problems))

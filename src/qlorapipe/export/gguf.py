@@ -14,11 +14,10 @@ import json
 import logging
 from pathlib import Path
 
+from qlorapipe.compat import GGUF_ARCHITECTURES, gguf_problem
 from qlorapipe.errors import UserError
 
 logger = logging.getLogger(__name__)
-
-ARCHITECTURES = ("llama", "qwen2")
 
 # Hugging Face parameter name (after "model.layers.{i}.") -> GGUF tensor name (after "blk.{i}.").
 _BLOCK_TENSORS = {
@@ -50,7 +49,7 @@ def gguf_tensor_name(hf_name: str) -> str:
     parts = stem.split(".", 3)
     if len(parts) == 4 and parts[:2] == ["model", "layers"] and parts[3] in _BLOCK_TENSORS:
         return f"blk.{parts[2]}.{_BLOCK_TENSORS[parts[3]]}.{kind}"
-    raise UserError(f"GGUF export: no GGUF name for parameter {hf_name}; only {', '.join(ARCHITECTURES)} are supported")
+    raise UserError(f"GGUF export: no GGUF name for parameter {hf_name}; only {', '.join(GGUF_ARCHITECTURES)} are supported")
 
 
 def permute_for_rope(weight, n_head: int):
@@ -63,24 +62,18 @@ def permute_for_rope(weight, n_head: int):
 
 
 def tokenizer_metadata(model_dir: Path, vocab_size: int, architecture: str) -> dict:
-    """The tokenizer of ``model_dir`` as GGUF metadata values.
+    """The tokenizer of ``model_dir`` (one ``gguf_problem`` accepts) as GGUF metadata values.
 
     Returns:
         dict with tokens, token_types, merges, pre, special ids, add_bos and chat_template.
 
     Raises:
-        UserError: no tokenizer.json, or not a byte-level BPE tokenizer.
+        UserError: more tokens than the model has embedding rows.
     """
     from transformers import AutoTokenizer
 
-    path = Path(model_dir) / "tokenizer.json"
-    if not path.is_file():
-        raise UserError(f"GGUF export needs {path} (a fast tokenizer); save the tokenizer with the model")
-    spec = json.loads(path.read_text())
+    spec = json.loads((Path(model_dir) / "tokenizer.json").read_text())
     model = spec.get("model", {})
-    if model.get("type") != "BPE" or "ByteLevel" not in json.dumps(spec.get("decoder")):
-        raise UserError(f"GGUF export supports byte-level BPE tokenizers; {path} is {model.get('type')} "
-                        "(use export.formats without gguf-* for this model)")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     by_id = {index: token for token, index in tokenizer.get_vocab().items()}
     added = {t["id"]: t for t in spec.get("added_tokens", [])}
@@ -123,7 +116,7 @@ def _pre_tokenizer_name(pre_tokenizer: dict | None, architecture: str) -> str:
         return "smollm"  # SmolLM: single digits, then GPT-2 byte-level splitting
     if "\\\\p{N}{1,3}" in text:
         return "llama-bpe"  # Llama 3's split regex
-    return "gpt2" if '"ByteLevel"' in text else "default"
+    return "gpt-2" if '"ByteLevel"' in text else "default"
 
 
 def write_gguf(model, model_dir: Path, out_file: Path, file_type: str) -> None:
@@ -143,12 +136,10 @@ def write_gguf(model, model_dir: Path, out_file: Path, file_type: str) -> None:
 
     config = model.config
     arch = config.model_type
-    if arch not in ARCHITECTURES:
-        raise UserError(f"GGUF export supports {', '.join(ARCHITECTURES)} models; this one is {arch}")
+    why = gguf_problem(config, model_dir)
+    if why:
+        raise UserError(f"export.formats gguf-{file_type}: {why}; keep safetensors and adapter only")
     rope = dict(getattr(config, "rope_parameters", None) or {})
-    rope_type = rope.get("rope_type") or (getattr(config, "rope_scaling", None) or {}).get("rope_type", "default")
-    if rope_type != "default":
-        raise UserError(f"GGUF export: rope scaling '{rope_type}' is not supported; export safetensors instead")
     rope_theta = rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))
     n_head, n_kv = config.num_attention_heads, config.num_key_value_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_head

@@ -12,7 +12,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Literal
 
-EXPORT_FORMATS = ("safetensors", "gguf-f16", "gguf-q8_0", "adapter")
+EXPORT_FORMATS = ("safetensors", "gguf-f16", "gguf-q8_0", "gguf-q5_k_m", "gguf-q4_k_m", "gguf-q4_0", "adapter")
+GGUF_FORMATS = tuple(f for f in EXPORT_FORMATS if f.startswith("gguf-"))
 # The roles chat templates know; others are mapped with data.roles or refused (a template would
 # drop or garble them, and a conversation without an assistant turn trains nothing).
 CHAT_ROLES = ("system", "user", "assistant", "tool", "function", "ipython", "developer")
@@ -319,11 +320,23 @@ class MergeParams:
 class ExportParams:
     """The deliverable (export stage)."""
 
-    # safetensors: the merged model directory; gguf-f16 / gguf-q8_0: one GGUF file each, for
-    # llama.cpp (Llama and Qwen2 architectures); adapter: the adapter alone, for PeftModel
-    formats: list[str] = field(default_factory=lambda: list(EXPORT_FORMATS))
+    # safetensors: the merged model directory; gguf-*: one GGUF file each, for llama.cpp (Llama
+    # and Qwen2 architectures; f16 and q8_0 written here, the k-quants and q4_0 quantized from
+    # f16 by llama.cpp itself); adapter: the adapter alone, for PeftModel
+    formats: list[str] = field(default_factory=lambda: ["safetensors", "gguf-f16", "gguf-q8_0", "gguf-q4_k_m",
+                                                        "adapter"])
     max_shard_size: str = "5GB"
-    verify_batches: int = 2  # eval batches on which each GGUF file is read back and compared
+    verify_batches: int = 2  # held-out batches of 4 rows each GGUF file computes in llama.cpp
+    parity_prompts: int = 4  # held-out prompts each GGUF file continues greedily in llama.cpp
+    parity_tokens: int = 16  # tokens generated per prompt
+    # Gates per GGUF format, against the model that was trained: the largest perplexity change
+    # on the held-out rows (llama.cpp against the merged model), the smallest greedy agreement
+    # with base + adapter, and how many prompts may stop (end-of-turn) where the trained model does not.
+    max_perplexity_change: dict[str, float] = field(default_factory=lambda: {
+        "gguf-f16": 0.01, "gguf-q8_0": 0.02, "gguf-q5_k_m": 0.06, "gguf-q4_k_m": 0.12, "gguf-q4_0": 0.25})
+    min_token_agreement: dict[str, float] = field(default_factory=lambda: {
+        "gguf-f16": 0.5, "gguf-q8_0": 0.5, "gguf-q5_k_m": 0.25, "gguf-q4_k_m": 0.25, "gguf-q4_0": 0.1})
+    max_stop_mismatches: int = 0
 
     def check(self) -> list[str]:
         problems = []
@@ -334,11 +347,26 @@ class ExportParams:
             problems.append(f"export.formats is empty; choose from {', '.join(EXPORT_FORMATS)}")
         if len(set(self.formats)) != len(self.formats):
             problems.append("export.formats lists a format twice")
-        if self.verify_batches < 1:
-            problems.append(f"export.verify_batches must be at least 1, got {self.verify_batches}")
+        for name in ("verify_batches", "parity_prompts", "parity_tokens"):
+            if getattr(self, name) < 1:
+                problems.append(f"export.{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_stop_mismatches < 0:
+            problems.append(f"export.max_stop_mismatches must be >= 0, got {self.max_stop_mismatches}")
         if not SHARD_SIZE.fullmatch(self.max_shard_size.strip()):
             problems.append(f"export.max_shard_size must be a whole number and a unit, such as 5GB or 500MB, "
                             f"got {self.max_shard_size!r}")
+        for name, low, high in (("max_perplexity_change", 0.0, None), ("min_token_agreement", 0.0, 1.0)):
+            gates = getattr(self, name)
+            unknown = [k for k in gates if k not in GGUF_FORMATS]
+            if unknown:
+                problems.append(f"export.{name}: {unknown} are not GGUF formats; use {', '.join(GGUF_FORMATS)}")
+            missing = [f for f in self.formats if f in GGUF_FORMATS and f not in gates]
+            if missing:
+                problems.append(f"export.{name} has no entry for {', '.join(missing)}; add one")
+            bad = [k for k, v in gates.items() if float(v) < low or (high is not None and float(v) > high)]
+            if bad:
+                span = f"in [{low}, {high}]" if high is not None else f">= {low}"
+                problems.append(f"export.{name}: the values for {', '.join(bad)} must be {span}")
         return problems
 
 

@@ -2,13 +2,15 @@
 
 ``run`` is the recipe, read top to bottom: check the inputs, start the processes, load the
 4-bit base, add the adapters, switch on the GPU fast paths (``qlorapipe.train.fast``), train
-(``loop``) with resumable checkpoints (``checkpoints``), and write the adapter with its record,
-the metrics, the per-step history, the curves and the log. With several processes
-(``distributed``) only rank 0 writes.
+(``loop``) with resumable checkpoints (``checkpoints``), publishing each step to the live metrics
+as it is done (``live``, through dvclive), and write the adapter with its record, the metrics,
+the per-step history, the curves and the log. With several processes (``distributed``) only
+rank 0 writes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -26,7 +28,7 @@ from qlorapipe.params import (
     TrainingParams,
 )
 from qlorapipe.records import AdapterRecord, directory_digest, read_source_record, write_adapter_record
-from qlorapipe.train import checkpoints, curves, distributed, fast, loop
+from qlorapipe.train import checkpoints, curves, distributed, fast, live, loop
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +55,7 @@ class Outputs:
     curves: Path  # training curves PNG
     log: Path  # plain-text training log
     checkpoints: Path  # persisted directory of resumable checkpoints
+    live: Path  # dvclive's directory: every step's metrics, written while training runs
 
 
 def run(sections: Sections, base_dir: Path, data_dir: Path, out: Outputs, relaunch: tuple[Path, list[str]]) -> None:
@@ -113,10 +116,12 @@ def run(sections: Sections, base_dir: Path, data_dir: Path, out: Outputs, relaun
     fingerprint = checkpoints.run_fingerprint(base_dir, data_dir, quantization=sections.quantization,
                                               lora=sections.lora, training=params)
     store = checkpoints.CheckpointStore(out.checkpoints, params.checkpoint_every_steps, fingerprint, world)
-    with _progress(world.is_main) as progress:
+    publishing = live.publisher(out.live) if world.is_main else contextlib.nullcontext()
+    with _progress(world.is_main) as progress, publishing as publish:
         result = loop.train(model, train_set, eval_set, fast.training_params(params, sections.acceleration, device),
                             device, progress, checkpoints=store, processes=world, graphed=graphed,
-                            async_optimizer=sections.acceleration.async_optimizer and device.type == "cuda")
+                            async_optimizer=sections.acceleration.async_optimizer and device.type == "cuda",
+                            publish=publish)
     if graphed is not None and graphed.failed:
         logger.warning("Trained without CUDA graphs: %s", graphed.failed)
     logger.info(modeling.memory_summary(device))

@@ -17,6 +17,7 @@ import inspect
 import logging
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
 from qlorapipe.data import model_inputs
@@ -178,7 +179,7 @@ def _restore(checkpoint, model, optimizer, scheduler) -> tuple[TrainResult, dict
 
 def train(model, train_set, eval_set, params: TrainingParams, device, progress=None,
           checkpoints: CheckpointStore | None = None, processes=None, graphed=None,
-          async_optimizer: bool = False) -> TrainResult:
+          async_optimizer: bool = False, publish: Callable[[Sequence[StepRecord]], None] | None = None) -> TrainResult:
     """Train the LoRA parameters of ``model`` on ``train_set``, resuming from a checkpoint if there is one.
 
     Args:
@@ -194,6 +195,8 @@ def train(model, train_set, eval_set, params: TrainingParams, device, progress=N
             one CUDA graph (None, or a micro-batch it declines: the eager forward and backward).
         async_optimizer: step a bitsandbytes optimizer without a GPU sync per parameter
             (``make_optimizer``'s ``sync_each_parameter=False``).
+        publish: called with each step's record as soon as the step is done, and first with
+            the restored steps when resuming (``live.publisher``; None: nothing published).
 
     Returns:
         The per-step history, final losses and throughput. ``model`` holds the adapter to
@@ -220,6 +223,8 @@ def train(model, train_set, eval_set, params: TrainingParams, device, progress=N
     if latest:
         result, best = _restore(latest, inner, optimizer, scheduler)
         logger.info("Resuming from %s: %d of %d steps done", latest.path, latest.step, n_steps)
+    if publish:
+        publish(result.history)  # a resumed run's live metrics start with the steps already done
     # The data position counts the whole run's micro-batches, before they are split across ranks.
     batches = processes.shard(micro_batches(len(train_set), params.per_device_batch_size, params.seed,
                                             start=result.steps * params.gradient_accumulation_steps))
@@ -274,6 +279,8 @@ def train(model, train_set, eval_set, params: TrainingParams, device, progress=N
         if record.eval_loss is not None:
             line += f" eval_loss {record.eval_loss:.4f}"
         result.log_lines.append(line)
+        if publish:
+            publish([record])
         if progress:
             progress.update(task, advance=1, status=f"loss {step_loss:.3f} lr {learning_rate:.2e} "
                                                     f"{tokens_per_second:,.0f} tok/s")

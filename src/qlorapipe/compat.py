@@ -1,0 +1,91 @@
+"""What the chosen params can do for this base model, checked before any data is prepared.
+
+A param can be valid on its own (the check stage) and still ask what this model cannot do:
+GGUF files of an architecture the GGUF writer does not lay out, LoRA targets the model does
+not have, sequences longer than its position table, a chat format with no chat template.
+The compat stage reads the base model's config and tokenizer (no weights: the model is
+built on the meta device) and refuses every such param in one message that names the key,
+before prepare, train or export run. The steps that act on these params (train, export)
+apply the same rules again, from this module, so the two can never disagree.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from qlorapipe.errors import UserError
+from qlorapipe.modeling import lora_problems
+from qlorapipe.params import DataParams, EvaluateParams, ExportParams, LoraParams
+
+GGUF_ARCHITECTURES = ("llama", "qwen2")
+
+
+def gguf_problem(config, model_dir: Path) -> str | None:
+    """Why the GGUF writer cannot write this model, or None when it can.
+
+    Args:
+        config: the model's transformers config.
+        model_dir: the model directory (for tokenizer.json).
+    """
+    arch = config.model_type
+    if arch not in GGUF_ARCHITECTURES:
+        return f"GGUF files are written for {' and '.join(GGUF_ARCHITECTURES)} models; this one is {arch}"
+    rope = dict(getattr(config, "rope_parameters", None) or {})
+    rope_type = rope.get("rope_type") or (getattr(config, "rope_scaling", None) or {}).get("rope_type", "default")
+    if rope_type != "default":
+        return f"GGUF files are written without rope scaling; this model uses '{rope_type}'"
+    path = Path(model_dir) / "tokenizer.json"
+    if not path.is_file():
+        return f"GGUF files carry the fast tokenizer, and {path} is missing"
+    spec = json.loads(path.read_text())
+    kind = spec.get("model", {}).get("type")
+    if kind != "BPE" or "ByteLevel" not in json.dumps(spec.get("decoder")):
+        return f"GGUF files are written for byte-level BPE tokenizers; {path} is {kind}"
+    return None
+
+
+def problems(base_dir: Path, trust_remote_code: bool, data: DataParams, lora: LoraParams,
+             evaluate: EvaluateParams, export: ExportParams) -> list[str]:
+    """Every param this base model cannot honour, each naming its key and what to change."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(base_dir, trust_remote_code=trust_remote_code)
+    found = []
+    gguf = [f for f in export.formats if f.startswith("gguf-")]
+    if gguf:
+        why = gguf_problem(config, base_dir)
+        if why:
+            found.append(f"export.formats {gguf}: {why}; keep safetensors and adapter only")
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions and data.max_length > positions:
+        found.append(f"data.max_length {data.max_length} is longer than this model's {positions} positions "
+                     f"(max_position_embeddings); set it to {positions} or less")
+    tokenizer = AutoTokenizer.from_pretrained(base_dir, trust_remote_code=trust_remote_code)
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if data.format == "chat" and data.chat_template is None and not has_template:
+        found.append("data.format is chat but the tokenizer has no chat template; set data.chat_template "
+                     "to a Jinja template, or use data.format: instruction")
+    if evaluate.chat_template and not has_template:
+        found.append("evaluate.chat_template is true but the tokenizer has no chat template; set it to false")
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    return found + lora_problems(model, lora)
+
+
+def check(base_dir: Path, trust_remote_code: bool, data: DataParams, lora: LoraParams,
+          evaluate: EvaluateParams, export: ExportParams) -> None:
+    """Refuse, in one message, every param this base model cannot honour.
+
+    Raises:
+        UserError: naming each key and what to change.
+    """
+    found = problems(base_dir, trust_remote_code, data, lora, evaluate, export)
+    if found:
+        raise UserError(f"params ask what {base_dir} ({config_type(base_dir)}) cannot do: " + "; ".join(found))
+
+
+def config_type(base_dir: Path) -> str:
+    """The model_type in ``base_dir``/config.json, for messages."""
+    return json.loads((Path(base_dir) / "config.json").read_text()).get("model_type", "unknown architecture")
