@@ -23,8 +23,10 @@ install: $(BIN)/.installed
 repro: install
 	PATH="$(CURDIR)/$(BIN):$$PATH" dvc repro
 
+# Two pytest workers, each file on one (module fixtures such as the e2e project are built once):
+# much of the suite waits on interpreter start-up and DVC rather than computing.
 test: install
-	PATH="$(CURDIR)/$(BIN):$$PATH" python -m pytest -q
+	PATH="$(CURDIR)/$(BIN):$$PATH" python -m pytest -q -n 2 --dist loadfile
 
 # The experiment table with the columns that matter.
 EXP_COLUMNS := Experiment|Created|lora\.rank|lora\.alpha|quantization\.load_in|training\.learning_rate|training\.max_steps|^eval_loss|base\.perplexity|finetuned\.perplexity|merged\.max_logit_diff|tokens_per_second

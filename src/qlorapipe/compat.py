@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 from qlorapipe.errors import UserError
 from qlorapipe.modeling import lora_problems
@@ -47,31 +48,47 @@ def gguf_problem(config, model_dir: Path) -> str | None:
 
 def problems(base_dir: Path, trust_remote_code: bool, data: DataParams, lora: LoraParams,
              evaluate: EvaluateParams, export: ExportParams) -> list[str]:
-    """Every param this base model cannot honour, each naming its key and what to change."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    """Every param this base model cannot honour, each naming its key and what to change.
 
-    config = AutoConfig.from_pretrained(base_dir, trust_remote_code=trust_remote_code)
+    Reads config.json and the tokenizer's files as they are; builds the model (on the meta
+    device, no weights) only when LoRA names modules, to look them up.
+    """
+    config = SimpleNamespace(**json.loads((Path(base_dir) / "config.json").read_text()))
     found = []
     gguf = [f for f in export.formats if f.startswith("gguf-")]
     if gguf:
         why = gguf_problem(config, base_dir)
         if why:
             found.append(f"export.formats {gguf}: {why}; keep safetensors and adapter only")
-    positions = getattr(config, "max_position_embeddings", None)
+    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     if positions and data.max_length > positions:
         found.append(f"data.max_length {data.max_length} is longer than this model's {positions} positions "
                      f"(max_position_embeddings); set it to {positions} or less")
-    tokenizer = AutoTokenizer.from_pretrained(base_dir, trust_remote_code=trust_remote_code)
-    has_template = bool(getattr(tokenizer, "chat_template", None))
+    has_template = has_chat_template(base_dir)
     if data.format == "chat" and data.chat_template is None and not has_template:
         found.append("data.format is chat but the tokenizer has no chat template; set data.chat_template "
                      "to a Jinja template, or use data.format: instruction")
     if evaluate.chat_template and not has_template:
         found.append("evaluate.chat_template is true but the tokenizer has no chat template; set it to false")
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    return found + lora_problems(model, lora)
+    if isinstance(lora.target_modules, list) or lora.modules_to_save:
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(
+                AutoConfig.from_pretrained(base_dir, trust_remote_code=trust_remote_code),
+                trust_remote_code=trust_remote_code)
+        found += lora_problems(model, lora)
+    return found
+
+
+def has_chat_template(model_dir: Path) -> bool:
+    """Whether the tokenizer saved in ``model_dir`` carries a chat template (chat_template.jinja, as
+    transformers 5 saves it, or a chat_template key in tokenizer_config.json)."""
+    if (Path(model_dir) / "chat_template.jinja").is_file():
+        return True
+    config = Path(model_dir) / "tokenizer_config.json"
+    return config.is_file() and bool(json.loads(config.read_text()).get("chat_template"))
 
 
 def check(base_dir: Path, trust_remote_code: bool, data: DataParams, lora: LoraParams,
