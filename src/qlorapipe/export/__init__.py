@@ -139,13 +139,9 @@ def _trained_continuations(inputs: Inputs, prompts: list[list[int]], max_new_tok
     from qlorapipe.modeling import pick_device
 
     device = pick_device()
-    loaded = load_with_adapters(inputs.base, {"trained": inputs.adapter}, device)
-    stop_ids = _stop_ids(loaded.model, tokenizer)
-    try:
-        return llamacpp.reference_continuations(loaded.model, prompts, max_new_tokens, stop_ids,
-                                                pad_token_id(tokenizer), device)
-    finally:
-        del loaded
+    model = load_with_adapters(inputs.base, {"trained": inputs.adapter}, device).model
+    return llamacpp.reference_continuations(model, prompts, max_new_tokens, _stop_ids(model, tokenizer),
+                                            pad_token_id(tokenizer), device)
 
 
 def _stop_ids(model, tokenizer) -> set[int]:
