@@ -1,7 +1,9 @@
-"""Held-out perplexity of the 4-bit base with and without the adapter, and sample generations.
+"""The 4-bit base with and without the adapter: held-out perplexity, task scores, stopping,
+forgetting, lm-eval tasks and sample generations.
 
     python stages/evaluate.py --params params.yaml --base models/base --adapter models/adapter \
-        --data data/prepared --metrics metrics/eval.json --samples metrics/samples.json
+        --data data/prepared --metrics metrics/eval.json --samples metrics/samples.json \
+        --scores-plot metrics/eval_scores.png
 
 Reads the ``quantization`` and ``evaluate`` sections of params.yaml.
 """
@@ -24,10 +26,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--metrics", type=Path, required=True)
     parser.add_argument("--samples", type=Path, required=True, help="JSON with base and fine-tuned generations")
+    parser.add_argument("--scores-plot", type=Path, required=True, help="PNG of the figures, base beside fine-tuned")
     args = parser.parse_args(argv)
     sections = load_sections(args.params, "quantization", "evaluate")
-    evaluate.run(sections["quantization"], sections["evaluate"], args.base, args.adapter, args.data, args.metrics,
-                 args.samples)
+    evaluate.run(sections["quantization"], sections["evaluate"], args.base, args.adapter, args.data,
+                 evaluate.Outputs(args.metrics, args.samples, args.scores_plot))
 
 
 if __name__ == "__main__":

@@ -188,7 +188,8 @@ def tiny_params(model_path: Path, corpus: Path, **overrides) -> dict:
                      "early_stopping_patience": 0, "checkpoint_every_steps": 0},
         "acceleration": {},
         "distributed": {},
-        "evaluate": {"batch_size": 4, "prompts": ["Python is", "The with statement"], "max_new_tokens": 5},
+        "evaluate": {"batch_size": 4, "prompts": ["Python is", "The with statement"], "max_new_tokens": 5,
+                     "general_corpus": "builtin:python-docs", "general_batches": 2},
         "merge": {"dtype": "float32", "fidelity_batches": 2, "requantized_candidate": False},
         "export": {"formats": ["safetensors"]},
     }

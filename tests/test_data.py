@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import build_tokenizer, tiny_config
 
-from qlorapipe import data
+from qlorapipe import corpora, data
 from qlorapipe.errors import UserError
 from qlorapipe.params import DataParams
 from qlorapipe.prepare import examples, sources
@@ -319,34 +319,54 @@ def test_hub_loader_reads_a_pinned_split_offline(tmp_path, monkeypatch, tok):
 
 def _fake_chatterbot_wheel(path: Path) -> Path:
     with zipfile.ZipFile(path, "w") as archive:
-        archive.writestr(sources.CHATTERBOT_ENGLISH_DIR + "computers.yml",
+        archive.writestr(corpora.CHATTERBOT_ENGLISH_DIR + "computers.yml",
                          "categories:\n- computers\nconversations:\n- - What is a computer?\n"
                          "  - An electronic device.\n  - The thing you are using.\n- - Count?\n  - 42\n")
         archive.writestr("chatterbot_corpus/data/french/x.yml", "conversations:\n- - Bonjour\n  - Salut\n")
     return path
 
 
-def test_chatterbot_pairs_every_answer_with_its_question(tmp_path):
-    found = sources.chatterbot_records(_fake_chatterbot_wheel(tmp_path / "c.whl"))
+def test_chatterbot_pairs_every_answer_with_its_question(tmp_path, monkeypatch):
+    wheel = _fake_chatterbot_wheel(tmp_path / "c.whl")
+    monkeypatch.setattr(corpora, "fetch_chatterbot_wheel", lambda fallback: wheel)
+    found = sources.chatterbot_records()
     assert [(r.columns["instruction"], r.columns["output"]) for r in found] == [
         ("What is a computer?", "An electronic device."), ("What is a computer?", "The thing you are using."),
         ("Count?", "42")]
     assert found[0].columns["messages"][1] == {"role": "assistant", "content": "An electronic device."}
     assert found[2].where == "chatterbot:computers.yml:2"
+    assert corpora.general_texts(corpora.CHATTERBOT, "evaluate.general_corpus") == [
+        "What is a computer?\nAn electronic device.", "What is a computer?\nThe thing you are using.", "Count?\n42"]
 
 
 def test_chatterbot_wheel_is_fetched_from_the_index_and_verified(tmp_path, monkeypatch):
     monkeypatch.setenv("QLORAPIPE_CACHE", str(tmp_path))
     try:
-        wheel = sources.fetch_chatterbot_wheel()
+        wheel = corpora.fetch_chatterbot_wheel("offline")
     except UserError as exc:
         pytest.skip(f"package index unreachable: {exc}")
     digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
-    assert digest == sources.CHATTERBOT_WHEEL_SHA256
-    pairs = sources.chatterbot_records(wheel)
+    assert digest == corpora.CHATTERBOT_WHEEL_SHA256
+    pairs = corpora.chatterbot_pairs(wheel)
     assert 1500 < len(pairs) < 4000
     wheel.write_bytes(b"tampered")  # a cached file with the wrong hash is not trusted
-    assert sources.fetch_chatterbot_wheel().read_bytes() != b"tampered"
+    assert corpora.fetch_chatterbot_wheel("offline").read_bytes() != b"tampered"
+
+
+def test_general_corpus_from_local_text_and_its_errors(tmp_path):
+    (tmp_path / "a.txt").write_text("First document.\n")
+    (tmp_path / "b.txt").write_text("First document.\n")  # repeated: kept once
+    (tmp_path / "c.txt").write_text("   \n")  # blank: skipped
+    assert corpora.general_texts(str(tmp_path), "evaluate.general_corpus") == ["First document.\n"]
+    assert corpora.general_texts(corpora.PYTHON_DOCS, "k")[0].strip()
+    with pytest.raises(UserError, match="evaluate.general_corpus '.*missing' does not exist"):
+        corpora.general_texts(str(tmp_path / "missing"), "evaluate.general_corpus")
+    (tmp_path / "d.json").write_text("{}")
+    with pytest.raises(UserError, match="is not a .txt file"):
+        corpora.general_texts(str(tmp_path / "d.json"), "evaluate.general_corpus")
+    (tmp_path / "e.txt").write_bytes(b"\xff\xfe bad")
+    with pytest.raises(UserError, match="e.txt: not UTF-8 text"):
+        corpora.general_texts(str(tmp_path), "evaluate.general_corpus")
 
 
 # --- storage -------------------------------------------------------------------------
@@ -398,3 +418,33 @@ def test_packing_holds_through_the_trained_qlora_model_in_training_mode(tok, tin
             n = len(example.input_ids)
             assert torch.allclose(packed[start : start + n], alone, atol=1e-4)
             start += n
+
+
+# --- held-out prompts and references (the evaluate step's task scores) ---------------
+
+
+def test_held_out_tasks_are_the_training_prompt_and_the_last_answer(tok):
+    from qlorapipe.prepare import held_out_tasks
+
+    messages = [{"role": "user", "content": "Python is"}, {"role": "assistant", "content": "a language."},
+                {"role": "user", "content": "The with statement"}, {"role": "assistant", "content": "wraps a block."}]
+    (chat,), _ = build([{"messages": messages}], tok, format="chat", chat_template=CHAT_TEMPLATE)
+    (instruction,), _ = build([{"instruction": "Define a list", "output": "A sequence."}], tok, format="instruction")
+    (text,), _ = build([{"text": "Python is a programming language."}], tok, format="text", text_mode="document")
+    tasks = held_out_tasks([chat, instruction, text], EOS)
+    assert len(tasks) == 2  # text data has no prompt to answer
+    # The chat prompt is everything before the last answer, earlier answers included, as trained.
+    assert tok.decode(tasks[0]["prompt_ids"]) == (
+        "<|user|>Python is</s><|assistant|>a language.</s><|user|>The with statement</s><|assistant|>")
+    assert tasks[0]["prompt_ids"] + tasks[0]["reference_ids"] + [EOS] == chat.input_ids  # EOS closes, not answers
+    assert tok.decode(tasks[0]["reference_ids"]) == "wraps a block."
+    assert tok.decode(tasks[1]["prompt_ids"]) == "### Instruction:\nDefine a list\n\n### Answer:\n"
+    assert tok.decode(tasks[1]["reference_ids"]) == "A sequence."
+
+
+def test_truncated_answers_are_not_held_out_tasks(tok):
+    from qlorapipe.prepare import held_out_tasks
+
+    long = {"prompt": "Python is", "completion": " a programming language that lets you work quickly " * 3}
+    (cut,), counts = build([long], tok, format="completion", max_length=12)
+    assert counts.truncated == 1 and held_out_tasks([cut], EOS) == []

@@ -49,7 +49,8 @@ def run(tmp_path_factory, tiny_llama_dir, corpus_file):
                                        "--live", str(m / "train_live")])
     load_stage("evaluate").main(common + ["--base", str(p["base"]), "--adapter", str(p["adapter"]),
                                           "--data", str(p["prepared"]), "--metrics", str(m / "eval.json"),
-                                          "--samples", str(m / "samples.json")])
+                                          "--samples", str(m / "samples.json"),
+                                          "--scores-plot", str(m / "eval_scores.png")])
     load_stage("merge").main(common + ["--base", str(p["base"]), "--adapter", str(p["adapter"]),
                                        "--data", str(p["prepared"]), "--out", str(p["merged"]),
                                        "--metrics", str(m / "merge.json")])
@@ -75,8 +76,10 @@ def test_download_writes_a_plain_model_directory(run):
 def test_prepare_writes_train_and_eval_arrow_datasets_and_a_report(run):
     import datasets
 
-    assert _files(run["prepared"]) == [f"{split}/{f}" for split in ("eval", "train")
-                                       for f in ("data-00000-of-00001.arrow", "dataset_info.json", "state.json")]
+    assert _files(run["prepared"]) == sorted([f"{split}/{f}" for split in ("eval", "train")
+                                              for f in ("data-00000-of-00001.arrow", "dataset_info.json", "state.json")
+                                              ] + ["eval_tasks.jsonl"])
+    assert (run["prepared"] / "eval_tasks.jsonl").read_text() == ""  # text data: no prompts to answer
     report = json.loads((run["metrics"] / "data.json").read_text())
     assert set(report) == {"format", "max_length", "records", "empty_skipped", "duplicates", "truncated",
                            "dropped_too_long", "dropped_all_masked", "truncated_share", "dropped_share",
@@ -84,7 +87,8 @@ def test_prepare_writes_train_and_eval_arrow_datasets_and_a_report(run):
     assert report["train"]["examples"] + report["eval"]["examples"] == report["records"] == 60
     for split in ("train", "eval"):
         stats = report[split]
-        assert set(stats) == {"examples", "rows", "tokens", "trained_tokens", "padding_share", "tokens_dropped"}
+        assert set(stats) == {"examples", "rows", "tokens", "trained_tokens", "padding_share", "tokens_dropped"} | (
+            {"task_examples"} if split == "eval" else set())
         assert stats["rows"] * 32 + stats["tokens_dropped"] == stats["tokens"]
         dataset = datasets.load_from_disk(str(run["prepared"] / split))
         assert len(dataset) == stats["rows"]
@@ -134,9 +138,18 @@ def test_training_lowers_the_loss(run):
 
 def test_evaluate_reports_base_and_finetuned_perplexity(run):
     metrics = json.loads((run["metrics"] / "eval.json").read_text())
-    assert set(metrics) == {"base", "finetuned", "eval_tokens", "perplexity_reduction"}
+    assert set(metrics) == {"base", "finetuned", "eval_tokens", "perplexity_reduction", "general_tokens",
+                            "general_perplexity_increase"}
     for name in ("base", "finetuned"):
+        assert set(metrics[name]) == {"loss", "perplexity", "general"}  # text data: no task scores
         assert math.isclose(metrics[name]["perplexity"], math.exp(metrics[name]["loss"]), rel_tol=1e-3)
+        assert math.isclose(metrics[name]["general"]["perplexity"], math.exp(metrics[name]["general"]["loss"]),
+                            rel_tol=1e-3)
+    assert metrics["general_tokens"] == 2 * 4 * 31  # general_batches x batch_size rows of 32, each predicts 31
+    assert math.isclose(metrics["general_perplexity_increase"],
+                        metrics["finetuned"]["general"]["perplexity"] / metrics["base"]["general"]["perplexity"] - 1,
+                        abs_tol=1e-4)
+    assert (run["metrics"] / "eval_scores.png").read_bytes()[:4] == b"\x89PNG"
     assert metrics["finetuned"]["perplexity"] < metrics["base"]["perplexity"]
     samples = json.loads((run["metrics"] / "samples.json").read_text())
     assert samples["prompts"] == ["Python is", "The with statement"]

@@ -20,6 +20,10 @@ IGNORE_INDEX = -100  # the label of tokens no loss is taken on (torch cross_entr
 TRAIN_SPLIT = "train"
 EVAL_SPLIT = "eval"
 COLUMNS = ("input_ids", "labels", "position_ids")
+# The held-out examples as questions and answers (instruction, chat and completion data): one
+# JSON object per line, {"where", "prompt_ids", "reference_ids"}: the tokens the model is given,
+# exactly as in training, and the completion it was trained to produce (its closing EOS left out).
+TASKS_FILE = "eval_tasks.jsonl"
 
 
 def save_rows(input_ids: list[list[int]], labels: list[list[int]], position_ids: list[list[int]],
@@ -45,6 +49,26 @@ def save_rows(input_ids: list[list[int]], labels: list[list[int]], position_ids:
 def save_chunks(chunks: list[list[int]], out_dir: Path) -> None:
     """Write causal-LM chunks: labels are the inputs, positions run 0..len-1."""
     save_rows(chunks, chunks, [list(range(len(c))) for c in chunks], out_dir)
+
+
+def save_tasks(tasks: list[dict], out_dir: Path) -> None:
+    """Write the held-out prompts and references (``TASKS_FILE``) that ``load_tasks`` reads."""
+    lines = [json.dumps({"where": t["where"], "prompt_ids": t["prompt_ids"], "reference_ids": t["reference_ids"]})
+             for t in tasks]
+    (Path(out_dir) / TASKS_FILE).write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+
+
+def load_tasks(data_dir: Path) -> list[dict]:
+    """The held-out prompts and references; empty for text data (it has none).
+
+    Raises:
+        UserError: the prepared data predates this file (run the prepare stage again).
+    """
+    path = Path(data_dir) / TASKS_FILE
+    if not path.is_file():
+        raise UserError(f"{path}: not found; the prepared data was written by an older version: run `dvc repro -f "
+                        "prepare`")
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
 
 
 def load_split(data_dir: Path, split: str):

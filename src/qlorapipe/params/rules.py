@@ -10,7 +10,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from qlorapipe.params.sections import TrainingParams
+from qlorapipe.params.sections import (
+    DistributedParams,
+    LoraParams,
+    QuantizationParams,
+    TrainingParams,
+)
 
 
 def accumulation_problem(training: TrainingParams, num_processes: int) -> str | None:
@@ -32,6 +37,42 @@ def accumulation_problem(training: TrainingParams, num_processes: int) -> str | 
     )
 
 
+def general_corpus_problem(data_source: str, general_corpus: str | None) -> str | None:
+    """Why ``evaluate.general_corpus`` cannot measure forgetting with this training data, or None."""
+    if general_corpus is None or general_corpus != data_source:
+        return None
+    other = "builtin:python-docs" if general_corpus == "builtin:chatterbot" else "builtin:chatterbot"
+    return (f"evaluate.general_corpus is the training data ({general_corpus}), so it cannot show what was "
+            f"forgotten: set it to {other}, a local .txt file, or null")
+
+
+def lora_init_problem(lora: LoraParams, quantization: QuantizationParams) -> str | None:
+    """Why ``lora.init`` cannot start from the base ``quantization.load_in`` loads, or None."""
+    if lora.init == "pissa" and quantization.load_in != "none":
+        # peft's pissa_init refuses quantized weights: it subtracts B A from the base weight itself.
+        return (f"lora.init pissa needs a 16-bit base but quantization.load_in is {quantization.load_in}: set "
+                "quantization.load_in: none, or use lora.init: loftq with quantization.load_in: 4bit")
+    if lora.init == "loftq" and quantization.load_in != "4bit":
+        return (f"lora.init loftq fits the adapter to a 4-bit base's quantization error but quantization.load_in is "
+                f"{quantization.load_in}: set quantization.load_in: 4bit, or lora.init: default "
+                "(pissa for load_in: none)")
+    return None
+
+
+def lora_init_distributed_problem(lora: LoraParams, distributed: DistributedParams) -> str | None:
+    """Why ``lora.init`` cannot train on these processes, or None.
+
+    A PiSSA adapter is converted to a plain LoRA when it is saved (peft's save_pretrained with
+    path_initial_model_for_weight_conversion), which needs the whole adapter in one process; under
+    FSDP each rank holds a shard and the adapter is written from gathered tensors instead.
+    """
+    if lora.init == "pissa" and distributed.strategy == "fsdp" and distributed.num_processes > 1:
+        return ("lora.init pissa is not supported with distributed.strategy fsdp (the adapter is converted to a "
+                "plain LoRA from the whole model when saved): set distributed.strategy: ddp, or "
+                "distributed.num_processes: 1")
+    return None
+
+
 def cross_section_problems(sections: dict[str, Any]) -> list[str]:
     """Every problem between the sections in ``sections`` (name to dataclass); rules whose
     sections are not all there are skipped."""
@@ -41,4 +82,10 @@ def cross_section_problems(sections: dict[str, Any]) -> list[str]:
         # Values the sections' own checks refuse are reported there, not here again.
         if processes >= 1 and training.gradient_accumulation_steps >= 1:
             problems.append(accumulation_problem(training, processes))
+    if "lora" in sections and "quantization" in sections:
+        problems.append(lora_init_problem(sections["lora"], sections["quantization"]))
+    if "lora" in sections and "distributed" in sections:
+        problems.append(lora_init_distributed_problem(sections["lora"], sections["distributed"]))
+    if "data" in sections and "evaluate" in sections:
+        problems.append(general_corpus_problem(sections["data"].source, sections["evaluate"].general_corpus))
     return [p for p in problems if p]

@@ -143,9 +143,23 @@ class LoraParams:
     use_dora: bool = False  # weight-decomposed LoRA (Liu et al. 2024): a trained magnitude per output
     # modules trained in full and saved with the adapter, e.g. [lm_head] for a new vocabulary
     modules_to_save: list[str] | None = None
+    # how A and B start (docs/training.md): default (A random, B zero: the model starts as the base);
+    # loftq (4-bit base: B A starts as the best rank-r fit of the quantization error, Li et al. 2023);
+    # pissa (16-bit base: B A starts as the principal singular components, Meng et al. 2024)
+    init: Literal["default", "loftq", "pissa"] = "default"
 
     def check(self) -> list[str]:
         problems = []
+        if self.init != "default" and self.use_dora:
+            # DoRA's magnitudes are computed from A and B as peft creates them, before LoftQ replaces them;
+            # PiSSA's conversion to a plain LoRA (B A - B0 A0) is no DoRA update.
+            problems.append(f"lora.init {self.init} does not combine with lora.use_dora: set lora.use_dora to false, "
+                            "or lora.init to default")
+        if self.init == "pissa" and self.bias != "none":
+            # peft converts a PiSSA adapter by loading its initial state as a second adapter, and refuses a
+            # second adapter with biases (LoraModel: "supports only 1 adapter with bias").
+            problems.append(f"lora.init pissa does not combine with lora.bias {self.bias}: set lora.bias to none, "
+                            "or lora.init to default")
         if self.rank < 1:
             problems.append(f"lora.rank must be a positive integer, got {self.rank}")
         if self.alpha <= 0:
@@ -276,6 +290,16 @@ class EvaluateParams:
         "The capital of France is", "A Python list comprehension", "The with statement is used to"])
     max_new_tokens: int = 40
     chat_template: bool = False  # wrap prompts in the tokenizer's chat template
+    # Task scores: held-out prompts answered by base and fine-tuned, scored against the references.
+    max_examples: int = 32  # 0: no task scores
+    min_stop_share: float | None = None  # fail when fewer fine-tuned answers end with EOS/end-of-turn
+    # Forgetting: perplexity on a corpus that is not the training data.
+    general_corpus: str | None = "builtin:chatterbot"  # builtin:python-docs | builtin:chatterbot | a .txt path | null
+    general_batches: int = 8
+    max_general_perplexity_increase: float | None = None  # e.g. 0.1: fail above +10 %
+    # EleutherAI lm-eval-harness: task names, or paths to local task YAML files.
+    lm_eval_tasks: list[str] = field(default_factory=list)
+    lm_eval_limit: int | None = None  # examples per task (null: all)
 
     def check(self) -> list[str]:
         problems = []
@@ -284,6 +308,19 @@ class EvaluateParams:
         if self.max_new_tokens < 1:
             problems.append(f"evaluate.max_new_tokens must be at least 1, got {self.max_new_tokens}")
         problems += _eval_batches_problems("evaluate", self.max_eval_batches)
+        if self.max_examples < 0:
+            problems.append(f"evaluate.max_examples must be 0 (no task scores) or more, got {self.max_examples}")
+        if self.min_stop_share is not None and not 0 <= self.min_stop_share <= 1:
+            problems.append(f"evaluate.min_stop_share must be between 0 and 1 (or null), got {self.min_stop_share}")
+        if self.general_batches < 1:
+            problems.append(f"evaluate.general_batches must be at least 1, got {self.general_batches}")
+        if self.max_general_perplexity_increase is not None and self.max_general_perplexity_increase < 0:
+            problems.append("evaluate.max_general_perplexity_increase must be 0 or more (or null), got "
+                            f"{self.max_general_perplexity_increase}")
+        if self.lm_eval_limit is not None and self.lm_eval_limit < 1:
+            problems.append(f"evaluate.lm_eval_limit must be at least 1 (or null: all), got {self.lm_eval_limit}")
+        if len(set(self.lm_eval_tasks)) != len(self.lm_eval_tasks):
+            problems.append(f"evaluate.lm_eval_tasks names a task twice: {self.lm_eval_tasks}")
         return problems
 
 

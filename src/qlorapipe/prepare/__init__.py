@@ -83,12 +83,32 @@ def run(params: DataParams, base_dir: Path, out: Outputs) -> dict:
                 raise UserError(f"the {split} split has {tokens} tokens, fewer than data.max_length="
                                 f"{params.max_length}: lower data.max_length or add data")
             data.save_rows(split_rows.input_ids, split_rows.labels, split_rows.position_ids, prepared / split)
+            if split == data.EVAL_SPLIT:
+                data.save_tasks(held_out_tasks(split_examples, tokenizer.eos_token_id), prepared)
             stats = data_report[split] = report.split_report(split_examples, split_rows, tail)
             logger.info("%s: %d examples, %d tokens (%d trained) in %d rows of %d tokens, %.1f%% padding",
                         split, len(split_examples), stats["tokens"], stats["trained_tokens"],
                         len(split_rows.input_ids), len(split_rows.input_ids[0]), 100 * stats["padding_share"])
+    data_report["eval"]["task_examples"] = len(held_out_tasks(eval_examples, tokenizer.eos_token_id))
     histogram = report.length_histogram(counts.lengths, params.max_length)
     report.write_histogram_csv(histogram, out.lengths)
     report.plot_histogram(histogram, params.max_length, out.lengths_plot)
     write_json(out.report, data_report)
     return data_report
+
+
+def held_out_tasks(eval_examples: list[examples.Example], eos: int | None) -> list[dict]:
+    """The held-out examples whose whole completion survived, as prompt and reference tokens.
+
+    The reference ends before its first EOS (the model's signal to stop, not part of the answer).
+    """
+    tasks = []
+    for example in eval_examples:
+        if example.completion is None or example.completion[0] == 0:
+            continue
+        start, end = example.completion
+        reference = example.input_ids[start:end]
+        if eos in reference:
+            reference = reference[: reference.index(eos)]
+        tasks.append({"where": example.where, "prompt_ids": example.input_ids[:start], "reference_ids": reference})
+    return tasks

@@ -54,6 +54,9 @@ class Example:
     labels: list[int]
     where: str
     length_before_truncation: int
+    # Where the last completion lies in input_ids (instruction, chat and completion formats,
+    # when nothing of it was truncated): the evaluate step asks for it from what precedes it.
+    completion: tuple[int, int] | None = None
 
 
 @dataclass
@@ -251,18 +254,20 @@ def build_examples(records: list[Record], tokenizer, params: DataParams) -> tupl
     mask_prompt = params.completion_only_loss and params.format != "text"
     examples = []
     for where, segments in rendered:
-        ids, labels, last_trained_start = [], [], 0
+        ids, labels, last_trained_start, last_trained_end = [], [], 0, 0
         for text, trained in segments:
             piece = encoded[text]
             if trained:
-                last_trained_start = len(ids)
+                last_trained_start, last_trained_end = len(ids), len(ids) + len(piece)
             ids += piece
             labels += piece if (trained or not mask_prompt) else [IGNORE_INDEX] * len(piece)
         ids, labels = _end_with_one_eos(ids, labels, last_trained_start, eos)
+        shift = 0
         if add_bos and ids[:1] != [bos]:
-            ids, labels = [bos] + ids, [IGNORE_INDEX] + labels
+            ids, labels, shift = [bos] + ids, [IGNORE_INDEX] + labels, 1
         while len(ids) > 1 and ids[0] == ids[1] == bos:  # a template that writes BOS itself
-            ids, labels = ids[1:], labels[1:]
+            ids, labels, shift = ids[1:], labels[1:], shift - 1
+        completion = (last_trained_start + shift, min(last_trained_end + shift, len(ids)))
         counts.lengths.append(len(ids))
         length = len(ids)
         if length > params.max_length:
@@ -273,12 +278,13 @@ def build_examples(records: list[Record], tokenizer, params: DataParams) -> tupl
             counts.truncated += 1
             counts.first_too_long = counts.first_too_long or where
             ids, labels = ids[: params.max_length], labels[: params.max_length]
+            completion = None
         # labels[0] is never a target (nothing precedes it): it does not count.
         if all(label == IGNORE_INDEX for label in labels[1:]):
             counts.dropped_all_masked += 1
             counts.first_all_masked = counts.first_all_masked or where
             continue
-        examples.append(Example(ids, labels, where, length))
+        examples.append(Example(ids, labels, where, length, completion if params.format != "text" else None))
     _check_counts(counts, len(rendered), params)
     counts.examples = len(examples)
     return examples, counts

@@ -19,22 +19,16 @@ import csv
 import io
 import json
 import logging
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from qlorapipe import corpora
 from qlorapipe.errors import UserError
 from qlorapipe.params import DataParams
-from qlorapipe.pinned_wheels import fetch_pinned_wheel
 
 logger = logging.getLogger(__name__)
 
 LOCAL_SUFFIXES = (".txt", ".jsonl", ".json", ".csv", ".parquet")
-
-CHATTERBOT_WHEEL = "chatterbot-corpus==1.3.3"
-CHATTERBOT_WHEEL_FILE = "chatterbot_corpus-1.3.3-py2.py3-none-any.whl"
-CHATTERBOT_WHEEL_SHA256 = "86de5300afb9a80826386339d3bec79c0a72eb0358abb8327e2ecef5ae0ce154"
-CHATTERBOT_ENGLISH_DIR = "chatterbot_corpus/data/english/"
 
 
 @dataclass(frozen=True)
@@ -58,7 +52,7 @@ def load_records(params: DataParams) -> tuple[list[Record], str]:
     if params.source == "builtin:python-docs":
         return python_docs_records(), "builtin:python-docs"
     if params.source == "builtin:chatterbot":
-        return chatterbot_records(fetch_chatterbot_wheel()), "builtin:chatterbot"
+        return chatterbot_records(), "builtin:chatterbot"
     if params.source == "local":
         return list(_read_local(Path(params.path).expanduser())), params.path
     return _read_hub(params), f"hub:{params.path}"
@@ -66,50 +60,20 @@ def load_records(params: DataParams) -> tuple[list[Record], str]:
 
 def python_docs_records() -> list[Record]:
     """The Python reference manual's topic texts, one record per topic."""
-    from pydoc_data.topics import topics
-
-    return [Record({"text": topics[key]}, f"builtin:python-docs:{key}") for key in sorted(topics)]
+    return [Record({"text": text}, f"builtin:python-docs:{key}") for key, text in corpora.python_docs()]
 
 
-# --- chatterbot-corpus -------------------------------------------------------------------
+def chatterbot_records() -> list[Record]:
+    """One record per chatterbot (question, answer) pair.
 
-
-def fetch_chatterbot_wheel() -> Path:
-    """The chatterbot-corpus wheel, fetched without its dependencies and verified (pinned_wheels)."""
-    return fetch_pinned_wheel(
-        CHATTERBOT_WHEEL, CHATTERBOT_WHEEL_FILE, CHATTERBOT_WHEEL_SHA256, "0.33 MiB",
-        "check network access to PyPI, or set data.source: local with data.path",
-    )
-
-
-def chatterbot_records(wheel: Path) -> list[Record]:
-    """Question/answer records from the English YAML files inside the wheel (a zip).
-
-    Each conversation in the corpus is a question followed by one or more alternative
-    answers; each (question, answer) pair becomes one record. The record carries every
-    column spelling the formats read, so any of chat, instruction or completion works.
+    The record carries every column spelling the formats read, so any of chat, instruction
+    or completion works.
     """
-    import yaml
-
-    records = []
-    with zipfile.ZipFile(wheel) as archive:
-        names = sorted(n for n in archive.namelist()
-                       if n.startswith(CHATTERBOT_ENGLISH_DIR) and n.endswith((".yml", ".yaml")))
-        for name in names:
-            document = yaml.safe_load(archive.read(name).decode("utf-8")) or {}
-            for number, conversation in enumerate(document.get("conversations") or [], start=1):
-                if not isinstance(conversation, list) or len(conversation) < 2:
-                    continue
-                # YAML turns answers such as "42" or "yes" into numbers or booleans.
-                question, *answers = [str(turn).strip() for turn in conversation]
-                for answer in answers:
-                    records.append(Record({
-                        "messages": [{"role": "user", "content": question},
-                                     {"role": "assistant", "content": answer}],
-                        "instruction": question, "input": "", "output": answer,
-                        "prompt": question, "completion": answer,
-                    }, f"chatterbot:{Path(name).name}:{number}"))
-    return records
+    wheel = corpora.fetch_chatterbot_wheel("check network access to PyPI, or set data.source: local with data.path")
+    return [Record({"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}],
+                    "instruction": question, "input": "", "output": answer,
+                    "prompt": question, "completion": answer}, where)
+            for where, question, answer in corpora.chatterbot_pairs(wheel)]
 
 
 # --- local files -------------------------------------------------------------------------

@@ -1,11 +1,11 @@
 """Train step: quantize-load the base, add LoRA adapters, train them, write the adapter (QLoRA).
 
 ``run`` is the recipe, read top to bottom: check the inputs, start the processes, load the
-4-bit base, add the adapters, switch on the GPU fast paths (``qlorapipe.train.fast``), train
-(``loop``) with resumable checkpoints (``checkpoints``), publishing each step to the live metrics
-as it is done (``live``, through dvclive), and write the adapter with its record, the metrics,
-the per-step history, the curves and the log. With several processes (``distributed``) only
-rank 0 writes.
+4-bit base, add the adapters (started as ``lora.init`` says: ``adapter_init``), switch on the
+GPU fast paths (``qlorapipe.train.fast``), train (``loop``) with resumable checkpoints
+(``checkpoints``), publishing each step to the live metrics as it is done (``live``, through
+dvclive), and write the adapter with its record, the metrics, the per-step history, the curves
+and the log. With several processes (``distributed``) only rank 0 writes.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from pathlib import Path
 
 from qlorapipe import data, modeling
 from qlorapipe.console import console
+from qlorapipe.errors import UserError
 from qlorapipe.outputs import atomic_dir, write_json, write_text_atomic
 from qlorapipe.params import (
     AccelerationParams,
@@ -26,9 +27,11 @@ from qlorapipe.params import (
     LoraParams,
     QuantizationParams,
     TrainingParams,
+    lora_init_distributed_problem,
+    lora_init_problem,
 )
 from qlorapipe.records import AdapterRecord, directory_digest, read_source_record, write_adapter_record
-from qlorapipe.train import checkpoints, curves, distributed, fast, live, loop
+from qlorapipe.train import adapter_init, checkpoints, curves, distributed, fast, live, loop
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +76,11 @@ def run(sections: Sections, base_dir: Path, data_dir: Path, out: Outputs, relaun
         UserError: bad inputs, a diverged loss, or a failed process.
     """
     params, dist = sections.training, sections.distributed
+    # The rules params.yaml's loading applies, for callers that build the sections themselves.
+    for problem in (lora_init_problem(sections.lora, sections.quantization),
+                    lora_init_distributed_problem(sections.lora, dist)):
+        if problem:
+            raise UserError(problem)
     if distributed.needs_launch(dist):
         distributed.relaunch(dist, *relaunch)
         return
@@ -93,8 +101,19 @@ def run(sections: Sections, base_dir: Path, data_dir: Path, out: Outputs, relaun
     model, compute_dtype = modeling.load_base_model(base_dir, sections.quantization, device,
                                                     trust_remote_code=source.trust_remote_code,
                                                     shardable_4bit=distributed.shards_weights(dist))
+    adding = time.perf_counter()
     model = modeling.add_lora(model, sections.lora, sections.quantization.load_in != "none",
                               params.gradient_checkpointing)
+    # PiSSA made the base weights a residual, which checkpoints do not hold: a resumed run must
+    # recompute the same one, and the adapter is saved converted from its initial state.
+    init_digest = pissa_initial = None
+    if sections.lora.init == "loftq":
+        adapter_init.replace_with_loftq(model, base_dir)
+    elif sections.lora.init == "pissa":
+        logger.info("PiSSA: the adapters start from the base's principal components, the base weights are the "
+                    "residual (%.1f s)", time.perf_counter() - adding)
+        init_digest = adapter_init.pissa_digest(model)
+        pissa_initial = adapter_init.initial_adapter(model) if world.is_main else None
     fast.apply(model, sections.acceleration, device, compute_dtype)  # GPU fast paths; the CPU path is unchanged
     graphed = fast.graphed_step(model, sections.acceleration, device, world.num_processes)
     _, first = next(loop.micro_batches(len(train_set), params.per_device_batch_size, params.seed))
@@ -115,7 +134,8 @@ def run(sections: Sections, base_dir: Path, data_dir: Path, out: Outputs, relaun
 
     fingerprint = checkpoints.run_fingerprint(base_dir, data_dir, quantization=sections.quantization,
                                               lora=sections.lora, training=params)
-    store = checkpoints.CheckpointStore(out.checkpoints, params.checkpoint_every_steps, fingerprint, world)
+    store = checkpoints.CheckpointStore(out.checkpoints, params.checkpoint_every_steps, fingerprint, world,
+                                        init_digest=init_digest)
     publishing = live.publisher(out.live) if world.is_main else contextlib.nullcontext()
     with _progress(world.is_main) as progress, publishing as publish:
         result = loop.train(model, train_set, eval_set, fast.training_params(params, sections.acceleration, device),
@@ -134,7 +154,10 @@ def run(sections: Sections, base_dir: Path, data_dir: Path, out: Outputs, relaun
                            quantization=sections.quantization, lora=sections.lora, training=params)
     with atomic_dir(out.adapter) as adapter_dir:
         sort_target_modules(world.unwrap(model))
-        world.save_adapter(model, adapter_dir, state_dict)
+        if pissa_initial is not None:  # a plain LoRA of rank 2r on the original base (lora.init pissa)
+            adapter_init.save_pissa_as_lora(world.unwrap(model), adapter_dir, pissa_initial)
+        else:
+            world.save_adapter(model, adapter_dir, state_dict)
         write_adapter_record(adapter_dir, record)
     metrics = {
         "train_loss": round(result.final_train_loss, 5),

@@ -10,8 +10,9 @@ continue as if it had never stopped:
 - ``optimizer.safetensors`` + ``optimizer.json`` and ``rng.safetensors`` + ``rng.json``:
   optimizer and RNG states (python, numpy, torch CPU, CUDA), tensors in safetensors and the
   structure around them in JSON, so nothing is unpickled on resume;
-- ``state.json``: step, data position, scheduler state, history, best eval loss, and the
-  fingerprint of the params and data that made it.
+- ``state.json``: step, data position, scheduler state, history, best eval loss, the
+  fingerprint of the params and data that made it, and (lora.init pissa) the digest of the
+  residual base weights it trained on, which a resumed run must recompute to the bit.
 
 With several processes (qlorapipe.train.distributed) a checkpoint is still one directory, written by
 all ranks together into one temporary directory that rank 0 completes with ``state.json`` and
@@ -174,14 +175,19 @@ class CheckpointStore:
         run_fingerprint: :func:`fingerprint` of everything that determines the result.
         processes: the distributed.SingleProcess / AcceleratedProcesses of this rank (None:
             one process). With several, every method is called by every rank together.
+        init_digest: a digest of frozen weights the run computed before training and a checkpoint
+            does not hold (lora.init pissa's residual base, ``adapter_init.pissa_digest``), or None.
+            A checkpoint made from other such weights is refused, not resumed.
     """
 
-    def __init__(self, directory: Path, every_steps: int, run_fingerprint: str, processes=None):
+    def __init__(self, directory: Path, every_steps: int, run_fingerprint: str, processes=None,
+                 init_digest: str | None = None):
         self.directory = Path(directory)
         self.every_steps = every_steps
         self.fingerprint = run_fingerprint
         self.processes = processes or SingleProcess(None)
         self.layout = layout(self.processes)
+        self.init_digest = init_digest
 
     def due(self, step: int, last: bool) -> bool:
         """Whether to write a checkpoint after ``step`` (always after the last step, when enabled)."""
@@ -195,7 +201,8 @@ class CheckpointStore:
 
         Raises:
             UserError: the newest checkpoint of this run was written by another process layout
-                (FSDP shards) than this run's; that checkpoint is kept.
+                (FSDP shards) than this run's, or from other initial weights (``init_digest``);
+                that checkpoint is kept.
         """
         processes = self.processes
         if not processes.is_main:
@@ -216,6 +223,13 @@ class CheckpointStore:
                 f"{'fsdp' if written['sharded'] else 'ddp'}"
                 + (f" and distributed.num_processes to {written['num_processes']}" if written["sharded"] else "")
                 + f", or delete {self.directory} to start over"
+            )
+        made_from = found.state.get("init_sha256")
+        if made_from != self.init_digest:
+            raise UserError(
+                f"{found.path} was trained from a PiSSA residual base (sha256 {str(made_from)[:12]}) that this run "
+                f"did not recompute (sha256 {str(self.init_digest)[:12]}: another device or library version gives "
+                f"another SVD); resume it where it was made, or delete {self.directory} to start over"
             )
         own = found.path / _rank_dir(processes.rank)
         if written["sharded"]:
@@ -270,7 +284,7 @@ class CheckpointStore:
         """
         path = self.directory / f"{_PREFIX}{step:06d}"
         record = {**state, "step": step, "format": FORMAT_VERSION, "fingerprint": self.fingerprint,
-                  "layout": self.layout}
+                  "layout": self.layout, "init_sha256": self.init_digest}
         if self.processes.num_processes > 1:
             self._save_together(path, model, optimizer, record, best)
         else:

@@ -1,0 +1,103 @@
+"""Task scores: held-out prompts answered greedily, scored against the references, and whether answers stop.
+
+The prompts are the held-out examples' own tokens up to their last completion (prepare writes
+them, ``data.TASKS_FILE``), so each model is asked exactly what it was trained to answer. An
+answer ends at the first end-of-sequence or end-of-turn token the model's generation config
+names; one that runs to ``evaluate.max_new_tokens`` without it did not stop by itself, the most
+common silent failure of instruction tuning.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One generated answer: its tokens (the stop token left out) and whether the model stopped."""
+
+    ids: list[int]
+    stopped: bool
+
+
+def stop_token_ids(model, tokenizer) -> set[int]:
+    """The tokens that end an answer: the generation config's EOS ids (end of turn included) and the tokenizer's."""
+    ids = set()
+    config = getattr(model, "generation_config", None)
+    eos = getattr(config, "eos_token_id", None)
+    for value in eos if isinstance(eos, list) else [eos]:
+        if value is not None:
+            ids.add(int(value))
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return ids
+
+
+def generate_answers(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int, device,
+                     stop_ids: set[int], advance=None) -> list[Answer]:
+    """Greedy answers to token-id prompts, in batches of similar length (left-padded).
+
+    Args:
+        advance: called with the number of prompts done after each batch (progress).
+    """
+    import torch
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stop_ids)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    answers: list[Answer | None] = [None] * len(prompts)
+    model.eval()
+    for first in range(0, len(order), batch_size):
+        batch = order[first : first + batch_size]
+        width = max(len(prompts[i]) for i in batch)
+        input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        attention = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, i in enumerate(batch):
+            input_ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i])
+            attention[row, width - len(prompts[i]):] = 1
+        with torch.no_grad():
+            generated = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
+                                       max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
+                                       eos_token_id=sorted(stop_ids), use_cache=True)
+        for row, i in enumerate(batch):
+            new = generated[row, width:].tolist()
+            end = next((k for k, token in enumerate(new) if token in stop_ids), None)
+            answers[i] = Answer(new if end is None else new[:end], end is not None)
+        if advance is not None:
+            advance(len(batch))
+    return answers
+
+
+def _normalise(text: str) -> str:
+    return " ".join(text.split())
+
+
+def scores(answers: list[str], references: list[str]) -> dict:
+    """Exact match and ROUGE-L F1 (shares, 0-1), corpus BLEU and chrF (0-100, sacrebleu's scale).
+
+    Texts are compared with runs of whitespace collapsed; ROUGE-L uses rouge-score's default
+    tokenizer (lower case, letters and digits), BLEU and chrF sacrebleu's defaults, so the
+    figures are comparable with papers that use those libraries.
+    """
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
+    answers, references = [_normalise(a) for a in answers], [_normalise(r) for r in references]
+    scorer = rouge_scorer.RougeScorer(["rougeL"])
+    rouge = [scorer.score(ref, ans)["rougeL"].fmeasure for ans, ref in zip(answers, references)]
+    n = len(answers)
+    return {
+        "exact_match": round(sum(a == r for a, r in zip(answers, references)) / n, 5),
+        "rouge_l": round(sum(rouge) / n, 5),
+        "bleu": round(sacrebleu.corpus_bleu(answers, [references]).score, 3),
+        "chrf": round(sacrebleu.corpus_chrf(answers, [references]).score, 3),
+    }
+
+
+def task_metrics(answers: list[Answer], answer_texts: list[str], references: list[str]) -> dict:
+    """One model's row: the scores, the share of answers that stopped, and their mean length in tokens."""
+    n = len(answers)
+    return {
+        **scores(answer_texts, references),
+        "stop_share": round(sum(a.stopped for a in answers) / n, 5),
+        "mean_answer_tokens": round(sum(len(a.ids) for a in answers) / n, 2),
+    }
