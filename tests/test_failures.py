@@ -195,7 +195,7 @@ def test_what_the_model_cannot_do_is_refused_before_prepare_naming_each_key(tmp_
     args = _compat(tmp_path, tiny_neox_base, export={"formats": ["safetensors", "gguf-q8_0"]},
                    lora={"target_modules": ["q_proj", "v_proj"], "modules_to_save": ["embed_tokens"]},
                    data={"source": "builtin:chatterbot", "max_length": 1024, "format": "chat"},
-                   evaluate={"chat_template": True})
+                   evaluate={"chat_template": True, "general_corpus": "builtin:python-docs"})
     result = subprocess.run([sys.executable, str(ROOT / "stages/compat.py"), *args], capture_output=True, text=True,
                             check=False)
     assert result.returncode == 1 and "Traceback" not in result.stderr
