@@ -121,6 +121,18 @@ def corpus_file(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, tiny_llama_dir, corpus_file) -> Path:
+    """models/base and data/prepared of the tiny model, made by the real download and prepare stages."""
+    work = tmp_path_factory.mktemp("prepared")
+    params = write_params(work / "params.yaml", tiny_params(tiny_llama_dir, corpus_file))
+    load_stage("download").main(["--params", str(params), "--out", str(work / "models/base")])
+    load_stage("prepare").main(["--params", str(params), "--base", str(work / "models/base"),
+                                "--out", str(work / "data/prepared"), "--report", str(work / "data.json"),
+                                "--lengths", str(work / "lengths.csv"), "--lengths-plot", str(work / "lengths.png")])
+    return work
+
+
 def tiny_lora_model(model_dir: Path, device="cpu", dropout: float = 0.0, gradient_checkpointing: bool = True,
                     load_in: str = "4bit", seed: int = 0):
     """A tiny model quantized as ``load_in`` with rank-8 LoRA on every linear layer, in training mode.

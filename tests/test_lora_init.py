@@ -210,18 +210,6 @@ def test_the_supported_combinations_load(tmp_path, text):
 # ---- the train step ----------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory, tiny_llama_dir, corpus_file) -> Path:
-    """models/base and data/prepared of the tiny model, made by the real download and prepare stages."""
-    work = tmp_path_factory.mktemp("prepared")
-    params = write_params(work / "params.yaml", tiny_params(tiny_llama_dir, corpus_file))
-    load_stage("download").main(["--params", str(params), "--out", str(work / "models/base")])
-    load_stage("prepare").main(["--params", str(params), "--base", str(work / "models/base"),
-                                "--out", str(work / "data/prepared"), "--report", str(work / "data.json"),
-                                "--lengths", str(work / "lengths.csv"), "--lengths-plot", str(work / "lengths.png")])
-    return work
-
-
 @pytest.mark.parametrize(("init", "load_in"), [("loftq", "4bit"), ("pissa", "none")])
 def test_the_train_step_saves_an_adapter_that_reproduces_the_trained_model_on_the_original_base(
         prepared, tmp_path, tiny_llama_dir, corpus_file, caplog, init, load_in):

@@ -33,18 +33,6 @@ RESUME_OVERRIDES = {
 }
 
 
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory, tiny_llama_dir, corpus_file) -> Path:
-    """models/base and data/prepared of the tiny model, made by the real download and prepare stages."""
-    work = tmp_path_factory.mktemp("prepared")
-    params = write_params(work / "params.yaml", tiny_params(tiny_llama_dir, corpus_file))
-    load_stage("download").main(["--params", str(params), "--out", str(work / "models/base")])
-    load_stage("prepare").main(["--params", str(params), "--base", str(work / "models/base"),
-                                "--out", str(work / "data/prepared"), "--report", str(work / "data.json"),
-                                "--lengths", str(work / "lengths.csv"), "--lengths-plot", str(work / "lengths.png")])
-    return work
-
-
 def _train_args(prepared: Path, work: Path) -> list[str]:
     return train_args(work / "params.yaml", prepared / "models/base", prepared / "data/prepared", work)
 
