@@ -136,3 +136,9 @@ def test_the_training_data_is_no_general_corpus(tmp_path):
                                                    "evaluate": {"general_corpus": "builtin:chatterbot"}})
     with pytest.raises(UserError, match="evaluate.general_corpus is the training data .* set it to builtin:python-docs"):
         load_sections(path, "data", "evaluate")
+
+
+def test_an_empty_sample_prompt_is_refused_when_params_load(tmp_path):
+    path = write_params(tmp_path / "params.yaml", {"evaluate": {"prompts": ["Python is", "  "]}})
+    with pytest.raises(UserError, match=r"evaluate.prompts \[1\] \(0-based\) are empty"):
+        load_sections(path, "evaluate")

@@ -237,3 +237,25 @@ def test_the_export_step_refuses_gguf_with_the_same_rule(tmp_path, tiny_neox_bas
                                         r"models; this one is gpt_neox"):
         write_gguf(model, tiny_neox_base, tmp_path / "m.gguf", "f16")
     assert not (tmp_path / "m.gguf").exists()
+
+
+def test_a_figure_that_is_not_a_number_fails_every_gate():
+    """Logits that overflow the merged dtype come back as NaN, and NaN compares false to every
+    bound: each gate must read that as failing, not passing."""
+    from qlorapipe import export
+    from qlorapipe.evaluate import gate_problems
+    from qlorapipe.fidelity import Fidelity
+    from qlorapipe.merge import gate
+    from qlorapipe.params import EvaluateParams, ExportParams, MergeParams
+
+    nan = float("nan")
+    found = gate.problems(Fidelity(nan, nan, nan, 10.0), MergeParams())
+    assert [f.split(" >")[0].split(" exceeds")[0] for f in found] == [
+        "max logit difference nan", "mean logit difference nan", "perplexity change +nan"]
+    with pytest.raises(UserError, match="perplexity change \\+nan > export.max_perplexity_change.gguf-f16"):
+        export.gate(ExportParams(), "gguf-f16", {"perplexity_change": nan, "token_agreement": 1.0,
+                                                 "stop_mismatches": 0, "tokenizer_matches": True,
+                                                 "chat_template_matches": True})
+    [problem] = gate_problems(EvaluateParams(max_general_perplexity_increase=0.1),
+                              {"finetuned": {}, "general_perplexity_increase": nan})
+    assert "evaluate.max_general_perplexity_increase=0.1" in problem

@@ -173,7 +173,7 @@ def gate_problems(params: EvaluateParams, metrics: dict) -> list[str]:
             "token (data.format, data.chat_template), train longer, or raise evaluate.max_new_tokens")
     increase = metrics.get("general_perplexity_increase")
     limit = params.max_general_perplexity_increase
-    if limit is not None and increase is not None and increase > limit:
+    if limit is not None and increase is not None and not increase <= limit:  # NaN fails too
         problems.append(
             f"perplexity on {params.general_corpus} rose {increase:+.1%} with the adapter "
             f"(evaluate.max_general_perplexity_increase={limit}): the fine-tune forgets; lower "

@@ -161,11 +161,11 @@ def gate(params: ExportParams, file_format: str, found: dict) -> None:
     """
     problems = []
     limit = float(params.max_perplexity_change[file_format])
-    if found["perplexity_change"] > limit:
+    if not found["perplexity_change"] <= limit:  # NaN (overflowed logits) fails too
         problems.append(f"perplexity change {found['perplexity_change']:+.4f} > export.max_perplexity_change"
                         f".{file_format} {limit}")
     floor = float(params.min_token_agreement[file_format])
-    if found["token_agreement"] < floor:
+    if not found["token_agreement"] >= floor:
         problems.append(f"greedy agreement {found['token_agreement']:.3f} < export.min_token_agreement"
                         f".{file_format} {floor}")
     if found["stop_mismatches"] > params.max_stop_mismatches:

@@ -308,6 +308,9 @@ class EvaluateParams:
         if self.max_new_tokens < 1:
             problems.append(f"evaluate.max_new_tokens must be at least 1, got {self.max_new_tokens}")
         problems += _eval_batches_problems("evaluate", self.max_eval_batches)
+        empty = [i for i, prompt in enumerate(self.prompts) if not str(prompt).strip()]
+        if empty:
+            problems.append(f"evaluate.prompts {empty} (0-based) are empty: write a prompt there or remove the entry")
         if self.max_examples < 0:
             problems.append(f"evaluate.max_examples must be 0 (no task scores) or more, got {self.max_examples}")
         if self.min_stop_share is not None and not 0 <= self.min_stop_share <= 1:

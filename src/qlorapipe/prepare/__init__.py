@@ -89,7 +89,11 @@ def run(params: DataParams, base_dir: Path, out: Outputs) -> dict:
             logger.info("%s: %d examples, %d tokens (%d trained) in %d rows of %d tokens, %.1f%% padding",
                         split, len(split_examples), stats["tokens"], stats["trained_tokens"],
                         len(split_rows.input_ids), len(split_rows.input_ids[0]), 100 * stats["padding_share"])
-    data_report["eval"]["task_examples"] = len(held_out_tasks(eval_examples, tokenizer.eos_token_id))
+    data_report["eval"]["task_examples"] = n_tasks = len(held_out_tasks(eval_examples, tokenizer.eos_token_id))
+    if params.format != "text" and n_tasks < len(eval_examples):
+        logger.warning("%d of %d held-out examples have no prompt before their answer or a truncated answer: the "
+                       "evaluate stage scores the other %d (raise data.max_length to keep long ones)",
+                       len(eval_examples) - n_tasks, len(eval_examples), n_tasks)
     histogram = report.length_histogram(counts.lengths, params.max_length)
     report.write_histogram_csv(histogram, out.lengths)
     report.plot_histogram(histogram, params.max_length, out.lengths_plot)
