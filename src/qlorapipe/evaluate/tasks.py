@@ -42,7 +42,7 @@ def generate_answers(model, tokenizer, prompts: list[list[int]], max_new_tokens:
     """
     import torch
 
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stop_ids)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stop_ids, default=0)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     answers: list[Answer | None] = [None] * len(prompts)
     model.eval()
@@ -57,7 +57,7 @@ def generate_answers(model, tokenizer, prompts: list[list[int]], max_new_tokens:
         with torch.no_grad():
             generated = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
                                        max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
-                                       eos_token_id=sorted(stop_ids), use_cache=True)
+                                       eos_token_id=sorted(stop_ids) or None, use_cache=True)
         for row, i in enumerate(batch):
             new = generated[row, width:].tolist()
             end = next((k for k, token in enumerate(new) if token in stop_ids), None)
