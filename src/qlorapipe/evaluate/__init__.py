@@ -105,12 +105,12 @@ def run(quant: QuantizationParams, params: EvaluateParams, base_dir: Path, adapt
                                                     params.chat_template)
                 if held_out:
                     bar = progress.add_task(f"{name}: answers", total=len(held_out))
-                    answers[name] = tasks.generate_answers(
+                    generated = tasks.generate_answers(
                         model, tokenizer, [t["prompt_ids"] for t in held_out], params.max_new_tokens,
                         params.batch_size, device, stop_ids, advance=lambda n, bar=bar: progress.advance(bar, n))
-                    texts_out = [tokenizer.decode(a.ids, skip_special_tokens=True).strip() for a in answers[name]]
-                    row["task"] = tasks.task_metrics(answers[name], texts_out, references)
-                    answers[name] = list(zip(answers[name], texts_out))
+                    texts_out = [tokenizer.decode(a.ids, skip_special_tokens=True).strip() for a in generated]
+                    row["task"] = tasks.task_metrics(generated, texts_out, references)
+                    answers[name] = list(zip(generated, texts_out))
                 if lm_eval_spec is not None:
                     row["lm_eval"] = harness.run_tasks(model, tokenizer, lm_eval_spec, params.lm_eval_limit,
                                                        params.batch_size, device)

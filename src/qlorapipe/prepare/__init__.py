@@ -69,6 +69,7 @@ def run(params: DataParams, base_dir: Path, out: Outputs) -> dict:
         train_examples, eval_examples = rows.split(all_examples, params.eval_fraction, params.seed)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     data_report = report.counts_report(counts, params)
+    tasks = held_out_tasks(eval_examples, tokenizer.eos_token_id)
     with atomic_dir(out.prepared) as prepared:
         for split, split_examples in ((data.TRAIN_SPLIT, train_examples), (data.EVAL_SPLIT, eval_examples)):
             tail = 0
@@ -84,16 +85,16 @@ def run(params: DataParams, base_dir: Path, out: Outputs) -> dict:
                                 f"{params.max_length}: lower data.max_length or add data")
             data.save_rows(split_rows.input_ids, split_rows.labels, split_rows.position_ids, prepared / split)
             if split == data.EVAL_SPLIT:
-                data.save_tasks(held_out_tasks(split_examples, tokenizer.eos_token_id), prepared)
+                data.save_tasks(tasks, prepared)
             stats = data_report[split] = report.split_report(split_examples, split_rows, tail)
             logger.info("%s: %d examples, %d tokens (%d trained) in %d rows of %d tokens, %.1f%% padding",
                         split, len(split_examples), stats["tokens"], stats["trained_tokens"],
                         len(split_rows.input_ids), len(split_rows.input_ids[0]), 100 * stats["padding_share"])
-    data_report["eval"]["task_examples"] = n_tasks = len(held_out_tasks(eval_examples, tokenizer.eos_token_id))
-    if params.format != "text" and n_tasks < len(eval_examples):
+    data_report["eval"]["task_examples"] = len(tasks)
+    if params.format != "text" and len(tasks) < len(eval_examples):
         logger.warning("%d of %d held-out examples have no prompt before their answer or a truncated answer: the "
                        "evaluate stage scores the other %d (raise data.max_length to keep long ones)",
-                       len(eval_examples) - n_tasks, len(eval_examples), n_tasks)
+                       len(eval_examples) - len(tasks), len(eval_examples), len(tasks))
     histogram = report.length_histogram(counts.lengths, params.max_length)
     report.write_histogram_csv(histogram, out.lengths)
     report.plot_histogram(histogram, params.max_length, out.lengths_plot)
