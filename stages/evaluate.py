@@ -5,7 +5,8 @@ forgetting, lm-eval tasks and sample generations.
         --data data/prepared --metrics metrics/eval.json --samples metrics/samples.json \
         --scores-plot metrics/eval_scores.png
 
-Reads the ``quantization`` and ``evaluate`` sections of params.yaml.
+Reads the ``quantization`` and ``evaluate`` sections of params.yaml and the GPU memory budget
+(``acceleration.memory_budget_gb``), checked before the model loads.
 """
 
 from __future__ import annotations
@@ -28,9 +29,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--samples", type=Path, required=True, help="JSON with base and fine-tuned generations")
     parser.add_argument("--scores-plot", type=Path, required=True, help="PNG of the figures, base beside fine-tuned")
     args = parser.parse_args(argv)
-    sections = load_sections(args.params, "quantization", "evaluate")
+    sections = load_sections(args.params, "quantization", "evaluate", "acceleration")
     evaluate.run(sections["quantization"], sections["evaluate"], args.base, args.adapter, args.data,
-                 evaluate.Outputs(args.metrics, args.samples, args.scores_plot))
+                 evaluate.Outputs(args.metrics, args.samples, args.scores_plot), sections["acceleration"].memory_budget_gb)
 
 
 if __name__ == "__main__":

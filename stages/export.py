@@ -5,7 +5,8 @@
         --data-report metrics/data.json --train-metrics metrics/train.json \
         --eval-metrics metrics/eval.json --merge-metrics metrics/merge.json
 
-Reads the ``export`` section of params.yaml. Writes, in --out: the merged model with its
+Reads the ``export`` section of params.yaml and the GPU memory budget
+(``acceleration.memory_budget_gb``). Writes, in --out: the merged model with its
 tokenizer and model card (safetensors), gguf/model-<type>.gguf for each gguf-<type> format
 (k-quants quantized by llama.cpp), and adapter/ (the adapter alone). Each GGUF file runs in
 llama.cpp: its logits on held-out rows are compared with the merged model's, its greedy
@@ -20,7 +21,7 @@ from pathlib import Path
 
 from qlorapipe import export
 from qlorapipe.console import run_stage
-from qlorapipe.params import load_section
+from qlorapipe.params import load_sections
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -40,7 +41,8 @@ def main(argv: list[str] | None = None) -> None:
     inputs = export.Inputs(merged=args.merged, base=args.base, adapter=args.adapter, data=args.data,
                            data_report=args.data_report, train_metrics=args.train_metrics,
                            eval_metrics=args.eval_metrics, merge_metrics=args.merge_metrics)
-    export.run(load_section(args.params, "export"), inputs, args.out, args.metrics)
+    sections = load_sections(args.params, "export", "acceleration")
+    export.run(sections["export"], inputs, args.out, args.metrics, sections["acceleration"].memory_budget_gb)
 
 
 if __name__ == "__main__":

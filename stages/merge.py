@@ -3,7 +3,8 @@
     python stages/merge.py --params params.yaml --base models/base --adapter models/adapter \
         --data data/prepared --out models/merged --metrics metrics/merge.json
 
-Reads the ``quantization`` and ``merge`` sections of params.yaml. The base is dequantized
+Reads the ``quantization`` and ``merge`` sections of params.yaml, and the GPU memory budget
+(``acceleration.memory_budget_gb``) every phase stays within. The base is dequantized
 from 4-bit before merging, so the merged model computes what was trained; the stage
 measures that on eval batches (and, for comparison, the naive merge into the original
 16-bit base and, with merge.requantized_candidate, the merged model quantized again) and
@@ -30,9 +31,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True, help="merged model directory to write")
     parser.add_argument("--metrics", type=Path, required=True)
     args = parser.parse_args(argv)
-    sections = load_sections(args.params, "quantization", "merge")
-    merge.run(sections["quantization"], sections["merge"], args.base, args.adapter, args.data, args.out,
-              args.metrics)
+    sections = load_sections(args.params, "quantization", "merge", "acceleration")
+    merge.run(sections["quantization"], sections["merge"], sections["acceleration"].memory_budget_gb, args.base,
+              args.adapter, args.data, args.out, args.metrics)
 
 
 if __name__ == "__main__":

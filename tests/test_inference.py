@@ -95,8 +95,8 @@ def test_merged_model_directory_loads_without_an_adapter(project, tmp_path):
     from qlorapipe.merge import merging
     from qlorapipe.params import QuantizationParams
 
-    merged = merging.dequantized_merge(project["base"], project["chat"], QuantizationParams(), torch.float32,
-                                       torch.device("cpu"))
+    merged = merging.merge_adapter(project["base"], project["chat"], QuantizationParams(), torch.float32,
+                                   torch.device("cpu"))
     merged.save_pretrained(tmp_path / "merged")
     (tmp_path / "merged").joinpath("tokenizer.json").write_bytes((project["base"] / "tokenizer.json").read_bytes())
     (tmp_path / "merged").joinpath("tokenizer_config.json").write_bytes(

@@ -98,8 +98,8 @@ def test_dequantize_then_merge_matches_what_was_trained_and_naive_merge_does_not
 
     base, _ = modeling.load_base_model(model_dir, QUANT, CPU)
     reference = fidelity.logits_on(PeftModel.from_pretrained(base, tmp_path / "adapter"), ids, CPU)
-    good = merging.dequantized_merge(model_dir, tmp_path / "adapter", QUANT, torch.float32, CPU)
-    naive = merging.naive_merge(model_dir, tmp_path / "adapter", torch.float32, CPU)
+    good = merging.merge_adapter(model_dir, tmp_path / "adapter", QUANT, torch.float32, CPU)
+    naive = merging.merge_adapter(model_dir, tmp_path / "adapter", QUANT, torch.float32, CPU, from_quantized=False)
     assert not any("Linear4bit" in type(m).__name__ for m in good.modules())
     good_fidelity = fidelity.compare(reference, fidelity.logits_on(good, ids, CPU), ids)
     naive_fidelity = fidelity.compare(reference, fidelity.logits_on(naive, ids, CPU), ids)

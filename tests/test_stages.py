@@ -139,7 +139,8 @@ def test_training_lowers_the_loss(run):
 def test_evaluate_reports_base_and_finetuned_perplexity(run):
     metrics = json.loads((run["metrics"] / "eval.json").read_text())
     assert set(metrics) == {"base", "finetuned", "eval_tokens", "perplexity_reduction", "general_tokens",
-                            "general_perplexity_increase"}
+                            "general_perplexity_increase", "memory"}
+    assert set(metrics["memory"]) - {"budget_gb"} == _memory_keys()
     for name in ("base", "finetuned"):
         assert set(metrics[name]) == {"loss", "perplexity", "general"}  # text data: no task scores
         assert math.isclose(metrics[name]["perplexity"], math.exp(metrics[name]["loss"]), rel_tol=1e-3)
@@ -163,7 +164,10 @@ def test_merge_writes_a_standalone_model_that_computes_what_was_trained(run):
                                      "tokenizer.json", "tokenizer_config.json", "training_params.json"]
     metrics = json.loads((run["metrics"] / "merge.json").read_text())
     assert set(metrics) == {"merged", "naive_merge_into_16bit_base", "merged_requantized_4bit", "speed",
-                            "reference_perplexity", "dtype", "eval_tokens"}
+                            "reference_perplexity", "dtype", "eval_tokens", "offloaded_modules", "memory"}
+    # The stage's peak memory (and on a GPU its budget), for `dvc metrics diff`.
+    assert set(metrics["memory"]) - {"budget_gb"} == _memory_keys() and metrics["offloaded_modules"] == 0
+    assert all(value > 0 for value in metrics["memory"].values())
     assert metrics["merged"]["max_logit_diff"] < 1e-2
     assert metrics["naive_merge_into_16bit_base"]["max_logit_diff"] > 5 * metrics["merged"]["max_logit_diff"]
     # Quantizing the merged weights again re-rounds them: further from what was trained than the merge.
@@ -219,6 +223,11 @@ def test_export_gguf_files_run_in_llama_cpp_as_the_trained_model_does(run):
 
     metrics = json.loads((run["metrics"] / "export.json").read_text())
     assert metrics["formats"] == ["safetensors", "gguf-f16", "gguf-q8_0", "gguf-q4_k_m", "adapter"]
+    # Where the time went, phase by phase, and the peak memory.
+    assert set(metrics["seconds"]) == {"load", "safetensors", "references", "write_f16", "check_f16", "write_q8_0",
+                                       "check_q8_0", "write_q4_k_m", "check_q4_k_m", "adapter"}
+    assert all(value >= 0 for value in metrics["seconds"].values())
+    assert set(metrics["memory"]) - {"budget_gb"} == _memory_keys()
     f16, q8, q4 = metrics["gguf_f16"], metrics["gguf_q8_0"], metrics["gguf_q4_k_m"]
     # Logits computed by llama.cpp against the merged model: f16 rounds each weight to 11 bits, q8_0
     # to 8 bits per block of 32, q4_k_m to 4-6 bits: each drifts more, all stay close.
@@ -327,9 +336,9 @@ def test_merge_gate_fires_on_a_broken_merge_and_writes_nothing(run, tmp_path, mo
     assert json.loads((tmp_path / "good.json").read_text())["merged"]["max_logit_diff"] < 0.02
 
     # A test-only hook: the stage's merge replaced by the naive one.
-    monkeypatch.setattr(merging, "dequantized_merge",
-                        lambda base, adapter, quant, dtype, device, trust: merging.naive_merge(base, adapter, dtype,
-                                                                                              device, trust))
+    stage_merge = merging.merged_model
+    monkeypatch.setattr(merging, "merged_model", lambda with_adapter, base, dtype, from_quantized=True, **kwargs:
+                        stage_merge(with_adapter, base, dtype, from_quantized=False, **kwargs))
     with pytest.raises(UserError, match=r"the merged model does not compute what was trained: max logit difference "
                                         r"0\.0\d+ > merge\.max_logit_diff 0\.02; mean logit difference "
                                         r"0\.00\d+ > merge\.max_mean_logit_diff 0\.003"):

@@ -201,6 +201,7 @@ def load_standalone(model_path: Path, device) -> LoadedModel:
     Raises:
         UserError: the path holds no model (or only an adapter).
     """
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model_path = Path(model_path)
@@ -213,6 +214,8 @@ def load_standalone(model_path: Path, device) -> LoadedModel:
     else:
         raise UserError(f"{model_path}: no model here (no config.json); run `dvc repro merge` or fix --model")
     model = AutoModelForCausalLM.from_pretrained(source, device_map={"": device}, **kwargs)
+    if device.type == "cpu" and model.dtype == torch.float16:
+        model = model.float()  # the same weights; PyTorch's float16 matmuls on the CPU are ~90x slower
     model.eval()
     logger.info("Loaded %s on %s", model_path, modeling.device_summary(device))
     return LoadedModel(model, AutoTokenizer.from_pretrained(source, **kwargs), [], device)

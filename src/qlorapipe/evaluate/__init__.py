@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from qlorapipe import corpora, data, modeling
+from qlorapipe import corpora, data, memory, modeling
 from qlorapipe.console import console
 from qlorapipe.errors import UserError
 from qlorapipe.evaluate import chart, forgetting, generation, tasks
@@ -41,7 +41,7 @@ class Outputs:
 
 
 def run(quant: QuantizationParams, params: EvaluateParams, base_dir: Path, adapter_dir: Path, data_dir: Path,
-        out: Outputs) -> dict:
+        out: Outputs, budget_gb: float | None = None) -> dict:
     """Measure base and fine-tuned, write the metrics, samples and chart.
 
     Inputs are read and checked before a model loads: the held-out tasks, the general corpus,
@@ -53,13 +53,14 @@ def run(quant: QuantizationParams, params: EvaluateParams, base_dir: Path, adapt
         params: the evaluate section.
         base_dir, adapter_dir, data_dir: the base model, the adapter and the prepared data.
         out: the output paths.
+        budget_gb: acceleration.memory_budget_gb (None: 90% of the GPU's memory); checked before loading.
 
     Returns:
         The metrics written.
 
     Raises:
         UserError: a missing input, an adapter trained on another base, a bad general corpus or
-            lm-eval task, or a failed gate.
+            lm-eval task, a memory budget too small for this model, or a failed gate.
     """
     eval_set = data.load_split(data_dir, data.EVAL_SPLIT)
     held_out = data.load_tasks(data_dir)[: params.max_examples]
@@ -83,6 +84,10 @@ def run(quant: QuantizationParams, params: EvaluateParams, base_dir: Path, adapt
         row_length = len(eval_set[0]["input_ids"])
         general_set = forgetting.as_dataset(forgetting.general_rows(
             texts, tokenizer, row_length, params.general_batches * params.batch_size, params.general_corpus))
+    budget = memory.budget_bytes(budget_gb, device)
+    memory.check_quantized_fits("evaluate", base_dir, quant, params.batch_size, len(eval_set[0]["input_ids"]), budget,
+                                budget_gb, trust)
+    memory.reset_peak(device)
     base, _ = modeling.load_base_model(base_dir, quant, device, trust_remote_code=trust)
     model = PeftModel.from_pretrained(base, adapter_dir)
     stop_ids = tasks.stop_token_ids(model, tokenizer)
@@ -131,6 +136,7 @@ def run(quant: QuantizationParams, params: EvaluateParams, base_dir: Path, adapt
              "reference": ref, **{name: answers[name][i][1] for name in ROWS},
              **{f"{name}_stopped": answers[name][i][0].stopped for name in ROWS}}
             for i, (t, ref) in enumerate(zip(held_out, references))]
+    metrics["memory"] = memory.peak_metrics(device, budget)
     _gate(params, metrics)
     chart.plot_scores(metrics, params.general_corpus, out.scores_plot)
     write_json(out.samples, samples)

@@ -10,10 +10,11 @@ adapter alone, loadable with peft (``adapter``).
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from qlorapipe import data, fidelity
+from qlorapipe import data, fidelity, memory, modeling
 from qlorapipe.errors import UserError
 from qlorapipe.export import gguf, llamacpp
 from qlorapipe.export.adapter import write_adapter_package
@@ -40,7 +41,7 @@ class Inputs:
     merge_metrics: Path
 
 
-def run(params: ExportParams, inputs: Inputs, out_dir: Path, metrics_path: Path) -> dict:
+def run(params: ExportParams, inputs: Inputs, out_dir: Path, metrics_path: Path, budget_gb: float | None = None) -> dict:
     """Write every format in ``params.formats`` into ``out_dir`` (replaced only on success).
 
     Args:
@@ -48,6 +49,7 @@ def run(params: ExportParams, inputs: Inputs, out_dir: Path, metrics_path: Path)
         inputs: the paths read.
         out_dir: the export directory (models/export).
         metrics_path: where the GGUF read-back fidelity goes (JSON).
+        budget_gb: acceleration.memory_budget_gb: on a GPU, the float32 reference and base + adapter stay within it.
 
     Returns:
         The metrics written.
@@ -62,12 +64,21 @@ def run(params: ExportParams, inputs: Inputs, out_dir: Path, metrics_path: Path)
     eval_set = data.load_split(inputs.data, data.EVAL_SPLIT)
     record = read_adapter_record(inputs.merged)
 
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     trust = record.base_model.trust_remote_code
+    device = modeling.pick_device()
+    budget = memory.budget_bytes(budget_gb, device)
+    gguf_types = [f.removeprefix("gguf-") for f in params.formats if f.startswith("gguf-")]
+    if gguf_types:
+        memory.check_quantized_fits("export", inputs.base, read_adapter_record(inputs.adapter).quantization, 1,
+                                    max(len(eval_set[0]["input_ids"]), 64), budget, budget_gb, trust)
+    memory.reset_peak(device)
+    seconds: dict[str, float] = {}
+    clock = _Clock(seconds)
     model = AutoModelForCausalLM.from_pretrained(inputs.merged, trust_remote_code=trust)  # keeps the saved dtype
     tokenizer = AutoTokenizer.from_pretrained(inputs.merged, trust_remote_code=trust)
+    clock.lap("load")
     metrics = {"train": read_json(inputs.train_metrics), "eval": read_json(inputs.eval_metrics),
                "merge": read_json(inputs.merge_metrics)}
     export_metrics = {"formats": params.formats}
@@ -78,25 +89,26 @@ def run(params: ExportParams, inputs: Inputs, out_dir: Path, metrics_path: Path)
             (out / ADAPTER_RECORD).write_text((inputs.merged / ADAPTER_RECORD).read_text())
             (out / "README.md").write_text(render_model_card(record, metrics, read_json(inputs.data_report),
                                                              out_dir))
-        gguf_types = [f.removeprefix("gguf-") for f in params.formats if f.startswith("gguf-")]
+            clock.lap("safetensors")
         if gguf_types:
-            # Logits are compared with the merged model in float32, what the GGUF files were written from.
-            reference_model = model.float().eval()
             batches = fidelity.eval_batches(eval_set, batch_size=4, n_batches=params.verify_batches)
-            reference_logits = fidelity.logits_on(reference_model, batches, torch.device("cpu"))
+            reference_logits = _reference_logits(model, inputs.merged, batches, device, budget, trust)
             prompts = llamacpp.held_out_prompts(eval_set, params.parity_prompts)
             continuations = _trained_continuations(inputs, prompts, params.parity_tokens, tokenizer)
+            clock.lap("references")
             (out / "gguf").mkdir()
             for file_type in _writing_order(gguf_types):
                 gguf_file = out / "gguf" / f"model-{file_type}.gguf"
                 if file_type in llamacpp.QUANTIZED_TYPES:
                     llamacpp.quantize(out / "gguf" / "model-f16.gguf", gguf_file, file_type)
                 else:
-                    gguf.write_gguf(reference_model, inputs.merged, gguf_file, file_type)
+                    gguf.write_gguf(model, inputs.merged, gguf_file, file_type)
+                clock.lap(f"write_{file_type}")
                 if file_type not in gguf_types:
                     continue
                 found = llamacpp.check_file(gguf_file, tokenizer, reference_logits, batches, prompts,
                                             continuations, params.parity_tokens)
+                clock.lap(f"check_{file_type}")
                 gate(params, f"gguf-{file_type}", found)
                 found["ollama_modelfile"] = _modelfile(out / "gguf" / f"model-{file_type}.Modelfile", gguf_file.name,
                                                        tokenizer, inputs.merged)
@@ -106,9 +118,46 @@ def run(params: ExportParams, inputs: Inputs, out_dir: Path, metrics_path: Path)
         if "adapter" in params.formats:
             write_adapter_package(inputs.adapter, read_adapter_record(inputs.adapter), tokenizer, out / "adapter",
                                   out_dir / "adapter")
+            clock.lap("adapter")
+    export_metrics["seconds"] = seconds
+    export_metrics["memory"] = memory.peak_metrics(device, budget)
     write_json(metrics_path, export_metrics)
     logger.info("Exported %s (%s) to %s", record.base_model.repo_id, ", ".join(params.formats), out_dir)
     return export_metrics
+
+
+class _Clock:
+    """Wall seconds per phase, into ``seconds``: where the export's time goes, for `dvc metrics diff`."""
+
+    def __init__(self, seconds: dict):
+        self.seconds, self.last = seconds, time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = round(self.seconds.get(name, 0.0) + now - self.last, 2)
+        self.last = now
+
+
+def _reference_logits(model, merged: Path, batches: list, device, budget: float | None, trust: bool) -> list:
+    """The merged model's float32 logits on ``batches``, what each GGUF file is measured against.
+
+    On the CPU ``model`` itself is upcast (exactly; the GGUF files are then written from the same
+    values). On a GPU a float32 copy computes them, with as many blocks on the GPU as the memory
+    budget holds and the rest streamed from the CPU.
+    """
+    import torch
+
+    if device.type != "cuda":
+        return fidelity.logits_on(model.float(), batches, device)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    length = max(b.shape[1] for b in batches)
+    reserve = memory.logits_bytes(1, length, vocab, 4 + 4) + memory.SLACK_BYTES
+    copy, _ = memory.place(memory.load_on_cpu(merged, torch.float32, trust), device, budget, reserve)
+    try:
+        return fidelity.logits_on(copy, batches, device, rows_at_once=1)
+    finally:
+        del copy
+        torch.cuda.empty_cache()
 
 
 def _modelfile(path: Path, gguf_name: str, tokenizer, merged: Path) -> bool:

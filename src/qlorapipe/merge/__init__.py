@@ -9,26 +9,40 @@ the step when a bound is exceeded. ``speed`` times generation with base + adapte
 
 from __future__ import annotations
 
+import gc
 import logging
 import shutil
 from pathlib import Path
 
-from qlorapipe import data, fidelity, modeling
+from qlorapipe import data, fidelity, memory, modeling
 from qlorapipe.merge import gate, merging, speed
 from qlorapipe.outputs import atomic_dir, write_json
 from qlorapipe.params import MergeParams, QuantizationParams
-from qlorapipe.records import ADAPTER_RECORD, check_adapter_matches_base, read_source_record
+from qlorapipe.records import (
+    ADAPTER_RECORD,
+    check_adapter_matches_base,
+    read_source_record,
+)
 
 logger = logging.getLogger(__name__)
 
+# Rows of logits at once: at most this many bytes of them in 16 bits (Qwen2.5, 151,936 tokens x 512: one row).
+_LOGITS_BYTES = 2**28
 
-def run(quant: QuantizationParams, params: MergeParams, base_dir: Path, adapter_dir: Path, data_dir: Path,
-        out_dir: Path, metrics_path: Path) -> dict:
+
+def run(quant: QuantizationParams, params: MergeParams, budget_gb: float | None, base_dir: Path, adapter_dir: Path,
+        data_dir: Path, out_dir: Path, metrics_path: Path) -> dict:
     """Merge, save to ``out_dir`` (replaced only when the gate passes) and write the metrics.
+
+    On a GPU every phase stays within the memory budget: base + adapter computes the reference
+    logits a few rows at a time, the merge goes layer by layer into a model on the CPU
+    (``merging``), and the merged models are compared with as many blocks on the GPU as the
+    budget holds, the rest streamed from the CPU (``memory.place``).
 
     Args:
         quant: how the base was quantized in training.
         params: the merge section.
+        budget_gb: acceleration.memory_budget_gb (None: 90% of the GPU's memory).
         base_dir, adapter_dir, data_dir: the base model, the adapter and the prepared data.
         out_dir: the merged model directory to write (models/merged).
         metrics_path: where the metrics go (JSON).
@@ -37,55 +51,72 @@ def run(quant: QuantizationParams, params: MergeParams, base_dir: Path, adapter_
         The metrics written.
 
     Raises:
-        UserError: a missing input, an adapter of another base, or a merge that fails the gate.
+        UserError: a missing input, an adapter of another base, a budget too small for this model,
+            or a merge that fails the gate.
     """
     eval_set = data.load_split(data_dir, data.EVAL_SPLIT)
     check_adapter_matches_base(adapter_dir, base_dir)
 
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     device = modeling.pick_device()
     trust = read_source_record(base_dir).trust_remote_code  # a custom-code model loads with its code
     dtype = getattr(torch, params.dtype)
     batches = fidelity.eval_batches(eval_set, batch_size=4, n_batches=params.fidelity_batches)
+    budget = memory.budget_bytes(budget_gb, device)
+    rows, reserve = _check_budget(base_dir, quant, dtype, batches, budget, budget_gb, trust)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
 
-    # The reference: base + adapter exactly as trained.
     base, _ = modeling.load_base_model(base_dir, quant, device, trust_remote_code=trust)
     with_adapter = PeftModel.from_pretrained(base, adapter_dir)
-    reference = fidelity.logits_on(with_adapter, batches, device)
-    timings = {}
-    # Serving cost of the dynamic adapter against the merged model, on the first eval tokens.
-    speed_prompt = batches[0][:1, :16]
-    if params.speed_new_tokens:
-        with_adapter.config.use_cache = True
-        timings["base_plus_adapter"] = speed.measure_speed(with_adapter, speed_prompt, params.speed_new_tokens, device)
-    del base, with_adapter
-
-    naive = fidelity.compare(reference, fidelity.logits_on(
-        merging.naive_merge(base_dir, adapter_dir, dtype, device, trust), batches, device), batches)
-
     with atomic_dir(out_dir) as out:
-        merged = merging.dequantized_merge(base_dir, adapter_dir, quant, dtype, device, trust)
+        # Merged before base + adapter computes anything: on CPUs with AVX512-BF16, bitsandbytes repacks
+        # 4-bit weights at their first inference forward, re-rounding their scales.
+        merged = merging.merged_model(with_adapter, base_dir, dtype, from_quantized=True, trust_remote_code=trust)
         merged.config.dtype = params.dtype
         merged.save_pretrained(out, safe_serialization=True)
         AutoTokenizer.from_pretrained(base_dir, trust_remote_code=trust).save_pretrained(out)
         shutil.copy2(adapter_dir / ADAPTER_RECORD, out / ADAPTER_RECORD)
         del merged
-        # Measure the model as saved: reload it from disk, as users will.
-        reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=dtype, device_map={"": device},
-                                                        trust_remote_code=trust)
-        merged_fidelity = fidelity.compare(reference, fidelity.logits_on(reloaded, batches, device), batches)
+        gc.collect()
+        # The reference: base + adapter exactly as trained.
+        reference = fidelity.logits_on(with_adapter, batches, device, rows_at_once=rows)
+        timings = {}
+        # Serving cost of the dynamic adapter against the merged model, on the first eval tokens.
+        speed_prompt = batches[0][:1, :16]
         if params.speed_new_tokens:
+            with_adapter.config.use_cache = True
+            timings["base_plus_adapter"] = speed.measure_speed(with_adapter, speed_prompt, params.speed_new_tokens,
+                                                               device)
+            with_adapter.config.use_cache = False
+        naive_model = merging.merged_model(with_adapter, base_dir, dtype, from_quantized=False,
+                                           trust_remote_code=trust)
+        del base, with_adapter
+        _release(device)
+        naive_model, _ = memory.place(naive_model, device, budget, reserve)
+        naive = fidelity.compare_model(reference, naive_model, batches, device, rows)
+        del naive_model
+        _release(device)
+        # Measure the model as saved: reload it from disk, as users will.
+        reloaded, offloaded = memory.place(memory.load_on_cpu(out, dtype, trust), device, budget, reserve)
+        merged_fidelity = fidelity.compare_model(reference, reloaded, batches, device, rows)
+        if params.speed_new_tokens and not offloaded:
+            reloaded.config.use_cache = True
             timings["merged"] = speed.measure_speed(reloaded, speed_prompt, params.speed_new_tokens, device)
+        elif params.speed_new_tokens:
+            logger.info("Merged model not timed: %d modules stream from the CPU within the memory budget", offloaded)
         del reloaded
+        _release(device)
         metrics = {
             "merged": merged_fidelity.as_metrics(),
             "naive_merge_into_16bit_base": naive.as_metrics(),
             "reference_perplexity": round(merged_fidelity.reference_perplexity, 5),
             "dtype": params.dtype,
             "eval_tokens": sum(b.numel() for b in batches),
+            "offloaded_modules": offloaded,
         }
         if timings:
             metrics["speed"] = timings
@@ -93,13 +124,48 @@ def run(quant: QuantizationParams, params: MergeParams, base_dir: Path, adapter_
             # What users get when they serve the merged model quantized again: the merged weights are
             # rounded to the quantization grid a second time, so this differs more than the merge itself.
             requantized, _ = modeling.load_base_model(out, quant, device, trust_remote_code=trust)
-            metrics[f"merged_requantized_{quant.load_in}"] = fidelity.compare(
-                reference, fidelity.logits_on(requantized, batches, device), batches).as_metrics()
+            metrics[f"merged_requantized_{quant.load_in}"] = fidelity.compare_model(
+                reference, requantized, batches, device, rows).as_metrics()
             del requantized
+        metrics["memory"] = memory.peak_metrics(device, budget)
         logger.info("merged vs base+adapter: max logit diff %.4f, perplexity change %+.3f%% "
-                    "(naive merge into the 16-bit base: %.4f, %+.3f%%)",
+                    "(naive merge into the 16-bit base: %.4f, %+.3f%%); %s",
                     merged_fidelity.max_logit_diff, 100 * merged_fidelity.perplexity_change,
-                    naive.max_logit_diff, 100 * naive.perplexity_change)
+                    naive.max_logit_diff, 100 * naive.perplexity_change, modeling.memory_summary(device))
         gate.check(merged_fidelity, params)
     write_json(metrics_path, metrics)
     return metrics
+
+
+def _check_budget(base_dir: Path, quant: QuantizationParams, dtype, batches, budget: float | None,
+                  budget_gb: float | None, trust: bool) -> tuple[int, float]:
+    """Rows of logits computed at once, and the working memory beside the weights; stops early when the
+    smallest working set cannot fit the budget.
+
+    The binding phase is the first: the quantized base + adapter must sit whole on the GPU, with one
+    layer's weight dequantized and merged in float32 (three copies) and ``rows`` rows of logits. The
+    16-bit merged models can stream from the CPU block by block.
+
+    Raises:
+        UserError: the budget is below what the stage needs for this model.
+    """
+    skeleton = memory.meta_model(base_dir, trust)
+    vocab = skeleton.get_output_embeddings().weight.shape[0]
+    length = max(b.shape[1] for b in batches)
+    rows = max(1, min(max(b.shape[0] for b in batches), int(_LOGITS_BYTES // (length * vocab * 2))))
+    # The model's logits in 16 bits, their float32 copy, and the comparison's float32 chunks.
+    reserve = memory.logits_bytes(rows, length, vocab, 2 + 4) + 6 * 4 * fidelity.CHUNK_ELEMENTS + memory.SLACK_BYTES
+    quantized = memory.weight_bytes(skeleton, quant.load_in, quant.use_double_quant)
+    need = quantized + 3 * 4 * memory.largest_weight(skeleton) + reserve
+    streamed = memory.largest_block_bytes(skeleton, dtype.itemsize) * 2 + reserve
+    memory.check_fits("merge", max(need, streamed), budget, budget_gb,
+                      "the quantized base + adapter, one layer merged in float32 and a row of logits")
+    return rows, reserve
+
+
+def _release(device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        import torch
+
+        torch.cuda.empty_cache()

@@ -6,6 +6,12 @@ quantization error of every layer; that is the usual "my merged model behaves di
 report (peft#1043, transformers#31293, LLaMA-Factory#5625). Dequantizing the 4-bit base
 first and merging into W_q gives W_q + BA: the trained function, up to the rounding of the
 output dtype.
+
+The merge goes one layer at a time: each adapted (or quantized) weight is dequantized and
+merged in float32 on the device base + adapter computes on, rounded once to the output dtype
+and moved into a 16-bit model on the CPU. The GPU never holds more than base + adapter and one
+layer's float32 weight, whatever the model's size; the result is the same, bit for bit, as
+dequantizing the whole model to float32 and calling peft's merge_and_unload (tests/test_merge_memory.py).
 """
 
 from __future__ import annotations
@@ -13,37 +19,116 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from qlorapipe import modeling
-from qlorapipe.params import QuantizationParams
+from qlorapipe import memory
 
 logger = logging.getLogger(__name__)
 
 
-def dequantized_merge(base_dir: Path, adapter_dir: Path, quant: QuantizationParams, dtype, device,
-                      trust_remote_code: bool = False):
-    """Load the base quantized as in training, dequantize it, then merge the adapter.
+def merge_into(target, with_adapter, dtype, from_quantized: bool = True):
+    """Write base + adapter's weights, adapters merged, into ``target`` and cast it to ``dtype``.
+
+    Args:
+        target: the base model in 16 bits on the CPU (``memory.load_on_cpu``); changed in place.
+        with_adapter: the PeftModel as trained (quantized base + adapter), on its device.
+        dtype: the merged model's dtype.
+        from_quantized: merge into the dequantized weights base + adapter computes with (True), or
+            into ``target``'s own 16-bit weights (False: the naive merge, kept as a reference point).
 
     Returns:
-        A plain transformers model in ``dtype`` with the adapter merged in.
+        ``target``, merged, in ``dtype``.
     """
+    from peft.tuners.lora import LoraLayer
+    from peft.utils import ModulesToSaveWrapper
+
+    done: list[str] = []
+    for name, module in with_adapter.get_base_model().named_modules():
+        if any(name.startswith(prefix) for prefix in done):
+            continue
+        if isinstance(module, LoraLayer):
+            done.append(name + ".")
+            layer = module.get_base_layer()
+            destination = target.get_submodule(name)
+            own = None if from_quantized else destination.weight.to(layer.weight.device)
+            destination.weight.data = _merged_weight(module, _float_weight(layer, own)).to("cpu", dtype)
+            _copy_plain(layer, destination, dtype, skip=("weight",))
+        elif isinstance(module, ModulesToSaveWrapper):
+            done.append(name + ".")
+            trained = module.modules_to_save[module.active_adapters[0]]
+            destination = target.get_submodule(name)
+            for key, value in trained.state_dict().items():
+                _set(destination, key, value.detach().to("cpu", dtype))
+        elif name:
+            destination = target.get_submodule(name)
+            weight = getattr(module, "weight", None)
+            quantized = _is_quantized(weight)
+            if quantized and from_quantized:
+                destination.weight.data = _float_weight(module).to("cpu", dtype)
+            _copy_plain(module, destination, dtype, skip=("weight",) if quantized else ())
+    return target.to(dtype)
+
+
+def _is_quantized(weight) -> bool:
+    return type(weight).__name__ in ("Params4bit", "Int8Params")
+
+
+def _float_weight(layer, own=None):
+    """The weight ``layer`` computes with, in float32 on its device (``own``: another 16-bit weight instead)."""
     import torch
+    from peft.utils.integrations import dequantize_bnb_weight
+
+    if own is not None:
+        return own.to(torch.float32)
+    if _is_quantized(layer.weight):
+        if getattr(getattr(layer.weight, "quant_state", None), "packing_format_for_cpu", False):
+            raise RuntimeError("merge a 4-bit layer before its first inference forward: bitsandbytes repacked it "
+                               "for the CPU and re-rounded its scales")
+        return dequantize_bnb_weight(layer.weight, state=getattr(layer, "state", None)).to(torch.float32)
+    return layer.weight.detach().to(torch.float32)
+
+
+def _merged_weight(module, weight):
+    """``weight`` (float32) with the active adapters of LoRA layer ``module`` merged, as peft's merge does."""
+    from peft.utils import transpose
+
+    for adapter in module.active_adapters:
+        if adapter not in module.lora_A:
+            continue
+        delta = module.get_delta_weight(adapter).float()
+        if adapter in getattr(module, "lora_magnitude_vector", {}):  # DoRA: rescale each output row
+            magnitude = module.lora_magnitude_vector[adapter]
+            norm = magnitude.get_weight_norm(weight, transpose(delta, module.fan_in_fan_out), scaling=1).detach()
+            factor = transpose((magnitude.weight / norm).view(-1, 1), module.fan_in_fan_out)
+            weight = factor * (weight + delta)
+        else:
+            weight = weight + delta
+    return weight
+
+
+def _copy_plain(source, destination, dtype, skip=()) -> None:
+    """``source``'s own parameters (biases, norms, embeddings; trained ones included) into ``destination``."""
+    for key, value in source.named_parameters(recurse=False):
+        if key not in skip and key in destination._parameters:
+            _set(destination, key, value.detach().to("cpu", dtype))
+
+
+def _set(module, key: str, value) -> None:
+    owner = module.get_submodule(key.rsplit(".", 1)[0]) if "." in key else module
+    getattr(owner, key.rsplit(".", 1)[-1]).data = value
+
+
+def merged_model(with_adapter, base_dir: Path, dtype, from_quantized: bool = True, trust_remote_code: bool = False):
+    """The standalone merged model, in ``dtype`` on the CPU (see ``merge_into``)."""
+    target = memory.load_on_cpu(base_dir, "auto", trust_remote_code)
+    return merge_into(target, with_adapter, dtype, from_quantized)
+
+
+def merge_adapter(base_dir: Path, adapter_dir: Path, quant, dtype, device, from_quantized: bool = True,
+                  trust_remote_code: bool = False):
+    """Load base + adapter as trained on ``device`` and return the merged model in ``dtype`` on the CPU."""
     from peft import PeftModel
 
-    model, _ = modeling.load_base_model(base_dir, quant, device, trust_remote_code=trust_remote_code)
-    if quant.load_in != "none":
-        # Dequantize to float32 so the merge itself adds no rounding; cast once at the end.
-        model = model.dequantize(dtype=torch.float32)
-    model = model.to(torch.float32)
-    merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
-    return merged.to(dtype)
+    from qlorapipe import modeling
 
-
-def naive_merge(base_dir: Path, adapter_dir: Path, dtype, device, trust_remote_code: bool = False):
-    """Merge into the original 16-bit base: what most scripts do, kept as a reference point."""
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32, device_map={"": device},
-                                                 trust_remote_code=trust_remote_code)
-    return PeftModel.from_pretrained(model, adapter_dir).merge_and_unload().to(dtype)
+    base, _ = modeling.load_base_model(base_dir, quant, device, trust_remote_code=trust_remote_code)
+    with_adapter = PeftModel.from_pretrained(base, adapter_dir)
+    return merged_model(with_adapter, base_dir, dtype, from_quantized, trust_remote_code)

@@ -1,0 +1,185 @@
+"""The pipeline's GPU memory budget (``acceleration.memory_budget_gb``), shared by every stage.
+
+Training fits its kept activations to it (``train.fast.memory_plan``); evaluate, merge and export
+check before loading weights that the smallest working set they need fits (``check_fits``), and
+merge and export place 16-bit and 32-bit models on the GPU only as far as the budget goes, the rest
+offloaded to the CPU and streamed through the GPU layer by layer (``place_within``). Every GB here
+is 1e9 bytes.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from qlorapipe.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+BUDGET_KEY = "acceleration.memory_budget_gb"
+# The share of the GPU's memory the budget is when the key is null.
+DEFAULT_SHARE = 0.9
+# What the allocator, CUDA kernels' workspaces and small tensors take beside what we count.
+SLACK_BYTES = 400e6
+# Bytes per weight of a quantized linear layer: 4-bit values plus blockwise scales (64 values share
+# one; double quantization stores those scales in 8 bits), or int8 values plus a scale per row.
+_QUANTIZED_BYTES = {"4bit": 0.5 + 1 / 64 + 4 / 256 / 64, "4bit-single": 0.5 + 4 / 64, "8bit": 1.0}
+
+
+def budget_bytes(budget_gb: float | None, device) -> float | None:
+    """The budget in bytes on a CUDA ``device`` (None on the CPU: there it bounds nothing)."""
+    if device.type != "cuda":
+        return None
+    if budget_gb is not None:
+        return budget_gb * 1e9
+    import torch
+
+    return DEFAULT_SHARE * torch.cuda.get_device_properties(device).total_memory
+
+
+def describe(budget: float, budget_gb: float | None) -> str:
+    return f"{budget / 1e9:.2f} GB ({BUDGET_KEY}{'' if budget_gb is not None else ' null: 90% of the GPU'})"
+
+
+def meta_model(model_dir: Path, trust_remote_code: bool = False):
+    """The model of ``model_dir`` with every weight on the meta device: shapes without memory."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+
+
+def weight_bytes(model, load_in: str = "none", use_double_quant: bool = True, bytes_16bit: int = 2) -> float:
+    """What ``model``'s weights take on the GPU when loaded as the quantization section says.
+
+    Linear layers other than the output head are quantized by bitsandbytes; everything else
+    (embeddings, norms, the head) stays in 16 bits. Tied weights count once.
+    """
+    import torch
+
+    kind = "4bit" if use_double_quant else "4bit-single"
+    per_weight = {"4bit": _QUANTIZED_BYTES[kind], "8bit": _QUANTIZED_BYTES["8bit"]}.get(load_in)
+    quantized = set()
+    if per_weight is not None:
+        head = model.get_output_embeddings()
+        quantized = {id(m.weight) for m in model.modules()
+                     if isinstance(m, torch.nn.Linear) and m is not head}
+    seen, total = set(), 0.0
+    for param in model.parameters():
+        if id(param) in seen:
+            continue
+        seen.add(id(param))
+        total += param.numel() * (per_weight if id(param) in quantized else bytes_16bit)
+    return total
+
+
+def largest_block_bytes(model, bytes_per_weight: float) -> float:
+    """The largest module accelerate will not split (a decoder block, or the embeddings)."""
+    import torch
+
+    no_split = set(getattr(model, "_no_split_modules", None) or [])
+    sizes = [sum(p.numel() for p in m.parameters()) for m in model.modules()
+             if type(m).__name__ in no_split or isinstance(m, torch.nn.Embedding)]
+    return max(sizes, default=0) * bytes_per_weight
+
+
+def logits_bytes(rows: int, length: int, vocab: int, bytes_per_value: int) -> float:
+    return float(rows) * length * vocab * bytes_per_value
+
+
+def check_fits(stage: str, need: float, budget: float | None, budget_gb: float | None, what: str) -> None:
+    """Stop before loading weights when ``need`` bytes cannot fit the budget.
+
+    Raises:
+        UserError: naming the key, the smallest budget this stage needs for this model, and what to change.
+    """
+    if budget is None or need <= budget:
+        return
+    raise UserError(
+        f"{BUDGET_KEY}: the {stage} stage needs at least {need / 1e9:.2f} GB of GPU memory for this model "
+        f"({what}), above the budget of {describe(budget, budget_gb)}; raise {BUDGET_KEY} to "
+        f"{need / 1e9:.2f} or more, or use a GPU with more memory")
+
+
+def load_on_cpu(model_dir: Path, dtype, trust_remote_code: bool = False):
+    """The 16/32-bit model of ``model_dir`` in ``dtype`` on the CPU, ready for ``place``."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, device_map={"": "cpu"},
+                                                trust_remote_code=trust_remote_code).eval()
+
+
+def place(model, device, budget: float | None, reserve: float):
+    """Put a 16/32-bit model that is on the CPU on ``device`` for inference, within the budget.
+
+    On a GPU, as many blocks as fit in ``budget - reserve`` (the working memory the caller needs
+    beside the weights) move to the GPU; the rest stay on the CPU and stream through the GPU at
+    every forward (accelerate's big-model inference). On the CPU, a float16 model computes in
+    float32: the weights are the float16 values exactly, and PyTorch's CPU float16 matmuls are
+    about 90 times slower than float32's.
+
+    Returns:
+        (model, offloaded): ``offloaded`` counts the modules left on the CPU (0: all on the GPU).
+    """
+    import torch
+
+    if device.type != "cuda":
+        return (model.float() if model.dtype == torch.float16 else model), 0
+    from accelerate import dispatch_model, infer_auto_device_map
+
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    room = max(budget - reserve - torch.cuda.memory_allocated(device), 0)
+    placement = infer_auto_device_map(model, max_memory={index: int(room), "cpu": 2**50},
+                                      no_split_module_classes=model._no_split_modules or [])
+    offloaded = sum(1 for where in placement.values() if where in ("cpu", "disk"))
+    if not offloaded:
+        return model.to(device), 0
+    logger.info("%d of %d modules do not fit the GPU within the budget; they stay on the CPU and stream "
+                "through the GPU at every forward", offloaded, len(placement))
+    return dispatch_model(model, device_map=placement, main_device=index), offloaded
+
+
+def peak_metrics(device, budget: float | None) -> dict:
+    """The stage's peak GPU memory (allocated by tensors, reserved by the allocator) and its budget, in GB."""
+    from qlorapipe.modeling import peak_memory_metrics
+
+    found = peak_memory_metrics(device)
+    if budget is not None:
+        found["budget_gb"] = round(budget / 1e9, 3)
+    return found
+
+
+def largest_weight(model) -> int:
+    """Elements of the largest linear layer's weight, the output head aside (what one layer's merge holds)."""
+    import torch
+
+    head = model.get_output_embeddings()
+    return max((m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head),
+               default=0)
+
+
+def check_quantized_fits(stage: str, base_dir: Path, quant, rows: int, length: int, budget: float | None,
+                         budget_gb: float | None, trust_remote_code: bool = False) -> None:
+    """Stop before loading when the quantized base + adapter and ``rows`` x ``length`` logits cannot fit.
+
+    Raises:
+        UserError: as ``check_fits``.
+    """
+    if budget is None:
+        return
+    skeleton = meta_model(base_dir, trust_remote_code)
+    vocab = skeleton.get_output_embeddings().weight.shape[0]
+    # The logits in 16 bits, and the float32 chunks the loss upcasts (perplexity.LOSS_CHUNK_ELEMENTS).
+    need = (weight_bytes(skeleton, quant.load_in, quant.use_double_quant) + logits_bytes(rows, length, vocab, 2)
+            + 3 * 4 * 2**24 + SLACK_BYTES)
+    check_fits(stage, need, budget, budget_gb, f"the quantized base + adapter and {rows} x {length} tokens of logits")
+
+
+def reset_peak(device) -> None:
+    """Start counting the stage's peak GPU memory from here."""
+    if device.type == "cuda":
+        import torch
+
+        torch.cuda.reset_peak_memory_stats(device)

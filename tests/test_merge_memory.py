@@ -1,0 +1,118 @@
+"""The merge within a memory budget: layer-by-layer merging, chunked comparison, budget checks (CPU, tiny models)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qlorapipe import fidelity, memory, modeling
+from qlorapipe.errors import UserError
+from qlorapipe.merge import merging
+from qlorapipe.params import LoraParams, QuantizationParams
+
+CPU = torch.device("cpu")
+QUANT = QuantizationParams(load_in="4bit", quant_type="nf4", use_double_quant=True, compute_dtype="float32")
+
+
+def _adapter(model_dir, path, **lora):
+    """A saved adapter with random B (peft starts B at zero) and, with bias=all, changed biases."""
+    torch.manual_seed(0)
+    model, _ = modeling.load_base_model(model_dir, QUANT, CPU)
+    params = LoraParams(rank=4, alpha=8, dropout=0.0, **lora)
+    model = modeling.add_lora(model, params, quantized=True, gradient_checkpointing=False)
+    generator = torch.Generator().manual_seed(1)
+    for name, param in model.named_parameters():
+        if param.requires_grad and "lora_A" not in name:
+            param.data = param.data + torch.randn(param.shape, generator=generator) * 0.1
+    model.save_pretrained(path)
+    return path
+
+
+def _whole_model_merge(model_dir, adapter, dtype, from_quantized=True):
+    """The merge as it was before it went layer by layer: the whole model in float32, peft's merge_and_unload."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    if from_quantized:
+        model, _ = modeling.load_base_model(model_dir, QUANT, CPU)
+        model = model.dequantize(dtype=torch.float32).to(torch.float32)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    return PeftModel.from_pretrained(model, adapter).merge_and_unload().to(dtype)
+
+
+@pytest.mark.parametrize("lora", [{}, {"use_dora": True}, {"bias": "all", "target_modules": ["q_proj", "v_proj"]}],
+                         ids=["lora", "dora", "bias-all-some-targets"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_layer_by_layer_merge_writes_the_whole_model_merges_tensors_bit_for_bit(tiny_qwen2_dir, tmp_path, lora,
+                                                                                  dtype):
+    adapter = _adapter(tiny_qwen2_dir, tmp_path / "adapter", **lora)
+    for from_quantized in (True, False):
+        expected = _whole_model_merge(tiny_qwen2_dir, adapter, dtype, from_quantized).state_dict()
+        found = merging.merge_adapter(tiny_qwen2_dir, adapter, QUANT, dtype, CPU, from_quantized).state_dict()
+        assert sorted(found) == sorted(expected)
+        different = [key for key in expected if found[key].dtype != dtype or not torch.equal(found[key], expected[key])]
+        assert different == []
+    # The two merges really differ (the quantization error), and the adapter really changed something.
+    merged = merging.merge_adapter(tiny_qwen2_dir, adapter, QUANT, dtype, CPU).state_dict()
+    naive = merging.merge_adapter(tiny_qwen2_dir, adapter, QUANT, dtype, CPU, from_quantized=False).state_dict()
+    assert not torch.equal(merged["model.layers.0.self_attn.q_proj.weight"],
+                           naive["model.layers.0.self_attn.q_proj.weight"])
+
+
+def test_chunked_comparison_gives_the_whole_batch_figures():
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 50, (3, 17), generator=generator)
+    reference = [torch.randn(3, 17, 50, generator=generator) * 4]
+    candidate = [reference[0] + torch.randn(3, 17, 50, generator=generator) * 0.1]
+    whole = fidelity.Comparison(chunk_elements=10**9)
+    whole.add(reference[0], candidate[0], ids)
+    for chunk in (1, 50, 120, 333):
+        chunked = fidelity.Comparison(chunk_elements=chunk)
+        chunked.add(reference[0], candidate[0], ids)
+        assert chunked.result().as_metrics() == whole.result().as_metrics()
+        assert chunked.tokens == 3 * 16
+    # Against a plain computation of the same figures.
+    diff = (reference[0] - candidate[0]).abs()
+    figures = whole.result()
+    assert figures.max_logit_diff == float(diff.max())
+    assert figures.mean_logit_diff == pytest.approx(float(diff.double().mean()), rel=1e-12)
+    nll = torch.nn.functional.cross_entropy(candidate[0][:, :-1].reshape(-1, 50).double(), ids[:, 1:].reshape(-1))
+    assert figures.perplexity == pytest.approx(float(nll.exp()), rel=1e-6)
+
+
+def test_rows_at_a_time_compare_like_whole_batches(tiny_llama_dir):
+    model = memory.load_on_cpu(tiny_llama_dir, torch.float32)
+    batches = [torch.randint(4, model.config.vocab_size, (4, 12), generator=torch.Generator().manual_seed(i))
+               for i in range(2)]
+    reference = fidelity.logits_on(model, batches, CPU)
+    by_rows = fidelity.logits_on(model, batches, CPU, rows_at_once=1)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(reference, by_rows))
+    whole = fidelity.compare(reference, fidelity.logits_on(model, batches, CPU), batches)
+    rows = fidelity.compare_model(reference, model, batches, CPU, rows_at_once=1)
+    assert rows.max_logit_diff < 1e-4 and whole.max_logit_diff == 0.0
+    assert rows.perplexity == pytest.approx(whole.perplexity, rel=1e-5)
+
+
+def test_quantized_weight_estimate_matches_the_loaded_4bit_model(tiny_llama_dir):
+    loaded, _ = modeling.load_base_model(tiny_llama_dir, QuantizationParams(compute_dtype="bfloat16"), CPU)
+    estimate = memory.weight_bytes(memory.meta_model(tiny_llama_dir), "4bit", use_double_quant=True)
+    assert estimate == pytest.approx(loaded.get_memory_footprint(return_buffers=False), rel=0.1)
+    # 16 bits for everything is the ceiling; 4 bits for the linear layers must be well below it.
+    assert estimate < 0.6 * memory.weight_bytes(memory.meta_model(tiny_llama_dir), "none")
+
+
+def test_a_budget_below_what_merge_needs_stops_before_loading_weights(prepared, monkeypatch):
+    from qlorapipe import merge
+    from qlorapipe.data import EVAL_SPLIT, load_split
+
+    batches = fidelity.eval_batches(load_split(prepared / "data/prepared", EVAL_SPLIT), batch_size=4, n_batches=2)
+    monkeypatch.setattr(modeling, "load_base_model", lambda *a, **k: pytest.fail("weights loaded"))
+    rows, reserve = merge._check_budget(prepared / "models/base", QUANT, torch.float16, batches, 8e9, 8.0, False)
+    assert rows == 4 and reserve > memory.SLACK_BYTES
+    with pytest.raises(UserError) as error:
+        merge._check_budget(prepared / "models/base", QUANT, torch.float16, batches, 1e8, 0.1, False)
+    message = str(error.value)
+    assert message.startswith("acceleration.memory_budget_gb: the merge stage needs at least ")
+    need = float(message.split("at least ")[1].split(" GB")[0])
+    assert 0.1 < need < 8 and "raise acceleration.memory_budget_gb to" in message and "\n" not in message
