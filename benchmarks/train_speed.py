@@ -72,6 +72,10 @@ def shape_config(name: str):
         return LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                            tie_word_embeddings=True, use_cache=False)
+    if name == "tiny-qwen2":  # the same, in the Qwen2 family (benchmarks/pipeline_gpu.py on a CPU)
+        return Qwen2Config(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                           tie_word_embeddings=True, use_cache=False)
     if name == "llama-2-70b":  # the 70B shape of the multi-GPU issue; saved sparse (save_sparse_model)
         return LlamaConfig(vocab_size=32000, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
                            num_attention_heads=64, num_key_value_heads=8, max_position_embeddings=4096,

@@ -1,0 +1,259 @@
+"""Every stage of dvc.yaml, by its own command line, at real model sizes within one GPU memory budget.
+
+    PYTHONPATH=src python benchmarks/pipeline_gpu.py --shapes qwen2.5-3b llama-2-7b --budget 7.5 \
+        --work /tmp/pipeline --out bench-out/pipeline
+
+For each shape (benchmarks/train_speed.py's shape_config): a random-init bfloat16 model with a
+byte-level BPE tokenizer of exactly its vocabulary size (trained on the Python reference manual
+with the split rules of the shape's family, then grown to size with merges of known tokens), given
+to the pipeline as a local model. params.yaml is the project's, with the reference task's
+settings (data.max_length 512, batch 1 x accumulation 16), training.max_steps --steps and
+acceleration.memory_budget_gb --budget. Each stage's cmd from dvc.yaml then runs in order, as DVC
+runs it (without DVC's caching), and the benchmark records per stage: wall seconds, the peak GPU
+memory nvidia-smi sees in use (sampled every 0.1 s; the CUDA context included), and the peaks the
+stage itself writes to its metrics (torch's allocated and reserved). It prints one table per shape
+with the merge and export fidelity figures and where export's time went, and writes them as
+Markdown and JSON under --out. A shape whose stages already ran in --work continues where it
+stopped (the stages are long at 7B; one call of a lent machine may not hold them all).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from train_speed import shape_config  # noqa: E402
+
+STAGES = ("check", "download", "compat", "prepare", "train", "evaluate", "merge", "export")
+# The split rules (pre-tokenizer regexes) of the families the shapes come from: Qwen2 splits digits one
+# by one, Llama 3 in groups of three. The GGUF writer names llama.cpp's matching pre-tokenizer from them.
+SPLIT = {
+    "qwen2": r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""",
+    "llama": r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""",
+}
+EOS = "<|endoftext|>"
+
+
+def byte_level_tokenizer(vocab_size: int, family: str, out: Path) -> Path:
+    """A byte-level BPE tokenizer of exactly ``vocab_size`` tokens, saved as a transformers tokenizer in ``out``."""
+    from pydoc_data.topics import topics
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if (out / "tokenizer.json").is_file():
+        return out
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(SPLIT[family]), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator([topics[key] for key in sorted(topics)], trainer)
+    spec = json.loads(tokenizer.to_str())
+    vocab, merges = spec["model"]["vocab"], spec["model"]["merges"]
+    # The manual runs out of pairs long before 151,936 tokens: grow with merges of known tokens, shortest first.
+    known = sorted((t for t in vocab if t != EOS), key=lambda t: (len(t), vocab[t]))
+    for left in known:
+        for right in known[:512]:
+            if len(vocab) >= vocab_size:
+                break
+            if left + right not in vocab:
+                vocab[left + right] = len(vocab)
+                merges.append([left, right])
+        if len(vocab) >= vocab_size:
+            break
+    grown = Tokenizer.from_str(json.dumps(spec))
+    wrapped = PreTrainedTokenizerFast(tokenizer_object=grown, eos_token=EOS, pad_token=EOS, model_max_length=32768)
+    out.mkdir(parents=True, exist_ok=True)
+    wrapped.save_pretrained(out)
+    assert len(wrapped) == vocab_size, (len(wrapped), vocab_size)
+    return out
+
+
+def build_model(shape: str, work: Path) -> Path:
+    """The random-init bfloat16 model of ``shape`` with its tokenizer, as a local model directory."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    path = work / f"{shape}-source"
+    if (path / "tokenizer.json").is_file():
+        return path
+    config = shape_config(shape)
+    config.bos_token_id, config.eos_token_id, config.pad_token_id = None, 0, 0
+    torch.manual_seed(0)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.generation_config.eos_token_id = 0
+    model.save_pretrained(path / "tmp", safe_serialization=True)
+    del model
+    byte_level_tokenizer(config.vocab_size, config.model_type, path / "tmp")
+    (path / "tmp").rename(path / "model")
+    return path / "model"
+
+
+def write_params(work: Path, model_dir: Path, steps: int, budget: float, max_length: int,
+                 formats: list[str] | None) -> None:
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    if formats:
+        params["export"]["formats"] = formats
+    params["model"].update(source="local", local_path=str(model_dir))
+    params["data"]["max_length"] = max_length
+    params["training"].update(max_steps=steps, per_device_batch_size=1, gradient_accumulation_steps=16)
+    params["acceleration"]["memory_budget_gb"] = budget
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def stage_commands() -> dict[str, str]:
+    """Each stage's cmd from dvc.yaml with ``${paths.*}`` filled in."""
+    spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    paths = spec["vars"][0]["paths"]
+    fill = lambda text: re.sub(r"\$\{paths\.(\w+)\}", lambda m: paths[m.group(1)], text)  # noqa: E731
+    return {name: fill(" ".join(str(spec["stages"][name]["cmd"]).split())) for name in STAGES}
+
+
+class GpuSampler:
+    """The largest GPU memory in use nvidia-smi reports while the block runs (GB), or None without nvidia-smi."""
+
+    def __init__(self):
+        self.peak_mib, self.process = None, None
+
+    def __enter__(self):
+        if shutil.which("nvidia-smi"):
+            index = (os.environ.get("CUDA_VISIBLE_DEVICES") or "0").split(",")[0]
+            self.process = subprocess.Popen(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits",
+                                             "-i", index, "-lms", "100"], stdout=subprocess.PIPE, text=True)
+            threading.Thread(target=self._read, daemon=True).start()
+        return self
+
+    def _read(self):
+        for line in self.process.stdout:
+            if line.strip().isdigit():
+                self.peak_mib = max(self.peak_mib or 0, int(line))
+
+    def __exit__(self, *exc):
+        if self.process:
+            time.sleep(0.3)
+            self.process.terminate()
+
+    @property
+    def peak_gb(self):
+        return None if self.peak_mib is None else round(self.peak_mib * 2**20 / 1e9, 2)
+
+
+def torch_peaks(name: str, metrics: Path) -> tuple:
+    """(allocated, reserved) GB the stage wrote to its metrics, or Nones."""
+    file = {"train": "train.json", "evaluate": "eval.json", "merge": "merge.json", "export": "export.json"}.get(name)
+    if not file or not (metrics / file).is_file():
+        return None, None
+    found = json.loads((metrics / file).read_text())
+    found = found.get("memory", found)
+    return found.get("peak_gpu_allocated_gb"), found.get("peak_gpu_reserved_gb")
+
+
+def run_shape(shape: str, args) -> dict:
+    work = args.work / shape
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "stages").unlink(missing_ok=True)
+    (work / "stages").symlink_to(ROOT / "stages")
+    record_file = work / "record.json"
+    record = json.loads(record_file.read_text()) if record_file.is_file() else {"shape": shape, "stages": {}}
+    if "build_seconds" not in record:
+        started = time.perf_counter()
+        model_dir = build_model(shape, work)
+        record["build_seconds"] = round(time.perf_counter() - started, 1)
+        write_params(work, model_dir, args.steps, args.budget, args.max_length, args.formats.get(shape))
+        record["formats"] = yaml.safe_load((work / "params.yaml").read_text())["export"]["formats"]
+    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    for name, cmd in stage_commands().items():
+        if record["stages"].get(name, {}).get("rc") == 0:
+            continue
+        print(f"[{shape}] {name}: {cmd}", flush=True)
+        started = time.perf_counter()
+        with GpuSampler() as sampler, open(work / f"{name}.log", "w") as log:
+            rc = subprocess.run(cmd.replace("python ", f"{sys.executable} ", 1), shell=True, cwd=work, env=env,
+                                stdout=log, stderr=subprocess.STDOUT).returncode
+        allocated, reserved = torch_peaks(name, work / "metrics")
+        record["stages"][name] = {"rc": rc, "seconds": round(time.perf_counter() - started, 1),
+                                  "smi_peak_gb": sampler.peak_gb, "allocated_gb": allocated, "reserved_gb": reserved}
+        record_file.write_text(json.dumps(record, indent=1))
+        if rc != 0:
+            tail = (work / f"{name}.log").read_text().strip().splitlines()[-3:]
+            print(f"[{shape}] {name} failed ({rc}): {' | '.join(tail)}", flush=True)
+            break
+        if name == "download" and not args.keep:
+            shutil.rmtree(work / f"{shape}-source", ignore_errors=True)  # the stage copied it to models/base
+    metrics = work / "metrics"
+    for name, file in (("train", "train.json"), ("merge", "merge.json"), ("export", "export.json")):
+        if (metrics / file).is_file():
+            record[name] = json.loads((metrics / file).read_text())
+    record_file.write_text(json.dumps(record, indent=1))
+    return record
+
+
+def table(record: dict, budget: float) -> str:
+    rows = [f"### {record['shape']} (budget {budget} GB; model built in {record.get('build_seconds')} s; "
+            f"export.formats {record.get('formats')})", "",
+            "| stage | wall s | torch peak allocated GB | torch peak reserved GB | nvidia-smi peak GB |",
+            "| --- | --- | --- | --- | --- |"]
+    show = lambda v: "-" if v is None else v  # noqa: E731
+    for name, found in record["stages"].items():
+        status = "" if found["rc"] == 0 else f" (failed, rc {found['rc']})"
+        rows.append(f"| {name}{status} | {found['seconds']} | {show(found['allocated_gb'])} | "
+                    f"{show(found['reserved_gb'])} | {show(found['smi_peak_gb'])} |")
+    total = sum(f["seconds"] for f in record["stages"].values())
+    train = record.get("train", {})
+    rows += ["", f"All stages {total:.0f} s; optimizer steps {train.get('train_seconds', '-')} s of train's "
+                 f"{record['stages'].get('train', {}).get('seconds', '-')} s; overhead "
+                 f"{total - train.get('train_seconds', 0):.0f} s."]
+    merge = record.get("merge")
+    if merge:
+        rows.append(f"Merge ({merge['dtype']}): max logit diff {merge['merged']['max_logit_diff']}, perplexity change "
+                    f"{100 * merge['merged']['perplexity_change']:+.3f} % (naive merge "
+                    f"{100 * merge['naive_merge_into_16bit_base']['perplexity_change']:+.3f} %); "
+                    f"{merge.get('offloaded_modules', 0)} modules streamed from the CPU.")
+    export = record.get("export")
+    if export:
+        files = [f"{k.removeprefix('gguf_')} {100 * v['perplexity_change']:+.3f} % / agreement {v['token_agreement']}"
+                 for k, v in export.items() if k.startswith("gguf_")]
+        rows.append(f"Export: {'; '.join(files)}. Seconds: {json.dumps(export.get('seconds'))}.")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", nargs="+", default=["qwen2.5-3b", "llama-2-7b"])
+    parser.add_argument("--budget", type=float, default=7.5, help="acceleration.memory_budget_gb")
+    parser.add_argument("--steps", type=int, default=15, help="optimizer steps of 16 sequences")
+    parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--work", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--keep", action="store_true", help="keep the built source model after download copied it")
+    parser.add_argument("--formats", nargs="*", default=[], metavar="SHAPE=F1,F2",
+                        help="export.formats for a shape, e.g. llama-2-7b=gguf-q8_0,adapter (default: params.yaml's)")
+    args = parser.parse_args()
+    args.formats = {k: v.split(",") for k, v in (item.split("=", 1) for item in args.formats)}
+    args.out.mkdir(parents=True, exist_ok=True)
+    for shape in args.shapes:
+        record = run_shape(shape, args)
+        text = table(record, args.budget)
+        print(text, flush=True)
+        (args.out / f"{shape}.md").write_text(text + "\n")
+        (args.out / f"{shape}.json").write_text(json.dumps(record, indent=1))
+
+
+if __name__ == "__main__":
+    main()
