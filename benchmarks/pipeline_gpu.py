@@ -90,8 +90,9 @@ def build_model(shape: str, work: Path) -> Path:
     from transformers import AutoModelForCausalLM
 
     path = work / f"{shape}-source"
-    if (path / "tokenizer.json").is_file():
-        return path
+    if (path / "model" / "tokenizer.json").is_file():
+        return path / "model"
+    shutil.rmtree(path, ignore_errors=True)
     config = shape_config(shape)
     config.bos_token_id, config.eos_token_id, config.pad_token_id = None, 0, 0
     torch.manual_seed(0)
@@ -173,7 +174,9 @@ def run_shape(shape: str, args) -> dict:
     record = json.loads(record_file.read_text()) if record_file.is_file() else {"shape": shape, "stages": {}}
     if "build_seconds" not in record:
         started = time.perf_counter()
-        model_dir = build_model(shape, work)
+        # In a process of its own, so that the GPU memory it used is free before the stages run.
+        subprocess.run([sys.executable, __file__, "--build", shape, str(work)], check=True)
+        model_dir = build_model(shape, work)  # built: only its path
         record["build_seconds"] = round(time.perf_counter() - started, 1)
         write_params(work, model_dir, args.steps, args.budget, args.max_length, args.formats.get(shape))
         record["formats"] = yaml.safe_load((work / "params.yaml").read_text())["export"]["formats"]
@@ -234,6 +237,9 @@ def table(record: dict, budget: float) -> str:
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["--build"]:
+        build_model(sys.argv[2], Path(sys.argv[3]))
+        return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="+", default=["qwen2.5-3b", "llama-2-7b"])
     parser.add_argument("--budget", type=float, default=7.5, help="acceleration.memory_budget_gb")
