@@ -115,3 +115,24 @@ def test_a_file_llama_cpp_cannot_load_or_quantize_is_named_in_one_line(tmp_path)
     with pytest.raises(UserError, match=f"^export.formats gguf-q4_k_m: llama.cpp's quantizer failed on {broken}"):
         llamacpp.quantize(broken, tmp_path / "model-q4_k_m.gguf", "q4_k_m")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model-f16.gguf"]
+
+
+def test_llama_cpp_q8_0_is_the_python_writers_q8_0_byte_for_byte(tiny_qwen2_dir, tmp_path):
+    """The export quantizes q8_0 with llama.cpp (on every core); it writes what the Python writer writes."""
+    import gguf
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from qlorapipe.export import llamacpp
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_qwen2_dir, dtype=torch.float16)
+    write_gguf(model, tiny_qwen2_dir, tmp_path / "f16.gguf", "f16")
+    write_gguf(model, tiny_qwen2_dir, tmp_path / "written.gguf", "q8_0")
+    llamacpp.quantize(tmp_path / "f16.gguf", tmp_path / "quantized.gguf", "q8_0")
+    written = {t.name: t for t in gguf.GGUFReader(str(tmp_path / "written.gguf")).tensors}
+    quantized = {t.name: t for t in gguf.GGUFReader(str(tmp_path / "quantized.gguf")).tensors}
+    assert sorted(written) == sorted(quantized)
+    assert written["blk.0.attn_q.weight"].tensor_type.name == "Q8_0"
+    assert [n for n in written if written[n].tensor_type != quantized[n].tensor_type
+            or not np.array_equal(np.asarray(written[n].data), np.asarray(quantized[n].data))] == []

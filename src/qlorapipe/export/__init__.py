@@ -1,7 +1,7 @@
 """Export step: the deliverables chosen in export.formats.
 
 ``safetensors``: the merged model with its tokenizer, record and model card (``model_card``);
-``gguf-f16`` / ``gguf-q8_0``: one GGUF file each (``gguf``); ``gguf-q5_k_m`` / ``gguf-q4_k_m`` /
+``gguf-f16``: one GGUF file (``gguf``); ``gguf-q8_0`` / ``gguf-q5_k_m`` / ``gguf-q4_k_m`` /
 ``gguf-q4_0``: quantized from the f16 file by llama.cpp (``llamacpp``). Every GGUF file is run
 in llama.cpp and measured against the trained model, and gated (``gates``). ``adapter``: the
 adapter alone, loadable with peft (``adapter``).

@@ -30,7 +30,9 @@ from qlorapipe.errors import UserError
 logger = logging.getLogger(__name__)
 
 # export.formats gguf-<type> quantized by llama.cpp from the f16 file -> llama_ftype.
-QUANTIZED_TYPES = {"q4_k_m": 15, "q5_k_m": 17, "q4_0": 2}
+# llama_ftype values. q8_0 too: llama.cpp's quantizer writes the same bytes as the Python writer's
+# q8_0 (gguf.write_gguf, checked on the offline default), on every core instead of one.
+QUANTIZED_TYPES = {"q8_0": 7, "q4_k_m": 15, "q5_k_m": 17, "q4_0": 2}
 PROBE_CONVERSATION = [
     {"role": "system", "content": "You answer briefly."},
     {"role": "user", "content": "What is a list comprehension?"},

@@ -365,7 +365,7 @@ class ExportParams:
     """The deliverable (export stage)."""
 
     # safetensors: the merged model directory; gguf-*: one GGUF file each, for llama.cpp (Llama
-    # and Qwen2 architectures; f16 and q8_0 written here, the k-quants and q4_0 quantized from
+    # and Qwen2 architectures; f16 written here, q8_0, the k-quants and q4_0 quantized from
     # f16 by llama.cpp itself); adapter: the adapter alone, for PeftModel
     formats: list[str] = field(default_factory=lambda: ["safetensors", "gguf-f16", "gguf-q8_0", "gguf-q4_k_m",
                                                         "adapter"])
