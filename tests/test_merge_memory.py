@@ -116,3 +116,20 @@ def test_a_budget_below_what_merge_needs_stops_before_loading_weights(prepared, 
     assert message.startswith("acceleration.memory_budget_gb: the merge stage needs at least ")
     need = float(message.split("at least ")[1].split(" GB")[0])
     assert 0.1 < need < 8 and "raise acceleration.memory_budget_gb to" in message and "\n" not in message
+
+
+def test_on_the_cpu_a_float16_model_computes_in_float32_with_the_same_weights(tiny_llama_dir):
+    model = memory.load_on_cpu(tiny_llama_dir, torch.float16)
+    weights = model.model.layers[0].mlp.up_proj.weight.detach().clone()
+    placed, offloaded = memory.place(model, CPU, budget=None, reserve=0)
+    assert offloaded == 0 and placed.dtype == torch.float32
+    assert torch.equal(placed.model.layers[0].mlp.up_proj.weight.half(), weights)
+
+
+def test_evaluate_and_export_check_the_budget_before_loading(tiny_llama_dir):
+    memory.check_quantized_fits("evaluate", tiny_llama_dir, QUANT, 4, 256, 1e9, 1.0)  # fits
+    memory.check_quantized_fits("evaluate", tiny_llama_dir, QUANT, 4, 256, None, None)  # CPU: no budget
+    with pytest.raises(UserError, match=r"^acceleration\.memory_budget_gb: the evaluate stage needs at least "
+                                        r"0\.\d\d GB of GPU memory for this model \(the quantized base \+ adapter "
+                                        r"and 4 x 256 tokens of logits\), above the budget of 0\.01 GB"):
+        memory.check_quantized_fits("evaluate", tiny_llama_dir, QUANT, 4, 256, 1e7, 0.01)
