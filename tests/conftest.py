@@ -198,7 +198,7 @@ def tiny_params(model_path: Path, corpus: Path, **overrides) -> dict:
         "training": {"max_steps": 12, "per_device_batch_size": 4, "learning_rate": 0.003, "warmup_steps": 0,
                      "eval_every_steps": 6, "optimizer": "adamw_torch", "max_eval_batches": None,
                      "early_stopping_patience": 0, "checkpoint_every_steps": 0},
-        "acceleration": {},
+        "acceleration": {"memory_budget_gb": None},  # dvc.yaml declares this key for evaluate, merge, export
         "distributed": {},
         "evaluate": {"batch_size": 4, "prompts": ["Python is", "The with statement"], "max_new_tokens": 5,
                      "general_corpus": "builtin:python-docs", "general_batches": 2},
