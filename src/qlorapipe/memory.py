@@ -150,12 +150,14 @@ def place(model, device, budget: float | None, reserve: float):
 
 
 def peak_metrics(device, budget: float | None) -> dict:
-    """The stage's peak GPU memory (allocated by tensors, reserved by the allocator) and its budget, in GB."""
+    """The stage's peak GPU memory (allocated by tensors, reserved by the allocator) and its budget, in GB;
+    also logged, so the stage prints its peak."""
     from qlorapipe.modeling import peak_memory_metrics
 
     found = peak_memory_metrics(device)
     if budget is not None:
         found["budget_gb"] = round(budget / 1e9, 3)
+    logger.info("Peak memory: %s", ", ".join(f"{key} {value}" for key, value in found.items()))
     return found
 
 
