@@ -165,6 +165,18 @@ def torch_peaks(name: str, metrics: Path) -> tuple:
     return found.get("peak_gpu_allocated_gb"), found.get("peak_gpu_reserved_gb")
 
 
+def write_profile(prof: Path, out: Path, lines: int = 45) -> None:
+    """The functions a stage spent its time in (cumulative, then own time), as text beside its log."""
+    import io
+    import pstats
+
+    text = io.StringIO()
+    stats = pstats.Stats(str(prof), stream=text)
+    stats.sort_stats("cumulative").print_stats(lines)
+    stats.sort_stats("tottime").print_stats(25)
+    out.write_text(text.getvalue())
+
+
 def run_shape(shape: str, args) -> dict:
     work = args.work / shape
     work.mkdir(parents=True, exist_ok=True)
@@ -181,14 +193,20 @@ def run_shape(shape: str, args) -> dict:
         write_params(work, model_dir, args.steps, args.budget, args.max_length, args.formats.get(shape))
         record["formats"] = yaml.safe_load((work / "params.yaml").read_text())["export"]["formats"]
     env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    # matplotlib builds its font cache the first time it is used on a machine (over 10 s); a user pays
+    # that once, not at every run, so it is built before the stages are timed.
+    subprocess.run([sys.executable, "-c", "import matplotlib.font_manager"], check=True, env=env)
     for name, cmd in stage_commands().items():
         if record["stages"].get(name, {}).get("rc") == 0:
             continue
         print(f"[{shape}] {name}: {cmd}", flush=True)
         started = time.perf_counter()
         with GpuSampler() as sampler, open(work / f"{name}.log", "w") as log:
-            rc = subprocess.run(cmd.replace("python ", f"{sys.executable} ", 1), shell=True, cwd=work, env=env,
+            python = f"{sys.executable} {__file__} --profiled {name}.prof" if args.profile else sys.executable
+            rc = subprocess.run(cmd.replace("python ", f"{python} ", 1), shell=True, cwd=work, env=env,
                                 stdout=log, stderr=subprocess.STDOUT).returncode
+        if args.profile and (work / f"{name}.prof").is_file():
+            write_profile(work / f"{name}.prof", work / f"{name}.profile.txt")
         allocated, reserved = torch_peaks(name, work / "metrics")
         record["stages"][name] = {"rc": rc, "seconds": round(time.perf_counter() - started, 1),
                                   "smi_peak_gb": sampler.peak_gb, "allocated_gb": allocated, "reserved_gb": reserved}
@@ -236,10 +254,32 @@ def table(record: dict, budget: float) -> str:
     return "\n".join(rows)
 
 
+def profiled(out: str, script: str, argv: list[str]) -> int:
+    """Run ``script`` as __main__ under cProfile into ``out``, keeping its exit status (``python -m cProfile``
+    swallows it)."""
+    import cProfile
+    import runpy
+
+    sys.argv = [script, *argv]
+    sys.path.insert(0, str(Path(script).resolve().parent))
+    profile, status = cProfile.Profile(), 0
+    profile.enable()
+    try:
+        runpy.run_path(script, run_name="__main__")
+    except SystemExit as done:
+        status = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
+    finally:
+        profile.disable()
+        profile.dump_stats(out)
+    return status
+
+
 def main() -> None:
     if sys.argv[1:2] == ["--build"]:
         build_model(sys.argv[2], Path(sys.argv[3]))
         return
+    if sys.argv[1:2] == ["--profiled"]:
+        sys.exit(profiled(sys.argv[2], sys.argv[3], sys.argv[4:]))
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="+", default=["qwen2.5-3b", "llama-2-7b"])
     parser.add_argument("--budget", type=float, default=7.5, help="acceleration.memory_budget_gb")
@@ -248,6 +288,8 @@ def main() -> None:
     parser.add_argument("--work", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--keep", action="store_true", help="keep the built source model after download copied it")
+    parser.add_argument("--profile", action="store_true",
+                        help="run each stage under cProfile; where its time went goes to WORK/SHAPE/STAGE.profile.txt")
     parser.add_argument("--formats", nargs="*", default=[], metavar="SHAPE=F1,F2",
                         help="export.formats for a shape, e.g. llama-2-7b=gguf-q8_0,adapter (default: params.yaml's)")
     args = parser.parse_args()

@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
 from qlorapipe.errors import UserError
-from qlorapipe.export.gguf import gguf_tensor_name, load_gguf, permute_for_rope, write_gguf
+from qlorapipe.export.gguf import (
+    gguf_tensor_name,
+    load_gguf,
+    permute_for_rope,
+    write_gguf,
+)
 
 TEXT = "Generators produce items lazily, 2026 of them, and remember where they left off!"
 
@@ -85,13 +91,13 @@ def test_llama_cpp_itself_runs_the_written_file_as_transformers_runs_the_model(a
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from qlorapipe.export import llamacpp
+    from qlorapipe.export import llama_worker
 
     model_dir = request.getfixturevalue(f"tiny_{arch}_dir")
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     write_gguf(model, model_dir, tmp_path / "model-f16.gguf", "f16")
-    llm = llamacpp.load(tmp_path / "model-f16.gguf", n_ctx=64)
+    llm = llama_worker.load(tmp_path / "model-f16.gguf", n_ctx=64)
     try:
         ids = tokenizer(TEXT)["input_ids"]
         assert llm.tokenize(TEXT.encode(), add_bos=False, special=False) == ids  # digits, punctuation, spaces
@@ -105,12 +111,12 @@ def test_llama_cpp_itself_runs_the_written_file_as_transformers_runs_the_model(a
 
 
 def test_a_file_llama_cpp_cannot_load_or_quantize_is_named_in_one_line(tmp_path):
-    from qlorapipe.export import llamacpp
+    from qlorapipe.export import llama_worker, llamacpp
 
     broken = tmp_path / "model-f16.gguf"
     broken.write_bytes(b"GGUF" + b"\0" * 60)
     with pytest.raises(UserError, match=f"^llama.cpp refuses to load {broken}: ") as info:
-        llamacpp.load(broken, n_ctx=64)
+        llama_worker.load(broken, n_ctx=64)
     assert "\n" not in str(info.value)
     with pytest.raises(UserError, match=f"^export.formats gguf-q4_k_m: llama.cpp's quantizer failed on {broken}"):
         llamacpp.quantize(broken, tmp_path / "model-q4_k_m.gguf", "q4_k_m")
@@ -136,3 +142,53 @@ def test_llama_cpp_q8_0_is_the_python_writers_q8_0_byte_for_byte(tiny_qwen2_dir,
     assert written["blk.0.attn_q.weight"].tensor_type.name == "Q8_0"
     assert [n for n in written if written[n].tensor_type != quantized[n].tensor_type
             or not np.array_equal(np.asarray(written[n].data), np.asarray(quantized[n].data))] == []
+
+
+def test_llama_cpp_gets_the_gpu_blocks_the_budget_holds(tiny_qwen2_dir, tmp_path):
+    """The blocks and output layer are read from the file; llama.cpp offloads the last blocks first."""
+    import gguf
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from qlorapipe.export import llama_worker
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_qwen2_dir, dtype=torch.float16)
+    write_gguf(model, tiny_qwen2_dir, tmp_path / "f16.gguf", "f16")
+    blocks, output, vocab = llama_worker.tensor_bytes(tmp_path / "f16.gguf")
+    tensors = gguf.GGUFReader(str(tmp_path / "f16.gguf")).tensors
+    assert len(blocks) == model.config.num_hidden_layers and vocab == model.config.vocab_size
+    assert sum(blocks) == sum(int(t.n_bytes) for t in tensors if t.name.startswith("blk."))
+    assert output == 2 * model.config.vocab_size * model.config.hidden_size  # tied: the f16 token embeddings
+
+    assert llama_worker.layers_within([10, 20, 30], 5, free=65) == 4  # every block and the output layer
+    assert llama_worker.layers_within([10, 20, 30], 5, free=64) == 3  # every block, not the output layer
+    assert llama_worker.layers_within([10, 20, 30], 5, free=59) == 2  # 30 + 20 from the end
+    assert llama_worker.layers_within([10, 20, 30], 5, free=29) == 0
+    assert llama_worker.gpu_layers(tmp_path / "f16.gguf", 64, free_bytes=None) == 0  # on a CPU it runs it all
+
+
+def test_llama_cpp_runs_in_a_process_without_torch():
+    """A CUDA build of llama.cpp crashes loading a model in a process that holds torch's CUDA libraries."""
+    import subprocess
+    import sys
+
+    code = "import sys, qlorapipe.export.llama_worker; print('torch' in sys.modules)"
+    found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert found.strip() == "False"
+
+
+def test_a_llama_cpp_crash_is_one_line_naming_the_file_and_its_last_words(tmp_path):
+    import tempfile
+
+    from qlorapipe.export import llamacpp
+
+    with tempfile.TemporaryFile() as errors:
+        errors.write(b"ggml_cuda_init: found 1 CUDA devices\n  Device 0: NVIDIA H200\n\n")
+        with pytest.raises(llamacpp.Crashed, match=r"^llama.cpp stopped with exit status -11 on m.gguf "
+                                                   r"\(Device 0: NVIDIA H200\); drop its format"):
+            llamacpp._raise_reported(-11, errors, Path("m.gguf"))
+    with tempfile.TemporaryFile() as errors:
+        errors.write(b"some log\nerror: llama.cpp refuses to load m.gguf: bad magic\n")
+        with pytest.raises(UserError, match="^llama.cpp refuses to load m.gguf: bad magic$") as info:
+            llamacpp._raise_reported(1, errors, Path("m.gguf"))
+        assert not isinstance(info.value, llamacpp.Crashed)

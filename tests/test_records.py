@@ -97,3 +97,18 @@ def test_the_adapter_card_loads_the_base_as_it_was_quantized_in_training(quant, 
     assert snippet in card
     if quant.load_in != "4bit":
         assert "nf4" not in card
+
+
+def test_the_content_hash_of_shards_hashed_at_once_is_the_one_hashed_in_turn(tmp_path):
+    import hashlib
+
+    from qlorapipe.records import content_hash
+
+    for index in range(3):
+        (tmp_path / f"model-0000{index}-of-00003.safetensors").write_bytes(bytes([index]) * (3 << 20))
+    (tmp_path / "config.json").write_text("{}")  # not a weight: not hashed
+    digest = hashlib.sha256()
+    for path in sorted(tmp_path.glob("*.safetensors")):
+        digest.update(path.name.encode())
+        digest.update(hashlib.sha256(path.read_bytes()).hexdigest().encode())
+    assert content_hash(tmp_path) == digest.hexdigest()

@@ -164,7 +164,11 @@ def test_merge_writes_a_standalone_model_that_computes_what_was_trained(run):
                                      "tokenizer.json", "tokenizer_config.json", "training_params.json"]
     metrics = json.loads((run["metrics"] / "merge.json").read_text())
     assert set(metrics) == {"merged", "naive_merge_into_16bit_base", "merged_requantized_4bit", "speed",
-                            "reference_perplexity", "dtype", "eval_tokens", "offloaded_modules", "memory"}
+                            "reference_perplexity", "dtype", "eval_tokens", "offloaded_modules", "seconds", "memory"}
+    # Where the time went, phase by phase.
+    assert set(metrics["seconds"]) == {"load", "merge_and_save", "reference", "speed", "naive", "reload_and_compare",
+                                       "requantized"}
+    assert all(value >= 0 for value in metrics["seconds"].values())
     # The stage's peak memory (and on a GPU its budget), for `dvc metrics diff`.
     assert set(metrics["memory"]) - {"budget_gb"} == _memory_keys() and metrics["offloaded_modules"] == 0
     assert all(value > 0 for value in metrics["memory"].values())
@@ -238,6 +242,7 @@ def test_export_gguf_files_run_in_llama_cpp_as_the_trained_model_does(run):
         assert found["tokenizer_matches"] and found["chat_template_matches"] is None  # no chat template here
         assert found["stop_mismatches"] == 0 and found["token_agreement"] >= 0.5
         assert found["ollama_modelfile"]
+        assert found["gpu_layers"] == 0 and found["gpu_gb"] == 0  # the CPU runs llama.cpp here
     assert f16["token_agreement"] == 1.0  # greedy continuations of base + adapter, token for token
     assert q4["size_mb"] < q8["size_mb"] < f16["size_mb"]
     # The k-quant file is llama.cpp's own: its quantizer wrote the file type and its metadata.

@@ -187,6 +187,17 @@ def check_quantized_fits(stage: str, base_dir: Path, quant, rows: int, length: i
     check_fits(stage, need, budget, budget_gb, f"the quantized base + adapter and {rows} x {length} tokens of logits")
 
 
+def release(device) -> None:
+    """Give the GPU memory of models no longer referenced back to the driver (for code outside torch)."""
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        import torch
+
+        torch.cuda.empty_cache()
+
+
 def reset_peak(device) -> None:
     """Start counting the stage's peak GPU memory from here."""
     if device.type == "cuda":

@@ -107,7 +107,7 @@ def run(quant: QuantizationParams, params: EvaluateParams, base_dir: Path, adapt
                     general_loss, general_tokens = mean_token_loss(model, general_set, params.batch_size, device)
                     row["general"] = {"loss": round(general_loss, 5), "perplexity": round(perplexity(general_loss), 4)}
                 samples[name] = generation.generate(model, tokenizer, params.prompts, params.max_new_tokens, device,
-                                                    params.chat_template)
+                                                    params.chat_template, stop_ids)
                 if held_out:
                     bar = progress.add_task(f"{name}: answers", total=len(held_out))
                     generated = tasks.generate_answers(

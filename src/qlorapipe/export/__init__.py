@@ -10,11 +10,11 @@ adapter alone, loadable with peft (``adapter``).
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from qlorapipe import data, fidelity, memory, modeling
+from qlorapipe.clock import PhaseClock
 from qlorapipe.errors import UserError
 from qlorapipe.export import gguf, llamacpp
 from qlorapipe.export.adapter import write_adapter_package
@@ -71,11 +71,12 @@ def run(params: ExportParams, inputs: Inputs, out_dir: Path, metrics_path: Path,
     budget = memory.budget_bytes(budget_gb, device)
     gguf_types = [f.removeprefix("gguf-") for f in params.formats if f.startswith("gguf-")]
     if gguf_types:
+        llamacpp.require()  # refuse now, not after writing files
         memory.check_quantized_fits("export", inputs.base, read_adapter_record(inputs.adapter).quantization, 1,
                                     max(len(eval_set[0]["input_ids"]), 64), budget, budget_gb, trust)
     memory.reset_peak(device)
     seconds: dict[str, float] = {}
-    clock = _Clock(seconds)
+    clock = PhaseClock(seconds)
     model = AutoModelForCausalLM.from_pretrained(inputs.merged, trust_remote_code=trust)  # keeps the saved dtype
     tokenizer = AutoTokenizer.from_pretrained(inputs.merged, trust_remote_code=trust)
     clock.lap("load")
@@ -95,6 +96,7 @@ def run(params: ExportParams, inputs: Inputs, out_dir: Path, metrics_path: Path,
             reference_logits = _reference_logits(model, inputs.merged, batches, device, budget, trust)
             prompts = llamacpp.held_out_prompts(eval_set, params.parity_prompts)
             continuations = _trained_continuations(inputs, prompts, params.parity_tokens, tokenizer)
+            memory.release(device)  # the GPU is llama.cpp's now
             clock.lap("references")
             (out / "gguf").mkdir()
             for file_type in _writing_order(gguf_types):
@@ -107,7 +109,7 @@ def run(params: ExportParams, inputs: Inputs, out_dir: Path, metrics_path: Path,
                 if file_type not in gguf_types:
                     continue
                 found = llamacpp.check_file(gguf_file, tokenizer, reference_logits, batches, prompts,
-                                            continuations, params.parity_tokens)
+                                            continuations, params.parity_tokens, device, budget)
                 clock.lap(f"check_{file_type}")
                 gate(params, f"gguf-{file_type}", found)
                 found["ollama_modelfile"] = _modelfile(out / "gguf" / f"model-{file_type}.Modelfile", gguf_file.name,
@@ -121,21 +123,12 @@ def run(params: ExportParams, inputs: Inputs, out_dir: Path, metrics_path: Path,
             clock.lap("adapter")
     export_metrics["seconds"] = seconds
     export_metrics["memory"] = memory.peak_metrics(device, budget)
+    llama_gb = [found["gpu_gb"] for key, found in export_metrics.items() if key.startswith("gguf_")]
+    if device.type == "cuda" and llama_gb:
+        export_metrics["memory"]["peak_gpu_llama_cpp_gb"] = max(llama_gb)  # the driver's figure, beside torch's
     write_json(metrics_path, export_metrics)
     logger.info("Exported %s (%s) to %s", record.base_model.repo_id, ", ".join(params.formats), out_dir)
     return export_metrics
-
-
-class _Clock:
-    """Wall seconds per phase, into ``seconds``: where the export's time goes, for `dvc metrics diff`."""
-
-    def __init__(self, seconds: dict):
-        self.seconds, self.last = seconds, time.perf_counter()
-
-    def lap(self, name: str) -> None:
-        now = time.perf_counter()
-        self.seconds[name] = round(self.seconds.get(name, 0.0) + now - self.last, 2)
-        self.last = now
 
 
 def _reference_logits(model, merged: Path, batches: list, device, budget: float | None, trust: bool) -> list:

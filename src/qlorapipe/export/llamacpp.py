@@ -1,9 +1,12 @@
 """The GGUF files in llama.cpp itself: k-quants from its own quantizer, and parity with the trained model.
 
 llama.cpp comes from the llama-cpp-python package, built from its pinned source at setup (see
-the README); its bindings expose llama.cpp's C API. ``quantize`` calls ``llama_model_quantize``,
-the function the ``llama-quantize`` tool runs. ``check_file`` loads a file the way users run it
-and measures, against the model that was trained:
+the README); its bindings expose llama.cpp's C API. Every call runs in a process of its own
+(``llama_worker``), which never imports torch: a CUDA build of llama.cpp crashed loading a model in
+a process holding torch (seen on an H200), and a crash must not take the stage down unexplained.
+``quantize`` calls ``llama_model_quantize``, the function the ``llama-quantize`` tool runs.
+``check_file`` loads a file the way users run it (on a GPU, as many blocks as the memory budget
+holds) and measures, against the model that was trained:
 
 - logits on held-out rows (llama.cpp's own forward pass) against the merged model they were
   written from: largest and mean difference, perplexity and its change;
@@ -17,9 +20,9 @@ and measures, against the model that was trained:
 from __future__ import annotations
 
 import contextlib
-import ctypes
+import importlib.util
+import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,6 +58,16 @@ def llama_cpp_module():
     return llama_cpp
 
 
+def require() -> None:
+    """Refuse early when llama-cpp-python is missing, without loading it here (``llama_worker`` does).
+
+    Raises:
+        UserError: saying how to install it.
+    """
+    if importlib.util.find_spec("llama_cpp") is None:
+        llama_cpp_module()
+
+
 def quantize(f16_file: Path, out_file: Path, file_type: str) -> None:
     """Quantize ``f16_file`` to ``file_type`` (a key of QUANTIZED_TYPES) with llama.cpp's quantizer.
 
@@ -64,57 +77,61 @@ def quantize(f16_file: Path, out_file: Path, file_type: str) -> None:
     Raises:
         UserError: llama.cpp refused the file.
     """
-    llama_cpp = llama_cpp_module()
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = QUANTIZED_TYPES[file_type]
-    params.nthread = os.cpu_count() or 1
-    with _native_stderr() as captured:  # a line per tensor and per fallback, written by the C++ code
-        status = llama_cpp.llama_model_quantize(str(f16_file).encode(), str(out_file).encode(),
-                                                ctypes.byref(params))
-    log = captured[0]
-    if status != 0 or not Path(out_file).is_file():
-        last = [line for line in log.splitlines() if line.strip()][-1:] or [f"status {status}"]
-        raise UserError(f"export.formats gguf-{file_type}: llama.cpp's quantizer failed on {f16_file} "
-                        f"({last[0].strip()}); drop gguf-{file_type} from export.formats")
-    fallbacks = log.count("falling back to")
+    with _worker(["quantize", str(f16_file), str(out_file), file_type], f16_file) as process:
+        fallbacks = _json_line(process.stdout)["fallbacks"]
     logger.info("Quantized %s -> %s (%.1f MB) with llama.cpp%s", Path(f16_file).name, Path(out_file).name,
                 Path(out_file).stat().st_size / 1e6,
                 f"; {fallbacks} tensors whose rows do not divide into its blocks took a near type" if fallbacks else "")
 
 
 @contextlib.contextmanager
-def _native_stderr():
-    """Redirect file descriptor 2 (where llama.cpp's C++ code logs) into a temporary file; the list
-    yielded holds its text once the block is left."""
+def _worker(args: list[str], gguf_file: Path, stdin: bytes | None = None):
+    """Run ``llama_worker`` with ``args`` and ``stdin``; yields the process, its stdout a binary pipe.
+
+    Raises:
+        UserError: the worker's one-line error, or that llama.cpp crashed (its last log line).
+    """
+    import subprocess
     import sys
     import tempfile
 
-    sys.stderr.flush()
-    saved, captured = os.dup(2), []
-    with tempfile.TemporaryFile() as sink:
-        os.dup2(sink.fileno(), 2)
+    require()
+    with tempfile.TemporaryFile() as errors:
+        process = subprocess.Popen([sys.executable, "-m", "qlorapipe.export.llama_worker", *args],
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors)
         try:
-            yield captured
+            process.stdin.write(stdin or b"")
+            process.stdin.close()
+            yield process
+        except EOFError:  # the worker stopped early: what it said is the error
+            process.wait()
+            _raise_reported(process.returncode or 1, errors, gguf_file)
+            raise
         finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            sink.seek(0)
-            captured.append(sink.read().decode(errors="replace"))
+            process.stdout.close()
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        if process.returncode != 0:
+            _raise_reported(process.returncode, errors, gguf_file)
 
 
-def load(gguf_file: Path, n_ctx: int):
-    """Load ``gguf_file`` in llama.cpp on the CPU with logits for every position.
+class Crashed(UserError):
+    """llama.cpp's process stopped without saying why (a crash)."""
 
-    Raises:
-        UserError: llama.cpp refuses the file.
-    """
-    llama_cpp = llama_cpp_module()
-    try:
-        return llama_cpp.Llama(model_path=str(gguf_file), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx,
-                               logits_all=True, n_threads=os.cpu_count() or 1, n_gpu_layers=0, verbose=False)
-    except (ValueError, RuntimeError) as error:
-        raise UserError(f"llama.cpp refuses to load {gguf_file}: {error}; drop its format from export.formats "
-                        "and report the model's architecture") from None
+
+def _raise_reported(returncode: int, errors, gguf_file: Path) -> None:
+    """Raise the worker's one-line error, or say that llama.cpp stopped (a crash) with its last log line."""
+    errors.seek(0)
+    lines = [line for line in errors.read().decode(errors="replace").splitlines() if line.strip()]
+    reported = [line.removeprefix("error: ") for line in lines if line.startswith("error: ")]
+    if reported:
+        raise UserError(reported[-1])
+    last = lines[-1].strip() if lines else "no output"
+    raise Crashed(f"llama.cpp stopped with exit status {returncode} on {gguf_file} ({last}); drop its format "
+                    "from export.formats and report the model's architecture")
 
 
 def held_out_prompts(eval_set, n_prompts: int, default_length: int = 32) -> list[list[int]]:
@@ -164,103 +181,120 @@ def reference_continuations(model, prompts: list[list[int]], max_new_tokens: int
             generated = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
                                        max_new_tokens=max_new_tokens, eos_token_id=sorted(stop_ids) or None,
                                        pad_token_id=pad_id)
-            out.append(_continuation(generated[0, len(prompt):].tolist(), stop_ids.__contains__))
+            out.append(continuation(generated[0, len(prompt):].tolist(), stop_ids.__contains__))
     return out
 
 
-def _continuation(tokens: list[int], is_stop) -> Continuation:
+def continuation(tokens: list[int], is_stop) -> Continuation:
     for index, token in enumerate(tokens):
         if is_stop(token):
             return Continuation(tokens[: index + 1], index)
     return Continuation(tokens, None)
 
 
-def llama_continuations(llm, prompts: list[list[int]], max_new_tokens: int) -> list[Continuation]:
-    """Greedy continuations of ``prompts`` by llama.cpp, stopping on the file's end-of-generation tokens."""
-    llama_cpp = llama_cpp_module()
-    vocab = llama_cpp.llama_model_get_vocab(llm.model)
-    out = []
-    for prompt in prompts:
-        tokens = []
-        for token in llm.generate(prompt, top_k=1, temp=0.0, reset=True):
-            tokens.append(token)
-            if llama_cpp.llama_vocab_is_eog(vocab, token) or len(tokens) == max_new_tokens:
-                break
-        out.append(_continuation(tokens, lambda t: llama_cpp.llama_vocab_is_eog(vocab, t)))
-    return out
-
-
-def llama_logits(llm, batches: list) -> list:
-    """llama.cpp's float32 logits for every row of ``batches`` (each row a fresh sequence)."""
-    import numpy as np
-    import torch
-
-    out = []
-    for batch in batches:
-        rows = []
-        for row in batch.tolist():
-            llm.reset()
-            llm.eval(row)
-            rows.append(np.array(llm.scores[: len(row)], dtype=np.float32))
-        out.append(torch.from_numpy(np.stack(rows)))
-    return out
-
-
-def same_chat_rendering(llm, tokenizer) -> bool | None:
-    """Whether the file's chat template, rendered by llama.cpp's formatter, gives transformers' text.
-
-    None when the tokenizer has no chat template.
-    """
-    template = llm.metadata.get("tokenizer.chat_template")
-    if not getattr(tokenizer, "chat_template", None):
-        return None
-    if not template:
-        return False
-    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-
-    formatter = Jinja2ChatFormatter(template, eos_token=tokenizer.eos_token or "", bos_token=tokenizer.bos_token or "")
-    rendered = formatter(messages=PROBE_CONVERSATION).prompt
-    expected = tokenizer.apply_chat_template(PROBE_CONVERSATION, tokenize=False, add_generation_prompt=True)
-    return rendered == expected
-
-
-def same_tokens(llm, tokenizer, texts: list[str]) -> bool:
-    """Whether llama.cpp splits ``texts`` into the ids transformers does (special tokens as the tokenizer adds them)."""
-    for text in texts:
-        expected = tokenizer(text)["input_ids"]
-        adds_bos = bool(expected) and expected[0] == tokenizer.bos_token_id
-        if llm.tokenize(text.encode(), add_bos=adds_bos, special=False) != expected:
-            return False
-    return True
-
-
 def check_file(gguf_file: Path, tokenizer, reference_logits: list, batches: list, prompts: list[list[int]],
-               reference: list[Continuation], max_new_tokens: int) -> dict:
+               reference: list[Continuation], max_new_tokens: int, device=None, budget: float | None = None) -> dict:
     """Run ``gguf_file`` in llama.cpp and measure it against the trained model (see the module docstring).
+    On a GPU (``device``) with a CUDA build of llama.cpp, as many blocks as ``budget`` holds beside what
+    torch keeps run there.
 
     Returns:
         The metrics for metrics/export.json.
     """
+    import torch
+
     n_ctx = max([len(b[0]) for b in batches] + [len(p) + max_new_tokens for p in prompts]) + 8
-    llm = load(gguf_file, n_ctx)
+    on_gpu = device is not None and device.type == "cuda" and budget is not None
+    texts = [tokenizer.decode(b[0], skip_special_tokens=True) for b in batches]
+    expected = [tokenizer(text)["input_ids"] for text in texts]
+    spec = {"file": str(gguf_file), "n_ctx": n_ctx, "prompts": prompts, "max_new_tokens": max_new_tokens,
+            "free_bytes": budget - torch.cuda.memory_reserved(device) if on_gpu else None,
+            "rows": [row for batch in batches for row in batch.tolist()],
+            "texts": [[t, ids, bool(ids) and ids[0] == tokenizer.bos_token_id] for t, ids in zip(texts, expected)],
+            "chat": {"bos": tokenizer.bos_token or "", "eos": tokenizer.eos_token or ""}
+            if getattr(tokenizer, "chat_template", None) else None}
     try:
-        result = fidelity.compare(reference_logits, llama_logits(llm, batches), batches)
-        continuations = llama_continuations(llm, prompts, max_new_tokens)
-        texts = [tokenizer.decode(b[0], skip_special_tokens=True) for b in batches]
-        metrics = {
-            **result.as_metrics(),
-            "size_mb": round(Path(gguf_file).stat().st_size / 1e6, 2),
-            "token_agreement": round(sum(agreement(r, c) for r, c in zip(reference, continuations))
-                                     / max(len(prompts), 1), 4),
-            "stops_trained": sum(r.stop is not None for r in reference),
-            "stops_gguf": sum(c.stop is not None for c in continuations),
-            "stop_mismatches": sum(r.stop != c.stop for r, c in zip(reference, continuations)),
-            "tokenizer_matches": same_tokens(llm, tokenizer, texts),
-            "chat_template_matches": same_chat_rendering(llm, tokenizer),
-        }
-    finally:
-        llm.close()
-    logger.info("%s in llama.cpp: perplexity change %+.3f%% against the merged model, greedy agreement %.0f%% "
-                "with base + adapter, %d stop mismatch(es)", Path(gguf_file).name, 100 * result.perplexity_change,
-                100 * metrics["token_agreement"], metrics["stop_mismatches"])
+        header, logits, gpu_bytes, found = _run_check(spec, gguf_file, batches, device)
+    except Crashed as crash:
+        if spec["free_bytes"] is None:
+            raise
+        # A CUDA build of llama.cpp that crashes with blocks on the GPU may still run the file on the CPU.
+        logger.warning("%s; running %s on the CPU instead", crash, Path(gguf_file).name)
+        header, logits, gpu_bytes, found = _run_check({**spec, "free_bytes": None}, gguf_file, batches, device)
+    result = fidelity.compare(reference_logits, logits, batches)
+    continuations = [Continuation(tokens, stop) for tokens, stop in found["continuations"]]
+    chat = found["chat_rendering"]
+    metrics = {
+        **result.as_metrics(),
+        "size_mb": round(Path(gguf_file).stat().st_size / 1e6, 2),
+        "token_agreement": round(sum(agreement(r, c) for r, c in zip(reference, continuations))
+                                 / max(len(prompts), 1), 4),
+        "stops_trained": sum(r.stop is not None for r in reference),
+        "stops_gguf": sum(c.stop is not None for c in continuations),
+        "stop_mismatches": sum(r.stop != c.stop for r, c in zip(reference, continuations)),
+        "tokenizer_matches": found["tokenizer_matches"],
+        "chat_template_matches": None if spec["chat"] is None else chat == tokenizer.apply_chat_template(
+            PROBE_CONVERSATION, tokenize=False, add_generation_prompt=True),
+        "gpu_layers": header["gpu_layers"],
+        "gpu_gb": round(gpu_bytes / 1e9, 3),
+    }
+    logger.info("%s in llama.cpp (%d blocks on the GPU): perplexity change %+.3f%% against the merged model, "
+                "greedy agreement %.0f%% with base + adapter, %d stop mismatch(es)", Path(gguf_file).name,
+                header["gpu_layers"], 100 * result.perplexity_change, 100 * metrics["token_agreement"],
+                metrics["stop_mismatches"])
     return metrics
+
+
+def _run_check(spec: dict, gguf_file: Path, batches: list, device) -> tuple:
+    """One run of ``llama_worker check``: its header, the logits per batch, the GPU bytes llama.cpp held
+    (the driver's figure, 0 when no block ran there) and its closing line."""
+    import numpy as np
+    import torch
+
+    before = _device_used(device) if spec["free_bytes"] is not None else 0
+    with _worker(["check"], gguf_file, json.dumps(spec).encode()) as process:
+        header = _json_line(process.stdout)
+        logits = []
+        for batch in batches:
+            rows = [np.frombuffer(_read(process.stdout, len(row) * header["vocab"] * 4), dtype=np.float32)
+                    .reshape(len(row), header["vocab"]) for row in batch.tolist()]
+            logits.append(torch.from_numpy(np.stack(rows)))
+        gpu_bytes = _device_used(device) - before if header["gpu_layers"] else 0  # while llama.cpp holds it
+        found = _json_line(process.stdout)
+    return header, logits, gpu_bytes, found
+
+
+def _json_line(stream) -> dict:
+    """The next JSON line of ``stream``.
+
+    Raises:
+        EOFError: the stream ended (the worker stopped; its error is raised instead).
+    """
+    line = stream.readline()
+    if not line.strip():
+        raise EOFError("no line")
+    return json.loads(line)
+
+
+def _read(stream, size: int) -> bytearray:
+    """Exactly ``size`` bytes from ``stream``.
+
+    Raises:
+        EOFError: the stream ended first (the worker stopped; its error is raised instead).
+    """
+    data = bytearray(size)
+    view, done = memoryview(data), 0
+    while done < size:
+        got = stream.readinto(view[done:])
+        if not got:
+            raise EOFError(f"{done} of {size} bytes")
+        done += got
+    return data
+
+
+def _device_used(device) -> int:
+    """Bytes in use on the GPU by every allocator (llama.cpp's are not torch's), from the driver."""
+    import torch
+
+    free, total = torch.cuda.mem_get_info(device)
+    return total - free

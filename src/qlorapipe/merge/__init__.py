@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 
 from qlorapipe import data, fidelity, memory, modeling
+from qlorapipe.clock import PhaseClock
 from qlorapipe.merge import gate, merging, speed
 from qlorapipe.outputs import atomic_dir, write_json
 from qlorapipe.params import MergeParams, QuantizationParams
@@ -67,11 +68,11 @@ def run(quant: QuantizationParams, params: MergeParams, budget_gb: float | None,
     batches = fidelity.eval_batches(eval_set, batch_size=4, n_batches=params.fidelity_batches)
     budget = memory.budget_bytes(budget_gb, device)
     rows, reserve = _check_budget(base_dir, quant, dtype, batches, budget, budget_gb, trust)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
+    memory.reset_peak(device)
+    clock = PhaseClock()
     base, _ = modeling.load_base_model(base_dir, quant, device, trust_remote_code=trust)
     with_adapter = PeftModel.from_pretrained(base, adapter_dir)
+    clock.lap("load")
     with atomic_dir(out_dir) as out:
         # Merged before base + adapter computes anything: on CPUs with AVX512-BF16, bitsandbytes repacks
         # 4-bit weights at their first inference forward, re-rounding their scales.
@@ -82,8 +83,10 @@ def run(quant: QuantizationParams, params: MergeParams, budget_gb: float | None,
         shutil.copy2(adapter_dir / ADAPTER_RECORD, out / ADAPTER_RECORD)
         del merged
         gc.collect()
+        clock.lap("merge_and_save")
         # The reference: base + adapter exactly as trained.
         reference = fidelity.logits_on(with_adapter, batches, device, rows_at_once=rows)
+        clock.lap("reference")
         timings = {}
         # Serving cost of the dynamic adapter against the merged model, on the first eval tokens.
         speed_prompt = batches[0][:1, :16]
@@ -92,24 +95,28 @@ def run(quant: QuantizationParams, params: MergeParams, budget_gb: float | None,
             timings["base_plus_adapter"] = speed.measure_speed(with_adapter, speed_prompt, params.speed_new_tokens,
                                                                device)
             with_adapter.config.use_cache = False
+            clock.lap("speed")
         naive_model = merging.merged_model(with_adapter, base_dir, dtype, from_quantized=False,
                                            trust_remote_code=trust)
         del base, with_adapter
-        _release(device)
+        memory.release(device)
         naive_model, _ = memory.place(naive_model, device, budget, reserve)
         naive = fidelity.compare_model(reference, naive_model, batches, device, rows)
         del naive_model
-        _release(device)
+        memory.release(device)
+        clock.lap("naive")
         # Measure the model as saved: reload it from disk, as users will.
         reloaded, offloaded = memory.place(memory.load_on_cpu(out, dtype, trust), device, budget, reserve)
         merged_fidelity = fidelity.compare_model(reference, reloaded, batches, device, rows)
+        clock.lap("reload_and_compare")
         if params.speed_new_tokens and not offloaded:
             reloaded.config.use_cache = True
             timings["merged"] = speed.measure_speed(reloaded, speed_prompt, params.speed_new_tokens, device)
+            clock.lap("speed")
         elif params.speed_new_tokens:
             logger.info("Merged model not timed: %d modules stream from the CPU within the memory budget", offloaded)
         del reloaded
-        _release(device)
+        memory.release(device)
         metrics = {
             "merged": merged_fidelity.as_metrics(),
             "naive_merge_into_16bit_base": naive.as_metrics(),
@@ -127,6 +134,8 @@ def run(quant: QuantizationParams, params: MergeParams, budget_gb: float | None,
             metrics[f"merged_requantized_{quant.load_in}"] = fidelity.compare_model(
                 reference, requantized, batches, device, rows).as_metrics()
             del requantized
+            clock.lap("requantized")
+        metrics["seconds"] = clock.seconds
         metrics["memory"] = memory.peak_metrics(device, budget)
         logger.info("merged vs base+adapter: max logit diff %.4f, perplexity change %+.3f%% "
                     "(naive merge into the 16-bit base: %.4f, %+.3f%%); %s",
@@ -161,11 +170,3 @@ def _check_budget(base_dir: Path, quant: QuantizationParams, dtype, batches, bud
     memory.check_fits("merge", max(need, streamed), budget, budget_gb,
                       "the quantized base + adapter, one layer merged in float32 and a row of logits")
     return rows, reserve
-
-
-def _release(device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        import torch
-
-        torch.cuda.empty_cache()

@@ -1,0 +1,203 @@
+"""The llama.cpp side of the GGUF checks, in a process of its own (no torch is imported here).
+
+A CUDA build of llama.cpp crashed loading a model in a process holding torch (seen on an H200),
+and a crash must not take the export stage down unexplained, so the stage makes every llama.cpp
+call through this module:
+
+    python -m qlorapipe.export.llama_worker check      # a JSON spec on stdin (``llamacpp.check_file``)
+    python -m qlorapipe.export.llama_worker quantize F16_FILE OUT_FILE TYPE
+
+``check`` writes to stdout a JSON line (vocabulary, blocks on the GPU), then every held-out row's
+float32 logits as raw bytes, row after row, then a JSON line with the greedy continuations, the
+tokenizer comparison and the chat template as llama.cpp renders it. ``quantize`` writes one JSON
+line. A failure is one line ``error: ...`` on stderr and exit status 1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import os
+import sys
+from pathlib import Path
+
+from qlorapipe.errors import UserError
+from qlorapipe.export import llamacpp
+
+# What llama.cpp's own process holds on the GPU beside its weights: the CUDA context and cuBLAS.
+CONTEXT_BYTES = 600e6
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        if argv[:1] == ["check"]:
+            check(json.loads(sys.stdin.read()), sys.stdout.buffer)
+        elif argv[:1] == ["quantize"] and len(argv) == 4:
+            fallbacks = quantize(Path(argv[1]), Path(argv[2]), argv[3])
+            sys.stdout.write(json.dumps({"fallbacks": fallbacks}) + "\n")
+        else:
+            raise UserError(f"usage: python -m qlorapipe.export.llama_worker check|quantize F16 OUT TYPE, not {argv}")
+    except UserError as error:
+        sys.stderr.write(f"error: {error}\n")
+        return 1
+    return 0
+
+
+def gpu_layers(gguf_file: Path, n_ctx: int, free_bytes: float | None) -> int:
+    """How many of the file's blocks run on the GPU: none on a CPU (``free_bytes`` None) or with a CPU-only
+    llama.cpp; otherwise as many as fit in ``free_bytes`` beside this process's CUDA context and llama.cpp's
+    buffers for ``n_ctx`` positions (every block and the output layer when all fit)."""
+    if free_bytes is None or not llamacpp.llama_cpp_module().llama_supports_gpu_offload():
+        return 0
+    blocks, output, vocab = tensor_bytes(gguf_file)
+    # The compute buffer holds a row of float32 logits per position, and the output copies them once more.
+    buffers = 2 * n_ctx * vocab * 4 + CONTEXT_BYTES + 400e6
+    return layers_within(blocks, output, free_bytes - buffers)
+
+
+def check(spec: dict, out) -> None:
+    """Run the file of ``spec`` as ``llamacpp.check_file`` describes, writing to the binary stream ``out``."""
+    import numpy as np
+
+    gguf_file = Path(spec["file"])
+    on_gpu = gpu_layers(gguf_file, spec["n_ctx"], spec["free_bytes"])
+    llm = load(gguf_file, spec["n_ctx"], on_gpu)
+    try:
+        out.write((json.dumps({"vocab": llm.n_vocab(), "gpu_layers": on_gpu}) + "\n").encode())
+        for row in spec["rows"]:
+            llm.reset()
+            llm.eval(row)
+            out.write(np.ascontiguousarray(llm.scores[: len(row)], dtype=np.float32).tobytes())
+        out.flush()
+        continuations = llama_continuations(llm, spec["prompts"], spec["max_new_tokens"])
+        tokens_match = all(llm.tokenize(text.encode(), add_bos=adds_bos, special=False) == ids
+                           for text, ids, adds_bos in spec["texts"])
+        chat = spec.get("chat")
+        rendered = render_chat(llm, chat["bos"], chat["eos"]) if chat else None
+        out.write((json.dumps({"continuations": [[c.tokens, c.stop] for c in continuations],
+                               "tokenizer_matches": tokens_match, "chat_rendering": rendered}) + "\n").encode())
+        out.flush()
+    finally:
+        llm.close()
+
+
+def quantize(f16_file: Path, out_file: Path, file_type: str) -> int:
+    """Quantize with llama.cpp's quantizer (``llamacpp.quantize`` says how); returns the tensors that fell
+    back to a near type because their rows do not divide into the type's blocks.
+
+    Raises:
+        UserError: llama.cpp refused the file.
+    """
+    llama_cpp = llamacpp.llama_cpp_module()
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = llamacpp.QUANTIZED_TYPES[file_type]
+    params.nthread = os.cpu_count() or 1
+    with native_stderr() as captured:  # a line per tensor and per fallback, written by the C++ code
+        status = llama_cpp.llama_model_quantize(str(f16_file).encode(), str(out_file).encode(),
+                                                ctypes.byref(params))
+    log = captured[0]
+    if status != 0 or not out_file.is_file():
+        last = [line for line in log.splitlines() if line.strip()][-1:] or [f"status {status}"]
+        raise UserError(f"export.formats gguf-{file_type}: llama.cpp's quantizer failed on {f16_file} "
+                        f"({last[0].strip()}); drop gguf-{file_type} from export.formats")
+    return log.count("falling back to")
+
+
+@contextlib.contextmanager
+def native_stderr():
+    """Redirect file descriptor 2 (where llama.cpp's C++ code logs) into a temporary file; the list
+    yielded holds its text once the block is left."""
+    import sys
+    import tempfile
+
+    sys.stderr.flush()
+    saved, captured = os.dup(2), []
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield captured
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            captured.append(sink.read().decode(errors="replace"))
+
+
+def load(gguf_file: Path, n_ctx: int, n_gpu_layers: int = 0):
+    """Load ``gguf_file`` in llama.cpp with logits for every position, ``n_gpu_layers`` of its blocks on the GPU
+    (more than it has: the output layer too).
+
+    Raises:
+        UserError: llama.cpp refuses the file.
+    """
+    llama_cpp = llamacpp.llama_cpp_module()
+    try:
+        return llama_cpp.Llama(model_path=str(gguf_file), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx,
+                               logits_all=True, n_threads=os.cpu_count() or 1, n_gpu_layers=n_gpu_layers, verbose=False)
+    except (ValueError, RuntimeError) as error:
+        raise UserError(f"llama.cpp refuses to load {gguf_file}: {error}; drop its format from export.formats "
+                        "and report the model's architecture") from None
+
+
+def layers_within(blocks: list[float], output: float, free: float) -> int:
+    """llama.cpp's n_gpu_layers for blocks of ``blocks`` bytes and an output layer of ``output`` bytes in
+    ``free`` bytes: llama.cpp offloads the last blocks first, and the output layer only after all of them."""
+    if sum(blocks) + output <= free:
+        return len(blocks) + 1
+    fit, used = 0, 0.0
+    for size in reversed(blocks):
+        if used + size > free:
+            break
+        used, fit = used + size, fit + 1
+    return fit
+
+
+def tensor_bytes(gguf_file: Path) -> tuple[list[float], float, int]:
+    """The bytes of each block (``blk.N.*``), of the output layer (the token embeddings when they are tied)
+    and the vocabulary size, from the file's tensor index."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(gguf_file))
+    blocks: dict[int, float] = {}
+    named = {}
+    for tensor in reader.tensors:
+        named[tensor.name] = tensor
+        if tensor.name.startswith("blk."):
+            index = int(tensor.name.split(".")[1])
+            blocks[index] = blocks.get(index, 0.0) + int(tensor.n_bytes)
+    head = named.get("output.weight", named.get("token_embd.weight"))
+    vocab = int(max(head.shape)) if head is not None else 0
+    return [blocks[i] for i in sorted(blocks)], float(head.n_bytes) if head is not None else 0.0, vocab
+
+
+def llama_continuations(llm, prompts: list[list[int]], max_new_tokens: int) -> list[llamacpp.Continuation]:
+    """Greedy continuations of ``prompts`` by llama.cpp, stopping on the file's end-of-generation tokens."""
+    llama_cpp = llamacpp.llama_cpp_module()
+    vocab = llama_cpp.llama_model_get_vocab(llm.model)
+    out = []
+    for prompt in prompts:
+        tokens = []
+        for token in llm.generate(prompt, top_k=1, temp=0.0, reset=True):
+            tokens.append(token)
+            if llama_cpp.llama_vocab_is_eog(vocab, token) or len(tokens) == max_new_tokens:
+                break
+        out.append(llamacpp.continuation(tokens, lambda t: llama_cpp.llama_vocab_is_eog(vocab, t)))
+    return out
+
+
+def render_chat(llm, bos_token: str, eos_token: str) -> str | None:
+    """The probe conversation rendered by llama.cpp's Jinja formatter from the file's chat template (None: it
+    has none)."""
+    template = llm.metadata.get("tokenizer.chat_template")
+    if not template:
+        return None
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    formatter = Jinja2ChatFormatter(template, eos_token=eos_token, bos_token=bos_token)
+    return formatter(messages=llamacpp.PROBE_CONVERSATION).prompt
+
+
+if __name__ == "__main__":
+    sys.exit(main())
