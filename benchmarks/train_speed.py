@@ -53,6 +53,8 @@ ALL_OFF = AccelerationParams(keep_frozen_dtype=False, lora_fast_forward=False, c
 DEFAULT = AccelerationParams()
 NO_GRAPHS = replace(DEFAULT, cuda_graphs=False)
 WITHIN_PLAIN_PEAK = "ours, defaults + memory_budget_gb=the plain recipe's peak"
+WITHIN_PEER_PEAK = "ours, defaults + memory_budget_gb=unsloth's peak"
+PEER_DROPOUTS = (0.05, 0.0)
 EAGER_PROBE = ", probed eagerly"
 RESULTS_FILE: Path | None = None
 
@@ -201,8 +203,8 @@ def flops_per_token(n_params: float, config, seq: int) -> float:
     return 4 * n_params + 12 * config.num_hidden_layers * seq * d_attn
 
 
-def lora_params() -> LoraParams:
-    return LoraParams(rank=16, alpha=32, dropout=0.05, target_modules=list(TARGETS), bias="none")
+def lora_params(dropout: float = 0.05) -> LoraParams:
+    return LoraParams(rank=16, alpha=32, dropout=dropout, target_modules=list(TARGETS), bias="none")
 
 
 def build_plain(model_dir: Path):
@@ -224,11 +226,11 @@ def build_plain(model_dir: Path):
     return model
 
 
-def build_ours(model_dir: Path):
+def build_ours(model_dir: Path, dropout: float = 0.05):
     device = torch.device("cuda")
     model, compute_dtype = modeling.load_base_model(model_dir, QuantizationParams(), device)
     torch.manual_seed(1)
-    model = modeling.add_lora(model, lora_params(), quantized=True, gradient_checkpointing=True)
+    model = modeling.add_lora(model, lora_params(dropout), quantized=True, gradient_checkpointing=True)
     model.train()  # as training.train does
     return model, compute_dtype
 
@@ -449,6 +451,73 @@ def ours_variants(case: str, n_layers: int) -> list[tuple[str, AccelerationParam
     return variants
 
 
+def run_ours(label: str, params: AccelerationParams, model, compute_dtype, case: str, data: dict, init: dict,
+             references: dict, args, results: list) -> None:
+    """One row of this project's train path: ``params`` applied to ``model`` from the shared LoRA state."""
+    device = torch.device("cuda")
+
+    def prepare(first=data[case][0][0]):
+        fast.remove(model, upcast_dtype=torch.float32)
+        set_lora_state(model, init)
+        applied = fast.apply(model, params, device, compute_dtype)
+        if params.uncheckpointed_layers == "auto":  # as the train stage plans it, on its first micro-batch
+            graphs = params.cuda_graphs and not label.endswith(EAGER_PROBE)
+            kept, measured = memory_plan.fit_uncheckpointed_layers(
+                model, {"input_ids": first, "use_cache": False}, first, params.memory_budget_gb, device,
+                cuda_graphs=graphs)
+            applied.append(f"uncheckpointed_layers=auto: {kept} kept, probe {json.dumps(measured)}")
+        return applied
+
+    optimizer = fast.training_params(TrainingParams(optimizer="paged_adamw_8bit"), params, device).optimizer
+    run_variant(label, model, case, data[case][0], data[case][1], False, args.warmup, references[case], results,
+                prepare, optimizer, graphs=params.cuda_graphs, async_optimizer=params.async_optimizer)
+
+
+def peer_peak(results: list, case: str, dropout: float) -> float | None:
+    """The peak allocated GB of unsloth's row of ``case`` at ``dropout`` (None when it has none: no budget)."""
+    return next((r["peak_alloc_gb"] for r in results if r["case"] == case and r.get("peer") == "unsloth"
+                 and r.get("dropout") == dropout and "peak_alloc_gb" in r), None)
+
+
+def run_peer(case: str, dropout: float, model_dir: Path, batches: list, init: dict, reference, args,
+             results: list) -> None:
+    """unsloth's row of ``case`` (benchmarks/unsloth_peer.py in a process of its own, with --peer-site on
+    its path), from the same LoRA weights and batches, its numerics against the plain recipe's."""
+    import os
+    import subprocess
+    import sys
+
+    from pipeline_gpu import byte_level_tokenizer
+    from safetensors.torch import load_file, save_file
+
+    config = shape_config(CASES[case][0])
+    byte_level_tokenizer(config.vocab_size, config.model_type, model_dir)  # unsloth loads one from the directory
+    work = args.workdir / f"peer-{case}-{dropout:g}"
+    work.mkdir(parents=True, exist_ok=True)
+    save_file({n: t.detach().cpu().contiguous() for n, t in init.items()}, str(work / "lora.safetensors"))
+    save_file({f"batch_{i}": b.cpu().contiguous() for i, b in enumerate(batches)}, str(work / "batches.safetensors"))
+    _, seq, batch = CASES[case]
+    env = dict(os.environ)
+    if args.peer_site:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(args.peer_site), env.get("PYTHONPATH")]))
+    command = [sys.executable, str(Path(__file__).with_name("unsloth_peer.py")), "--model-dir", str(model_dir),
+               "--seq", str(seq), "--batch", str(batch), "--dropout", str(dropout), "--warmup", str(args.warmup),
+               "--batches", str(work / "batches.safetensors"), "--lora-init", str(work / "lora.safetensors"),
+               "--grads-out", str(work / "grads.safetensors"), "--out", str(work / "row.json")]
+    print(f"--- {case} unsloth, dropout {dropout:g}", flush=True)
+    row = {"case": case, "variant": f"unsloth, dropout {dropout:g}", "peer": "unsloth", "dropout": dropout}
+    done = subprocess.run(command, env=env)
+    if done.returncode != 0 or not (work / "row.json").is_file():
+        row["error"] = f"unsloth_peer.py exited with status {done.returncode}"
+    else:
+        row.update(json.loads((work / "row.json").read_text()), peer="unsloth", dropout=dropout)
+        grads = load_file(str(work / "grads.safetensors"))
+        row["loss_diff"], row["grad_cos"], row["grad_cos_worst"] = compare(reference, (row["loss"], grads))
+        row.update(forward_ms=math.nan, backward_ms=math.nan, optimizer_ms=math.nan)
+    print(json.dumps(row), flush=True)
+    results.append(row)
+
+
 def run_shape(shape: str, cases: list[str], args, results: list) -> None:
     model_dir, n_params = save_random_model(shape, args.workdir)
     config = shape_config(shape)
@@ -476,33 +545,24 @@ def run_shape(shape: str, cases: list[str], args, results: list) -> None:
     del plain
     gc.collect()
     torch.cuda.empty_cache()
+    if args.peer:
+        for case in cases:
+            for dropout in PEER_DROPOUTS:
+                run_peer(case, dropout, model_dir, data[case][0], init, references[case], args, results)
 
     model, compute_dtype = build_ours(model_dir)
     set_lora_state(model, {k: v for k, v in init.items()})
-    device = torch.device("cuda")
     for case in cases:
-        for label, params in ours_variants(case, config.num_hidden_layers):
+        variants = ours_variants(case, config.num_hidden_layers)
+        if args.peer:
+            variants.append((WITHIN_PEER_PEAK, replace(DEFAULT, memory_budget_gb=peer_peak(results, case, 0.05))))
+        for label, params in variants:
             if args.variants and not any(label.endswith(v) for v in args.variants.split(",")):
                 continue
             if label.startswith(WITHIN_PLAIN_PEAK):
                 plain_peak = next(r["peak_alloc_gb"] for r in results if r["case"] == case and r["variant"] == "plain recipe")
                 params = replace(params, memory_budget_gb=plain_peak)
-            def prepare(params=params, first=data[case][0][0]):
-                fast.remove(model, upcast_dtype=torch.float32)
-                set_lora_state(model, init)
-                applied = fast.apply(model, params, device, compute_dtype)
-                if params.uncheckpointed_layers == "auto":  # as the train stage plans it, on its first micro-batch
-                    graphs = params.cuda_graphs and not label.endswith(EAGER_PROBE)
-                    kept, measured = memory_plan.fit_uncheckpointed_layers(
-                        model, {"input_ids": first, "use_cache": False}, first, params.memory_budget_gb, device,
-                        cuda_graphs=graphs)
-                    applied.append(f"uncheckpointed_layers=auto: {kept} kept, probe {json.dumps(measured)}")
-                return applied
-            optimizer = fast.training_params(TrainingParams(optimizer="paged_adamw_8bit"), params,
-                                                     device).optimizer
-            run_variant(label, model, case, data[case][0], data[case][1], False, args.warmup,
-                        references[case], results, prepare, optimizer, graphs=params.cuda_graphs,
-                        async_optimizer=params.async_optimizer)
+            run_ours(label, params, model, compute_dtype, case, data, init, references, args, results)
         fast.remove(model, upcast_dtype=torch.float32)
     if args.liger and "A" in cases:
         def prepare_liger():
@@ -510,12 +570,22 @@ def run_shape(shape: str, cases: list[str], args, results: list) -> None:
 
             fast.remove(model, upcast_dtype=torch.float32)
             set_lora_state(model, init)
-            applied = fast.apply(model, DEFAULT, device, compute_dtype)
+            applied = fast.apply(model, DEFAULT, torch.device("cuda"), compute_dtype)
             apply_liger_kernel_to_qwen2(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
                                         fused_linear_cross_entropy=False, model=model.get_base_model())
             return applied + ["liger rope, rms_norm, swiglu"]
         run_variant("ours, defaults + liger-kernel RMSNorm/SwiGLU/RoPE", model, "A", data["A"][0], data["A"][1],
                     False, args.warmup, references["A"], results, prepare_liger, graphs=DEFAULT.cuda_graphs)
+    if args.peer:  # unsloth's fastest path has dropout 0: ours too, with the adapter built that way
+        model = None  # freed before the next one loads
+        gc.collect()
+        torch.cuda.empty_cache()
+        model, compute_dtype = build_ours(model_dir, dropout=0.0)
+        for case in cases:
+            within = replace(DEFAULT, memory_budget_gb=peer_peak(results, case, 0.0))
+            for label, params in (("ours, defaults, dropout 0", DEFAULT), (f"{WITHIN_PEER_PEAK}, dropout 0", within)):
+                run_ours(label, params, model, compute_dtype, case, data, init, references, args, results)
+            fast.remove(model, upcast_dtype=torch.float32)
     for row in results:
         if row.get("case") in cases and "tokens_per_s" in row:
             _, seq, _ = CASES[row["case"]]
@@ -564,6 +634,10 @@ def main() -> None:
     parser.add_argument("--no-plain-unpaged", dest="plain_unpaged", action="store_false",
                         help="skip the plain recipe with the unpaged optimizer")
     parser.add_argument("--liger", action="store_true", help="also time liger-kernel's RMSNorm/SwiGLU/RoPE on A")
+    parser.add_argument("--peer", choices=["unsloth"], default=None,
+                        help="also measure unsloth (benchmarks/unsloth_peer.py, a process per case and dropout)")
+    parser.add_argument("--peer-site", type=Path, default=None,
+                        help="a folder with the peer's packages, put first on its PYTHONPATH only")
     parser.add_argument("--kernel-configs", type=Path, default=None,
                         help="launch configurations of the fused LoRA kernels (lora_kernels_speed.py --sweep writes them)")
     args = parser.parse_args()

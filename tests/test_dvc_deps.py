@@ -42,6 +42,9 @@ def _imported_project_modules(path: Path) -> set[str]:
                 names = [alias.name for alias in node.names]
             elif isinstance(node, ast.ImportFrom) and node.module:
                 names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+            elif isinstance(node, (ast.List, ast.Tuple)):  # a module run in a process of its own: [..., "-m", NAME]
+                values = [e.value if isinstance(e, ast.Constant) else None for e in node.elts]
+                names = [name for flag, name in zip(values, values[1:]) if flag == "-m" and isinstance(name, str)]
             for name in names:
                 if name.split(".")[0] != PACKAGE:
                     continue

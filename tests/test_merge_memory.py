@@ -126,10 +126,15 @@ def test_on_the_cpu_a_float16_model_computes_in_float32_with_the_same_weights(ti
     assert torch.equal(placed.model.layers[0].mlp.up_proj.weight.half(), weights)
 
 
-def test_evaluate_and_export_check_the_budget_before_loading(tiny_llama_dir):
+def test_train_evaluate_and_export_check_the_budget_before_loading(tiny_llama_dir):
     memory.check_quantized_fits("evaluate", tiny_llama_dir, QUANT, 4, 256, 1e9, 1.0)  # fits
     memory.check_quantized_fits("evaluate", tiny_llama_dir, QUANT, 4, 256, None, None)  # CPU: no budget
     with pytest.raises(UserError, match=r"^acceleration\.memory_budget_gb: the evaluate stage needs at least "
                                         r"0\.\d\d GB of GPU memory for this model \(the quantized base \+ adapter "
                                         r"and 4 x 256 tokens of logits\), above the budget of 0\.01 GB"):
         memory.check_quantized_fits("evaluate", tiny_llama_dir, QUANT, 4, 256, 1e7, 0.01)
+    # train: its loss never holds every logit, so the weights are what it cannot do without.
+    with pytest.raises(UserError, match=r"^acceleration\.memory_budget_gb: the train stage needs at least "
+                                        r"0\.\d\d GB of GPU memory for this model \(the quantized base \+ adapter\), "
+                                        r"above the budget of 0\.01 GB"):
+        memory.check_quantized_fits("train", tiny_llama_dir, QUANT, 0, 0, 1e7, 0.01)

@@ -172,7 +172,8 @@ def largest_weight(model) -> int:
 
 def check_quantized_fits(stage: str, base_dir: Path, quant, rows: int, length: int, budget: float | None,
                          budget_gb: float | None, trust_remote_code: bool = False) -> None:
-    """Stop before loading when the quantized base + adapter and ``rows`` x ``length`` logits cannot fit.
+    """Stop before loading when the quantized base + adapter and ``rows`` x ``length`` logits cannot fit
+    (train: no rows, its loss never holds all the logits; the rest of a step comes on top).
 
     Raises:
         UserError: as ``check_fits``.
@@ -184,7 +185,8 @@ def check_quantized_fits(stage: str, base_dir: Path, quant, rows: int, length: i
     # The logits in 16 bits, and the float32 chunks the loss upcasts (perplexity.LOSS_CHUNK_ELEMENTS).
     need = (weight_bytes(skeleton, quant.load_in, quant.use_double_quant) + logits_bytes(rows, length, vocab, 2)
             + 3 * 4 * 2**24 + SLACK_BYTES)
-    check_fits(stage, need, budget, budget_gb, f"the quantized base + adapter and {rows} x {length} tokens of logits")
+    what = f" and {rows} x {length} tokens of logits" if rows else ""
+    check_fits(stage, need, budget, budget_gb, f"the quantized base + adapter{what}")
 
 
 def release(device) -> None:

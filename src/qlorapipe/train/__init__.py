@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from qlorapipe import data, modeling
+from qlorapipe import data, memory, modeling
 from qlorapipe.console import console
 from qlorapipe.errors import UserError
 from qlorapipe.outputs import atomic_dir, write_json, write_text_atomic
@@ -98,6 +98,10 @@ def run(sections: Sections, base_dir: Path, data_dir: Path, out: Outputs, relaun
     device = world.device
     logger.info("Device: %s", modeling.device_summary(device))
     source = read_source_record(base_dir)
+    if world.num_processes == 1:  # sharded over several GPUs, each holds a part of the weights
+        budget_gb = sections.acceleration.memory_budget_gb
+        memory.check_quantized_fits("train", base_dir, sections.quantization, 0, 0,
+                                    memory.budget_bytes(budget_gb, device), budget_gb, source.trust_remote_code)
     model, compute_dtype = modeling.load_base_model(base_dir, sections.quantization, device,
                                                     trust_remote_code=source.trust_remote_code,
                                                     shardable_4bit=distributed.shards_weights(dist))
