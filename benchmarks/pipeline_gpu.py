@@ -35,8 +35,6 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from train_speed import shape_config  # noqa: E402
-
 STAGES = ("check", "download", "compat", "prepare", "train", "evaluate", "merge", "export")
 # The split rules (pre-tokenizer regexes) of the families the shapes come from: Qwen2 splits digits one
 # by one, Llama 3 in groups of three. The GGUF writer names llama.cpp's matching pre-tokenizer from them.
@@ -87,6 +85,7 @@ def byte_level_tokenizer(vocab_size: int, family: str, out: Path) -> Path:
 def build_model(shape: str, work: Path) -> Path:
     """The random-init bfloat16 model of ``shape`` with its tokenizer, as a local model directory."""
     import torch
+    from train_speed import shape_config  # imports torch: not at module level, so --profiled stages see theirs
     from transformers import AutoModelForCausalLM
 
     path = work / f"{shape}-source"
