@@ -192,3 +192,32 @@ def test_a_llama_cpp_crash_is_one_line_naming_the_file_and_its_last_words(tmp_pa
         with pytest.raises(UserError, match="^llama.cpp refuses to load m.gguf: bad magic$") as info:
             llamacpp._raise_reported(1, errors, Path("m.gguf"))
         assert not isinstance(info.value, llamacpp.Crashed)
+
+
+def test_a_crash_with_blocks_on_the_gpu_runs_the_file_again_on_the_cpu(tiny_qwen2_dir, monkeypatch, caplog, tmp_path):
+    """A CUDA build of llama.cpp that crashes with blocks on the GPU: the stage checks the file on the CPU."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from qlorapipe.export import llamacpp
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_qwen2_dir)
+    batch = torch.tensor([[1, 2, 3, 4]])
+    reference = [torch.randn(1, 4, 32)]
+    specs = []
+
+    def run_check(spec, gguf_file, batches, device):
+        specs.append(spec)
+        if spec["free_bytes"] is not None:
+            raise llamacpp.Crashed("llama.cpp stopped with exit status -11 on m.gguf (load_tensors)")
+        found = {"continuations": [[[5, 6], None]], "tokenizer_matches": True, "chat_rendering": None}
+        return {"vocab": 32, "gpu_layers": 0}, [reference[0].clone()], 0, found
+
+    monkeypatch.setattr(llamacpp, "_run_check", run_check)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 1e9)
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")  # only its size is read here
+    found = llamacpp.check_file(tmp_path / "m.gguf", tokenizer, reference, [batch], [[1, 2]],
+                                [llamacpp.Continuation([5, 6], None)], 2, torch.device("cuda", 0), 8e9)
+    assert [spec["free_bytes"] for spec in specs] == [7e9, None]  # the budget beside torch's, then the CPU
+    assert found["gpu_layers"] == 0 and found["max_logit_diff"] == 0 and found["token_agreement"] == 1.0
+    assert "running m.gguf on the CPU instead" in caplog.text
