@@ -8,8 +8,8 @@ import time
 class PhaseClock:
     """Adds the seconds since the last lap to ``seconds[name]`` at each ``lap(name)``."""
 
-    def __init__(self, seconds: dict | None = None):
-        self.seconds = {} if seconds is None else seconds
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
         self.last = time.perf_counter()
 
     def lap(self, name: str) -> None:

@@ -190,7 +190,8 @@ def check_quantized_fits(stage: str, base_dir: Path, quant, rows: int, length: i
 
 
 def release(device) -> None:
-    """Give the GPU memory of models no longer referenced back to the driver (for code outside torch)."""
+    """Free the GPU memory of models no longer referenced: for the next model, and back to the driver
+    for code outside torch (llama.cpp)."""
     import gc
 
     gc.collect()

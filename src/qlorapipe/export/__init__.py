@@ -75,8 +75,7 @@ def run(params: ExportParams, inputs: Inputs, out_dir: Path, metrics_path: Path,
         memory.check_quantized_fits("export", inputs.base, read_adapter_record(inputs.adapter).quantization, 1,
                                     max(len(eval_set[0]["input_ids"]), 64), budget, budget_gb, trust)
     memory.reset_peak(device)
-    seconds: dict[str, float] = {}
-    clock = PhaseClock(seconds)
+    clock = PhaseClock()
     model = AutoModelForCausalLM.from_pretrained(inputs.merged, trust_remote_code=trust)  # keeps the saved dtype
     tokenizer = AutoTokenizer.from_pretrained(inputs.merged, trust_remote_code=trust)
     clock.lap("load")
@@ -121,7 +120,7 @@ def run(params: ExportParams, inputs: Inputs, out_dir: Path, metrics_path: Path,
             write_adapter_package(inputs.adapter, read_adapter_record(inputs.adapter), tokenizer, out / "adapter",
                                   out_dir / "adapter")
             clock.lap("adapter")
-    export_metrics["seconds"] = seconds
+    export_metrics["seconds"] = clock.seconds
     export_metrics["memory"] = memory.peak_metrics(device, budget)
     llama_gb = [found["gpu_gb"] for key, found in export_metrics.items() if key.startswith("gguf_")]
     if device.type == "cuda" and llama_gb:

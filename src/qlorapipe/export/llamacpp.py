@@ -25,6 +25,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 from qlorapipe import fidelity
 from qlorapipe.data import IGNORE_INDEX
@@ -106,7 +107,6 @@ def _worker(args: list[str], gguf_file: Path, stdin: bytes | None = None):
         except EOFError:  # the worker stopped early: what it said is the error
             process.wait()
             _raise_reported(process.returncode or 1, errors, gguf_file)
-            raise
         finally:
             process.stdout.close()
             try:
@@ -122,7 +122,7 @@ class Crashed(UserError):
     """llama.cpp's process stopped without saying why (a crash)."""
 
 
-def _raise_reported(returncode: int, errors, gguf_file: Path) -> None:
+def _raise_reported(returncode: int, errors, gguf_file: Path) -> NoReturn:
     """Raise the worker's one-line error, or say that llama.cpp stopped (a crash) with its last log line."""
     errors.seek(0)
     lines = [line for line in errors.read().decode(errors="replace").splitlines() if line.strip()]
@@ -131,7 +131,7 @@ def _raise_reported(returncode: int, errors, gguf_file: Path) -> None:
         raise UserError(reported[-1])
     last = lines[-1].strip() if lines else "no output"
     raise Crashed(f"llama.cpp stopped with exit status {returncode} on {gguf_file} ({last}); drop its format "
-                    "from export.formats and report the model's architecture")
+                  "from export.formats and report the model's architecture")
 
 
 def held_out_prompts(eval_set, n_prompts: int, default_length: int = 32) -> list[list[int]]:

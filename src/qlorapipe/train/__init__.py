@@ -98,7 +98,7 @@ def run(sections: Sections, base_dir: Path, data_dir: Path, out: Outputs, relaun
     device = world.device
     logger.info("Device: %s", modeling.device_summary(device))
     source = read_source_record(base_dir)
-    if world.num_processes == 1:  # sharded over several GPUs, each holds a part of the weights
+    if world.num_processes == 1:  # one process: the whole base on its GPU (with several, what each holds varies)
         budget_gb = sections.acceleration.memory_budget_gb
         memory.check_quantized_fits("train", base_dir, sections.quantization, 0, 0,
                                     memory.budget_bytes(budget_gb, device), budget_gb, source.trust_remote_code)
