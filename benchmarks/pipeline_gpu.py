@@ -43,6 +43,7 @@ SPLIT = {
     "llama": r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""",
 }
 EOS = "<|endoftext|>"
+PAD = "<|pad|>"  # a pad token of its own: unsloth refuses one equal to EOS (it would add a token and resize)
 
 
 def byte_level_tokenizer(vocab_size: int, family: str, out: Path) -> Path:
@@ -58,13 +59,13 @@ def byte_level_tokenizer(vocab_size: int, family: str, out: Path) -> Path:
         pre_tokenizers.Split(Regex(SPLIT[family]), behavior="isolated"),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS], show_progress=False,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS, PAD], show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tokenizer.train_from_iterator([topics[key] for key in sorted(topics)], trainer)
     spec = json.loads(tokenizer.to_str())
     vocab, merges = spec["model"]["vocab"], spec["model"]["merges"]
     # The manual runs out of pairs long before 151,936 tokens: grow with merges of known tokens, shortest first.
-    known = sorted((t for t in vocab if t != EOS), key=lambda t: (len(t), vocab[t]))
+    known = sorted((t for t in vocab if t not in (EOS, PAD)), key=lambda t: (len(t), vocab[t]))
     for left in known:
         for right in known[:512]:
             if len(vocab) >= vocab_size:
@@ -75,7 +76,7 @@ def byte_level_tokenizer(vocab_size: int, family: str, out: Path) -> Path:
         if len(vocab) >= vocab_size:
             break
     grown = Tokenizer.from_str(json.dumps(spec))
-    wrapped = PreTrainedTokenizerFast(tokenizer_object=grown, eos_token=EOS, pad_token=EOS, model_max_length=32768)
+    wrapped = PreTrainedTokenizerFast(tokenizer_object=grown, eos_token=EOS, pad_token=PAD, model_max_length=32768)
     out.mkdir(parents=True, exist_ok=True)
     wrapped.save_pretrained(out)
     assert len(wrapped) == vocab_size, (len(wrapped), vocab_size)
@@ -93,7 +94,7 @@ def build_model(shape: str, work: Path) -> Path:
         return path / "model"
     shutil.rmtree(path, ignore_errors=True)
     config = shape_config(shape)
-    config.bos_token_id, config.eos_token_id, config.pad_token_id = None, 0, 0
+    config.bos_token_id, config.eos_token_id, config.pad_token_id = None, 0, 1
     torch.manual_seed(0)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
