@@ -53,6 +53,7 @@ ALL_OFF = AccelerationParams(keep_frozen_dtype=False, lora_fast_forward=False, c
 DEFAULT = AccelerationParams()
 NO_GRAPHS = replace(DEFAULT, cuda_graphs=False)
 WITHIN_PLAIN_PEAK = "ours, defaults + memory_budget_gb=the plain recipe's peak"
+OFFLOADED = replace(DEFAULT, uncheckpointed_layers=0, offload_checkpoints=True)  # the smallest footprint
 WITHIN_PEER_PEAK = "ours, defaults + memory_budget_gb=unsloth's peak"
 PEER_DROPOUTS = (0.05, 0.0)
 EAGER_PROBE = ", probed eagerly"
@@ -430,7 +431,8 @@ def ours_variants(case: str, n_layers: int) -> list[tuple[str, AccelerationParam
                  ("ours, defaults without unpaged_optimizer", replace(DEFAULT, unpaged_optimizer=False)),
                  ("ours, defaults without fused_kernels", replace(DEFAULT, fused_kernels=False)),
                  ("ours, defaults", DEFAULT),
-                 ("ours, every block checkpointed", replace(DEFAULT, uncheckpointed_layers=0))]
+                 ("ours, every block checkpointed", replace(DEFAULT, uncheckpointed_layers=0)),
+                 ("ours, every block checkpointed + offload", OFFLOADED)]
     # uncheckpointed_layers: auto within a memory budget: the plain recipe's peak (A), the targets' (B, C).
     if case == "A":  # what the probe predicts from eager steps, against the graphed steps that train
         variants.append((WITHIN_PLAIN_PEAK + EAGER_PROBE, DEFAULT))
@@ -445,7 +447,7 @@ def ours_variants(case: str, n_layers: int) -> list[tuple[str, AccelerationParam
                      ("ours, defaults + compile_layers + uncheckpointed_layers=4",
                       replace(DEFAULT, compile_layers=True, uncheckpointed_layers=4, cuda_graphs=False))]
     if case == "C":
-        variants = [("ours, defaults without cuda_graphs", NO_GRAPHS)] + variants[-3:]
+        variants = [("ours, defaults without cuda_graphs", NO_GRAPHS)] + variants[-4:]
     # compile_layers runs without CUDA graphs (cuda_graphs.graphed_step): the two do not combine.
     variants.append(("ours, defaults + compile_layers", replace(DEFAULT, compile_layers=True, cuda_graphs=False)))
     return variants
@@ -583,7 +585,8 @@ def run_shape(shape: str, cases: list[str], args, results: list) -> None:
         model, compute_dtype = build_ours(model_dir, dropout=0.0)
         for case in cases:
             within = replace(DEFAULT, memory_budget_gb=peer_peak(results, case, 0.0))
-            for label, params in (("ours, defaults, dropout 0", DEFAULT), (f"{WITHIN_PEER_PEAK}, dropout 0", within)):
+            for label, params in (("ours, defaults, dropout 0", DEFAULT), (f"{WITHIN_PEER_PEAK}, dropout 0", within),
+                                  ("ours, every block checkpointed + offload, dropout 0", OFFLOADED)):
                 run_ours(label, params, model, compute_dtype, case, data, init, references, args, results)
             fast.remove(model, upcast_dtype=torch.float32)
     for row in results:

@@ -22,6 +22,7 @@ from qlorapipe.train.fast import (
     fused_kernels,
     lora_forward,
     memory_plan,
+    offload,
 )
 
 
@@ -207,6 +208,24 @@ def test_the_probe_keeps_every_block_checkpointed_below_the_budget(monkeypatch):
     one = _BlocksModel(1)
     _simulated_gpu(monkeypatch, one, _h200_peak)
     assert _fit(one, 12.35)[0] == 1 and not one.blocks[0].gradient_checkpointing
+
+
+def test_the_probe_offloads_checkpointed_inputs_when_recomputing_every_block_is_above_the_budget(monkeypatch):
+    model = _BlocksModel(36)
+    for block in model.blocks:
+        block._gradient_checkpointing_func = lambda run, *args: run(*args)
+
+    def peak(kept):  # offloaded: 36 blocks' inputs of 17 MB less
+        return _h200_peak(kept) - (0.6 if offload.offloaded(model) else 0.0)
+
+    steps = _simulated_gpu(monkeypatch, model, peak)
+    kept, measured = _fit(model, 3.5)
+    assert kept == 0 and steps == [0, 1, 2, 0] and offload.offloaded(model)
+    assert measured["peak_all_checkpointed_gb"] == 3.79 and measured["offloaded"] and measured["peak_gb"] == 3.19
+    fast.remove(model)
+    assert not offload.offloaded(model)
+    _simulated_gpu(monkeypatch, model, peak)
+    assert "offloaded" not in _fit(model, 4.0)[1]  # every block checkpointed fits: nothing offloaded
 
 
 def test_auto_is_left_to_the_probe_and_kept_off_with_several_processes(tiny_llama_dir, caplog):
@@ -466,3 +485,45 @@ def test_fast_lora_forward_on_8bit_layers_computes_the_plain_function(tiny_llama
     loss, grads = _loss_and_grads(model, input_ids)
     assert torch.allclose(loss, ref_loss, atol=1e-4)
     assert torch.nn.functional.cosine_similarity(grads, ref_grads, dim=0) > 0.999
+
+
+class _RecordingOffload:
+    """offload.CheckpointOffload's hooks without CUDA: each saved tensor is kept as a copy, and recorded."""
+
+    def __init__(self):
+        self.packed: list[tuple[int, tuple]] = []
+
+    def hooks(self, block):
+        def pack(tensor):
+            self.packed.append((block, tuple(tensor.shape)))
+            return tensor.detach().clone()
+
+        return torch.autograd.graph.saved_tensors_hooks(pack, lambda copy: copy)
+
+
+def test_offloaded_checkpoints_see_only_each_blocks_input_and_keep_the_function(tiny_llama_dir):
+    model, _ = _quantized_lora_model(tiny_llama_dir)
+    input_ids = torch.randint(4, 300, (2, 24), generator=torch.Generator().manual_seed(1))
+    ref_loss, ref_grads = _loss_and_grads(model, input_ids)
+    recorder = _RecordingOffload()
+    assert offload.wrap_checkpoints(model, recorder)
+    loss, grads = _loss_and_grads(model, input_ids)
+    blocks = checkpointing.decoder_layers(model)
+    # torch's checkpoint saves the block's input outside its own hooks; what the block saves inside is recomputed.
+    assert recorder.packed == [(i, (2, 24, model.config.hidden_size)) for i in range(len(blocks))]
+    assert torch.equal(loss, ref_loss) and torch.equal(grads, ref_grads)
+    checkpointing.skip_checkpointing(model, 1)  # a kept block saves its activations itself: not offloaded
+    recorder.packed.clear()
+    _loss_and_grads(model, input_ids)
+    assert [block for block, _ in recorder.packed] == list(range(len(blocks) - 1))
+    fast.remove(model)
+    assert not any("_qlorapipe_checkpoint" in vars(m) for m in model.modules())
+    recorder.packed.clear()
+    _loss_and_grads(model, input_ids)
+    assert recorder.packed == []
+
+
+def test_offload_checkpoints_changes_nothing_on_the_cpu(tiny_llama_dir):
+    model, _ = _quantized_lora_model(tiny_llama_dir)
+    assert not offload.offload_checkpoints(model, torch.device("cpu"))
+    assert not any("_qlorapipe_checkpoint" in vars(m) for m in model.modules())

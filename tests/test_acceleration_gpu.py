@@ -10,7 +10,7 @@ from conftest import tiny_lora_model
 
 from qlorapipe.params import AccelerationParams
 from qlorapipe.train import fast
-from qlorapipe.train.fast import checkpointing, cuda_graphs, memory_plan
+from qlorapipe.train.fast import checkpointing, cuda_graphs, memory_plan, offload
 
 pytestmark = pytest.mark.gpu
 
@@ -319,3 +319,48 @@ def test_capturing_again_leaves_no_memory_behind(tiny_qwen2_dir):
         torch.cuda.synchronize()
         allocated.append(torch.cuda.memory_allocated())
     assert allocated[2] == allocated[1], allocated
+
+
+def _offloads(model) -> offload.CheckpointOffload:
+    return checkpointing.decoder_layers(model)[0]._gradient_checkpointing_func.args[1]
+
+
+def test_offloaded_checkpoints_compute_the_same_step_eagerly_and_graphed_with_less_memory(six_block_qwen2_dir,
+                                                                                           monkeypatch):
+    monkeypatch.setattr(offload, "MIN_BYTES", 0)  # the tiny model's block inputs are small
+    device = torch.device("cuda")
+    ids = torch.randint(4, 300, (8, 1024), device=device, generator=torch.Generator(device).manual_seed(5))
+    results = {}
+    for offloaded in (False, True):
+        model, _ = _tiny_lora(six_block_qwen2_dir, AccelerationParams(uncheckpointed_layers=0,
+                                                                       offload_checkpoints=offloaded))
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        loss, grads = _loss_and_grads(model, ids, autocast=False)
+        peak = torch.cuda.max_memory_allocated() - before
+        graphed = cuda_graphs.GraphedStep(model)
+        model.zero_grad(set_to_none=True)
+        graphed_loss = float(graphed({"input_ids": ids}, ids, 1.0))
+        graphed_grads = torch.cat([p.grad.float().flatten() for _, p in sorted(model.named_parameters())
+                                   if p.requires_grad])
+        assert graphed.failed is None
+        results[offloaded] = (loss, grads, peak, graphed_loss, graphed_grads)
+        if offloaded:
+            saved = _offloads(model)
+            assert len(saved.buffers) == 6 and all(b.is_pinned() for b in saved.buffers.values())
+        del model, graphed
+        gc.collect()
+        torch.cuda.empty_cache()
+    (loss, grads, peak, graphed_loss, graphed_grads), offloaded = results[False], results[True]
+    assert offloaded[0] == loss and torch.equal(offloaded[1], grads)  # the copies are exact
+    assert offloaded[3] == pytest.approx(graphed_loss, rel=1e-6)
+    assert torch.allclose(offloaded[4], graphed_grads, rtol=1e-3, atol=1e-6)
+    block_input = 8 * 1024 * _hidden_size(six_block_qwen2_dir) * 2
+    assert offloaded[2] <= peak - 3 * block_input, (offloaded[2], peak, block_input)
+
+
+def _hidden_size(model_dir) -> int:
+    import json
+
+    return json.loads((model_dir / "config.json").read_text())["hidden_size"]

@@ -241,6 +241,8 @@ class AccelerationParams:
     unpaged_optimizer: bool = True  # paged_adamw_8bit runs as adamw_8bit (same update, states on the GPU)
     cuda_graphs: bool = True  # forward + backward of a micro-batch replayed as one CUDA graph
     async_optimizer: bool = True  # bitsandbytes optimizers without a GPU sync after every parameter
+    # checkpointed blocks' inputs copied to host memory and back, overlapped with compute: less GPU memory
+    offload_checkpoints: bool = False
 
     def check(self) -> list[str]:
         problems = []

@@ -21,6 +21,7 @@ Each lever is one module here; this package is the switchboard that applies them
   says whether liger-kernel is there).
 - ``checkpointing``: selective gradient checkpointing (``uncheckpointed_layers``), and
   ``memory_plan``: how many blocks fit in the memory budget (``uncheckpointed_layers: auto``).
+- ``offload``: checkpointed blocks' inputs in host memory (``offload_checkpoints``).
 - ``regional_compile``: torch.compile of each block (``compile_layers``).
 - ``cuda_graphs``: the micro-batch step as a CUDA graph (``cuda_graphs``).
 - ``training_params`` here: the unpaged optimizer (``unpaged_optimizer``).
@@ -37,6 +38,7 @@ from qlorapipe.train.fast import (
     frozen_dtype,
     fused_kernels,
     lora_forward,
+    offload,
     regional_compile,
 )
 from qlorapipe.train.fast.cuda_graphs import graphed_step
@@ -74,6 +76,8 @@ def apply(model, params: AccelerationParams, device, compute_dtype) -> list[str]
     layers = params.uncheckpointed_layers
     if layers != "auto" and layers and checkpointing.skip_checkpointing(model, layers):
         applied.append(f"uncheckpointed_layers={layers}")
+    if params.offload_checkpoints and offload.offload_checkpoints(model, device):
+        applied.append("offload_checkpoints")
     if params.compile_layers and regional_compile.compile_layers(model):
         applied.append("compile_layers")
     logger.info("Acceleration: %s", ", ".join(applied) or "none")
@@ -115,6 +119,7 @@ def remove(model, upcast_dtype=None) -> None:
         if vars(module).pop("_qlorapipe_patched", False):
             del module.forward  # the instance attribute; the class's forward shows again
         regional_compile.uncompile(module)
+        offload.remove(module)
         fused_kernels.remove_fused_rope(module)
     if upcast_dtype is not None:
         frozen_dtype.upcast_frozen_params(model, upcast_dtype)

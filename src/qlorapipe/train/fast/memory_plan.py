@@ -12,6 +12,7 @@ import math
 
 from qlorapipe.data import model_inputs
 from qlorapipe.params import AccelerationParams
+from qlorapipe.train.fast import offload
 from qlorapipe.train.fast.checkpointing import (
     checkpoint_again,
     decoder_layers,
@@ -88,10 +89,14 @@ def plan_uncheckpointed_layers(model, params: AccelerationParams, batch, device,
                     "checkpointed, %.2f GB with %d kept; budget %.2f GB%s)", kept, measured["n_blocks"],
                     measured["per_block_gb"], measured["peak_all_checkpointed_gb"], measured["peak_gb"], kept,
                     measured["budget_gb"], "" if params.memory_budget_gb is not None else ", 90% of the GPU's memory")
-        if measured["peak_all_checkpointed_gb"] > measured["budget_gb"]:
-            logger.warning("A step peaks at %.2f GB with every block checkpointed, above the budget of "
-                           "%.2f GB (acceleration.memory_budget_gb)", measured["peak_all_checkpointed_gb"],
-                           measured["budget_gb"])
+        if measured.get("offloaded"):
+            logger.info("uncheckpointed_layers: auto offloads the checkpointed blocks' inputs to host memory "
+                        "(%.2f GB with every block checkpointed): %.2f GB", measured["peak_all_checkpointed_gb"],
+                        measured["peak_gb"])
+        if measured["peak_gb"] > measured["budget_gb"]:
+            logger.warning("A step peaks at %.2f GB with every block checkpointed%s, above the budget of "
+                           "%.2f GB (acceleration.memory_budget_gb)", measured["peak_gb"],
+                           " and their inputs offloaded" if measured.get("offloaded") else "", measured["budget_gb"])
     return kept
 
 
@@ -133,7 +138,10 @@ def fit_uncheckpointed_layers(model, inputs: dict, labels, budget_gb: float | No
         (N, measured): the blocks kept and, for the log and metrics, ``peak_all_checkpointed_gb``,
         ``per_block_gb``, ``budget_gb``, ``kept``, ``n_blocks`` and ``peak_gb`` (the measured
         peak with N kept); empty when nothing was measured (not CUDA, or no block under
-        gradient checkpointing).
+        gradient checkpointing). When even every block checkpointed peaks above the budget, the
+        checkpointed blocks' inputs are offloaded to host memory (``offload.offload_checkpoints``,
+        unless they already are) and that step is measured: ``offloaded`` is True and ``peak_gb``
+        is its peak.
 
     Raises:
         torch.cuda.OutOfMemoryError: a step with every block checkpointed does not fit.
@@ -178,6 +186,14 @@ def fit_uncheckpointed_layers(model, inputs: dict, labels, budget_gb: float | No
             del step  # the graph and its memory pool
             checkpoint_again(layers[n_blocks - kept :])
 
+    def restore():
+        release()
+        for module, training in modes:
+            module.training = training
+        for param, grad in zip(trainable, grads, strict=True):
+            param.grad = grad
+        torch.cuda.reset_peak_memory_stats(device)
+
     release()
     if budget_gb is None:
         free, _ = torch.cuda.mem_get_info(device)
@@ -203,14 +219,18 @@ def fit_uncheckpointed_layers(model, inputs: dict, labels, budget_gb: float | No
                     slope = (peaks[n_kept] - peaks[below]) / (n_kept - below)
                     n_kept = blocks_within_budget(peaks[below], below, slope, budget_gb, n_kept - 1)
     finally:
-        release()
-        for module, training in modes:
-            module.training = training
-        for param, grad in zip(trainable, grads, strict=True):
-            param.grad = grad
-        torch.cuda.reset_peak_memory_stats(device)
+        restore()
     # Only a measured peak decides: the most blocks measured within the budget, up to the count found.
     n_kept = max((kept for kept, peak in peaks.items() if kept <= n_kept and peak <= budget_gb), default=0)
+    offloaded = None
+    if peaks[0] > budget_gb and not offload.offloaded(model) and offload.offload_checkpoints(model, device):
+        # Even recomputing every block is above the budget: their inputs go to host memory too.
+        try:
+            model.train()
+            with torch.random.fork_rng(devices=[index]):
+                offloaded = round(measure(0), 3)
+        finally:
+            restore()
     if n_kept:
         skip_checkpointing(model, n_kept)
     spread = sorted(kept for kept, peak in peaks.items() if kept >= 1 and math.isfinite(peak))
@@ -218,4 +238,6 @@ def fit_uncheckpointed_layers(model, inputs: dict, labels, budget_gb: float | No
     measured = {"peak_all_checkpointed_gb": round(peaks[0], 3), "per_block_gb": round(per_block, 4),
                 "budget_gb": round(budget_gb, 3), "kept": n_kept, "n_blocks": n_blocks,
                 "peak_gb": round(peaks[n_kept], 3)}
+    if offloaded is not None:
+        measured.update(offloaded=True, peak_gb=offloaded)
     return n_kept, measured
