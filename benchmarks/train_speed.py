@@ -585,8 +585,10 @@ def run_shape(shape: str, cases: list[str], args, results: list) -> None:
         model, compute_dtype = build_ours(model_dir, dropout=0.0)
         for case in cases:
             within = replace(DEFAULT, memory_budget_gb=peer_peak(results, case, 0.0))
-            for label, params in (("ours, defaults, dropout 0", DEFAULT), (f"{WITHIN_PEER_PEAK}, dropout 0", within),
-                                  ("ours, every block checkpointed + offload, dropout 0", OFFLOADED)):
+            rows = [("ours, defaults, dropout 0", DEFAULT), (f"{WITHIN_PEER_PEAK}, dropout 0", within)]
+            if not args.variants or "offload" in args.variants:
+                rows.append(("ours, every block checkpointed + offload, dropout 0", OFFLOADED))
+            for label, params in rows:
                 run_ours(label, params, model, compute_dtype, case, data, init, references, args, results)
             fast.remove(model, upcast_dtype=torch.float32)
     for row in results:
