@@ -46,7 +46,9 @@ CASES = {  # name: (shape, seq, batch)
     "A": ("qwen2.5-3b", 1024, 4),
     "B": ("qwen2.5-3b", 512, 1),
     "C": ("llama-2-7b", 2048, 2),
+    "D": ("llama-2-70b", 2048, 1),  # the QLoRA paper's headline: 65-70B on one 48 GB GPU
 }
+D_BUDGET_GB = 48.0
 ALL_OFF = AccelerationParams(keep_frozen_dtype=False, lora_fast_forward=False, chunked_cross_entropy=False,
                              fused_kernels=False, uncheckpointed_layers=0, compile_layers=False,
                              unpaged_optimizer=False, cuda_graphs=False, async_optimizer=False)
@@ -448,6 +450,10 @@ def ours_variants(case: str, n_layers: int) -> list[tuple[str, AccelerationParam
                       replace(DEFAULT, compile_layers=True, uncheckpointed_layers=4, cuda_graphs=False))]
     if case == "C":
         variants = [("ours, defaults without cuda_graphs", NO_GRAPHS)] + variants[-4:]
+    if case == "D":  # each 70B row costs minutes: the budget row and the two smallest footprints
+        return [(f"ours, defaults + memory_budget_gb={D_BUDGET_GB:g}", replace(DEFAULT, memory_budget_gb=D_BUDGET_GB)),
+                ("ours, every block checkpointed", replace(DEFAULT, uncheckpointed_layers=0)),
+                ("ours, every block checkpointed + offload", OFFLOADED)]
     # compile_layers runs without CUDA graphs (cuda_graphs.graphed_step): the two do not combine.
     variants.append(("ours, defaults + compile_layers", replace(DEFAULT, compile_layers=True, cuda_graphs=False)))
     return variants
@@ -514,7 +520,8 @@ def run_peer(case: str, dropout: float, model_dir: Path, batches: list, init: di
     else:
         row.update(json.loads((work / "row.json").read_text()), peer="unsloth", dropout=dropout)
         grads = load_file(str(work / "grads.safetensors"))
-        row["loss_diff"], row["grad_cos"], row["grad_cos_worst"] = compare(reference, (row["loss"], grads))
+        if reference is not None:
+            row["loss_diff"], row["grad_cos"], row["grad_cos_worst"] = compare(reference, (row["loss"], grads))
         row.update(forward_ms=math.nan, backward_ms=math.nan, optimizer_ms=math.nan)
     print(json.dumps(row), flush=True)
     results.append(row)
@@ -531,10 +538,28 @@ def run_shape(shape: str, cases: list[str], args, results: list) -> None:
         batches = [torch.randint(0, config.vocab_size, (batch, seq), generator=generator).cuda() for _ in range(n)]
         data[case] = (batches, batches[-1].clone())
 
+    dropouts = [float(d) for d in args.peer_dropouts.split(",")]
+    references = dict.fromkeys(cases)
+    if not args.plain:  # no plain rows (case D: each load of a 70B model costs minutes): ours first, then the peer
+        model, compute_dtype = build_ours(model_dir)
+        randomize_lora_b(model)
+        init = lora_state(model)
+        for case in cases:
+            for label, params in ours_variants(case, config.num_hidden_layers):
+                if not args.variants or any(label.endswith(v) for v in args.variants.split(",")):
+                    run_ours(label, params, model, compute_dtype, case, data, init, references, args, results)
+            fast.remove(model, upcast_dtype=torch.float32)
+        model = None
+        gc.collect()
+        torch.cuda.empty_cache()
+        for case in cases:
+            for dropout in dropouts if args.peer else ():
+                run_peer(case, dropout, model_dir, data[case][0], init, None, args, results)
+        add_mfu(results, cases, n_params, config)
+        return
     plain = build_plain(model_dir)
     randomize_lora_b(plain)
     init = lora_state(plain)
-    references = {}
     for case in cases:
         set_lora_state(plain, init)
         references[case] = run_variant("plain recipe", plain, case, data[case][0], data[case][1], True,
@@ -549,7 +574,7 @@ def run_shape(shape: str, cases: list[str], args, results: list) -> None:
     torch.cuda.empty_cache()
     if args.peer:
         for case in cases:
-            for dropout in PEER_DROPOUTS:
+            for dropout in dropouts:
                 run_peer(case, dropout, model_dir, data[case][0], init, references[case], args, results)
 
     model, compute_dtype = build_ours(model_dir)
@@ -578,7 +603,7 @@ def run_shape(shape: str, cases: list[str], args, results: list) -> None:
             return applied + ["liger rope, rms_norm, swiglu"]
         run_variant("ours, defaults + liger-kernel RMSNorm/SwiGLU/RoPE", model, "A", data["A"][0], data["A"][1],
                     False, args.warmup, references["A"], results, prepare_liger, graphs=DEFAULT.cuda_graphs)
-    if args.peer:  # unsloth's fastest path has dropout 0: ours too, with the adapter built that way
+    if args.peer and 0.0 in dropouts:  # unsloth's fastest path has dropout 0: ours too, with the adapter built that way
         model = None  # freed before the next one loads
         gc.collect()
         torch.cuda.empty_cache()
@@ -591,14 +616,18 @@ def run_shape(shape: str, cases: list[str], args, results: list) -> None:
             for label, params in rows:
                 run_ours(label, params, model, compute_dtype, case, data, init, references, args, results)
             fast.remove(model, upcast_dtype=torch.float32)
+    add_mfu(results, cases, n_params, config)
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def add_mfu(results: list, cases: list[str], n_params: float, config) -> None:
     for row in results:
         if row.get("case") in cases and "tokens_per_s" in row:
             _, seq, _ = CASES[row["case"]]
             row["mfu"] = row["tokens_per_s"] * flops_per_token(n_params, config, seq) / PEAK_FLOPS
             row["n_params_flops"] = n_params
-    del model
-    gc.collect()
-    torch.cuda.empty_cache()
 
 
 def table(results: list) -> str:
@@ -638,6 +667,10 @@ def main() -> None:
     parser.add_argument("--variants", default="", help="comma-separated endings of the ours-variant labels to run")
     parser.add_argument("--no-plain-unpaged", dest="plain_unpaged", action="store_false",
                         help="skip the plain recipe with the unpaged optimizer")
+    parser.add_argument("--no-plain", dest="plain", action="store_false",
+                        help="no plain-recipe rows (so no numerics reference); ours, then the peer")
+    parser.add_argument("--peer-dropouts", default=",".join(f"{d:g}" for d in PEER_DROPOUTS),
+                        help="the LoRA dropouts of the peer's rows (0 also adds our dropout-0 rows)")
     parser.add_argument("--liger", action="store_true", help="also time liger-kernel's RMSNorm/SwiGLU/RoPE on A")
     parser.add_argument("--peer", choices=["unsloth"], default=None,
                         help="also measure unsloth (benchmarks/unsloth_peer.py, a process per case and dropout)")
