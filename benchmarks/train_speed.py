@@ -423,6 +423,10 @@ def run_variant(label, model, case, batches, numerics_batch, autocast, warmup, r
 
 def ours_variants(case: str, n_layers: int) -> list[tuple[str, AccelerationParams]]:
     """Each lever alone (case A), then the defaults, then the levers that trade memory or compile time."""
+    if case == "D":  # each 70B row costs minutes: the budget row and the two smallest footprints
+        return [(f"ours, defaults + memory_budget_gb={D_BUDGET_GB:g}", replace(DEFAULT, memory_budget_gb=D_BUDGET_GB)),
+                ("ours, every block checkpointed", replace(DEFAULT, uncheckpointed_layers=0)),
+                ("ours, every block checkpointed + offload", OFFLOADED)]
     variants = [("ours, all levers off (before)", ALL_OFF)]
     if case == "A":
         variants += [(f"ours + {name} only", replace(ALL_OFF, **{name: True}))
@@ -450,10 +454,6 @@ def ours_variants(case: str, n_layers: int) -> list[tuple[str, AccelerationParam
                       replace(DEFAULT, compile_layers=True, uncheckpointed_layers=4, cuda_graphs=False))]
     if case == "C":
         variants = [("ours, defaults without cuda_graphs", NO_GRAPHS)] + variants[-4:]
-    if case == "D":  # each 70B row costs minutes: the budget row and the two smallest footprints
-        return [(f"ours, defaults + memory_budget_gb={D_BUDGET_GB:g}", replace(DEFAULT, memory_budget_gb=D_BUDGET_GB)),
-                ("ours, every block checkpointed", replace(DEFAULT, uncheckpointed_layers=0)),
-                ("ours, every block checkpointed + offload", OFFLOADED)]
     # compile_layers runs without CUDA graphs (cuda_graphs.graphed_step): the two do not combine.
     variants.append(("ours, defaults + compile_layers", replace(DEFAULT, compile_layers=True, cuda_graphs=False)))
     return variants
