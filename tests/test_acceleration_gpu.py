@@ -355,9 +355,12 @@ def test_offloaded_checkpoints_compute_the_same_step_eagerly_and_graphed_with_le
     (loss, grads, peak, graphed_loss, graphed_grads), offloaded = results[False], results[True]
     assert offloaded[0] == loss and torch.equal(offloaded[1], grads)  # the copies are exact
     assert offloaded[3] == pytest.approx(graphed_loss, rel=1e-6)
+    # Replayed graphs may round differently (measured on an H200: 617 of 49,152 entries one bf16 step apart,
+    # 1.5e-5 against a largest gradient of 6.1e-3); a wrong or stale copy would be off by the gradient itself.
     difference = (offloaded[4] - graphed_grads).abs()
-    assert torch.allclose(offloaded[4], graphed_grads, rtol=1e-3, atol=1e-6), (
-        float(difference.max()), float(graphed_grads.abs().max()), int((difference > 1e-6).sum()), difference.numel())
+    largest = float(graphed_grads.abs().max())
+    assert float(difference.max()) <= largest * 2**-7, (float(difference.max()), largest)
+    assert int((difference > 1e-6).sum()) <= difference.numel() // 20
     block_input = 8 * 1024 * _hidden_size(six_block_qwen2_dir) * 2
     assert offloaded[2] <= peak - 3 * block_input, (offloaded[2], peak, block_input)
 

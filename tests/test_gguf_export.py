@@ -167,14 +167,16 @@ def test_llama_cpp_gets_the_gpu_blocks_the_budget_holds(tiny_qwen2_dir, tmp_path
     assert llama_worker.gpu_layers(tmp_path / "f16.gguf", 64, free_bytes=None) == 0  # on a CPU it runs it all
 
 
-def test_llama_cpp_runs_in_a_process_without_torch():
-    """A CUDA build of llama.cpp crashes loading a model in a process that holds torch's CUDA libraries."""
+def test_llama_cpp_runs_in_a_process_without_torch_and_loads_before_numpy():
+    """A CUDA build of llama.cpp crashed (SIGSEGV, H200) loading any model in a process that had imported
+    numpy before llama.cpp's library (torch imports numpy); loaded first, it ran."""
     import subprocess
     import sys
 
-    code = "import sys, qlorapipe.export.llama_worker; print('torch' in sys.modules)"
-    found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert found.strip() == "False"
+    code = ("import sys; from qlorapipe.export import llama_worker; llama_worker.main(['usage']); "
+            "names = list(sys.modules); print('torch' in names, names.index('llama_cpp.llama_cpp') < names.index('numpy'))")
+    found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout
+    assert found.split() == ["False", "True"]
 
 
 def test_a_llama_cpp_crash_is_one_line_naming_the_file_and_its_last_words(tmp_path):

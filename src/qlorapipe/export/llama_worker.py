@@ -32,6 +32,9 @@ CONTEXT_BYTES = 600e6
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
+        # llama.cpp's library loads before numpy: a CUDA build crashed (SIGSEGV, H200) loading any model in a
+        # process that had imported numpy first, and ran in one that imported it after.
+        llamacpp.llama_cpp_module()
         if argv[:1] == ["check"]:
             check(json.loads(sys.stdin.read()), sys.stdout.buffer)
         elif argv[:1] == ["quantize"] and len(argv) == 4:
