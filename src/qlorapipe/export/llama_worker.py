@@ -1,8 +1,8 @@
 """The llama.cpp side of the GGUF checks, in a process of its own (no torch is imported here).
 
-A CUDA build of llama.cpp crashed loading a model in a process holding torch (seen on an H200),
-and a crash must not take the export stage down unexplained, so the stage makes every llama.cpp
-call through this module:
+A CUDA build of llama.cpp crashed loading any model in a process that had imported numpy before it
+(torch does; seen on an H200), and a crash must not take the export stage down unexplained, so the
+stage makes every llama.cpp call through this module, which loads llama.cpp first:
 
     python -m qlorapipe.export.llama_worker check      # a JSON spec on stdin (``llamacpp.check_file``)
     python -m qlorapipe.export.llama_worker quantize F16_FILE OUT_FILE TYPE

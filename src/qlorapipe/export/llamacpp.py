@@ -2,8 +2,9 @@
 
 llama.cpp comes from the llama-cpp-python package, built from its pinned source at setup (see
 the README); its bindings expose llama.cpp's C API. Every call runs in a process of its own
-(``llama_worker``), which never imports torch: a CUDA build of llama.cpp crashed loading a model in
-a process holding torch (seen on an H200), and a crash must not take the stage down unexplained.
+(``llama_worker``), which never imports torch and loads llama.cpp before numpy (a CUDA build crashed
+loading any model in a process that had imported numpy first, seen on an H200); a crash must not take
+the stage down unexplained.
 ``quantize`` calls ``llama_model_quantize``, the function the ``llama-quantize`` tool runs.
 ``check_file`` loads a file the way users run it (on a GPU, as many blocks as the memory budget
 holds) and measures, against the model that was trained:
