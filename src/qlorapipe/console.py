@@ -46,13 +46,36 @@ def configure_logging(level: int = logging.INFO, tokenizer_threads: bool = False
     warnings.filterwarnings("ignore", message=".*an autograd kernel was not registered.*")
     # peft still calls the transformers 4 names of the checkpointing switches.
     warnings.filterwarnings("ignore", category=FutureWarning, message=".*(gradient|is_gradient)_checkpointing.*")
-    from transformers.utils import logging as hf_logging
+    quiet_libraries()
 
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    import datasets
 
-    datasets.disable_progress_bars()
+# Read by transformers, huggingface_hub and datasets when they are imported.
+_QUIET_ENVIRONMENT = {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+                      "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
+
+
+def quiet_libraries() -> None:
+    """transformers logs errors only; its, the hub's and datasets' tqdm bars are off (rich shows progress).
+
+    Through the environment, for libraries a stage imports later (importing them here would cost a
+    stage that never uses them over a second), and through their switches for those already imported.
+    A value the user set in the environment wins.
+    """
+    for name, value in _QUIET_ENVIRONMENT.items():
+        os.environ.setdefault(name, value)
+    if "huggingface_hub" in sys.modules:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    if "datasets" in sys.modules:
+        import datasets
+
+        datasets.disable_progress_bars()
 
 
 def run_stage(main: Callable[[list[str] | None], None], argv: list[str] | None = None,
