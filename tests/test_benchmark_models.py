@@ -47,3 +47,27 @@ def test_a_sparse_checkpoint_loads_with_zero_mlp_matrices_and_trains_its_attenti
     assert torch.isfinite(loss)
     grads = {n: p.grad.abs().sum().item() for n, p in quantized.named_parameters() if "lora_B" in n}
     assert all(g > 0 for n, g in grads.items() if "self_attn" in n)
+
+
+def test_the_memory_breakdown_counts_every_storage_of_a_4bit_lora_model_once(tmp_path):
+    """benchmarks/memory_breakdown.py: 4-bit weights at half a byte per element, their statistics,
+    LoRA in float32, the embeddings; a storage shared by two tensors (the tied head) counted once."""
+    import memory_breakdown
+
+    from qlorapipe import modeling
+    from qlorapipe.params import QuantizationParams
+
+    path, _ = train_speed.save_random_model("tiny", tmp_path)
+    model, _ = modeling.load_base_model(path, QuantizationParams(), torch.device("cpu"))
+    model = modeling.add_lora(model, train_speed.lora_params(), quantized=True, gradient_checkpointing=True)
+    found = memory_breakdown.breakdown(model)
+    config = model.config
+    per_block = [(config.hidden_size, config.hidden_size), (config.hidden_size, 32), (config.hidden_size, 32),
+                 (config.hidden_size, config.hidden_size)] + [(config.hidden_size, config.intermediate_size)] * 3
+    quantized = config.num_hidden_layers * sum(a * b for a, b in per_block)
+    assert found["4-bit weights"] == quantized // 2
+    assert 0 < found["4-bit absmax"] <= quantized // 64  # one byte per block of 64, double quantized
+    lora = config.num_hidden_layers * sum(16 * (a + b) for a, b in per_block)
+    assert found["trainable float32"] == 4 * lora
+    embedding = config.vocab_size * config.hidden_size
+    assert found["frozen embedding/head float32"] == 4 * embedding  # tied: once; float32 from kbit preparation
