@@ -239,7 +239,9 @@ def build_ours(model_dir: Path, dropout: float = 0.05):
 
 
 def lora_state(model) -> dict:
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    """The trainable tensors, copied to host memory: a copy on the GPU would count in every row's peak
+    (0.12 GB at the 3B shape, 0.83 GB at 70B) though training never holds one."""
+    return {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
 
 
 def set_lora_state(model, state: dict) -> None:
