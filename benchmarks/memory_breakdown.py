@@ -8,7 +8,9 @@ bytes of every distinct storage reachable from it: 4-bit weights, their quantiza
 (absmax, the nested absmax and its statistics, the code book), other frozen params by dtype,
 LoRA params, buffers. On a GPU it sets that sum beside ``torch.cuda.memory_allocated()``: what
 the allocator holds that no tensor of the model explains is the first thing to look at when our
-footprint is above a peer's. Prints a table; writes breakdown.json under --out.
+footprint is above a peer's; then it runs one graphed step (--batch x --seq tokens) and reports
+what stays allocated after it, with and without cuBLAS's per-stream workspaces. Prints a table;
+writes breakdown.json under --out.
 """
 
 from __future__ import annotations
@@ -70,11 +72,38 @@ def breakdown(model) -> dict[str, int]:
     return dict(sorted(totals.items()))
 
 
+def after_a_graphed_step(model, seq: int, batch: int, before: int) -> dict:
+    """What stays allocated after one forward and backward captured and replayed as the train stage runs
+    it (``cuda_graphs.GraphedStep``), once the graph is gone, and how much of that is cuBLAS's
+    workspaces (torch keeps them for every stream that ran a matmul, until told to free them)."""
+    import gc
+
+    from qlorapipe.train.fast import cuda_graphs
+
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq), device="cuda",
+                        generator=torch.Generator("cuda").manual_seed(0))
+    graphed = cuda_graphs.GraphedStep(model)
+    graphed({"input_ids": ids}, ids, 1.0)
+    graphed({"input_ids": ids}, ids, 1.0)
+    torch.cuda.synchronize()
+    figures = {"graph_failed": graphed.failed, "step_peak_gb": (torch.cuda.max_memory_allocated() - before) / 1e9}
+    del graphed
+    model.zero_grad(set_to_none=True)
+    gc.collect()
+    torch.cuda.empty_cache()
+    figures["allocated_after_step_gb"] = (torch.cuda.memory_allocated() - before) / 1e9
+    torch._C._cuda_clearCublasWorkspaces()  # in every CUDA build of torch since 1.13
+    figures["allocated_without_cublas_workspaces_gb"] = (torch.cuda.memory_allocated() - before) / 1e9
+    return figures
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="qwen2.5-3b")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/qlorapipe-bench"))
     parser.add_argument("--out", type=Path, default=Path("bench-out/memory"))
+    parser.add_argument("--seq", type=int, default=1024, help="tokens per row of the graphed step (GPU only)")
+    parser.add_argument("--batch", type=int, default=4, help="rows of the graphed step (GPU only)")
     args = parser.parse_args()
     from train_speed import lora_params, save_random_model
 
@@ -95,6 +124,7 @@ def main() -> None:
         allocated = torch.cuda.memory_allocated() - before
         row.update(allocated_after_load_gb=loaded / 1e9, allocated_gb=allocated / 1e9,
                    unexplained_gb=(allocated - sum(found.values())) / 1e9)
+        row.update(after_a_graphed_step(model, args.seq, args.batch, before))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "breakdown.json").write_text(json.dumps(row, indent=1))
     print("| kind | GB |\n| --- | --- |")
