@@ -223,3 +223,34 @@ def test_a_crash_with_blocks_on_the_gpu_runs_the_file_again_on_the_cpu(tiny_qwen
     assert [spec["free_bytes"] for spec in specs] == [7e9, None]  # the budget beside torch's, then the CPU
     assert found["gpu_layers"] == 0 and found["max_logit_diff"] == 0 and found["token_agreement"] == 1.0
     assert "running m.gguf on the CPU instead" in caplog.text
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_f16_files_hold_each_weight_rounded_once_from_its_exact_value(arch, dtype, request, tmp_path):
+    """The writer converts with torch straight to float16 (no float32 copy, no numpy conversion): each
+    2-D weight is what rounding its exact float32 value to float16 gives, norms and biases float32."""
+    import gguf
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model_dir = request.getfixturevalue(f"tiny_{arch}_dir")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
+    write_gguf(model, model_dir, tmp_path / "m.gguf", "f16")
+    written = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(str(tmp_path / "m.gguf")).tensors}
+    config = model.config
+    checked = 0
+    for hf_name, tensor in model.state_dict().items():
+        if hf_name == "lm_head.weight" and config.tie_word_embeddings:
+            continue
+        name = gguf_tensor_name(hf_name)
+        expected = tensor.float().numpy()
+        if arch == "llama" and ".attn_q." in name:
+            expected = permute_for_rope(expected, config.num_attention_heads)
+        elif arch == "llama" and ".attn_k." in name:
+            expected = permute_for_rope(expected, config.num_key_value_heads)
+        expected = expected.astype(np.float32 if expected.ndim == 1 else np.float16)
+        assert written[name].dtype == expected.dtype and np.array_equal(written[name].reshape(expected.shape), expected)
+        checked += 1
+    assert checked == len(written)

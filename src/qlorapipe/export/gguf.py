@@ -133,6 +133,7 @@ def write_gguf(model, model_dir: Path, out_file: Path, file_type: str) -> None:
     """
     import gguf
     import numpy as np
+    import torch
 
     config = model.config
     arch = config.model_type
@@ -182,18 +183,21 @@ def write_gguf(model, model_dir: Path, out_file: Path, file_type: str) -> None:
         if hf_name == "lm_head.weight" and tied:
             continue  # llama.cpp reuses token_embd when there is no output tensor
         name = gguf_tensor_name(hf_name)
-        data = tensor.detach().float().cpu().numpy()
+        quantized = file_type == "q8_0" and tensor.ndim > 1 and tensor.shape[-1] % 32 == 0
+        # Norms and biases stay float32, as in llama.cpp; the rest is converted once, by torch (on every
+        # core; a float16 model's weights not at all), to the dtype written: the same values as going
+        # through float32, where numpy's float16 conversion ran on one core.
+        wanted = torch.float32 if tensor.ndim == 1 or quantized else torch.float16
+        data = tensor.detach().to("cpu", wanted).numpy()
         if arch == "llama" and ".attn_q." in name:
             data = permute_for_rope(data, n_head)
         elif arch == "llama" and ".attn_k." in name:
             data = permute_for_rope(data, n_kv)
-        if data.ndim == 1:
-            writer.add_tensor(name, data.astype(np.float32))  # norms and biases stay float32, as in llama.cpp
-        elif file_type == "q8_0" and data.shape[-1] % 32 == 0:
+        if quantized:
             writer.add_tensor(name, gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q8_0),
                               raw_dtype=gguf.GGMLQuantizationType.Q8_0)
         else:
-            writer.add_tensor(name, data.astype(np.float16))
+            writer.add_tensor(name, np.ascontiguousarray(data))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
