@@ -254,3 +254,28 @@ def test_f16_files_hold_each_weight_rounded_once_from_its_exact_value(arch, dtyp
         assert written[name].dtype == expected.dtype and np.array_equal(written[name].reshape(expected.shape), expected)
         checked += 1
     assert checked == len(written)
+
+
+def test_reference_continuations_in_one_batch_are_those_one_prompt_at_a_time(tiny_llama_dir):
+    """Base + adapter as trained (4-bit, LoRA) continues the parity prompts in one left-padded batch."""
+    import torch
+
+    from qlorapipe import greedy, modeling
+    from qlorapipe.export import llamacpp
+    from qlorapipe.params import LoraParams, QuantizationParams
+
+    base, _ = modeling.load_base_model(tiny_llama_dir, QuantizationParams(), torch.device("cpu"))
+    model = modeling.add_lora(base, LoraParams(rank=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"]),
+                              quantized=True, gradient_checkpointing=False)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=torch.Generator().manual_seed(1)) * 0.1)
+    prompts = [[5, 17, 42, 9, 3, 77, 21], [8, 2], [11, 12, 13, 14]]
+    stops = {0, 2}
+    batched = llamacpp.reference_continuations(model, prompts, 10, stops, None, "cpu")
+    one_by_one = [llamacpp.reference_continuations(model, [p], 10, stops, None, "cpu")[0] for p in prompts]
+    assert batched == one_by_one
+    raw = greedy.generate(model, prompts, 10, 3, "cpu", stops, None)
+    assert len({len(tokens) for tokens in raw}) == 1  # a row that stopped first is padded to the batch's length
+    assert [llamacpp.continuation(tokens, stops.__contains__) for tokens in raw] == batched

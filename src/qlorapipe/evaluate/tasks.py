@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from qlorapipe import greedy
+
 
 @dataclass(frozen=True)
 class Answer:
@@ -20,17 +22,7 @@ class Answer:
     stopped: bool
 
 
-def stop_token_ids(model, tokenizer) -> set[int]:
-    """The tokens that end an answer: the generation config's EOS ids (end of turn included) and the tokenizer's."""
-    ids = set()
-    config = getattr(model, "generation_config", None)
-    eos = getattr(config, "eos_token_id", None)
-    for value in eos if isinstance(eos, list) else [eos]:
-        if value is not None:
-            ids.add(int(value))
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    return ids
+stop_token_ids = greedy.stop_token_ids
 
 
 def generate_answers(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int, device,
@@ -40,30 +32,11 @@ def generate_answers(model, tokenizer, prompts: list[list[int]], max_new_tokens:
     Args:
         advance: called with the number of prompts done after each batch (progress).
     """
-    import torch
-
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stop_ids, default=0)
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    answers: list[Answer | None] = [None] * len(prompts)
-    model.eval()
-    for first in range(0, len(order), batch_size):
-        batch = order[first : first + batch_size]
-        width = max(len(prompts[i]) for i in batch)
-        input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        attention = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, i in enumerate(batch):
-            input_ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i])
-            attention[row, width - len(prompts[i]):] = 1
-        with torch.no_grad():
-            generated = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
-                                       max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
-                                       eos_token_id=sorted(stop_ids) or None, use_cache=True)
-        for row, i in enumerate(batch):
-            new = generated[row, width:].tolist()
-            end = next((k for k, token in enumerate(new) if token in stop_ids), None)
-            answers[i] = Answer(new if end is None else new[:end], end is not None)
-        if advance is not None:
-            advance(len(batch))
+    answers = []
+    for new in greedy.generate(model, prompts, max_new_tokens, batch_size, device, stop_ids, tokenizer.pad_token_id,
+                               advance):
+        end = next((k for k, token in enumerate(new) if token in stop_ids), None)
+        answers.append(Answer(new if end is None else new[:end], end is not None))
     return answers
 
 

@@ -13,7 +13,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from qlorapipe import data, fidelity, memory, modeling
+from qlorapipe import data, fidelity, greedy, memory, modeling
 from qlorapipe.clock import PhaseClock
 from qlorapipe.errors import UserError
 from qlorapipe.export import gguf, llamacpp
@@ -181,17 +181,8 @@ def _trained_continuations(inputs: Inputs, prompts: list[list[int]], max_new_tok
 
     device = pick_device()
     model = load_with_adapters(inputs.base, {"trained": inputs.adapter}, device).model
-    return llamacpp.reference_continuations(model, prompts, max_new_tokens, _stop_ids(model, tokenizer),
+    return llamacpp.reference_continuations(model, prompts, max_new_tokens, greedy.stop_token_ids(model, tokenizer),
                                             pad_token_id(tokenizer), device)
-
-
-def _stop_ids(model, tokenizer) -> set[int]:
-    """The ids transformers stops generating on: the generation config's EOS ids and the tokenizer's."""
-    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    return ids
 
 
 def gate(params: ExportParams, file_format: str, found: dict) -> None:

@@ -172,18 +172,12 @@ def agreement(reference: Continuation, candidate: Continuation) -> float:
 
 def reference_continuations(model, prompts: list[list[int]], max_new_tokens: int, stop_ids: set[int],
                             pad_id: int | None, device) -> list[Continuation]:
-    """Greedy continuations of ``prompts`` by a transformers model (base + adapter as trained)."""
-    import torch
+    """Greedy continuations of ``prompts`` by a transformers model (base + adapter as trained), in one
+    left-padded batch."""
+    from qlorapipe import greedy
 
-    out = []
-    with torch.no_grad():
-        for prompt in prompts:
-            ids = torch.tensor([prompt], device=device)
-            generated = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                       max_new_tokens=max_new_tokens, eos_token_id=sorted(stop_ids) or None,
-                                       pad_token_id=pad_id)
-            out.append(continuation(generated[0, len(prompt):].tolist(), stop_ids.__contains__))
-    return out
+    return [continuation(tokens, stop_ids.__contains__)
+            for tokens in greedy.generate(model, prompts, max_new_tokens, max(len(prompts), 1), device, stop_ids, pad_id)]
 
 
 def continuation(tokens: list[int], is_stop) -> Continuation:
