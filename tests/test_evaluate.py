@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from conftest import CORPUS, load_stage, tiny_params, train_args, write_params
 
-from qlorapipe import data
+from qlorapipe import data, greedy
 from qlorapipe.errors import UserError
 from qlorapipe.evaluate import gate_problems, tasks
 from qlorapipe.params import EvaluateParams, load_sections
@@ -93,7 +93,7 @@ def test_batched_answers_are_the_answers_one_prompt_at_a_time(project):
     tokenizer = AutoTokenizer.from_pretrained(project["base"])
     prompts = [t["prompt_ids"] for t in data.load_tasks(project["prepared"])]
     assert len({len(p) for p in prompts}) > 1  # left padding is exercised
-    stops = tasks.stop_token_ids(model, tokenizer)
+    stops = greedy.stop_token_ids(model, tokenizer)
     batched = tasks.generate_answers(model, tokenizer, prompts, 12, 4, "cpu", stops)
     single = tasks.generate_answers(model, tokenizer, prompts, 12, 1, "cpu", stops)
     assert batched == single

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from qlorapipe import corpora, data, memory, modeling
+from qlorapipe import corpora, data, greedy, memory, modeling
 from qlorapipe.console import console
 from qlorapipe.errors import UserError
 from qlorapipe.evaluate import chart, forgetting, generation, tasks
@@ -90,7 +90,7 @@ def run(quant: QuantizationParams, params: EvaluateParams, base_dir: Path, adapt
     memory.reset_peak(device)
     base, _ = modeling.load_base_model(base_dir, quant, device, trust_remote_code=trust)
     model = PeftModel.from_pretrained(base, adapter_dir)
-    stop_ids = tasks.stop_token_ids(model, tokenizer)
+    stop_ids = greedy.stop_token_ids(model, tokenizer)
     references = [tokenizer.decode(t["reference_ids"], skip_special_tokens=True).strip() for t in held_out]
 
     metrics: dict = {}

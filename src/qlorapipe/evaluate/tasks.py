@@ -22,9 +22,6 @@ class Answer:
     stopped: bool
 
 
-stop_token_ids = greedy.stop_token_ids
-
-
 def generate_answers(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int, device,
                      stop_ids: set[int], advance=None) -> list[Answer]:
     """Greedy answers to token-id prompts, in batches of similar length (left-padded).
