@@ -183,7 +183,6 @@ import torch, transformers, peft, bitsandbytes, datasets, accelerate, safetensor
 from qlorapipe.train import loop
 from qlorapipe.train.fast import cuda_graphs, fused_kernels, fused_lora, memory_plan, offload, triton_kernels
 from qlorapipe import evaluate, merge, export, prepare, download
-from qlorapipe.export import gguf as gguf_writer, llamacpp
 """
 
 

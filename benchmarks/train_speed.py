@@ -461,6 +461,11 @@ def ours_variants(case: str, n_layers: int) -> list[tuple[str, AccelerationParam
     return variants
 
 
+def selected(label: str, args) -> bool:
+    """Whether --variants (comma-separated label endings; empty: all) asks for the row ``label``."""
+    return not args.variants or any(label.endswith(v) for v in args.variants.split(","))
+
+
 def run_ours(label: str, params: AccelerationParams, model, compute_dtype, case: str, data: dict, init: dict,
              references: dict, args, results: list) -> None:
     """One row of this project's train path: ``params`` applied to ``model`` from the shared LoRA state."""
@@ -548,7 +553,7 @@ def run_shape(shape: str, cases: list[str], args, results: list) -> None:
         init = lora_state(model)
         for case in cases:
             for label, params in ours_variants(case, config.num_hidden_layers):
-                if not args.variants or any(label.endswith(v) for v in args.variants.split(",")):
+                if selected(label, args):
                     run_ours(label, params, model, compute_dtype, case, data, init, references, args, results)
             fast.remove(model, upcast_dtype=torch.float32)
         model = None
@@ -586,7 +591,7 @@ def run_shape(shape: str, cases: list[str], args, results: list) -> None:
         if args.peer:
             variants.append((WITHIN_PEER_PEAK, replace(DEFAULT, memory_budget_gb=peer_peak(results, case, 0.05))))
         for label, params in variants:
-            if args.variants and not any(label.endswith(v) for v in args.variants.split(",")):
+            if not selected(label, args):
                 continue
             if label.startswith(WITHIN_PLAIN_PEAK):
                 plain_peak = next(r["peak_alloc_gb"] for r in results if r["case"] == case and r["variant"] == "plain recipe")
