@@ -229,6 +229,11 @@ def run_shape(shape: str, args) -> dict:
             break
         if name == "download" and not args.keep:
             shutil.rmtree(work / f"{shape}-source", ignore_errors=True)  # the stage copied it to models/base
+    # Each stage's log (and profile) beside the tables: the work folder, tens of GB, is seldom kept.
+    logs = args.out / f"{shape}-logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    for path in [*work.glob("*.log"), *work.glob("*.profile.txt")]:
+        shutil.copy2(path, logs / path.name)
     metrics = work / "metrics"
     for name, file in (("train", "train.json"), ("merge", "merge.json"), ("export", "export.json")):
         if (metrics / file).is_file():
