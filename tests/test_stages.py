@@ -108,7 +108,11 @@ def test_train_writes_a_peft_adapter_metrics_curves_and_log(run):
                             "train_seconds", "wall_seconds", "trainable_params", "total_params", "compute_dtype",
                             "device", "best_step", "stopped_early", "resumed_from_step", "cuda_graph_replays",
                             "uncheckpointed_layers", "environment", "num_processes",
-                            "global_batch_size"} | _memory_keys()
+                            "global_batch_size", "seconds"} | _memory_keys()
+    # Where the stage's time went: each phase, the optimizer steps inside the loop, all within the wall time.
+    assert set(metrics["seconds"]) == {"load", "lora", "plan", "loop", "save"}
+    assert metrics["seconds"]["loop"] >= metrics["train_seconds"]
+    assert sum(metrics["seconds"].values()) <= metrics["wall_seconds"] + 0.05
     assert set(metrics["environment"]) == {"torch", "transformers", "peft", "bitsandbytes", "cuda", "gpu"}
     assert metrics["environment"]["torch"] == __import__("torch").__version__
     assert metrics["steps"] == 12 and metrics["tokens_trained"] == 12 * 4 * 32

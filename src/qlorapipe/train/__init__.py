@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qlorapipe import data, memory, modeling
+from qlorapipe.clock import PhaseClock
 from qlorapipe.console import console
 from qlorapipe.errors import UserError
 from qlorapipe.outputs import atomic_dir, write_json, write_text_atomic
@@ -91,6 +92,7 @@ def run(sections: Sections, base_dir: Path, data_dir: Path, out: Outputs, relaun
     import torch
 
     started = time.perf_counter()
+    clock = PhaseClock()  # where the stage's time went besides the optimizer steps (metrics' seconds)
     torch.manual_seed(params.seed)  # before the adapters are initialised
     world = distributed.start(dist, modeling.pick_device())
     if not world.is_main:
@@ -105,6 +107,7 @@ def run(sections: Sections, base_dir: Path, data_dir: Path, out: Outputs, relaun
     model, compute_dtype = modeling.load_base_model(base_dir, sections.quantization, device,
                                                     trust_remote_code=source.trust_remote_code,
                                                     shardable_4bit=distributed.shards_weights(dist))
+    clock.lap("load")
     adding = time.perf_counter()
     model = modeling.add_lora(model, sections.lora, sections.quantization.load_in != "none",
                               params.gradient_checkpointing)
@@ -118,11 +121,13 @@ def run(sections: Sections, base_dir: Path, data_dir: Path, out: Outputs, relaun
                     "residual (%.1f s)", time.perf_counter() - adding)
         init_digest = adapter_init.pissa_digest(model)
         pissa_initial = adapter_init.initial_adapter(model) if world.is_main else None
+    clock.lap("lora")
     fast.apply(model, sections.acceleration, device, compute_dtype)  # GPU fast paths; the CPU path is unchanged
     graphed = fast.graphed_step(model, sections.acceleration, device, world.num_processes)
     _, first = next(loop.micro_batches(len(train_set), params.per_device_batch_size, params.seed))
     uncheckpointed = fast.plan_uncheckpointed_layers(model, sections.acceleration, train_set[first], device,
                                                      world.num_processes, cuda_graphs=graphed is not None)
+    clock.lap("plan")
     trainable, total = modeling.parameter_counts(model)
     header = [f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}",
               f"device: {modeling.device_summary(device)}", modeling.memory_summary(device)]
@@ -146,6 +151,7 @@ def run(sections: Sections, base_dir: Path, data_dir: Path, out: Outputs, relaun
                             device, progress, checkpoints=store, processes=world, graphed=graphed,
                             async_optimizer=sections.acceleration.async_optimizer and device.type == "cuda",
                             publish=publish)
+    clock.lap("loop")
     if graphed is not None and graphed.failed:
         logger.warning("Trained without CUDA graphs: %s", graphed.failed)
     logger.info(modeling.memory_summary(device))
@@ -163,6 +169,7 @@ def run(sections: Sections, base_dir: Path, data_dir: Path, out: Outputs, relaun
         else:
             world.save_adapter(model, adapter_dir, state_dict)
         write_adapter_record(adapter_dir, record)
+    clock.lap("save")
     metrics = {
         "train_loss": round(result.final_train_loss, 5),
         "eval_loss": round(result.final_eval_loss, 5),
@@ -171,6 +178,7 @@ def run(sections: Sections, base_dir: Path, data_dir: Path, out: Outputs, relaun
         "tokens_per_second": round(result.tokens_trained / result.train_seconds, 1),
         "train_seconds": round(result.train_seconds, 2),
         "wall_seconds": round(time.perf_counter() - started, 2),
+        "seconds": clock.seconds,
         "trainable_params": trainable,
         "total_params": total,
         "compute_dtype": str(compute_dtype).removeprefix("torch."),
