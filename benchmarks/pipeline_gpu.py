@@ -264,12 +264,15 @@ def table(record: dict, budget: float) -> str:
     rows += ["", f"All stages {total:.0f} s; optimizer steps {train.get('train_seconds', '-')} s of train's "
                  f"{record['stages'].get('train', {}).get('seconds', '-')} s; overhead "
                  f"{total - train.get('train_seconds', 0):.0f} s."]
+    if train.get("seconds"):
+        rows.append(f"Train seconds: {json.dumps(train['seconds'])} (wall {train.get('wall_seconds')} s after imports).")
     merge = record.get("merge")
     if merge:
         rows.append(f"Merge ({merge['dtype']}): max logit diff {merge['merged']['max_logit_diff']}, perplexity change "
                     f"{100 * merge['merged']['perplexity_change']:+.3f} % (naive merge "
                     f"{100 * merge['naive_merge_into_16bit_base']['perplexity_change']:+.3f} %); "
-                    f"{merge.get('offloaded_modules', 0)} modules streamed from the CPU.")
+                    f"{merge.get('offloaded_modules', 0)} modules streamed from the CPU. "
+                    f"Seconds: {json.dumps(merge.get('seconds'))}.")
     export = record.get("export")
     if export:
         files = [f"{k.removeprefix('gguf_')} {100 * v['perplexity_change']:+.3f} % / agreement {v['token_agreement']}"
