@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from qlorapipe.download import sources
@@ -48,15 +51,37 @@ def run(params: ModelParams, out_dir: Path) -> SourceRecord:
             if local.is_file() and local.suffix == ".gguf":
                 sources.convert_gguf(local, out, params.dtype)
             elif local.is_dir():
-                sources.copy_local_model_dir(local, out, params.trust_remote_code)
+                with _importing_transformers():  # a few seconds of imports, while the copy waits on the disk
+                    sources.copy_local_model_dir(local, out, params.trust_remote_code)
             else:
                 raise UserError(f"model.local_path '{local}' must be a model directory or a .gguf file")
             origin.update(repo_id=local.name)
         where = f"model.local_path '{params.local_path}'" if params.source == "local" else origin["repo_id"]
         sources.check_model_files(out, where)
-        info = sources.check_loadable(out, params.trust_remote_code)
+        # Hashing the weights (hashlib lets go of the GIL) while the config and tokenizer are read.
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            hashing = pool.submit(content_hash, out)
+            info = sources.check_loadable(out, params.trust_remote_code)
+            digest = hashing.result()
         record = SourceRecord(source=params.source, dtype=params.dtype, trust_remote_code=params.trust_remote_code,
-                              content_sha256=content_hash(out), **origin, **info)
+                              content_sha256=digest, **origin, **info)
         write_source_record(out, record)
     logger.info("Base model %s (%s) written to %s", record.repo_id, record.model_type, out_dir)
     return record
+
+
+@contextmanager
+def _importing_transformers():
+    """Import what ``sources.check_loadable`` needs on a thread while the block runs (the import is
+    CPU-bound, a local copy is disk-bound). A failed import is left for check_loadable to report."""
+
+    def load():
+        with suppress(Exception):
+            from transformers import AutoConfig, AutoTokenizer  # noqa: F401
+
+    thread = threading.Thread(target=load, name="import-transformers", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        thread.join()
