@@ -171,12 +171,26 @@ def test_the_probe_keeps_the_blocks_the_measured_line_fits_in_the_budget(monkeyp
     model.eval()
     grad = model.weight.grad = torch.full((3,), 7.0)
     kept, measured = _fit(model, 12.35)
-    assert kept == 28 and steps == [0, 1, 2, 28]  # 0, 1 and 2 blocks kept, then the count predicted
+    assert kept == 28 and steps == [36, 0, 1, 2, 28]  # all kept, 0, 1 and 2, then the count predicted
     assert [block.gradient_checkpointing for block in model.blocks] == [True] * 8 + [False] * 28
     assert checkpointing.uncheckpointed_count(model) == 28
     assert measured == {"peak_all_checkpointed_gb": 3.79, "per_block_gb": 0.31, "budget_gb": 12.35, "kept": 28,
                         "n_blocks": 36, "peak_gb": 12.16}
     assert model.weight.grad is grad and not model.training and not model.blocks[0].training  # put back
+
+
+def test_the_probe_measures_one_step_when_every_block_kept_fits(monkeypatch):
+    model = _BlocksModel(36)
+    steps = _simulated_gpu(monkeypatch, model, _h200_peak)
+    kept, measured = _fit(model, 14.7)  # 36 kept: 3.79 + 35 * 0.31 = 14.64 GB
+    assert kept == 36 and steps == [36] and checkpointing.uncheckpointed_count(model) == 36
+    assert measured == {"peak_all_checkpointed_gb": None, "per_block_gb": None, "budget_gb": 14.7, "kept": 36,
+                        "n_blocks": 36, "peak_gb": 14.64}
+    assert not offload.offloaded(model)
+    model = _BlocksModel(36)
+    steps = _simulated_gpu(monkeypatch, model, _h200_peak)
+    kept, measured = _fit(model, 14.6)  # just below: the line is drawn, and it keeps 35
+    assert kept == 35 and steps == [36, 0, 1, 2, 35] and measured["peak_all_checkpointed_gb"] == 3.79
 
 
 def test_the_probe_steps_down_until_a_measured_peak_fits(monkeypatch):
@@ -187,7 +201,7 @@ def test_the_probe_steps_down_until_a_measured_peak_fits(monkeypatch):
     model = _BlocksModel(36)
     steps = _simulated_gpu(monkeypatch, model, peak)
     kept, measured = _fit(model, 10.0)
-    assert steps == [0, 1, 2, 26, 19] and kept == 19  # 26 peaks at 12.2 GB; the line through it and 2 gives 19
+    assert steps == [36, 0, 1, 2, 26, 19] and kept == 19  # 26 peaks at 12.2 GB; the line through it and 2 gives 19
     assert peak(kept) <= 10.0 < peak(21) and measured["peak_gb"] == round(peak(19), 3)
 
 
@@ -196,14 +210,14 @@ def test_the_probe_halves_the_way_down_when_a_step_runs_out_of_memory(monkeypatc
     steps = _simulated_gpu(monkeypatch, model, _h200_peak, capacity_gb=8.0, free_gb=100.0)
     kept, measured = _fit(model, None)  # 90% of (100 GB free + nothing allocated): more than the GPU holds
     assert measured["budget_gb"] == 90.0
-    assert steps == [0, 1, 2, 36, 19, 10] and kept == 10  # 36 and 19 ran out of memory
+    assert steps == [36, 0, 1, 2, 19, 10] and kept == 10  # 36 and 19 ran out of memory
 
 
 def test_the_probe_keeps_every_block_checkpointed_below_the_budget(monkeypatch):
     model = _BlocksModel(36)
     steps = _simulated_gpu(monkeypatch, model, _h200_peak)
     kept, measured = _fit(model, 3.5)
-    assert kept == 0 and steps == [0, 1, 2] and measured["peak_all_checkpointed_gb"] == 3.79
+    assert kept == 0 and steps == [36, 0, 1, 2] and measured["peak_all_checkpointed_gb"] == 3.79
     assert all(block.gradient_checkpointing for block in model.blocks)
     one = _BlocksModel(1)
     _simulated_gpu(monkeypatch, one, _h200_peak)
@@ -220,7 +234,7 @@ def test_the_probe_offloads_checkpointed_inputs_when_recomputing_every_block_is_
 
     steps = _simulated_gpu(monkeypatch, model, peak)
     kept, measured = _fit(model, 3.5)
-    assert kept == 0 and steps == [0, 1, 2, 0] and offload.offloaded(model)
+    assert kept == 0 and steps == [36, 0, 1, 2, 0] and offload.offloaded(model)
     assert measured["peak_all_checkpointed_gb"] == 3.79 and measured["offloaded"] and measured["peak_gb"] == 3.19
     fast.remove(model)
     assert not offload.offloaded(model)
