@@ -252,7 +252,8 @@ def run_shape(shape: str, args) -> dict:
     for path in [*work.glob("*.log"), *work.glob("*.profile.txt")]:
         shutil.copy2(path, logs / path.name)
     metrics = work / "metrics"
-    for name, file in (("train", "train.json"), ("merge", "merge.json"), ("export", "export.json")):
+    for name, file in (("train", "train.json"), ("evaluate", "eval.json"), ("merge", "merge.json"),
+                       ("export", "export.json")):
         if (metrics / file).is_file():
             record[name] = json.loads((metrics / file).read_text())
     record_file.write_text(json.dumps(record, indent=1))
@@ -276,6 +277,8 @@ def table(record: dict, budget: float) -> str:
                  f"{total - train.get('train_seconds', 0):.0f} s."]
     if train.get("seconds"):
         rows.append(f"Train seconds: {json.dumps(train['seconds'])} (wall {train.get('wall_seconds')} s after imports).")
+    if record.get("evaluate", {}).get("seconds"):
+        rows.append(f"Evaluate seconds: {json.dumps(record['evaluate']['seconds'])}.")
     merge = record.get("merge")
     if merge:
         rows.append(f"Merge ({merge['dtype']}): max logit diff {merge['merged']['max_logit_diff']}, perplexity change "

@@ -143,8 +143,11 @@ def test_training_lowers_the_loss(run):
 def test_evaluate_reports_base_and_finetuned_perplexity(run):
     metrics = json.loads((run["metrics"] / "eval.json").read_text())
     assert set(metrics) == {"base", "finetuned", "eval_tokens", "perplexity_reduction", "general_tokens",
-                            "general_perplexity_increase", "memory"}
+                            "general_perplexity_increase", "memory", "seconds"}
     assert set(metrics["memory"]) - {"budget_gb"} == _memory_keys()
+    # Text data: no held-out answers to time.
+    assert set(metrics["seconds"]) == {"load", "perplexity", "general", "samples", "chart"}
+    assert all(value >= 0 for value in metrics["seconds"].values())
     for name in ("base", "finetuned"):
         assert set(metrics[name]) == {"loss", "perplexity", "general"}  # text data: no task scores
         assert math.isclose(metrics[name]["perplexity"], math.exp(metrics[name]["loss"]), rel_tol=1e-3)

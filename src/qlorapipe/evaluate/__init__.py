@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qlorapipe import corpora, data, greedy, memory, modeling
+from qlorapipe.clock import PhaseClock
 from qlorapipe.console import console
 from qlorapipe.errors import UserError
 from qlorapipe.evaluate import chart, forgetting, generation, tasks
@@ -88,10 +89,12 @@ def run(quant: QuantizationParams, params: EvaluateParams, base_dir: Path, adapt
     memory.check_quantized_fits("evaluate", base_dir, quant, params.batch_size, len(eval_set[0]["input_ids"]), budget,
                                 budget_gb, trust)
     memory.reset_peak(device)
+    clock = PhaseClock()  # where the stage's time went (metrics' seconds)
     base, _ = modeling.load_base_model(base_dir, quant, device, trust_remote_code=trust)
     model = PeftModel.from_pretrained(base, adapter_dir)
     stop_ids = greedy.stop_token_ids(model, tokenizer)
     references = [tokenizer.decode(t["reference_ids"], skip_special_tokens=True).strip() for t in held_out]
+    clock.lap("load")
 
     metrics: dict = {}
     samples: dict = {"prompts": params.prompts}
@@ -103,11 +106,14 @@ def run(quant: QuantizationParams, params: EvaluateParams, base_dir: Path, adapt
                 row = metrics[name] = {}
                 loss, tokens = mean_token_loss(model, eval_set, params.batch_size, device, params.max_eval_batches)
                 row.update(loss=round(loss, 5), perplexity=round(perplexity(loss), 4))
+                clock.lap("perplexity")
                 if general_set is not None:
                     general_loss, general_tokens = mean_token_loss(model, general_set, params.batch_size, device)
                     row["general"] = {"loss": round(general_loss, 5), "perplexity": round(perplexity(general_loss), 4)}
+                    clock.lap("general")
                 samples[name] = generation.generate(model, tokenizer, params.prompts, params.max_new_tokens, device,
                                                     params.chat_template, stop_ids)
+                clock.lap("samples")
                 if held_out:
                     bar = progress.add_task(f"{name}: answers", total=len(held_out))
                     generated = tasks.generate_answers(
@@ -116,9 +122,11 @@ def run(quant: QuantizationParams, params: EvaluateParams, base_dir: Path, adapt
                     texts_out = [tokenizer.decode(a.ids, skip_special_tokens=True).strip() for a in generated]
                     row["task"] = tasks.task_metrics(generated, texts_out, references)
                     answers[name] = list(zip(generated, texts_out))
+                    clock.lap("answers")
                 if lm_eval_spec is not None:
                     row["lm_eval"] = harness.run_tasks(model, tokenizer, lm_eval_spec, params.lm_eval_limit,
                                                        params.batch_size, device)
+                    clock.lap("lm_eval")
             logger.info("%s: %s (%.1f s)", name, _summary(row), time.perf_counter() - started)
 
     metrics["eval_tokens"] = tokens
@@ -139,6 +147,8 @@ def run(quant: QuantizationParams, params: EvaluateParams, base_dir: Path, adapt
     metrics["memory"] = memory.peak_metrics(device, budget)
     _gate(params, metrics)
     chart.plot_scores(metrics, params.general_corpus, out.scores_plot)
+    clock.lap("chart")
+    metrics["seconds"] = clock.seconds
     write_json(out.samples, samples)
     write_json(out.metrics, metrics)
     return metrics

@@ -10,6 +10,7 @@ adapter alone, loadable with peft (``adapter``).
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,22 +99,35 @@ def run(params: ExportParams, inputs: Inputs, out_dir: Path, metrics_path: Path,
             memory.release(device)  # the GPU is llama.cpp's now
             clock.lap("references")
             (out / "gguf").mkdir()
-            for file_type in _writing_order(gguf_types):
-                gguf_file = out / "gguf" / f"model-{file_type}.gguf"
-                if file_type in llamacpp.QUANTIZED_TYPES:
-                    llamacpp.quantize(out / "gguf" / "model-f16.gguf", gguf_file, file_type)
-                else:
-                    gguf.write_gguf(model, inputs.merged, gguf_file, file_type)
-                clock.lap(f"write_{file_type}")
-                if file_type not in gguf_types:
-                    continue
-                found = llamacpp.check_file(gguf_file, tokenizer, reference_logits, batches, prompts,
-                                            continuations, params.parity_tokens, device, budget)
-                clock.lap(f"check_{file_type}")
-                gate(params, f"gguf-{file_type}", found)
-                found["ollama_modelfile"] = _modelfile(out / "gguf" / f"model-{file_type}.Modelfile", gguf_file.name,
-                                                       tokenizer, inputs.merged)
-                export_metrics[f"gguf_{file_type}"] = found
+            order = _writing_order(gguf_types)
+            path = {t: out / "gguf" / f"model-{t}.gguf" for t in order}
+            # On a GPU, llama.cpp quantizes the f16 file on the CPU while it checks that file on the GPU: the
+            # quantized files are ready when their turn comes (write_<type> is then the wait for them). On a
+            # CPU both would share the same cores, so each file is quantized when its turn comes.
+            quantizer = ThreadPoolExecutor(max_workers=1)
+            pending = {}
+            try:
+                for file_type in order:
+                    if file_type in llamacpp.QUANTIZED_TYPES:
+                        (pending.pop(file_type, None) or quantizer.submit(
+                            llamacpp.quantize, path["f16"], path[file_type], file_type)).result()
+                    else:
+                        gguf.write_gguf(model, inputs.merged, path[file_type], file_type)
+                        if file_type == "f16" and device.type == "cuda":
+                            pending = {t: quantizer.submit(llamacpp.quantize, path["f16"], path[t], t)
+                                       for t in order if t in llamacpp.QUANTIZED_TYPES}
+                    clock.lap(f"write_{file_type}")
+                    if file_type not in gguf_types:
+                        continue
+                    found = llamacpp.check_file(path[file_type], tokenizer, reference_logits, batches, prompts,
+                                                continuations, params.parity_tokens, device, budget)
+                    clock.lap(f"check_{file_type}")
+                    gate(params, f"gguf-{file_type}", found)
+                    found["ollama_modelfile"] = _modelfile(out / "gguf" / f"model-{file_type}.Modelfile",
+                                                           path[file_type].name, tokenizer, inputs.merged)
+                    export_metrics[f"gguf_{file_type}"] = found
+            finally:
+                quantizer.shutdown(cancel_futures=True)  # a stage that stops waits for the file being written
             if "f16" not in gguf_types:
                 (out / "gguf" / "model-f16.gguf").unlink(missing_ok=True)  # written only to quantize from
         if "adapter" in params.formats:

@@ -79,7 +79,8 @@ def quantize(f16_file: Path, out_file: Path, file_type: str) -> None:
     Raises:
         UserError: llama.cpp refused the file.
     """
-    with _worker(["quantize", str(f16_file), str(out_file), file_type], f16_file) as process:
+    # On the CPU alone: it may run beside a check that holds the GPU, which should see no other CUDA context.
+    with _worker(["quantize", str(f16_file), str(out_file), file_type], f16_file, hide_gpus=True) as process:
         fallbacks = _json_line(process.stdout)["fallbacks"]
     logger.info("Quantized %s -> %s (%.1f MB) with llama.cpp%s", Path(f16_file).name, Path(out_file).name,
                 Path(out_file).stat().st_size / 1e6,
@@ -87,20 +88,23 @@ def quantize(f16_file: Path, out_file: Path, file_type: str) -> None:
 
 
 @contextlib.contextmanager
-def _worker(args: list[str], gguf_file: Path, stdin: bytes | None = None):
-    """Run ``llama_worker`` with ``args`` and ``stdin``; yields the process, its stdout a binary pipe.
+def _worker(args: list[str], gguf_file: Path, stdin: bytes | None = None, hide_gpus: bool = False):
+    """Run ``llama_worker`` with ``args`` and ``stdin`` (with no GPU visible when ``hide_gpus``); yields the
+    process, its stdout a binary pipe.
 
     Raises:
         UserError: the worker's one-line error, or that llama.cpp crashed (its last log line).
     """
+    import os
     import subprocess
     import sys
     import tempfile
 
     require()
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""} if hide_gpus else None
     with tempfile.TemporaryFile() as errors:
         process = subprocess.Popen([sys.executable, "-m", "qlorapipe.export.llama_worker", *args],
-                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors)
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors, env=env)
         try:
             process.stdin.write(stdin or b"")
             process.stdin.close()
