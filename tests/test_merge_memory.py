@@ -138,3 +138,18 @@ def test_train_evaluate_and_export_check_the_budget_before_loading(tiny_llama_di
                                         r"0\.\d\d GB of GPU memory for this model \(the quantized base \+ adapter\), "
                                         r"above the budget of 0\.01 GB"):
         memory.check_quantized_fits("train", tiny_llama_dir, QUANT, 0, 0, 1e7, 0.01)
+
+
+def test_a_streamed_model_runs_as_many_rows_at_once_as_move_the_fewest_bytes():
+    gb = 1e9
+    # Qwen2.5-3B in float32 within 7.5 GB, rows of 512 tokens x 151,936 logits (0.62 GB each): one row at a
+    # time streams 7.2 GB four times per batch, four rows 9.0 GB once.
+    assert memory.rows_at_once(12.4 * gb, 1.24 * gb, 7.1 * gb, 0.622 * gb, rows=4) == 4
+    # Everything fits whatever the rows: the fewest forwards.
+    assert memory.rows_at_once(1 * gb, 0.1 * gb, 7.1 * gb, 0.6 * gb, rows=4) == 4
+    # Three rows' logits would leave less than the largest module, which has to come to the GPU.
+    assert memory.rows_at_once(12.4 * gb, 1.24 * gb, 2.5 * gb, 0.622 * gb, rows=4) == 2
+    # One row always runs, even where its logits leave too little (place then streams everything).
+    assert memory.rows_at_once(12.4 * gb, 1.24 * gb, 1.0 * gb, 0.622 * gb, rows=4) == 1
+    # One row at a time keeps the whole model on the GPU, two would stream part of it: one.
+    assert memory.rows_at_once(4.0 * gb, 0.5 * gb, 5.5 * gb, 1.0 * gb, rows=2) == 1

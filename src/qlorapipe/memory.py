@@ -89,6 +89,31 @@ def logits_bytes(rows: int, length: int, vocab: int, bytes_per_value: int) -> fl
     return float(rows) * length * vocab * bytes_per_value
 
 
+def rows_at_once(weights: float, largest: float, room: float, row_bytes: float, rows: int) -> int:
+    """How many of a batch's ``rows`` a model placed with ``place`` runs at once.
+
+    Each forward streams through the GPU every weight that did not fit (``place`` keeps room for the
+    ``largest`` module to come over), so running more rows at once streams the same bytes fewer
+    times, while each row's working memory (``row_bytes``: its logits) takes room the weights would
+    have had. The count that moves the fewest bytes wins, the larger on a tie; a count whose working
+    memory leaves less than the largest module is not taken, unless it is 1.
+
+    Args:
+        weights: the model's weight bytes; largest: its largest module's; room: the bytes it may use on
+            the GPU; row_bytes: the working memory per row; rows: the rows of a batch.
+    """
+    best = (float("inf"), 1)
+    for count in range(1, rows + 1):
+        left = room - count * row_bytes
+        if count > 1 and left < largest:
+            break
+        streamed = 0.0 if weights <= left else weights - max(left - largest, 0.0)
+        moved = -(-rows // count) * streamed
+        if moved <= best[0]:
+            best = (moved, count)
+    return best[1]
+
+
 def check_fits(stage: str, need: float, budget: float | None, budget_gb: float | None, what: str) -> None:
     """Stop before loading weights when ``need`` bytes cannot fit the budget.
 

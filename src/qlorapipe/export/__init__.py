@@ -149,7 +149,8 @@ def _reference_logits(model, merged: Path, batches: list, device, budget: float 
 
     On the CPU ``model`` itself is upcast (exactly; the GGUF files are then written from the same
     values). On a GPU a float32 copy computes them, with as many blocks on the GPU as the memory
-    budget holds and the rest streamed from the CPU.
+    budget holds and the rest streamed from the CPU, as many rows at once as stream the fewest bytes
+    (``memory.rows_at_once``).
     """
     import torch
 
@@ -157,10 +158,14 @@ def _reference_logits(model, merged: Path, batches: list, device, budget: float 
         return fidelity.logits_on(model.float(), batches, device)
     vocab = model.get_output_embeddings().weight.shape[0]
     length = max(b.shape[1] for b in batches)
-    reserve = memory.logits_bytes(1, length, vocab, 4 + 4) + memory.SLACK_BYTES
+    row_bytes = memory.logits_bytes(1, length, vocab, 4 + 4)
+    room = budget - memory.SLACK_BYTES - torch.cuda.memory_allocated(device)
+    rows = memory.rows_at_once(memory.weight_bytes(model, bytes_16bit=4), memory.largest_block_bytes(model, 4),
+                               room, row_bytes, max(b.shape[0] for b in batches))
+    reserve = rows * row_bytes + memory.SLACK_BYTES
     copy, _ = memory.place(memory.load_on_cpu(merged, torch.float32, trust), device, budget, reserve)
     try:
-        return fidelity.logits_on(copy, batches, device, rows_at_once=1)
+        return fidelity.logits_on(copy, batches, device, rows_at_once=rows)
     finally:
         del copy
         torch.cuda.empty_cache()
