@@ -283,7 +283,7 @@ def table(record: dict, budget: float) -> str:
     if merge:
         rows.append(f"Merge ({merge['dtype']}): max logit diff {merge['merged']['max_logit_diff']}, perplexity change "
                     f"{100 * merge['merged']['perplexity_change']:+.3f} % (naive merge "
-                    f"{100 * merge['naive_merge_into_16bit_base']['perplexity_change']:+.3f} %); "
+                    f"{100 * merge.get('naive_merge_into_16bit_base', {}).get('perplexity_change', float('nan')):+.3f} %); "
                     f"{merge.get('offloaded_modules', 0)} modules streamed from the CPU. "
                     f"Seconds: {json.dumps(merge.get('seconds'))}.")
     export = record.get("export")

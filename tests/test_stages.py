@@ -342,10 +342,14 @@ def test_merge_gate_fires_on_a_broken_merge_and_writes_nothing(run, tmp_path, mo
 
     params = yaml.safe_load(run["params"].read_text())
     params["merge"].update(max_logit_diff=0.02, max_mean_logit_diff=0.003, speed_new_tokens=0,
-                           requantized_candidate=False)
+                           requantized_candidate=False, naive_comparison=False)
     strict = write_params(tmp_path / "params.yaml", params)
     load_stage("merge").main(_merge_argv(run, strict, tmp_path / "good", tmp_path / "good.json"))
-    assert json.loads((tmp_path / "good.json").read_text())["merged"]["max_logit_diff"] < 0.02
+    good = json.loads((tmp_path / "good.json").read_text())
+    assert good["merged"]["max_logit_diff"] < 0.02
+    # The diagnostics switched off leave no figures and take no time.
+    assert not {"naive_merge_into_16bit_base", "speed", "merged_requantized_4bit"} & set(good)
+    assert set(good["seconds"]) == {"load", "merge_and_save", "reference", "reload_and_compare"}
 
     # A test-only hook: the stage's merge replaced by the naive one.
     stage_merge = merging.merged_model

@@ -96,15 +96,19 @@ def run(quant: QuantizationParams, params: MergeParams, budget_gb: float | None,
                                                                device)
             with_adapter.config.use_cache = False
             clock.lap("speed")
-        naive_model = merging.merged_model(with_adapter, base_dir, dtype, from_quantized=False,
-                                           trust_remote_code=trust)
-        del base, with_adapter
+        naive = None
+        if params.naive_comparison:
+            naive_model = merging.merged_model(with_adapter, base_dir, dtype, from_quantized=False,
+                                               trust_remote_code=trust)
+            del base, with_adapter
+            memory.release(device)
+            naive_model, _ = memory.place(naive_model, device, budget, reserve)
+            naive = fidelity.compare_model(reference, naive_model, batches, device, rows)
+            del naive_model
+            clock.lap("naive")
+        else:
+            del base, with_adapter
         memory.release(device)
-        naive_model, _ = memory.place(naive_model, device, budget, reserve)
-        naive = fidelity.compare_model(reference, naive_model, batches, device, rows)
-        del naive_model
-        memory.release(device)
-        clock.lap("naive")
         # Measure the model as saved: reload it from disk, as users will.
         reloaded, offloaded = memory.place(memory.load_on_cpu(out, dtype, trust), device, budget, reserve)
         merged_fidelity = fidelity.compare_model(reference, reloaded, batches, device, rows)
@@ -119,7 +123,7 @@ def run(quant: QuantizationParams, params: MergeParams, budget_gb: float | None,
         memory.release(device)
         metrics = {
             "merged": merged_fidelity.as_metrics(),
-            "naive_merge_into_16bit_base": naive.as_metrics(),
+            **({"naive_merge_into_16bit_base": naive.as_metrics()} if naive is not None else {}),
             "reference_perplexity": round(merged_fidelity.reference_perplexity, 5),
             "dtype": params.dtype,
             "eval_tokens": sum(b.numel() for b in batches),
@@ -137,10 +141,11 @@ def run(quant: QuantizationParams, params: MergeParams, budget_gb: float | None,
             clock.lap("requantized")
         metrics["seconds"] = clock.seconds
         metrics["memory"] = memory.peak_metrics(device, budget)
-        logger.info("merged vs base+adapter: max logit diff %.4f, perplexity change %+.3f%% "
-                    "(naive merge into the 16-bit base: %.4f, %+.3f%%); %s",
+        logger.info("merged vs base+adapter: max logit diff %.4f, perplexity change %+.3f%%%s; %s",
                     merged_fidelity.max_logit_diff, 100 * merged_fidelity.perplexity_change,
-                    naive.max_logit_diff, 100 * naive.perplexity_change, modeling.memory_summary(device))
+                    "" if naive is None else f" (naive merge into the 16-bit base: {naive.max_logit_diff:.4f}, "
+                                             f"{100 * naive.perplexity_change:+.3f}%)",
+                    modeling.memory_summary(device))
         gate.check(merged_fidelity, params)
     write_json(metrics_path, metrics)
     return metrics
