@@ -261,6 +261,42 @@ def test_export_gguf_files_run_in_llama_cpp_as_the_trained_model_does(run):
     assert "FROM ./model-q4_k_m.gguf\n" in modelfile and 'PARAMETER stop "</s>"' in modelfile
 
 
+def test_quantizing_beside_the_f16_check_writes_the_same_files_and_nothing_when_a_gate_fails(run, tmp_path,
+                                                                                              monkeypatch):
+    """The GPU's order (q8_0 and q4_k_m quantized while the f16 file is checked), forced on the CPU."""
+    import yaml
+
+    from qlorapipe import export
+
+    monkeypatch.setattr(export, "quantize_beside_checks", lambda device: True)
+    params = yaml.safe_load(run["params"].read_text())
+    params["export"]["formats"] = ["gguf-f16", "gguf-q8_0", "gguf-q4_k_m"]
+    m = run["metrics"]
+
+    def export_to(out: Path, params_file: Path) -> None:
+        load_stage("export").main(["--params", str(params_file), "--merged", str(run["merged"]),
+                                   "--base", str(run["base"]), "--adapter", str(run["adapter"]),
+                                   "--data", str(run["prepared"]), "--out", str(out),
+                                   "--metrics", str(out.with_suffix(".json")), "--data-report", str(m / "data.json"),
+                                   "--train-metrics", str(m / "train.json"), "--eval-metrics", str(m / "eval.json"),
+                                   "--merge-metrics", str(m / "merge.json")])
+
+    export_to(tmp_path / "early", write_params(tmp_path / "params.yaml", params))
+    for name in ("model-f16.gguf", "model-q8_0.gguf", "model-q4_k_m.gguf"):
+        assert (tmp_path / "early/gguf" / name).read_bytes() == (run["export"] / "gguf" / name).read_bytes()
+    early = json.loads((tmp_path / "early.json").read_text())
+    before = json.loads((m / "export.json").read_text())
+    for key in ("gguf_f16", "gguf_q8_0", "gguf_q4_k_m"):
+        assert early[key]["perplexity_change"] == before[key]["perplexity_change"]
+
+    # The f16 file fails its gate with the quantized files made, or being made, beside it: the stage waits for
+    # the quantizer, then leaves nothing behind.
+    params["export"]["max_perplexity_change"] = {"gguf-f16": 1e-12, "gguf-q8_0": 0.02, "gguf-q4_k_m": 0.12}
+    with pytest.raises(UserError, match="gguf-f16"):
+        export_to(tmp_path / "failed", write_params(tmp_path / "strict.yaml", params))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["early", "early.json", "params.yaml", "strict.yaml"]
+
+
 def test_the_f16_gguf_also_reads_back_in_transformers(run):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -101,9 +101,8 @@ def run(params: ExportParams, inputs: Inputs, out_dir: Path, metrics_path: Path,
             (out / "gguf").mkdir()
             order = _writing_order(gguf_types)
             path = {t: out / "gguf" / f"model-{t}.gguf" for t in order}
-            # On a GPU, llama.cpp quantizes the f16 file on the CPU while it checks that file on the GPU: the
-            # quantized files are ready when their turn comes (write_<type> is then the wait for them). On a
-            # CPU both would share the same cores, so each file is quantized when its turn comes.
+            # The quantized files are made beside the f16 file's check (``quantize_beside_checks``) or each
+            # in its turn; write_<type> is the wait for it.
             quantizer = ThreadPoolExecutor(max_workers=1)
             pending = {}
             try:
@@ -113,7 +112,7 @@ def run(params: ExportParams, inputs: Inputs, out_dir: Path, metrics_path: Path,
                             llamacpp.quantize, path["f16"], path[file_type], file_type)).result()
                     else:
                         gguf.write_gguf(model, inputs.merged, path[file_type], file_type)
-                        if file_type == "f16" and device.type == "cuda":
+                        if file_type == "f16" and quantize_beside_checks(device):
                             pending = {t: quantizer.submit(llamacpp.quantize, path["f16"], path[t], t)
                                        for t in order if t in llamacpp.QUANTIZED_TYPES}
                     clock.lap(f"write_{file_type}")
@@ -169,6 +168,13 @@ def _reference_logits(model, merged: Path, batches: list, device, budget: float 
     finally:
         del copy
         torch.cuda.empty_cache()
+
+
+def quantize_beside_checks(device) -> bool:
+    """Whether llama.cpp quantizes the f16 file while that file is checked: on a GPU, where the check runs
+    there and the quantizer on the CPU; on a CPU both would share the same cores, so each quantized file is
+    made when its turn comes."""
+    return device.type == "cuda"
 
 
 def _modelfile(path: Path, gguf_name: str, tokenizer, merged: Path) -> bool:
