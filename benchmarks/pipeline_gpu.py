@@ -14,7 +14,8 @@ memory nvidia-smi sees in use (sampled every 0.1 s; the CUDA context included), 
 stage itself writes to its metrics (torch's allocated and reserved). It prints one table per shape
 with the merge and export fidelity figures and where export's time went, and writes them as
 Markdown and JSON under --out. A shape whose stages already ran in --work continues where it
-stopped (the stages are long at 7B; one call of a lent machine may not hold them all).
+stopped (the stages are long at 7B; one call of a lent machine may not hold them all); --rerun
+runs the named stages again there (with --profile: where their time went).
 """
 
 from __future__ import annotations
@@ -209,6 +210,8 @@ def run_shape(shape: str, args) -> dict:
     (work / "stages").symlink_to(ROOT / "stages")
     record_file = work / "record.json"
     record = json.loads(record_file.read_text()) if record_file.is_file() else {"shape": shape, "stages": {}}
+    for name in args.rerun:
+        record["stages"].pop(name, None)
     if "build_seconds" not in record:
         started = time.perf_counter()
         # In a process of its own, so that the GPU memory it used is free before the stages run.
@@ -266,7 +269,7 @@ def table(record: dict, budget: float) -> str:
             "| stage | wall s | torch peak allocated GB | torch peak reserved GB | nvidia-smi peak GB |",
             "| --- | --- | --- | --- | --- |"]
     show = lambda v: "-" if v is None else v  # noqa: E731
-    for name, found in record["stages"].items():
+    for name, found in sorted(record["stages"].items(), key=lambda item: STAGES.index(item[0])):
         status = "" if found["rc"] == 0 else f" (failed, rc {found['rc']})"
         rows.append(f"| {name}{status} | {found['seconds']} | {show(found['allocated_gb'])} | "
                     f"{show(found['reserved_gb'])} | {show(found['smi_peak_gb'])} |")
@@ -330,6 +333,9 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the built source model after download copied it")
     parser.add_argument("--profile", action="store_true",
                         help="run each stage under cProfile; where its time went goes to WORK/SHAPE/STAGE.profile.txt")
+    parser.add_argument("--rerun", nargs="*", default=[], choices=STAGES, metavar="STAGE",
+                        help="run these stages again in a WORK that already ran them (with --profile: where their "
+                             "time went, the earlier stages' outputs reused)")
     parser.add_argument("--formats", nargs="*", default=[], metavar="SHAPE=F1,F2",
                         help="export.formats for a shape, e.g. llama-2-7b=gguf-q8_0,adapter (default: params.yaml's)")
     args = parser.parse_args()
