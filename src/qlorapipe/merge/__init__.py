@@ -96,19 +96,17 @@ def run(quant: QuantizationParams, params: MergeParams, budget_gb: float | None,
                                                                device)
             with_adapter.config.use_cache = False
             clock.lap("speed")
+        naive_model = merging.merged_model(with_adapter, base_dir, dtype, from_quantized=False,
+                                           trust_remote_code=trust) if params.naive_comparison else None
+        del base, with_adapter
+        memory.release(device)
         naive = None
-        if params.naive_comparison:
-            naive_model = merging.merged_model(with_adapter, base_dir, dtype, from_quantized=False,
-                                               trust_remote_code=trust)
-            del base, with_adapter
-            memory.release(device)
+        if naive_model is not None:
             naive_model, _ = memory.place(naive_model, device, budget, reserve)
             naive = fidelity.compare_model(reference, naive_model, batches, device, rows)
             del naive_model
+            memory.release(device)
             clock.lap("naive")
-        else:
-            del base, with_adapter
-        memory.release(device)
         # Measure the model as saved: reload it from disk, as users will.
         reloaded, offloaded = memory.place(memory.load_on_cpu(out, dtype, trust), device, budget, reserve)
         merged_fidelity = fidelity.compare_model(reference, reloaded, batches, device, rows)
