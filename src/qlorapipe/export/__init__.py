@@ -101,15 +101,16 @@ def run(params: ExportParams, inputs: Inputs, out_dir: Path, metrics_path: Path,
             (out / "gguf").mkdir()
             order = _writing_order(gguf_types)
             path = {t: out / "gguf" / f"model-{t}.gguf" for t in order}
-            # The quantized files are made beside the f16 file's check (``quantize_beside_checks``) or each
-            # in its turn; write_<type> is the wait for it.
+            # The quantized files are made beside the f16 file's check (``quantize_beside_checks``; write_<type>
+            # is then the wait for it) or each in its turn.
             quantizer = ThreadPoolExecutor(max_workers=1)
             pending = {}
             try:
                 for file_type in order:
-                    if file_type in llamacpp.QUANTIZED_TYPES:
-                        (pending.pop(file_type, None) or quantizer.submit(
-                            llamacpp.quantize, path["f16"], path[file_type], file_type)).result()
+                    if file_type in pending:
+                        pending.pop(file_type).result()
+                    elif file_type in llamacpp.QUANTIZED_TYPES:
+                        llamacpp.quantize(path["f16"], path[file_type], file_type)
                     else:
                         gguf.write_gguf(model, inputs.merged, path[file_type], file_type)
                         if file_type == "f16" and quantize_beside_checks(device):
