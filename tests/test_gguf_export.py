@@ -196,6 +196,27 @@ def test_a_llama_cpp_crash_is_one_line_naming_the_file_and_its_last_words(tmp_pa
         assert not isinstance(info.value, llamacpp.Crashed)
 
 
+def test_the_gpu_memory_llama_cpp_reports_is_read_from_its_own_log():
+    """gpu_gb is what llama.cpp says it reserved on the GPU (weights, KV cache, compute buffer), read from
+    its log lines as a CUDA build writes them; host buffers (pinned or not) are not counted."""
+    from qlorapipe.export import llamacpp
+
+    log = """load_tensors: offloaded 37/37 layers to GPU
+load_tensors:   CPU_Mapped model buffer size =   315.30 MiB
+load_tensors:        CUDA0 model buffer size =  2967.03 MiB
+llama_context:  CUDA_Host  output buffer size =     0.58 MiB
+llama_kv_cache:      CUDA0 KV buffer size =    18.00 MiB
+sched_reserve:      CUDA0 compute buffer size =   300.75 MiB
+sched_reserve:  CUDA_Host compute buffer size =     5.01 MiB
+sched_reserve:      CUDA0 compute buffer size =   296.00 MiB
+~llama_context:      CUDA0 compute buffer size is 300.7500 MiB, matches expectation of 300.7500 MiB
+"""
+    buffers = llamacpp.buffers_mb(log)
+    assert buffers == {"CPU_Mapped": 315.3, "CUDA0": 3285.78, "CUDA_Host": 5.59}  # a buffer logged twice: once
+    assert llamacpp.device_mb(buffers) == 3285.78
+    assert llamacpp.buffers_mb("load_tensors: loading model tensors, this can take a while") == {}
+
+
 def test_a_crash_with_blocks_on_the_gpu_runs_the_file_again_on_the_cpu(tiny_qwen2_dir, monkeypatch, caplog, tmp_path):
     """A CUDA build of llama.cpp that crashes with blocks on the GPU: the stage checks the file on the CPU."""
     import torch
@@ -212,8 +233,9 @@ def test_a_crash_with_blocks_on_the_gpu_runs_the_file_again_on_the_cpu(tiny_qwen
         specs.append(spec)
         if spec["free_bytes"] is not None:
             raise llamacpp.Crashed("llama.cpp stopped with exit status -11 on m.gguf (load_tensors)")
-        found = {"continuations": [[[5, 6], None]], "tokenizer_matches": True, "chat_rendering": None}
-        return {"vocab": 32, "gpu_layers": 0}, [reference[0].clone()], 0, found
+        found = {"continuations": [[[5, 6], None]], "tokenizer_matches": True, "chat_rendering": None,
+                 "seconds": {"load": 0.1}}
+        return {"vocab": 32, "gpu_layers": 0, "buffers_mb": {"CPU_Mapped": 0.1}}, [reference[0].clone()], 0, found
 
     monkeypatch.setattr(llamacpp, "_run_check", run_check)
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 1e9)

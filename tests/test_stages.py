@@ -250,6 +250,11 @@ def test_export_gguf_files_run_in_llama_cpp_as_the_trained_model_does(run):
         assert found["stop_mismatches"] == 0 and found["token_agreement"] >= 0.5
         assert found["ollama_modelfile"]
         assert found["gpu_layers"] == 0 and found["gpu_gb"] == 0  # the CPU runs llama.cpp here
+        # llama.cpp's own log: the weights in one CPU buffer the size of the file's tensors, a KV cache, and
+        # where the check's time went.
+        weights_mb = found["buffers_mb"]["CPU_Mapped"] * 2**20 / 1e6
+        assert 0.7 * found["size_mb"] < weights_mb <= found["size_mb"] and found["buffers_mb"]["CPU"] > 0
+        assert set(found["seconds"]) == {"load", "logits", "continuations", "tokenizer_and_chat"}
     assert f16["token_agreement"] == 1.0  # greedy continuations of base + adapter, token for token
     assert q4["size_mb"] < q8["size_mb"] < f16["size_mb"]
     # The k-quant file is llama.cpp's own: its quantizer wrote the file type and its metadata.

@@ -10,6 +10,7 @@ adapter alone, loadable with peft (``adapter``).
 from __future__ import annotations
 
 import logging
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,7 +115,9 @@ def run(params: ExportParams, inputs: Inputs, out_dir: Path, metrics_path: Path,
                     else:
                         gguf.write_gguf(model, inputs.merged, path[file_type], file_type)
                         if file_type == "f16" and quantize_beside_checks(device):
-                            pending = {t: quantizer.submit(llamacpp.quantize, path["f16"], path[t], t)
+                            # Half the cores: the check's llama.cpp process runs its CPU threads on all of them.
+                            threads = max(1, (os.cpu_count() or 2) // 2)
+                            pending = {t: quantizer.submit(llamacpp.quantize, path["f16"], path[t], t, threads)
                                        for t in order if t in llamacpp.QUANTIZED_TYPES}
                     clock.lap(f"write_{file_type}")
                     if file_type not in gguf_types:
@@ -138,7 +141,7 @@ def run(params: ExportParams, inputs: Inputs, out_dir: Path, metrics_path: Path,
     export_metrics["memory"] = memory.peak_metrics(device, budget)
     llama_gb = [found["gpu_gb"] for key, found in export_metrics.items() if key.startswith("gguf_")]
     if device.type == "cuda" and llama_gb:
-        export_metrics["memory"]["peak_gpu_llama_cpp_gb"] = max(llama_gb)  # the driver's figure, beside torch's
+        export_metrics["memory"]["peak_gpu_llama_cpp_gb"] = max(llama_gb)  # llama.cpp's own buffers, beside torch's
     write_json(metrics_path, export_metrics)
     logger.info("Exported %s (%s) to %s", record.base_model.repo_id, ", ".join(params.formats), out_dir)
     return export_metrics

@@ -5,12 +5,13 @@ A CUDA build of llama.cpp crashed loading any model in a process that had import
 stage makes every llama.cpp call through this module, which loads llama.cpp first:
 
     python -m qlorapipe.export.llama_worker check      # a JSON spec on stdin (``llamacpp.check_file``)
-    python -m qlorapipe.export.llama_worker quantize F16_FILE OUT_FILE TYPE
+    python -m qlorapipe.export.llama_worker quantize F16_FILE OUT_FILE TYPE [THREADS]
 
-``check`` writes to stdout a JSON line (vocabulary, blocks on the GPU), then every held-out row's
-float32 logits as raw bytes, row after row, then a JSON line with the greedy continuations, the
-tokenizer comparison and the chat template as llama.cpp renders it. ``quantize`` writes one JSON
-line. A failure is one line ``error: ...`` on stderr and exit status 1.
+``check`` writes to stdout a JSON line (vocabulary, blocks on the GPU, the buffers llama.cpp
+reserved as its own log reports them), then every held-out row's float32 logits as raw bytes, row
+after row, then a JSON line with the greedy continuations, the tokenizer comparison, the chat
+template as llama.cpp renders it and the seconds each part took. ``quantize`` (on THREADS cores,
+default all) writes one JSON line. A failure is one line ``error: ...`` on stderr and exit status 1.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import ctypes
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 from qlorapipe.errors import UserError
@@ -37,11 +39,12 @@ def main(argv: list[str] | None = None) -> int:
         llamacpp.llama_cpp_module()
         if argv[:1] == ["check"]:
             check(json.loads(sys.stdin.read()), sys.stdout.buffer)
-        elif argv[:1] == ["quantize"] and len(argv) == 4:
-            fallbacks = quantize(Path(argv[1]), Path(argv[2]), argv[3])
+        elif argv[:1] == ["quantize"] and len(argv) in (4, 5):
+            fallbacks = quantize(Path(argv[1]), Path(argv[2]), argv[3], int(argv[4]) if len(argv) == 5 else None)
             sys.stdout.write(json.dumps({"fallbacks": fallbacks}) + "\n")
         else:
-            raise UserError(f"usage: python -m qlorapipe.export.llama_worker check|quantize F16 OUT TYPE, not {argv}")
+            raise UserError("usage: python -m qlorapipe.export.llama_worker check|quantize F16 OUT TYPE [THREADS], "
+                            f"not {argv}")
     except UserError as error:
         sys.stderr.write(f"error: {error}\n")
         return 1
@@ -65,30 +68,63 @@ def check(spec: dict, out) -> None:
     import numpy as np
 
     gguf_file = Path(spec["file"])
+    seconds, started = {}, time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal started
+        now = time.perf_counter()
+        seconds[name], started = round(now - started, 2), now
+
     on_gpu = gpu_layers(gguf_file, spec["n_ctx"], spec["free_bytes"])
-    llm = load(gguf_file, spec["n_ctx"], on_gpu)
+    with llama_log() as log:
+        llm = load(gguf_file, spec["n_ctx"], on_gpu)
+    lap("load")
     try:
-        out.write((json.dumps({"vocab": llm.n_vocab(), "gpu_layers": on_gpu}) + "\n").encode())
+        out.write((json.dumps({"vocab": llm.n_vocab(), "gpu_layers": on_gpu, "buffers_mb": llamacpp.buffers_mb("".join(log))})
+                   + "\n").encode())
         for row in spec["rows"]:
             llm.reset()
             llm.eval(row)
             out.write(np.ascontiguousarray(llm.scores[: len(row)], dtype=np.float32).tobytes())
         out.flush()
+        lap("logits")
         continuations = llama_continuations(llm, spec["prompts"], spec["max_new_tokens"])
+        lap("continuations")
         tokens_match = all(llm.tokenize(text.encode(), add_bos=adds_bos, special=False) == ids
                            for text, ids, adds_bos in spec["texts"])
         chat = spec.get("chat")
         rendered = render_chat(llm, chat["bos"], chat["eos"]) if chat else None
+        lap("tokenizer_and_chat")
         out.write((json.dumps({"continuations": [[c.tokens, c.stop] for c in continuations],
-                               "tokenizer_matches": tokens_match, "chat_rendering": rendered}) + "\n").encode())
+                               "tokenizer_matches": tokens_match, "chat_rendering": rendered,
+                               "seconds": seconds}) + "\n").encode())
         out.flush()
     finally:
         llm.close()
 
 
-def quantize(f16_file: Path, out_file: Path, file_type: str) -> int:
-    """Quantize with llama.cpp's quantizer (``llamacpp.quantize`` says how); returns the tensors that fell
-    back to a near type because their rows do not divide into the type's blocks.
+@contextlib.contextmanager
+def llama_log():
+    """Collect what llama.cpp (and ggml) log while the block runs; the list yielded holds the text pieces."""
+    llama_cpp = llamacpp.llama_cpp_module()
+    pieces: list[str] = []
+
+    @llama_cpp.llama_log_callback
+    def collect(level, text, user_data):
+        pieces.append(text.decode(errors="replace"))
+
+    llama_cpp.llama_log_set(collect, ctypes.c_void_p(0))
+    try:
+        yield pieces
+    finally:  # llama-cpp-python's own logger again (its callback object lives in its module)
+        from llama_cpp import _logger
+
+        llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
+
+
+def quantize(f16_file: Path, out_file: Path, file_type: str, threads: int | None = None) -> int:
+    """Quantize with llama.cpp's quantizer (``llamacpp.quantize`` says how) on ``threads`` cores (None: all);
+    returns the tensors that fell back to a near type because their rows do not divide into the type's blocks.
 
     Raises:
         UserError: llama.cpp refused the file.
@@ -96,7 +132,7 @@ def quantize(f16_file: Path, out_file: Path, file_type: str) -> int:
     llama_cpp = llamacpp.llama_cpp_module()
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = llamacpp.QUANTIZED_TYPES[file_type]
-    params.nthread = os.cpu_count() or 1
+    params.nthread = threads or os.cpu_count() or 1
     with native_stderr() as captured:  # a line per tensor and per fallback, written by the C++ code
         status = llama_cpp.llama_model_quantize(str(f16_file).encode(), str(out_file).encode(),
                                                 ctypes.byref(params))

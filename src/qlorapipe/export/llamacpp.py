@@ -24,6 +24,7 @@ import contextlib
 import importlib.util
 import json
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
@@ -38,6 +39,9 @@ logger = logging.getLogger(__name__)
 # llama_ftype values. q8_0 too: llama.cpp's quantizer writes the same bytes as the Python writer's
 # q8_0 (gguf.write_gguf, checked on the offline default), on every core instead of one.
 QUANTIZED_TYPES = {"q8_0": 7, "q4_k_m": 15, "q5_k_m": 17, "q4_0": 2}
+# llama.cpp's log line for each buffer it reserves, e.g. "load_tensors:  CUDA0 model buffer size = 5983.71 MiB".
+BUFFER_LINE = re.compile(r"^\S+:\s+(\S+)\s+(model|KV|compute|output|RS)\s+buffer size\s*=\s*([0-9.]+)\s*MiB",
+                         re.MULTILINE)
 PROBE_CONVERSATION = [
     {"role": "system", "content": "You answer briefly."},
     {"role": "user", "content": "What is a list comprehension?"},
@@ -70,8 +74,9 @@ def require() -> None:
         llama_cpp_module()
 
 
-def quantize(f16_file: Path, out_file: Path, file_type: str) -> None:
-    """Quantize ``f16_file`` to ``file_type`` (a key of QUANTIZED_TYPES) with llama.cpp's quantizer.
+def quantize(f16_file: Path, out_file: Path, file_type: str, threads: int | None = None) -> None:
+    """Quantize ``f16_file`` to ``file_type`` (a key of QUANTIZED_TYPES) with llama.cpp's quantizer, on
+    ``threads`` cores (None: all of them).
 
     Tensors whose rows do not divide into the type's blocks (k-quants: 256) fall back to a type
     that fits, as llama-quantize does.
@@ -80,7 +85,8 @@ def quantize(f16_file: Path, out_file: Path, file_type: str) -> None:
         UserError: llama.cpp refused the file.
     """
     # On the CPU alone: it may run beside a check that holds the GPU, which should see no other CUDA context.
-    with _worker(["quantize", str(f16_file), str(out_file), file_type], f16_file, hide_gpus=True) as process:
+    args = ["quantize", str(f16_file), str(out_file), file_type, *([str(threads)] if threads else [])]
+    with _worker(args, f16_file, hide_gpus=True) as process:
         fallbacks = _json_line(process.stdout)["fallbacks"]
     logger.info("Quantized %s -> %s (%.1f MB) with llama.cpp%s", Path(f16_file).name, Path(out_file).name,
                 Path(out_file).stat().st_size / 1e6,
@@ -137,6 +143,23 @@ def _raise_reported(returncode: int, errors, gguf_file: Path) -> NoReturn:
     last = lines[-1].strip() if lines else "no output"
     raise Crashed(f"llama.cpp stopped with exit status {returncode} on {gguf_file} ({last}); drop its format "
                   "from export.formats and report the model's architecture")
+
+
+def buffers_mb(log: str) -> dict[str, float]:
+    """MiB of the buffers llama.cpp reserved while loading, per place (``CPU``, ``CPU_Mapped``, ``CUDA0``,
+    ``CUDA_Host``...), from its log: the model's weights, the KV cache, the compute and output buffers."""
+    largest: dict[tuple[str, str], float] = {}
+    for place, kind, mib in BUFFER_LINE.findall(log):
+        largest[place, kind] = max(largest.get((place, kind), 0.0), float(mib))  # a buffer logged again counts once
+    places: dict[str, float] = {}
+    for (place, _), mib in largest.items():
+        places[place] = round(places.get(place, 0.0) + mib, 2)
+    return places
+
+
+def device_mb(buffers: dict[str, float]) -> float:
+    """The MiB of ``buffers_mb`` that live on a GPU: every place but the CPU's and the pinned host memory."""
+    return sum(mib for place, mib in buffers.items() if not place.startswith("CPU") and not place.endswith("_Host"))
 
 
 def held_out_prompts(eval_set, n_prompts: int, default_length: int = 32) -> list[list[int]]:
@@ -235,7 +258,10 @@ def check_file(gguf_file: Path, tokenizer, reference_logits: list, batches: list
         "chat_template_matches": None if spec["chat"] is None else chat == tokenizer.apply_chat_template(
             PROBE_CONVERSATION, tokenize=False, add_generation_prompt=True),
         "gpu_layers": header["gpu_layers"],
-        "gpu_gb": round(gpu_bytes / 1e9, 3),
+        "gpu_gb": round(device_mb(header["buffers_mb"]) * 2**20 / 1e9, 3),
+        "gpu_gb_driver": round(gpu_bytes / 1e9, 3),
+        "buffers_mb": header["buffers_mb"],
+        "seconds": found["seconds"],
     }
     logger.info("%s in llama.cpp (%d blocks on the GPU): perplexity change %+.3f%% against the merged model, "
                 "greedy agreement %.0f%% with base + adapter, %d stop mismatch(es)", Path(gguf_file).name,
@@ -245,8 +271,9 @@ def check_file(gguf_file: Path, tokenizer, reference_logits: list, batches: list
 
 
 def _run_check(spec: dict, gguf_file: Path, batches: list, device) -> tuple:
-    """One run of ``llama_worker check``: its header, the logits per batch, the GPU bytes llama.cpp held
-    (the driver's figure, 0 when no block ran there) and its closing line."""
+    """One run of ``llama_worker check``: its header, the logits per batch, the GPU bytes in use beyond those
+    in use before it started (the driver's figure, llama.cpp's CUDA context included; 0 when no block ran
+    there) and its closing line."""
     import numpy as np
     import torch
 
