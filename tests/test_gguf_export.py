@@ -158,6 +158,9 @@ def test_llama_cpp_gets_the_gpu_blocks_the_budget_holds(tiny_qwen2_dir, tmp_path
     tensors = gguf.GGUFReader(str(tmp_path / "f16.gguf")).tensors
     assert len(blocks) == model.config.num_hidden_layers and vocab == model.config.vocab_size
     assert sum(blocks) == sum(int(t.n_bytes) for t in tensors if t.name.startswith("blk."))
+    # The header read that skips the metadata gives what gguf's reader gives, tensor by tensor.
+    assert llama_worker.tensor_index(tmp_path / "f16.gguf") == [
+        (t.name, tuple(int(d) for d in t.shape), int(t.n_bytes)) for t in tensors]
     assert output == 2 * model.config.vocab_size * model.config.hidden_size  # tied: the f16 token embeddings
 
     assert llama_worker.layers_within([10, 20, 30], 5, free=65) == 4  # every block and the output layer
@@ -229,13 +232,13 @@ def test_a_crash_with_blocks_on_the_gpu_runs_the_file_again_on_the_cpu(tiny_qwen
     reference = [torch.randn(1, 4, 32)]
     specs = []
 
-    def run_check(spec, gguf_file, batches, device):
+    def run_check(spec, gguf_file, batches):
         specs.append(spec)
         if spec["free_bytes"] is not None:
             raise llamacpp.Crashed("llama.cpp stopped with exit status -11 on m.gguf (load_tensors)")
         found = {"continuations": [[[5, 6], None]], "tokenizer_matches": True, "chat_rendering": None,
                  "seconds": {"load": 0.1}}
-        return {"vocab": 32, "gpu_layers": 0, "buffers_mb": {"CPU_Mapped": 0.1}}, [reference[0].clone()], 0, found
+        return {"vocab": 32, "gpu_layers": 0, "buffers_mb": {"CPU_Mapped": 0.1}}, [reference[0].clone()], found
 
     monkeypatch.setattr(llamacpp, "_run_check", run_check)
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 1e9)

@@ -236,13 +236,13 @@ def check_file(gguf_file: Path, tokenizer, reference_logits: list, batches: list
             "chat": {"bos": tokenizer.bos_token or "", "eos": tokenizer.eos_token or ""}
             if getattr(tokenizer, "chat_template", None) else None}
     try:
-        header, logits, gpu_bytes, found = _run_check(spec, gguf_file, batches, device)
+        header, logits, found = _run_check(spec, gguf_file, batches)
     except Crashed as crash:
         if spec["free_bytes"] is None:
             raise
         # A CUDA build of llama.cpp that crashes with blocks on the GPU may still run the file on the CPU.
         logger.warning("%s; running %s on the CPU instead", crash, Path(gguf_file).name)
-        header, logits, gpu_bytes, found = _run_check({**spec, "free_bytes": None}, gguf_file, batches, device)
+        header, logits, found = _run_check({**spec, "free_bytes": None}, gguf_file, batches)
     result = fidelity.compare(reference_logits, logits, batches)
     continuations = [Continuation(tokens, stop) for tokens, stop in found["continuations"]]
     chat = found["chat_rendering"]
@@ -259,7 +259,6 @@ def check_file(gguf_file: Path, tokenizer, reference_logits: list, batches: list
             PROBE_CONVERSATION, tokenize=False, add_generation_prompt=True),
         "gpu_layers": header["gpu_layers"],
         "gpu_gb": round(device_mb(header["buffers_mb"]) * 2**20 / 1e9, 3),
-        "gpu_gb_driver": round(gpu_bytes / 1e9, 3),
         "buffers_mb": header["buffers_mb"],
         "seconds": found["seconds"],
     }
@@ -270,14 +269,11 @@ def check_file(gguf_file: Path, tokenizer, reference_logits: list, batches: list
     return metrics
 
 
-def _run_check(spec: dict, gguf_file: Path, batches: list, device) -> tuple:
-    """One run of ``llama_worker check``: its header, the logits per batch, the GPU bytes in use beyond those
-    in use before it started (the driver's figure, llama.cpp's CUDA context included; 0 when no block ran
-    there) and its closing line."""
+def _run_check(spec: dict, gguf_file: Path, batches: list) -> tuple:
+    """One run of ``llama_worker check``: its header, the logits per batch and its closing line."""
     import numpy as np
     import torch
 
-    before = _device_used(device) if spec["free_bytes"] is not None else 0
     with _worker(["check"], gguf_file, json.dumps(spec).encode()) as process:
         header = _json_line(process.stdout)
         logits = []
@@ -285,9 +281,8 @@ def _run_check(spec: dict, gguf_file: Path, batches: list, device) -> tuple:
             rows = [np.frombuffer(_read(process.stdout, len(row) * header["vocab"] * 4), dtype=np.float32)
                     .reshape(len(row), header["vocab"]) for row in batch.tolist()]
             logits.append(torch.from_numpy(np.stack(rows)))
-        gpu_bytes = _device_used(device) - before if header["gpu_layers"] else 0  # while llama.cpp holds it
         found = _json_line(process.stdout)
-    return header, logits, gpu_bytes, found
+    return header, logits, found
 
 
 def _json_line(stream) -> dict:
@@ -316,11 +311,3 @@ def _read(stream, size: int) -> bytearray:
             raise EOFError(f"{done} of {size} bytes")
         done += got
     return data
-
-
-def _device_used(device) -> int:
-    """Bytes in use on the GPU by every allocator (llama.cpp's are not torch's), from the driver."""
-    import torch
-
-    free, total = torch.cuda.mem_get_info(device)
-    return total - free
