@@ -71,20 +71,60 @@ def load_tasks(data_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
 
 
-def load_split(data_dir: Path, split: str):
-    """Load one prepared split as a datasets.Dataset in torch format.
+class Split:
+    """Rows in memory, each column an int64 tensor of rows x length, indexed as a torch-formatted
+    ``datasets.Dataset`` is: ``split[i]``, ``split[[i, j]]`` and ``split[a:b]`` give {column: tensor}."""
+
+    def __init__(self, columns: dict):
+        self.columns = columns
+        self.column_names = list(columns)
+
+    def __len__(self) -> int:
+        return len(next(iter(self.columns.values())))
+
+    def __getitem__(self, key) -> dict:
+        return {name: values[key] for name, values in self.columns.items()}
+
+
+def rows_split(columns: dict[str, list[list[int]]]) -> Split:
+    """Equal-length rows given as lists, as a ``Split``."""
+    import torch
+
+    return Split({name: torch.tensor(rows, dtype=torch.long) for name, rows in columns.items()})
+
+
+def load_split(data_dir: Path, split: str) -> Split:
+    """Load one prepared split (read with pyarrow: the ``datasets`` package takes seconds to import).
 
     Raises:
-        UserError: the split is missing (run the prepare stage).
+        UserError: the split is missing or incomplete (run the prepare stage).
     """
-    import datasets
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.ipc
+    import torch
 
     path = Path(data_dir) / split
     if not path.is_dir():
         raise UserError(f"{path}: prepared data not found; run `dvc repro prepare`")
-    dataset = datasets.load_from_disk(str(path))
-    dataset.set_format("torch", columns=[c for c in COLUMNS if c in dataset.column_names])
-    return dataset
+    try:
+        files = [path / f["filename"] for f in json.loads((path / "state.json").read_text())["_data_files"]]
+        table = pa.concat_tables([pyarrow.ipc.open_stream(str(f)).read_all() for f in files])
+    except (OSError, ValueError, KeyError, TypeError, pa.ArrowException) as error:
+        raise UserError(f"{path}: prepared data is incomplete or unreadable ({error}); run `dvc repro -f prepare`") \
+            from None
+    columns = {}
+    for name in COLUMNS:
+        if name not in table.column_names:
+            continue
+        column = table.column(name).combine_chunks()
+        lengths = pc.unique(pc.list_value_length(column)).to_pylist() if len(column) else [0]
+        if len(lengths) != 1:
+            raise UserError(f"{path}: rows of different lengths in {name}; run `dvc repro -f prepare`")
+        values = column.flatten().to_numpy(zero_copy_only=False).astype(np.int64)
+        columns[name] = torch.from_numpy(values.reshape(len(column), lengths[0]))
+    return Split(columns)
 
 
 def model_inputs(batch, device) -> dict:

@@ -32,9 +32,7 @@ def general_rows(texts: list[str], tokenizer, row_length: int, n_rows: int, sour
 
 
 def as_dataset(rows: list[list[int]]):
-    """Rows as the torch-formatted dataset ``perplexity.mean_token_loss`` reads (every token predicted)."""
-    import datasets
+    """Rows as the split ``perplexity.mean_token_loss`` reads (every token predicted)."""
+    from qlorapipe import data
 
-    dataset = datasets.Dataset.from_dict({"input_ids": rows, "labels": rows})
-    dataset.set_format("torch")
-    return dataset
+    return data.rows_split({"input_ids": rows, "labels": rows})
