@@ -196,7 +196,10 @@ def write_profile(prof: Path, out: Path, lines: int = 45) -> None:
 
 WARM_IMPORTS = """
 import matplotlib.font_manager, matplotlib.pyplot
-import torch, transformers, peft, bitsandbytes, datasets, accelerate, safetensors, gguf, rich
+import torch, transformers, peft, bitsandbytes, datasets, accelerate, safetensors, gguf, rich, pyarrow.ipc
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+import transformers.models.llama.modeling_llama, transformers.models.qwen2.modeling_qwen2
+from peft import PeftModel, get_peft_model
 from qlorapipe.train import loop
 from qlorapipe.train.fast import cuda_graphs, fused_kernels, fused_lora, memory_plan, offload, triton_kernels
 from qlorapipe import evaluate, merge, export, prepare, download
@@ -226,8 +229,13 @@ def run_shape(shape: str, args) -> dict:
     # builds its font cache the first time it is used (over 10 s), and Python compiles every module it
     # imports to bytecode (up to 10 s a stage, profiled on the H200, whose packages come without bytecode
     # in a folder it cannot write to: PYTHONPYCACHEPREFIX gives the bytecode a place to stay).
+    # A container that asks Python not to write bytecode (PYTHONDONTWRITEBYTECODE, common in images) made every
+    # stage compile every module again, prefix or not: 11-12 s of each profiled stage on the H200 (2026-12-03).
     env.setdefault("PYTHONPYCACHEPREFIX", str(args.work / "pycache"))
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     subprocess.run([sys.executable, "-c", WARM_IMPORTS], check=True, env=env)
+    cached = sum(1 for _ in Path(env["PYTHONPYCACHEPREFIX"]).rglob("*.pyc"))
+    print(f"[{shape}] bytecode: {cached} files under {env['PYTHONPYCACHEPREFIX']}", flush=True)
     for name, cmd in stage_commands().items():
         if record["stages"].get(name, {}).get("rc") == 0:
             continue
