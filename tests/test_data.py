@@ -388,6 +388,32 @@ def test_same_rows_give_byte_identical_datasets(tmp_path):
     assert loaded[1]["position_ids"].tolist() == [0, 1, 2, 3]
 
 
+def test_a_split_reads_as_datasets_reads_it_and_bad_splits_are_named(tmp_path):
+    """load_split (pyarrow, no datasets import) gives what a torch-formatted datasets.Dataset gives, for
+    every way the stages index it; a split written half or with ragged rows is one line naming it."""
+    import datasets
+    import torch
+
+    rows = [[1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11, 12]]
+    data.save_rows(rows, [[-100, 2, 3, 4]] * 3, [[0, 1, 0, 1]] * 3, tmp_path / "a")
+    loaded = data.load_split(tmp_path, "a")
+    reference = datasets.load_from_disk(str(tmp_path / "a"))
+    reference.set_format("torch", columns=list(data.COLUMNS))
+    assert len(loaded) == len(reference) == 3
+    for key in (1, [2, 0], slice(1, 3), slice(2, 9)):
+        for name in data.COLUMNS:
+            assert torch.equal(loaded[key][name], reference[key][name])
+            assert loaded[key][name].dtype == reference[key][name].dtype == torch.int64
+
+    ragged = datasets.Dataset.from_dict({"input_ids": [[1, 2], [3]], "labels": [[1, 2], [3]]})
+    ragged.save_to_disk(str(tmp_path / "ragged"))
+    with pytest.raises(UserError, match=r"ragged: rows of different lengths in input_ids; run `dvc repro -f prepare`"):
+        data.load_split(tmp_path, "ragged")
+    (tmp_path / "a" / "state.json").unlink()
+    with pytest.raises(UserError, match=r"a: prepared data is incomplete or unreadable .*; run `dvc repro -f prepare`$"):
+        data.load_split(tmp_path, "a")
+
+
 def test_builtin_corpus_is_real_prose_that_needs_no_download():
     found, _ = sources.load_records(DataParams())
     assert len(found) > 50

@@ -184,7 +184,7 @@ def train(model, train_set, eval_set, params: TrainingParams, device, progress=N
 
     Args:
         model: a PEFT model whose trainable parameters are the adapters.
-        train_set, eval_set: datasets with torch-formatted input_ids and labels.
+        train_set, eval_set: ``data.Split`` rows (input_ids, labels and position_ids tensors).
         params: the training section.
         device: where the model lives.
         progress: a rich Progress to draw the bar on (None: no bar).
