@@ -77,7 +77,6 @@ class Split:
 
     def __init__(self, columns: dict):
         self.columns = columns
-        self.column_names = list(columns)
 
     def __len__(self) -> int:
         return len(next(iter(self.columns.values())))
