@@ -223,6 +223,7 @@ def tensor_index(gguf_file: Path) -> list[tuple[str, tuple[int, ...], int]]:
 
     # The metadata types of a fixed size -> bytes (the others: a string, an array).
     value_bytes = {int(t): np.dtype(scalar).itemsize for t, scalar in GGUFReader.gguf_scalar_to_np.items()}
+    string_type, array_type = int(GGUFValueType.STRING), int(GGUFValueType.ARRAY)
     with open(gguf_file, "rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as data:
         magic, _, n_tensors, n_values = struct.unpack_from("<4sIQQ", data, 0)
         if magic != b"GGUF":
@@ -237,10 +238,10 @@ def tensor_index(gguf_file: Path) -> list[tuple[str, tuple[int, ...], int]]:
 
         def skip(value_type: int) -> None:
             nonlocal at
-            if value_type == GGUFValueType.STRING:
+            if value_type == string_type:
                 (length,) = struct.unpack_from("<Q", data, at)
                 at += 8 + length
-            elif value_type == GGUFValueType.ARRAY:
+            elif value_type == array_type:
                 item_type, count = struct.unpack_from("<IQ", data, at)
                 at += 12
                 if item_type in value_bytes:
