@@ -101,6 +101,34 @@ def test_batched_answers_are_the_answers_one_prompt_at_a_time(project):
     assert not any(token in stops for a in batched for token in a.ids)
 
 
+def test_samples_of_both_models_in_one_batch_are_each_models_own(project):
+    """generation.generate runs base and fine-tuned rows in one peft mixed-adapter batch: each row's
+    tokens are those of its model generating alone (the base with the adapter disabled)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    from qlorapipe import modeling
+    from qlorapipe.evaluate import generation
+    from qlorapipe.params import QuantizationParams
+
+    quant = QuantizationParams(**project["params"]["quantization"])
+    base, _ = modeling.load_base_model(project["base"], quant, torch.device("cpu"))
+    model = PeftModel.from_pretrained(base, project["out"] / "adapter")
+    tokenizer = AutoTokenizer.from_pretrained(project["base"])
+    prompts = ["(0) The with statement", "(2) A list", "(3) Python is a programming language that"]
+    stops = greedy.stop_token_ids(model, tokenizer)
+    both = generation.generate(model, tokenizer, prompts, 16, "cpu", False, stops)
+    encoded = [tokenizer(p)["input_ids"] for p in prompts]
+    with model.disable_adapter():
+        base_alone = tasks.generate_answers(model, tokenizer, encoded, 16, 1, "cpu", stops)
+    tuned_alone = tasks.generate_answers(model, tokenizer, encoded, 16, 1, "cpu", stops)
+    decode = [tokenizer.decode(a.ids, skip_special_tokens=True) for a in base_alone], \
+        [tokenizer.decode(a.ids, skip_special_tokens=True) for a in tuned_alone]
+    assert (both["base"], both["finetuned"]) == decode
+    assert both["base"] != both["finetuned"]  # the adapter changed what the model says
+
+
 def test_scores_by_hand():
     s = tasks.scores(["the cat sat", "a  dog"], ["the cat sat", "the dog ran"])
     assert s["exact_match"] == 0.5  # whitespace runs do not count

@@ -24,13 +24,15 @@ def stop_token_ids(model, tokenizer) -> set[int]:
 
 
 def generate(model, prompts: list[list[int]], max_new_tokens: int, batch_size: int, device, stop_ids: set[int],
-             pad_id: int | None, advance=None) -> list[list[int]]:
+             pad_id: int | None, advance=None, adapter_names: list[str] | None = None) -> list[list[int]]:
     """The new tokens of each prompt's greedy continuation, in the prompts' order: up to ``max_new_tokens``,
     ending with padding after a stop token when a row stopped before the others.
 
     Args:
         pad_id: the id that fills the left of shorter prompts (None: the smallest stop id).
         advance: called with the number of prompts done after each batch (progress).
+        adapter_names: for a peft model, the adapter each prompt runs with (``"__base__"``: none), so
+            base and fine-tuned answers share the batches (peft's mixed-adapter batches).
     """
     import torch
 
@@ -46,10 +48,11 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, batch_size: i
         for row, i in enumerate(batch):
             input_ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i])
             attention[row, width - len(prompts[i]):] = 1
+        mixed = {} if adapter_names is None else {"adapter_names": [adapter_names[i] for i in batch]}
         with torch.no_grad():
             generated = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
                                        max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
-                                       eos_token_id=sorted(stop_ids) or None, use_cache=True)
+                                       eos_token_id=sorted(stop_ids) or None, use_cache=True, **mixed)
         for row, i in enumerate(batch):
             new_tokens[i] = generated[row, width:].tolist()
         if advance is not None:

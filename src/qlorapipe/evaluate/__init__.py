@@ -111,9 +111,6 @@ def run(quant: QuantizationParams, params: EvaluateParams, base_dir: Path, adapt
                     general_loss, general_tokens = mean_token_loss(model, general_set, params.batch_size, device)
                     row["general"] = {"loss": round(general_loss, 5), "perplexity": round(perplexity(general_loss), 4)}
                     clock.lap("general")
-                samples[name] = generation.generate(model, tokenizer, params.prompts, params.max_new_tokens, device,
-                                                    params.chat_template, stop_ids)
-                clock.lap("samples")
                 if held_out:
                     bar = progress.add_task(f"{name}: answers", total=len(held_out))
                     generated = tasks.generate_answers(
@@ -128,6 +125,9 @@ def run(quant: QuantizationParams, params: EvaluateParams, base_dir: Path, adapt
                                                        params.batch_size, device)
                     clock.lap("lm_eval")
             logger.info("%s: %s (%.1f s)", name, _summary(row), time.perf_counter() - started)
+        samples.update(generation.generate(model, tokenizer, params.prompts, params.max_new_tokens, device,
+                                           params.chat_template, stop_ids))
+        clock.lap("samples")
 
     metrics["eval_tokens"] = tokens
     metrics["perplexity_reduction"] = round(1 - metrics["finetuned"]["perplexity"] / metrics["base"]["perplexity"], 5)

@@ -6,10 +6,13 @@ from qlorapipe.evaluate import tasks
 
 
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, device, chat_template: bool,
-             stop_ids: set[int]) -> list[str]:
-    """Greedy continuations of ``prompts`` (deterministic, so diffs between runs mean something), all in
-    one left-padded batch: a 4-bit model on a GPU takes about as long for a batch as for one prompt.
-    Each stops at ``stop_ids`` (the stop token is not part of the text)."""
+             stop_ids: set[int]) -> dict[str, list[str]]:
+    """Greedy continuations of ``prompts`` by the base (``"base"``) and base + adapter (``"finetuned"``),
+    deterministic so diffs between runs mean something.
+
+    Both models' continuations go in one left-padded batch (peft's mixed-adapter batches: the base
+    rows skip the adapter): a 4-bit model takes about as long for a batch as for one prompt, on a GPU
+    and on the CPU. Each stops at ``stop_ids`` (the stop token is not part of the text)."""
     encoded = []
     for prompt in prompts:
         if chat_template:
@@ -18,5 +21,8 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, device, 
             encoded.append(tokenizer(text, add_special_tokens=False)["input_ids"])
         else:
             encoded.append(tokenizer(prompt)["input_ids"])
-    answers = tasks.generate_answers(model, tokenizer, encoded, max_new_tokens, max(len(encoded), 1), device, stop_ids)
-    return [tokenizer.decode(answer.ids, skip_special_tokens=True) for answer in answers]
+    names = ["__base__"] * len(encoded) + [model.active_adapter] * len(encoded)
+    answers = tasks.generate_answers(model, tokenizer, encoded + encoded, max_new_tokens, max(len(names), 1), device,
+                                     stop_ids, adapter_names=names)
+    texts = [tokenizer.decode(answer.ids, skip_special_tokens=True) for answer in answers]
+    return {"base": texts[: len(encoded)], "finetuned": texts[len(encoded):]}

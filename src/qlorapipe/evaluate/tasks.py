@@ -23,15 +23,16 @@ class Answer:
 
 
 def generate_answers(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int, device,
-                     stop_ids: set[int], advance=None) -> list[Answer]:
+                     stop_ids: set[int], advance=None, adapter_names: list[str] | None = None) -> list[Answer]:
     """Greedy answers to token-id prompts, in batches of similar length (left-padded).
 
     Args:
         advance: called with the number of prompts done after each batch (progress).
+        adapter_names: the adapter of each prompt (``greedy.generate``).
     """
     answers = []
     for new in greedy.generate(model, prompts, max_new_tokens, batch_size, device, stop_ids, tokenizer.pad_token_id,
-                               advance):
+                               advance, adapter_names):
         end = next((k for k, token in enumerate(new) if token in stop_ids), None)
         answers.append(Answer(new if end is None else new[:end], end is not None))
     return answers

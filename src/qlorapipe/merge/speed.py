@@ -24,12 +24,13 @@ class _FirstTokenClock:
         """Nothing to flush: only the first token's arrival time is kept."""
 
 
-def measure_speed(model, input_ids, new_tokens: int, device, repeats: int = 2) -> dict:
+def measure_speed(model, input_ids, new_tokens: int, device, repeats: int = 1) -> dict:
     """Latency and throughput of greedy generation of exactly ``new_tokens`` after ``input_ids``.
 
-    The first run warms up (kernel selection, allocator); the best of ``repeats`` timed runs is
-    reported, as timings on a shared machine only ever get slower. Timings vary between runs;
-    compare models measured in the same run.
+    A two-token run warms up (kernel selection, allocator); then ``repeats`` timed runs, the best
+    reported, as timings on a shared machine only ever get slower. One is the default: at real sizes a
+    4-bit base + adapter generates a few tokens a second, so each run costs seconds. Timings vary
+    between runs; compare models measured in the same run.
 
     Returns:
         time_to_first_token_ms, tokens_per_second (after the first token), total_seconds,
