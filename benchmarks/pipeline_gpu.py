@@ -215,6 +215,10 @@ def run_shape(shape: str, args) -> dict:
     record = json.loads(record_file.read_text()) if record_file.is_file() else {"shape": shape, "stages": {}}
     for name in args.rerun:
         record["stages"].pop(name, None)
+    if "train" in args.rerun:
+        # An experiment changes a parameter, and its train stage starts afresh; with the same parameters it would
+        # resume from the last run's final checkpoint and train nothing (seen on the H200, 2026-12-04).
+        shutil.rmtree(work / "models" / "checkpoints", ignore_errors=True)
     if "build_seconds" not in record:
         started = time.perf_counter()
         # In a process of its own, so that the GPU memory it used is free before the stages run.

@@ -173,7 +173,7 @@ def test_merge_writes_a_standalone_model_that_computes_what_was_trained(run):
     assert set(metrics) == {"merged", "naive_merge_into_16bit_base", "merged_requantized_4bit", "speed",
                             "reference_perplexity", "dtype", "eval_tokens", "offloaded_modules", "seconds", "memory"}
     # Where the time went, phase by phase.
-    assert set(metrics["seconds"]) == {"load", "merge_and_save", "reference", "speed", "naive", "reload_and_compare",
+    assert set(metrics["seconds"]) == {"load", "merge", "save", "reference", "speed", "naive", "reload_and_compare",
                                        "requantized"}
     assert all(value >= 0 for value in metrics["seconds"].values())
     # The stage's peak memory (and on a GPU its budget), for `dvc metrics diff`.
@@ -266,16 +266,17 @@ def test_export_gguf_files_run_in_llama_cpp_as_the_trained_model_does(run):
     assert "FROM ./model-q4_k_m.gguf\n" in modelfile and 'PARAMETER stop "</s>"' in modelfile
 
 
-def test_quantizing_beside_the_f16_check_writes_the_same_files_and_nothing_when_a_gate_fails(run, tmp_path,
-                                                                                              monkeypatch):
-    """The GPU's order (q8_0 and q4_k_m quantized while the f16 file is checked), forced on the CPU."""
+def test_writing_beside_the_references_writes_the_same_files_and_nothing_when_a_gate_fails(run, tmp_path,
+                                                                                            monkeypatch):
+    """The GPU's order (safetensors, f16, q8_0 and q4_k_m written while the references are computed), forced
+    on the CPU."""
     import yaml
 
-    from qlorapipe import export
+    from qlorapipe import memory
 
-    monkeypatch.setattr(export, "quantize_beside_checks", lambda device: True)
+    monkeypatch.setattr(memory, "write_beside_compute", lambda device: True)
     params = yaml.safe_load(run["params"].read_text())
-    params["export"]["formats"] = ["gguf-f16", "gguf-q8_0", "gguf-q4_k_m"]
+    params["export"]["formats"] = ["safetensors", "gguf-f16", "gguf-q8_0", "gguf-q4_k_m"]
     m = run["metrics"]
 
     def export_to(out: Path, params_file: Path) -> None:
@@ -289,13 +290,15 @@ def test_quantizing_beside_the_f16_check_writes_the_same_files_and_nothing_when_
     export_to(tmp_path / "early", write_params(tmp_path / "params.yaml", params))
     for name in ("model-f16.gguf", "model-q8_0.gguf", "model-q4_k_m.gguf"):
         assert (tmp_path / "early/gguf" / name).read_bytes() == (run["export"] / "gguf" / name).read_bytes()
+    assert sorted(p.name for p in (tmp_path / "early").glob("*.safetensors")) == ["model.safetensors"]
+    assert (tmp_path / "early/model.safetensors").read_bytes() == (run["export"] / "model.safetensors").read_bytes()
     early = json.loads((tmp_path / "early.json").read_text())
     before = json.loads((m / "export.json").read_text())
     for key in ("gguf_f16", "gguf_q8_0", "gguf_q4_k_m"):
         assert early[key]["perplexity_change"] == before[key]["perplexity_change"]
 
-    # The f16 file fails its gate with the quantized files made, or being made, beside it: the stage waits for
-    # the quantizer, then leaves nothing behind.
+    # The f16 file fails its gate with the other files made, or being made, beside it: the stage waits for
+    # them, then leaves nothing behind.
     params["export"]["max_perplexity_change"] = {"gguf-f16": 1e-12, "gguf-q8_0": 0.02, "gguf-q4_k_m": 0.12}
     with pytest.raises(UserError, match="gguf-f16"):
         export_to(tmp_path / "failed", write_params(tmp_path / "strict.yaml", params))
@@ -376,9 +379,12 @@ def _merge_argv(run, params: Path, out: Path, metrics: Path) -> list[str]:
 
 
 def test_merge_gate_fires_on_a_broken_merge_and_writes_nothing(run, tmp_path, monkeypatch):
-    """Merging into the original 16-bit base (the usual mistake) is caught; the right merge passes."""
+    """Merging into the original 16-bit base (the usual mistake) is caught; the right merge passes. The GPU's
+    order (the merged model written while the reference logits are computed), forced on the CPU, writes the
+    same files and, on a failed gate, nothing."""
     import yaml
 
+    from qlorapipe import memory
     from qlorapipe.merge import merging
 
     params = yaml.safe_load(run["params"].read_text())
@@ -390,7 +396,15 @@ def test_merge_gate_fires_on_a_broken_merge_and_writes_nothing(run, tmp_path, mo
     assert good["merged"]["max_logit_diff"] < 0.02
     # The diagnostics switched off leave no figures and take no time.
     assert not {"naive_merge_into_16bit_base", "speed", "merged_requantized_4bit"} & set(good)
-    assert set(good["seconds"]) == {"load", "merge_and_save", "reference", "reload_and_compare"}
+    assert set(good["seconds"]) == {"load", "merge", "save", "reference", "reload_and_compare"}
+
+    monkeypatch.setattr(memory, "write_beside_compute", lambda device: True)
+    load_stage("merge").main(_merge_argv(run, strict, tmp_path / "beside", tmp_path / "beside.json"))
+    beside = json.loads((tmp_path / "beside.json").read_text())
+    assert beside["merged"] == good["merged"]
+    assert sorted(p.name for p in (tmp_path / "beside").iterdir()) == sorted(p.name for p in (tmp_path / "good").iterdir())
+    for path in (tmp_path / "good").iterdir():
+        assert (tmp_path / "beside" / path.name).read_bytes() == path.read_bytes(), path.name
 
     # A test-only hook: the stage's merge replaced by the naive one.
     stage_merge = merging.merged_model
@@ -400,7 +414,7 @@ def test_merge_gate_fires_on_a_broken_merge_and_writes_nothing(run, tmp_path, mo
                                         r"0\.0\d+ > merge\.max_logit_diff 0\.02; mean logit difference "
                                         r"0\.00\d+ > merge\.max_mean_logit_diff 0\.003"):
         load_stage("merge").main(_merge_argv(run, strict, tmp_path / "broken", tmp_path / "broken.json"))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["good", "good.json", "params.yaml"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["beside", "beside.json", "good", "good.json", "params.yaml"]
 
 
 CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"

@@ -214,6 +214,12 @@ def check_quantized_fits(stage: str, base_dir: Path, quant, rows: int, length: i
     check_fits(stage, need, budget, budget_gb, f"the quantized base + adapter{what}")
 
 
+def write_beside_compute(device) -> bool:
+    """Whether a stage writes its files on the CPU while the device computes: on a GPU, where the two use
+    different hardware; on a CPU they would share the same cores, so each file is written in its turn."""
+    return device.type == "cuda"
+
+
 def release(device) -> None:
     """Free the GPU memory of models no longer referenced: for the next model, and back to the driver
     for code outside torch (llama.cpp)."""

@@ -85,54 +85,26 @@ def run(params: ExportParams, inputs: Inputs, out_dir: Path, metrics_path: Path,
                "merge": read_json(inputs.merge_metrics)}
     export_metrics = {"formats": params.formats}
     with atomic_dir(out_dir) as out:
-        if "safetensors" in params.formats:
-            model.save_pretrained(out, safe_serialization=True, max_shard_size=params.max_shard_size)
-            tokenizer.save_pretrained(out)
-            (out / ADAPTER_RECORD).write_text((inputs.merged / ADAPTER_RECORD).read_text())
-            (out / "README.md").write_text(render_model_card(record, metrics, read_json(inputs.data_report),
-                                                             out_dir))
-            clock.lap("safetensors")
-        if gguf_types:
-            batches = fidelity.eval_batches(eval_set, batch_size=4, n_batches=params.verify_batches)
-            reference_logits = _reference_logits(model, inputs.merged, batches, device, budget, trust)
-            prompts = llamacpp.held_out_prompts(eval_set, params.parity_prompts)
-            continuations = _trained_continuations(inputs, prompts, params.parity_tokens, tokenizer)
-            memory.release(device)  # the GPU is llama.cpp's now
-            clock.lap("references")
-            (out / "gguf").mkdir()
-            order = _writing_order(gguf_types)
-            path = {t: out / "gguf" / f"model-{t}.gguf" for t in order}
-            # The quantized files are made beside the f16 file's check (``quantize_beside_checks``; write_<type>
-            # is then the wait for it) or each in its turn.
-            quantizer = ThreadPoolExecutor(max_workers=1)
-            pending = {}
-            try:
-                for file_type in order:
-                    if file_type in pending:
-                        pending.pop(file_type).result()
-                    elif file_type in llamacpp.QUANTIZED_TYPES:
-                        llamacpp.quantize(path["f16"], path[file_type], file_type)
-                    else:
-                        gguf.write_gguf(model, inputs.merged, path[file_type], file_type)
-                        if file_type == "f16" and quantize_beside_checks(device):
-                            # Half the cores: the check's llama.cpp process runs its CPU threads on all of them.
-                            threads = max(1, (os.cpu_count() or 2) // 2)
-                            pending = {t: quantizer.submit(llamacpp.quantize, path["f16"], path[t], t, threads)
-                                       for t in order if t in llamacpp.QUANTIZED_TYPES}
-                    clock.lap(f"write_{file_type}")
-                    if file_type not in gguf_types:
-                        continue
-                    found = llamacpp.check_file(path[file_type], tokenizer, reference_logits, batches, prompts,
-                                                continuations, params.parity_tokens, device, budget)
-                    clock.lap(f"check_{file_type}")
-                    gate(params, f"gguf-{file_type}", found)
-                    found["ollama_modelfile"] = _modelfile(out / "gguf" / f"model-{file_type}.Modelfile",
-                                                           path[file_type].name, tokenizer, inputs.merged)
-                    export_metrics[f"gguf_{file_type}"] = found
-            finally:
-                quantizer.shutdown(cancel_futures=True)  # a stage that stops waits for the file being written
-            if "f16" not in gguf_types:
-                (out / "gguf" / "model-f16.gguf").unlink(missing_ok=True)  # written only to quantize from
+        # On a GPU the files are written (and quantized by llama.cpp) on the CPU while the GPU computes the
+        # references; on a CPU each is made when its turn comes (``memory.write_beside_compute``).
+        beside = memory.write_beside_compute(device)
+        saver, writer = ThreadPoolExecutor(max_workers=1), ThreadPoolExecutor(max_workers=1)
+        try:
+            saved = None
+            if "safetensors" in params.formats:
+                saved = saver.submit(_save_safetensors, model, tokenizer, inputs, record, metrics, params, out, out_dir)
+                if not beside:
+                    saved.result()
+                    clock.lap("safetensors")
+            if gguf_types:
+                export_metrics.update(_gguf_files(params, inputs, model, tokenizer, eval_set, gguf_types, device,
+                                                  budget, trust, out, writer if beside else None, clock))
+            if saved is not None and beside:
+                saved.result()
+                clock.lap("safetensors")
+        finally:
+            for pool in (saver, writer):
+                pool.shutdown(cancel_futures=True)  # a stage that stops waits for the file being written
         if "adapter" in params.formats:
             write_adapter_package(inputs.adapter, read_adapter_record(inputs.adapter), tokenizer, out / "adapter",
                                   out_dir / "adapter")
@@ -147,18 +119,82 @@ def run(params: ExportParams, inputs: Inputs, out_dir: Path, metrics_path: Path,
     return export_metrics
 
 
-def _reference_logits(model, merged: Path, batches: list, device, budget: float | None, trust: bool) -> list:
+def _save_safetensors(model, tokenizer, inputs: Inputs, record, metrics: dict, params: ExportParams, out: Path,
+                      out_dir: Path) -> None:
+    """The merged model in safetensors shards with its tokenizer, record and model card."""
+    model.save_pretrained(out, safe_serialization=True, max_shard_size=params.max_shard_size)
+    tokenizer.save_pretrained(out)
+    (out / ADAPTER_RECORD).write_text((inputs.merged / ADAPTER_RECORD).read_text())
+    (out / "README.md").write_text(render_model_card(record, metrics, read_json(inputs.data_report), out_dir))
+
+
+def _gguf_files(params: ExportParams, inputs: Inputs, model, tokenizer, eval_set, gguf_types: list[str], device,
+                budget: float | None, trust: bool, out: Path, writer, clock: PhaseClock) -> dict:
+    """Write, check and gate every GGUF file; the metrics of each.
+
+    ``writer`` (an executor, or None) writes the f16 file and quantizes the others from it while the GPU
+    computes the references; write_<type> is then the wait for that file. Without it each file is made
+    in its turn, after the references: on a CPU those upcast ``model`` in place, and the files are
+    written from the same values.
+    """
+    (out / "gguf").mkdir()
+    order = _writing_order(gguf_types)
+    path = {t: out / "gguf" / f"model-{t}.gguf" for t in order}
+    # Half the cores for the quantizer: the references' and the checks' CPU work runs beside it.
+    threads = max(1, (os.cpu_count() or 2) // 2)
+    pending = {}
+    if writer is not None:
+        for file_type in order:
+            if file_type in llamacpp.QUANTIZED_TYPES:
+                pending[file_type] = writer.submit(llamacpp.quantize, path["f16"], path[file_type], file_type,
+                                                   threads)
+            else:
+                pending[file_type] = writer.submit(gguf.write_gguf, model, inputs.merged, path[file_type],
+                                                   file_type)
+    batches = fidelity.eval_batches(eval_set, batch_size=4, n_batches=params.verify_batches)
+    reference_logits = _reference_logits(model, inputs.merged, batches, device, budget, trust,
+                                         in_place=writer is None)
+    prompts = llamacpp.held_out_prompts(eval_set, params.parity_prompts)
+    continuations = _trained_continuations(inputs, prompts, params.parity_tokens, tokenizer)
+    memory.release(device)  # the GPU is llama.cpp's now
+    clock.lap("references")
+    found_by_type = {}
+    for file_type in order:
+        if file_type in pending:
+            pending.pop(file_type).result()
+        elif file_type in llamacpp.QUANTIZED_TYPES:
+            llamacpp.quantize(path["f16"], path[file_type], file_type)
+        else:
+            gguf.write_gguf(model, inputs.merged, path[file_type], file_type)
+        clock.lap(f"write_{file_type}")
+        if file_type not in gguf_types:
+            continue
+        found = llamacpp.check_file(path[file_type], tokenizer, reference_logits, batches, prompts, continuations,
+                                    params.parity_tokens, device, budget)
+        clock.lap(f"check_{file_type}")
+        gate(params, f"gguf-{file_type}", found)
+        found["ollama_modelfile"] = _modelfile(out / "gguf" / f"model-{file_type}.Modelfile", path[file_type].name,
+                                               tokenizer, inputs.merged)
+        found_by_type[f"gguf_{file_type}"] = found
+    if "f16" not in gguf_types:
+        path["f16"].unlink(missing_ok=True)  # written only to quantize from
+    return found_by_type
+
+
+def _reference_logits(model, merged: Path, batches: list, device, budget: float | None, trust: bool,
+                      in_place: bool = True) -> list:
     """The merged model's float32 logits on ``batches``, what each GGUF file is measured against.
 
     On the CPU ``model`` itself is upcast (exactly; the GGUF files are then written from the same
-    values). On a GPU a float32 copy computes them, with as many blocks on the GPU as the memory
+    values), or, when ``in_place`` is False (files being written from it), a float32 copy. On a GPU a float32 copy computes them, with as many blocks on the GPU as the memory
     budget holds and the rest streamed from the CPU, as many rows at once as stream the fewest bytes
     (``memory.rows_at_once``).
     """
     import torch
 
     if device.type != "cuda":
-        return fidelity.logits_on(model.float(), batches, device)
+        return fidelity.logits_on(model.float() if in_place else memory.load_on_cpu(merged, torch.float32, trust),
+                                  batches, device)
     vocab = model.get_output_embeddings().weight.shape[0]
     length = max(b.shape[1] for b in batches)
     row_bytes = memory.logits_bytes(1, length, vocab, 4 + 4)
@@ -172,13 +208,6 @@ def _reference_logits(model, merged: Path, batches: list, device, budget: float 
     finally:
         del copy
         torch.cuda.empty_cache()
-
-
-def quantize_beside_checks(device) -> bool:
-    """Whether llama.cpp quantizes the f16 file while that file is checked: on a GPU, where the check runs
-    there and the quantizer on the CPU; on a CPU both would share the same cores, so each quantized file is
-    made when its turn comes."""
-    return device.type == "cuda"
 
 
 def _modelfile(path: Path, gguf_name: str, tokenizer, merged: Path) -> bool:
