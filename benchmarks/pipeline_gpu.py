@@ -291,7 +291,8 @@ def table(record: dict, budget: float) -> str:
                  f"{record['stages'].get('train', {}).get('seconds', '-')} s; overhead "
                  f"{total - train.get('train_seconds', 0):.0f} s."]
     if train.get("seconds"):
-        rows.append(f"Train seconds: {json.dumps(train['seconds'])} (wall {train.get('wall_seconds')} s after imports).")
+        rows.append(f"Train seconds: {json.dumps(train['seconds'])} (wall {train.get('wall_seconds')} s after imports; "
+                    f"in the loop beside the steps: {json.dumps(train.get('loop_seconds'))}).")
     if record.get("evaluate", {}).get("seconds"):
         rows.append(f"Evaluate seconds: {json.dumps(record['evaluate']['seconds'])}.")
     merge = record.get("merge")

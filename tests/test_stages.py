@@ -108,10 +108,14 @@ def test_train_writes_a_peft_adapter_metrics_curves_and_log(run):
                             "train_seconds", "wall_seconds", "trainable_params", "total_params", "compute_dtype",
                             "device", "best_step", "stopped_early", "resumed_from_step", "cuda_graph_replays",
                             "uncheckpointed_layers", "environment", "num_processes",
-                            "global_batch_size", "seconds"} | _memory_keys()
+                            "global_batch_size", "seconds", "loop_seconds"} | _memory_keys()
     # Where the stage's time went: each phase, the optimizer steps inside the loop, all within the wall time.
     assert set(metrics["seconds"]) == {"load", "lora", "plan", "loop", "save"}
     assert metrics["seconds"]["loop"] >= metrics["train_seconds"]
+    # Beside the optimizer steps: two evaluations (steps 6 and 12), and no checkpoints (checkpoint_every_steps 0).
+    beside = metrics["loop_seconds"]
+    assert set(beside) == {"evaluations", "checkpoints"} and beside["evaluations"] > 0 and beside["checkpoints"] == 0
+    assert metrics["train_seconds"] + sum(beside.values()) <= metrics["seconds"]["loop"] + 0.05
     assert sum(metrics["seconds"].values()) <= metrics["wall_seconds"] + 0.05
     assert set(metrics["environment"]) == {"torch", "transformers", "peft", "bitsandbytes", "cuda", "gpu"}
     assert metrics["environment"]["torch"] == __import__("torch").__version__
@@ -235,8 +239,9 @@ def test_export_gguf_files_run_in_llama_cpp_as_the_trained_model_does(run):
     metrics = json.loads((run["metrics"] / "export.json").read_text())
     assert metrics["formats"] == ["safetensors", "gguf-f16", "gguf-q8_0", "gguf-q4_k_m", "adapter"]
     # Where the time went, phase by phase, and the peak memory.
-    assert set(metrics["seconds"]) == {"load", "safetensors", "references", "write_f16", "check_f16", "write_q8_0",
-                                       "check_q8_0", "write_q4_k_m", "check_q4_k_m", "adapter"}
+    assert set(metrics["seconds"]) == {"load", "safetensors", "reference_logits", "reference_continuations",
+                                       "write_f16", "check_f16", "write_q8_0", "check_q8_0", "write_q4_k_m",
+                                       "check_q4_k_m", "adapter"}
     assert all(value >= 0 for value in metrics["seconds"].values())
     assert set(metrics["memory"]) - {"budget_gb"} == _memory_keys()
     f16, q8, q4 = metrics["gguf_f16"], metrics["gguf_q8_0"], metrics["gguf_q4_k_m"]

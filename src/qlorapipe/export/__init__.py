@@ -154,10 +154,11 @@ def _gguf_files(params: ExportParams, inputs: Inputs, model, tokenizer, eval_set
     batches = fidelity.eval_batches(eval_set, batch_size=4, n_batches=params.verify_batches)
     reference_logits = _reference_logits(model, inputs.merged, batches, device, budget, trust,
                                          in_place=writer is None)
+    clock.lap("reference_logits")
     prompts = llamacpp.held_out_prompts(eval_set, params.parity_prompts)
     continuations = _trained_continuations(inputs, prompts, params.parity_tokens, tokenizer)
     memory.release(device)  # the GPU is llama.cpp's now
-    clock.lap("references")
+    clock.lap("reference_continuations")
     found_by_type = {}
     for file_type in order:
         if file_type in pending:

@@ -179,6 +179,9 @@ def run(sections: Sections, base_dir: Path, data_dir: Path, out: Outputs, relaun
         "train_seconds": round(result.train_seconds, 2),
         "wall_seconds": round(time.perf_counter() - started, 2),
         "seconds": clock.seconds,
+        # Of the loop's time beside the optimizer steps (this run's, a resumed run's before it included).
+        "loop_seconds": {"evaluations": round(result.eval_seconds, 2),
+                         "checkpoints": round(result.checkpoint_seconds, 2)},
         "trainable_params": trainable,
         "total_params": total,
         "compute_dtype": str(compute_dtype).removeprefix("torch."),

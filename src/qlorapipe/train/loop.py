@@ -45,6 +45,8 @@ class TrainResult:
     steps: int = 0
     tokens_trained: int = 0
     train_seconds: float = 0.0
+    eval_seconds: float = 0.0  # of the loop's time beside the optimizer steps: evaluations
+    checkpoint_seconds: float = 0.0  # and checkpoints
     final_train_loss: float = float("nan")
     final_eval_loss: float = float("nan")
     log_lines: list[str] = field(default_factory=list)
@@ -270,6 +272,7 @@ def train(model, train_set, eval_set, params: TrainingParams, device, progress=N
                 model, eval_set, params.per_device_batch_size, device, params.max_eval_batches, during_training=True
             )
             best = _track_best(result, record, inner, params, best)
+            result.eval_seconds += time.perf_counter() - paused
         result.history.append(record)
         result.steps = step
         result.train_seconds = seconds_before + (paused - started)
@@ -287,8 +290,10 @@ def train(model, train_set, eval_set, params: TrainingParams, device, progress=N
         else:
             logger.info(line)
         if checkpoints and checkpoints.due(step, last=step == n_steps or result.stop_reason is not None):
+            saving = time.perf_counter()
             state = {"scheduler": scheduler.state_dict(), "result": result.to_state()}
             last_checkpoint = checkpoints.save(step, inner, optimizer, state, best)
+            result.checkpoint_seconds += time.perf_counter() - saving
         started += time.perf_counter() - paused
         if result.stop_reason:
             logger.info("Stopping early at step %d: %s", step, result.stop_reason)
