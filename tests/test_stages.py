@@ -407,7 +407,7 @@ def test_merge_gate_fires_on_a_broken_merge_and_writes_nothing(run, tmp_path, mo
     load_stage("merge").main(_merge_argv(run, strict, tmp_path / "beside", tmp_path / "beside.json"))
     beside = json.loads((tmp_path / "beside.json").read_text())
     assert beside["merged"] == good["merged"]
-    assert sorted(p.name for p in (tmp_path / "beside").iterdir()) == sorted(p.name for p in (tmp_path / "good").iterdir())
+    assert _files(tmp_path / "beside") == _files(tmp_path / "good")
     for path in (tmp_path / "good").iterdir():
         assert (tmp_path / "beside" / path.name).read_bytes() == path.read_bytes(), path.name
 

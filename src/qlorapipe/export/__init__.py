@@ -140,10 +140,10 @@ def _gguf_files(params: ExportParams, inputs: Inputs, model, tokenizer, eval_set
     (out / "gguf").mkdir()
     order = _writing_order(gguf_types)
     path = {t: out / "gguf" / f"model-{t}.gguf" for t in order}
-    # Half the cores for the quantizer: the references' and the checks' CPU work runs beside it.
-    threads = max(1, (os.cpu_count() or 2) // 2)
     pending = {}
     if writer is not None:
+        # Half the cores for the quantizer: the references' and the checks' CPU work runs beside it.
+        threads = max(1, (os.cpu_count() or 2) // 2)
         for file_type in order:
             if file_type in llamacpp.QUANTIZED_TYPES:
                 pending[file_type] = writer.submit(llamacpp.quantize, path["f16"], path[file_type], file_type,
@@ -187,9 +187,9 @@ def _reference_logits(model, merged: Path, batches: list, device, budget: float 
     """The merged model's float32 logits on ``batches``, what each GGUF file is measured against.
 
     On the CPU ``model`` itself is upcast (exactly; the GGUF files are then written from the same
-    values), or, when ``in_place`` is False (files being written from it), a float32 copy. On a GPU a float32 copy computes them, with as many blocks on the GPU as the memory
-    budget holds and the rest streamed from the CPU, as many rows at once as stream the fewest bytes
-    (``memory.rows_at_once``).
+    values), or, when ``in_place`` is False (files being written from it), a float32 copy. On a GPU
+    a float32 copy computes them, with as many blocks on the GPU as the memory budget holds and the
+    rest streamed from the CPU, as many rows at once as stream the fewest bytes (``memory.rows_at_once``).
     """
     import torch
 
