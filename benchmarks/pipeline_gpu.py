@@ -243,6 +243,10 @@ def run_shape(shape: str, args) -> dict:
     for name, cmd in stage_commands().items():
         if record["stages"].get(name, {}).get("rc") == 0:
             continue
+        if name == "export" and args.wait_before_export:
+            waited = wait_for(args.wait_before_export)
+            if waited:
+                print(f"[{shape}] export waited {waited:.0f} s for {args.wait_before_export}", flush=True)
         print(f"[{shape}] {name}: {cmd}", flush=True)
         started = time.perf_counter()
         with GpuSampler() as sampler, open(work / f"{name}.log", "w") as log:
@@ -273,6 +277,14 @@ def run_shape(shape: str, args) -> dict:
             record[name] = json.loads((metrics / file).read_text())
     record_file.write_text(json.dumps(record, indent=1))
     return record
+
+
+def wait_for(path: Path, limit: float = 900.0) -> float:
+    """Seconds spent waiting until ``path`` exists (a llama.cpp build running beside the first stages)."""
+    started = time.perf_counter()
+    while not path.exists() and time.perf_counter() - started < limit:
+        time.sleep(1.0)
+    return time.perf_counter() - started
 
 
 def table(record: dict, budget: float) -> str:
@@ -351,6 +363,8 @@ def main() -> None:
                              "time went, the earlier stages' outputs reused)")
     parser.add_argument("--formats", nargs="*", default=[], metavar="SHAPE=F1,F2",
                         help="export.formats for a shape, e.g. llama-2-7b=gguf-q8_0,adapter (default: params.yaml's)")
+    parser.add_argument("--wait-before-export", type=Path, metavar="FILE",
+                        help="wait until FILE exists before export (untimed): llama.cpp being built beside the stages")
     args = parser.parse_args()
     args.formats = {k: v.split(",") for k, v in (item.split("=", 1) for item in args.formats)}
     defaults = yaml.safe_load((ROOT / "params.yaml").read_text())["export"]["formats"]

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from qlorapipe import fidelity
 from qlorapipe.errors import UserError
 from qlorapipe.export.gguf import (
     gguf_tensor_name,
@@ -232,13 +233,14 @@ def test_a_crash_with_blocks_on_the_gpu_runs_the_file_again_on_the_cpu(tiny_qwen
     reference = [torch.randn(1, 4, 32)]
     specs = []
 
-    def run_check(spec, gguf_file, batches):
+    def run_check(spec, gguf_file, batches, reference_logits):
         specs.append(spec)
         if spec["free_bytes"] is not None:
             raise llamacpp.Crashed("llama.cpp stopped with exit status -11 on m.gguf (load_tensors)")
         found = {"continuations": [[[5, 6], None]], "tokenizer_matches": True, "chat_rendering": None,
                  "seconds": {"load": 0.1}}
-        return {"vocab": 32, "gpu_layers": 0, "buffers_mb": {"CPU_Mapped": 0.1}}, [reference[0].clone()], found
+        result = fidelity.compare(reference_logits, [reference_logits[0].clone()], batches)
+        return {"vocab": 32, "gpu_layers": 0, "buffers_mb": {"CPU_Mapped": 0.1}}, result, found
 
     monkeypatch.setattr(llamacpp, "_run_check", run_check)
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 1e9)

@@ -158,11 +158,16 @@ def test_a_streamed_model_runs_as_many_rows_at_once_as_move_the_fewest_bytes():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_weights_rounded_on_the_gpu_are_those_rounded_on_the_cpu(dtype):
-    """``_to_cpu`` rounds on the GPU before the copy; torch's blocking copy rounds on the CPU after it."""
+    """``to_host`` rounds on the GPU before the copy (into memory touched first); torch's blocking copy rounds on
+    the CPU after it. The copy is the host's own: changing it leaves the GPU tensor as it was."""
     generator = torch.Generator(device="cuda").manual_seed(0)
     # Every exponent a weight may have, from the subnormals to past float16's largest value, and exact ties.
     scales = torch.logspace(-30, 6, 4096, base=2.0, device="cuda")
     values = torch.randn(64, 4096, generator=generator, device="cuda") * scales
     ties = (torch.arange(4096, device="cuda", dtype=torch.float32) + 0.5) * 2.0**-10 + 1.0
     for tensor in (values, ties.unsqueeze(0)):
-        assert torch.equal(merging._to_cpu(tensor, dtype), tensor.to("cpu", dtype))
+        host = memory.to_host(tensor, dtype)
+        assert host.device.type == "cpu" and host.dtype == dtype and host.shape == tensor.shape
+        assert torch.equal(host, tensor.to("cpu", dtype))
+        host.zero_()
+        assert torch.equal(memory.to_host(tensor, dtype), tensor.to("cpu", dtype))

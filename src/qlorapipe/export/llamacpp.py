@@ -236,14 +236,13 @@ def check_file(gguf_file: Path, tokenizer, reference_logits: list, batches: list
             "chat": {"bos": tokenizer.bos_token or "", "eos": tokenizer.eos_token or ""}
             if getattr(tokenizer, "chat_template", None) else None}
     try:
-        header, logits, found = _run_check(spec, gguf_file, batches)
+        header, result, found = _run_check(spec, gguf_file, batches, reference_logits)
     except Crashed as crash:
         if spec["free_bytes"] is None:
             raise
         # A CUDA build of llama.cpp that crashes with blocks on the GPU may still run the file on the CPU.
         logger.warning("%s; running %s on the CPU instead", crash, Path(gguf_file).name)
-        header, logits, found = _run_check({**spec, "free_bytes": None}, gguf_file, batches)
-    result = fidelity.compare(reference_logits, logits, batches)
+        header, result, found = _run_check({**spec, "free_bytes": None}, gguf_file, batches, reference_logits)
     continuations = [Continuation(tokens, stop) for tokens, stop in found["continuations"]]
     chat = found["chat_rendering"]
     metrics = {
@@ -269,20 +268,44 @@ def check_file(gguf_file: Path, tokenizer, reference_logits: list, batches: list
     return metrics
 
 
-def _run_check(spec: dict, gguf_file: Path, batches: list) -> tuple:
-    """One run of ``llama_worker check``: its header, the logits per batch and its closing line."""
-    import numpy as np
+def _run_check(spec: dict, gguf_file: Path, batches: list, reference_logits: list) -> tuple:
+    """One run of ``llama_worker check``: its header, its logits compared with ``reference_logits`` (a Fidelity),
+    and its closing line.
+
+    A thread drains the worker's pipe batch by batch while the batch before is compared, so the comparison
+    (CPU) runs while llama.cpp computes the next batch, and only a few batches of logits are held at once.
+    """
+    import queue
+    import threading
+
     import torch
 
+    comparison = fidelity.Comparison()
     with _worker(["check"], gguf_file, json.dumps(spec).encode()) as process:
         header = _json_line(process.stdout)
-        logits = []
-        for batch in batches:
-            rows = [np.frombuffer(_read(process.stdout, len(row) * header["vocab"] * 4), dtype=np.float32)
-                    .reshape(len(row), header["vocab"]) for row in batch.tolist()]
-            logits.append(torch.from_numpy(np.stack(rows)))
+        arrived: queue.Queue = queue.Queue(maxsize=2)
+
+        def drain() -> None:
+            try:
+                for batch in batches:
+                    # Memory touched by every core first: the pipe's copy into it does not fault page by page.
+                    block = torch.zeros((*batch.shape, header["vocab"]), dtype=torch.float32)
+                    _read_into(process.stdout, memoryview(block.numpy()).cast("B"))
+                    arrived.put(block)
+            except BaseException as exc:  # noqa: BLE001 - raised again by the comparing thread
+                arrived.put(exc)
+
+        reader = threading.Thread(target=drain, name="llama-logits", daemon=True)
+        reader.start()
+        for reference, batch in zip(reference_logits, batches):
+            block = arrived.get()
+            if isinstance(block, BaseException):
+                raise block
+            comparison.add(reference, block, batch)
+            del block
+        reader.join()
         found = _json_line(process.stdout)
-    return header, logits, found
+    return header, comparison.result(), found
 
 
 def _json_line(stream) -> dict:
@@ -297,17 +320,15 @@ def _json_line(stream) -> dict:
     return json.loads(line)
 
 
-def _read(stream, size: int) -> bytearray:
-    """Exactly ``size`` bytes from ``stream``.
+def _read_into(stream, view: memoryview) -> None:
+    """Fill ``view`` with exactly its size in bytes from ``stream``.
 
     Raises:
         EOFError: the stream ended first (the worker stopped; its error is raised instead).
     """
-    data = bytearray(size)
-    view, done = memoryview(data), 0
+    done, size = 0, len(view)
     while done < size:
         got = stream.readinto(view[done:])
         if not got:
             raise EOFError(f"{done} of {size} bytes")
         done += got
-    return data

@@ -49,29 +49,22 @@ def merge_into(target, with_adapter, dtype, from_quantized: bool = True):
             layer = module.get_base_layer()
             destination = target.get_submodule(name)
             own = None if from_quantized else destination.weight.to(layer.weight.device)
-            destination.weight.data = _to_cpu(_merged_weight(module, _float_weight(layer, own)), dtype)
+            destination.weight.data = memory.to_host(_merged_weight(module, _float_weight(layer, own)), dtype)
             _copy_plain(layer, destination, dtype, skip=("weight",))
         elif isinstance(module, ModulesToSaveWrapper):
             done.append(name + ".")
             trained = module.modules_to_save[module.active_adapters[0]]
             destination = target.get_submodule(name)
             for key, value in trained.state_dict().items():
-                _set(destination, key, _to_cpu(value.detach(), dtype))
+                _set(destination, key, memory.to_host(value.detach(), dtype))
         elif name:
             destination = target.get_submodule(name)
             weight = getattr(module, "weight", None)
             quantized = _is_quantized(weight)
             if quantized and from_quantized:
-                destination.weight.data = _to_cpu(_float_weight(module), dtype)
+                destination.weight.data = memory.to_host(_float_weight(module), dtype)
             _copy_plain(module, destination, dtype, skip=("weight",) if quantized else ())
     return target.to(dtype)
-
-
-def _to_cpu(tensor, dtype):
-    """``tensor`` in ``dtype`` on the CPU, rounded where it is. From a GPU, ``tensor.to("cpu", dtype)`` would copy
-    the float32 values to the CPU and round them there: twice the bytes over the bus and a pass of the CPU over
-    every weight. Rounding on the GPU first gives the same values (both round to nearest even)."""
-    return tensor.to(dtype).to("cpu")
 
 
 def _is_quantized(weight) -> bool:
@@ -115,7 +108,7 @@ def _copy_plain(source, destination, dtype, skip=()) -> None:
     """``source``'s own parameters (biases, norms, embeddings; trained ones included) into ``destination``."""
     for key, value in source.named_parameters(recurse=False):
         if key not in skip and key in destination._parameters:
-            _set(destination, key, _to_cpu(value.detach(), dtype))
+            _set(destination, key, memory.to_host(value.detach(), dtype))
 
 
 def _set(module, key: str, value) -> None:

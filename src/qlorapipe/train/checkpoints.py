@@ -102,7 +102,9 @@ def restore_rng_states(states: dict) -> None:
 
 def trainable_state(model) -> dict:
     """Copies of every trainable tensor, by parameter name (the adapter as it trains)."""
-    return {name: p.detach().cpu().clone() for name, p in model.named_parameters() if p.requires_grad}
+    from qlorapipe.train.tensor_tree import host_copy
+
+    return {name: host_copy(p) for name, p in model.named_parameters() if p.requires_grad}
 
 
 def load_trainable_state(model, tensors: dict) -> None:

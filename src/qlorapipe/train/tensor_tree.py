@@ -7,13 +7,21 @@ from pathlib import Path
 from typing import Any
 
 
+def host_copy(tensor):
+    """A copy of ``tensor`` in CPU memory of its own, contiguous (from a GPU: ``memory.to_host``)."""
+    from qlorapipe.memory import to_host
+
+    tensor = tensor.detach()
+    return tensor.clone().contiguous() if tensor.device.type == "cpu" else to_host(tensor)
+
+
 def _split(obj: Any, tensors: dict, key: str) -> Any:
     """Replace tensors in a nested structure by references; dicts keep their key types."""
     import numpy as np
     import torch
 
     if isinstance(obj, torch.Tensor):
-        tensors[key] = obj.detach().cpu().clone().contiguous()
+        tensors[key] = host_copy(obj)
         return {"tensor": key}
     if isinstance(obj, np.ndarray):
         return {"ndarray": obj.tolist(), "dtype": str(obj.dtype)}
