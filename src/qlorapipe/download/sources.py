@@ -111,7 +111,6 @@ def copy_local_model_dir(src: Path, out_dir: Path, trust_remote_code: bool) -> d
         raise UserError(
             f"{src}: no *.safetensors weights{extra}; convert the checkpoint to safetensors first"
         )
-    hashes = {}
     wanted = [item for item in sorted(src.iterdir()) if item.is_file() and _wanted(item.name, trust_remote_code)]
     # The shards at once, each copied and hashed in one pass.
     with ThreadPoolExecutor(max_workers=max(1, min(len(weights), os.cpu_count() or 1, 8))) as pool:
@@ -120,8 +119,7 @@ def copy_local_model_dir(src: Path, out_dir: Path, trust_remote_code: bool) -> d
         for item in wanted:
             if item.suffix != ".safetensors":
                 shutil.copy2(item, out_dir / item.name)
-        hashes = {name: future.result() for name, future in copied.items()}
-    return hashes
+        return {name: future.result() for name, future in copied.items()}
 
 
 # Any one of these makes a tokenizer transformers can load without the Hub.
