@@ -169,8 +169,10 @@ def place(model, device, budget: float | None, reserve: float):
         model, max_memory={index: int(max(room - head.numel() * head.element_size(), 0)), "cpu": 2**50},
         no_split_module_classes=no_split)
     offloaded = sum(1 for where in placement.values() if where in ("cpu", "disk"))
-    logger.info("%d of %d modules do not fit the GPU within the budget; they stay on the CPU and stream "
-                "through the GPU at every forward", offloaded, len(placement))
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    logger.info("%d of %d modules do not fit the GPU within the budget (%.2f GB of room for %.2f GB of weights); "
+                "they stay on the CPU and stream through the GPU at every forward", offloaded, len(placement),
+                room / 1e9, weights / 1e9)
     return dispatch_model(model, device_map=placement, main_device=index), offloaded
 
 

@@ -4,68 +4,71 @@ from __future__ import annotations
 
 
 class _FirstTokenClock:
-    """A generate() streamer that only notes when the first new token arrives.
+    """A generate() streamer that only calls ``on_first_token`` when the first new token arrives.
 
     generate() hands the streamer the prompt first, then each new token as it is sampled.
     """
 
-    def __init__(self):
+    def __init__(self, on_first_token):
         self.calls = 0
-        self.first_token_at: float | None = None
+        self.on_first_token = on_first_token
 
     def put(self, value) -> None:
-        import time
-
         self.calls += 1
         if self.calls == 2:
-            self.first_token_at = time.perf_counter()
+            self.on_first_token()
 
     def end(self) -> None:
         """Nothing to flush: only the first token's arrival time is kept."""
 
 
 def measure_speed(model, input_ids, new_tokens: int, device, repeats: int = 1) -> dict:
-    """Latency and throughput of greedy generation of exactly ``new_tokens`` after ``input_ids``.
+    """Latency and throughput of greedy generation of exactly ``new_tokens`` after ``input_ids``, by the
+    decoder the pipeline's own generation uses (``greedy``: CUDA graphs on a GPU, transformers' ``generate``
+    on the CPU).
 
-    A two-token run warms up (kernel selection, allocator); then ``repeats`` timed runs, the best
-    reported, as timings on a shared machine only ever get slower. One is the default: at real sizes a
-    4-bit base + adapter generates a few tokens a second, so each run costs seconds. Timings vary
-    between runs; compare models measured in the same run.
+    A warm-up run first (kernel selection, allocator; on a GPU it records the graph the timed runs
+    replay: two tokens on the CPU); then ``repeats`` timed runs, the best reported, as timings on a
+    shared machine only ever get slower. One is the default: at real sizes a 4-bit base + adapter on
+    the CPU generates a few tokens a second, so each run costs seconds. Timings vary between runs;
+    compare models measured in the same run.
 
     Returns:
-        time_to_first_token_ms, tokens_per_second (after the first token), total_seconds,
-        weights_mb and peak memory (GPU allocated on CUDA, process RSS on the CPU).
+        time_to_first_token_ms, tokens_per_second (after the first token), total_seconds, decoder
+        ("cuda-graph" or "transformers-generate"), weights_mb and peak memory (GPU allocated on CUDA,
+        process RSS on the CPU).
     """
-    import time
-
     import torch
 
+    from qlorapipe import greedy
     from qlorapipe.modeling import peak_rss_bytes
 
     model.eval()
     input_ids = input_ids.to(device)
-    # One unpadded sequence: the pad id is never used, it only keeps generate() from warning.
-    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, use_cache=True,
-                  pad_token_id=0, attention_mask=torch.ones_like(input_ids))
-    with torch.no_grad():
-        model.generate(input_ids, **{**kwargs, "max_new_tokens": 2, "min_new_tokens": 2})
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-            torch.cuda.reset_peak_memory_stats(device)
-        best = None
-        for _ in range(repeats):
-            clock = _FirstTokenClock()
-            started = time.perf_counter()
-            model.generate(input_ids, streamer=clock, **kwargs)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            total = time.perf_counter() - started
-            first = clock.first_token_at - started
-            if best is None or total < best[0]:
-                best = (total, first)
+    attention = torch.ones_like(input_ids)
+    static = greedy.uses_static_decoder(model, device)
+    if static:
+        decoder = greedy.Decoder(model, input_ids.shape[0], input_ids.shape[1], new_tokens, set(), 0, device)
+
+        def generate(count, first_token):
+            decoder.run(input_ids, attention, on_first_token=first_token)  # no stop ids: exactly new_tokens
+    else:
+        def generate(count, first_token):
+            # One unpadded sequence: the pad id is never used, it only keeps generate() from warning.
+            streamer = None if first_token is None else _FirstTokenClock(first_token)
+            model.generate(input_ids, max_new_tokens=count, min_new_tokens=count, do_sample=False, use_cache=True,
+                           pad_token_id=0, attention_mask=attention, streamer=streamer)
+
+    try:
+        with torch.no_grad():
+            best = _timed_runs(generate, new_tokens, static, repeats, device)
+    finally:
+        if static:
+            decoder.close()
     total, first = best
     metrics = {
         "new_tokens": new_tokens,
+        "decoder": "cuda-graph" if static else "transformers-generate",
         "time_to_first_token_ms": round(1000 * first, 2),
         "tokens_per_second": round((new_tokens - 1) / max(total - first, 1e-9), 2),
         "total_seconds": round(total, 4),
@@ -76,3 +79,27 @@ def measure_speed(model, input_ids, new_tokens: int, device, repeats: int = 1) -
     else:
         metrics["process_peak_rss_mb"] = round(peak_rss_bytes() / 1e6, 2)
     return metrics
+
+
+def _timed_runs(generate, new_tokens: int, static: bool, repeats: int, device) -> tuple[float, float]:
+    """(total seconds, seconds to the first token) of the fastest of ``repeats`` runs after a warm-up."""
+    import time
+
+    import torch
+
+    generate(new_tokens if static else 2, None)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    best = None
+    for _ in range(repeats):
+        first_token_at = []
+        started = time.perf_counter()
+        generate(new_tokens, lambda arrived=first_token_at: arrived.append(time.perf_counter()))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        total = time.perf_counter() - started
+        first = first_token_at[0] - started
+        if best is None or total < best[0]:
+            best = (total, first)
+    return best
