@@ -279,7 +279,7 @@ class Decoder:
 
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph):
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):  # other threads may use CUDA
                 self._step()
         except RuntimeError as error:
             log.warning("Decoding without a CUDA graph (%s): one launch per kernel, slower", str(error).splitlines()[0])
