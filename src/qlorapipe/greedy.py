@@ -107,15 +107,46 @@ def left_padded(prompts: list[list[int]], pad: int):
 
 
 def uses_static_decoder(model, device) -> bool:
-    """Whether ``generate`` decodes with the static-cache ``Decoder`` (CUDA graphs): on a GPU, for the
-    families in STATIC_FAMILIES without a sliding window, every weight on the GPU (a module streamed
-    from the CPU copies its weights over at each forward: no graph can hold that)."""
+    """Whether ``generate`` decodes with the static-cache ``Decoder`` (CUDA graphs): on a GPU, when
+    ``static_refusal`` finds nothing against it."""
     import torch
 
+    return torch.device(device).type == "cuda" and static_refusal(model, torch.device(device)) is None
+
+
+# Generation-config entries whose logits processors transformers' greedy search would apply and the
+# Decoder does not (it applies repetition_penalty): with any of them set, generate runs instead.
+_UNSUPPORTED_PROCESSORS = ("sequence_bias", "bad_words_ids", "forced_bos_token_id", "forced_eos_token_id",
+                           "exponential_decay_length_penalty", "suppress_tokens", "begin_suppress_tokens")
+_UNSUPPORTED_IF_POSITIVE = ("no_repeat_ngram_size", "min_length", "min_new_tokens")
+
+
+def static_refusal(model, device) -> str | None:
+    """Why the ``Decoder`` would not choose the tokens transformers' ``generate`` chooses for this model
+    on ``device`` (None: it would): a family outside STATIC_FAMILIES or with a sliding window, attention
+    other than sdpa (eager attention adds a mask, it would read a boolean one as numbers), a weight off
+    ``device`` (a module streamed from the CPU copies its weights over at each forward: no graph holds
+    that), or a generation config asking for a logits processor it does not apply."""
     config = getattr(model, "config", None)
-    return (torch.device(device).type == "cuda" and getattr(config, "model_type", None) in STATIC_FAMILIES
-            and not getattr(config, "use_sliding_window", False)
-            and all(p.device.type == "cuda" for p in model.parameters()))
+    if getattr(config, "model_type", None) not in STATIC_FAMILIES:
+        return f"model type {getattr(config, 'model_type', None)}"
+    if getattr(config, "use_sliding_window", False):
+        return "sliding-window attention"
+    if getattr(config, "_attn_implementation", None) != "sdpa":
+        return f"attention {getattr(config, '_attn_implementation', None)}"
+    if any(p.device.type != device.type for p in model.parameters()):
+        return "weights off the device"
+    generation = getattr(model, "generation_config", None)
+    for key in _UNSUPPORTED_PROCESSORS:
+        if getattr(generation, key, None) is not None:
+            return f"generation config {key}"
+    for key in _UNSUPPORTED_IF_POSITIVE:
+        if (getattr(generation, key, None) or 0) > 0:
+            return f"generation config {key}"
+    if getattr(generation, "remove_invalid_values", False) or getattr(generation, "guidance_scale", None) not in (
+            None, 1, 1.0):
+        return "generation config remove_invalid_values or guidance_scale"
+    return None
 
 
 @contextlib.contextmanager
@@ -126,13 +157,18 @@ def _adapter(model, name: str | None):
     elif name == BASE:
         with model.disable_adapter():
             yield
-    else:
+    elif name == model.active_adapter:
+        yield
+    else:  # peft's set_adapter makes the adapter it activates trainable: the flags are put back after
         active = model.active_adapter
+        trainable = {parameter: parameter.requires_grad for parameter in model.parameters()}
         model.set_adapter(name)
         try:
             yield
         finally:
             model.set_adapter(active)
+            for parameter, flag in trainable.items():
+                parameter.requires_grad_(flag)
 
 
 class StaticCache:
@@ -167,9 +203,10 @@ class Decoder:
     The prompt runs as one ordinary forward pass (its mask: causal over the row's real tokens; a pad
     position sees itself, so no row of attention is empty). Each step then feeds the chosen tokens at
     cache slot ``index`` and position ``position``, its mask the row's real tokens up to that slot, and
-    chooses the next: argmax, padding once a row has stopped, as transformers' greedy search. ``run``
-    can be called again with other prompts of the same shape (merge's speed: a warm-up, then the timed
-    run replays the graph recorded in the first).
+    chooses the next: argmax (after the generation config's repetition penalty, if it has one), padding
+    once a row has stopped, as transformers' greedy search. ``run`` can be called again with other
+    prompts of the same shape (merge's speed: a warm-up, then the timed run replays the graph recorded
+    in the first); the graph holds the adapter that was active (or off) when it was recorded.
     """
 
     CHECK_EVERY = 8  # steps between looks (a GPU -> CPU sync) at whether every row has stopped
@@ -178,7 +215,12 @@ class Decoder:
                  graph: bool | None = None):
         import torch
 
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, not {max_new_tokens}")
         self.model, self.rows, self.width, self.max_new_tokens, self.pad = model, rows, width, max_new_tokens, pad
+        penalty = getattr(getattr(model, "generation_config", None), "repetition_penalty", None)
+        self.penalty = None if penalty in (None, 1, 1.0) else float(penalty)
+        self.seen = None  # rows x (vocabulary + 1): the tokens a repetition penalty applies to
         self.device = device
         self.graph_wanted = device.type == "cuda" if graph is None else graph
         self.graph = None
@@ -241,6 +283,8 @@ class Decoder:
         self.graph, self.cache, self.model = None, None, None
 
     def _prefill(self, input_ids, attention) -> None:
+        import torch
+
         width = input_ids.shape[1]
         prompt_slots = self.slots[:width]
         seen = (self.slots[None, :] <= prompt_slots[:, None])[None] & self.valid[:, None, :]
@@ -249,6 +293,12 @@ class Decoder:
         self.cache.positions = prompt_slots
         logits = self.model(input_ids=input_ids, position_ids=positions, attention_mask=seen[:, None],
                             past_key_values=self.cache, use_cache=True, logits_to_keep=1).logits
+        if self.penalty is not None:  # the prompt's own tokens, not its padding (as transformers)
+            vocabulary = logits.shape[-1]
+            if self.seen is None:
+                self.seen = torch.zeros((self.rows, vocabulary + 1), dtype=torch.bool, device=self.device)
+            self.seen.zero_()
+            self.seen.scatter_(1, torch.where(attention.bool(), input_ids.clamp(max=vocabulary), vocabulary), True)
         self.index.fill_(width)
         self.position.copy_(positions[:, -1:] + 1)
         self.cache.positions = self.index
@@ -263,9 +313,18 @@ class Decoder:
         self._choose(logits[:, -1])
 
     def _choose(self, logits) -> None:
+        """The next tokens from the last position's logits: transformers' greedy search (float32 scores,
+        its repetition penalty over the prompt and the tokens chosen so far, argmax)."""
         import torch
 
-        chosen = torch.where(self.finished, self.pad, logits.argmax(-1))
+        if self.penalty is not None:
+            scores = logits.float()
+            seen = self.seen[:, : scores.shape[-1]]
+            scores = torch.where(seen, torch.where(scores < 0, scores * self.penalty, scores / self.penalty), scores)
+            chosen = torch.where(self.finished, self.pad, scores.argmax(-1))
+            self.seen.scatter_(1, chosen[:, None].clamp(max=self.seen.shape[1] - 1), True)
+        else:
+            chosen = torch.where(self.finished, self.pad, logits.argmax(-1))
         self.tokens.index_copy_(1, self.step_index, chosen[:, None])
         self.step_index.add_(1)
         if self.stops.numel():
@@ -278,10 +337,12 @@ class Decoder:
         import torch
 
         graph = torch.cuda.CUDAGraph()
+        stream = torch.cuda.current_stream(self.device)
         try:
             with torch.cuda.graph(graph, capture_error_mode="thread_local"):  # other threads may use CUDA
                 self._step()
         except RuntimeError as error:
+            torch.cuda.set_stream(stream)  # a failed recording can leave its side stream current
             log.warning("Decoding without a CUDA graph (%s): one launch per kernel, slower", str(error).splitlines()[0])
             self.graph_wanted = False
             return False

@@ -35,7 +35,7 @@ def measure_speed(model, input_ids, new_tokens: int, device, repeats: int = 1) -
 
     Returns:
         time_to_first_token_ms, tokens_per_second (after the first token), total_seconds, decoder
-        ("cuda-graph" or "transformers-generate"), weights_mb and peak memory (GPU allocated on CUDA,
+        ("cuda-graph", "static-cache" when no graph could be recorded, or "transformers-generate"), weights_mb and peak memory (GPU allocated on CUDA,
         process RSS on the CPU).
     """
     import torch
@@ -59,16 +59,18 @@ def measure_speed(model, input_ids, new_tokens: int, device, repeats: int = 1) -
             model.generate(input_ids, max_new_tokens=count, min_new_tokens=count, do_sample=False, use_cache=True,
                            pad_token_id=0, attention_mask=attention, streamer=streamer)
 
+    label = "transformers-generate"
     try:
         with torch.no_grad():
             best = _timed_runs(generate, new_tokens, static, repeats, device)
     finally:
         if static:
+            label = "cuda-graph" if decoder.graph is not None else "static-cache"  # no graph: eager steps
             decoder.close()
     total, first = best
     metrics = {
         "new_tokens": new_tokens,
-        "decoder": "cuda-graph" if static else "transformers-generate",
+        "decoder": label,
         "time_to_first_token_ms": round(1000 * first, 2),
         "tokens_per_second": round((new_tokens - 1) / max(total - first, 1e-9), 2),
         "total_seconds": round(total, 4),
