@@ -220,7 +220,7 @@ class Decoder:
         self.model, self.rows, self.width, self.max_new_tokens, self.pad = model, rows, width, max_new_tokens, pad
         penalty = getattr(getattr(model, "generation_config", None), "repetition_penalty", None)
         self.penalty = None if penalty in (None, 1, 1.0) else float(penalty)
-        self.seen = None  # rows x (vocabulary + 1): the tokens a repetition penalty applies to
+        self.penalized = None  # rows x (vocabulary + 1): the tokens a repetition penalty applies to
         self.device = device
         self.graph_wanted = device.type == "cuda" if graph is None else graph
         self.graph = None
@@ -295,10 +295,10 @@ class Decoder:
                             past_key_values=self.cache, use_cache=True, logits_to_keep=1).logits
         if self.penalty is not None:  # the prompt's own tokens, not its padding (as transformers)
             vocabulary = logits.shape[-1]
-            if self.seen is None:
-                self.seen = torch.zeros((self.rows, vocabulary + 1), dtype=torch.bool, device=self.device)
-            self.seen.zero_()
-            self.seen.scatter_(1, torch.where(attention.bool(), input_ids.clamp(max=vocabulary), vocabulary), True)
+            if self.penalized is None:
+                self.penalized = torch.zeros((self.rows, vocabulary + 1), dtype=torch.bool, device=self.device)
+            self.penalized.zero_()
+            self.penalized.scatter_(1, torch.where(attention.bool(), input_ids.clamp(max=vocabulary), vocabulary), True)
         self.index.fill_(width)
         self.position.copy_(positions[:, -1:] + 1)
         self.cache.positions = self.index
@@ -319,10 +319,11 @@ class Decoder:
 
         if self.penalty is not None:
             scores = logits.float()
-            seen = self.seen[:, : scores.shape[-1]]
-            scores = torch.where(seen, torch.where(scores < 0, scores * self.penalty, scores / self.penalty), scores)
+            penalized = self.penalized[:, : scores.shape[-1]]
+            scores = torch.where(penalized, torch.where(scores < 0, scores * self.penalty, scores / self.penalty),
+                                 scores)
             chosen = torch.where(self.finished, self.pad, scores.argmax(-1))
-            self.seen.scatter_(1, chosen[:, None].clamp(max=self.seen.shape[1] - 1), True)
+            self.penalized.scatter_(1, chosen[:, None].clamp(max=self.penalized.shape[1] - 1), True)
         else:
             chosen = torch.where(self.finished, self.pad, logits.argmax(-1))
         self.tokens.index_copy_(1, self.step_index, chosen[:, None])
