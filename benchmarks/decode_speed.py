@@ -46,7 +46,7 @@ def main() -> None:
     stops = greedy.stop_token_ids(model, tokenizer)
     prompts = [tokenizer(p)["input_ids"] for p in params.prompts]
     rows = prompts + prompts
-    names = ["__base__"] * len(prompts) + [model.active_adapter] * len(prompts)
+    names = [greedy.BASE] * len(prompts) + [model.active_adapter] * len(prompts)
     one = [list(range(100, 116))]
 
     def timed(function):
@@ -58,23 +58,22 @@ def main() -> None:
             torch.cuda.synchronize(device)
         return time.perf_counter() - begun, result
 
+    def samples(count, static):
+        return greedy.generate(model, rows, count, len(rows), device, stops, tokenizer.pad_token_id,
+                               adapter_names=names, static=static)
+
     for static in (False, True):  # warm-up of each
-        seconds, _ = timed(lambda static=static: greedy.generate(model, rows, 2, len(rows), device, stops, tokenizer.pad_token_id,
-                                                   adapter_names=names, static=static))
+        seconds, _ = timed(lambda static=static: samples(2, static))
         print(f"warm-up (2 tokens) {'static' if static else 'generate'}: {seconds:.2f} s")
-    for repeat in range(args.repeats):
-        figures = {}
-        for static in (False, True):
-            figures[static] = timed(lambda static=static: greedy.generate(
-                model, rows, params.max_new_tokens, len(rows), device, stops, tokenizer.pad_token_id,
-                adapter_names=names, static=static))
+    for _ in range(args.repeats):
+        figures = {static: timed(lambda static=static: samples(params.max_new_tokens, static))
+                   for static in (False, True)}
         (slow, slow_tokens), (fast, fast_tokens) = figures[False], figures[True]
         print(f"samples ({len(rows)} rows x {params.max_new_tokens} tokens): generate {slow:.2f} s, static "
               f"{fast:.2f} s, ratio {slow / fast:.2f}x, same tokens: {slow_tokens == fast_tokens}")
-        speed = {}
-        for static in (False, True):
-            speed[static] = timed(lambda static=static: greedy.generate(model, one, merge.speed_new_tokens, 1, device, set(), 0,
-                                                          static=static))
+        speed = {static: timed(lambda static=static: greedy.generate(model, one, merge.speed_new_tokens, 1, device,
+                                                                     set(), 0, static=static))
+                 for static in (False, True)}
         (slow, slow_tokens), (fast, fast_tokens) = speed[False], speed[True]
         print(f"one row x {merge.speed_new_tokens} tokens: generate {merge.speed_new_tokens / slow:.1f} tok/s, "
               f"static {merge.speed_new_tokens / fast:.1f} tok/s, ratio {slow / fast:.2f}x, "

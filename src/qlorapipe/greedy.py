@@ -229,7 +229,7 @@ class Decoder:
         self.slots = torch.arange(length, device=device)
         self.valid = torch.ones((rows, length), dtype=torch.bool, device=device)
         self.stops = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
-        self.tokens = torch.full((rows, max(max_new_tokens, 1)), pad, dtype=torch.long, device=device)
+        self.tokens = torch.full((rows, max_new_tokens), pad, dtype=torch.long, device=device)
         self.token = torch.zeros((rows, 1), dtype=torch.long, device=device)
         self.position = torch.zeros((rows, 1), dtype=torch.long, device=device)
         self.index = torch.zeros(1, dtype=torch.long, device=device)

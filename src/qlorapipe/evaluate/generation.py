@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from qlorapipe import greedy
 from qlorapipe.evaluate import tasks
 
 
@@ -21,7 +22,7 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, device, 
             encoded.append(tokenizer(text, add_special_tokens=False)["input_ids"])
         else:
             encoded.append(tokenizer(prompt)["input_ids"])
-    names = ["__base__"] * len(encoded) + [model.active_adapter] * len(encoded)
+    names = [greedy.BASE] * len(encoded) + [model.active_adapter] * len(encoded)
     answers = tasks.generate_answers(model, tokenizer, encoded + encoded, max_new_tokens, max(len(names), 1), device,
                                      stop_ids, adapter_names=names)
     texts = [tokenizer.decode(answer.ids, skip_special_tokens=True) for answer in answers]

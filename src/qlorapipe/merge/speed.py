@@ -35,8 +35,8 @@ def measure_speed(model, input_ids, new_tokens: int, device, repeats: int = 1) -
 
     Returns:
         time_to_first_token_ms, tokens_per_second (after the first token), total_seconds, decoder
-        ("cuda-graph", "static-cache" when no graph could be recorded, or "transformers-generate"), weights_mb and peak memory (GPU allocated on CUDA,
-        process RSS on the CPU).
+        ("cuda-graph", "static-cache" when no graph could be recorded, or "transformers-generate"),
+        weights_mb and peak memory (GPU allocated on CUDA, process RSS on the CPU).
     """
     import torch
 
@@ -62,7 +62,7 @@ def measure_speed(model, input_ids, new_tokens: int, device, repeats: int = 1) -
     label = "transformers-generate"
     try:
         with torch.no_grad():
-            best = _timed_runs(generate, new_tokens, static, repeats, device)
+            best = _timed_runs(generate, new_tokens, new_tokens if static else 2, repeats, device)
     finally:
         if static:
             label = "cuda-graph" if decoder.graph is not None else "static-cache"  # no graph: eager steps
@@ -83,13 +83,14 @@ def measure_speed(model, input_ids, new_tokens: int, device, repeats: int = 1) -
     return metrics
 
 
-def _timed_runs(generate, new_tokens: int, static: bool, repeats: int, device) -> tuple[float, float]:
-    """(total seconds, seconds to the first token) of the fastest of ``repeats`` runs after a warm-up."""
+def _timed_runs(generate, new_tokens: int, warm_up: int, repeats: int, device) -> tuple[float, float]:
+    """(total seconds, seconds to the first token) of the fastest of ``repeats`` runs after a warm-up
+    run of ``warm_up`` tokens."""
     import time
 
     import torch
 
-    generate(new_tokens if static else 2, None)
+    generate(warm_up, None)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
