@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -246,8 +247,9 @@ def test_a_crash_with_blocks_on_the_gpu_runs_the_file_again_on_the_cpu(tiny_qwen
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 1e9)
     (tmp_path / "m.gguf").write_bytes(b"GGUF")  # only its size is read here
     found = llamacpp.check_file(tmp_path / "m.gguf", tokenizer, reference, [batch], [[1, 2]],
-                                [llamacpp.Continuation([5, 6], None)], 2, torch.device("cuda", 0), 8e9)
+                                [llamacpp.Continuation([5, 6], None)], 2, torch.device("cuda", 0), 8e9, threads=3)
     assert [spec["free_bytes"] for spec in specs] == [7e9, None]  # the budget beside torch's, then the CPU
+    assert [spec["threads"] for spec in specs] == [3, 3]
     assert found["gpu_layers"] == 0 and found["max_logit_diff"] == 0 and found["token_agreement"] == 1.0
     assert "running m.gguf on the CPU instead" in caplog.text
 
@@ -306,3 +308,28 @@ def test_reference_continuations_in_one_batch_are_those_one_prompt_at_a_time(tin
     raw = greedy.generate(model, prompts, 10, 3, "cpu", stops, None)
     assert len({len(tokens) for tokens in raw}) == 1  # a row that stopped first is padded to the batch's length
     assert [llamacpp.continuation(tokens, stops.__contains__) for tokens in raw] == batched
+
+
+def test_a_check_beside_the_quantizer_computes_on_the_cores_it_leaves(tiny_qwen2_dir, tmp_path):
+    """While llama.cpp still quantizes a file in the background, a check gets the other cores (llama.cpp's
+    threads wait on each other: sharing cores slowed a 7B check four times); once it is done, all of them."""
+    from concurrent.futures import Future
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from qlorapipe.export import llama_worker, threads_beside
+
+    quantizing, done = Future(), Future()
+    done.set_result(None)
+    assert threads_beside({"q8_0": quantizing}, 16, 8) == 8
+    assert threads_beside({"q4_k_m": quantizing}, 3, 1) == 2
+    assert threads_beside({"q8_0": done}, 16, 8) is None and threads_beside({}, 16, 8) is None
+    model = AutoModelForCausalLM.from_pretrained(tiny_qwen2_dir, dtype=torch.float32)
+    write_gguf(model, tiny_qwen2_dir, tmp_path / "m.gguf", "f16")
+    for threads, expected in ((1, 1), (None, os.cpu_count())):
+        llm = llama_worker.load(tmp_path / "m.gguf", n_ctx=32, threads=threads)
+        try:
+            assert llm.context_params.n_threads == expected
+        finally:
+            llm.close()

@@ -171,3 +171,35 @@ def test_weights_rounded_on_the_gpu_are_those_rounded_on_the_cpu(dtype):
         assert torch.equal(host, tensor.to("cpu", dtype))
         host.zero_()
         assert torch.equal(memory.to_host(tensor, dtype), tensor.to("cpu", dtype))
+
+
+DEVICES = [CPU] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("family", ["tiny_llama_dir", "tiny_qwen2_dir"])
+def test_a_16bit_model_upcast_block_by_block_computes_the_float32_copys_logits(family, dtype, device, request):
+    """Export's float32 reference from the 16-bit model on the device: the logits of a float32 copy, with the
+    16-bit weights left as they were, in any chunking of rows and of the output head."""
+    model_dir = request.getfixturevalue(family)
+    model = memory.load_on_cpu(model_dir, dtype).to(device)
+    weights = {name: param.detach().clone() for name, param in model.named_parameters()}
+    batches = [torch.randint(4, model.config.vocab_size, (3, 12), generator=torch.Generator().manual_seed(i))
+               for i in range(2)]
+    expected = fidelity.logits_on(memory.load_on_cpu(model_dir, dtype).float().to(device), batches, device)
+    assert fidelity.computes_plain_logits(model)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    for rows, head_rows in ((None, fidelity.HEAD_ROWS), (1, 7), (2, 64)):
+        found = fidelity.float32_logits(model, batches, device, rows_at_once=rows, head_rows=head_rows)
+        for got, want in zip(found, expected):
+            assert got.dtype == torch.float32 and got.device.type == "cpu"
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert all(param.dtype == dtype and torch.equal(param, weights[name]) for name, param in model.named_parameters())
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
+    if device.type == "cuda":  # what the export stage reserves beside the weights is enough
+        fixed, per_row = fidelity.float32_working_bytes(model, 12)
+        assert torch.cuda.max_memory_allocated() - before <= fixed + 3 * per_row

@@ -51,12 +51,13 @@ def chatterbot_pairs(wheel: Path) -> list[tuple[str, str, str]]:
     """
     import yaml
 
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's, where PyYAML has it: 10x faster
     pairs = []
     with zipfile.ZipFile(wheel) as archive:
         names = sorted(n for n in archive.namelist()
                        if n.startswith(CHATTERBOT_ENGLISH_DIR) and n.endswith((".yml", ".yaml")))
         for name in names:
-            document = yaml.safe_load(archive.read(name).decode("utf-8")) or {}
+            document = yaml.load(archive.read(name).decode("utf-8"), Loader=loader) or {}
             for number, conversation in enumerate(document.get("conversations") or [], start=1):
                 if not isinstance(conversation, list) or len(conversation) < 2:
                     continue

@@ -66,6 +66,104 @@ def logits_on(model, batches, device, rows_at_once: int | None = None) -> list:
     return found
 
 
+# Families whose logits are the output head applied to the last hidden state and nothing else (no
+# soft-capping, no logit scale, no embedding scale): ``float32_logits`` computes theirs.
+PLAIN_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+# Vocabulary rows of the output head ``float32_logits`` upcasts at once (134 MB at a hidden size of 2,048).
+HEAD_ROWS = 16384
+
+
+def float32_logits(model, batches, device, rows_at_once: int | None = None, head_rows: int = HEAD_ROWS) -> list:
+    """The logits a float32 copy of ``model`` computes, from ``model`` itself in 16 bits on ``device``.
+
+    Only one block is ever in float32: each decoder block's weights are upcast for its forward and
+    rounded back after (exact: a 16-bit value survives the round trip), the embeddings are looked up in
+    16 bits and upcast (the same values), and the output head multiplies in float32 ``head_rows``
+    vocabulary rows at a time. For a family in PLAIN_FAMILIES only (``computes_plain_logits``).
+
+    Returns:
+        float32 logits for each batch, on the CPU (as ``logits_on``).
+    """
+    import torch
+
+    from qlorapipe.memory import to_host
+
+    decoder, embed, head = model.get_decoder(), model.get_input_embeddings(), model.get_output_embeddings()
+    blocks = _upcast_blocks(model)
+    dtypes = {id(p): p.dtype for p in model.parameters()}
+
+    def upcast(module, args):
+        for param in module.parameters():
+            param.data = param.data.float()
+
+    def restore(module, args, output):
+        for param in module.parameters():
+            param.data = param.data.to(dtypes[id(param)])
+
+    handles = [hook for block in blocks
+               for hook in (block.register_forward_pre_hook(upcast), block.register_forward_hook(restore))]
+    model.eval()
+    found = []
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                step = rows_at_once or batch.shape[0]
+                parts = []
+                for i in range(0, batch.shape[0], step):
+                    embeds = embed(batch[i : i + step].to(device)).float()
+                    hidden = decoder(inputs_embeds=embeds, use_cache=False).last_hidden_state
+                    logits = torch.empty((*hidden.shape[:2], head.weight.shape[0]), dtype=torch.float32,
+                                         device=hidden.device)
+                    for first in range(0, head.weight.shape[0], head_rows):
+                        bias = None if head.bias is None else head.bias[first : first + head_rows].float()
+                        logits[..., first : first + head_rows] = torch.nn.functional.linear(
+                            hidden, head.weight[first : first + head_rows].float(), bias)
+                    del hidden
+                    parts.append(to_host(logits))
+                    del logits
+                found.append(parts[0] if len(parts) == 1 else torch.cat(parts))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return found
+
+
+def _upcast_blocks(model) -> list:
+    """The modules ``float32_logits`` upcasts one at a time: the decoder's blocks and its other modules with
+    weights (the final norm), the embeddings aside."""
+    import torch
+
+    decoder, embed = model.get_decoder(), model.get_input_embeddings()
+    blocks = []
+    for child in decoder.children():
+        if isinstance(child, torch.nn.ModuleList):
+            blocks += list(child)
+        elif child is not embed and any(True for _ in child.parameters()):
+            blocks.append(child)
+    return blocks
+
+
+def computes_plain_logits(model) -> bool:
+    """Whether ``float32_logits`` computes what ``model`` does (its family is one of PLAIN_FAMILIES)."""
+    return getattr(model.config, "model_type", None) in PLAIN_FAMILIES
+
+
+def float32_working_bytes(model, length: int, head_rows: int = HEAD_ROWS) -> tuple[float, float]:
+    """What ``float32_logits`` needs on the GPU beside ``model``'s 16-bit weights: (fixed, per row).
+
+    Fixed: the largest block in float32 and one slice of the head; per row: its float32 logits, the
+    hidden states and MLP intermediates of one block, and a full attention score matrix (the math path).
+    """
+    config = model.config
+    hidden = config.hidden_size
+    intermediate = getattr(config, "intermediate_size", 4 * hidden)
+    vocab, heads = model.get_output_embeddings().weight.shape[0], config.num_attention_heads
+    largest = max((sum(p.numel() for p in block.parameters()) for block in _upcast_blocks(model)), default=0)
+    fixed = 4.0 * (largest + min(head_rows, vocab) * hidden)
+    per_row = 4.0 * length * (vocab + 4 * hidden + 3 * intermediate + heads * length)
+    return fixed, per_row
+
+
 class Comparison:
     """Logit differences and next-token losses of a candidate against a reference, accumulated chunk by chunk.
 

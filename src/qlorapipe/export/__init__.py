@@ -141,13 +141,14 @@ def _gguf_files(params: ExportParams, inputs: Inputs, model, tokenizer, eval_set
     order = _writing_order(gguf_types)
     path = {t: out / "gguf" / f"model-{t}.gguf" for t in order}
     pending = {}
+    cores = os.cpu_count() or 2
+    # Half the cores for the quantizer: the references' and the checks' CPU work runs beside it.
+    quantizer_threads = max(1, cores // 2)
     if writer is not None:
-        # Half the cores for the quantizer: the references' and the checks' CPU work runs beside it.
-        threads = max(1, (os.cpu_count() or 2) // 2)
         for file_type in order:
             if file_type in llamacpp.QUANTIZED_TYPES:
                 pending[file_type] = writer.submit(llamacpp.quantize, path["f16"], path[file_type], file_type,
-                                                   threads)
+                                                   quantizer_threads)
             else:
                 pending[file_type] = writer.submit(gguf.write_gguf, model, inputs.merged, path[file_type],
                                                    file_type)
@@ -171,7 +172,8 @@ def _gguf_files(params: ExportParams, inputs: Inputs, model, tokenizer, eval_set
         if file_type not in gguf_types:
             continue
         found = llamacpp.check_file(path[file_type], tokenizer, reference_logits, batches, prompts, continuations,
-                                    params.parity_tokens, device, budget)
+                                    params.parity_tokens, device, budget,
+                                    threads_beside(pending, cores, quantizer_threads))
         clock.lap(f"check_{file_type}")
         gate(params, f"gguf-{file_type}", found)
         found["ollama_modelfile"] = _modelfile(out / "gguf" / f"model-{file_type}.Modelfile", path[file_type].name,
@@ -182,14 +184,24 @@ def _gguf_files(params: ExportParams, inputs: Inputs, model, tokenizer, eval_set
     return found_by_type
 
 
+def threads_beside(pending: dict, cores: int, quantizer_threads: int) -> int | None:
+    """The cores a llama.cpp check computes on: those the quantizer leaves while a file is still being quantized
+    beside it, all of them (None) otherwise. llama.cpp's threads wait for each other at every operation, so
+    sharing cores with the quantizer slows them several times (docs/benchmarks.md, 7B export)."""
+    busy = any(not future.done() for future in pending.values())
+    return max(1, cores - quantizer_threads) if busy else None
+
+
 def _reference_logits(model, merged: Path, batches: list, device, budget: float | None, trust: bool,
                       in_place: bool = True) -> list:
     """The merged model's float32 logits on ``batches``, what each GGUF file is measured against.
 
     On the CPU ``model`` itself is upcast (exactly; the GGUF files are then written from the same
-    values), or, when ``in_place`` is False (files being written from it), a float32 copy. On a GPU
-    a float32 copy computes them, with as many blocks on the GPU as the memory budget holds and the
-    rest streamed from the CPU, as many rows at once as stream the fewest bytes (``memory.rows_at_once``).
+    values), or, when ``in_place`` is False (files being written from it), a float32 copy. On a GPU,
+    when the 16-bit model fits the memory budget with one row's float32 logits, a copy of it on the
+    GPU computes them one block in float32 at a time (``fidelity.float32_logits``); otherwise a float32
+    copy does, with as many blocks on the GPU as the budget holds and the rest streamed from the CPU,
+    as many rows at once as stream the fewest bytes (``memory.rows_at_once``).
     """
     import torch
 
@@ -198,6 +210,17 @@ def _reference_logits(model, merged: Path, batches: list, device, budget: float 
                                   batches, device)
     vocab = model.get_output_embeddings().weight.shape[0]
     length = max(b.shape[1] for b in batches)
+    rows = _resident_rows(model, length, max(b.shape[0] for b in batches), budget, device)
+    if rows:
+        from transformers import AutoModelForCausalLM
+
+        resident = AutoModelForCausalLM.from_pretrained(merged, dtype=model.dtype, device_map={"": device},
+                                                        trust_remote_code=trust)
+        try:
+            return fidelity.float32_logits(resident, batches, device, rows_at_once=rows)
+        finally:
+            del resident
+            torch.cuda.empty_cache()
     row_bytes = memory.logits_bytes(1, length, vocab, 4 + 4)
     room = budget - memory.SLACK_BYTES - torch.cuda.memory_allocated(device)
     rows = memory.rows_at_once(memory.weight_bytes(model, bytes_16bit=4), memory.largest_block_bytes(model, 4),
@@ -209,6 +232,19 @@ def _reference_logits(model, merged: Path, batches: list, device, budget: float 
     finally:
         del copy
         torch.cuda.empty_cache()
+
+
+def _resident_rows(model, length: int, rows: int, budget: float | None, device) -> int:
+    """How many rows at once ``fidelity.float32_logits`` runs with a copy of ``model`` on the GPU within the
+    budget (0: the copy and one row do not fit, or the family is not one it computes)."""
+    import torch
+
+    if budget is None or not fidelity.computes_plain_logits(model):
+        return 0
+    fixed, per_row = fidelity.float32_working_bytes(model, length)
+    weights = memory.weight_bytes(model, bytes_16bit=next(model.parameters()).element_size())
+    room = budget - memory.SLACK_BYTES - torch.cuda.memory_allocated(device) - weights - fixed
+    return max(0, min(int(room // per_row), rows))
 
 
 def _modelfile(path: Path, gguf_name: str, tokenizer, merged: Path) -> bool:

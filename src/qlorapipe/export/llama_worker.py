@@ -77,7 +77,7 @@ def check(spec: dict, out) -> None:
 
     on_gpu = gpu_layers(gguf_file, spec["n_ctx"], spec["free_bytes"])
     with llama_log() as log:
-        llm = load(gguf_file, spec["n_ctx"], on_gpu)
+        llm = load(gguf_file, spec["n_ctx"], on_gpu, spec.get("threads"))
     lap("load")
     try:
         out.write((json.dumps({"vocab": llm.n_vocab(), "gpu_layers": on_gpu, "buffers_mb": llamacpp.buffers_mb("".join(log))})
@@ -164,9 +164,9 @@ def native_stderr():
             captured.append(sink.read().decode(errors="replace"))
 
 
-def load(gguf_file: Path, n_ctx: int, n_gpu_layers: int = 0):
+def load(gguf_file: Path, n_ctx: int, n_gpu_layers: int = 0, threads: int | None = None):
     """Load ``gguf_file`` in llama.cpp with logits for every position, ``n_gpu_layers`` of its blocks on the GPU
-    (more than it has: the output layer too).
+    (more than it has: the output layer too), computing on ``threads`` cores (None: all).
 
     Raises:
         UserError: llama.cpp refuses the file.
@@ -174,7 +174,7 @@ def load(gguf_file: Path, n_ctx: int, n_gpu_layers: int = 0):
     llama_cpp = llamacpp.llama_cpp_module()
     try:
         return llama_cpp.Llama(model_path=str(gguf_file), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx,
-                               logits_all=True, n_threads=os.cpu_count() or 1, n_gpu_layers=n_gpu_layers, verbose=False)
+                               logits_all=True, n_threads=threads or os.cpu_count() or 1, n_gpu_layers=n_gpu_layers, verbose=False)
     except (ValueError, RuntimeError) as error:
         raise UserError(f"llama.cpp refuses to load {gguf_file}: {error}; drop its format from export.formats "
                         "and report the model's architecture") from None

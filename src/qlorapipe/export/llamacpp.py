@@ -215,10 +215,11 @@ def continuation(tokens: list[int], is_stop) -> Continuation:
 
 
 def check_file(gguf_file: Path, tokenizer, reference_logits: list, batches: list, prompts: list[list[int]],
-               reference: list[Continuation], max_new_tokens: int, device=None, budget: float | None = None) -> dict:
+               reference: list[Continuation], max_new_tokens: int, device=None, budget: float | None = None,
+               threads: int | None = None) -> dict:
     """Run ``gguf_file`` in llama.cpp and measure it against the trained model (see the module docstring).
     On a GPU (``device``) with a CUDA build of llama.cpp, as many blocks as ``budget`` holds beside what
-    torch keeps run there.
+    torch keeps run there; the rest on ``threads`` cores (None: all of them).
 
     Returns:
         The metrics for metrics/export.json.
@@ -230,7 +231,7 @@ def check_file(gguf_file: Path, tokenizer, reference_logits: list, batches: list
     texts = [tokenizer.decode(b[0], skip_special_tokens=True) for b in batches]
     expected = [tokenizer(text)["input_ids"] for text in texts]
     spec = {"file": str(gguf_file), "n_ctx": n_ctx, "prompts": prompts, "max_new_tokens": max_new_tokens,
-            "free_bytes": budget - torch.cuda.memory_reserved(device) if on_gpu else None,
+            "free_bytes": budget - torch.cuda.memory_reserved(device) if on_gpu else None, "threads": threads,
             "rows": [row for batch in batches for row in batch.tolist()],
             "texts": [[t, ids, bool(ids) and ids[0] == tokenizer.bos_token_id] for t, ids in zip(texts, expected)],
             "chat": {"bos": tokenizer.bos_token or "", "eos": tokenizer.eos_token or ""}
