@@ -159,6 +159,7 @@ def test_a_checkpoint_from_another_pissa_residual_is_refused_not_resumed(tmp_pat
     made = checkpoints.CheckpointStore(tmp_path, every_steps=1, run_fingerprint="abc", init_digest="1" * 64)
     model = torch.nn.Linear(2, 2)
     made.save(1, model, torch.optim.SGD(model.parameters(), lr=0.1), {"result": {}}, None)
+    made.wait()
     assert checkpoints.CheckpointStore(tmp_path, 1, "abc", init_digest="1" * 64).latest().step == 1
     with pytest.raises(UserError, match=r"step-000001 was trained from a PiSSA residual base \(sha256 111111111111\) "
                                         r"that this run did not recompute \(sha256 222222222222.*delete"):

@@ -148,6 +148,7 @@ def test_half_written_and_foreign_checkpoints_are_never_used(tmp_path, caplog):
     optimizer.step()
     store = checkpoints.CheckpointStore(tmp_path, every_steps=3, run_fingerprint="abc")
     good = store.save(6, model, optimizer, {"note": "six"}, best=None)
+    store.wait()
     # What kill -9 can leave behind: an unfinished temporary directory, and (copied by hand,
     # or from an older version) a step directory without its state file.
     (tmp_path / ".step-000009.tmp-x1y2").mkdir()
@@ -155,7 +156,9 @@ def test_half_written_and_foreign_checkpoints_are_never_used(tmp_path, caplog):
     (tmp_path / "step-000012").mkdir()
     (tmp_path / "step-000012" / "adapter.safetensors").write_bytes(b"\0" * 10)
     foreign = checkpoints.CheckpointStore(tmp_path / "other", every_steps=3, run_fingerprint="xyz")
-    foreign.save(9, model, optimizer, {}, best=None).rename(tmp_path / "step-000009")
+    written = foreign.save(9, model, optimizer, {}, best=None)
+    foreign.wait()
+    written.rename(tmp_path / "step-000009")
 
     with caplog.at_level(logging.INFO, logger="qlorapipe.train.checkpoints"):
         latest = store.latest()
@@ -208,6 +211,48 @@ def test_early_stopping_waits_patience_evaluations_and_keeps_the_best_adapter(pr
         keep_best_adapter=False), CPU)
     assert no_best.steps == 6 and no_best.final_eval_loss == no_best.history[-1].eval_loss
     assert not all(torch.equal(checkpoints.trainable_state(last)[n], expected[n]) for n in expected)
+
+
+def test_a_checkpoint_is_written_in_the_background_with_the_values_it_was_saved_with(tmp_path, monkeypatch):
+    """save() copies the tensors and returns; training changes them while the files are written; the files hold
+    what was saved. A write that fails is raised by wait(), leaving no directory behind and the checkpoint before."""
+    import threading
+
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.ones(1, 3)).sum().backward()
+    optimizer.step()
+    saved = {name: value.clone() for name, value in checkpoints.trainable_state(model).items()}
+    moments = optimizer.state_dict()["state"][0]["exp_avg"].clone()
+    store = checkpoints.CheckpointStore(tmp_path, every_steps=1, run_fingerprint="abc")
+    release, write = threading.Event(), checkpoints._write_snapshot
+
+    def slow_write(directory, snapshot):
+        assert release.wait(30)
+        write(directory, snapshot)
+
+    monkeypatch.setattr(checkpoints, "_write_snapshot", slow_write)
+    path = store.save(1, model, optimizer, {"note": "one"}, best=None)
+    assert not path.exists()  # still being written
+    model(torch.ones(1, 3)).sum().backward()  # training goes on
+    optimizer.step()
+    release.set()
+    store.wait()
+    latest = store.latest()
+    assert latest.path == path and latest.state["note"] == "one"
+    assert all(torch.equal(latest.adapter()[name], saved[name]) for name in saved)
+    assert not torch.equal(model.weight.detach(), saved["weight"])
+    assert torch.equal(latest.optimizer_state()["state"][0]["exp_avg"], moments)
+
+    def failing_write(directory, snapshot):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoints, "_write_snapshot", failing_write)
+    store.save(2, model, optimizer, {"note": "two"}, best=None)
+    with pytest.raises(OSError, match="No space left"):
+        store.wait()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000001"]
+    store.wait()  # raised once
 
 
 def test_a_diverging_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(prepared, tmp_path):

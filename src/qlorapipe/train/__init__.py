@@ -170,6 +170,11 @@ def run(sections: Sections, base_dir: Path, data_dir: Path, out: Outputs, relaun
             world.save_adapter(model, adapter_dir, state_dict)
         write_adapter_record(adapter_dir, record)
     clock.lap("save")
+    curves.write_history_csv(result.history, out.history)
+    curves.plot_training_curves(result.history, out.curves)
+    waiting = time.perf_counter()
+    store.wait()  # the last checkpoint, written in the background meanwhile
+    result.checkpoint_seconds += time.perf_counter() - waiting
     metrics = {
         "train_loss": round(result.final_train_loss, 5),
         "eval_loss": round(result.final_eval_loss, 5),
@@ -197,8 +202,6 @@ def run(sections: Sections, base_dir: Path, data_dir: Path, out: Outputs, relaun
         "environment": modeling.environment_record(device),
     }
     write_json(out.metrics, metrics)
-    curves.write_history_csv(result.history, out.history)
-    curves.plot_training_curves(result.history, out.curves)
     write_text_atomic(out.log, "\n".join(header + result.log_lines) + "\n")
     logger.info("Adapter written to %s; final eval loss %.4f", out.adapter, result.final_eval_loss)
 

@@ -37,6 +37,7 @@ import logging
 import os
 import random
 import shutil
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,7 +46,7 @@ from qlorapipe.errors import UserError
 from qlorapipe.outputs import atomic_dir
 from qlorapipe.records import directory_digest, read_source_record
 from qlorapipe.train.distributed import SingleProcess
-from qlorapipe.train.tensor_tree import load_tree, save_tree
+from qlorapipe.train.tensor_tree import load_tree, save_tree, split_tree, write_tree
 
 logger = logging.getLogger(__name__)
 
@@ -190,6 +191,8 @@ class CheckpointStore:
         self.processes = processes or SingleProcess(None)
         self.layout = layout(self.processes)
         self.init_digest = init_digest
+        self._writer: ThreadPoolExecutor | None = None
+        self._pending: Future | None = None
 
     def due(self, step: int, last: bool) -> bool:
         """Whether to write a checkpoint after ``step`` (always after the last step, when enabled)."""
@@ -206,6 +209,7 @@ class CheckpointStore:
                 (FSDP shards) than this run's, or from other initial weights (``init_digest``);
                 that checkpoint is kept.
         """
+        self.wait()  # this store's own checkpoint being written, if any, first
         processes = self.processes
         if not processes.is_main:
             processes.barrier()  # rank 0 has deleted what is not to be resumed
@@ -274,6 +278,10 @@ class CheckpointStore:
     def save(self, step: int, model, optimizer, state: dict, best: dict | None) -> Path:
         """Write a checkpoint atomically, then delete the older ones.
 
+        With one process the tensors are copied to host memory now and written in the background
+        (files, fsync, rename) while training goes on; the next ``save`` or ``wait`` waits for it. With
+        several, every rank writes its part before this returns.
+
         Args:
             step: optimizer steps completed.
             model: the model whose trainable parameters are saved.
@@ -290,11 +298,29 @@ class CheckpointStore:
         if self.processes.num_processes > 1:
             self._save_together(path, model, optimizer, record, best)
         else:
-            with atomic_dir(path) as tmp:
-                _write_tensors(tmp, model, optimizer, best)
-                _write_state(tmp, record)
-            self._delete_older(path)
+            snapshot, text = _snapshot(model, optimizer, best), _state_text(record)  # both taken now
+            self.wait()
+            if self._writer is None:
+                self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
+            self._pending = self._writer.submit(self._write, path, snapshot, text)
         return path
+
+    def wait(self) -> None:
+        """Return once the checkpoint being written in the background is on disk.
+
+        Raises:
+            OSError: what stopped it (its temporary directory is gone, the checkpoint before it kept).
+        """
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def _write(self, path: Path, snapshot: _Snapshot, state_text: str) -> None:
+        with atomic_dir(path) as tmp:
+            _write_snapshot(tmp, snapshot)
+            (tmp / STATE_FILE).write_text(state_text)
+            _fsync_tree(tmp)
+        self._delete_older(path)
 
     def _save_together(self, path: Path, model, optimizer, record: dict, best: dict | None) -> None:
         """Every rank writes its part into one temporary directory that rank 0 completes and renames.
@@ -339,19 +365,42 @@ class CheckpointStore:
                 shutil.rmtree(older, ignore_errors=True)
 
 
-def _write_tensors(directory: Path, model, optimizer, best: dict | None) -> None:
+@dataclass(frozen=True)
+class _Snapshot:
+    """A checkpoint's tensors in host memory of their own: what training changes next cannot reach them."""
+
+    adapter: dict
+    best: dict | None  # host copies already (``trainable_state``), replaced, never changed, by the loop
+    optimizer: tuple  # split_tree's (structure, tensors)
+    rng: tuple
+
+
+def _snapshot(model, optimizer, best: dict | None) -> _Snapshot:
+    return _Snapshot(trainable_state(model), best, split_tree("optimizer", optimizer.state_dict()),
+                     split_tree("rng", rng_states()))
+
+
+def _write_snapshot(directory: Path, snapshot: _Snapshot) -> None:
     from safetensors.torch import save_file
 
-    save_file(trainable_state(model), str(directory / ADAPTER_FILE))
-    if best is not None:
-        save_file(best, str(directory / BEST_ADAPTER_FILE))
-    save_tree(directory, "optimizer", optimizer.state_dict())
-    save_tree(directory, "rng", rng_states())
+    save_file(snapshot.adapter, str(directory / ADAPTER_FILE))
+    if snapshot.best is not None:
+        save_file(snapshot.best, str(directory / BEST_ADAPTER_FILE))
+    write_tree(directory, "optimizer", *snapshot.optimizer)
+    write_tree(directory, "rng", *snapshot.rng)
     _fsync_tree(directory)  # a rename can reach the disk before the data it names
 
 
+def _write_tensors(directory: Path, model, optimizer, best: dict | None) -> None:
+    _write_snapshot(directory, _snapshot(model, optimizer, best))
+
+
+def _state_text(record: dict) -> str:
+    return json.dumps(record, indent=1, sort_keys=True) + "\n"
+
+
 def _write_state(directory: Path, record: dict) -> None:
-    (directory / STATE_FILE).write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+    (directory / STATE_FILE).write_text(_state_text(record))
     _fsync_tree(directory)
 
 

@@ -54,10 +54,20 @@ def _join(obj: Any, tensors: dict) -> Any:
 
 def save_tree(directory: Path, name: str, obj: Any) -> None:
     """Write a nested structure of tensors and plain values as ``name``.safetensors + ``name``.json."""
+    write_tree(directory, name, *split_tree(name, obj))
+
+
+def split_tree(name: str, obj: Any) -> tuple[Any, dict]:
+    """``obj``'s structure (JSON-serialisable) and host copies of its tensors, taken now (``write_tree``
+    writes them later, while ``obj`` changes)."""
+    tensors: dict = {}
+    return _split(obj, tensors, name), tensors
+
+
+def write_tree(directory: Path, name: str, structure: Any, tensors: dict) -> None:
+    """Write what ``split_tree`` took as ``name``.safetensors + ``name``.json."""
     from safetensors.torch import save_file
 
-    tensors: dict = {}
-    structure = _split(obj, tensors, name)
     save_file(tensors, str(directory / f"{name}.safetensors"))
     (directory / f"{name}.json").write_text(json.dumps(structure) + "\n")
 
