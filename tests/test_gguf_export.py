@@ -330,6 +330,6 @@ def test_a_check_beside_the_quantizer_computes_on_the_cores_it_leaves(tiny_qwen2
     for threads, expected in ((1, 1), (None, os.cpu_count())):
         llm = llama_worker.load(tmp_path / "m.gguf", n_ctx=32, threads=threads)
         try:
-            assert llm.context_params.n_threads == expected
+            assert llm.context_params.n_threads == llm.context_params.n_threads_batch == expected
         finally:
             llm.close()

@@ -203,3 +203,18 @@ def test_a_16bit_model_upcast_block_by_block_computes_the_float32_copys_logits(f
     if device.type == "cuda":  # what the export stage reserves beside the weights is enough
         fixed, per_row = fidelity.float32_working_bytes(model, 12)
         assert torch.cuda.max_memory_allocated() - before <= fixed + 3 * per_row
+
+
+def test_a_block_that_fails_midway_leaves_the_16bit_weights_as_they_were(tiny_qwen2_dir):
+    model = memory.load_on_cpu(tiny_qwen2_dir, torch.bfloat16)
+    weights = {name: param.detach().clone() for name, param in model.named_parameters()}
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    model.model.layers[1].mlp.forward = out_of_memory
+    with pytest.raises(torch.OutOfMemoryError):
+        fidelity.float32_logits(model, [torch.tensor([[5, 6, 7]])], CPU)
+    assert all(param.dtype == torch.bfloat16 and torch.equal(param, weights[name])
+               for name, param in model.named_parameters())
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())

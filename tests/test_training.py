@@ -213,7 +213,7 @@ def test_early_stopping_waits_patience_evaluations_and_keeps_the_best_adapter(pr
     assert not all(torch.equal(checkpoints.trainable_state(last)[n], expected[n]) for n in expected)
 
 
-def test_a_checkpoint_is_written_in_the_background_with_the_values_it_was_saved_with(tmp_path, monkeypatch):
+def test_a_checkpoint_is_written_in_the_background_with_the_values_it_was_saved_with(tmp_path, monkeypatch, caplog):
     """save() copies the tensors and returns; training changes them while the files are written; the files hold
     what was saved. A write that fails is raised by wait(), leaving no directory behind and the checkpoint before."""
     import threading
@@ -253,6 +253,12 @@ def test_a_checkpoint_is_written_in_the_background_with_the_values_it_was_saved_
         store.wait()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000001"]
     store.wait()  # raised once
+    # A run that stops (divergence, an error) names the newest checkpoint really on disk, logging the failed write.
+    failed = store.save(3, model, optimizer, {"note": "three"}, best=None)
+    with caplog.at_level(logging.WARNING, logger="qlorapipe.train.checkpoints"):
+        assert store.settle(failed) == path
+    assert "step-000003 was not written: [Errno 28] No space left on device" in caplog.text
+    assert store.settle(path) == path  # nothing being written
 
 
 def test_a_diverging_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(prepared, tmp_path):

@@ -100,8 +100,9 @@ def float32_logits(model, batches, device, rows_at_once: int | None = None, head
         for param in module.parameters():
             param.data = param.data.to(dtypes[id(param)])
 
-    handles = [hook for block in blocks
-               for hook in (block.register_forward_pre_hook(upcast), block.register_forward_hook(restore))]
+    handles = [hook for block in blocks  # always_call: rounded back even when the block's forward raises
+               for hook in (block.register_forward_pre_hook(upcast),
+                            block.register_forward_hook(restore, always_call=True))]
     model.eval()
     found = []
     try:

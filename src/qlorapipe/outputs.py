@@ -22,10 +22,19 @@ from typing import Any
 from qlorapipe.errors import UserError
 
 
-def _umask() -> int:
+def _read_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+# Read once: os.umask can only be read by setting it, and the process-wide toggle must not race with
+# files another thread creates meanwhile (checkpoints are written on a thread of their own).
+_UMASK = _read_umask()
+
+
+def _umask() -> int:
+    return _UMASK
 
 
 def sweep_leftovers(path: Path) -> list[Path]:

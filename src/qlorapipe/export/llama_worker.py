@@ -174,7 +174,8 @@ def load(gguf_file: Path, n_ctx: int, n_gpu_layers: int = 0, threads: int | None
     llama_cpp = llamacpp.llama_cpp_module()
     try:
         return llama_cpp.Llama(model_path=str(gguf_file), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx,
-                               logits_all=True, n_threads=threads or os.cpu_count() or 1, n_gpu_layers=n_gpu_layers, verbose=False)
+                               logits_all=True, n_threads=threads or os.cpu_count() or 1,
+                               n_threads_batch=threads or os.cpu_count() or 1, n_gpu_layers=n_gpu_layers, verbose=False)
     except (ValueError, RuntimeError) as error:
         raise UserError(f"llama.cpp refuses to load {gguf_file}: {error}; drop its format from export.formats "
                         "and report the model's architecture") from None

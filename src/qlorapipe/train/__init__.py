@@ -147,10 +147,15 @@ def run(sections: Sections, base_dir: Path, data_dir: Path, out: Outputs, relaun
                                         init_digest=init_digest)
     publishing = live.publisher(out.live) if world.is_main else contextlib.nullcontext()
     with _progress(world.is_main) as progress, publishing as publish:
-        result = loop.train(model, train_set, eval_set, fast.training_params(params, sections.acceleration, device),
-                            device, progress, checkpoints=store, processes=world, graphed=graphed,
-                            async_optimizer=sections.acceleration.async_optimizer and device.type == "cuda",
-                            publish=publish)
+        try:
+            result = loop.train(model, train_set, eval_set,
+                                fast.training_params(params, sections.acceleration, device), device, progress,
+                                checkpoints=store, processes=world, graphed=graphed,
+                                async_optimizer=sections.acceleration.async_optimizer and device.type == "cuda",
+                                publish=publish)
+        except BaseException:
+            store.settle(None)  # a checkpoint being written is finished first; a failed write is logged
+            raise
     clock.lap("loop")
     if graphed is not None and graphed.failed:
         logger.warning("Trained without CUDA graphs: %s", graphed.failed)

@@ -193,6 +193,7 @@ class CheckpointStore:
         self.init_digest = init_digest
         self._writer: ThreadPoolExecutor | None = None
         self._pending: Future | None = None
+        self._pending_path: Path | None = None
 
     def due(self, step: int, last: bool) -> bool:
         """Whether to write a checkpoint after ``step`` (always after the last step, when enabled)."""
@@ -298,11 +299,11 @@ class CheckpointStore:
         if self.processes.num_processes > 1:
             self._save_together(path, model, optimizer, record, best)
         else:
+            self.wait()  # one snapshot in host memory at a time
             snapshot, text = _snapshot(model, optimizer, best), _state_text(record)  # both taken now
-            self.wait()
             if self._writer is None:
                 self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
-            self._pending = self._writer.submit(self._write, path, snapshot, text)
+            self._pending, self._pending_path = self._writer.submit(self._write, path, snapshot, text), path
         return path
 
     def wait(self) -> None:
@@ -314,6 +315,18 @@ class CheckpointStore:
         pending, self._pending = self._pending, None
         if pending is not None:
             pending.result()
+
+    def settle(self, last: Path | None) -> Path | None:
+        """The newest checkpoint on disk once the one being written is done, for a run that stops: ``last`` (the
+        last one saved), or, when that write failed (logged, not raised), the newest complete one before it."""
+        writing = self._pending_path
+        try:
+            self.wait()
+        except OSError as error:
+            logger.warning("Checkpoint %s was not written: %s", writing, error)
+            written = sorted(p for p in self.directory.glob(f"{_PREFIX}*") if (p / STATE_FILE).is_file())
+            return written[-1] if written else None
+        return last
 
     def _write(self, path: Path, snapshot: _Snapshot, state_text: str) -> None:
         with atomic_dir(path) as tmp:

@@ -255,6 +255,7 @@ def train(model, train_set, eval_set, params: TrainingParams, device, progress=N
         step_loss, step_tokens = processes.mean(step_loss), processes.sum(step_tokens)
         if not math.isfinite(step_loss):
             # Nothing of this step is applied or saved: the last checkpoint stays the last good one.
+            last_checkpoint = checkpoints.settle(last_checkpoint) if checkpoints else last_checkpoint
             raise UserError(divergence_message(step_loss, step, _compute_dtype(inner), params, last_checkpoint))
         if params.max_grad_norm > 0:
             processes.clip_grad_norm_(trainable, params.max_grad_norm)
