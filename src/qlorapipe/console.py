@@ -81,6 +81,9 @@ def quiet_libraries() -> None:
 def run_stage(main: Callable[[list[str] | None], None], argv: list[str] | None = None,
               tokenizer_threads: bool = False) -> None:
     """Run a stage's main(): a UserError becomes one red line and exit status 1."""
+    from qlorapipe.startup import defer_bitsandbytes_compile
+
+    defer_bitsandbytes_compile()
     configure_logging(tokenizer_threads=tokenizer_threads)
     try:
         main(argv)

@@ -1,0 +1,69 @@
+"""What a stage process sets up before the libraries it imports: their import-time costs it can defer.
+
+bitsandbytes wraps a few of its CPU fallback ops (4-bit and blockwise dequantization) in
+``torch.compile`` when it is imported; building those wrappers imports torch's inductor, 1.6 s of
+every model stage's start on this project's 2-core CPU machine and about 1.7 s of the 2.5 s
+bitsandbytes took on an H200 (docs/benchmarks.md), though compiling happens only at a first call
+either way. ``defer_bitsandbytes_compile`` has the wrappers built at that first call instead: the
+same ``torch.compile`` with the same arguments, the same fallback when it fails, later.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.abc
+import importlib.machinery
+import sys
+
+BITSANDBYTES_COMPILED_OPS = "bitsandbytes.backends.default.ops"
+
+
+def defer_bitsandbytes_compile() -> None:
+    """Build bitsandbytes' import-time ``torch.compile`` wrappers at their first call (idempotent)."""
+    if not any(isinstance(finder, _DeferringFinder) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _DeferringFinder())
+
+
+def lazy_compile(compile_fn):
+    """``compile_fn`` (``torch.compile``) that compiles a function when it is first called, not when wrapped."""
+
+    def deferred(fn=None, **options):
+        if fn is None:  # used as @torch.compile(**options)
+            return lambda function: deferred(function, **options)
+        compiled = None
+
+        @functools.wraps(fn)
+        def call(*args, **kwargs):
+            nonlocal compiled
+            if compiled is None:
+                compiled = compile_fn(fn, **options)
+            return compiled(*args, **kwargs)
+
+        return call
+
+    return deferred
+
+
+class _DeferringFinder(importlib.abc.MetaPathFinder):
+    """Runs bitsandbytes' compiled-ops module with ``torch.compile`` deferred, and only that module."""
+
+    def find_spec(self, name, path, target=None):
+        if name != BITSANDBYTES_COMPILED_OPS:
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return None
+        run_module = spec.loader.exec_module
+
+        def exec_module(module):
+            import torch
+
+            compile_fn = torch.compile
+            torch.compile = lazy_compile(compile_fn)
+            try:
+                run_module(module)
+            finally:
+                torch.compile = compile_fn
+
+        spec.loader.exec_module = exec_module
+        return spec

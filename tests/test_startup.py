@@ -1,0 +1,47 @@
+"""What a stage process defers at start: bitsandbytes' import-time torch.compile wrappers (qlorapipe.startup)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from qlorapipe.startup import lazy_compile
+
+
+def test_a_deferred_compile_compiles_once_at_the_first_call_with_the_same_options():
+    calls = []
+
+    def compile_fn(fn, **options):
+        calls.append(options)
+        return lambda *args, **kwargs: ("compiled", fn(*args, **kwargs))
+
+    deferred = lazy_compile(compile_fn)
+
+    def double(x):
+        return 2 * x
+
+    wrapped = deferred(double, dynamic=False)
+    decorated = deferred(dynamic=True)(double)
+    assert calls == [] and wrapped.__name__ == "double"  # wrapping compiles nothing
+    assert wrapped(3) == ("compiled", 6) and wrapped(4) == ("compiled", 8)
+    assert decorated(5) == ("compiled", 10)
+    assert calls == [{"dynamic": False}, {"dynamic": True}]  # once each, with its own options
+
+
+def test_a_stage_imports_peft_and_bitsandbytes_without_torchs_inductor_and_dequantizes_as_before():
+    code = """
+import sys
+from qlorapipe.startup import defer_bitsandbytes_compile
+defer_bitsandbytes_compile()
+from peft import PeftModel
+import torch, bitsandbytes.functional as F
+print("torch._inductor.compile_fx" in sys.modules)
+torch.manual_seed(0)
+weights = torch.randn(64, 128)
+packed, state = F.quantize_4bit(weights, blocksize=64, quant_type="nf4")
+again = F.dequantize_4bit(packed, state)
+print(again.shape == weights.shape, float((again - weights).abs().max() / weights.abs().max()) < 0.2)
+"""
+    found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert found.returncode == 0, found.stderr[-2000:]
+    assert found.stdout.split() == ["False", "True", "True"]
