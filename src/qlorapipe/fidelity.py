@@ -51,17 +51,21 @@ def logits_on(model, batches, device, rows_at_once: int | None = None) -> list:
     ``rows_at_once`` runs the model on that many rows at a time (None: the whole batch), so the
     GPU only ever holds that many rows of logits.
     """
+    model.eval()
+    return _by_rows(batches, rows_at_once, lambda rows: model(input_ids=rows.to(device)).logits)
+
+
+def _by_rows(batches, rows_at_once: int | None, logits_of) -> list:
+    """``logits_of`` each batch, ``rows_at_once`` rows at a time (None: the whole batch), as float32 on the CPU."""
     import torch
 
     from qlorapipe.memory import to_host
 
-    model.eval()
     found = []
     with torch.no_grad():
         for batch in batches:
             step = rows_at_once or batch.shape[0]
-            parts = [to_host(model(input_ids=batch[i : i + step].to(device)).logits, torch.float32)
-                     for i in range(0, batch.shape[0], step)]
+            parts = [to_host(logits_of(batch[i : i + step]), torch.float32) for i in range(0, batch.shape[0], step)]
             found.append(parts[0] if len(parts) == 1 else torch.cat(parts))
     return found
 
@@ -86,8 +90,6 @@ def float32_logits(model, batches, device, rows_at_once: int | None = None, head
     """
     import torch
 
-    from qlorapipe.memory import to_host
-
     decoder, embed, head = model.get_decoder(), model.get_input_embeddings(), model.get_output_embeddings()
     blocks = _upcast_blocks(model)
     dtypes = {id(p): p.dtype for p in model.parameters()}
@@ -103,30 +105,21 @@ def float32_logits(model, batches, device, rows_at_once: int | None = None, head
     handles = [hook for block in blocks  # always_call: rounded back even when the block's forward raises
                for hook in (block.register_forward_pre_hook(upcast),
                             block.register_forward_hook(restore, always_call=True))]
+    def logits_of(rows):
+        hidden = decoder(inputs_embeds=embed(rows.to(device)).float(), use_cache=False).last_hidden_state
+        logits = torch.empty((*hidden.shape[:2], head.weight.shape[0]), dtype=torch.float32, device=hidden.device)
+        for first in range(0, head.weight.shape[0], head_rows):
+            bias = None if head.bias is None else head.bias[first : first + head_rows].float()
+            logits[..., first : first + head_rows] = torch.nn.functional.linear(
+                hidden, head.weight[first : first + head_rows].float(), bias)
+        return logits
+
     model.eval()
-    found = []
     try:
-        with torch.no_grad():
-            for batch in batches:
-                step = rows_at_once or batch.shape[0]
-                parts = []
-                for i in range(0, batch.shape[0], step):
-                    embeds = embed(batch[i : i + step].to(device)).float()
-                    hidden = decoder(inputs_embeds=embeds, use_cache=False).last_hidden_state
-                    logits = torch.empty((*hidden.shape[:2], head.weight.shape[0]), dtype=torch.float32,
-                                         device=hidden.device)
-                    for first in range(0, head.weight.shape[0], head_rows):
-                        bias = None if head.bias is None else head.bias[first : first + head_rows].float()
-                        logits[..., first : first + head_rows] = torch.nn.functional.linear(
-                            hidden, head.weight[first : first + head_rows].float(), bias)
-                    del hidden
-                    parts.append(to_host(logits))
-                    del logits
-                found.append(parts[0] if len(parts) == 1 else torch.cat(parts))
+        return _by_rows(batches, rows_at_once, logits_of)
     finally:
         for handle in handles:
             handle.remove()
-    return found
 
 
 def _upcast_blocks(model) -> list:

@@ -33,10 +33,6 @@ def _read_umask() -> int:
 _UMASK = _read_umask()
 
 
-def _umask() -> int:
-    return _UMASK
-
-
 def sweep_leftovers(path: Path) -> list[Path]:
     """Delete the temporaries a killed writer of ``path`` left beside it.
 
@@ -65,7 +61,7 @@ def atomic_dir(path: Path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     sweep_leftovers(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; outputs are ordinary directories
+    tmp.chmod(0o777 & ~_UMASK)  # mkdtemp makes it private; outputs are ordinary directories
     try:
         yield tmp
         if path.exists():
@@ -114,7 +110,7 @@ def write_text_atomic(path: Path, text: str) -> None:
     sweep_leftovers(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes it private; outputs are ordinary files
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes it private; outputs are ordinary files
         with os.fdopen(fd, "w") as handle:
             handle.write(text)
         os.replace(tmp, path)

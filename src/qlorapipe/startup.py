@@ -1,10 +1,10 @@
 """What a stage process sets up before the libraries it imports: their import-time costs it can defer.
 
 bitsandbytes wraps a few of its CPU fallback ops (4-bit and blockwise dequantization) in
-``torch.compile`` when it is imported; building those wrappers imports torch's inductor, 1.6 s of
-every model stage's start on this project's 2-core CPU machine and about 1.7 s of the 2.5 s
-bitsandbytes took on an H200 (docs/benchmarks.md), though compiling happens only at a first call
-either way. ``defer_bitsandbytes_compile`` has the wrappers built at that first call instead: the
+``torch.compile`` when it is imported; building those wrappers imports torch's inductor: importing
+peft and bitsandbytes took 1.8 s more with it on this project's 2-core CPU machine (median of five), and
+on an H200 the inductor was 1.3-1.4 s of bitsandbytes' 2.4-2.6 s (docs/benchmarks.md), though
+compiling happens only at a first call either way. ``defer_bitsandbytes_compile`` has the wrappers built at that first call instead: the
 same ``torch.compile`` with the same arguments, the same fallback when it fails, later.
 """
 

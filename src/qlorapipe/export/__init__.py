@@ -208,7 +208,6 @@ def _reference_logits(model, merged: Path, batches: list, device, budget: float 
     if device.type != "cuda":
         return fidelity.logits_on(model.float() if in_place else memory.load_on_cpu(merged, torch.float32, trust),
                                   batches, device)
-    vocab = model.get_output_embeddings().weight.shape[0]
     length = max(b.shape[1] for b in batches)
     rows = _resident_rows(model, length, max(b.shape[0] for b in batches), budget, device)
     if rows:
@@ -221,6 +220,7 @@ def _reference_logits(model, merged: Path, batches: list, device, budget: float 
         finally:
             del resident
             torch.cuda.empty_cache()
+    vocab = model.get_output_embeddings().weight.shape[0]
     row_bytes = memory.logits_bytes(1, length, vocab, 4 + 4)
     room = budget - memory.SLACK_BYTES - torch.cuda.memory_allocated(device)
     rows = memory.rows_at_once(memory.weight_bytes(model, bytes_16bit=4), memory.largest_block_bytes(model, 4),

@@ -331,8 +331,7 @@ class CheckpointStore:
     def _write(self, path: Path, snapshot: _Snapshot, state_text: str) -> None:
         with atomic_dir(path) as tmp:
             _write_snapshot(tmp, snapshot)
-            (tmp / STATE_FILE).write_text(state_text)
-            _fsync_tree(tmp)
+            _write_state(tmp, state_text)
         self._delete_older(path)
 
     def _save_together(self, path: Path, model, optimizer, record: dict, best: dict | None) -> None:
@@ -366,7 +365,7 @@ class CheckpointStore:
             raise UserError(f"a training process could not write its part of {path} (see the messages above): "
                             "free disk space or point --checkpoints elsewhere")
         if processes.is_main:
-            _write_state(tmp, record)
+            _write_state(tmp, _state_text(record))
             os.replace(tmp, path)
             self._delete_older(path)
         processes.barrier()
@@ -412,8 +411,8 @@ def _state_text(record: dict) -> str:
     return json.dumps(record, indent=1, sort_keys=True) + "\n"
 
 
-def _write_state(directory: Path, record: dict) -> None:
-    (directory / STATE_FILE).write_text(_state_text(record))
+def _write_state(directory: Path, state_text: str) -> None:
+    (directory / STATE_FILE).write_text(state_text)
     _fsync_tree(directory)
 
 
