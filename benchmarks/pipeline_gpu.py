@@ -248,15 +248,16 @@ def run_shape(shape: str, args) -> dict:
             if waited:
                 print(f"[{shape}] export waited {waited:.0f} s for {args.wait_before_export}", flush=True)
         print(f"[{shape}] {name}: {cmd}", flush=True)
-        started = time.perf_counter()
         with GpuSampler() as sampler, open(work / f"{name}.log", "w") as log:
             python = f"{sys.executable} {__file__} --profiled {name}.prof" if args.profile else sys.executable
+            started = time.perf_counter()
             rc = subprocess.run(cmd.replace("python ", f"{python} ", 1), shell=True, cwd=work, env=env,
                                 stdout=log, stderr=subprocess.STDOUT).returncode
+            seconds = round(time.perf_counter() - started, 1)  # not the sampler's last reading after it
         if args.profile and (work / f"{name}.prof").is_file():
             write_profile(work / f"{name}.prof", work / f"{name}.profile.txt")
         allocated, reserved = torch_peaks(name, work / "metrics")
-        record["stages"][name] = {"rc": rc, "seconds": round(time.perf_counter() - started, 1),
+        record["stages"][name] = {"rc": rc, "seconds": seconds,
                                   "smi_peak_gb": sampler.peak_gb, "allocated_gb": allocated, "reserved_gb": reserved}
         record_file.write_text(json.dumps(record, indent=1))
         if rc != 0:
@@ -328,6 +329,9 @@ def profiled(out: str, script: str, argv: list[str]) -> int:
     import cProfile
     import runpy
 
+    import qlorapipe.console
+
+    qlorapipe.console.EXIT_AT_ONCE = False  # the profile is written after the stage returns
     sys.argv = [script, *argv]
     sys.path.insert(0, str(Path(script).resolve().parent))
     profile, status = cProfile.Profile(), 0

@@ -85,6 +85,40 @@ def test_a_graphed_step_computes_the_eager_loss_and_accumulates_the_eager_gradie
     assert graphed(inputs(batches[0][:1]), batches[0][:1], 0.5) is None
 
 
+def test_a_capture_draws_no_dropout_mask_of_its_own(tiny_qwen2_dir):
+    """A run resumed from a checkpoint captures its graph at another micro-batch than the uninterrupted run:
+    the replay after a capture must draw the dropout masks the generator holds, not those after the warm-up."""
+    device = torch.device("cuda")
+    model, _ = _tiny_lora(tiny_qwen2_dir, AccelerationParams(), dropout=0.1)
+    model.train()
+    trainable = [p for _, p in sorted(model.named_parameters()) if p.requires_grad]
+    generator = torch.Generator(device).manual_seed(0)
+    first, second = (torch.randint(4, 300, (2, 64), device=device, generator=generator) for _ in range(2))
+
+    def replay_second(graphed):
+        for p in trainable:
+            p.grad = None if graphed.graph is None else p.grad.zero_()
+        loss = float(graphed(second_inputs, second, 1.0))
+        return loss, torch.cat([p.grad.flatten() for p in trainable]).clone()
+
+    second_inputs = {"input_ids": second}
+    torch.manual_seed(3)
+    uninterrupted = cuda_graphs.GraphedStep(model)
+    assert uninterrupted({"input_ids": first}, first, 1.0) is not None  # captured at the first micro-batch
+    before_second = torch.cuda.get_rng_state(device)
+    loss, grads = replay_second(uninterrupted)
+    after_second = torch.cuda.get_rng_state(device)
+
+    torch.cuda.set_rng_state(before_second, device)  # what a resume restores from the checkpoint
+    resumed = cuda_graphs.GraphedStep(model)
+    resumed_loss, resumed_grads = replay_second(resumed)  # captured here, at the second micro-batch
+    assert resumed.failed is None and resumed.replays == 1
+    assert resumed_loss == loss and torch.equal(resumed_grads, grads)
+    assert torch.equal(torch.cuda.get_rng_state(device), after_second)
+    replay_second(resumed)
+    assert not torch.equal(torch.cuda.get_rng_state(device), after_second)  # dropout does draw from it
+
+
 def test_the_train_stage_replays_cuda_graphs_and_reports_it(tmp_path, tiny_qwen2_dir, corpus_file, caplog):
     import json
 

@@ -24,3 +24,36 @@ def test_configure_logging_quiets_libraries_imported_later_without_importing_the
 def test_configure_logging_quiets_libraries_already_imported():
     code = "import transformers, datasets; from qlorapipe.console import configure_logging; configure_logging(); " + QUIET
     assert _run(code) == ["True", "False", "True", "False"]
+
+
+STAGE = """
+import atexit, logging, sys
+from qlorapipe.console import run_stage
+atexit.register(lambda: print("teardown", end=""))
+def main(argv):
+    logging.getLogger("stage").info("written")
+    print("out", end="")  # no newline: only an explicit flush gets it out
+    if argv == ["fail"]:
+        from qlorapipe.errors import UserError
+        raise UserError("training.max_steps must be positive")
+run_stage(main, sys.argv[1:])
+"""
+
+
+def _stage(*argv: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", STAGE, *argv], check=False, capture_output=True, text=True,
+                          env={"PATH": "/usr/bin:/bin", "COLUMNS": "200", **env})
+
+
+def test_a_stage_that_returned_exits_at_once_with_its_output_flushed():
+    done = _stage()
+    assert done.returncode == 0 and done.stdout == "out"  # flushed; the interpreter's teardown skipped
+    assert "written" in done.stderr
+
+
+def test_a_failing_stage_and_a_distributed_rank_exit_through_the_interpreter():
+    failed = _stage("fail")
+    assert failed.returncode == 1 and failed.stdout == "outteardown"
+    assert "error: training.max_steps must be positive" in failed.stderr
+    rank = _stage(WORLD_SIZE="2")
+    assert rank.returncode == 0 and rank.stdout == "outteardown"

@@ -90,3 +90,20 @@ def run_stage(main: Callable[[list[str] | None], None], argv: list[str] | None =
     except UserError as exc:
         console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         sys.exit(1)
+    if EXIT_AT_ONCE and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        exit_at_once()
+
+
+# A stage that returned has written its outputs (atomic directories, fsynced): what the interpreter does after
+# that, collecting every module of torch, transformers and peft and freeing the CUDA context, took 1.4 s on a
+# 2-core CPU and 1.3-1.7 s per GPU stage on an H200 (docs/benchmarks.md), and leaves nothing a user needs.
+# A rank of a distributed run exits normally (its process group is torn down with it).
+EXIT_AT_ONCE = True
+
+
+def exit_at_once(status: int = 0) -> None:
+    """Flush the logs and the console, then end the process with ``status`` without the interpreter's teardown."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(status)

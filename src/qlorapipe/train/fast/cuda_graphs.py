@@ -102,6 +102,10 @@ class GraphedStep:
         # later random draw (dropout) would fail: its state is put back from this copy.
         generator = torch.cuda.default_generators[labels.device.index or 0]
         generator_state = generator.clone_state()
+        # The warm-up runs draw dropout masks too. The first replay must draw what this micro-batch
+        # would have drawn without them: a run resumed from a checkpoint captures at another step,
+        # and its steps must be the uninterrupted run's, bit for bit.
+        position = generator.get_state()
         try:
             side = _warmup_stream(labels.device.index or 0)
             side.wait_stream(torch.cuda.current_stream())
@@ -115,6 +119,7 @@ class GraphedStep:
                 loss = self._run()
             self.loss = loss.detach()  # the kernels are in the graph; the autograd objects can go
             self.graph = graph
+            generator.set_state(position)  # seed and offset, in the state the graph replays from
         except Exception as error:  # noqa: BLE001 - any capture failure means: run eagerly
             self.failed = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:300]
             logger.warning("CUDA graphs off (acceleration.cuda_graphs), training eagerly: capturing the step "
