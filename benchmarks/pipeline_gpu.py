@@ -135,6 +135,21 @@ def write_params(work: Path, model_dir: Path, steps: int, budget: float, max_len
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
+def stage_outputs() -> dict[str, list[str]]:
+    """Each stage's outputs (outs, metrics, plots) from dvc.yaml without ``persist: true``, paths filled in:
+    what ``dvc repro`` deletes before it runs the stage."""
+    spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    paths = spec["vars"][0]["paths"]
+    found = {}
+    for name in STAGES:
+        stage = spec["stages"][name]
+        entries = [entry for key in ("outs", "metrics", "plots") for entry in stage.get(key, [])]
+        kept = [next(iter(e)) if isinstance(e, dict) else e for e in entries
+                if not (isinstance(e, dict) and next(iter(e.values()), {}).get("persist"))]
+        found[name] = [re.sub(r"\$\{paths\.(\w+)\}", lambda m: paths[m.group(1)], path) for path in kept]
+    return found
+
+
 def stage_commands() -> dict[str, str]:
     """Each stage's cmd from dvc.yaml with ``${paths.*}`` filled in."""
     spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())
@@ -240,6 +255,7 @@ def run_shape(shape: str, args) -> dict:
     subprocess.run([sys.executable, "-c", WARM_IMPORTS], check=True, env=env)
     cached = sum(1 for _ in Path(env["PYTHONPYCACHEPREFIX"]).rglob("*.pyc"))
     print(f"[{shape}] bytecode: {cached} files under {env['PYTHONPYCACHEPREFIX']}", flush=True)
+    outputs = stage_outputs()
     for name, cmd in stage_commands().items():
         if record["stages"].get(name, {}).get("rc") == 0:
             continue
@@ -248,6 +264,9 @@ def run_shape(shape: str, args) -> dict:
             if waited:
                 print(f"[{shape}] export waited {waited:.0f} s for {args.wait_before_export}", flush=True)
         print(f"[{shape}] {name}: {cmd}", flush=True)
+        for output in outputs[name]:  # as dvc repro does before it runs the stage; not timed (DVC's work)
+            target = work / output
+            shutil.rmtree(target) if target.is_dir() and not target.is_symlink() else target.unlink(missing_ok=True)
         with GpuSampler() as sampler, open(work / f"{name}.log", "w") as log:
             python = f"{sys.executable} {__file__} --profiled {name}.prof" if args.profile else sys.executable
             started = time.perf_counter()
