@@ -1,5 +1,6 @@
 """Stage processes: quiet libraries without importing them."""
 
+import os
 import subprocess
 import sys
 
@@ -42,7 +43,8 @@ run_stage(main, sys.argv[1:])
 
 def _stage(*argv: str, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", STAGE, *argv], check=False, capture_output=True, text=True,
-                          env={"PATH": "/usr/bin:/bin", "COLUMNS": "200", **env})
+                          env={"PATH": "/usr/bin:/bin", "COLUMNS": "200", **env,  # no WORLD_SIZE from the caller
+                               **{k: v for k, v in os.environ.items() if k == "PYTHONPATH"}})
 
 
 def test_a_stage_that_returned_exits_at_once_with_its_output_flushed():
