@@ -145,7 +145,7 @@ def stage_outputs() -> dict[str, list[str]]:
         stage = spec["stages"][name]
         entries = [entry for key in ("outs", "metrics", "plots") for entry in stage.get(key, [])]
         kept = [next(iter(e)) if isinstance(e, dict) else e for e in entries
-                if not (isinstance(e, dict) and next(iter(e.values()), {}).get("persist"))]
+                if not (isinstance(e, dict) and (next(iter(e.values())) or {}).get("persist"))]
         found[name] = [re.sub(r"\$\{paths\.(\w+)\}", lambda m: paths[m.group(1)], path) for path in kept]
     return found
 
@@ -342,9 +342,9 @@ def table(record: dict, budget: float) -> str:
     return "\n".join(rows)
 
 
-def profiled(out: str, script: str, argv: list[str]) -> int:
-    """Run ``script`` as __main__ under cProfile into ``out``, keeping its exit status (``python -m cProfile``
-    swallows it)."""
+def profiled(out: str, script: str, argv: list[str]) -> None:
+    """Run ``script`` as __main__ under cProfile into ``out``, then end the process with its exit status
+    (``python -m cProfile`` swallows it) as an unprofiled stage ends, so that the seconds compare."""
     import cProfile
     import runpy
 
@@ -362,7 +362,7 @@ def profiled(out: str, script: str, argv: list[str]) -> int:
     finally:
         profile.disable()
         profile.dump_stats(out)
-    return status
+    qlorapipe.console.exit_at_once(status)
 
 
 def main() -> None:
@@ -370,7 +370,7 @@ def main() -> None:
         build_model(sys.argv[2], Path(sys.argv[3]))
         return
     if sys.argv[1:2] == ["--profiled"]:
-        sys.exit(profiled(sys.argv[2], sys.argv[3], sys.argv[4:]))
+        profiled(sys.argv[2], sys.argv[3], sys.argv[4:])
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="+", default=["qwen2.5-3b", "llama-2-7b"])
     parser.add_argument("--budget", type=float, default=7.5, help="acceleration.memory_budget_gb")

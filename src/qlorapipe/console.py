@@ -79,8 +79,12 @@ def quiet_libraries() -> None:
 
 
 def run_stage(main: Callable[[list[str] | None], None], argv: list[str] | None = None,
-              tokenizer_threads: bool = False) -> None:
-    """Run a stage's main(): a UserError becomes one red line and exit status 1."""
+              tokenizer_threads: bool = False, exit_when_done: bool = True) -> None:
+    """Run a stage's main(): a UserError becomes one red line and exit status 1.
+
+    With ``exit_when_done`` (stage scripts) a main that returned ends the process at once
+    (:func:`exit_at_once`); a command others may call in-process (``qlorapipe-chat``) passes False.
+    """
     from qlorapipe.startup import defer_bitsandbytes_compile
 
     defer_bitsandbytes_compile()
@@ -90,14 +94,14 @@ def run_stage(main: Callable[[list[str] | None], None], argv: list[str] | None =
     except UserError as exc:
         console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         sys.exit(1)
-    if EXIT_AT_ONCE and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+    if exit_when_done and EXIT_AT_ONCE and os.environ.get("WORLD_SIZE", "1").strip() in ("", "1"):
         exit_at_once()
 
 
-# A stage that returned has written its outputs (atomic directories, fsynced): what the interpreter does after
-# that, collecting every module of torch, transformers and peft and freeing the CUDA context, took 1.4 s on a
-# 2-core CPU and 1.3-1.7 s per GPU stage on an H200 (docs/benchmarks.md), and leaves nothing a user needs.
-# A rank of a distributed run exits normally (its process group is torn down with it).
+# A stage that returned has written its outputs (atomic directories renamed into place, files closed): what the
+# interpreter does after that, collecting every module of torch, transformers and peft and freeing the CUDA
+# context, took 1.4 s on a 2-core CPU and 1.3-1.7 s per GPU stage on an H200 (docs/benchmarks.md), and leaves
+# nothing a user needs. A rank of a distributed run exits normally (its process group is torn down with it).
 EXIT_AT_ONCE = True
 
 

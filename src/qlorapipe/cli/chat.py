@@ -156,7 +156,7 @@ def cli() -> None:
     """Console entry point (``qlorapipe-chat``): a UserError is one red line and exit status 1."""
     from qlorapipe.console import run_stage
 
-    run_stage(main)
+    run_stage(main, exit_when_done=False)  # a console command, callable in-process too
 
 
 if __name__ == "__main__":

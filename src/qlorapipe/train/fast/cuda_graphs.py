@@ -118,8 +118,8 @@ class GraphedStep:
             with torch.cuda.graph(graph, stream=side):  # the warm-up's cuBLAS workspace, not one more
                 loss = self._run()
             self.loss = loss.detach()  # the kernels are in the graph; the autograd objects can go
-            self.graph = graph
             generator.set_state(position)  # seed and offset, in the state the graph replays from
+            self.graph = graph
         except Exception as error:  # noqa: BLE001 - any capture failure means: run eagerly
             self.failed = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:300]
             logger.warning("CUDA graphs off (acceleration.cuda_graphs), training eagerly: capturing the step "
