@@ -424,6 +424,15 @@ def test_cuda_graphs_are_on_by_default_and_only_taken_on_cuda_in_one_process(tin
         assert cuda_graphs.graphed_step(model, AccelerationParams(compile_layers=True), torch.device("cuda")) is None
 
 
+def test_a_graphed_step_of_full_micro_batches_leaves_a_short_one_to_the_eager_step(tiny_llama_dir):
+    """A resumed run may start at an epoch's short last micro-batch: graphing it would leave every full one eager."""
+    model, _ = _quantized_lora_model(tiny_llama_dir)
+    step = cuda_graphs.GraphedStep(model, rows=4)
+    ids = torch.randint(4, 300, (3, 16))
+    assert step({"input_ids": ids}, ids, 1.0) is None  # declined before anything is captured
+    assert step.graph is None and step.key is None and step.failed is None
+
+
 def test_the_packed_mask_is_causal_within_each_document_only():
     positions = torch.tensor([[0, 1, 2, 0, 1, 5, 6]])  # documents [0, 3), [3, 5), [5, 7) (5 does not follow 1)
     mask = cuda_graphs.packed_causal_mask(positions)[0, 0]

@@ -39,14 +39,17 @@ class GraphedStep:
     fixed addresses. Packed rows get their block-diagonal mask as an input (transformers
     decides whether rows are packed with a host-side check, which a graph cannot contain).
 
-    One graph, for the shape of the first micro-batch: other shapes (a short last batch) run
-    eagerly. If capturing fails, a warning says why and every step runs eagerly.
+    One graph, for the shape of the first micro-batch of ``rows`` rows (any, when None): other
+    shapes (a short last batch) run eagerly. Given ``rows``, a run resumed at an epoch's short
+    last micro-batch graphs the same micro-batches as the uninterrupted run, not that one and
+    then none. If capturing fails, a warning says why and every step runs eagerly.
     """
 
     WARMUP_RUNS = 2  # eager runs on a side stream first, as torch.cuda.graphs documents
 
-    def __init__(self, model):
+    def __init__(self, model, rows: int | None = None):
         self.model = model
+        self.rows = rows
         self.trainable = [p for p in model.parameters() if p.requires_grad]
         self.graph = None
         self.static: dict = {}
@@ -58,7 +61,7 @@ class GraphedStep:
     def __call__(self, inputs: dict, labels, scale: float):
         """Run forward and ``(loss * scale).backward()``; return the loss, or None to run eagerly."""
         key = (tuple(inputs["input_ids"].shape), "position_ids" in inputs)
-        if self.failed or (self.key is not None and key != self.key):
+        if self.failed or (self.key is not None and key != self.key) or self.rows not in (None, key[0][0]):
             return None
         if self.graph is None:
             self.key = key
@@ -147,8 +150,10 @@ def _warmup_stream(device_index: int):
     return torch.cuda.Stream(device=device_index)
 
 
-def graphed_step(model, params: AccelerationParams, device, num_processes: int = 1) -> GraphedStep | None:
-    """A GraphedStep for ``model`` when ``params.cuda_graphs`` is on, on CUDA, in one process.
+def graphed_step(model, params: AccelerationParams, device, num_processes: int = 1,
+                 rows: int | None = None) -> GraphedStep | None:
+    """A GraphedStep for ``model`` (graphing micro-batches of ``rows`` rows) when ``params.cuda_graphs`` is on,
+    on CUDA, in one process.
 
     Several processes would need their gradient all-reduce inside the graph; they run eagerly.
     Compiled blocks failed to capture (torch 2.11, H100): with ``compile_layers`` the step runs
@@ -164,4 +169,4 @@ def graphed_step(model, params: AccelerationParams, device, num_processes: int =
         logger.info("acceleration.cuda_graphs does not apply to 8-bit layers: training without CUDA graphs")
         return None
     logger.info("Acceleration: cuda_graphs (captured at the first micro-batch)")
-    return GraphedStep(model)
+    return GraphedStep(model, rows)
