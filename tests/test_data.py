@@ -474,3 +474,34 @@ def test_truncated_answers_are_not_held_out_tasks(tok):
     long = {"prompt": "Python is", "completion": " a programming language that lets you work quickly " * 3}
     (cut,), counts = build([long], tok, format="completion", max_length=12)
     assert counts.truncated == 1 and held_out_tasks([cut], EOS) == []
+
+
+def test_a_generic_tokenizer_loads_without_torch_and_as_auto_tokenizer_loads_it(tmp_path, tok, monkeypatch):
+    import subprocess
+    import sys
+
+    from transformers import AutoTokenizer
+
+    from qlorapipe.prepare import load_tokenizer
+
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "tokenizer_config.json").read_text())["tokenizer_class"] == "TokenizersBackend"
+    loaded, auto = load_tokenizer(tmp_path), AutoTokenizer.from_pretrained(tmp_path)
+    assert loaded.init_kwargs == auto.init_kwargs and loaded.chat_template == auto.chat_template
+    text = "Tokens, whitespace  and ünïcode: the with statement.\n"
+    assert loaded(text)["input_ids"] == auto(text)["input_ids"]
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    assert loaded.apply_chat_template(messages, tokenize=False) == auto.apply_chat_template(messages, tokenize=False)
+    code = (f"import sys; from qlorapipe.prepare import load_tokenizer; load_tokenizer(__import__('pathlib').Path("
+            f"{str(tmp_path)!r})); print('torch' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"
+
+    # A model's own tokenizer class, or custom code, goes through AutoTokenizer.
+    calls = []
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", lambda path, **kwargs: calls.append(kwargs) or auto)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    for changed in ({"tokenizer_class": "LlamaTokenizer"}, {"auto_map": {"AutoTokenizer": ["t.T", None]}}):
+        (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, **changed}))
+        assert load_tokenizer(tmp_path, trust_remote_code=True) is auto
+    assert calls == [{"trust_remote_code": True}] * 2
