@@ -135,27 +135,28 @@ def write_params(work: Path, model_dir: Path, steps: int, budget: float, max_len
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
+def _dvc_stages() -> dict[str, dict]:
+    """dvc.yaml's stages with ``${paths.*}`` filled in everywhere."""
+    text = (ROOT / "dvc.yaml").read_text()
+    paths = yaml.safe_load(text)["vars"][0]["paths"]
+    return yaml.safe_load(re.sub(r"\$\{paths\.(\w+)\}", lambda m: paths[m.group(1)], text))["stages"]
+
+
 def stage_outputs() -> dict[str, list[str]]:
-    """Each stage's outputs (outs, metrics, plots) from dvc.yaml without ``persist: true``, paths filled in:
-    what ``dvc repro`` deletes before it runs the stage."""
-    spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())
-    paths = spec["vars"][0]["paths"]
-    found = {}
+    """Each stage's outputs (outs, metrics, plots) from dvc.yaml without ``persist: true``: what ``dvc repro``
+    deletes before it runs the stage."""
+    stages, found = _dvc_stages(), {}
     for name in STAGES:
-        stage = spec["stages"][name]
-        entries = [entry for key in ("outs", "metrics", "plots") for entry in stage.get(key, [])]
-        kept = [next(iter(e)) if isinstance(e, dict) else e for e in entries
-                if not (isinstance(e, dict) and (next(iter(e.values())) or {}).get("persist"))]
-        found[name] = [re.sub(r"\$\{paths\.(\w+)\}", lambda m: paths[m.group(1)], path) for path in kept]
+        entries = [entry for key in ("outs", "metrics", "plots") for entry in stages[name].get(key, [])]
+        found[name] = [next(iter(e)) if isinstance(e, dict) else e for e in entries
+                       if not (isinstance(e, dict) and (next(iter(e.values())) or {}).get("persist"))]
     return found
 
 
 def stage_commands() -> dict[str, str]:
-    """Each stage's cmd from dvc.yaml with ``${paths.*}`` filled in."""
-    spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())
-    paths = spec["vars"][0]["paths"]
-    fill = lambda text: re.sub(r"\$\{paths\.(\w+)\}", lambda m: paths[m.group(1)], text)  # noqa: E731
-    return {name: fill(" ".join(str(spec["stages"][name]["cmd"]).split())) for name in STAGES}
+    """Each stage's cmd from dvc.yaml, paths filled in."""
+    stages = _dvc_stages()
+    return {name: " ".join(str(stages[name]["cmd"]).split()) for name in STAGES}
 
 
 class GpuSampler:
