@@ -100,8 +100,8 @@ def run_stage(main: Callable[[list[str] | None], None], argv: list[str] | None =
 
 # A stage that returned has written its outputs (atomic directories renamed into place, files closed): what the
 # interpreter does after that, collecting every module of torch, transformers and peft and freeing the CUDA
-# context, took 1.4 s on a 2-core CPU and 1.3-1.7 s per GPU stage on an H200 (docs/benchmarks.md), and leaves
-# nothing a user needs. A rank of a distributed run exits normally (its process group is torn down with it).
+# context, took 1.4-1.5 s on a 2-core CPU (docs/benchmarks.md), and leaves nothing a user needs. A rank of a
+# distributed run exits normally (its process group is torn down with it).
 EXIT_AT_ONCE = True
 
 
