@@ -169,7 +169,34 @@ def test_llama_cpp_gets_the_gpu_blocks_the_budget_holds(tiny_qwen2_dir, tmp_path
     assert llama_worker.layers_within([10, 20, 30], 5, free=64) == 3  # every block, not the output layer
     assert llama_worker.layers_within([10, 20, 30], 5, free=59) == 2  # 30 + 20 from the end
     assert llama_worker.layers_within([10, 20, 30], 5, free=29) == 0
-    assert llama_worker.gpu_layers(tmp_path / "f16.gguf", 64, free_bytes=None) == 0  # on a CPU it runs it all
+    assert llama_worker.gpu_plan(tmp_path / "f16.gguf", 64, free_bytes=None) == (0, 64)  # on a CPU: all of it
+
+
+def test_fewer_positions_at_once_take_the_output_layer_to_the_gpu_only_when_that_fits_the_whole_file():
+    """Qwen2.5-3B's f16 file in 7.5 GB: at 520 positions at once the logits' buffers keep its 0.62 GB output
+    layer on the CPU; at 256 the whole file fits."""
+    from qlorapipe.export import llama_worker
+
+    blocks, output, vocab, n_ctx = [154.3e6] * 36, 622e6, 151_936, 520
+    slack = llama_worker.CONTEXT_BYTES + 400e6
+
+    def buffers(ubatch):
+        return 2 * ubatch * vocab * 4 + slack
+
+    whole = sum(blocks) + output
+    assert llama_worker.plan_layers(blocks, output, vocab, n_ctx, whole + buffers(n_ctx)) == (37, n_ctx)
+    assert llama_worker.plan_layers(blocks, output, vocab, n_ctx, 7.5e9) == (37, 256)
+    assert llama_worker.plan_layers(blocks, output, vocab, n_ctx, whole + buffers(128)) == (37, 128)
+    assert llama_worker.plan_layers(blocks, output, vocab, n_ctx, whole + buffers(64)) == (37, 64)
+    # Not whole even at 64 positions: every position at once, the blocks that fit beside that buffer.
+    short = whole + buffers(64) - 1
+    assert llama_worker.plan_layers(blocks, output, vocab, n_ctx, short) == (36, n_ctx)
+    assert llama_worker.plan_layers(blocks, output, vocab, n_ctx, 3e9) == (
+        llama_worker.layers_within(blocks, output, 3e9 - buffers(n_ctx)), n_ctx)
+    # A context of fewer positions than a smaller batch would hold is computed at once.
+    assert llama_worker.plan_layers(blocks, output, vocab, 200, whole + buffers(128)) == (37, 128)
+    assert llama_worker.plan_layers(blocks, output, vocab, 100, whole + buffers(64)) == (37, 64)
+    assert llama_worker.plan_layers(blocks, output, vocab, 64, whole + buffers(64)) == (37, 64)
 
 
 def test_llama_cpp_runs_in_a_process_without_torch_and_loads_before_numpy():
@@ -241,7 +268,7 @@ def test_a_crash_with_blocks_on_the_gpu_runs_the_file_again_on_the_cpu(tiny_qwen
         found = {"continuations": [[[5, 6], None]], "tokenizer_matches": True, "chat_rendering": None,
                  "seconds": {"load": 0.1}}
         result = fidelity.compare(reference_logits, [reference_logits[0].clone()], batches)
-        return {"vocab": 32, "gpu_layers": 0, "buffers_mb": {"CPU_Mapped": 0.1}}, result, found
+        return {"vocab": 32, "gpu_layers": 0, "n_ubatch": 8, "buffers_mb": {"CPU_Mapped": 0.1}}, result, found
 
     monkeypatch.setattr(llamacpp, "_run_check", run_check)
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 1e9)
@@ -250,7 +277,8 @@ def test_a_crash_with_blocks_on_the_gpu_runs_the_file_again_on_the_cpu(tiny_qwen
                                 [llamacpp.Continuation([5, 6], None)], 2, torch.device("cuda", 0), 8e9, threads=3)
     assert [spec["free_bytes"] for spec in specs] == [7e9, None]  # the budget beside torch's, then the CPU
     assert [spec["threads"] for spec in specs] == [3, 3]
-    assert found["gpu_layers"] == 0 and found["max_logit_diff"] == 0 and found["token_agreement"] == 1.0
+    assert found["gpu_layers"] == 0 and found["n_ubatch"] == 8
+    assert found["max_logit_diff"] == 0 and found["token_agreement"] == 1.0
     assert "running m.gguf on the CPU instead" in caplog.text
 
 

@@ -259,7 +259,8 @@ def test_export_gguf_files_run_in_llama_cpp_as_the_trained_model_does(run):
         # where the check's time went.
         weights_mb = found["buffers_mb"]["CPU_Mapped"] * 2**20 / 1e6
         assert 0.7 * found["size_mb"] < weights_mb <= found["size_mb"] and found["buffers_mb"]["CPU"] > 0
-        assert set(found["seconds"]) == {"load", "logits", "continuations", "tokenizer_and_chat"}
+        assert set(found["seconds"]) == {"load", "logits", "logits_sent", "continuations", "tokenizer_and_chat"}
+        assert 0 <= found["seconds"]["logits_sent"] <= found["seconds"]["logits"]
     assert f16["token_agreement"] == 1.0  # greedy continuations of base + adapter, token for token
     assert q4["size_mb"] < q8["size_mb"] < f16["size_mb"]
     # The k-quant file is llama.cpp's own: its quantizer wrote the file type and its metadata.

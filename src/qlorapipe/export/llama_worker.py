@@ -51,16 +51,47 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def gpu_layers(gguf_file: Path, n_ctx: int, free_bytes: float | None) -> int:
-    """How many of the file's blocks run on the GPU: none on a CPU (``free_bytes`` None) or with a CPU-only
-    llama.cpp; otherwise as many as fit in ``free_bytes`` beside this process's CUDA context and llama.cpp's
-    buffers for ``n_ctx`` positions (every block and the output layer when all fit)."""
+def gpu_plan(gguf_file: Path, n_ctx: int, free_bytes: float | None) -> tuple[int, int]:
+    """How many of the file's blocks run on the GPU, and the positions llama.cpp computes at once (n_ubatch).
+
+    None on a CPU (``free_bytes`` None) or with a CPU-only llama.cpp, all ``n_ctx`` positions at once. On a
+    GPU, as many blocks as fit in ``free_bytes`` beside this process's CUDA context and llama.cpp's buffers
+    (``plan_layers``).
+    """
     if free_bytes is None or not llamacpp.llama_cpp_module().llama_supports_gpu_offload():
-        return 0
+        return 0, n_ctx
     blocks, output, vocab = tensor_bytes(gguf_file)
-    # The compute buffer holds a row of float32 logits per position, and the output copies them once more.
-    buffers = 2 * n_ctx * vocab * 4 + CONTEXT_BYTES + 400e6
-    return layers_within(blocks, output, free_bytes - buffers)
+    return plan_layers(blocks, output, vocab, n_ctx, free_bytes)
+
+
+# Positions computed at once, tried in turn when the whole file does not fit beside a compute buffer for
+# every position of the context.
+UBATCHES = (256, 128, 64)
+
+
+def plan_layers(blocks: list[float], output: float, vocab: int, n_ctx: int, free: float) -> tuple[int, int]:
+    """(n_gpu_layers, n_ubatch) for blocks of ``blocks`` bytes and an output layer of ``output`` bytes in
+    ``free`` bytes of the GPU.
+
+    llama.cpp's compute buffer holds a row of float32 logits per position computed at once, and the output
+    copies them once more: with all ``n_ctx`` positions at once that is 0.6 GB for a 151,936-token vocabulary
+    at 512 positions, which can keep the output layer (as large again in f16) on the CPU, where every
+    generated token then multiplies it. So when the whole file does not fit beside that buffer, fewer positions
+    at once (the largest of ``UBATCHES`` that lets every block and the output layer fit) take the rest of the
+    file to the GPU. A file that does not fit whole either way keeps all positions at once: the CPU's share
+    computes faster in large batches.
+    """
+    def fitting(ubatch: int) -> int:
+        buffers = 2 * ubatch * vocab * 4 + CONTEXT_BYTES + 400e6
+        return layers_within(blocks, output, free - buffers)
+
+    whole = len(blocks) + 1
+    layers = fitting(n_ctx)
+    if layers < whole:
+        for ubatch in UBATCHES:
+            if ubatch < n_ctx and fitting(ubatch) == whole:
+                return whole, ubatch
+    return layers, n_ctx
 
 
 def check(spec: dict, out) -> None:
@@ -75,19 +106,23 @@ def check(spec: dict, out) -> None:
         now = time.perf_counter()
         seconds[name], started = round(now - started, 2), now
 
-    on_gpu = gpu_layers(gguf_file, spec["n_ctx"], spec["free_bytes"])
+    on_gpu, ubatch = gpu_plan(gguf_file, spec["n_ctx"], spec["free_bytes"])
     with llama_log() as log:
-        llm = load(gguf_file, spec["n_ctx"], on_gpu, spec.get("threads"))
+        llm = load(gguf_file, spec["n_ctx"], on_gpu, spec.get("threads"), ubatch)
     lap("load")
     try:
-        out.write((json.dumps({"vocab": llm.n_vocab(), "gpu_layers": on_gpu, "buffers_mb": llamacpp.buffers_mb("".join(log))})
+        out.write((json.dumps({"vocab": llm.n_vocab(), "gpu_layers": on_gpu, "n_ubatch": ubatch, "buffers_mb": llamacpp.buffers_mb("".join(log))})
                    + "\n").encode())
+        sending = 0.0  # of the logits' seconds, those spent handing them to the stage's process
         for row in spec["rows"]:
             llm.reset()
             llm.eval(row)
-            out.write(np.ascontiguousarray(llm.scores[: len(row)], dtype=np.float32).tobytes())
+            handing = time.perf_counter()
+            out.write(memoryview(np.ascontiguousarray(llm.scores[: len(row)], dtype=np.float32)).cast("B"))
+            sending += time.perf_counter() - handing
         out.flush()
         lap("logits")
+        seconds["logits_sent"] = round(sending, 2)
         continuations = llama_continuations(llm, spec["prompts"], spec["max_new_tokens"])
         lap("continuations")
         tokens_match = all(llm.tokenize(text.encode(), add_bos=adds_bos, special=False) == ids
@@ -164,16 +199,17 @@ def native_stderr():
             captured.append(sink.read().decode(errors="replace"))
 
 
-def load(gguf_file: Path, n_ctx: int, n_gpu_layers: int = 0, threads: int | None = None):
+def load(gguf_file: Path, n_ctx: int, n_gpu_layers: int = 0, threads: int | None = None, n_ubatch: int | None = None):
     """Load ``gguf_file`` in llama.cpp with logits for every position, ``n_gpu_layers`` of its blocks on the GPU
-    (more than it has: the output layer too), computing on ``threads`` cores (None: all).
+    (more than it has: the output layer too), computing ``n_ubatch`` positions at once (None: all ``n_ctx``) on
+    ``threads`` cores (None: all).
 
     Raises:
         UserError: llama.cpp refuses the file.
     """
     llama_cpp = llamacpp.llama_cpp_module()
     try:
-        return llama_cpp.Llama(model_path=str(gguf_file), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx,
+        return llama_cpp.Llama(model_path=str(gguf_file), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ubatch or n_ctx,
                                logits_all=True, n_threads=threads or os.cpu_count() or 1,
                                n_threads_batch=threads or os.cpu_count() or 1, n_gpu_layers=n_gpu_layers, verbose=False)
     except (ValueError, RuntimeError) as error:

@@ -258,6 +258,7 @@ def check_file(gguf_file: Path, tokenizer, reference_logits: list, batches: list
         "chat_template_matches": None if spec["chat"] is None else chat == tokenizer.apply_chat_template(
             PROBE_CONVERSATION, tokenize=False, add_generation_prompt=True),
         "gpu_layers": header["gpu_layers"],
+        "n_ubatch": header["n_ubatch"],
         "gpu_gb": round(device_mb(header["buffers_mb"]) * 2**20 / 1e9, 3),
         "buffers_mb": header["buffers_mb"],
         "seconds": found["seconds"],
