@@ -112,6 +112,29 @@ def test_llama_cpp_itself_runs_the_written_file_as_transformers_runs_the_model(a
     assert np.abs(ours - theirs).max() < 2e-3
 
 
+def test_fewer_positions_at_once_give_the_logits_of_all_at_once(tiny_qwen2_dir, tmp_path):
+    """The check computes fewer positions at once on a GPU when that takes the whole file there
+    (``plan_layers``): llama.cpp gives every position's logits all the same."""
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qlorapipe.export import llama_worker
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_qwen2_dir, dtype=torch.float32).eval()
+    write_gguf(model, tiny_qwen2_dir, tmp_path / "model-f16.gguf", "f16")
+    ids = AutoTokenizer.from_pretrained(tiny_qwen2_dir)(TEXT)["input_ids"]
+    scores = {}
+    for ubatch in (None, 4):
+        llm = llama_worker.load(tmp_path / "model-f16.gguf", n_ctx=64, n_ubatch=ubatch)
+        try:
+            llm.eval(ids)
+            scores[ubatch] = np.array(llm.scores[: len(ids)])
+        finally:
+            llm.close()
+    assert len(ids) > 4 * 2 and np.abs(scores[4] - scores[None]).max() < 1e-4
+
+
 def test_a_file_llama_cpp_cannot_load_or_quantize_is_named_in_one_line(tmp_path):
     from qlorapipe.export import llama_worker, llamacpp
 
