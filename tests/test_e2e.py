@@ -141,6 +141,14 @@ def test_a_failure_costs_nothing_the_last_good_run_stays_or_comes_back(project):
     assert "Running stage 'train'" not in result.stdout
     assert {rel: (project / rel).read_bytes() for rel in kept} == before  # nothing was deleted or rewritten
 
+    # A local input that is not there: refused by the first stage, before DVC deletes download's output.
+    params_file.write_text(changed("model", "local_path", str(project / "no-such-model")))
+    result = run_cmd(DVC + ["repro"], project, check=False)
+    assert result.returncode != 0
+    assert f"model.local_path '{project / 'no-such-model'}' does not exist" in result.stdout + result.stderr
+    assert "Running stage 'download'" not in result.stdout and (project / "models/base/config.json").is_file()
+    assert {rel: (project / rel).read_bytes() for rel in kept} == before
+
     # Valid on its own, impossible for this model (a GPT-NeoX module name on a Llama): refused
     # against the downloaded model, before prepare or train run.
     params_file.write_text(changed("lora", "target_modules", ["query_key_value"]))

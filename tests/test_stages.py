@@ -225,6 +225,37 @@ def test_a_failing_stage_leaves_no_output_behind(tmp_path, tiny_llama_dir, corpu
     assert not (tmp_path / "r.json").exists()
 
 
+def test_the_check_stage_finds_every_missing_or_wrong_local_input_at_once(tmp_path, tiny_llama_dir, corpus_file):
+    """Local files the params name are looked at by the first stage, before DVC deletes the outputs of the
+    stages that read them; what is fine passes."""
+    check = load_stage("check")
+    (tmp_path / "general.txt").write_text("Everyday English, not trained on.\n")
+    good = write_params(tmp_path / "good.yaml", tiny_params(tiny_llama_dir, corpus_file, **{
+        "evaluate.general_corpus": str(tmp_path / "general.txt")}))
+    check.main(["--params", str(good), "--out", str(tmp_path / "passed.txt")])
+    assert (tmp_path / "passed.txt").is_file()
+
+    (tmp_path / "empty").mkdir()
+    bad = write_params(tmp_path / "bad.yaml", tiny_params(tiny_llama_dir, corpus_file, **{
+        "model.local_path": str(tmp_path / "no-model"), "data.path": str(tmp_path / "empty"),
+        "evaluate.general_corpus": str(tmp_path / "params.md")}))
+    with pytest.raises(UserError) as found:
+        check.main(["--params", str(bad), "--out", str(tmp_path / "failed.txt")])
+    assert str(found.value) == (
+        f"model.local_path '{tmp_path / 'no-model'}' does not exist: point it at a Hugging Face model directory or "
+        f"a .gguf file; data.path '{tmp_path / 'empty'}': no .txt, .jsonl, .json, .csv, .parquet files found; "
+        f"evaluate.general_corpus '{tmp_path / 'params.md'}' does not exist: name a local .txt file or folder, or "
+        "one of builtin:python-docs, builtin:chatterbot")
+    assert not (tmp_path / "failed.txt").exists()
+
+    # A file that is neither a model directory nor a GGUF file, and a directory without config.json.
+    for path, message in ((corpus_file, "must be a Hugging Face model directory or a .gguf file"),
+                          (tmp_path / "empty", "not a Hugging Face model directory (no config.json)")):
+        write_params(bad, tiny_params(path, corpus_file))
+        with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            check.main(["--params", str(bad), "--out", str(tmp_path / "failed.txt")])
+
+
 def test_bad_params_stop_before_any_weights_load(tmp_path, tiny_llama_dir, corpus_file):
     params = write_params(tmp_path / "params.yaml", tiny_params(tiny_llama_dir, corpus_file, **{
         "training.optimizer": "adam"}))

@@ -15,11 +15,8 @@ import zipfile
 from pathlib import Path
 
 from qlorapipe.errors import UserError
+from qlorapipe.inputs import CHATTERBOT, PYTHON_DOCS, corpus_files
 from qlorapipe.pinned_wheels import fetch_pinned_wheel
-
-PYTHON_DOCS = "builtin:python-docs"
-CHATTERBOT = "builtin:chatterbot"
-BUILTIN = (PYTHON_DOCS, CHATTERBOT)
 
 CHATTERBOT_WHEEL = "chatterbot-corpus==1.3.3"
 CHATTERBOT_WHEEL_FILE = "chatterbot_corpus-1.3.3-py2.py3-none-any.whl"
@@ -86,15 +83,8 @@ def general_texts(source: str, param: str) -> list[str]:
         wheel = fetch_chatterbot_wheel(f"check network access to PyPI, or set {param} to a local .txt file")
         texts = [f"{question}\n{answer}" for _, question, answer in chatterbot_pairs(wheel)]
     else:
-        path = Path(source).expanduser()
-        if not path.exists():
-            raise UserError(f"{param} '{source}' does not exist: name a local .txt file or folder, "
-                            f"or one of {', '.join(BUILTIN)}")
-        files = sorted(path.rglob("*.txt")) if path.is_dir() else [path]
-        if not files or any(f.suffix != ".txt" for f in files):
-            raise UserError(f"{param} '{source}' is not a .txt file or a folder holding .txt files")
         texts = []
-        for file in files:
+        for file in corpus_files(source, param):
             try:
                 texts.append(file.read_text(encoding="utf-8"))
             except UnicodeDecodeError as exc:

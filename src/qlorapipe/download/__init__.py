@@ -11,7 +11,7 @@ from pathlib import Path
 
 from qlorapipe.clock import PhaseClock
 from qlorapipe.download import sources
-from qlorapipe.errors import UserError
+from qlorapipe.inputs import model_path_is_gguf
 from qlorapipe.outputs import atomic_dir
 from qlorapipe.params import ModelParams
 from qlorapipe.records import SourceRecord, content_hash, write_source_record
@@ -49,15 +49,11 @@ def run(params: ModelParams, out_dir: Path) -> SourceRecord:
             origin.update(repo_id=params.repo_id, revision=params.revision, commit=commit)
         else:
             local = Path(params.local_path).expanduser()
-            if not local.exists():
-                raise UserError(f"model.local_path '{local}' does not exist")
-            if local.is_file() and local.suffix == ".gguf":
+            if model_path_is_gguf(local):
                 sources.convert_gguf(local, out, params.dtype)
-            elif local.is_dir():
+            else:
                 with _importing_transformers():  # a few seconds of imports, while the copy waits on the disk
                     hashes = sources.copy_local_model_dir(local, out, params.trust_remote_code)
-            else:
-                raise UserError(f"model.local_path '{local}' must be a model directory or a .gguf file")
             origin.update(repo_id=local.name)
         clock.lap("write")
         where = f"model.local_path '{params.local_path}'" if params.source == "local" else origin["repo_id"]

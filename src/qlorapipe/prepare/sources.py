@@ -24,11 +24,12 @@ from pathlib import Path
 
 from qlorapipe import corpora
 from qlorapipe.errors import UserError
+from qlorapipe.inputs import DATA_SUFFIXES, data_files
 from qlorapipe.params import DataParams
 
 logger = logging.getLogger(__name__)
 
-LOCAL_SUFFIXES = (".txt", ".jsonl", ".json", ".csv", ".parquet")
+LOCAL_SUFFIXES = DATA_SUFFIXES
 
 
 @dataclass(frozen=True)
@@ -80,13 +81,7 @@ def chatterbot_records() -> list[Record]:
 
 
 def _read_local(path: Path):
-    if not path.exists():
-        raise UserError(f"data.path '{path}' does not exist")
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    files = [f for f in files if f.suffix in LOCAL_SUFFIXES]
-    if not files:
-        raise UserError(f"data.path '{path}': no {', '.join(LOCAL_SUFFIXES)} files found")
-    for file in files:
+    for file in data_files(path):
         yield from _READERS[file.suffix](file)
 
 
