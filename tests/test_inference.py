@@ -185,3 +185,5 @@ def test_cli_exits_non_zero_with_one_line_for_a_user_error(project, tmp_path):
     assert result.returncode == 1
     assert "error:" in result.stderr and "no model here (no config.json)" in result.stderr
     assert "Traceback" not in result.stderr
+    with pytest.raises(UserError, match=r"nope\.gguf: no such GGUF file; run `dvc repro export` or fix --model$"):
+        _run(["--model", str(tmp_path / "nope.gguf"), "--mode", "text", "--prompt", "x"])

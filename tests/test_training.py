@@ -189,6 +189,25 @@ def _training(**values):
                                       "early_stopping_patience": 0, "checkpoint_every_steps": 0, **values})
 
 
+def test_without_a_progress_bar_the_first_evaluated_and_last_steps_are_logged(prepared, monkeypatch, caplog):
+    """A log file or CI gets no bar (it would show only at the end): the loop logs steps itself, the first,
+    those that evaluated and the last always, the others at most every LOG_EVERY_SECONDS."""
+    model, train_set, eval_set = _model_and_data(prepared)
+    monkeypatch.setattr(training, "LOG_EVERY_SECONDS", 1e9)
+    with caplog.at_level(logging.INFO, logger="qlorapipe.train.loop"):
+        result = training.train(model, train_set, eval_set, _training(max_steps=5, eval_every_steps=2), CPU)
+    logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
+    assert [line.split()[1] for line in logged] == ["1/5", "2/5", "4/5", "5/5"]
+    assert logged == [result.log_lines[i] for i in (0, 1, 3, 4)]  # the training log holds every step
+
+    caplog.clear()
+    monkeypatch.setattr(training, "LOG_EVERY_SECONDS", 0.0)
+    model, train_set, eval_set = _model_and_data(prepared)
+    with caplog.at_level(logging.INFO, logger="qlorapipe.train.loop"):
+        training.train(model, train_set, eval_set, _training(max_steps=3, eval_every_steps=100), CPU)
+    assert sum(r.getMessage().startswith("step ") for r in caplog.records) == 3
+
+
 def test_early_stopping_waits_patience_evaluations_and_keeps_the_best_adapter(prepared):
     # A min_delta no step can beat makes every evaluation after the first "no improvement".
     params = _training(max_steps=20, eval_every_steps=2, early_stopping_patience=2, early_stopping_min_delta=100.0)

@@ -16,7 +16,8 @@ from qlorapipe.errors import UserError
 console = Console(stderr=True)
 
 # Libraries that log at import or on every call; their messages are not the user's business.
-_NOISY_LOGGERS = ("bitsandbytes", "httpx", "urllib3", "filelock", "datasets", "torch.distributed", "matplotlib")
+_NOISY_LOGGERS = ("bitsandbytes", "httpx", "urllib3", "filelock", "datasets", "torch.distributed", "matplotlib",
+                  "gguf")
 
 
 def configure_logging(level: int = logging.INFO, tokenizer_threads: bool = False) -> None:

@@ -205,6 +205,8 @@ def load_standalone(model_path: Path, device) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model_path = Path(model_path)
+    if model_path.suffix == ".gguf" and not model_path.exists():
+        raise UserError(f"{model_path}: no such GGUF file; run `dvc repro export` or fix --model")
     if model_path.suffix == ".gguf" and model_path.is_file():
         source, kwargs = model_path.parent, {"gguf_file": model_path.name}
     elif (model_path / "config.json").is_file():

@@ -68,8 +68,7 @@ def run(params: ModelParams, out_dir: Path) -> SourceRecord:
         record = SourceRecord(source=params.source, dtype=params.dtype, trust_remote_code=params.trust_remote_code,
                               content_sha256=digest, **origin, **info)
         write_source_record(out, record)
-    logger.info("Base model %s (%s) written to %s (seconds: %s)", record.repo_id, record.model_type, out_dir,
-                clock.seconds)
+    logger.info("Base model %s (%s) written to %s (%s)", record.repo_id, record.model_type, out_dir, clock.summary())
     return record
 
 

@@ -89,7 +89,7 @@ def run(quant: QuantizationParams, params: EvaluateParams, base_dir: Path, adapt
     memory.check_quantized_fits("evaluate", base_dir, quant, params.batch_size, len(eval_set[0]["input_ids"]), budget,
                                 budget_gb, trust)
     memory.reset_peak(device)
-    clock = PhaseClock()  # where the stage's time went (metrics' seconds)
+    clock = PhaseClock("evaluate")  # where the stage's time went (metrics' seconds)
     base, _ = modeling.load_base_model(base_dir, quant, device, trust_remote_code=trust)
     model = PeftModel.from_pretrained(base, adapter_dir)
     stop_ids = greedy.stop_token_ids(model, tokenizer)

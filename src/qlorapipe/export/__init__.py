@@ -77,7 +77,7 @@ def run(params: ExportParams, inputs: Inputs, out_dir: Path, metrics_path: Path,
         memory.check_quantized_fits("export", inputs.base, read_adapter_record(inputs.adapter).quantization, 1,
                                     max(len(eval_set[0]["input_ids"]), 64), budget, budget_gb, trust)
     memory.reset_peak(device)
-    clock = PhaseClock()
+    clock = PhaseClock("export")
     model = AutoModelForCausalLM.from_pretrained(inputs.merged, trust_remote_code=trust)  # keeps the saved dtype
     tokenizer = AutoTokenizer.from_pretrained(inputs.merged, trust_remote_code=trust)
     clock.lap("load")

@@ -263,10 +263,10 @@ def check_file(gguf_file: Path, tokenizer, reference_logits: list, batches: list
         "buffers_mb": header["buffers_mb"],
         "seconds": found["seconds"],
     }
-    logger.info("%s in llama.cpp (%d blocks on the GPU): perplexity change %+.3f%% against the merged model, "
-                "greedy agreement %.0f%% with base + adapter, %d stop mismatch(es)", Path(gguf_file).name,
-                header["gpu_layers"], 100 * result.perplexity_change, 100 * metrics["token_agreement"],
-                metrics["stop_mismatches"])
+    where = f" ({header['gpu_layers']} layers on the GPU)" if header["gpu_layers"] else ""
+    logger.info("%s in llama.cpp%s: perplexity change %+.3f%% against the merged model, "
+                "greedy agreement %.0f%% with base + adapter, %d stop mismatch(es)", Path(gguf_file).name, where,
+                100 * result.perplexity_change, 100 * metrics["token_agreement"], metrics["stop_mismatches"])
     return metrics
 
 

@@ -69,7 +69,7 @@ def run(quant: QuantizationParams, params: MergeParams, budget_gb: float | None,
     budget = memory.budget_bytes(budget_gb, device)
     rows, reserve = _check_budget(base_dir, quant, dtype, batches, budget, budget_gb, trust)
     memory.reset_peak(device)
-    clock = PhaseClock()
+    clock = PhaseClock("merge")
     base, _ = modeling.load_base_model(base_dir, quant, device, trust_remote_code=trust)
     with_adapter = PeftModel.from_pretrained(base, adapter_dir)
     clock.lap("load")

@@ -92,7 +92,7 @@ def run(sections: Sections, base_dir: Path, data_dir: Path, out: Outputs, relaun
     import torch
 
     started = time.perf_counter()
-    clock = PhaseClock()  # where the stage's time went besides the optimizer steps (metrics' seconds)
+    clock = PhaseClock("train")  # where the stage's time went besides the optimizer steps (metrics' seconds)
     torch.manual_seed(params.seed)  # before the adapters are initialised
     world = distributed.start(dist, modeling.pick_device())
     if not world.is_main:
@@ -213,7 +213,10 @@ def run(sections: Sections, base_dir: Path, data_dir: Path, out: Outputs, relaun
 
 
 def _progress(enabled: bool):
-    """The rich progress bar the loop advances (rank 0 only)."""
+    """The rich progress bar the loop advances (rank 0, on a terminal). Elsewhere (a log file, CI) a bar shows
+    only once the stage ends, so there is none (None) and the loop logs its steps instead."""
+    if not (enabled and console.is_terminal):
+        return contextlib.nullcontext()
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     columns = [TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[status]}"),

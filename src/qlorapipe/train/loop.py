@@ -179,6 +179,11 @@ def _restore(checkpoint, model, optimizer, scheduler) -> tuple[TrainResult, dict
     return result, checkpoint.best_adapter()
 
 
+# Without a progress bar (a log file, CI) a step's line is logged when it evaluated, when it is the last, and
+# otherwise at most this often (the first step's always); the training log file holds every step's.
+LOG_EVERY_SECONDS = 10.0
+
+
 def train(model, train_set, eval_set, params: TrainingParams, device, progress=None,
           checkpoints: CheckpointStore | None = None, processes=None, graphed=None,
           async_optimizer: bool = False, publish: Callable[[Sequence[StepRecord]], None] | None = None) -> TrainResult:
@@ -189,7 +194,7 @@ def train(model, train_set, eval_set, params: TrainingParams, device, progress=N
         train_set, eval_set: ``data.Split`` rows (input_ids, labels and position_ids tensors).
         params: the training section.
         device: where the model lives.
-        progress: a rich Progress to draw the bar on (None: no bar).
+        progress: a rich Progress to draw the bar on (None: no bar; steps are logged, ``LOG_EVERY_SECONDS``).
         checkpoints: where to resume from and write checkpoints (None: neither).
         processes: the distributed.SingleProcess / AcceleratedProcesses this rank belongs to
             (None: one process). Losses, tokens and the log then describe all ranks together.
@@ -234,6 +239,7 @@ def train(model, train_set, eval_set, params: TrainingParams, device, progress=N
     accumulation = params.gradient_accumulation_steps // processes.num_processes
     batches_per_epoch = math.ceil(len(train_set) / params.per_device_batch_size)
     task = progress.add_task("training", total=n_steps, completed=result.steps, status="") if progress else None
+    logged = -math.inf  # when a step's line was last logged (without a bar)
     model.train()
     seconds_before = result.train_seconds
     started = time.perf_counter()
@@ -288,8 +294,9 @@ def train(model, train_set, eval_set, params: TrainingParams, device, progress=N
         if progress:
             progress.update(task, advance=1, status=f"loss {step_loss:.3f} lr {learning_rate:.2e} "
                                                     f"{tokens_per_second:,.0f} tok/s")
-        else:
+        elif step == n_steps or record.eval_loss is not None or time.perf_counter() - logged >= LOG_EVERY_SECONDS:
             logger.info(line)
+            logged = time.perf_counter()
         if checkpoints and checkpoints.due(step, last=step == n_steps or result.stop_reason is not None):
             saving = time.perf_counter()
             state = {"scheduler": scheduler.state_dict(), "result": result.to_state()}
