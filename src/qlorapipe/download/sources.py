@@ -73,13 +73,16 @@ def convert_gguf(gguf_path: Path, out_dir: Path, dtype: str) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from qlorapipe.gguf_reading import gguf_read_once
+
     gguf_path = Path(gguf_path)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-        # Dequantizing to float32 first, then casting once, avoids a double rounding.
-        model = AutoModelForCausalLM.from_pretrained(
-            gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
-        )
+        with gguf_read_once():
+            tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+            # Dequantizing to float32 first, then casting once, avoids a double rounding.
+            model = AutoModelForCausalLM.from_pretrained(
+                gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
+            )
     except (ValueError, OSError, KeyError) as exc:
         raise UserError(f"{gguf_path}: cannot load as a GGUF model ({exc})") from None
     model = model.to(getattr(torch, dtype))
