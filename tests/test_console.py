@@ -1,5 +1,6 @@
 """Stage processes: quiet libraries without importing them."""
 
+import logging
 import os
 import subprocess
 import sys
@@ -59,3 +60,22 @@ def test_a_failing_stage_and_a_distributed_rank_exit_through_the_interpreter():
     assert "error: training.max_steps must be positive" in failed.stderr
     rank = _stage(WORLD_SIZE="2")
     assert rank.returncode == 0 and rank.stdout == "outteardown"
+
+
+def test_a_named_phase_clock_logs_each_phase_as_it_ends(caplog):
+    """A stage without a progress bar (merge, export; any stage in a log file) says where it is."""
+    from qlorapipe.clock import PhaseClock
+
+    clock = PhaseClock("merge")
+    with caplog.at_level(logging.INFO, logger="qlorapipe.clock"):
+        clock.lap("reference")
+        clock.lap("write_q8_0")
+        clock.lap("reference")
+    assert [r.getMessage().split(" done (")[0] for r in caplog.records] == [
+        "merge: reference", "merge: write_q8_0", "merge: reference"]
+    assert list(clock.seconds) == ["reference", "write_q8_0"]  # a phase met twice adds up
+    assert clock.summary() == ", ".join(f"{name} {value:.1f} s" for name, value in clock.seconds.items())
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="qlorapipe.clock"):
+        PhaseClock().lap("write")  # unnamed: seconds only
+    assert not caplog.records

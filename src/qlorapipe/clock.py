@@ -24,9 +24,9 @@ class PhaseClock:
         now = time.perf_counter()
         self.seconds[name] = round(self.seconds.get(name, 0.0) + now - self.last, 2)
         if self.stage is not None:
-            logger.info("%s: %s done (%.1f s)", self.stage, name.replace("_", " "), now - self.last)
+            logger.info("%s: %s done (%.1f s)", self.stage, name, now - self.last)
         self.last = now
 
     def summary(self) -> str:
-        """The phases' seconds as one line: ``write 23.6 s, check and hash 0.3 s``."""
-        return ", ".join(f"{name.replace('_', ' ')} {value:.1f} s" for name, value in self.seconds.items())
+        """The phases' seconds as one line: ``write 23.6 s, check_and_hash 0.3 s``."""
+        return ", ".join(f"{name} {value:.1f} s" for name, value in self.seconds.items())
