@@ -24,12 +24,10 @@ from pathlib import Path
 
 from qlorapipe import corpora
 from qlorapipe.errors import UserError
-from qlorapipe.inputs import DATA_SUFFIXES, data_files
+from qlorapipe.inputs import data_files
 from qlorapipe.params import DataParams
 
 logger = logging.getLogger(__name__)
-
-LOCAL_SUFFIXES = DATA_SUFFIXES
 
 
 @dataclass(frozen=True)
