@@ -192,7 +192,7 @@ def _compat(tmp_path: Path, base: Path, **sections) -> list[str]:
 
 
 def test_what_the_model_cannot_do_is_refused_before_prepare_naming_each_key(tmp_path, tiny_neox_base):
-    args = _compat(tmp_path, tiny_neox_base, export={"formats": ["safetensors", "gguf-q8_0"]},
+    args = _compat(tmp_path, tiny_neox_base, export={"formats": ["safetensors", "gguf-q8_0", "onnx-int4"]},
                    lora={"target_modules": ["q_proj", "v_proj"], "modules_to_save": ["embed_tokens"]},
                    data={"source": "builtin:chatterbot", "max_length": 1024, "format": "chat"},
                    evaluate={"chat_template": True, "general_corpus": "builtin:python-docs"})
@@ -203,6 +203,8 @@ def test_what_the_model_cannot_do_is_refused_before_prepare_naming_each_key(tmp_
     assert message.startswith(f"error: params ask what {tiny_neox_base} (gpt_neox) cannot do: ")
     for expected in ("export.formats ['gguf-q8_0']: GGUF files are written for llama and qwen2 models; this one is "
                      "gpt_neox; keep safetensors and adapter only",
+                     "export.formats ['onnx-int4']: ONNX models are built for LlamaForCausalLM, MistralForCausalLM, ",
+                     "this one is GPTNeoXForCausalLM; keep safetensors and adapter only",
                      "lora.target_modules ['q_proj', 'v_proj'] match no linear layer of this model; its linear layers "
                      "are: dense, dense_4h_to_h, dense_h_to_4h, query_key_value",
                      "lora.modules_to_save ['embed_tokens'] match no module",

@@ -98,7 +98,7 @@ def test_export_formats_are_checked_against_the_known_ones():
         parse_section("export", {"formats": ["gguf-q4", "adapter", "adapter"], "verify_batches": 0})
     message = str(info.value)
     assert ("export.formats: unknown ['gguf-q4']; choose from safetensors, gguf-f16, gguf-q8_0, gguf-q5_k_m, "
-            "gguf-q4_k_m, gguf-q4_0, adapter") in message
+            "gguf-q4_k_m, gguf-q4_0, onnx-fp32, onnx-int8, onnx-int4, adapter") in message
     assert "export.formats lists a format twice" in message
     assert "export.verify_batches must be at least 1, got 0" in message
     assert "no entry for" not in message  # an unknown format is named once
@@ -111,7 +111,7 @@ def test_every_gguf_file_has_its_gates_and_they_are_in_range():
     message = str(info.value)
     for expected in ("export.max_perplexity_change has no entry for gguf-q4_0; add one",
                      "export.max_perplexity_change: the values for gguf-q8_0 must be >= 0.0",
-                     "export.min_token_agreement: ['q4_0'] are not GGUF formats",
+                     "export.min_token_agreement: ['q4_0'] are not GGUF or ONNX formats",
                      "export.min_token_agreement: the values for gguf-q4_0 must be in [0.0, 1.0]",
                      "export.max_stop_mismatches must be >= 0, got -1"):
         assert expected in message

@@ -398,6 +398,47 @@ def test_a_gguf_that_llama_cpp_runs_differently_fails_the_export_and_writes_noth
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
 
 
+def test_export_onnx_models_run_in_onnx_runtime_as_the_trained_model_does(run, tmp_path):
+    import yaml
+
+    params = yaml.safe_load(run["params"].read_text())
+    params["export"]["formats"] = ["onnx-fp32", "onnx-int4"]
+    path = write_params(tmp_path / "params.yaml", params)
+    load_stage("export").main(_export_argv(run, path, tmp_path / "export", tmp_path / "export.json"))
+    for precision in ("fp32", "int4"):  # folders ONNX Runtime GenAI loads as they are
+        assert _files(tmp_path / "export" / "onnx" / precision) == [
+            "genai_config.json", "model.onnx", "model.onnx.data", "tokenizer.json", "tokenizer_config.json"]
+    metrics = json.loads((tmp_path / "export.json").read_text())
+    assert set(metrics["seconds"]) == {"load", "reference_logits", "reference_continuations", "build_onnx_fp32",
+                                       "check_onnx_fp32", "build_onnx_int4", "check_onnx_int4"}
+    fp32, int4 = metrics["onnx_fp32"], metrics["onnx_int4"]
+    # The fp32 model computes the merged model's float32 logits up to summation order; int4 rounds the weights.
+    assert fp32["max_logit_diff"] < 1e-4 < int4["max_logit_diff"] < 0.5
+    assert abs(int4["perplexity_change"]) < 0.05
+    assert int4["size_mb"] < fp32["size_mb"] / 3
+    for found in (fp32, int4):
+        assert found["tokenizer_matches"] and found["chat_template_matches"] is None  # no chat template here
+        assert found["stop_mismatches"] == 0
+    assert fp32["token_agreement"] == 1.0  # ONNX Runtime GenAI's greedy tokens are base + adapter's
+
+
+def test_an_onnx_model_of_the_base_fails_the_export_and_writes_nothing(run, tmp_path, monkeypatch):
+    """An ONNX model built from the base, the adapter lost on the way: ONNX Runtime's perplexity gives it away."""
+    import yaml
+
+    from qlorapipe.export import onnxgenai
+
+    params = yaml.safe_load(run["params"].read_text())
+    params["export"]["formats"] = ["safetensors", "onnx-fp32"]
+    path = write_params(tmp_path / "params.yaml", params)
+    build = onnxgenai.build
+    monkeypatch.setattr(onnxgenai, "build", lambda merged, *args: build(run["base"], *args))
+    with pytest.raises(UserError, match=r"^onnx-fp32 in ONNX Runtime drifts from the trained model: perplexity "
+                                        r"change \+0\.\d{4} > export.max_perplexity_change.onnx-fp32 0.01"):
+        load_stage("export").main(_export_argv(run, path, tmp_path / "export", tmp_path / "export.json"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
+
+
 def test_export_adapter_alone_loads_with_peft_and_names_its_base(run):
     import torch
     from peft import PeftModel

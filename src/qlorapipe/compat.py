@@ -1,7 +1,7 @@
 """What the chosen params can do for this base model, checked before any data is prepared.
 
 A param can be valid on its own (the check stage) and still ask what this model cannot do:
-GGUF files of an architecture the GGUF writer does not lay out, LoRA targets the model does
+GGUF files or ONNX models of an architecture their writer does not lay out, LoRA targets the model does
 not have, sequences longer than its position table, a chat format with no chat template.
 The compat stage reads the base model's config and tokenizer (no weights: the model is
 built on the meta device) and refuses every such param in one message that names the key,
@@ -20,6 +20,11 @@ from qlorapipe.modeling import lora_problems
 from qlorapipe.params import DataParams, EvaluateParams, ExportParams, LoraParams
 
 GGUF_ARCHITECTURES = ("llama", "qwen2")
+# The text models' architectures (config.json "architectures") onnxruntime-genai 0.18's model builder lays out.
+ONNX_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+                      "GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "GraniteForCausalLM",
+                      "OlmoForCausalLM", "NemotronForCausalLM", "PhiForCausalLM", "Phi3ForCausalLM",
+                      "SmolLM3ForCausalLM", "InternLM2ForCausalLM", "Ernie4_5ForCausalLM")
 
 
 def gguf_problem(config, model_dir: Path) -> str | None:
@@ -46,6 +51,15 @@ def gguf_problem(config, model_dir: Path) -> str | None:
     return None
 
 
+def onnx_problem(config) -> str | None:
+    """Why onnxruntime-genai's model builder cannot build this model, or None when it can."""
+    architectures = getattr(config, "architectures", None) or []
+    if not architectures or architectures[0] not in ONNX_ARCHITECTURES:
+        return (f"ONNX models are built for {', '.join(ONNX_ARCHITECTURES)}; this one is "
+                f"{architectures[0] if architectures else 'unnamed (config.json has no architectures)'}")
+    return None
+
+
 def problems(base_dir: Path, trust_remote_code: bool, data: DataParams, lora: LoraParams,
              evaluate: EvaluateParams, export: ExportParams) -> list[str]:
     """Every param this base model cannot honour, each naming its key and what to change.
@@ -60,6 +74,11 @@ def problems(base_dir: Path, trust_remote_code: bool, data: DataParams, lora: Lo
         why = gguf_problem(config, base_dir)
         if why:
             found.append(f"export.formats {gguf}: {why}; keep safetensors and adapter only")
+    onnx = [f for f in export.formats if f.startswith("onnx-")]
+    if onnx:
+        why = onnx_problem(config)
+        if why:
+            found.append(f"export.formats {onnx}: {why}; keep safetensors and adapter only")
     positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     if positions and data.max_length > positions:
         found.append(f"data.max_length {data.max_length} is longer than this model's {positions} positions "

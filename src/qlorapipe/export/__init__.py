@@ -2,9 +2,10 @@
 
 ``safetensors``: the merged model with its tokenizer, record and model card (``model_card``);
 ``gguf-f16``: one GGUF file (``gguf``); ``gguf-q8_0`` / ``gguf-q5_k_m`` / ``gguf-q4_k_m`` /
-``gguf-q4_0``: quantized from the f16 file by llama.cpp (``llamacpp``). Every GGUF file is run
-in llama.cpp and measured against the trained model, and gated (``gates``). ``adapter``: the
-adapter alone, loadable with peft (``adapter``).
+``gguf-q4_0``: quantized from the f16 file by llama.cpp (``llamacpp``). ``onnx-fp32`` / ``onnx-int8`` /
+``onnx-int4``: an ONNX Runtime GenAI folder each, built by onnxruntime-genai's model builder
+(``onnxgenai``). Every GGUF file and ONNX model is run in its own runtime and measured against the
+trained model, and gated (``gate``). ``adapter``: the adapter alone, loadable with peft (``adapter``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 from qlorapipe import data, fidelity, greedy, memory, modeling
 from qlorapipe.clock import PhaseClock
 from qlorapipe.errors import UserError
-from qlorapipe.export import gguf, llamacpp
+from qlorapipe.export import gguf, llamacpp, onnxgenai
 from qlorapipe.export.adapter import write_adapter_package
 from qlorapipe.export.model_card import render_model_card
 from qlorapipe.export.modelfile import write_modelfile
@@ -72,6 +73,9 @@ def run(params: ExportParams, inputs: Inputs, out_dir: Path, metrics_path: Path,
     device = modeling.pick_device()
     budget = memory.budget_bytes(budget_gb, device)
     gguf_types = [f.removeprefix("gguf-") for f in params.formats if f.startswith("gguf-")]
+    onnx_types = [f.removeprefix("onnx-") for f in params.formats if f.startswith("onnx-")]
+    if onnx_types:
+        onnxgenai.require()
     if gguf_types:
         llamacpp.require()  # refuse now, not after writing files
         memory.check_quantized_fits("export", inputs.base, read_adapter_record(inputs.adapter).quantization, 1,
@@ -96,9 +100,15 @@ def run(params: ExportParams, inputs: Inputs, out_dir: Path, metrics_path: Path,
                 if not beside:
                     saved.result()
                     clock.lap("safetensors")
+            references = None
             if gguf_types:
-                export_metrics.update(_gguf_files(params, inputs, model, tokenizer, eval_set, gguf_types, device,
-                                                  budget, trust, out, writer if beside else None, clock))
+                found, references = _gguf_files(params, inputs, model, tokenizer, eval_set, gguf_types, device,
+                                                budget, trust, out, writer if beside else None, clock)
+                export_metrics.update(found)
+            if onnx_types:
+                references = references or _references(params, inputs, model, tokenizer, eval_set, device, budget,
+                                                        trust, in_place=True, clock=clock)
+                export_metrics.update(_onnx_models(params, inputs, tokenizer, onnx_types, references, out, clock))
             if saved is not None and beside:
                 saved.result()
                 clock.lap("safetensors")
@@ -128,9 +138,49 @@ def _save_safetensors(model, tokenizer, inputs: Inputs, record, metrics: dict, p
     (out / "README.md").write_text(render_model_card(record, metrics, read_json(inputs.data_report), out_dir))
 
 
+@dataclass(frozen=True)
+class References:
+    """What every GGUF file and ONNX model is measured against."""
+
+    batches: list  # held-out rows
+    logits: list  # the merged model's float32 logits on them
+    prompts: list[list[int]]  # held-out prompts
+    continuations: list  # base + adapter's greedy continuations of them (llamacpp.Continuation)
+
+
+def _references(params: ExportParams, inputs: Inputs, model, tokenizer, eval_set, device, budget: float | None,
+                trust: bool, in_place: bool, clock: PhaseClock) -> References:
+    """The merged model's logits on held-out rows, and base + adapter's continuations of held-out prompts."""
+    batches = fidelity.eval_batches(eval_set, batch_size=4, n_batches=params.verify_batches)
+    logits = _reference_logits(model, inputs.merged, batches, device, budget, trust, in_place=in_place)
+    clock.lap("reference_logits")
+    prompts = llamacpp.held_out_prompts(eval_set, params.parity_prompts)
+    continuations = _trained_continuations(inputs, prompts, params.parity_tokens, tokenizer)
+    memory.release(device)  # the GPU is llama.cpp's now
+    clock.lap("reference_continuations")
+    return References(batches, logits, prompts, continuations)
+
+
+def _onnx_models(params: ExportParams, inputs: Inputs, tokenizer, onnx_types: list[str], references: References,
+                 out: Path, clock: PhaseClock) -> dict:
+    """Build, check and gate every ONNX Runtime GenAI folder; the metrics of each."""
+    found_by_type = {}
+    for precision in onnx_types:
+        folder = out / "onnx" / precision
+        folder.parent.mkdir(exist_ok=True)
+        onnxgenai.build(inputs.merged, folder, precision, params.onnx_builder_options.get(precision))
+        clock.lap(f"build_onnx_{precision}")
+        found = onnxgenai.check_model(folder, tokenizer, references.logits, references.batches, references.prompts,
+                                      references.continuations, params.parity_tokens)
+        clock.lap(f"check_onnx_{precision}")
+        gate(params, f"onnx-{precision}", found, runtime="ONNX Runtime")
+        found_by_type[f"onnx_{precision}"] = found
+    return found_by_type
+
+
 def _gguf_files(params: ExportParams, inputs: Inputs, model, tokenizer, eval_set, gguf_types: list[str], device,
-                budget: float | None, trust: bool, out: Path, writer, clock: PhaseClock) -> dict:
-    """Write, check and gate every GGUF file; the metrics of each.
+                budget: float | None, trust: bool, out: Path, writer, clock: PhaseClock) -> tuple[dict, References]:
+    """Write, check and gate every GGUF file; the metrics of each, and what they were measured against.
 
     ``writer`` (an executor, or None) writes the f16 file and quantizes the others from it while the GPU
     computes the references; write_<type> is then the wait for that file. Without it each file is made
@@ -152,14 +202,8 @@ def _gguf_files(params: ExportParams, inputs: Inputs, model, tokenizer, eval_set
             else:
                 pending[file_type] = writer.submit(gguf.write_gguf, model, inputs.merged, path[file_type],
                                                    file_type)
-    batches = fidelity.eval_batches(eval_set, batch_size=4, n_batches=params.verify_batches)
-    reference_logits = _reference_logits(model, inputs.merged, batches, device, budget, trust,
-                                         in_place=writer is None)
-    clock.lap("reference_logits")
-    prompts = llamacpp.held_out_prompts(eval_set, params.parity_prompts)
-    continuations = _trained_continuations(inputs, prompts, params.parity_tokens, tokenizer)
-    memory.release(device)  # the GPU is llama.cpp's now
-    clock.lap("reference_continuations")
+    references = _references(params, inputs, model, tokenizer, eval_set, device, budget, trust,
+                             in_place=writer is None, clock=clock)
     found_by_type = {}
     for file_type in order:
         if file_type in pending:
@@ -171,8 +215,8 @@ def _gguf_files(params: ExportParams, inputs: Inputs, model, tokenizer, eval_set
         clock.lap(f"write_{file_type}")
         if file_type not in gguf_types:
             continue
-        found = llamacpp.check_file(path[file_type], tokenizer, reference_logits, batches, prompts, continuations,
-                                    params.parity_tokens, device, budget,
+        found = llamacpp.check_file(path[file_type], tokenizer, references.logits, references.batches,
+                                    references.prompts, references.continuations, params.parity_tokens, device, budget,
                                     threads_beside(pending, cores, quantizer_threads))
         clock.lap(f"check_{file_type}")
         gate(params, f"gguf-{file_type}", found)
@@ -181,7 +225,7 @@ def _gguf_files(params: ExportParams, inputs: Inputs, model, tokenizer, eval_set
         found_by_type[f"gguf_{file_type}"] = found
     if "f16" not in gguf_types:
         path["f16"].unlink(missing_ok=True)  # written only to quantize from
-    return found_by_type
+    return found_by_type, references
 
 
 def threads_beside(pending: dict, cores: int, quantizer_threads: int) -> int | None:
@@ -280,8 +324,9 @@ def _trained_continuations(inputs: Inputs, prompts: list[list[int]], max_new_tok
                                             pad_token_id(tokenizer), device)
 
 
-def gate(params: ExportParams, file_format: str, found: dict) -> None:
-    """Refuse a GGUF file that drifts from the trained model beyond the export section's gates.
+def gate(params: ExportParams, file_format: str, found: dict, runtime: str = "llama.cpp") -> None:
+    """Refuse a GGUF file (ONNX model) that drifts from the trained model in ``runtime`` beyond the export
+    section's gates.
 
     Raises:
         UserError: naming the file's format, the figure, and the gate it breaks.
@@ -299,8 +344,8 @@ def gate(params: ExportParams, file_format: str, found: dict) -> None:
         problems.append(f"{found['stop_mismatches']} prompt(s) stop where the trained model does not "
                         f"(export.max_stop_mismatches {params.max_stop_mismatches})")
     if not found["tokenizer_matches"]:
-        problems.append("llama.cpp splits held-out text into other token ids than the tokenizer")
+        problems.append(f"{runtime} splits held-out text into other token ids than the tokenizer")
     if found["chat_template_matches"] is False:
-        problems.append("llama.cpp renders the chat template differently from transformers")
+        problems.append(f"{runtime} renders the chat template differently from transformers")
     if problems:
-        raise UserError(f"{file_format} in llama.cpp drifts from the trained model: " + "; ".join(problems))
+        raise UserError(f"{file_format} in {runtime} drifts from the trained model: " + "; ".join(problems))

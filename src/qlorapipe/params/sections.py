@@ -12,8 +12,11 @@ import re
 from dataclasses import dataclass, field
 from typing import Literal
 
-EXPORT_FORMATS = ("safetensors", "gguf-f16", "gguf-q8_0", "gguf-q5_k_m", "gguf-q4_k_m", "gguf-q4_0", "adapter")
+EXPORT_FORMATS = ("safetensors", "gguf-f16", "gguf-q8_0", "gguf-q5_k_m", "gguf-q4_k_m", "gguf-q4_0", "onnx-fp32",
+                  "onnx-int8", "onnx-int4", "adapter")
 GGUF_FORMATS = tuple(f for f in EXPORT_FORMATS if f.startswith("gguf-"))
+ONNX_FORMATS = tuple(f for f in EXPORT_FORMATS if f.startswith("onnx-"))
+CHECKED_FORMATS = GGUF_FORMATS + ONNX_FORMATS  # each run in its own runtime and gated (export.max_*/min_*)
 # The roles chat templates know; others are mapped with data.roles or refused (a template would
 # drop or garble them, and a conversation without an assistant turn trains nothing).
 CHAT_ROLES = ("system", "user", "assistant", "tool", "function", "ipython", "developer")
@@ -371,21 +374,29 @@ class ExportParams:
 
     # safetensors: the merged model directory; gguf-*: one GGUF file each, for llama.cpp (Llama
     # and Qwen2 architectures; f16 written here, q8_0, the k-quants and q4_0 quantized from
-    # f16 by llama.cpp itself); adapter: the adapter alone, for PeftModel
+    # f16 by llama.cpp itself); onnx-*: one ONNX Runtime GenAI folder each (fp32, or int8/int4
+    # weights), built by onnxruntime-genai's model builder; adapter: the adapter alone, for PeftModel
     formats: list[str] = field(default_factory=lambda: ["safetensors", "gguf-f16", "gguf-q8_0", "gguf-q4_k_m",
                                                         "adapter"])
     max_shard_size: str = "5GB"
-    verify_batches: int = 2  # held-out batches of 4 rows each GGUF file computes in llama.cpp
-    parity_prompts: int = 4  # held-out prompts each GGUF file continues greedily in llama.cpp
+    verify_batches: int = 2  # held-out batches of 4 rows each GGUF file (ONNX model) computes in its runtime
+    parity_prompts: int = 4  # held-out prompts each GGUF file (ONNX model) continues greedily in its runtime
     parity_tokens: int = 16  # tokens generated per prompt
-    # Gates per GGUF format, against the model that was trained: the largest perplexity change
-    # on the held-out rows (llama.cpp against the merged model), the smallest greedy agreement
-    # with base + adapter, and how many prompts may stop (end-of-turn) where the trained model does not.
+    # Gates per GGUF or ONNX format, against the model that was trained: the largest perplexity change
+    # on the held-out rows (llama.cpp or ONNX Runtime against the merged model), the smallest greedy
+    # agreement with base + adapter, and how many prompts may stop (end-of-turn) where the trained model does not.
     max_perplexity_change: dict[str, float] = field(default_factory=lambda: {
-        "gguf-f16": 0.01, "gguf-q8_0": 0.02, "gguf-q5_k_m": 0.06, "gguf-q4_k_m": 0.12, "gguf-q4_0": 0.25})
+        "gguf-f16": 0.01, "gguf-q8_0": 0.02, "gguf-q5_k_m": 0.06, "gguf-q4_k_m": 0.12, "gguf-q4_0": 0.25,
+        "onnx-fp32": 0.01, "onnx-int8": 0.02, "onnx-int4": 0.25})
     min_token_agreement: dict[str, float] = field(default_factory=lambda: {
-        "gguf-f16": 0.5, "gguf-q8_0": 0.5, "gguf-q5_k_m": 0.25, "gguf-q4_k_m": 0.25, "gguf-q4_0": 0.1})
+        "gguf-f16": 0.5, "gguf-q8_0": 0.5, "gguf-q5_k_m": 0.25, "gguf-q4_k_m": 0.25, "gguf-q4_0": 0.1,
+        "onnx-fp32": 0.5, "onnx-int8": 0.5, "onnx-int4": 0.1})
     max_stop_mismatches: int = 0
+    # onnxruntime-genai's model builder options (its --extra_options) per ONNX precision. int4: its k-quant
+    # with the output layer and the most sensitive layers in int8, as llama.cpp's q4_k_m does (measured on the
+    # offline default, docs/export.md: +21 % perplexity against +39 % for its default round-to-nearest).
+    onnx_builder_options: dict[str, dict] = field(default_factory=lambda: {
+        "fp32": {}, "int8": {}, "int4": {"algo_config": "k_quant_mixed"}})
 
     def check(self) -> list[str]:
         problems = []
@@ -399,6 +410,13 @@ class ExportParams:
         for name in ("verify_batches", "parity_prompts", "parity_tokens"):
             if getattr(self, name) < 1:
                 problems.append(f"export.{name} must be at least 1, got {getattr(self, name)}")
+        precisions = [f.removeprefix("onnx-") for f in ONNX_FORMATS]
+        strange = [k for k in self.onnx_builder_options if k not in precisions]
+        if strange:
+            problems.append(f"export.onnx_builder_options: {strange} are not ONNX precisions; use {', '.join(precisions)}")
+        if any(not isinstance(v, dict) for v in self.onnx_builder_options.values()):
+            problems.append("export.onnx_builder_options: each precision takes a mapping of builder options, "
+                            "such as {algo_config: k_quant}")
         if self.max_stop_mismatches < 0:
             problems.append(f"export.max_stop_mismatches must be >= 0, got {self.max_stop_mismatches}")
         if not SHARD_SIZE.fullmatch(self.max_shard_size.strip()):
@@ -406,10 +424,11 @@ class ExportParams:
                             f"got {self.max_shard_size!r}")
         for name, low, high in (("max_perplexity_change", 0.0, None), ("min_token_agreement", 0.0, 1.0)):
             gates = getattr(self, name)
-            unknown = [k for k in gates if k not in GGUF_FORMATS]
+            unknown = [k for k in gates if k not in CHECKED_FORMATS]
             if unknown:
-                problems.append(f"export.{name}: {unknown} are not GGUF formats; use {', '.join(GGUF_FORMATS)}")
-            missing = [f for f in self.formats if f in GGUF_FORMATS and f not in gates]
+                problems.append(f"export.{name}: {unknown} are not GGUF or ONNX formats; use "
+                                f"{', '.join(CHECKED_FORMATS)}")
+            missing = [f for f in self.formats if f in CHECKED_FORMATS and f not in gates]
             if missing:
                 problems.append(f"export.{name} has no entry for {', '.join(missing)}; add one")
             bad = [k for k, v in gates.items() if float(v) < low or (high is not None and float(v) > high)]

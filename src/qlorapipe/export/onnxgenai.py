@@ -1,0 +1,181 @@
+"""ONNX Runtime GenAI models: built from the merged model by onnxruntime-genai's own model builder, and
+checked in ONNX Runtime itself against the trained model.
+
+``build`` runs the builder (``python -m onnxruntime_genai.models.builder``) in a process of its own,
+for ONNX Runtime's CPU execution provider, in 32-bit floats or with its 8- or 4-bit weight quantization
+(``MatMulNBits``). The result is a folder ONNX Runtime GenAI loads as it is: ``model.onnx``, its weights in
+``model.onnx.data``, ``genai_config.json``, the tokenizer and the chat template.
+
+``check_model`` measures it as ``llamacpp.check_file`` measures a GGUF file:
+
+- logits on held-out rows (ONNX Runtime's ``InferenceSession`` on the decoder, an empty key-value cache)
+  against the merged model: largest and mean difference, perplexity and its change;
+- greedy continuations of held-out prompts by ONNX Runtime GenAI's generator (the program that serves
+  these folders) against base + adapter as trained: agreement, and whether and where each stops on the
+  end-of-sequence ids the folder's ``genai_config.json`` names;
+- the tokenizer (ids of held-out text) and the chat template (a probe conversation) against transformers'.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from qlorapipe import fidelity
+from qlorapipe.errors import UserError
+from qlorapipe.export.llamacpp import (
+    PROBE_CONVERSATION,
+    Continuation,
+    agreement,
+    continuation,
+)
+
+logger = logging.getLogger(__name__)
+
+# export.formats onnx-<precision>: the builder's precisions for ONNX Runtime's CPU execution provider.
+PRECISIONS = ("fp32", "int8", "int4")
+_PACKAGES = {"onnxruntime_genai": "onnxruntime-genai", "onnxruntime": "onnxruntime", "onnx_ir": "onnx-ir",
+             "onnx": "onnx"}
+
+
+def require() -> None:
+    """Refuse ONNX formats before any file is written when the packages that build and run them are missing.
+
+    Raises:
+        UserError: naming the missing package.
+    """
+    missing = [package for module, package in _PACKAGES.items() if importlib.util.find_spec(module) is None]
+    if missing:
+        raise UserError(f"export.formats onnx-*: {', '.join(missing)} not installed; run `make install` "
+                        "(or pip install -e .) again, or drop the onnx formats")
+
+
+def build(merged: Path, out_dir: Path, precision: str, options: dict | None = None) -> None:
+    """Build the ONNX Runtime GenAI folder ``out_dir`` from the merged model directory ``merged``; ``options``:
+    the builder's ``--extra_options`` (for example ``{"algo_config": "k_quant"}``).
+
+    Raises:
+        UserError: the builder failed; its last line says why.
+    """
+    with tempfile.TemporaryDirectory(prefix="onnx-build-") as scratch:
+        log = Path(scratch) / "builder.log"
+        command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-m", str(merged), "-o", str(out_dir),
+                   "-p", precision, "-e", "cpu", "-c", str(Path(scratch) / "cache")]
+        if options:
+            command += ["--extra_options", *(f"{key}={value}" for key, value in options.items())]
+        with log.open("wb") as sink:
+            done = subprocess.run(command, stdout=sink, stderr=subprocess.STDOUT, check=False,
+                                  env={**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"})
+        if done.returncode != 0:
+            lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
+            raise UserError(f"onnx-{precision}: onnxruntime-genai's model builder failed on {merged}: "
+                            f"{lines[-1] if lines else f'exit status {done.returncode}'}")
+
+
+def check_model(model_dir: Path, tokenizer, reference_logits: list, batches: list, prompts: list[list[int]],
+                reference: list[Continuation], max_new_tokens: int) -> dict:
+    """Run the ONNX Runtime GenAI folder ``model_dir`` (named by its precision) and measure it against the
+    trained model (see the module docstring).
+
+    Returns:
+        The metrics for metrics/export.json.
+
+    Raises:
+        UserError: ONNX Runtime cannot load or run the folder (some builder options write invalid graphs).
+    """
+    started = time.perf_counter()
+    config = json.loads((model_dir / "genai_config.json").read_text())["model"]
+    try:
+        result = _logits_comparison(model_dir, config, reference_logits, batches)
+        logits_seconds = time.perf_counter() - started
+        continuations, tokens_match, chat = _generator_checks(model_dir, config, tokenizer, batches, prompts,
+                                                              max_new_tokens)
+    except Exception as error:  # noqa: BLE001 - onnxruntime raises its own types; said in one line
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise UserError(f"onnx-{model_dir.name}: ONNX Runtime cannot run what the builder wrote: {first}; "
+                        "try other export.onnx_builder_options") from error
+    metrics = {
+        **result.as_metrics(),
+        "size_mb": round(sum(f.stat().st_size for f in model_dir.iterdir() if f.is_file()) / 1e6, 2),
+        "token_agreement": round(sum(agreement(r, c) for r, c in zip(reference, continuations))
+                                 / max(len(prompts), 1), 4),
+        "stops_trained": sum(r.stop is not None for r in reference),
+        "stops_onnx": sum(c.stop is not None for c in continuations),
+        "stop_mismatches": sum(r.stop != c.stop for r, c in zip(reference, continuations)),
+        "tokenizer_matches": tokens_match,
+        "chat_template_matches": None if chat is None else chat == tokenizer.apply_chat_template(
+            PROBE_CONVERSATION, tokenize=False, add_generation_prompt=True),
+        "seconds": {"logits": round(logits_seconds, 3),
+                    "generator": round(time.perf_counter() - started - logits_seconds, 3)},
+    }
+    logger.info("%s in ONNX Runtime: perplexity change %+.3f%% against the merged model, greedy agreement %.0f%% "
+                "with base + adapter, %d stop mismatch(es)", model_dir.name, 100 * result.perplexity_change,
+                100 * metrics["token_agreement"], metrics["stop_mismatches"])
+    return metrics
+
+
+def _logits_comparison(model_dir: Path, config: dict, reference_logits: list, batches: list):
+    """The decoder's logits on ``batches`` (ONNX Runtime, all positions at once from an empty cache) compared
+    with ``reference_logits``."""
+    import numpy as np
+    import onnxruntime
+    import torch
+
+    decoder = config["decoder"]
+    session = onnxruntime.InferenceSession(str(model_dir / decoder["filename"]), providers=["CPUExecutionProvider"])
+    names = decoder["inputs"]
+    past = {names[key] % layer for key in ("past_key_names", "past_value_names")
+            for layer in range(decoder["num_hidden_layers"])}
+    cache_dtypes = {spec.name: np.float16 if spec.type == "tensor(float16)" else np.float32
+                    for spec in session.get_inputs() if spec.name in past}
+    comparison = fidelity.Comparison()
+    for reference, batch in zip(reference_logits, batches):
+        ids = batch.numpy().astype(np.int64)
+        feed = {names["input_ids"]: ids, names["attention_mask"]: np.ones_like(ids)}
+        if "position_ids" in names:
+            feed[names["position_ids"]] = np.broadcast_to(np.arange(ids.shape[1]), ids.shape).copy()
+        for name, dtype in cache_dtypes.items():  # an empty cache: every position computed at once
+            feed[name] = np.zeros((ids.shape[0], decoder["num_key_value_heads"], 0, decoder["head_size"]), dtype)
+        (logits,) = session.run([decoder["outputs"]["logits"]], feed)
+        comparison.add(reference, torch.from_numpy(logits), batch)
+        del logits
+    del session
+    return comparison.result()
+
+
+def _generator_checks(model_dir: Path, config: dict, tokenizer, batches: list, prompts: list[list[int]],
+                      max_new_tokens: int) -> tuple[list[Continuation], bool, str | None]:
+    """ONNX Runtime GenAI's greedy continuations of ``prompts``, whether its tokenizer splits held-out text as
+    transformers' does, and its rendering of the probe conversation (None: the tokenizer has no chat template)."""
+    import onnxruntime_genai as og
+
+    model = og.Model(str(model_dir))
+    eos = config.get("eos_token_id")
+    stops = {int(i) for i in (eos if isinstance(eos, list) else [eos]) if i is not None}
+    continuations = []
+    for prompt in prompts:
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(prompt) + max_new_tokens, do_sample=False)
+        generator = og.Generator(model, params)
+        generator.append_tokens(prompt)
+        tokens = []
+        while not generator.is_done() and len(tokens) < max_new_tokens:
+            generator.generate_next_token()
+            tokens.append(int(generator.get_next_tokens()[0]))
+        del generator
+        continuations.append(continuation(tokens, stops.__contains__))
+    own = og.Tokenizer(model)
+    texts = [tokenizer.decode(b[0], skip_special_tokens=True) for b in batches]
+    tokens_match = all(own.encode(text).tolist() == tokenizer(text)["input_ids"] for text in texts)
+    chat = None
+    if getattr(tokenizer, "chat_template", None):
+        chat = own.apply_chat_template(json.dumps(PROBE_CONVERSATION), add_generation_prompt=True)
+    del own, model
+    return continuations, tokens_match, chat

@@ -1,0 +1,134 @@
+"""ONNX Runtime GenAI folders built from tiny Llama and Qwen2 models, run in ONNX Runtime itself."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from qlorapipe.errors import UserError
+from qlorapipe.export import gate, llamacpp, onnxgenai
+from qlorapipe.params import ExportParams
+
+TEXT = "Generators produce items lazily, 2026 of them, and remember where they left off!"
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, tiny_llama_dir, tiny_qwen2_dir):
+    """fp32 and int4 folders of both tiny models, built once by onnxruntime-genai's model builder."""
+    root = tmp_path_factory.mktemp("onnx")
+    folders = {}
+    for arch, model_dir in (("llama", tiny_llama_dir), ("qwen2", tiny_qwen2_dir)):
+        for precision in ("fp32", "int4"):
+            folders[arch, precision] = root / f"{arch}-{precision}"
+            onnxgenai.build(model_dir, folders[arch, precision], precision)
+    return folders
+
+
+def _references(model_dir, rows: int = 2, length: int = 24, seed: int = 0):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    generator = torch.Generator().manual_seed(seed)
+    batches = [torch.randint(3, len(tokenizer), (rows, length), generator=generator)]
+    with torch.no_grad():
+        logits = [model(b).logits for b in batches]
+    prompts = [batches[0][0, :6].tolist(), batches[0][1, :5].tolist()]
+    continuations = llamacpp.reference_continuations(model, prompts, 8, {tokenizer.eos_token_id},
+                                                     tokenizer.pad_token_id, torch.device("cpu"))
+    return model, tokenizer, batches, logits, prompts, continuations
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_onnx_runtime_computes_the_fp32_model_as_transformers_does(arch, built, request):
+    import numpy as np
+    import onnxruntime
+    import torch
+
+    model_dir = request.getfixturevalue(f"tiny_{arch}_dir")
+    folder = built[arch, "fp32"]
+    assert {"model.onnx", "model.onnx.data", "genai_config.json", "tokenizer.json"} <= {p.name for p in folder.iterdir()}
+    model, tokenizer, batches, logits, prompts, continuations = _references(model_dir)
+    # Raw logits, unrounded: the tiny model's are small, so the rounded metrics alone would say little.
+    ids = tokenizer(TEXT, return_tensors="pt")["input_ids"]
+    config = json.loads((folder / "genai_config.json").read_text())["model"]["decoder"]
+    session = onnxruntime.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    feed = {"input_ids": ids.numpy(), "attention_mask": np.ones_like(ids.numpy())}
+    for spec in session.get_inputs():
+        if spec.name.startswith("past_key_values"):
+            feed[spec.name] = np.zeros((1, config["num_key_value_heads"], 0, config["head_size"]), np.float32)
+    ours = session.run(["logits"], feed)[0]
+    with torch.no_grad():
+        theirs = model(ids).logits.numpy()
+    assert np.abs(theirs).max() > 1e-2
+    assert np.abs(ours - theirs).max() < 1e-5
+    found = onnxgenai.check_model(folder, tokenizer, logits, batches, prompts, continuations, 8)
+    assert found["token_agreement"] == 1.0 and found["stop_mismatches"] == 0  # GenAI's generator, greedy
+    assert found["tokenizer_matches"] is True
+    assert abs(found["perplexity_change"]) < 1e-4
+    assert found["chat_template_matches"] is None  # the tiny tokenizer has no chat template
+
+
+def test_int4_weights_are_four_times_smaller_and_measured_against_the_model(built, tiny_llama_dir):
+    _, tokenizer, batches, logits, prompts, continuations = _references(tiny_llama_dir)
+    exact = onnxgenai.check_model(built["llama", "fp32"], tokenizer, logits, batches, prompts, continuations, 8)
+    quantized = onnxgenai.check_model(built["llama", "int4"], tokenizer, logits, batches, prompts, continuations, 8)
+    assert quantized["size_mb"] < exact["size_mb"] / 3
+    assert quantized["max_logit_diff"] > 10 * max(exact["max_logit_diff"], 1e-6)  # rounded weights, measured
+    assert abs(quantized["perplexity_change"]) < 0.05
+
+
+def test_logits_of_another_model_are_far_from_the_reference(built, tiny_llama_dir, tiny_qwen2_dir):
+    _, tokenizer, batches, logits, prompts, continuations = _references(tiny_llama_dir)
+    found = onnxgenai.check_model(built["qwen2", "fp32"], tokenizer, logits, batches, prompts, continuations, 8)
+    own = onnxgenai.check_model(built["llama", "fp32"], tokenizer, logits, batches, prompts, continuations, 8)
+    assert found["mean_logit_diff"] > 100 * max(own["mean_logit_diff"], 1e-7)
+
+
+def test_the_gate_names_the_onnx_format_its_key_and_the_runtime():
+    found = {"perplexity_change": 0.5, "token_agreement": 1.0, "stop_mismatches": 0, "tokenizer_matches": False,
+             "chat_template_matches": None}
+    with pytest.raises(UserError) as error:
+        gate(ExportParams(), "onnx-int4", found, runtime="ONNX Runtime")
+    message = str(error.value)
+    assert "\n" not in message and message.startswith("onnx-int4 in ONNX Runtime drifts from the trained model")
+    assert "export.max_perplexity_change.onnx-int4 0.25" in message
+    assert "ONNX Runtime splits held-out text into other token ids" in message
+
+
+def test_a_model_the_builder_cannot_build_is_refused_in_one_line(tiny_llama_dir, tmp_path):
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_llama_dir, model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps({**config, "architectures": ["NoSuchForCausalLM"]}))
+    with pytest.raises(UserError) as error:
+        onnxgenai.build(model_dir, tmp_path / "out", "int4")
+    message = str(error.value)
+    assert "\n" not in message and message.startswith("onnx-int4: onnxruntime-genai's model builder failed on ")
+    assert message.endswith("model is not currently supported.")  # the builder's own last words
+
+
+def test_onnx_gates_are_keyed_by_known_formats():
+    assert ExportParams(formats=["onnx-int8"]).check() == []
+    assert any("['int2'] are not ONNX precisions" in p
+               for p in ExportParams(onnx_builder_options={"int2": {}}).check())
+    problems = ExportParams(max_perplexity_change={"onnx-int3": 0.1}).check()
+    assert any("['onnx-int3'] are not GGUF or ONNX formats" in p for p in problems)
+    missing = ExportParams(formats=["onnx-int4"], min_token_agreement={"gguf-f16": 0.5}).check()
+    assert any("export.min_token_agreement has no entry for onnx-int4" in p for p in missing)
+
+
+def test_a_folder_onnx_runtime_cannot_load_is_refused_in_one_line(tiny_llama_dir, tmp_path):
+    """Some builder options write graphs ONNX Runtime refuses (here: an int8 output layer of a model whose
+    embeddings are tied to it); the check says so in one line instead of passing the folder on."""
+    _, tokenizer, batches, logits, prompts, continuations = _references(tiny_llama_dir)
+    folder = tmp_path / "int4"
+    onnxgenai.build(tiny_llama_dir, folder, "int4", {"matmul_mixed_precision": "last_matmul:int8"})
+    with pytest.raises(UserError) as error:
+        onnxgenai.check_model(folder, tokenizer, logits, batches, prompts, continuations, 8)
+    message = str(error.value)
+    assert "\n" not in message and message.startswith("onnx-int4: ONNX Runtime cannot run what the builder wrote: ")
+    assert message.endswith("try other export.onnx_builder_options")
