@@ -421,6 +421,24 @@ def test_export_onnx_models_run_in_onnx_runtime_as_the_trained_model_does(run, t
         assert found["stop_mismatches"] == 0
     assert fp32["token_agreement"] == 1.0  # ONNX Runtime GenAI's greedy tokens are base + adapter's
 
+    # qlorapipe-chat --model models/export/onnx/fp32: ONNX Runtime GenAI answers as the merged model does.
+    import io
+
+    import torch
+
+    from qlorapipe.inference import SamplingSettings, load_standalone
+
+    greedy = SamplingSettings(max_new_tokens=8, temperature=0)
+    onnx = load_standalone(tmp_path / "export" / "onnx" / "fp32", torch.device("cpu"))
+    out = io.StringIO()
+    from qlorapipe.cli.chat import text_streamer
+
+    answer = onnx.answer("The with statement", greedy, streamer=text_streamer(onnx.tokenizer, out))
+    assert answer == load_standalone(run["merged"], torch.device("cpu")).answer("The with statement", greedy)
+    assert out.getvalue().strip() == answer.strip()  # streamed as it was generated
+    with pytest.raises(UserError, match="an ONNX model has its adapter merged in"):
+        onnx.use("chat")
+
 
 def test_an_onnx_model_of_the_base_fails_the_export_and_writes_nothing(run, tmp_path, monkeypatch):
     """An ONNX model built from the base, the adapter lost on the way: ONNX Runtime's perplexity gives it away."""

@@ -108,6 +108,47 @@ class LoadedModel:
         return self.tokenizer.decode(generated[0, encoded["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
+class OnnxLoadedModel(LoadedModel):
+    """An ONNX Runtime GenAI folder (``export.formats`` onnx-*): prompts are answered by ONNX Runtime GenAI's own
+    generator, as the program serving the folder answers them; the tokenizer is the folder's, read by transformers
+    (the chat template, and streaming through the same streamer as the other models)."""
+
+    def __init__(self, folder: Path, tokenizer):
+        import onnxruntime_genai as og
+
+        super().__init__(og.Model(str(folder)), tokenizer, [], None)
+
+    def use(self, name: str) -> None:
+        if name != BASE:
+            raise UserError(f"no adapter named '{name}': an ONNX model has its adapter merged in")
+
+    def answer(self, prompt: str, settings: SamplingSettings, streamer=None, adapter: str | None = None) -> str:
+        import onnxruntime_genai as og
+        import torch
+
+        if adapter is not None:
+            self.use(adapter)
+        ids = encode_prompt(self.tokenizer, prompt, use_chat_template(self.tokenizer, settings))["input_ids"][0]
+        params = og.GeneratorParams(self.model)
+        sampling = (dict(do_sample=True, temperature=settings.temperature, top_p=settings.top_p, top_k=0,
+                         random_seed=torch.initial_seed() % 2**31) if settings.temperature > 0 else
+                    dict(do_sample=False))
+        params.set_search_options(max_length=len(ids) + settings.max_new_tokens, **sampling)
+        generator = og.Generator(self.model, params)
+        generator.append_tokens(ids.tolist())
+        if streamer is not None:
+            streamer.put(ids[None])  # the prompt, which the streamer skips
+        new = []
+        while not generator.is_done():
+            generator.generate_next_token()
+            new.append(int(generator.get_next_tokens()[0]))
+            if streamer is not None:
+                streamer.put(torch.tensor(new[-1:]))
+        if streamer is not None:
+            streamer.end()
+        return self.tokenizer.decode(new, skip_special_tokens=True)
+
+
 def pad_token_id(tokenizer) -> int | None:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
@@ -197,7 +238,8 @@ def load_with_adapters(base_dir: Path, adapters: dict[str, Path], device) -> Loa
 
 
 def load_standalone(model_path: Path, device) -> LoadedModel:
-    """Load a merged or exported model directory, or a .gguf file (dequantized by transformers).
+    """Load a merged or exported model directory, a .gguf file (dequantized by transformers), or an ONNX Runtime
+    GenAI folder (run by ONNX Runtime GenAI).
 
     Raises:
         UserError: the path holds no model (or only an adapter).
@@ -206,6 +248,10 @@ def load_standalone(model_path: Path, device) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model_path = Path(model_path)
+    if (model_path / "genai_config.json").is_file():
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+        logger.info("Loaded %s in ONNX Runtime GenAI (CPU)", model_path)
+        return OnnxLoadedModel(model_path, tokenizer)
     if model_path.suffix == ".gguf" and not model_path.exists():
         raise UserError(f"{model_path}: no such GGUF file; run `dvc repro export` or fix --model")
     if model_path.suffix == ".gguf" and model_path.is_file():

@@ -3,6 +3,7 @@
     qlorapipe-chat --adapter models/adapter                       # interactive, streamed
     qlorapipe-chat --adapter models/adapter --mode demo           # the evaluate.prompts of params.yaml
     qlorapipe-chat --model models/export --mode text --prompt "The with statement"
+    qlorapipe-chat --model models/export/onnx/int8                # in ONNX Runtime GenAI
     qlorapipe-chat --adapter chat=models/adapter --adapter code=/tmp/code-adapter --mode compare
 
 With adapters, the base (``--base``, default: the base path in dvc.yaml) is loaded once, quantized as the
@@ -103,7 +104,8 @@ def main(argv: list[str] | None = None, stdin: TextIO | None = None, stdout: Tex
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--adapter", action="append", default=[], metavar="[NAME=]PATH",
                         help="adapter directory on the 4-bit base; repeat to load several")
-    source.add_argument("--model", type=Path, help="a merged or exported model directory, or a .gguf file")
+    source.add_argument("--model", type=Path, help="a merged or exported model directory, a .gguf file, or an "
+                        "ONNX folder (models/export/onnx/<precision>, run by ONNX Runtime GenAI)")
     parser.add_argument("--base", type=Path, help="base model for --adapter (default: dvc.yaml's base path)")
     parser.add_argument("--mode", choices=("interactive", "demo", "text", "compare"), default="interactive")
     parser.add_argument("--prompt", action="append", default=[], help="text mode: the prompt (repeatable)")

@@ -97,7 +97,7 @@ def check_model(model_dir: Path, tokenizer, reference_logits: list, batches: lis
         logits_seconds = time.perf_counter() - started
         continuations, tokens_match, chat = _generator_checks(model_dir, config, tokenizer, batches, prompts,
                                                               max_new_tokens)
-    except Exception as error:  # noqa: BLE001 - onnxruntime raises its own types; said in one line
+    except Exception as error:  # onnxruntime raises its own types; said in one line
         first = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise UserError(f"onnx-{model_dir.name}: ONNX Runtime cannot run what the builder wrote: {first}; "
                         "try other export.onnx_builder_options") from error
