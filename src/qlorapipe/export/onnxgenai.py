@@ -64,6 +64,8 @@ def build(merged: Path, out_dir: Path, precision: str, options: dict | None = No
     Raises:
         UserError: the builder failed; its last line says why.
     """
+    logger.info("Building onnx-%s with onnxruntime-genai's model builder%s", precision,
+                f" ({', '.join(f'{k}={v}' for k, v in options.items())})" if options else "")
     with tempfile.TemporaryDirectory(prefix="onnx-build-") as scratch:
         log = Path(scratch) / "builder.log"
         command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-m", str(merged), "-o", str(out_dir),
