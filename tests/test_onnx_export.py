@@ -108,7 +108,7 @@ def test_a_model_the_builder_cannot_build_is_refused_in_one_line(tiny_llama_dir,
         onnxgenai.build(model_dir, tmp_path / "out", "int4")
     message = str(error.value)
     assert "\n" not in message and message.startswith("onnx-int4: onnxruntime-genai's model builder failed on ")
-    assert message.endswith("model is not currently supported.")  # the builder's own last words
+    assert message.endswith("model is not currently supported.")  # the builder's own error line
 
 
 def test_onnx_gates_are_keyed_by_known_formats():
@@ -130,5 +130,67 @@ def test_a_folder_onnx_runtime_cannot_load_is_refused_in_one_line(tiny_llama_dir
     with pytest.raises(UserError) as error:
         onnxgenai.check_model(folder, tokenizer, logits, batches, prompts, continuations, 8)
     message = str(error.value)
-    assert "\n" not in message and message.startswith("onnx-int4: ONNX Runtime cannot run what the builder wrote: ")
+    assert "\n" not in message and message.startswith("onnx-int4: ONNX Runtime cannot run what the builder wrote (")
     assert message.endswith("try other export.onnx_builder_options")
+
+
+CHATML = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+NO_SYSTEM = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+             + CHATML)
+
+
+@pytest.mark.parametrize("template", [CHATML, NO_SYSTEM], ids=["chatml", "refuses-system"])
+def test_the_chat_template_is_rendered_by_onnx_runtime_genai_as_by_transformers(template, tiny_llama_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_llama_dir, model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.chat_template = template
+    tokenizer.save_pretrained(model_dir)
+    onnxgenai.build(model_dir, tmp_path / "fp32", "fp32")
+    _, tokenizer, batches, logits, prompts, continuations = _references(model_dir)
+    found = onnxgenai.check_model(tmp_path / "fp32", tokenizer, logits, batches, prompts, continuations, 8)
+    assert found["chat_template_matches"] is True  # a template refusing the system turn is probed without it
+
+
+def test_a_continuation_stops_where_the_trained_model_stops(tiny_llama_dir, tmp_path):
+    """End-of-sequence ids as a list, one of them a token the model generates: ONNX Runtime GenAI stops there."""
+    import torch
+
+    model, tokenizer, batches, logits, prompts, _ = _references(tiny_llama_dir)
+    stop = llamacpp.reference_continuations(model, prompts[:1], 8, set(), tokenizer.pad_token_id,
+                                            torch.device("cpu"))[0].tokens[2]
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_llama_dir, model_dir)
+    for name in ("config.json", "generation_config.json"):
+        config = json.loads((model_dir / name).read_text())
+        (model_dir / name).write_text(json.dumps({**config, "eos_token_id": [tokenizer.eos_token_id, stop]}))
+    onnxgenai.build(model_dir, tmp_path / "fp32", "fp32")
+    reference = llamacpp.reference_continuations(model, prompts, 8, {tokenizer.eos_token_id, stop},
+                                                 tokenizer.pad_token_id, torch.device("cpu"))
+    assert reference[0].stop is not None and reference[0].stop <= 2
+    found = onnxgenai.check_model(tmp_path / "fp32", tokenizer, logits, batches, prompts, reference, 8)
+    assert found["stops_onnx"] == found["stops_trained"] >= 1
+    assert found["stop_mismatches"] == 0 and found["token_agreement"] == 1.0
+
+
+def test_builder_errors_are_its_own_error_line_or_how_it_ended():
+    log = "Extra options: {}\nTraceback (most recent call last):\n  File x\nNotImplementedError: not supported.\n" \
+          "Saving GenAI config\n"
+    assert onnxgenai._why(log, 1) == "NotImplementedError: not supported."
+    assert onnxgenai._why("Reading layer 3\n", -9) == "killed by signal 9 (out of memory?)"
+    assert onnxgenai._why("", 2) == "exit status 2"
+    assert onnxgenai.option_value(True) == "true" and onnxgenai.option_value(32) == "32"
+
+
+def test_the_chat_tool_pointed_at_an_export_of_onnx_folders_only_names_them(tmp_path):
+    import torch
+
+    from qlorapipe.inference import load_standalone
+
+    (tmp_path / "export/onnx/int8").mkdir(parents=True)
+    (tmp_path / "export/onnx/int8/genai_config.json").write_text("{}")
+    with pytest.raises(UserError, match=r"holds no model of its own; pass an ONNX folder: --model .*export/onnx/int8$"):
+        load_standalone(tmp_path / "export", torch.device("cpu"))

@@ -24,7 +24,7 @@ GGUF_ARCHITECTURES = ("llama", "qwen2")
 ONNX_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
                       "GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "GraniteForCausalLM",
                       "OlmoForCausalLM", "NemotronForCausalLM", "PhiForCausalLM", "Phi3ForCausalLM",
-                      "SmolLM3ForCausalLM", "InternLM2ForCausalLM", "Ernie4_5ForCausalLM")
+                      "SmolLM3ForCausalLM", "Ernie4_5ForCausalLM")
 
 
 def gguf_problem(config, model_dir: Path) -> str | None:
@@ -73,7 +73,8 @@ def problems(base_dir: Path, trust_remote_code: bool, data: DataParams, lora: Lo
     if gguf:
         why = gguf_problem(config, base_dir)
         if why:
-            found.append(f"export.formats {gguf}: {why}; keep safetensors and adapter only")
+            instead = "safetensors and adapter" if onnx_problem(config) else "safetensors, adapter and the onnx-* formats"
+            found.append(f"export.formats {gguf}: {why}; keep {instead} only")
     onnx = [f for f in export.formats if f.startswith("onnx-")]
     if onnx:
         why = onnx_problem(config)

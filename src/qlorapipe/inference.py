@@ -114,9 +114,12 @@ class OnnxLoadedModel(LoadedModel):
     (the chat template, and streaming through the same streamer as the other models)."""
 
     def __init__(self, folder: Path, tokenizer):
+        import json
+
         import onnxruntime_genai as og
 
         super().__init__(og.Model(str(folder)), tokenizer, [], None)
+        self.context_length = json.loads((folder / "genai_config.json").read_text())["model"]["context_length"]
 
     def use(self, name: str) -> None:
         if name != BASE:
@@ -133,7 +136,9 @@ class OnnxLoadedModel(LoadedModel):
         sampling = (dict(do_sample=True, temperature=settings.temperature, top_p=settings.top_p, top_k=0,
                          random_seed=torch.initial_seed() % 2**31) if settings.temperature > 0 else
                     dict(do_sample=False))
-        params.set_search_options(max_length=len(ids) + settings.max_new_tokens, **sampling)
+        if len(ids) >= self.context_length:
+            raise UserError(f"the prompt is {len(ids)} tokens; this model reads at most {self.context_length}")
+        params.set_search_options(max_length=min(len(ids) + settings.max_new_tokens, self.context_length), **sampling)
         generator = og.Generator(self.model, params)
         generator.append_tokens(ids.tolist())
         if streamer is not None:
@@ -260,6 +265,10 @@ def load_standalone(model_path: Path, device) -> LoadedModel:
         source, kwargs = model_path, {}
     elif (model_path / "adapter_config.json").is_file():
         raise UserError(f"{model_path} is an adapter, not a model; pass it as --adapter {model_path}")
+    elif (model_path / "onnx").is_dir():
+        folders = sorted(str(f) for f in (model_path / "onnx").iterdir() if (f / "genai_config.json").is_file())
+        raise UserError(f"{model_path} holds no model of its own; pass an ONNX folder: --model "
+                        f"{' or '.join(folders) or str(model_path / 'onnx' / '<precision>')}")
     else:
         raise UserError(f"{model_path}: no model here (no config.json); run `dvc repro merge` or fix --model")
     with gguf_read_once():

@@ -10,6 +10,7 @@ trained model, and gated (``gate``). ``adapter``: the adapter alone, loadable wi
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -78,6 +79,7 @@ def run(params: ExportParams, inputs: Inputs, out_dir: Path, metrics_path: Path,
         onnxgenai.require()
     if gguf_types:
         llamacpp.require()  # refuse now, not after writing files
+    if gguf_types or onnx_types:  # their references: base + adapter's continuations
         memory.check_quantized_fits("export", inputs.base, read_adapter_record(inputs.adapter).quantization, 1,
                                     max(len(eval_set[0]["input_ids"]), 64), budget, budget_gb, trust)
     memory.reset_peak(device)
@@ -108,6 +110,10 @@ def run(params: ExportParams, inputs: Inputs, out_dir: Path, metrics_path: Path,
             if onnx_types:
                 references = references or _references(params, inputs, model, tokenizer, eval_set, device, budget,
                                                         trust, in_place=True, clock=clock)
+                if saved is not None:
+                    saved.result()  # the safetensors writer holds the model until it is written
+                del model  # the builder loads the merged model itself, and ONNX Runtime its own copy
+                gc.collect()
                 export_metrics.update(_onnx_models(params, inputs, tokenizer, onnx_types, references, out, clock))
             if saved is not None and beside:
                 saved.result()

@@ -417,6 +417,12 @@ class ExportParams:
         if any(not isinstance(v, dict) for v in self.onnx_builder_options.values()):
             problems.append("export.onnx_builder_options: each precision takes a mapping of builder options, "
                             "such as {algo_config: k_quant}")
+        else:
+            nested = [f"{p}.{k}" for p, v in self.onnx_builder_options.items() for k, o in v.items()
+                      if isinstance(o, (dict, list))]
+            if nested:
+                problems.append(f"export.onnx_builder_options: {', '.join(nested)} must be a plain value (a string, "
+                                "number or true/false), as the builder's --extra_options KEY=VALUE takes")
         if self.max_stop_mismatches < 0:
             problems.append(f"export.max_stop_mismatches must be >= 0, got {self.max_stop_mismatches}")
         if not SHARD_SIZE.fullmatch(self.max_shard_size.strip()):
