@@ -36,7 +36,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-STAGES = ("check", "download", "compat", "prepare", "train", "evaluate", "merge", "export")
+STAGES = ("check", "download", "compat", "prepare", "train", "evaluate", "merge", "card", "export")
 # The split rules (pre-tokenizer regexes) of the families the shapes come from: Qwen2 splits digits one
 # by one, Llama 3 in groups of three. The GGUF writer names llama.cpp's matching pre-tokenizer from them.
 SPLIT = {
@@ -229,7 +229,9 @@ def run_shape(shape: str, args) -> dict:
     (work / "stages").symlink_to(ROOT / "stages")
     record_file = work / "record.json"
     record = json.loads(record_file.read_text()) if record_file.is_file() else {"shape": shape, "stages": {}}
-    for name in args.rerun:
+    # The card stage gathers the metrics of the stages before it: DVC runs it again whenever one of them ran.
+    rerun = [*args.rerun, *(["card"] if any(STAGES.index(n) < STAGES.index("card") for n in args.rerun) else [])]
+    for name in rerun:
         record["stages"].pop(name, None)
     if "train" in args.rerun:
         # An experiment changes a parameter, and its train stage starts afresh; with the same parameters it would

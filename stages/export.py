@@ -1,9 +1,8 @@
-"""Write the deliverables chosen in export.formats: merged safetensors, GGUF files, the adapter alone.
+"""Write the deliverables chosen in export.formats: merged safetensors, GGUF files, ONNX models, the adapter alone.
 
     python stages/export.py --params params.yaml --merged models/merged --base models/base \
         --adapter models/adapter --data data/prepared --out models/export --metrics metrics/export.json \
-        --data-report metrics/data.json --train-metrics metrics/train.json \
-        --eval-metrics metrics/eval.json --merge-metrics metrics/merge.json
+        --card metrics/card.json
 
 Reads the ``export`` section of params.yaml and the GPU memory budget
 (``acceleration.memory_budget_gb``). Writes, in --out: the merged model with its
@@ -33,14 +32,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--metrics", type=Path, required=True, help="each GGUF file measured in llama.cpp")
-    parser.add_argument("--data-report", type=Path, required=True)
-    parser.add_argument("--train-metrics", type=Path, required=True)
-    parser.add_argument("--eval-metrics", type=Path, required=True)
-    parser.add_argument("--merge-metrics", type=Path, required=True)
+    parser.add_argument("--card", type=Path, required=True, help="what the model card quotes (the card stage's)")
     args = parser.parse_args(argv)
-    inputs = export.Inputs(merged=args.merged, base=args.base, adapter=args.adapter, data=args.data,
-                           data_report=args.data_report, train_metrics=args.train_metrics,
-                           eval_metrics=args.eval_metrics, merge_metrics=args.merge_metrics)
+    inputs = export.Inputs(merged=args.merged, base=args.base, adapter=args.adapter, data=args.data, card=args.card)
     sections = load_sections(args.params, "export", "acceleration")
     export.run(sections["export"], inputs, args.out, args.metrics, sections["acceleration"].memory_budget_gb)
 

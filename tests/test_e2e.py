@@ -28,7 +28,7 @@ def project(tmp_path_factory, tiny_llama_dir, corpus_file) -> Path:
 
 def test_repro_then_noop_then_experiment_and_metrics_diff(project):
     out = _sh(DVC + ["repro"], project)
-    for stage in ("check", "download", "compat", "prepare", "train", "evaluate", "merge", "export"):
+    for stage in ("check", "download", "compat", "prepare", "train", "evaluate", "merge", "card", "export"):
         assert f"Running stage '{stage}'" in out
     evaluation = json.loads((project / "metrics/eval.json").read_text())
     assert evaluation["finetuned"]["perplexity"] < evaluation["base"]["perplexity"]
@@ -83,6 +83,13 @@ def test_editing_evaluation_code_does_not_retrain(project):
         handle.write("\n# an edit\n")
     status = json.loads(_sh(DVC + ["status", "--json"], project))
     assert set(status) == {"evaluate"}
+    exported = (project / "models/export/README.md").read_bytes()
+    out = _sh(DVC + ["repro"], project)
+    assert "Running stage 'evaluate'" in out and "Running stage 'card'" in out
+    # Evaluate's figures came out the same (only its seconds moved), so what the model card quotes did not
+    # change, and export, the longest stage after training, did not run again.
+    assert "Running stage 'export'" not in out
+    assert (project / "models/export/README.md").read_bytes() == exported
 
 
 def test_train_rerun_by_dvc_resumes_from_the_persisted_checkpoint(project):

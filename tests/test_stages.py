@@ -54,14 +54,13 @@ def run(tmp_path_factory, tiny_llama_dir, corpus_file):
     load_stage("merge").main(common + ["--base", str(p["base"]), "--adapter", str(p["adapter"]),
                                        "--data", str(p["prepared"]), "--out", str(p["merged"]),
                                        "--metrics", str(m / "merge.json")])
+    load_stage("card").main(["--data-report", str(m / "data.json"), "--train-metrics", str(m / "train.json"),
+                             "--eval-metrics", str(m / "eval.json"), "--merge-metrics", str(m / "merge.json"),
+                             "--out", str(m / "card.json")])
     load_stage("export").main(common + ["--merged", str(p["merged"]), "--base", str(p["base"]),
                                         "--adapter", str(p["adapter"]),
                                         "--data", str(p["prepared"]), "--out", str(p["export"]),
-                                        "--metrics", str(m / "export.json"),
-                                        "--data-report", str(m / "data.json"),
-                                        "--train-metrics", str(m / "train.json"),
-                                        "--eval-metrics", str(m / "eval.json"),
-                                        "--merge-metrics", str(m / "merge.json")])
+                                        "--metrics", str(m / "export.json"), "--card", str(m / "card.json")])
     return p
 
 
@@ -320,9 +319,7 @@ def test_writing_beside_the_references_writes_the_same_files_and_nothing_when_a_
         load_stage("export").main(["--params", str(params_file), "--merged", str(run["merged"]),
                                    "--base", str(run["base"]), "--adapter", str(run["adapter"]),
                                    "--data", str(run["prepared"]), "--out", str(out),
-                                   "--metrics", str(out.with_suffix(".json")), "--data-report", str(m / "data.json"),
-                                   "--train-metrics", str(m / "train.json"), "--eval-metrics", str(m / "eval.json"),
-                                   "--merge-metrics", str(m / "merge.json")])
+                                   "--metrics", str(out.with_suffix(".json")), "--card", str(m / "card.json")])
 
     export_to(tmp_path / "early", write_params(tmp_path / "params.yaml", params))
     for name in ("model-f16.gguf", "model-q8_0.gguf", "model-q4_k_m.gguf"):
@@ -373,8 +370,7 @@ def _export_argv(run, params: Path, out: Path, metrics: Path) -> list[str]:
     m = run["metrics"]
     return ["--params", str(params), "--merged", str(run["merged"]), "--base", str(run["base"]),
             "--adapter", str(run["adapter"]), "--data", str(run["prepared"]), "--out", str(out),
-            "--metrics", str(metrics), "--data-report", str(m / "data.json"), "--train-metrics", str(m / "train.json"),
-            "--eval-metrics", str(m / "eval.json"), "--merge-metrics", str(m / "merge.json")]
+            "--metrics", str(metrics), "--card", str(m / "card.json")]
 
 
 def test_a_gguf_that_llama_cpp_runs_differently_fails_the_export_and_writes_nothing(run, tmp_path, monkeypatch):

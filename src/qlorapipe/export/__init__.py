@@ -39,10 +39,7 @@ class Inputs:
     base: Path  # the base model (models/base): base + adapter is what GGUF continuations are compared with
     adapter: Path  # the adapter (models/adapter)
     data: Path  # the prepared data: GGUF files are verified on its eval split
-    data_report: Path  # metrics of the earlier stages, for the model card
-    train_metrics: Path
-    eval_metrics: Path
-    merge_metrics: Path
+    card: Path  # what the model card quotes of the earlier stages' metrics (the card stage's output)
 
 
 def run(params: ExportParams, inputs: Inputs, out_dir: Path, metrics_path: Path, budget_gb: float | None = None) -> dict:
@@ -61,8 +58,7 @@ def run(params: ExportParams, inputs: Inputs, out_dir: Path, metrics_path: Path,
     Raises:
         UserError: a missing input, or a model or tokenizer a format cannot take.
     """
-    for path in (inputs.merged / "config.json", inputs.data_report, inputs.train_metrics, inputs.eval_metrics,
-                 inputs.merge_metrics):
+    for path in (inputs.merged / "config.json", inputs.card):
         if not path.is_file():
             raise UserError(f"{path} not found; run `dvc repro` to produce it")
     eval_set = data.load_split(inputs.data, data.EVAL_SPLIT)
@@ -87,8 +83,7 @@ def run(params: ExportParams, inputs: Inputs, out_dir: Path, metrics_path: Path,
     model = AutoModelForCausalLM.from_pretrained(inputs.merged, trust_remote_code=trust)  # keeps the saved dtype
     tokenizer = AutoTokenizer.from_pretrained(inputs.merged, trust_remote_code=trust)
     clock.lap("load")
-    metrics = {"train": read_json(inputs.train_metrics), "eval": read_json(inputs.eval_metrics),
-               "merge": read_json(inputs.merge_metrics)}
+    facts = read_json(inputs.card)
     export_metrics = {"formats": params.formats}
     with atomic_dir(out_dir) as out:
         # On a GPU the files are written (and quantized by llama.cpp) on the CPU while the GPU computes the
@@ -98,7 +93,7 @@ def run(params: ExportParams, inputs: Inputs, out_dir: Path, metrics_path: Path,
         try:
             saved = None
             if "safetensors" in params.formats:
-                saved = saver.submit(_save_safetensors, model, tokenizer, inputs, record, metrics, params, out, out_dir)
+                saved = saver.submit(_save_safetensors, model, tokenizer, inputs, record, facts, params, out, out_dir)
                 if not beside:
                     saved.result()
                     clock.lap("safetensors")
@@ -135,13 +130,13 @@ def run(params: ExportParams, inputs: Inputs, out_dir: Path, metrics_path: Path,
     return export_metrics
 
 
-def _save_safetensors(model, tokenizer, inputs: Inputs, record, metrics: dict, params: ExportParams, out: Path,
+def _save_safetensors(model, tokenizer, inputs: Inputs, record, facts: dict, params: ExportParams, out: Path,
                       out_dir: Path) -> None:
     """The merged model in safetensors shards with its tokenizer, record and model card."""
     model.save_pretrained(out, safe_serialization=True, max_shard_size=params.max_shard_size)
     tokenizer.save_pretrained(out)
     (out / ADAPTER_RECORD).write_text((inputs.merged / ADAPTER_RECORD).read_text())
-    (out / "README.md").write_text(render_model_card(record, metrics, read_json(inputs.data_report), out_dir))
+    (out / "README.md").write_text(render_model_card(record, facts, out_dir))
 
 
 @dataclass(frozen=True)

@@ -8,17 +8,16 @@ from pathlib import Path
 from qlorapipe.records import AdapterRecord
 
 
-def render_model_card(record: AdapterRecord, metrics: dict[str, dict], data_report: dict, shown_path: Path) -> str:
-    """Markdown naming the base model, the data, the params and the metrics that made this model.
+def render_model_card(record: AdapterRecord, facts: dict[str, dict], shown_path: Path) -> str:
+    """Markdown naming the base model, the data, the params and the figures that made this model.
 
     Args:
         record: the adapter record (base model plus the params sections used in training).
-        metrics: metrics by stage name (train, eval, merge).
-        data_report: the prepare stage's data report.
+        facts: what the card quotes of the stages' metrics (``qlorapipe.card``: data, train, eval, merge).
         shown_path: where the exported model is, for the usage example.
     """
     base, lora = record.base_model, record.lora
-    evaluation = metrics.get("eval", {})
+    evaluation, data_report = facts.get("eval", {}), facts.get("data", {})
     params = {k: v for k, v in record.as_json().items() if k != "base_model"}
     lines = [
         "---",
@@ -57,8 +56,8 @@ def render_model_card(record: AdapterRecord, metrics: dict[str, dict], data_repo
         f"{evaluation.get('finetuned', {}).get('perplexity')} |",
         "",
         f"Merge fidelity against base + adapter as trained: "
-        f"max logit difference {metrics.get('merge', {}).get('merged', {}).get('max_logit_diff')}, "
-        f"perplexity change {metrics.get('merge', {}).get('merged', {}).get('perplexity_change')}.",
+        f"max logit difference {facts.get('merge', {}).get('max_logit_diff')}, "
+        f"perplexity change {facts.get('merge', {}).get('perplexity_change')}.",
         "",
         f"LoRA: rank {lora.rank}, alpha {lora.alpha}, dropout {lora.dropout}, "
         f"targets {lora.target_modules}.",
@@ -80,7 +79,7 @@ def render_model_card(record: AdapterRecord, metrics: dict[str, dict], data_repo
         "## Training metrics",
         "",
         "```json",
-        json.dumps(metrics.get("train", {}), indent=2, sort_keys=True),
+        json.dumps(facts.get("train", {}), indent=2, sort_keys=True),
         "```",
         "",
     ]
