@@ -108,7 +108,12 @@ def test_offline_default_is_a_real_pretrained_model(smollm2_wheel, tmp_path, mon
         return reader(path, mode)
 
     monkeypatch.setattr(gguf_package, "GGUFReader", counting)
+    from transformers import modeling_gguf_pytorch_utils as loader
+
+    bars = []
+    monkeypatch.setattr(loader, "tqdm", lambda *args, **kwargs: bars.append(kwargs) or args[0])
     model_source.convert_gguf(gguf, out, "bfloat16")
+    assert bars == [{"desc": "Converting and de-quantizing GGUF tensors...", "disable": True}]  # no bar in the log
     # transformers reads the file for the tokenizer, the config and the weights: parsed once for the three.
     assert parsed == [str(gguf)] and gguf_package.GGUFReader is counting
     config = json.loads((out / "config.json").read_text())

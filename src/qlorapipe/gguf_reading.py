@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 
 
 @contextlib.contextmanager
@@ -12,11 +13,14 @@ def gguf_read_once():
     transformers reads a GGUF file's header and metadata (its whole vocabulary and merges among them) once
     for the config, once for the tokenizer and once for the weights: 2.6-3.4 s each for the offline
     default's file on 2 CPU cores. Within the block ``gguf.GGUFReader`` hands out the reader it made for a
-    file the first time; transformers only reads from it.
+    file the first time; transformers only reads from it. Its tqdm bar over the tensors it dequantizes, which
+    no environment switch turns off, is off too (a stage's log showed it as a run of carriage returns).
     """
     import gguf
+    from transformers import modeling_gguf_pytorch_utils as loader
 
-    original = gguf.GGUFReader
+    original, bar = gguf.GGUFReader, loader.tqdm
+    loader.tqdm = functools.partial(bar, disable=True)
     readers = {}
 
     def reader(path, mode="r"):
@@ -29,4 +33,4 @@ def gguf_read_once():
     try:
         yield
     finally:
-        gguf.GGUFReader = original
+        gguf.GGUFReader, loader.tqdm = original, bar
