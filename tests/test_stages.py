@@ -559,3 +559,21 @@ def test_chat_data_is_packed_identically_twice_and_trains(tmp_path, tiny_llama_d
     load_stage("train").main(train_args(params, tmp_path / "base", tmp_path / "a" / "prepared", tmp_path))
     metrics = json.loads((tmp_path / "train.json").read_text())
     assert metrics["steps"] == 2 and math.isfinite(metrics["eval_loss"])
+
+
+def test_the_card_quotes_figures_a_rerun_reproduces_and_names_a_missing_input(run, tmp_path):
+    m = run["metrics"]
+    facts = json.loads((m / "card.json").read_text())
+    assert set(facts) == {"data", "train", "eval", "merge"}
+    text = json.dumps(facts)
+    for volatile in ("seconds", "memory", "tokens_per_second", "environment", "device"):
+        assert volatile not in text  # what changes on every run stays out, so an unchanged card re-exports nothing
+    train = json.loads((m / "train.json").read_text())
+    assert facts["train"]["train_loss"] == train["train_loss"] and facts["eval"]["finetuned"]["perplexity"] > 0
+    card = (run["export"] / "README.md").read_text()
+    assert str(facts["merge"]["max_logit_diff"]) in card and '"train_loss"' in card
+    with pytest.raises(UserError, match=f"^{tmp_path / 'train.json'} not found; run `dvc repro` to produce it$"):
+        load_stage("card").main(["--data-report", str(m / "data.json"), "--train-metrics", str(tmp_path / "train.json"),
+                                 "--eval-metrics", str(m / "eval.json"), "--merge-metrics", str(m / "merge.json"),
+                                 "--out", str(tmp_path / "card.json")])
+    assert not (tmp_path / "card.json").exists()
