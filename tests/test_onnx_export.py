@@ -185,6 +185,16 @@ def test_builder_errors_are_its_own_error_line_or_how_it_ended():
     assert onnxgenai.option_value(True) == "true" and onnxgenai.option_value(32) == "32"
 
 
+def test_the_chat_tool_runs_a_folder_given_by_its_model_onnx(built):
+    import torch
+
+    from qlorapipe.inference import OnnxLoadedModel, SamplingSettings, load_standalone
+
+    loaded = load_standalone(built["llama", "fp32"] / "model.onnx", torch.device("cpu"))
+    assert isinstance(loaded, OnnxLoadedModel)
+    assert loaded.answer("The with statement", SamplingSettings(max_new_tokens=4, temperature=0))
+
+
 def test_the_chat_tool_pointed_at_an_export_of_onnx_folders_only_names_them(tmp_path):
     import torch
 
@@ -192,5 +202,19 @@ def test_the_chat_tool_pointed_at_an_export_of_onnx_folders_only_names_them(tmp_
 
     (tmp_path / "export/onnx/int8").mkdir(parents=True)
     (tmp_path / "export/onnx/int8/genai_config.json").write_text("{}")
-    with pytest.raises(UserError, match=r"holds no model of its own; pass an ONNX folder: --model .*export/onnx/int8$"):
-        load_standalone(tmp_path / "export", torch.device("cpu"))
+    folder = str(tmp_path / "export/onnx/int8")
+    # The export directory, its onnx folder, a precision not exported: each names the folders.
+    for wrong in ("export", "export/onnx", "export/onnx/int3"):
+        with pytest.raises(UserError, match=f"no model here; the ONNX folders beside it: --model {folder}$"):
+            load_standalone(tmp_path / wrong, torch.device("cpu"))
+    with pytest.raises(UserError, match="nowhere does not exist; pass a model directory, a .gguf file or an ONNX"):
+        load_standalone(tmp_path / "nowhere", torch.device("cpu"))
+
+
+def test_builder_options_it_does_not_know_are_refused_before_anything_is_built():
+    onnxgenai.check_builder_options({"int4": {"algo_config": "k_quant_mixed", "int4_block_size": 32}}, ["int4"])
+    onnxgenai.check_builder_options({"int8": {"bogus": 1}}, ["int4"])  # a precision not asked for is not built
+    with pytest.raises(UserError) as error:
+        onnxgenai.check_builder_options({"int8": {"blok_size": 16}}, ["int8"])
+    assert str(error.value).startswith("export.onnx_builder_options.int8.blok_size (did you mean block_size?): "
+                                       "not an option of onnxruntime-genai's model builder")

@@ -242,6 +242,11 @@ def load_with_adapters(base_dir: Path, adapters: dict[str, Path], device) -> Loa
                        device)
 
 
+def onnx_folders(path: Path) -> list[str]:
+    """The ONNX Runtime GenAI folders (with a genai_config.json) directly inside ``path``."""
+    return sorted(str(f) for f in path.iterdir() if (f / "genai_config.json").is_file()) if path.is_dir() else []
+
+
 def load_standalone(model_path: Path, device) -> LoadedModel:
     """Load a merged or exported model directory, a .gguf file (dequantized by transformers), or an ONNX Runtime
     GenAI folder (run by ONNX Runtime GenAI).
@@ -253,6 +258,8 @@ def load_standalone(model_path: Path, device) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model_path = Path(model_path)
+    if model_path.suffix == ".onnx" and (model_path.parent / "genai_config.json").is_file():
+        model_path = model_path.parent  # the model.onnx of an ONNX Runtime GenAI folder: the folder
     if (model_path / "genai_config.json").is_file():
         tokenizer = AutoTokenizer.from_pretrained(model_path)
         logger.info("Loaded %s in ONNX Runtime GenAI (CPU)", model_path)
@@ -265,10 +272,12 @@ def load_standalone(model_path: Path, device) -> LoadedModel:
         source, kwargs = model_path, {}
     elif (model_path / "adapter_config.json").is_file():
         raise UserError(f"{model_path} is an adapter, not a model; pass it as --adapter {model_path}")
-    elif (model_path / "onnx").is_dir():
-        folders = sorted(str(f) for f in (model_path / "onnx").iterdir() if (f / "genai_config.json").is_file())
-        raise UserError(f"{model_path} holds no model of its own; pass an ONNX folder: --model "
-                        f"{' or '.join(folders) or str(model_path / 'onnx' / '<precision>')}")
+    elif onnx_folders(model_path) or onnx_folders(model_path / "onnx") or onnx_folders(model_path.parent):
+        found = onnx_folders(model_path) or onnx_folders(model_path / "onnx") or onnx_folders(model_path.parent)
+        raise UserError(f"{model_path}: no model here; the ONNX folders beside it: --model {' or --model '.join(found)}")
+    elif not model_path.exists():
+        raise UserError(f"{model_path} does not exist; pass a model directory, a .gguf file or an ONNX folder "
+                        "(models/export/onnx/<precision>) to --model")
     else:
         raise UserError(f"{model_path}: no model here (no config.json); run `dvc repro merge` or fix --model")
     with gguf_read_once():

@@ -73,6 +73,7 @@ def run(params: ExportParams, inputs: Inputs, out_dir: Path, metrics_path: Path,
     onnx_types = [f.removeprefix("onnx-") for f in params.formats if f.startswith("onnx-")]
     if onnx_types:
         onnxgenai.require()
+        onnxgenai.check_builder_options(params.onnx_builder_options, onnx_types)
     if gguf_types:
         llamacpp.require()  # refuse now, not after writing files
     if gguf_types or onnx_types:  # their references: base + adapter's continuations

@@ -59,6 +59,30 @@ def require() -> None:
                         "(or pip install -e .) again, or drop the onnx formats")
 
 
+def check_builder_options(options: dict[str, dict], precisions: list[str]) -> None:
+    """Refuse, before any file is written, option names the installed builder does not document: it would
+    ignore them without a word. The names are read from its --extra_options help, in its source (not imported).
+
+    Raises:
+        UserError: naming the key and the builder's nearest option.
+    """
+    import difflib
+
+    spec = importlib.util.find_spec("onnxruntime_genai")
+    source = Path(spec.origin).parent / "models" / "builder.py" if spec and spec.origin else None
+    if source is None or not source.is_file():
+        return
+    known = set(re.findall(r"^ {16}([a-z][a-z0-9_]*) = ", source.read_text(), re.MULTILINE))
+    known |= {f"int4_{name}" for name in known}  # the builder's older spellings, still accepted
+    unknown = [f"export.onnx_builder_options.{p}.{k}" + (f" (did you mean {near[0]}?)" if near else "")
+               for p in precisions for k in options.get(p, {}) if k not in known
+               for near in [difflib.get_close_matches(k, known, n=1)]]
+    if unknown:
+        raise UserError(f"{'; '.join(unknown)}: not an option of onnxruntime-genai's model builder, which would "
+                        "ignore it; the options it knows are listed under --extra_options in "
+                        "onnxruntime_genai/models/builder.py")
+
+
 def build(merged: Path, out_dir: Path, precision: str, options: dict | None = None) -> None:
     """Build the ONNX Runtime GenAI folder ``out_dir`` from the merged model directory ``merged``; ``options``:
     the builder's ``--extra_options`` (for example ``{"algo_config": "k_quant"}``).
