@@ -153,7 +153,7 @@ def check_model(model_dir: Path, tokenizer, reference_logits: list, batches: lis
         "seconds": {"logits": round(logits_seconds, 3),
                     "generator": round(time.perf_counter() - started - logits_seconds, 3)},
     }
-    logger.info("%s in ONNX Runtime: perplexity change %+.3f%% against the merged model, greedy agreement %.0f%% "
+    logger.info("%s in ONNX Runtime: perplexity change %+.3f%% against the merged model, greedy agreement %.1f%% "
                 "with base + adapter, %d stop mismatch(es)", model_dir.name, 100 * result.perplexity_change,
                 100 * metrics["token_agreement"], metrics["stop_mismatches"])
     return metrics
