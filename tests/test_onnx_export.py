@@ -177,8 +177,8 @@ def test_a_continuation_stops_where_the_trained_model_stops(tiny_llama_dir, tmp_
 
 
 def test_builder_errors_are_its_own_error_line_or_how_it_ended():
-    log = "Extra options: {}\nTraceback (most recent call last):\n  File x\nNotImplementedError: not supported.\n" \
-          "Saving GenAI config\n"
+    log = ("Extra options: {}\nTraceback (most recent call last):\n  File x\nNotImplementedError: not supported.\n"
+           "Saving GenAI config\n")  # a line printed after the traceback is not the error
     assert onnxgenai._why(log, 1) == "NotImplementedError: not supported."
     assert onnxgenai._why("Reading layer 3\n", -9) == "killed by signal 9 (out of memory?)"
     assert onnxgenai._why("", 2) == "exit status 2"

@@ -69,17 +69,16 @@ def problems(base_dir: Path, trust_remote_code: bool, data: DataParams, lora: Lo
     """
     config = SimpleNamespace(**json.loads((Path(base_dir) / "config.json").read_text()))
     found = []
+    no_onnx = onnx_problem(config)
     gguf = [f for f in export.formats if f.startswith("gguf-")]
     if gguf:
         why = gguf_problem(config, base_dir)
         if why:
-            instead = "safetensors and adapter" if onnx_problem(config) else "safetensors, adapter and the onnx-* formats"
+            instead = "safetensors and adapter" if no_onnx else "safetensors, adapter and the onnx-* formats"
             found.append(f"export.formats {gguf}: {why}; keep {instead} only")
     onnx = [f for f in export.formats if f.startswith("onnx-")]
-    if onnx:
-        why = onnx_problem(config)
-        if why:
-            found.append(f"export.formats {onnx}: {why}; keep safetensors and adapter only")
+    if onnx and no_onnx:
+        found.append(f"export.formats {onnx}: {no_onnx}; keep safetensors and adapter only")
     positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     if positions and data.max_length > positions:
         found.append(f"data.max_length {data.max_length} is longer than this model's {positions} positions "

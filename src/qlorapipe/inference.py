@@ -272,8 +272,7 @@ def load_standalone(model_path: Path, device) -> LoadedModel:
         source, kwargs = model_path, {}
     elif (model_path / "adapter_config.json").is_file():
         raise UserError(f"{model_path} is an adapter, not a model; pass it as --adapter {model_path}")
-    elif onnx_folders(model_path) or onnx_folders(model_path / "onnx") or onnx_folders(model_path.parent):
-        found = onnx_folders(model_path) or onnx_folders(model_path / "onnx") or onnx_folders(model_path.parent)
+    elif found := onnx_folders(model_path) or onnx_folders(model_path / "onnx") or onnx_folders(model_path.parent):
         raise UserError(f"{model_path}: no model here; the ONNX folders beside it: --model {' or --model '.join(found)}")
     elif not model_path.exists():
         raise UserError(f"{model_path} does not exist; pass a model directory, a .gguf file or an ONNX folder "

@@ -41,8 +41,6 @@ from qlorapipe.export.llamacpp import (
 
 logger = logging.getLogger(__name__)
 
-# export.formats onnx-<precision>: the builder's precisions for ONNX Runtime's CPU execution provider.
-PRECISIONS = ("fp32", "int8", "int4")
 _PACKAGES = {"onnxruntime_genai": "onnxruntime-genai", "onnxruntime": "onnxruntime", "onnx_ir": "onnx-ir",
              "onnx": "onnx"}
 
