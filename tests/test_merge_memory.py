@@ -60,6 +60,31 @@ def test_layer_by_layer_merge_writes_the_whole_model_merges_tensors_bit_for_bit(
                            naive["model.layers.0.self_attn.q_proj.weight"])
 
 
+@pytest.mark.parametrize("lora", [{}, {"use_dora": True}, {"bias": "all", "target_modules": ["q_proj", "v_proj"]}],
+                         ids=["lora", "dora", "bias-all-some-targets"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_the_merged_model_turned_naive_in_place_is_the_naive_merge_bit_for_bit(tiny_qwen2_dir, tmp_path, lora, dtype):
+    from peft import PeftModel
+
+    adapter = _adapter(tiny_qwen2_dir, tmp_path / "adapter", **lora)
+    naive = merging.merge_adapter(tiny_qwen2_dir, adapter, QUANT, dtype, CPU, from_quantized=False)
+    expected = memory.place(naive, CPU, None, 0)[0].state_dict()  # as the stage compares it: float32 on the CPU
+    with_adapter = PeftModel.from_pretrained(modeling.load_base_model(tiny_qwen2_dir, QUANT, CPU)[0], adapter)
+    merged = merging.merged_model(with_adapter, tiny_qwen2_dir, dtype)
+    adapters = merging.adapters_only(with_adapter)
+    # The quantized weights are gone from every adapted layer; the adapters stay.
+    assert adapters[0] and not any(hasattr(layer.get_base_layer(), "weight") for layer in adapters[0].values())
+    assert adapters[1] == ([] if "target_modules" not in lora else
+                           [n for n, m in merged.named_modules() if n.endswith(("k_proj", "o_proj", "up_proj",
+                                                                                  "down_proj", "gate_proj"))])
+    placed = memory.place(merged, CPU, None, 0)[0]
+    before = {key: value.clone() for key, value in placed.state_dict().items()}
+    found = merging.naive_in_place(placed, adapters, memory.load_on_cpu(tiny_qwen2_dir, "auto"), dtype).state_dict()
+    assert sorted(found) == sorted(expected)
+    assert [key for key in expected if not torch.equal(found[key], expected[key])] == []
+    assert not torch.equal(before["model.layers.0.self_attn.q_proj.weight"], found["model.layers.0.self_attn.q_proj.weight"])
+
+
 def test_chunked_comparison_gives_the_whole_batch_figures():
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 50, (3, 17), generator=generator)

@@ -182,6 +182,9 @@ def peak_metrics(device, budget: float | None) -> dict:
     from qlorapipe.modeling import peak_memory_metrics
 
     found = peak_memory_metrics(device)
+    for key, earlier in zip(("peak_gpu_allocated_gb", "peak_gpu_reserved_gb"), _earlier_peaks, strict=True):
+        if key in found:
+            found[key] = max(found[key], round(earlier / 1e9, 3))
     if budget is not None:
         found["budget_gb"] = round(budget / 1e9, 3)
     logger.info("Peak memory: %s", ", ".join(f"{key} {value}" for key, value in found.items()))
@@ -255,9 +258,25 @@ def release(device) -> None:
         torch.cuda.empty_cache()
 
 
+# The stage's peaks (allocated, reserved bytes) before a measurement of its own restarted torch's counters.
+_earlier_peaks = [0, 0]
+
+
 def reset_peak(device) -> None:
     """Start counting the stage's peak GPU memory from here."""
+    _earlier_peaks[:] = [0, 0]
     if device.type == "cuda":
         import torch
 
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def restart_peak(device) -> None:
+    """Restart torch's peak counters for a measurement of its own (a decoder's memory), keeping the stage's peak
+    so far for ``peak_metrics``."""
+    if device.type == "cuda":
+        import torch
+
+        _earlier_peaks[0] = max(_earlier_peaks[0], torch.cuda.max_memory_allocated(device))
+        _earlier_peaks[1] = max(_earlier_peaks[1], torch.cuda.max_memory_reserved(device))
         torch.cuda.reset_peak_memory_stats(device)

@@ -103,17 +103,10 @@ def run(quant: QuantizationParams, params: MergeParams, budget_gb: float | None,
                                                                device)
             with_adapter.config.use_cache = False
             clock.lap("speed")
-        naive_model = merging.merged_model(with_adapter, base_dir, dtype, from_quantized=False,
-                                           trust_remote_code=trust) if params.naive_comparison else None
+        # The naive merge needs only the adapters from here on: the quantized weights go.
+        adapters = merging.adapters_only(with_adapter) if params.naive_comparison else None
         del base, with_adapter
         memory.release(device)
-        naive = None
-        if naive_model is not None:
-            naive_model, _ = memory.place(naive_model, device, budget, reserve)
-            naive = fidelity.compare_model(reference, naive_model, batches, device, rows)
-            del naive_model
-            memory.release(device)
-            clock.lap("naive")
         # Measure the model as saved: reload it from disk, as users will.
         reloaded, offloaded = memory.place(memory.load_on_cpu(out, dtype, trust), device, budget, reserve)
         merged_fidelity = fidelity.compare_model(reference, reloaded, batches, device, rows)
@@ -121,9 +114,24 @@ def run(quant: QuantizationParams, params: MergeParams, budget_gb: float | None,
         if params.speed_new_tokens and not offloaded:
             reloaded.config.use_cache = True
             timings["merged"] = speed.measure_speed(reloaded, speed_prompt, params.speed_new_tokens, device)
+            reloaded.config.use_cache = False
             clock.lap("speed")
         elif params.speed_new_tokens:
             logger.info("Merged model not timed: %d modules stream from the CPU within the memory budget", offloaded)
+        naive = None
+        if adapters is not None:
+            # The merged model becomes the naive one where it is; one streaming from the CPU is loaded again whole
+            # on the CPU first (its streamed weights are accelerate's, not the model's).
+            if offloaded:
+                del reloaded
+                memory.release(device)
+                reloaded = memory.load_on_cpu(out, dtype, trust)
+            merging.naive_in_place(reloaded, adapters, memory.load_on_cpu(base_dir, "auto", trust), dtype)
+            del adapters
+            if offloaded:
+                reloaded, _ = memory.place(reloaded, device, budget, reserve)
+            naive = fidelity.compare_model(reference, reloaded, batches, device, rows)
+            clock.lap("naive")
         del reloaded
         memory.release(device)
         metrics = {

@@ -116,6 +116,55 @@ def _set(module, key: str, value) -> None:
     getattr(owner, key.rsplit(".", 1)[-1]).data = value
 
 
+def adapters_only(with_adapter) -> tuple[dict, list[str]]:
+    """What the naive merge needs of base + adapter once its base weights are gone.
+
+    Returns ``(layers, quantized)``: each LoRA layer by module name, its base layer's weight dropped (the
+    adapters, biases and settings stay where they are, a few MB against GBs of quantized weights), and the
+    names of the quantized layers no adapter targets. Base + adapter cannot compute after this.
+    """
+    from peft.tuners.lora import LoraLayer
+    from peft.utils import ModulesToSaveWrapper
+
+    layers, quantized, done = {}, [], []
+    for name, module in with_adapter.get_base_model().named_modules():
+        if any(name.startswith(prefix) for prefix in done):
+            continue
+        if isinstance(module, (LoraLayer, ModulesToSaveWrapper)):
+            done.append(name + ".")
+            if isinstance(module, LoraLayer):
+                layers[name] = module
+        elif name and _is_quantized(getattr(module, "weight", None)):
+            quantized.append(name)
+    for layer in layers.values():
+        del layer.get_base_layer().weight
+    return layers, quantized
+
+
+def naive_in_place(model, adapters: tuple[dict, list[str]], base, dtype):
+    """Turn the merged ``model`` into the naive merge: the adapters merged into ``base``'s own 16-bit weights.
+
+    The two merges differ only in the weights of the LoRA layers and of the other quantized layers (every
+    other tensor is base + adapter's in both, ``merge_into``), so only those are written, each where
+    ``model`` holds it (a model placed on the GPU stays there): the same values as ``merge_into(base, ...,
+    from_quantized=False)``, bit for bit, without a second whole model.
+
+    Args:
+        model: the merged model (``merge_into``'s result, reloaded and placed), every weight a real tensor.
+        adapters: ``adapters_only``'s result.
+        base: the base model in its checkpoint's dtype on the CPU (``memory.load_on_cpu(base_dir, "auto")``).
+        dtype: the merged model's dtype.
+    """
+    layers, quantized = adapters
+    for name, layer in layers.items():
+        own = base.get_submodule(name).weight
+        weight = _merged_weight(layer, own.to(next(layer.parameters()).device).float())
+        model.get_submodule(name).weight.data.copy_(weight.to(dtype))
+    for name in quantized:
+        model.get_submodule(name).weight.data.copy_(base.get_submodule(name).weight.to(dtype))
+    return model
+
+
 def merged_model(with_adapter, base_dir: Path, dtype, from_quantized: bool = True, trust_remote_code: bool = False):
     """The standalone merged model, in ``dtype`` on the CPU (see ``merge_into``)."""
     target = memory.load_on_cpu(base_dir, "auto", trust_remote_code)

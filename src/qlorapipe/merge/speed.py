@@ -90,10 +90,12 @@ def _timed_runs(generate, new_tokens: int, warm_up: int, repeats: int, device) -
 
     import torch
 
+    from qlorapipe import memory
+
     generate(warm_up, None)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
+        memory.restart_peak(device)  # the decoder's own peak; the stage's so far is kept
     best = None
     for _ in range(repeats):
         first_token_at = []
