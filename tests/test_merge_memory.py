@@ -243,3 +243,22 @@ def test_a_block_that_fails_midway_leaves_the_16bit_weights_as_they_were(tiny_qw
     assert all(param.dtype == torch.bfloat16 and torch.equal(param, weights[name])
                for name, param in model.named_parameters())
     assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
+
+
+def test_a_measurement_that_restarts_the_peak_counters_keeps_the_stage_peak(monkeypatch):
+    """merge's speed measurement restarts torch's peak counters for the decoder's own peak; the stage's peak
+    written to its metrics still counts what came before it."""
+    peaks = {"allocated": 5e9, "reserved": 6e9}
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: peaks["allocated"])
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device=None: peaks["reserved"])
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: peaks.update(allocated=1e9,
+                                                                                                 reserved=2e9))
+    cuda = torch.device("cuda", 0)
+    memory.reset_peak(cuda)
+    peaks.update(allocated=5e9, reserved=6e9)
+    memory.restart_peak(cuda)
+    assert memory.peak_metrics(cuda, None) == {"peak_gpu_allocated_gb": 5.0, "peak_gpu_reserved_gb": 6.0}
+    peaks.update(allocated=7e9)  # a later phase above the earlier peak
+    assert memory.peak_metrics(cuda, None) == {"peak_gpu_allocated_gb": 7.0, "peak_gpu_reserved_gb": 6.0}
+    memory.reset_peak(cuda)  # the next stage starts afresh
+    assert memory.peak_metrics(cuda, None) == {"peak_gpu_allocated_gb": 1.0, "peak_gpu_reserved_gb": 2.0}
