@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -29,6 +31,8 @@ Modules group related code; a package is a directory of modules with a shared na
 
 def pytest_configure(config):
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    # Quantized bases the stages cache go to a folder of the test run's own, not the user's cache.
+    os.environ.setdefault("QLORAPIPE_QUANTIZED_CACHE", tempfile.mkdtemp(prefix="qlorapipe-quantized-"))
     warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
 
 

@@ -7,6 +7,7 @@ import resource
 import sys
 from pathlib import Path
 
+from qlorapipe import quantized_cache
 from qlorapipe.errors import UserError
 from qlorapipe.params import LoraParams, QuantizationParams
 
@@ -80,13 +81,21 @@ def load_base_model(base_dir: Path, params: QuantizationParams, device, trust_re
     compute_dtype = resolve_compute_dtype(params.compute_dtype, device)
     if device.type == "cpu" and compute_dtype == torch.float16:
         raise UserError("quantization.compute_dtype float16 is not supported on the CPU; use auto or float32")
-    model = AutoModelForCausalLM.from_pretrained(
-        base_dir,
-        quantization_config=quantization_config(params, compute_dtype, torch.float32 if shardable_4bit else None),
-        dtype=compute_dtype,
-        device_map={"": device},
-        trust_remote_code=trust_remote_code,
-    )
+    # The quantized base saved by an earlier load on this machine (quantized_cache): the same tensors, read
+    # instead of quantized again. Not for custom-code models, nor FSDP's float32-stored 4-bit weights.
+    cacheable = not trust_remote_code and not shardable_4bit
+    key = quantized_cache.entry_key(base_dir, params, compute_dtype, device) if cacheable else None
+    model = quantized_cache.load(key, base_dir, {"dtype": compute_dtype}, device) if key else None
+    if model is None:
+        model = AutoModelForCausalLM.from_pretrained(
+            base_dir,
+            quantization_config=quantization_config(params, compute_dtype, torch.float32 if shardable_4bit else None),
+            dtype=compute_dtype,
+            device_map={"": device},
+            trust_remote_code=trust_remote_code,
+        )
+        if key:
+            quantized_cache.store(model, key)
     model.config.use_cache = False
     return model, compute_dtype
 

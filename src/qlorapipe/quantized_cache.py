@@ -1,0 +1,136 @@
+"""A per-machine cache of the quantized base, so that each model stage does not quantize it again.
+
+Train, evaluate, merge, export (its reference continuations) and the chat tool each load the base
+quantized as training did. Quantizing reads every 16-bit weight, and transformers loads a model it
+quantizes one tensor at a time. The first load on a machine saves the quantized model as
+bitsandbytes serializes it (``save_pretrained``: the packed 4-bit weights and their statistics, a
+third of the 16-bit bytes) under the cache folder; the next loads of the same base with the same
+quantization read that instead, with transformers' parallel loader. Quantizing is deterministic, so
+the loaded model is the same, tensor for tensor, with or without the cache (tests/test_quantized_cache.py),
+and so are the stages' outputs: the cache is not a DVC output, like Triton's kernel cache.
+
+An entry is keyed by what decides the quantized tensors: the base's weights (the content hash the
+download stage recorded, the config and the weight files' sizes), the quantization section, the
+compute dtype, the torch, transformers and bitsandbytes versions, and the device kind. The
+``KEEP`` entries used last are kept; older ones are deleted. ``QLORAPIPE_QUANTIZED_CACHE`` names
+another folder, or ``off`` turns the cache off.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from qlorapipe.pinned_wheels import wheel_cache_dir
+from qlorapipe.records import SOURCE_RECORD
+
+logger = logging.getLogger(__name__)
+
+ENV = "QLORAPIPE_QUANTIZED_CACHE"
+KEEP = 2  # entries kept, the most recently used: a base or two of the sizes this project trains
+_MARK = "qlorapipe_quantized.json"  # written last into an entry: its key, and that it is whole
+
+
+def cache_dir() -> Path | None:
+    """The cache folder (QLORAPIPE_QUANTIZED_CACHE, else ``quantized`` beside the wheel cache); None when off."""
+    chosen = os.environ.get(ENV, "")
+    if chosen.lower() in ("off", "0", "false", "no"):
+        return None
+    return Path(chosen) if chosen else wheel_cache_dir().parent / "quantized"
+
+
+def entry_key(base_dir: Path, params, compute_dtype, device) -> str | None:
+    """The cache key of ``base_dir`` quantized as ``params`` say on ``device``; None where nothing is cached
+    (no quantization, no download record to identify the weights)."""
+    base_dir = Path(base_dir)
+    if cache_dir() is None or params.load_in != "4bit" or not (base_dir / SOURCE_RECORD).is_file():
+        return None
+    import bitsandbytes
+    import torch
+    import transformers
+
+    record = json.loads((base_dir / SOURCE_RECORD).read_text())
+    weights = sorted((p.name, p.stat().st_size) for p in base_dir.glob("*.safetensors"))
+    if device.type == "cuda":
+        kind = f"cuda {torch.cuda.get_device_name(device)} {torch.cuda.get_device_capability(device)}"
+    else:
+        kind = f"cpu {platform.machine()}"
+    facts = {
+        "content_sha256": record.get("content_sha256"),
+        "config_sha256": hashlib.sha256((base_dir / "config.json").read_bytes()).hexdigest(),
+        "weights": weights,
+        "quantization": [params.load_in, params.quant_type, params.use_double_quant, str(compute_dtype)],
+        "versions": [torch.__version__, transformers.__version__, bitsandbytes.__version__],
+        "device": kind,
+    }
+    return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def load(key: str, base_dir: Path, config_kwargs: dict, device):
+    """The quantized base from the cache entry ``key``, or None when there is none (or it cannot be read)."""
+    from transformers import AutoModelForCausalLM
+
+    root = cache_dir()
+    entry = None if root is None else root / key
+    if entry is None or not (entry / _MARK).is_file():
+        return None
+    started = time.perf_counter()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(entry, device_map={"": device}, **config_kwargs)
+    except Exception as error:  # noqa: BLE001 - whatever broke the entry (a truncated file, a foreign format), not the stage
+        logger.warning("Quantized base cache entry %s could not be read (%s); quantizing the base again", entry,
+                       error)
+        return None
+    # As loaded from the base itself: peft records this path in the adapter's config.
+    model.config._name_or_path = model.name_or_path = str(base_dir)
+    os.utime(entry)  # most recently used
+    logger.info("Quantized base loaded from the cache in %.1f s (%s)", time.perf_counter() - started, entry)
+    return model
+
+
+def store(model, key: str) -> None:
+    """Save the freshly quantized ``model`` as the entry ``key`` (whole or not at all), then keep the KEEP
+    entries used last. Skipped, with a log line, when the disk has too little room."""
+    root = cache_dir()
+    if root is None or (root / key / _MARK).is_file():
+        return
+    root.mkdir(parents=True, exist_ok=True)
+    size = model.get_memory_footprint()
+    free = shutil.disk_usage(root).free
+    if free < 2 * size + 2e9:
+        logger.info("Quantized base not cached: %.1f GB free under %s for %.1f GB", free / 1e9, root, size / 1e9)
+        return
+    started = time.perf_counter()
+    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=root))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        (tmp / _MARK).write_text(json.dumps({"key": key}))
+        os.rename(tmp, root / key)  # fails when another process stored it first
+    except (OSError, ValueError, RuntimeError) as error:
+        if not (root / key / _MARK).is_file():
+            logger.warning("Quantized base not cached (%s)", error)
+        return
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    logger.info("Quantized base cached in %.1f s (%.2f GB, %s); later loads read it", time.perf_counter() - started,
+                size / 1e9, root / key)
+    _evict(root, keep=KEEP)
+
+
+def _evict(root: Path, keep: int) -> None:
+    """Delete all but the ``keep`` entries used last, and leftovers of interrupted stores."""
+    entries = sorted((p for p in root.iterdir() if p.is_dir() and (p / _MARK).is_file()),
+                     key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in entries[keep:]:
+        shutil.rmtree(old, ignore_errors=True)
+    day = time.time() - 86400
+    for leftover in root.glob(".*.tmp-*"):
+        if leftover.stat().st_mtime < day:  # not a store in progress
+            shutil.rmtree(leftover, ignore_errors=True)
