@@ -63,13 +63,16 @@ def test_layer_by_layer_merge_writes_the_whole_model_merges_tensors_bit_for_bit(
 @pytest.mark.parametrize("lora", [{}, {"use_dora": True}, {"bias": "all", "target_modules": ["q_proj", "v_proj"]}],
                          ids=["lora", "dora", "bias-all-some-targets"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_the_merged_model_turned_naive_in_place_is_the_naive_merge_bit_for_bit(tiny_qwen2_dir, tmp_path, lora, dtype):
+@pytest.mark.parametrize("device", [CPU] + ([torch.device("cuda", 0)] if torch.cuda.is_available() else []), ids=str)
+def test_the_merged_model_turned_naive_in_place_is_the_naive_merge_bit_for_bit(tiny_qwen2_dir, tmp_path, lora, dtype,
+                                                                                 device):
     from peft import PeftModel
 
     adapter = _adapter(tiny_qwen2_dir, tmp_path / "adapter", **lora)
-    naive = merging.merge_adapter(tiny_qwen2_dir, adapter, QUANT, dtype, CPU, from_quantized=False)
-    expected = memory.place(naive, CPU, None, 0)[0].state_dict()  # as the stage compares it: float32 on the CPU
-    with_adapter = PeftModel.from_pretrained(modeling.load_base_model(tiny_qwen2_dir, QUANT, CPU)[0], adapter)
+    budget = 1e12  # the whole model on the device, as in the stage when it fits
+    naive = merging.merge_adapter(tiny_qwen2_dir, adapter, QUANT, dtype, device, from_quantized=False)
+    expected = memory.place(naive, device, budget, 0)[0].state_dict()  # as the stage compares it (float32 on a CPU)
+    with_adapter = PeftModel.from_pretrained(modeling.load_base_model(tiny_qwen2_dir, QUANT, device)[0], adapter)
     merged = merging.merged_model(with_adapter, tiny_qwen2_dir, dtype)
     adapters = merging.adapters_only(with_adapter)
     # The quantized weights are gone from every adapted layer; the adapters stay.
@@ -77,7 +80,7 @@ def test_the_merged_model_turned_naive_in_place_is_the_naive_merge_bit_for_bit(t
     assert adapters[1] == ([] if "target_modules" not in lora else
                            [n for n, m in merged.named_modules() if n.endswith(("k_proj", "o_proj", "up_proj",
                                                                                   "down_proj", "gate_proj"))])
-    placed = memory.place(merged, CPU, None, 0)[0]
+    placed = memory.place(merged, device, budget, 0)[0]
     before = {key: value.clone() for key, value in placed.state_dict().items()}
     found = merging.naive_in_place(placed, adapters, memory.load_on_cpu(tiny_qwen2_dir, "auto"), dtype).state_dict()
     assert sorted(found) == sorted(expected)
