@@ -288,6 +288,8 @@ def run_shape(shape: str, args) -> dict:
             break
         if name == "download" and not args.keep:
             shutil.rmtree(work / f"{shape}-source", ignore_errors=True)  # the stage copied it to models/base
+        if name == args.stop_after:
+            break
     # Each stage's log (and profile) beside the tables: the work folder, tens of GB, is seldom kept.
     logs = args.out / f"{shape}-logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -389,6 +391,8 @@ def main() -> None:
                              "time went, the earlier stages' outputs reused)")
     parser.add_argument("--formats", nargs="*", default=[], metavar="SHAPE=F1,F2",
                         help="export.formats for a shape, e.g. llama-2-7b=gguf-q8_0,adapter (default: params.yaml's)")
+    parser.add_argument("--stop-after", choices=STAGES, metavar="STAGE",
+                        help="run the stages up to and including STAGE only (export needs llama.cpp built)")
     parser.add_argument("--wait-before-export", type=Path, metavar="FILE",
                         help="wait until FILE exists before export (untimed): llama.cpp being built beside the stages")
     args = parser.parse_args()
