@@ -88,6 +88,18 @@ def test_the_merged_model_turned_naive_in_place_is_the_naive_merge_bit_for_bit(t
     assert not torch.equal(before["model.layers.0.self_attn.q_proj.weight"], found["model.layers.0.self_attn.q_proj.weight"])
 
 
+def test_adapters_only_drops_the_int8_copy_an_8bit_layer_keeps_once_it_has_run(tiny_qwen2_dir, tmp_path):
+    from peft import PeftModel
+
+    adapter = _adapter(tiny_qwen2_dir, tmp_path / "adapter")
+    base, _ = modeling.load_base_model(tiny_qwen2_dir, QuantizationParams(load_in="8bit"), CPU)
+    with_adapter = PeftModel.from_pretrained(base, adapter)
+    with torch.no_grad():
+        with_adapter(input_ids=torch.tensor([[5, 6, 7]]))  # as the stage's reference logits
+    states = [layer.get_base_layer().state for layer in merging.adapters_only(with_adapter)[0].values()]
+    assert states and all(state.CB is None and state.SCB is None for state in states)
+
+
 def test_chunked_comparison_gives_the_whole_batch_figures():
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 50, (3, 17), generator=generator)

@@ -137,7 +137,13 @@ def adapters_only(with_adapter) -> tuple[dict, list[str]]:
         elif name and _is_quantized(getattr(module, "weight", None)):
             quantized.append(name)
     for layer in layers.values():
-        del layer.get_base_layer().weight
+        base_layer = layer.get_base_layer()
+        del base_layer.weight
+        # A bitsandbytes 8-bit layer keeps the int8 weight and its scales in its matmul state too, once it has run.
+        state = getattr(base_layer, "state", None)
+        for field in ("CB", "SCB"):
+            if hasattr(state, field):
+                setattr(state, field, None)
     return layers, quantized
 
 
