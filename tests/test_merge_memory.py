@@ -148,14 +148,29 @@ def test_a_budget_below_what_merge_needs_stops_before_loading_weights(prepared, 
 
     batches = fidelity.eval_batches(load_split(prepared / "data/prepared", EVAL_SPLIT), batch_size=4, n_batches=2)
     monkeypatch.setattr(modeling, "load_base_model", lambda *a, **k: pytest.fail("weights loaded"))
-    rows, reserve = merge._check_budget(prepared / "models/base", QUANT, torch.float16, batches, 8e9, 8.0, False)
+    rows, reserve = merge._check_budget(prepared / "models/base", QUANT, torch.float16, batches, 8e9, 8.0, False,
+                                        False)
     assert rows == 4 and reserve > memory.SLACK_BYTES
     with pytest.raises(UserError) as error:
-        merge._check_budget(prepared / "models/base", QUANT, torch.float16, batches, 1e8, 0.1, False)
+        merge._check_budget(prepared / "models/base", QUANT, torch.float16, batches, 1e8, 0.1, False, False)
     message = str(error.value)
     assert message.startswith("acceleration.memory_budget_gb: the merge stage needs at least ")
     need = float(message.split("at least ")[1].split(" GB")[0])
     assert 0.1 < need < 8 and "raise acceleration.memory_budget_gb to" in message and "\n" not in message
+
+
+def test_the_merge_reserves_room_for_the_naive_merge_of_its_largest_layer(prepared, monkeypatch):
+    from qlorapipe import merge
+    from qlorapipe.data import EVAL_SPLIT, load_split
+
+    batches = fidelity.eval_batches(load_split(prepared / "data/prepared", EVAL_SPLIT), batch_size=4, n_batches=2)
+    _, reserve = merge._check_budget(prepared / "models/base", QUANT, torch.float16, batches, None, None, False, False)
+    largest = 10**9  # elements: a weight whose naive merge outgrows the comparison's working memory
+    monkeypatch.setattr(memory, "largest_weight", lambda model: largest)
+    assert merge._check_budget(prepared / "models/base", QUANT, torch.float16, batches, None, None, False,
+                               False)[1] == reserve
+    assert merge._check_budget(prepared / "models/base", QUANT, torch.float16, batches, None, None, False,
+                               True)[1] == 16 * largest
 
 
 def test_on_the_cpu_a_float16_model_computes_in_float32_with_the_same_weights(tiny_llama_dir):

@@ -67,7 +67,8 @@ def run(quant: QuantizationParams, params: MergeParams, budget_gb: float | None,
     dtype = getattr(torch, params.dtype)
     batches = fidelity.eval_batches(eval_set, batch_size=4, n_batches=params.fidelity_batches)
     budget = memory.budget_bytes(budget_gb, device)
-    rows, reserve = _check_budget(base_dir, quant, dtype, batches, budget, budget_gb, trust)
+    rows, reserve = _check_budget(base_dir, quant, dtype, batches, budget, budget_gb, trust,
+                                  params.naive_comparison)
     memory.reset_peak(device)
     clock = PhaseClock("merge")
     base, _ = modeling.load_base_model(base_dir, quant, device, trust_remote_code=trust)
@@ -174,13 +175,14 @@ def _save(merged, out: Path, base_dir: Path, adapter_dir: Path, trust: bool) -> 
 
 
 def _check_budget(base_dir: Path, quant: QuantizationParams, dtype, batches, budget: float | None,
-                  budget_gb: float | None, trust: bool) -> tuple[int, float]:
-    """Rows of logits computed at once, and the working memory beside the weights; stops early when the
-    smallest working set cannot fit the budget.
+                  budget_gb: float | None, trust: bool, naive_comparison: bool) -> tuple[int, float]:
+    """Rows of logits computed at once, and the working memory beside the placed merged model's weights; stops
+    early when the smallest working set cannot fit the budget.
 
     The binding phase is the first: the quantized base + adapter must sit whole on the GPU, with one
     layer's weight dequantized and merged in float32 (three copies) and ``rows`` rows of logits. The
-    16-bit merged models can stream from the CPU block by block.
+    16-bit merged models can stream from the CPU block by block. With ``naive_comparison`` the working
+    memory also holds the naive merge of one layer (``merging.naive_in_place``).
 
     Raises:
         UserError: the budget is below what the stage needs for this model.
@@ -193,6 +195,10 @@ def _check_budget(base_dir: Path, quant: QuantizationParams, dtype, batches, bud
     reserve = memory.logits_bytes(rows, length, vocab, 2 + 4) + 6 * 4 * fidelity.CHUNK_ELEMENTS + memory.SLACK_BYTES
     quantized = memory.weight_bytes(skeleton, quant.load_in, quant.use_double_quant)
     need = quantized + 3 * 4 * memory.largest_weight(skeleton) + reserve
+    if naive_comparison:
+        # The naive merge in place, one adapted weight at a time on the device beside the placed merged model: the
+        # 16-bit base weight sent there, its float32 copy, the float32 delta and sum, and their cast.
+        reserve = max(reserve, 16 * memory.largest_weight(skeleton))
     streamed = memory.largest_block_bytes(skeleton, dtype.itemsize) * 2 + reserve
     memory.check_fits("merge", max(need, streamed), budget, budget_gb,
                       "the quantized base + adapter, one layer merged in float32 and a row of logits")
