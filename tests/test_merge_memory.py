@@ -292,3 +292,26 @@ def test_a_measurement_that_restarts_the_peak_counters_keeps_the_stage_peak(monk
     assert memory.peak_metrics(cuda, None) == {"peak_gpu_allocated_gb": 7.0, "peak_gpu_reserved_gb": 6.0}
     memory.reset_peak(cuda)  # the next stage starts afresh
     assert memory.peak_metrics(cuda, None) == {"peak_gpu_allocated_gb": 1.0, "peak_gpu_reserved_gb": 2.0}
+
+
+def test_timing_generation_on_a_gpu_keeps_the_stage_peak(monkeypatch):
+    """The timed runs restart the peak counters through ``memory.restart_peak``, never torch's own reset."""
+    from qlorapipe.merge import speed
+
+    peaks = {"allocated": 5e9, "reserved": 6e9}
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: peaks["allocated"])
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device=None: peaks["reserved"])
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: peaks.update(allocated=1e9,
+                                                                                                 reserved=2e9))
+    cuda = torch.device("cuda", 0)
+    memory.reset_peak(cuda)
+    peaks.update(allocated=5e9, reserved=6e9)  # the stage's phases before the timing
+
+    def generate(count, first_token):
+        if first_token is not None:
+            first_token()
+
+    total, first = speed._timed_runs(generate, new_tokens=4, warm_up=2, repeats=2, device=cuda)
+    assert 0 <= first <= total
+    assert memory.peak_metrics(cuda, None) == {"peak_gpu_allocated_gb": 5.0, "peak_gpu_reserved_gb": 6.0}
