@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import shutil
 import sys
 import tempfile
 import warnings
@@ -29,11 +30,20 @@ Modules group related code; a package is a directory of modules with a shared na
 """
 
 
+_QUANTIZED_CACHE = pytest.StashKey[str]()
+
+
 def pytest_configure(config):
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    # Quantized bases the stages cache go to a folder of the test run's own, not the user's cache.
-    os.environ.setdefault("QLORAPIPE_QUANTIZED_CACHE", tempfile.mkdtemp(prefix="qlorapipe-quantized-"))
+    # Quantized bases the stages cache go to a folder of the test run's own: not the user's cache, nor one the
+    # environment names (entries this run did not write would be read in place of the loads under test).
+    folder = tempfile.mkdtemp(prefix="qlorapipe-quantized-")
+    config.stash[_QUANTIZED_CACHE] = os.environ["QLORAPIPE_QUANTIZED_CACHE"] = folder
     warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(config.stash[_QUANTIZED_CACHE], ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -247,8 +257,6 @@ def run_cmd(cmd: list[str], cwd: Path, check: bool = True):
 
 def init_project(work: Path, params: dict) -> Path:
     """A fresh git + DVC project holding this repository's pipeline and code, with ``params``."""
-    import shutil
-
     tracked = run_cmd(["git", "ls-files"], ROOT).stdout.split()
     for rel in tracked:
         if rel.startswith((".dvc/", "dvc.yaml", "stages/", "src/", ".dvcignore")) and (ROOT / rel).is_file():
