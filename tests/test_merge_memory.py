@@ -275,9 +275,10 @@ def test_a_block_that_fails_midway_leaves_the_16bit_weights_as_they_were(tiny_qw
     assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
 
 
-def test_a_measurement_that_restarts_the_peak_counters_keeps_the_stage_peak(monkeypatch):
-    """merge's speed measurement restarts torch's peak counters for the decoder's own peak; the stage's peak
-    written to its metrics still counts what came before it."""
+@pytest.fixture
+def fake_peaks(monkeypatch):
+    """torch's CUDA peak counters faked: (the readings, changed by a test; a CUDA device) after the stage's
+    ``memory.reset_peak``, which leaves them at 1 and 2 GB."""
     peaks = {"allocated": 5e9, "reserved": 6e9}
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: peaks["allocated"])
     monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device=None: peaks["reserved"])
@@ -285,6 +286,13 @@ def test_a_measurement_that_restarts_the_peak_counters_keeps_the_stage_peak(monk
                                                                                                  reserved=2e9))
     cuda = torch.device("cuda", 0)
     memory.reset_peak(cuda)
+    return peaks, cuda
+
+
+def test_a_measurement_that_restarts_the_peak_counters_keeps_the_stage_peak(fake_peaks):
+    """merge's speed measurement restarts torch's peak counters for the decoder's own peak; the stage's peak
+    written to its metrics still counts what came before it."""
+    peaks, cuda = fake_peaks
     peaks.update(allocated=5e9, reserved=6e9)
     memory.restart_peak(cuda)
     assert memory.peak_metrics(cuda, None) == {"peak_gpu_allocated_gb": 5.0, "peak_gpu_reserved_gb": 6.0}
@@ -294,18 +302,12 @@ def test_a_measurement_that_restarts_the_peak_counters_keeps_the_stage_peak(monk
     assert memory.peak_metrics(cuda, None) == {"peak_gpu_allocated_gb": 1.0, "peak_gpu_reserved_gb": 2.0}
 
 
-def test_timing_generation_on_a_gpu_keeps_the_stage_peak(monkeypatch):
+def test_timing_generation_on_a_gpu_keeps_the_stage_peak(fake_peaks, monkeypatch):
     """The timed runs restart the peak counters through ``memory.restart_peak``, never torch's own reset."""
     from qlorapipe.merge import speed
 
-    peaks = {"allocated": 5e9, "reserved": 6e9}
+    peaks, cuda = fake_peaks
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
-    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: peaks["allocated"])
-    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device=None: peaks["reserved"])
-    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: peaks.update(allocated=1e9,
-                                                                                                 reserved=2e9))
-    cuda = torch.device("cuda", 0)
-    memory.reset_peak(cuda)
     peaks.update(allocated=5e9, reserved=6e9)  # the stage's phases before the timing
 
     def generate(count, first_token):

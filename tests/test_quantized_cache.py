@@ -51,6 +51,17 @@ def _same_logits(found, expected) -> None:
         assert torch.equal(found(input_ids=ids).logits, expected(input_ids=ids).logits)
 
 
+def _same_as_a_fresh_quantization(base, device, monkeypatch, *models):
+    """Each of ``models`` against the base quantized again with the cache off; returns the compute dtype."""
+    monkeypatch.setenv(quantized_cache.ENV, "off")
+    direct, dtype = modeling.load_base_model(base, QUANT, device)
+    for model in models:  # every state before any forward (see _same_logits)
+        _same_model(model, direct)
+    for model in models:
+        _same_logits(model, direct)
+    return dtype
+
+
 @pytest.mark.parametrize("device", DEVICES, ids=str)
 def test_a_base_loaded_from_the_cache_is_the_base_quantized_again(base, cache, device, monkeypatch, caplog):
     # Architectures other than the class loaded: save_pretrained writes the class, a fresh load keeps the base's.
@@ -62,13 +73,7 @@ def test_a_base_loaded_from_the_cache_is_the_base_quantized_again(base, cache, d
     caplog.clear()
     cached, dtype = modeling.load_base_model(base, QUANT, device)
     assert "loaded from the cache" in caplog.text
-    monkeypatch.setenv(quantized_cache.ENV, "off")
-    direct, direct_dtype = modeling.load_base_model(base, QUANT, device)
-    assert dtype == direct_dtype
-    _same_model(cached, direct)
-    _same_model(stored, direct)
-    _same_logits(cached, direct)
-    _same_logits(stored, direct)
+    assert dtype == _same_as_a_fresh_quantization(base, device, monkeypatch, cached, stored)
 
 
 def test_each_quantization_has_its_entry_and_only_the_last_used_are_kept(base, cache, monkeypatch):
@@ -148,12 +153,7 @@ def test_an_unreadable_entry_is_quantized_again_with_a_warning(base, cache, capl
     caplog.clear()
     again, _ = modeling.load_base_model(base, QUANT, cpu)
     assert "loaded from the cache" in caplog.text and "could not be read" not in caplog.text
-    monkeypatch.setenv(quantized_cache.ENV, "off")
-    direct = modeling.load_base_model(base, QUANT, cpu)[0]
-    _same_model(loaded, direct)
-    _same_model(again, direct)
-    _same_logits(loaded, direct)
-    _same_logits(again, direct)
+    _same_as_a_fresh_quantization(base, cpu, monkeypatch, loaded, again)
 
 
 def test_an_entry_whose_files_changed_size_is_read_as_unreadable(base, cache, caplog):

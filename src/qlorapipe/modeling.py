@@ -85,7 +85,7 @@ def load_base_model(base_dir: Path, params: QuantizationParams, device, trust_re
     # instead of quantized again. Not for custom-code models, nor FSDP's float32-stored 4-bit weights.
     cacheable = not trust_remote_code and not shardable_4bit
     key = quantized_cache.entry_key(base_dir, params, compute_dtype, device) if cacheable else None
-    model = quantized_cache.load(key, base_dir, {"dtype": compute_dtype}, device) if key else None
+    model = quantized_cache.load(key, base_dir, compute_dtype, device) if key else None
     if model is None:
         model = AutoModelForCausalLM.from_pretrained(
             base_dir,

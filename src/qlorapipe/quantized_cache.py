@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 from qlorapipe.pinned_wheels import wheel_cache_dir
-from qlorapipe.records import SOURCE_RECORD
+from qlorapipe.records import SOURCE_RECORD, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -68,9 +68,10 @@ def entry_key(base_dir: Path, params, compute_dtype, device) -> str | None:
         kind = f"cpu {platform.machine()}"
     facts = {
         "content_sha256": record.get("content_sha256"),
-        "config_sha256": _sha256(base_dir / "config.json"),
+        "config_sha256": sha256_file(base_dir / "config.json"),
         # Loaded with the model (its generation_config), and saved with it into the entry.
-        "generation_config_sha256": _sha256(base_dir / "generation_config.json"),
+        "generation_config_sha256": (sha256_file(base_dir / "generation_config.json")
+                                     if (base_dir / "generation_config.json").is_file() else None),
         "weights": weights,
         "quantization": [params.load_in, params.quant_type, params.use_double_quant, str(compute_dtype)],
         "versions": [torch.__version__, transformers.__version__, bitsandbytes.__version__],
@@ -79,7 +80,7 @@ def entry_key(base_dir: Path, params, compute_dtype, device) -> str | None:
     return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def load(key: str, base_dir: Path, config_kwargs: dict, device):
+def load(key: str, base_dir: Path, dtype, device):
     """The quantized base from the cache entry ``key``, or None when there is none (or it cannot be read:
     it is then deleted, so that this load's ``store`` writes it again)."""
     from transformers import AutoModelForCausalLM
@@ -98,7 +99,7 @@ def load(key: str, base_dir: Path, config_kwargs: dict, device):
         changed = [name for name, size in sizes.items() if (entry / name).stat().st_size != size]
         if changed:
             raise ValueError(f"{', '.join(changed)}: not the size written")
-        model = AutoModelForCausalLM.from_pretrained(entry, device_map={"": device}, **config_kwargs)
+        model = AutoModelForCausalLM.from_pretrained(entry, dtype=dtype, device_map={"": device})
     except Exception as error:  # noqa: BLE001 - whatever broke the entry (a truncated file, a foreign format), not the stage
         logger.warning("Quantized base cache entry %s could not be read (%s); quantizing the base again", entry,
                        error)
@@ -157,10 +158,6 @@ def store(model, key: str) -> None:
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _sha256(path: Path) -> str | None:
-    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
 
 
 def _sync(folder: Path) -> None:

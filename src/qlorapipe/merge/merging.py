@@ -40,24 +40,19 @@ def merge_into(target, with_adapter, dtype, from_quantized: bool = True):
     from peft.tuners.lora import LoraLayer
     from peft.utils import ModulesToSaveWrapper
 
-    done: list[str] = []
-    for name, module in with_adapter.get_base_model().named_modules():
-        if any(name.startswith(prefix) for prefix in done):
-            continue
+    for name, module in _merge_units(with_adapter):
         if isinstance(module, LoraLayer):
-            done.append(name + ".")
             layer = module.get_base_layer()
             destination = target.get_submodule(name)
             own = None if from_quantized else destination.weight.to(layer.weight.device)
             destination.weight.data = memory.to_host(_merged_weight(module, _float_weight(layer, own)), dtype)
             _copy_plain(layer, destination, dtype, skip=("weight",))
         elif isinstance(module, ModulesToSaveWrapper):
-            done.append(name + ".")
             trained = module.modules_to_save[module.active_adapters[0]]
             destination = target.get_submodule(name)
             for key, value in trained.state_dict().items():
                 _set(destination, key, memory.to_host(value.detach(), dtype))
-        elif name:
+        else:
             destination = target.get_submodule(name)
             weight = getattr(module, "weight", None)
             quantized = _is_quantized(weight)
@@ -65,6 +60,21 @@ def merge_into(target, with_adapter, dtype, from_quantized: bool = True):
                 destination.weight.data = memory.to_host(_float_weight(module), dtype)
             _copy_plain(module, destination, dtype, skip=("weight",) if quantized else ())
     return target.to(dtype)
+
+
+def _merge_units(with_adapter):
+    """(name, module) of base + adapter's base model, a LoRA layer or a modules_to_save wrapper standing for
+    everything inside it (the root, named "", left out)."""
+    from peft.tuners.lora import LoraLayer
+    from peft.utils import ModulesToSaveWrapper
+
+    done: list[str] = []
+    for name, module in with_adapter.get_base_model().named_modules():
+        if not name or any(name.startswith(prefix) for prefix in done):
+            continue
+        if isinstance(module, (LoraLayer, ModulesToSaveWrapper)):
+            done.append(name + ".")
+        yield name, module
 
 
 def _is_quantized(weight) -> bool:
@@ -126,15 +136,11 @@ def adapters_only(with_adapter) -> tuple[dict, list[str]]:
     from peft.tuners.lora import LoraLayer
     from peft.utils import ModulesToSaveWrapper
 
-    layers, quantized, done = {}, [], []
-    for name, module in with_adapter.get_base_model().named_modules():
-        if any(name.startswith(prefix) for prefix in done):
-            continue
-        if isinstance(module, (LoraLayer, ModulesToSaveWrapper)):
-            done.append(name + ".")
-            if isinstance(module, LoraLayer):
-                layers[name] = module
-        elif name and _is_quantized(getattr(module, "weight", None)):
+    layers, quantized = {}, []
+    for name, module in _merge_units(with_adapter):
+        if isinstance(module, LoraLayer):
+            layers[name] = module
+        elif not isinstance(module, ModulesToSaveWrapper) and _is_quantized(getattr(module, "weight", None)):
             quantized.append(name)
     for layer in layers.values():
         base_layer = layer.get_base_layer()
