@@ -97,20 +97,71 @@ def _checkpointing_flags(model):
             for layer in checkpointing.decoder_layers(model)]
 
 
-def test_fitting_uncheckpointed_layers_does_nothing_on_the_cpu(tiny_llama_dir):
+def test_fitting_to_a_gpu_budget_does_nothing_on_the_cpu(tiny_llama_dir):
     model, _ = _quantized_lora_model(tiny_llama_dir)
     before = _checkpointing_flags(model)
     assert before == [(True, False), (True, False)]
     ids = torch.randint(4, 300, (2, 16), generator=torch.Generator().manual_seed(3))
-    rng = torch.get_rng_state()
     cpu = torch.device("cpu")
     assert memory_plan.fit_uncheckpointed_layers(model, {"input_ids": ids}, ids, None, cpu) == (0, {})
     assert memory_plan.fit_uncheckpointed_layers(model, {"input_ids": ids}, ids, 1.0, cpu) == (0, {})
-    batch = {"input_ids": ids, "labels": ids}
-    assert memory_plan.plan_uncheckpointed_layers(model, AccelerationParams(), batch, cpu) == 0
     assert _checkpointing_flags(model) == before
+
+
+def test_auto_on_the_cpu_keeps_every_block_host_memory_holds_computing_the_same_step(tiny_llama_dir):
+    # LoRA dropout draws masks in the step: the probe must not draw any of its own.
+    checkpointed, _ = tiny_lora_model(tiny_llama_dir, seed=5, dropout=0.1)
+    model, _ = tiny_lora_model(tiny_llama_dir, seed=5, dropout=0.1)
+    assert any(isinstance(module, torch.nn.Dropout) for module in model.modules())
+    ids = torch.randint(4, 300, (2, 16), generator=torch.Generator().manual_seed(3))
+    torch.manual_seed(11)
+    expected_loss, expected_grads = _loss_and_grads(checkpointed, ids)
+    checkpointed.zero_grad(set_to_none=True)
+    model.eval()
+    modes = [module.training for module in model.modules()]
+    torch.manual_seed(11)
+    rng = torch.get_rng_state()
+    kept = memory_plan.plan_uncheckpointed_layers(model, AccelerationParams(), {"input_ids": ids, "labels": ids},
+                                                  torch.device("cpu"))
+    assert kept == 2 and _checkpointing_flags(model) == [(False, True), (False, True)]
     assert torch.equal(torch.get_rng_state(), rng)
+    assert [module.training for module in model.modules()] == modes
     assert all(p.grad is None for p in model.parameters())
+    model.train()
+    loss, grads = _loss_and_grads(model, ids)
+    assert torch.equal(loss, expected_loss) and torch.equal(grads, expected_grads)
+
+
+def test_auto_on_the_cpu_counts_what_a_block_saves_and_keeps_what_fits(tiny_llama_dir):
+    model, _ = _quantized_lora_model(tiny_llama_dir)
+    config = model.config
+    ids = torch.randint(4, 300, (2, 16), generator=torch.Generator().manual_seed(3))
+    kept, measured = memory_plan.fit_on_host(model, {"input_ids": ids}, ids, available=1e12)
+    per_block = measured["per_block_bytes"]
+    # At least each linear layer's float32 input: attention's and the MLP's (normed hidden), o_proj's, down_proj's.
+    assert per_block >= ids.numel() * (3 * config.hidden_size + config.intermediate_size) * 4
+    assert kept == 2 and measured == {"per_block_bytes": per_block, "room_bytes": 0.5e12, "kept": 2, "n_blocks": 2}
+    _, one_row = memory_plan.fit_on_host(_quantized_lora_model(tiny_llama_dir)[0], {"input_ids": ids[:1]}, ids[:1],
+                                         available=1e12)
+    assert one_row["per_block_bytes"] * 2 == per_block  # what a block saves grows with the rows
+
+    for available, expected in ((1.5 * per_block / memory_plan.HOST_SHARE, [(True, False), (False, True)]),
+                                (0.5 * per_block / memory_plan.HOST_SHARE, [(True, False), (True, False)])):
+        model, _ = _quantized_lora_model(tiny_llama_dir)
+        kept, _ = memory_plan.fit_on_host(model, {"input_ids": ids}, ids, available=available)
+        assert kept == sum(not flag for flag, _ in expected) and _checkpointing_flags(model) == expected
+
+
+def test_a_count_of_uncheckpointed_layers_applies_on_the_cpu(tiny_llama_dir):
+    model, _ = _quantized_lora_model(tiny_llama_dir)
+    ids = torch.randint(4, 300, (2, 16), generator=torch.Generator().manual_seed(3))
+    batch = {"input_ids": ids, "labels": ids}
+    cpu = torch.device("cpu")
+    assert memory_plan.plan_uncheckpointed_layers(model, AccelerationParams(uncheckpointed_layers=1), batch, cpu) == 1
+    assert _checkpointing_flags(model) == [(True, False), (False, True)]
+    model, _ = _quantized_lora_model(tiny_llama_dir)
+    assert memory_plan.plan_uncheckpointed_layers(model, AccelerationParams(), batch, cpu, num_processes=2) == 0
+    assert _checkpointing_flags(model) == [(True, False), (True, False)]
 
 
 class _Block(GradientCheckpointingLayer):

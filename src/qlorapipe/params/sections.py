@@ -236,7 +236,8 @@ class AccelerationParams:
     chunked_cross_entropy: bool = True  # loss without materialising full float32 logits
     fused_kernels: bool = True  # liger-kernel's fused RMSNorm, SwiGLU and RoPE (Triton)
     # the last N blocks keep their activations instead of recomputing them (needs gradient
-    # checkpointing); auto: as many as fit in memory_budget_gb, measured on the first micro-batch
+    # checkpointing); auto: as many as fit in memory_budget_gb, measured on the first micro-batch;
+    # on the CPU as many as fit in half the host memory available
     uncheckpointed_layers: int | Literal["auto"] = "auto"
     # peak GPU memory auto may fill, in GB (1e9 bytes, as every GB in this project); null: 90% of the GPU's memory
     memory_budget_gb: float | None = None

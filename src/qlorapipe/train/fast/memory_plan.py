@@ -1,7 +1,9 @@
 """How many blocks can skip checkpointing within a memory budget (``uncheckpointed_layers: auto``).
 
 ``fit_uncheckpointed_layers`` measures a few steps' peak memory on the GPU and
-``blocks_within_budget`` extrapolates along the line through them; ``plan_uncheckpointed_layers``
+``blocks_within_budget`` extrapolates along the line through them; on the CPU,
+``fit_on_host`` counts what one forward pass saves for the backward pass per block and keeps
+as many blocks as fit in a share of the host memory available. ``plan_uncheckpointed_layers``
 is what the train stage calls.
 """
 
@@ -25,6 +27,8 @@ logger = logging.getLogger(__name__)
 
 # How many more steps fit_uncheckpointed_layers may measure when the count it predicts peaks above the budget.
 MAX_FIT_CHECKS = 3
+# On the CPU, the share of the host memory available when training starts that kept activations may fill.
+HOST_SHARE = 0.5
 
 
 def blocks_within_budget(peak: float, kept: int, per_block: float, budget: float, n_blocks: int) -> int:
@@ -58,11 +62,12 @@ def plan_uncheckpointed_layers(model, params: AccelerationParams, batch, device,
                                cuda_graphs: bool = False) -> int:
     """With ``uncheckpointed_layers: auto``, keep as many blocks as fit in the memory budget.
 
-    Runs ``fit_uncheckpointed_layers`` on ``batch`` on CUDA in one process. With several
-    processes every block stays checkpointed: each rank would measure its own memory and
-    could keep a different number of blocks, and the ranks must agree (under FSDP a
-    recomputed block gathers its shards again: ranks that recompute different blocks would
-    wait on different collectives).
+    Runs ``fit_uncheckpointed_layers`` on ``batch`` on CUDA in one process, ``fit_on_host`` on
+    the CPU (where an integer ``uncheckpointed_layers`` is applied here too: ``apply`` changes
+    nothing on the CPU). With several processes every block stays checkpointed: each rank would
+    measure its own memory and could keep a different number of blocks, and the ranks must
+    agree (under FSDP a recomputed block gathers its shards again: ranks that recompute
+    different blocks would wait on different collectives).
 
     Args:
         model: the PEFT model, after ``apply``.
@@ -74,15 +79,24 @@ def plan_uncheckpointed_layers(model, params: AccelerationParams, batch, device,
         cuda_graphs: training replays CUDA graphs (``graphed_step``): measure steps the same way.
 
     Returns:
-        How many blocks keep their activations (0 on the CPU, or when none does).
+        How many blocks keep their activations (0 when none does).
     """
-    if params.uncheckpointed_layers != "auto" or device.type != "cuda":
+    if device.type != "cuda" and params.uncheckpointed_layers != "auto":
+        skip_checkpointing(model, params.uncheckpointed_layers)
+    if params.uncheckpointed_layers != "auto" or device.type not in ("cuda", "cpu"):
         return uncheckpointed_count(model)
     if num_processes != 1:
         logger.info("uncheckpointed_layers: auto keeps every block checkpointed with %d processes "
                     "(set an integer to keep some)", num_processes)
         return uncheckpointed_count(model)
     inputs, labels = model_inputs(batch, device), batch["labels"].to(device).long()
+    if device.type == "cpu":
+        kept, measured = fit_on_host(model, inputs, labels)
+        if measured:
+            logger.info("uncheckpointed_layers: auto keeps %d of %d blocks on the CPU (%.3f GB saved for the backward "
+                        "pass per block; %.2f GB is %.0f%% of the host memory available)", kept, measured["n_blocks"],
+                        measured["per_block_bytes"] / 1e9, measured["room_bytes"] / 1e9, 100 * HOST_SHARE)
+        return kept
     kept, measured = fit_uncheckpointed_layers(model, inputs, labels, params.memory_budget_gb, device, cuda_graphs)
     if measured and measured["peak_all_checkpointed_gb"] is None:  # every block kept fitted: nothing else measured
         logger.info("uncheckpointed_layers: auto keeps all %d blocks (%.2f GB; budget %.2f GB%s)", kept,
@@ -102,6 +116,95 @@ def plan_uncheckpointed_layers(model, params: AccelerationParams, batch, device,
                            "%.2f GB (acceleration.memory_budget_gb)", measured["peak_gb"],
                            " and their inputs offloaded" if measured.get("offloaded") else "", measured["budget_gb"])
     return kept
+
+
+def fit_on_host(model, inputs: dict, labels, available: float | None = None) -> tuple[int, dict]:
+    """On the CPU, keep as many blocks as fit in ``HOST_SHARE`` of the host memory available.
+
+    Recomputing a block costs its forward pass again in the backward pass, a quarter to a third of a
+    step (the offline default on 2 CPU cores: 122 -> 155 tokens/s with every block kept; the adapter
+    the same bytes). A block kept holds what its forward pass saves for the backward pass instead of
+    its input only. One forward pass of the micro-batch's first row with the last block kept counts
+    those bytes through autograd's saved-tensor hooks (each storage once, the model's own parameters
+    and buffers not at all; the other blocks stay checkpointed, so the probe itself holds little);
+    that count times the rows and the blocks kept must fit in ``HOST_SHARE`` of ``available`` (the
+    blocks of a decoder are alike, and what a block saves grows with the rows). Like ``fit_uncheckpointed_layers`` it leaves no trace: random state, gradients and
+    train/eval modes are put back.
+
+    Args:
+        model: the PEFT model on the CPU.
+        inputs: the model's keyword arguments for one micro-batch (``data.model_inputs``).
+        labels: that micro-batch's labels.
+        available: bytes of host memory available (None: the system's figure, ``host_available``).
+
+    Returns:
+        (N, measured): the blocks kept and ``per_block_bytes`` (what a kept block holds for the whole
+        micro-batch), ``room_bytes``, ``kept``, ``n_blocks``; empty when no block is under gradient
+        checkpointing.
+    """
+    layers = [layer for layer in decoder_layers(model) if getattr(layer, "gradient_checkpointing", False)]
+    if not layers:
+        return 0, {}
+    import torch
+
+    available = host_available() if available is None else available
+    trainable = [param for param in model.parameters() if param.requires_grad]
+    grads = [param.grad for param in trainable]
+    modes = [(module, module.training) for module in model.modules()]
+    own = {tensor.untyped_storage().data_ptr() for tensor in (*model.parameters(), *model.buffers())}
+    seen: set[int] = set()
+    saved = [0]
+    per_block: list[int] = []
+
+    def pack(tensor):
+        try:
+            storage = tensor.untyped_storage()
+        except (NotImplementedError, RuntimeError):  # a tensor without storage of its own holds no memory here
+            return tensor
+        if storage.data_ptr() not in own and storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            saved[0] += storage.nbytes()
+        return tensor
+
+    starts: list[int] = []
+    last = layers[-1]
+    hooks = (last.register_forward_pre_hook(lambda *_: starts.append(saved[0])),
+             last.register_forward_hook(lambda *_: per_block.append(saved[0] - starts.pop())))
+    skip_checkpointing(model, 1)
+    try:
+        model.train()  # dropout saves its masks in training mode only
+        with torch.random.fork_rng(devices=[]), torch.enable_grad(), \
+                torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            model(**{name: value[:1] if isinstance(value, torch.Tensor) else value for name, value in inputs.items()},
+                  labels=labels[:1])
+    finally:
+        for hook in hooks:
+            hook.remove()
+        checkpoint_again([last])
+        for module, training in modes:
+            module.training = training
+        for param, grad in zip(trainable, grads, strict=True):
+            param.grad = grad
+    largest = max(per_block, default=0) * len(labels)
+    room = HOST_SHARE * available
+    kept = len(layers) if largest <= 0 else min(len(layers), math.floor(room / largest))
+    if kept:
+        skip_checkpointing(model, kept)
+    return kept, {"per_block_bytes": largest, "room_bytes": room, "kept": kept, "n_blocks": len(layers)}
+
+
+def host_available() -> float:
+    """Bytes of host memory available to a new allocation (Linux's ``MemAvailable``; free pages elsewhere)."""
+    import os
+
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return float(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return float(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
 
 
 def fit_uncheckpointed_layers(model, inputs: dict, labels, budget_gb: float | None, device,
