@@ -122,7 +122,7 @@ def run(sections: Sections, base_dir: Path, data_dir: Path, out: Outputs, relaun
         init_digest = adapter_init.pissa_digest(model)
         pissa_initial = adapter_init.initial_adapter(model) if world.is_main else None
     clock.lap("lora")
-    fast.apply(model, sections.acceleration, device, compute_dtype)  # GPU fast paths; the CPU path is unchanged
+    fast.apply(model, sections.acceleration, device, compute_dtype)  # GPU fast paths; nothing on the CPU
     graphed = fast.graphed_step(model, sections.acceleration, device, world.num_processes,
                                 rows=params.per_device_batch_size)
     _, first = next(loop.micro_batches(len(train_set), params.per_device_batch_size, params.seed))

@@ -8,7 +8,8 @@ materialises full-vocabulary float32 logits (the largest activation with a 152k 
 Each lever here removes one of those costs and has a switch in the ``acceleration`` params
 section. None changes what is computed beyond bfloat16 rounding (benchmarks/train_speed.py
 checks loss and LoRA gradients against the plain recipe). They are applied on CUDA only: the
-CPU path stays exactly the plain one.
+CPU path stays the plain one, except that ``memory_plan`` keeps the activations of the blocks host
+memory holds instead of recomputing them (the same arithmetic: the same adapter bytes).
 
 Each lever is one module here; this package is the switchboard that applies them (``apply``,
 ``training_params``) and undoes them (``remove``):
