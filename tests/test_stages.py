@@ -120,8 +120,8 @@ def test_train_writes_a_peft_adapter_metrics_curves_and_log(run):
     assert metrics["environment"]["torch"] == __import__("torch").__version__
     assert metrics["steps"] == 12 and metrics["tokens_trained"] == 12 * 4 * 32
     assert metrics["num_processes"] == 1 and metrics["global_batch_size"] == 4
-    # auto: on the CPU every block recomputes; on a GPU both tiny blocks fit in 90% of its memory.
-    assert metrics["uncheckpointed_layers"] == (2 if __import__("torch").cuda.is_available() else 0)
+    # auto: both tiny blocks fit in 90% of a GPU's memory, and on the CPU in half the host memory available.
+    assert metrics["uncheckpointed_layers"] == 2
     assert metrics["trainable_params"] > 0 and metrics["total_params"] > metrics["trainable_params"]
     history = (run["metrics"] / "train_history.csv").read_text().splitlines()
     assert history[0] == "step,epoch,train_loss,eval_loss,learning_rate"
