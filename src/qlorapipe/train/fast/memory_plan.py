@@ -94,8 +94,9 @@ def plan_uncheckpointed_layers(model, params: AccelerationParams, batch, device,
         kept, measured = fit_on_host(model, inputs, labels)
         if measured:
             logger.info("uncheckpointed_layers: auto keeps %d of %d blocks on the CPU (%.3f GB saved for the backward "
-                        "pass per block; %.2f GB is %.0f%% of the host memory available)", kept, measured["n_blocks"],
-                        measured["per_block_bytes"] / 1e9, measured["room_bytes"] / 1e9, 100 * HOST_SHARE)
+                        "pass per block and %.3f GB outside them; %.2f GB is %.0f%% of the host memory available)",
+                        kept, measured["n_blocks"], measured["per_block_bytes"] / 1e9, measured["rest_bytes"] / 1e9,
+                        measured["room_bytes"] / 1e9, 100 * HOST_SHARE)
         return kept
     kept, measured = fit_uncheckpointed_layers(model, inputs, labels, params.memory_budget_gb, device, cuda_graphs)
     if measured and measured["peak_all_checkpointed_gb"] is None:  # every block kept fitted: nothing else measured
@@ -121,15 +122,16 @@ def plan_uncheckpointed_layers(model, params: AccelerationParams, batch, device,
 def fit_on_host(model, inputs: dict, labels, available: float | None = None) -> tuple[int, dict]:
     """On the CPU, keep as many blocks as fit in ``HOST_SHARE`` of the host memory available.
 
-    Recomputing a block costs its forward pass again in the backward pass, a quarter to a third of a
-    step (the offline default on 2 CPU cores: 122 -> 155 tokens/s with every block kept; the adapter
-    the same bytes). A block kept holds what its forward pass saves for the backward pass instead of
-    its input only. One forward pass of the micro-batch's first row with the last block kept counts
-    those bytes through autograd's saved-tensor hooks (each storage once, the model's own parameters
-    and buffers not at all; the other blocks stay checkpointed, so the probe itself holds little);
-    that count times the rows and the blocks kept must fit in ``HOST_SHARE`` of ``available`` (the
-    blocks of a decoder are alike, and what a block saves grows with the rows). Like ``fit_uncheckpointed_layers`` it leaves no trace: random state, gradients and
-    train/eval modes are put back.
+    Recomputing a block costs its forward pass again in the backward pass (the offline default on 2
+    CPU cores: 1.44x the tokens/s with every block kept; the adapter the same bytes). A block kept
+    holds what its forward pass saves for the backward pass instead of its input only. One forward
+    pass of the micro-batch's first row with the last block kept counts, through autograd's
+    saved-tensor hooks, what that block saves and what the rest of the pass saves (each storage once,
+    the model's own parameters and buffers not at all; the other blocks stay checkpointed, so the
+    probe itself holds little). Both grow with the rows, and the blocks of a decoder are alike: the
+    rest of the step times the rows, plus the blocks kept times the block's count times the rows,
+    must fit in ``HOST_SHARE`` of ``available``. Like ``fit_uncheckpointed_layers`` it leaves no
+    trace: random state, gradients and train/eval modes are put back.
 
     Args:
         model: the PEFT model on the CPU.
@@ -138,9 +140,9 @@ def fit_on_host(model, inputs: dict, labels, available: float | None = None) -> 
         available: bytes of host memory available (None: the system's figure, ``host_available``).
 
     Returns:
-        (N, measured): the blocks kept and ``per_block_bytes`` (what a kept block holds for the whole
-        micro-batch), ``room_bytes``, ``kept``, ``n_blocks``; empty when no block is under gradient
-        checkpointing.
+        (N, measured): the blocks kept and, for the whole micro-batch, ``per_block_bytes`` (what a kept
+        block holds) and ``rest_bytes`` (what the step saves outside it), ``room_bytes``, ``kept``,
+        ``n_blocks``; empty when no block is under gradient checkpointing.
     """
     layers = [layer for layer in decoder_layers(model) if getattr(layer, "gradient_checkpointing", False)]
     if not layers:
@@ -153,8 +155,8 @@ def fit_on_host(model, inputs: dict, labels, available: float | None = None) -> 
     modes = [(module, module.training) for module in model.modules()]
     own = {tensor.untyped_storage().data_ptr() for tensor in (*model.parameters(), *model.buffers())}
     seen: set[int] = set()
-    saved = [0]
-    per_block: list[int] = []
+    saved = {"all": 0, "block": 0}
+    inside = [False]
 
     def pack(tensor):
         try:
@@ -163,20 +165,25 @@ def fit_on_host(model, inputs: dict, labels, available: float | None = None) -> 
             return tensor
         if storage.data_ptr() not in own and storage.data_ptr() not in seen:
             seen.add(storage.data_ptr())
-            saved[0] += storage.nbytes()
+            saved["all"] += storage.nbytes()
+            saved["block"] += storage.nbytes() if inside[0] else 0
         return tensor
 
-    starts: list[int] = []
+    def enter(*_):
+        inside[0] = True
+
+    def leave(*_):
+        inside[0] = False
+
     last = layers[-1]
-    hooks = (last.register_forward_pre_hook(lambda *_: starts.append(saved[0])),
-             last.register_forward_hook(lambda *_: per_block.append(saved[0] - starts.pop())))
+    hooks = (last.register_forward_pre_hook(enter), last.register_forward_hook(leave))
     skip_checkpointing(model, 1)
+    one_row = {name: value[:1] if isinstance(value, torch.Tensor) else value for name, value in inputs.items()}
     try:
         model.train()  # dropout saves its masks in training mode only
         with torch.random.fork_rng(devices=[]), torch.enable_grad(), \
                 torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-            model(**{name: value[:1] if isinstance(value, torch.Tensor) else value for name, value in inputs.items()},
-                  labels=labels[:1])
+            model(**one_row, labels=labels[:1])
     finally:
         for hook in hooks:
             hook.remove()
@@ -185,12 +192,17 @@ def fit_on_host(model, inputs: dict, labels, available: float | None = None) -> 
             module.training = training
         for param, grad in zip(trainable, grads, strict=True):
             param.grad = grad
-    largest = max(per_block, default=0) * len(labels)
+    rows = len(labels)
+    per_block, rest = saved["block"] * rows, (saved["all"] - saved["block"]) * rows
     room = HOST_SHARE * available
-    kept = len(layers) if largest <= 0 else min(len(layers), math.floor(room / largest))
+    if per_block <= 0:
+        kept = len(layers) if rest <= room else 0
+    else:
+        kept = max(0, min(len(layers), math.floor((room - rest) / per_block)))
     if kept:
         skip_checkpointing(model, kept)
-    return kept, {"per_block_bytes": largest, "room_bytes": room, "kept": kept, "n_blocks": len(layers)}
+    return kept, {"per_block_bytes": per_block, "rest_bytes": rest, "room_bytes": room, "kept": kept,
+                  "n_blocks": len(layers)}
 
 
 def host_available() -> float:
