@@ -123,7 +123,7 @@ def fit_on_host(model, inputs: dict, labels, available: float | None = None) -> 
     """On the CPU, keep as many blocks as fit in ``HOST_SHARE`` of the host memory available.
 
     Recomputing a block costs its forward pass again in the backward pass (the offline default on 2
-    CPU cores: 1.44x the tokens/s with every block kept; the adapter the same bytes). A block kept
+    CPU cores: 1.39-1.46x the tokens/s with every block kept; the adapter the same bytes). A block kept
     holds what its forward pass saves for the backward pass instead of its input only. One forward
     pass of the micro-batch's first row with the last block kept counts, through autograd's
     saved-tensor hooks, what that block saves and what the rest of the pass saves (each storage once,
