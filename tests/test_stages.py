@@ -109,7 +109,7 @@ def test_train_writes_a_peft_adapter_metrics_curves_and_log(run):
                             "uncheckpointed_layers", "environment", "num_processes",
                             "global_batch_size", "seconds", "loop_seconds"} | _memory_keys()
     # Where the stage's time went: each phase, the optimizer steps inside the loop, all within the wall time.
-    assert set(metrics["seconds"]) == {"load", "lora", "plan", "loop", "save"}
+    assert set(metrics["seconds"]) == {"start", "load", "lora", "plan", "loop", "save"}
     assert metrics["seconds"]["loop"] >= metrics["train_seconds"]
     # Beside the optimizer steps: two evaluations (steps 6 and 12), and no checkpoints (checkpoint_every_steps 0).
     beside = metrics["loop_seconds"]

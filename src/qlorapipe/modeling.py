@@ -58,6 +58,21 @@ def quantization_config(params: QuantizationParams, compute_dtype, quant_storage
     return None
 
 
+def import_model_code(base_dir: Path, trust_remote_code: bool = False) -> None:
+    """Import what loading the base and adding adapters run first: peft (with bitsandbytes and transformers'
+    model code) and the base's own model class (not custom code), so that a stage can time its imports
+    apart from its load. Seconds on a GPU machine, most of a warm load (docs/benchmarks.md)."""
+    import peft  # noqa: F401 - imported for its import time
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    if trust_remote_code or not (Path(base_dir) / "config.json").is_file():
+        return  # the load imports custom code itself, or says what is missing
+    config = AutoConfig.from_pretrained(base_dir)
+    if type(config) in MODEL_FOR_CAUSAL_LM_MAPPING:
+        MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]  # imports transformers.models.<type>.modeling_<type>
+
+
 def load_base_model(base_dir: Path, params: QuantizationParams, device, trust_remote_code: bool = False,
                     shardable_4bit: bool = False):
     """Load the base model quantized as params say, on ``device``.

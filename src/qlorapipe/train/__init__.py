@@ -100,6 +100,8 @@ def run(sections: Sections, base_dir: Path, data_dir: Path, out: Outputs, relaun
     device = world.device
     logger.info("Device: %s", modeling.device_summary(device))
     source = read_source_record(base_dir)
+    modeling.import_model_code(base_dir, source.trust_remote_code)
+    clock.lap("start")  # the device, and importing peft, bitsandbytes and the model's code: not the load's
     if world.num_processes == 1:  # one process: the whole base on its GPU (with several, what each holds varies)
         budget_gb = sections.acceleration.memory_budget_gb
         memory.check_quantized_fits("train", base_dir, sections.quantization, 0, 0,
