@@ -144,9 +144,19 @@ def test_auto_on_the_cpu_counts_what_a_block_saves_and_keeps_what_fits(tiny_llam
     assert rest >= ids.numel() * config.vocab_size * 4
     assert kept == 2 and measured == {"per_block_bytes": per_block, "rest_bytes": rest, "room_bytes": 0.5e12,
                                       "kept": 2, "n_blocks": 2}
-    _, one_row = memory_plan.fit_on_host(_quantized_lora_model(tiny_llama_dir)[0], {"input_ids": ids[:1]}, ids[:1],
-                                         available=1e12)
-    assert (one_row["per_block_bytes"] * 2, one_row["rest_bytes"] * 2) == (per_block, rest)  # both grow with the rows
+    # The probe runs one row and scales by the rows: a real two-row pass saves a little less (what the rows
+    # share, such as RoPE's tables, counts once there), so the scaled figure is a near upper bound.
+    layers = checkpointing.decoder_layers(model)
+    checkpointing.checkpoint_again(layers)
+    block, everything = memory_plan.saved_bytes(model, {"input_ids": ids}, ids, layers[-1])
+    assert block <= per_block <= 1.05 * block and everything - block <= rest <= 1.05 * (everything - block)
+    assert not any(layer._forward_hooks or layer._forward_pre_hooks for layer in layers)
+    assert _checkpointing_flags(model) == [(True, False), (True, False)]
+
+    # Packed rows (position_ids restarting within a row) are probed too, on the row holding the most examples.
+    positions = torch.stack([torch.arange(16), torch.cat([torch.arange(8), torch.arange(8)])])
+    _, packed = memory_plan.fit_on_host(model, {"input_ids": ids, "position_ids": positions}, ids, available=1e12)
+    assert packed["kept"] == 2 and packed["per_block_bytes"] >= per_block and packed["rest_bytes"] >= rest
 
     for room, expected in ((rest + 1.5 * per_block, [(True, False), (False, True)]),
                            (rest + 0.5 * per_block, [(True, False), (True, False)]),
@@ -154,6 +164,39 @@ def test_auto_on_the_cpu_counts_what_a_block_saves_and_keeps_what_fits(tiny_llam
         model, _ = _quantized_lora_model(tiny_llama_dir)
         kept, _ = memory_plan.fit_on_host(model, {"input_ids": ids}, ids, available=room / memory_plan.HOST_SHARE)
         assert kept == sum(not flag for flag, _ in expected) and _checkpointing_flags(model) == expected
+
+
+def test_the_cpu_probe_leaves_no_trace_when_the_forward_pass_fails(tiny_llama_dir):
+    model, _ = _quantized_lora_model(tiny_llama_dir)
+    model.eval()
+    layers = checkpointing.decoder_layers(model)
+    ids = torch.randint(4, 300, (2, 16), generator=torch.Generator().manual_seed(3))
+    with pytest.raises((ValueError, RuntimeError)):
+        memory_plan.fit_on_host(model, {"input_ids": ids}, ids[:, :5], available=1e12)  # labels of another length
+    assert not any(layer._forward_hooks or layer._forward_pre_hooks for layer in layers)
+    assert _checkpointing_flags(model) == [(True, False), (True, False)]
+    assert not any(module.training for module in model.modules())
+
+
+def test_the_cpu_probe_keeps_every_block_checkpointed_where_it_cannot_count(tiny_llama_dir):
+    ids = torch.randint(4, 300, (2, 16), generator=torch.Generator().manual_seed(3))
+    eight_bit, _ = _quantized_lora_model(tiny_llama_dir, load_in="8bit")
+    assert memory_plan.fit_on_host(eight_bit, {"input_ids": ids}, ids, available=1e12) == (
+        0, {"why_none": "8-bit layers keep their inputs where the probe cannot count them"})
+    model, _ = _quantized_lora_model(tiny_llama_dir)
+    with_no_figure = memory_plan.fit_on_host
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(memory_plan, "host_available", lambda: None)
+        assert with_no_figure(model, {"input_ids": ids}, ids) == (0, {"why_none": "no figure for the host memory available"})
+    # A last block the forward pass never runs (here: taken out of the model's layer list) is not counted as empty.
+    inner = model.base_model.model.model
+    last = inner.layers[-1]
+    inner.layers = inner.layers[:-1]
+    inner.config.num_hidden_layers -= 1
+    model.add_module("unused_block", last)
+    assert memory_plan.fit_on_host(model, {"input_ids": ids}, ids, available=1e12) == (
+        0, {"why_none": "the last block saved nothing in a forward pass"})
+    assert _checkpointing_flags(model) == [(True, False), (True, False)]
 
 
 def test_a_count_of_uncheckpointed_layers_applies_on_the_cpu(tiny_llama_dir):

@@ -68,9 +68,12 @@ def import_model_code(base_dir: Path, trust_remote_code: bool = False) -> None:
 
     if trust_remote_code or not (Path(base_dir) / "config.json").is_file():
         return  # the load imports custom code itself, or says what is missing
-    config = AutoConfig.from_pretrained(base_dir)
-    if type(config) in MODEL_FOR_CAUSAL_LM_MAPPING:
-        MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]  # imports transformers.models.<type>.modeling_<type>
+    try:
+        config = AutoConfig.from_pretrained(base_dir, trust_remote_code=False)
+        if type(config) in MODEL_FOR_CAUSAL_LM_MAPPING:
+            MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]  # imports transformers.models.<type>.modeling_<type>
+    except Exception:  # noqa: BLE001 - only imports ahead of time: the load says what is wrong with the model
+        return
 
 
 def load_base_model(base_dir: Path, params: QuantizationParams, device, trust_remote_code: bool = False,

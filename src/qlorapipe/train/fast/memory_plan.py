@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+from pathlib import Path
 
 from qlorapipe.data import model_inputs
 from qlorapipe.params import AccelerationParams
@@ -81,7 +82,7 @@ def plan_uncheckpointed_layers(model, params: AccelerationParams, batch, device,
     Returns:
         How many blocks keep their activations (0 when none does).
     """
-    if device.type != "cuda" and params.uncheckpointed_layers != "auto":
+    if device.type == "cpu" and params.uncheckpointed_layers != "auto":
         skip_checkpointing(model, params.uncheckpointed_layers)
     if params.uncheckpointed_layers != "auto" or device.type not in ("cuda", "cpu"):
         return uncheckpointed_count(model)
@@ -92,7 +93,10 @@ def plan_uncheckpointed_layers(model, params: AccelerationParams, batch, device,
     inputs, labels = model_inputs(batch, device), batch["labels"].to(device).long()
     if device.type == "cpu":
         kept, measured = fit_on_host(model, inputs, labels)
-        if measured:
+        if measured.get("why_none"):
+            logger.info("uncheckpointed_layers: auto keeps every block checkpointed on the CPU: %s (set an integer "
+                        "to keep some)", measured["why_none"])
+        elif measured:
             logger.info("uncheckpointed_layers: auto keeps %d of %d blocks on the CPU (%.3f GB saved for the backward "
                         "pass per block and %.3f GB outside them; %.2f GB is %.0f%% of the host memory available)",
                         kept, measured["n_blocks"], measured["per_block_bytes"] / 1e9, measured["rest_bytes"] / 1e9,
@@ -125,13 +129,12 @@ def fit_on_host(model, inputs: dict, labels, available: float | None = None) -> 
     Recomputing a block costs its forward pass again in the backward pass (the offline default on 2
     CPU cores: 1.39-1.46x the tokens/s with every block kept; the adapter the same bytes). A block kept
     holds what its forward pass saves for the backward pass instead of its input only. One forward
-    pass of the micro-batch's first row with the last block kept counts, through autograd's
-    saved-tensor hooks, what that block saves and what the rest of the pass saves (each storage once,
-    the model's own parameters and buffers not at all; the other blocks stay checkpointed, so the
-    probe itself holds little). Both grow with the rows, and the blocks of a decoder are alike: the
-    rest of the step times the rows, plus the blocks kept times the block's count times the rows,
-    must fit in ``HOST_SHARE`` of ``available``. Like ``fit_uncheckpointed_layers`` it leaves no
-    trace: random state, gradients and train/eval modes are put back.
+    pass of one row of the micro-batch (``saved_bytes``) counts what the last block saves and what the
+    rest of the pass saves; both grow with the rows, and the blocks of a decoder are alike: the rest
+    of the step times the rows, plus the blocks kept times the block's count times the rows, must fit
+    in ``HOST_SHARE`` of ``available``. Every block stays checkpointed when that cannot be counted:
+    8-bit layers (bitsandbytes' CPU 8-bit matmul keeps its input outside autograd's saved tensors), a
+    last block the forward pass never ran, or no figure for the host memory.
 
     Args:
         model: the PEFT model on the CPU.
@@ -142,21 +145,49 @@ def fit_on_host(model, inputs: dict, labels, available: float | None = None) -> 
     Returns:
         (N, measured): the blocks kept and, for the whole micro-batch, ``per_block_bytes`` (what a kept
         block holds) and ``rest_bytes`` (what the step saves outside it), ``room_bytes``, ``kept``,
-        ``n_blocks``; empty when no block is under gradient checkpointing.
+        ``n_blocks``; or ``why_none`` when every block stays checkpointed uncounted; empty when no block
+        is under gradient checkpointing.
     """
     layers = [layer for layer in decoder_layers(model) if getattr(layer, "gradient_checkpointing", False)]
     if not layers:
         return 0, {}
+    if any(type(module).__name__ == "Linear8bitLt" for module in model.modules()):
+        return 0, {"why_none": "8-bit layers keep their inputs where the probe cannot count them"}
+    available = host_available() if available is None else available
+    if available is None:
+        return 0, {"why_none": "no figure for the host memory available"}
     import torch
 
-    available = host_available() if available is None else available
+    # The row with the most packed examples: its attention mask is the one a kept block may save.
+    row = int((inputs["position_ids"] == 0).sum(dim=1).argmax()) if "position_ids" in inputs else 0
+    one_row = {name: value[row : row + 1] if isinstance(value, torch.Tensor) else value
+               for name, value in inputs.items()}
+    block, everything = saved_bytes(model, one_row, labels[row : row + 1], layers[-1])
+    if block is None or block <= 0:
+        return 0, {"why_none": "the last block saved nothing in a forward pass"}
+    rows = len(labels)
+    per_block, rest = block * rows, (everything - block) * rows
+    room = HOST_SHARE * available
+    kept = max(0, min(len(layers), math.floor((room - rest) / per_block)))
+    if kept:
+        skip_checkpointing(model, kept)
+    return kept, {"per_block_bytes": per_block, "rest_bytes": rest, "room_bytes": room, "kept": kept,
+                  "n_blocks": len(layers)}
+
+
+def saved_bytes(model, inputs: dict, labels, block) -> tuple[int | None, int]:
+    """Bytes one forward pass of ``inputs`` saves for the backward pass: inside ``block`` (kept for the pass;
+    None when it never ran) and in all. Each storage counts once; the model's parameters and buffers not at
+    all. Leaves no trace: random state, gradients, train/eval modes, hooks and checkpointing as they were."""
+    import torch
+
     trainable = [param for param in model.parameters() if param.requires_grad]
     grads = [param.grad for param in trainable]
     modes = [(module, module.training) for module in model.modules()]
     own = {tensor.untyped_storage().data_ptr() for tensor in (*model.parameters(), *model.buffers())}
     seen: set[int] = set()
     saved = {"all": 0, "block": 0}
-    inside = [False]
+    inside = [None]  # None: the block has not run; then True inside it, False after
 
     def pack(tensor):
         try:
@@ -175,48 +206,54 @@ def fit_on_host(model, inputs: dict, labels, available: float | None = None) -> 
     def leave(*_):
         inside[0] = False
 
-    last = layers[-1]
-    hooks = (last.register_forward_pre_hook(enter), last.register_forward_hook(leave))
-    skip_checkpointing(model, 1)
-    one_row = {name: value[:1] if isinstance(value, torch.Tensor) else value for name, value in inputs.items()}
+    was_checkpointed = getattr(block, "gradient_checkpointing", False)
+    hooks = []
     try:
+        hooks += [block.register_forward_pre_hook(enter), block.register_forward_hook(leave)]
+        block.gradient_checkpointing = False
         model.train()  # dropout saves its masks in training mode only
         with torch.random.fork_rng(devices=[]), torch.enable_grad(), \
                 torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-            model(**one_row, labels=labels[:1])
+            model(**inputs, labels=labels)
     finally:
         for hook in hooks:
             hook.remove()
-        checkpoint_again([last])
+        block.gradient_checkpointing = was_checkpointed
         for module, training in modes:
             module.training = training
         for param, grad in zip(trainable, grads, strict=True):
             param.grad = grad
-    rows = len(labels)
-    per_block, rest = saved["block"] * rows, (saved["all"] - saved["block"]) * rows
-    room = HOST_SHARE * available
-    if per_block <= 0:
-        kept = len(layers) if rest <= room else 0
-    else:
-        kept = max(0, min(len(layers), math.floor((room - rest) / per_block)))
-    if kept:
-        skip_checkpointing(model, kept)
-    return kept, {"per_block_bytes": per_block, "rest_bytes": rest, "room_bytes": room, "kept": kept,
-                  "n_blocks": len(layers)}
+    return (None if inside[0] is None else saved["block"]), saved["all"]
 
 
-def host_available() -> float:
-    """Bytes of host memory available to a new allocation (Linux's ``MemAvailable``; free pages elsewhere)."""
+def host_available() -> float | None:
+    """Bytes of host memory a new allocation may take: Linux's ``MemAvailable``, or less where a cgroup
+    (a container, a CI job) limits this process's memory; None where neither can be read."""
     import os
 
+    available = None
     try:
         with open("/proc/meminfo") as meminfo:
             for line in meminfo:
                 if line.startswith("MemAvailable:"):
-                    return float(line.split()[1]) * 1024
+                    available = float(line.split()[1]) * 1024
     except OSError:
         pass
-    return float(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    if available is None:
+        try:
+            available = float(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+        except (AttributeError, ValueError, OSError):
+            return None
+    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            limit, usage = (Path(name).read_text().strip() for name in (limit_file, usage_file))
+        except OSError:
+            continue
+        if limit.isdigit() and usage.isdigit():
+            available = min(available, max(0.0, float(limit) - float(usage)))
+    return available
 
 
 def fit_uncheckpointed_layers(model, inputs: dict, labels, budget_gb: float | None, device,
