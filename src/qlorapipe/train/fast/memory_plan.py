@@ -192,7 +192,7 @@ def saved_bytes(model, inputs: dict, labels, block) -> tuple[int | None, int]:
     def pack(tensor):
         try:
             storage = tensor.untyped_storage()
-        except (NotImplementedError, RuntimeError):  # a tensor without storage of its own holds no memory here
+        except (NotImplementedError, RuntimeError):  # no plain storage (a sparse or wrapper tensor): not counted
             return tensor
         if storage.data_ptr() not in own and storage.data_ptr() not in seen:
             seen.add(storage.data_ptr())
@@ -229,16 +229,12 @@ def saved_bytes(model, inputs: dict, labels, block) -> tuple[int | None, int]:
 def host_available() -> float | None:
     """Bytes of host memory a new allocation may take: Linux's ``MemAvailable``, or less where a cgroup
     (a container, a CI job) limits this process's memory; None where neither can be read."""
+    import contextlib
     import os
 
     available = None
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    available = float(line.split()[1]) * 1024
-    except OSError:
-        pass
+    with contextlib.suppress(OSError), open("/proc/meminfo") as meminfo:  # Linux; elsewhere the free pages below
+        available = next((float(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:")), None)
     if available is None:
         try:
             available = float(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
