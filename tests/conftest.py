@@ -148,10 +148,12 @@ def prepared(tmp_path_factory, tiny_llama_dir, corpus_file) -> Path:
 
 
 def tiny_lora_model(model_dir: Path, device="cpu", dropout: float = 0.0, gradient_checkpointing: bool = True,
-                    load_in: str = "4bit", seed: int = 0):
+                    load_in: str = "4bit", seed: int = 0, compute_dtype: str | None = None):
     """A tiny model quantized as ``load_in`` with rank-8 LoRA on every linear layer, in training mode.
 
     B is set to small seeded values (at init it is zero, which would hide every A gradient).
+    ``compute_dtype`` None is float32 on the CPU (whatever ``auto`` picks on this processor, so
+    the tests' tolerances hold on every machine) and ``auto`` on a GPU.
 
     Returns:
         (model, compute_dtype)
@@ -161,7 +163,10 @@ def tiny_lora_model(model_dir: Path, device="cpu", dropout: float = 0.0, gradien
     from qlorapipe import modeling
     from qlorapipe.params import LoraParams, QuantizationParams
 
-    model, dtype = modeling.load_base_model(model_dir, QuantizationParams(load_in=load_in), torch.device(device))
+    if compute_dtype is None:
+        compute_dtype = "float32" if torch.device(device).type == "cpu" else "auto"
+    model, dtype = modeling.load_base_model(model_dir, QuantizationParams(load_in=load_in, compute_dtype=compute_dtype),
+                                            torch.device(device))
     torch.manual_seed(seed)
     model = modeling.add_lora(model, LoraParams(rank=8, alpha=16, dropout=dropout), quantized=True,
                               gradient_checkpointing=gradient_checkpointing)

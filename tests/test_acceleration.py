@@ -436,12 +436,23 @@ def test_linear_cross_entropy_without_weight_grad_and_all_ignored():
     assert float(loss.detach()) == 0.0 and torch.count_nonzero(hidden.grad) == 0
 
 
-def test_apply_changes_nothing_on_the_cpu(tiny_llama_dir):
-    model, dtype = _quantized_lora_model(tiny_llama_dir)
-    before = {n: (p.dtype, p.data_ptr()) for n, p in model.named_parameters()}
-    assert fast.apply(model, AccelerationParams(compile_layers=True), torch.device("cpu"), dtype) == []
-    assert {n: (p.dtype, p.data_ptr()) for n, p in model.named_parameters()} == before
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_apply_on_the_cpu_switches_on_the_plain_pytorch_levers_only(tiny_llama_dir, dtype):
+    model, _ = _quantized_lora_model(tiny_llama_dir)
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad and p.dtype == torch.float32]
+    everything = AccelerationParams(compile_layers=True, offload_checkpoints=True, uncheckpointed_layers=1)
+    applied = fast.apply(model, everything, torch.device("cpu"), dtype)
+    upcast = ["keep_frozen_dtype"] if dtype != torch.float32 else []  # float32 norms are float32 already
+    assert applied == [*upcast, "lora_fast_forward", "chunked_cross_entropy"]
+    params = dict(model.named_parameters())
+    assert frozen and all(params[n].dtype == dtype for n in frozen)
+    assert all(p.dtype == torch.float32 for p in params.values() if p.requires_grad)  # LoRA weights stay float32
+    patched = {type(m).__name__ for m in model.modules() if "forward" in vars(m)}
+    assert patched == {"Linear4bit", "LlamaForCausalLM"}  # the LoRA layers and the loss; no compile, no offload
+    assert checkpointing.uncheckpointed_count(model) == 0  # a count is applied by the planner on the CPU
+    fast.remove(model, upcast_dtype=torch.float32)
     assert not any("forward" in vars(m) for m in model.modules())
+    assert all(params[n].dtype == torch.float32 for n in frozen)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
@@ -562,7 +573,7 @@ def test_fused_kernels_are_on_by_default_and_leave_the_cpu_path_alone(tiny_qwen2
     assert AccelerationParams().fused_kernels
     model, dtype = _quantized_lora_model(tiny_qwen2_dir)
     assert "fused_kernels" not in fast.apply(model, AccelerationParams(), torch.device("cpu"), dtype)
-    assert not any("forward" in vars(m) for m in model.modules())
+    assert not any("forward" in vars(m) for m in model.modules() if "Norm" in type(m).__name__ or "MLP" in type(m).__name__)
 
 
 @pytest.mark.parametrize("name", ["adamw_8bit", "paged_adamw_8bit"])

@@ -16,6 +16,7 @@ from qlorapipe import modeling, quantized_cache
 from qlorapipe.params import QuantizationParams
 
 QUANT = QuantizationParams(load_in="4bit", quant_type="nf4", use_double_quant=True, compute_dtype="auto")
+AUTO_ON_CPU = modeling.resolve_compute_dtype("auto", torch.device("cpu"))  # bfloat16 or float32 by processor
 DEVICES = [torch.device("cpu")] + ([torch.device("cuda", 0)] if torch.cuda.is_available() else [])
 
 
@@ -81,7 +82,7 @@ def test_each_quantization_has_its_entry_and_only_the_last_used_are_kept(base, c
     modeling.load_base_model(base, QUANT, cpu)
     fp4 = QuantizationParams(load_in="4bit", quant_type="fp4", use_double_quant=False, compute_dtype="auto")
     modeling.load_base_model(base, fp4, cpu)
-    keys = {quantized_cache.entry_key(base, q, torch.float32, cpu) for q in (QUANT, fp4)}
+    keys = {quantized_cache.entry_key(base, q, AUTO_ON_CPU, cpu) for q in (QUANT, fp4)}
     assert {p.name for p in cache.iterdir()} == keys and len(keys) == 2
     monkeypatch.setattr(quantized_cache, "KEEP", 1)
     hour_ago = time.time() - 3600
@@ -89,7 +90,7 @@ def test_each_quantization_has_its_entry_and_only_the_last_used_are_kept(base, c
         os.utime(entry, (hour_ago, hour_ago))
     (base / "config.json").write_text((base / "config.json").read_text() + "\n")  # another base: a new key
     modeling.load_base_model(base, QUANT, cpu)
-    assert [p.name for p in cache.iterdir()] == [quantized_cache.entry_key(base, QUANT, torch.float32, cpu)]
+    assert [p.name for p in cache.iterdir()] == [quantized_cache.entry_key(base, QUANT, AUTO_ON_CPU, cpu)]
 
 
 def test_eviction_spares_entries_in_use_and_passes_over_what_another_process_deletes(cache, monkeypatch):

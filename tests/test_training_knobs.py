@@ -43,13 +43,14 @@ def _losses_on_one_batch(model, steps: int = 3, learning_rate: float = 0.01) -> 
     (QuantizationParams(load_in="4bit", quant_type="nf4", use_double_quant=False, compute_dtype="bfloat16"),
      "Linear4bit", torch.bfloat16),
     (QuantizationParams(load_in="4bit", quant_type="fp4", use_double_quant=False, compute_dtype="auto"),
-     "Linear4bit", torch.float32),
+     "Linear4bit", None),  # None: auto's choice for this CPU (test_auto_computes_in_bfloat16_where_the_cpu_does)
     (QuantizationParams(load_in="8bit", compute_dtype="float32"), "Linear8bitLt", torch.float32),
     (QuantizationParams(load_in="none", compute_dtype="float32"), "Linear", torch.float32),
     (QuantizationParams(load_in="none", compute_dtype="bfloat16"), "Linear", torch.bfloat16),
 ], ids=["nf4-dq-fp32", "fp4-dq-fp32", "nf4-bf16", "fp4-auto", "8bit", "16bit-lora-fp32", "16bit-lora-bf16"])
 def test_each_quantization_mode_loads_as_asked_and_trains(tiny_llama_dir, quant, layer_class, dtype):
     model, compute_dtype = modeling.load_base_model(tiny_llama_dir, quant, CPU)
+    dtype = dtype or (torch.bfloat16 if modeling.cpu_computes_bfloat16() else torch.float32)
     assert compute_dtype == dtype
     q_proj = model.model.layers[0].self_attn.q_proj
     assert type(q_proj).__name__ == layer_class
@@ -63,6 +64,15 @@ def test_each_quantization_mode_loads_as_asked_and_trains(tiny_llama_dir, quant,
     losses = _losses_on_one_batch(model)
     assert all(math.isfinite(loss) for loss in losses)
     assert losses[-1] < losses[0] - 0.01, losses
+
+
+@pytest.mark.parametrize(("avx512_bf16", "amx", "expected"), [
+    (True, False, torch.bfloat16), (False, True, torch.bfloat16), (False, False, torch.float32)])
+def test_auto_computes_in_bfloat16_where_the_cpu_does(monkeypatch, avx512_bf16, amx, expected):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    assert modeling.resolve_compute_dtype("auto", CPU) == expected
+    assert modeling.resolve_compute_dtype("float32", CPU) == torch.float32  # named dtypes are kept
 
 
 def test_float16_compute_is_refused_on_the_cpu(tiny_llama_dir):

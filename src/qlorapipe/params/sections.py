@@ -125,7 +125,8 @@ class QuantizationParams:
     load_in: Literal["4bit", "8bit", "none"] = "4bit"  # none = plain 16-bit LoRA
     quant_type: Literal["nf4", "fp4"] = "nf4"
     use_double_quant: bool = True
-    # auto: bfloat16 on GPUs that support it (else float16), float32 on CPU
+    # auto: bfloat16 on GPUs that support it (else float16); on the CPU bfloat16 where it has
+    # bfloat16 instructions (AVX512-BF16, AMX), else float32
     compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
 
     def check(self) -> list[str]:
@@ -225,10 +226,11 @@ class TrainingParams:
 
 @dataclass(frozen=True)
 class AccelerationParams:
-    """GPU fast paths for training (train stage); each computes the plain recipe's function.
+    """Fast paths for training (train stage); each computes the plain recipe's function.
 
-    Applied on CUDA only; on the CPU the plain path runs unchanged. See qlorapipe.train.fast and
-    docs/benchmarks.md for what each one buys.
+    All apply on CUDA; on the CPU keep_frozen_dtype, lora_fast_forward, chunked_cross_entropy
+    and uncheckpointed_layers do (plain PyTorch there), the rest are left off. See
+    qlorapipe.train.fast and docs/benchmarks.md for what each one buys.
     """
 
     keep_frozen_dtype: bool = True  # no float32 upcast of frozen norms and embeddings

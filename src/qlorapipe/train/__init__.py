@@ -2,7 +2,7 @@
 
 ``run`` is the recipe, read top to bottom: check the inputs, start the processes, load the
 4-bit base, add the adapters (started as ``lora.init`` says: ``adapter_init``), switch on the
-GPU fast paths (``qlorapipe.train.fast``), train (``loop``) with resumable checkpoints
+fast paths (``qlorapipe.train.fast``), train (``loop``) with resumable checkpoints
 (``checkpoints``), publishing each step to the live metrics as it is done (``live``, through
 dvclive), and write the adapter with its record, the metrics, the per-step history, the curves
 and the log. With several processes (``distributed``) only rank 0 writes.
@@ -124,7 +124,7 @@ def run(sections: Sections, base_dir: Path, data_dir: Path, out: Outputs, relaun
         init_digest = adapter_init.pissa_digest(model)
         pissa_initial = adapter_init.initial_adapter(model) if world.is_main else None
     clock.lap("lora")
-    fast.apply(model, sections.acceleration, device, compute_dtype)  # GPU fast paths; nothing on the CPU
+    fast.apply(model, sections.acceleration, device, compute_dtype)  # the fast paths (three on the CPU)
     graphed = fast.graphed_step(model, sections.acceleration, device, world.num_processes,
                                 rows=params.per_device_batch_size)
     _, first = next(loop.micro_batches(len(train_set), params.per_device_batch_size, params.seed))

@@ -1,4 +1,4 @@
-"""GPU fast paths for QLoRA training that compute the same function as the plain recipe.
+"""Fast paths for QLoRA training that compute the same function as the plain recipe.
 
 The plain recipe (transformers + peft + bitsandbytes with ``prepare_model_for_kbit_training``)
 is launch- and copy-bound on a GPU, not FLOP-bound: it upcasts the frozen norms and embeddings
@@ -7,9 +7,10 @@ each LoRA input to the adapter's float32 and clones every base output; and the l
 materialises full-vocabulary float32 logits (the largest activation with a 152k vocabulary).
 Each lever here removes one of those costs and has a switch in the ``acceleration`` params
 section. None changes what is computed beyond bfloat16 rounding (benchmarks/train_speed.py
-checks loss and LoRA gradients against the plain recipe). They are applied on CUDA only: the
-CPU path stays the plain one, except that ``memory_plan`` keeps the activations of the blocks host
-memory holds instead of recomputing them (the same arithmetic: the same adapter bytes).
+checks loss and LoRA gradients against the plain recipe). On the CPU three of them apply, whose
+CPU paths are plain PyTorch (the frozen dtype, the LoRA forward with its cheaper dropout draw, the
+chunked loss), and ``memory_plan`` keeps the activations of the blocks host memory holds instead of
+recomputing them; the rest need CUDA.
 
 Each lever is one module here; this package is the switchboard that applies them (``apply``,
 ``training_params``) and undoes them (``remove``):
@@ -51,19 +52,18 @@ logger = logging.getLogger(__name__)
 
 
 def apply(model, params: AccelerationParams, device, compute_dtype) -> list[str]:
-    """Switch on the levers ``params`` enables, on CUDA only.
+    """Switch on the levers ``params`` enables: on CUDA all of them, on the CPU the first three
+    (frozen dtype, LoRA forward, chunked loss), whose CPU paths are plain PyTorch.
 
     Args:
         model: the PEFT model ``modeling.add_lora`` returned.
         params: the acceleration section.
-        device: where the model lives; on the CPU nothing is changed.
+        device: where the model lives.
         compute_dtype: the dtype the base was loaded in (``modeling.load_base_model``).
 
     Returns:
         The names of the levers applied.
     """
-    if device.type != "cuda":
-        return []
     applied = []
     if params.keep_frozen_dtype and frozen_dtype.keep_frozen_dtype(model, compute_dtype):
         applied.append("keep_frozen_dtype")
@@ -71,6 +71,9 @@ def apply(model, params: AccelerationParams, device, compute_dtype) -> list[str]
         applied.append("lora_fast_forward")
     if params.chunked_cross_entropy and chunked_loss.use_chunked_loss(model):
         applied.append("chunked_cross_entropy")
+    if device.type != "cuda":  # the rest are Triton, liger-kernel, CUDA graphs and pinned host copies
+        logger.info("Acceleration: %s", ", ".join(applied) or "none")
+        return applied
     if params.fused_kernels and fused_kernels.use_fused_kernels(model, compute_dtype):
         applied.append("fused_kernels")
     # auto needs a batch to measure: plan_uncheckpointed_layers takes it after apply.
