@@ -3,6 +3,8 @@
     PYTHONPATH=src python benchmarks/train_stage_time.py --out bench-out
     PYTHONPATH=src python benchmarks/train_stage_time.py --shape qwen2.5-3b --seq 1024 --batch 4 \
         --steps 20 --processes 1,2 --runs defaults --out bench-out/ddp        # data-parallel scaling
+    PYTHONPATH=src python benchmarks/train_stage_time.py --steps 8 --rounds 2 --out bench-out/cpu \
+        --runs "float32 compute, CPU levers off,float32 compute,bfloat16 compute, CPU levers off,defaults"  # the CPU
 
 Builds a model of the named shape (default: SmolLM2-135M's, the offline default: llama, hidden
 576, 30 layers, 9 / 3 heads, intermediate 1536, vocab 49152, tied) with random weights, writes
@@ -18,13 +20,19 @@ Several processes on GPUs need one GPU each (NCCL); on a machine without GPUs th
 CUDA graphs apply to one process only, so compare process counts within "without cuda_graphs"
 (the one-process "defaults" run is the single-GPU figure to beat). The stage's tokens/s count
 every step, the first included: use enough --steps that the first does not dominate.
+On the CPU the runs that matter set the compute dtype (``auto`` is bfloat16 on CPUs with
+bfloat16 instructions) and the three levers that act there (keep_frozen_dtype, lora_fast_forward,
+chunked_cross_entropy); --rounds repeats the whole list, alternating, and every row gets its
+tokens/s as a multiple of the first run's mean (``x first``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -39,7 +47,9 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from train_speed import save_random_model, shape_config  # noqa: E402
 
 from qlorapipe import data  # noqa: E402
+from qlorapipe.records import SOURCE_RECORD, SourceRecord, content_hash, write_source_record  # noqa: E402
 
+CPU_LEVERS_OFF = {"keep_frozen_dtype": False, "lora_fast_forward": False, "chunked_cross_entropy": False}
 OFF = {"keep_frozen_dtype": False, "lora_fast_forward": False, "chunked_cross_entropy": False,
        "fused_kernels": False, "uncheckpointed_layers": 0, "compile_layers": False, "unpaged_optimizer": False,
        "cuda_graphs": False, "async_optimizer": False}
@@ -56,7 +66,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench-out"))
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/qlorapipe-stage"))
     parser.add_argument("--runs", default="defaults,without cuda_graphs,all levers off",
-                        help="comma-separated labels of the runs to make")
+                        help="comma-separated labels of the runs to make, in this order (an unknown one lists them)")
+    parser.add_argument("--rounds", type=int, default=1, help="make the list of runs this many times, alternating")
     parser.add_argument("--shape", default="smollm2-135m", help="a shape of train_speed.shape_config")
     parser.add_argument("--seq", type=int, help="tokens per chunk (default: params.yaml data.max_length)")
     parser.add_argument("--batch", type=int, help="chunks per device (default: params.yaml)")
@@ -68,6 +79,12 @@ def main() -> None:
     args.workdir.mkdir(parents=True, exist_ok=True)
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     base, _ = save_random_model(args.shape, args.workdir)
+    if not (base / SOURCE_RECORD).is_file():  # the train stage reads where its base came from
+        config = shape_config(args.shape)
+        write_source_record(base, SourceRecord(
+            source="local", repo_id=f"random-{args.shape}", revision=None, commit=None, wheel_sha256=None,
+            dtype="bfloat16", model_type=config.model_type, vocab_size=config.vocab_size, trust_remote_code=False,
+            content_sha256=content_hash(base)))
     vocab = shape_config(args.shape).vocab_size
     seq = args.seq or params["data"]["max_length"]
     batch = args.batch or params["training"]["per_device_batch_size"]
@@ -81,15 +98,24 @@ def main() -> None:
         chunks = torch.randint(0, vocab, (n, seq), generator=generator).tolist()
         data.save_chunks(chunks, prepared / split)
     rows = []
-    runs = [("defaults", params["acceleration"]),
-            ("without cuda_graphs", dict(params["acceleration"], cuda_graphs=False)),
-            ("every block checkpointed", dict(params["acceleration"], uncheckpointed_layers=0)),
-            ("all levers off", OFF)]
-    for label, accel in [(label, accel) for label, accel in runs if label in args.runs.split(",")]:
+    accel, quant = params["acceleration"], params["quantization"]
+    runs = {"defaults": (accel, quant),
+            "without cuda_graphs": (dict(accel, cuda_graphs=False), quant),
+            "every block checkpointed": (dict(accel, uncheckpointed_layers=0), quant),
+            "all levers off": (OFF, quant),
+            "float32 compute": (accel, dict(quant, compute_dtype="float32")),
+            "float32 compute, CPU levers off": (dict(accel, **CPU_LEVERS_OFF), dict(quant, compute_dtype="float32")),
+            "bfloat16 compute, CPU levers off": (dict(accel, **CPU_LEVERS_OFF), dict(quant, compute_dtype="bfloat16"))}
+    labels = [label.strip() for label in re.split(r",(?! )", args.runs)]  # labels hold ", " themselves
+    if unknown := [label for label in labels if label not in runs]:
+        parser.error(f"--runs: unknown {unknown}; known: {list(runs)}")
+    for label in labels * args.rounds:
+        accel, quant = runs[label]
         for processes in counts:
             training = dict(params["training"], per_device_batch_size=batch, max_steps=steps, eval_every_steps=steps,
                             max_eval_batches=2, gradient_accumulation_steps=max(counts))
-            run_params = dict(params, acceleration=accel, training=training, data=dict(params["data"], max_length=seq),
+            run_params = dict(params, acceleration=accel, quantization=quant, training=training,
+                              data=dict(params["data"], max_length=seq),
                               distributed=dict(params["distributed"], num_processes=processes, strategy=args.strategy))
             params_file = args.workdir / f"params-{len(rows)}.yaml"
             params_file.write_text(yaml.safe_dump(run_params, sort_keys=False))
@@ -108,6 +134,8 @@ def main() -> None:
                    "process_wall_s": round(wall, 2), **json.loads(metrics.read_text()),
                    "train_losses": train_losses(out / "history.csv")}
             single = next((r for r in rows if r["acceleration"] == label and r["processes"] == 1), None)
+            if single is not None and processes == 1:
+                single = None  # another round of the same run: nothing to scale against
             if single is not None and processes > 1:
                 row["scaling_efficiency"] = row["tokens_per_second"] / processes / single["tokens_per_second"]
                 row["max_loss_diff_vs_one_process"] = max(
@@ -115,15 +143,18 @@ def main() -> None:
             rows.append(row)
             print(json.dumps(row), flush=True)
     (args.out / "train_stage.json").write_text(json.dumps(rows, indent=1))
-    print("\n| acceleration | processes | process wall s | stage wall s | train s | tokens/s | per process vs one "
-          "| max loss diff | train loss | eval loss | peak GB |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    first = [r["tokens_per_second"] for r in rows if (r["acceleration"], r["processes"]) == (labels[0], counts[0])]
+    print("\n| acceleration | processes | compute | process wall s | stage wall s | train s | tokens/s | x first "
+          "| per process vs one | max loss diff | train loss | eval loss | peak GB (GPU allocated, else RSS) |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         efficiency = f"{100 * r['scaling_efficiency']:.1f}%" if "scaling_efficiency" in r else ""
         loss_diff = f"{r['max_loss_diff_vs_one_process']:.2e}" if "max_loss_diff_vs_one_process" in r else ""
-        print(f"| {r['acceleration']} | {r['processes']} | {r['process_wall_s']} | {r['wall_seconds']} | "
-              f"{r['train_seconds']} | {r['tokens_per_second']:,.0f} | {efficiency} | {loss_diff} | "
-              f"{r['train_loss']} | {r['eval_loss']} | {r.get('peak_gpu_allocated_gb', '')} |")
+        peak = r.get("peak_gpu_allocated_gb", r.get("peak_rss_gb", ""))
+        print(f"| {r['acceleration']} | {r['processes']} | {r['compute_dtype']} | {r['process_wall_s']} | "
+              f"{r['wall_seconds']} | {r['train_seconds']} | {r['tokens_per_second']:,.0f} | "
+              f"{r['tokens_per_second'] / statistics.mean(first):.2f} | {efficiency} | {loss_diff} | "
+              f"{r['train_loss']} | {r['eval_loss']} | {peak} |")
 
 
 if __name__ == "__main__":
