@@ -133,9 +133,8 @@ def main() -> None:
             row = {"acceleration": label, "processes": processes, "shape": args.shape, "seq": seq,
                    "process_wall_s": round(wall, 2), **json.loads(metrics.read_text()),
                    "train_losses": train_losses(out / "history.csv")}
-            single = next((r for r in rows if r["acceleration"] == label and r["processes"] == 1), None)
-            if single is not None and processes == 1:
-                single = None  # another round of the same run: nothing to scale against
+            # this round's one-process row of the same run (the rows so far, latest first)
+            single = next((r for r in reversed(rows) if r["acceleration"] == label and r["processes"] == 1), None)
             if single is not None and processes > 1:
                 row["scaling_efficiency"] = row["tokens_per_second"] / processes / single["tokens_per_second"]
                 row["max_loss_diff_vs_one_process"] = max(

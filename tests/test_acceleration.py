@@ -455,6 +455,25 @@ def test_apply_on_the_cpu_switches_on_the_plain_pytorch_levers_only(tiny_llama_d
     assert all(params[n].dtype == torch.float32 for n in frozen)
 
 
+def test_a_trained_lm_head_keeps_the_norms_float32_and_trains_in_bfloat16(tiny_llama_dir, caplog):
+    """modules_to_save's float32 lm_head takes the last norm's output: keep_frozen_dtype stays off."""
+    from qlorapipe import modeling
+    from qlorapipe.params import LoraParams, QuantizationParams
+
+    model, dtype = modeling.load_base_model(tiny_llama_dir, QuantizationParams(compute_dtype="bfloat16"),
+                                            torch.device("cpu"))
+    model = modeling.add_lora(model, LoraParams(rank=8, alpha=16, modules_to_save=["lm_head"]), quantized=True,
+                              gradient_checkpointing=True)
+    with caplog.at_level("INFO", logger="qlorapipe.train.fast"):
+        applied = fast.apply(model, AccelerationParams(), torch.device("cpu"), dtype)
+    assert applied == ["lora_fast_forward"]  # the chunked loss takes a plain lm_head only
+    assert "keep_frozen_dtype: off, lora.modules_to_save trains float32 linear layers" in caplog.text
+    model.train()
+    input_ids = torch.randint(4, 300, (2, 16), generator=torch.Generator().manual_seed(0))
+    loss, grads = _loss_and_grads(model, input_ids)
+    assert torch.isfinite(loss) and torch.isfinite(grads).all() and grads.abs().sum() > 0
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_fast_lora_forward_and_chunked_loss_compute_the_plain_function(arch, tiny_llama_dir, tiny_qwen2_dir):
     model, _ = _quantized_lora_model(tiny_llama_dir if arch == "llama" else tiny_qwen2_dir)

@@ -96,6 +96,32 @@ def test_the_same_seed_draws_the_same_mask_at_the_rate_asked():
     check_dropout_draws()
 
 
+@pytest.mark.parametrize(("p", "kept"), [(1e-7, 1.0), (0.5, 0.5), (1 - 1e-6, 1 / 65536), (1 - 1e-7, 0.0)])
+def test_the_cpu_mask_keeps_at_the_rate_of_its_16_bit_threshold_up_to_the_ends(p, kept):
+    """p to 1/65536: below half a step everything is kept, within half a step of 1 nothing (no int16 wrap)."""
+    mask = fused_lora._keep_mask((512, 1024), p, torch.tensor([7]), "cpu")
+    assert mask.dtype == torch.bool and mask.shape == (512, 1024)
+    assert abs(mask.float().mean().item() - kept) < 0.005
+    if kept in (0.0, 1.0):
+        assert bool(mask.all()) == (kept == 1.0) and bool(mask.any()) == (kept == 1.0)
+
+
+def test_the_cpu_dropout_in_bfloat16_rounds_once_as_float32_would():
+    """x * mask / (1 - p) and into + grad * mask / (1 - p), each computed in float32 and rounded once."""
+    seed, p = torch.tensor([11]), 0.1
+    generator = torch.Generator().manual_seed(3)
+    x, grad = (torch.randn(64, 256, generator=generator).to(torch.bfloat16) for _ in range(2))
+    start = torch.randn(64, 256, generator=generator).to(torch.bfloat16)
+    into = start.clone()
+    dropped = fused_lora.dropout(x, p, seed, grad, into)
+    keep = fused_lora._keep_mask(x.shape, p, seed, "cpu")
+    assert torch.equal(dropped, torch.where(keep, x.float() / (1 - p), 0.0).to(torch.bfloat16))
+    # float32's a + alpha * b may fuse its multiply-add: the two roundings of the reference tip a few
+    # elements; rounding alpha to bfloat16 first (a bfloat16 add_) moved 28 % of them.
+    expected = (start.double() + torch.where(keep, grad.double() / (1 - p), 0.0)).to(torch.bfloat16)
+    assert (into != expected).float().mean().item() < 0.005
+
+
 def test_the_triton_dropout_kernel_draws_masks_the_same_way():
     """The kernel the GPU runs, under Triton's interpreter on CPU tensors."""
     run_under_triton_interpreter("import test_fused_lora as t; t.check_dropout_draws()")

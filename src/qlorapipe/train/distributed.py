@@ -357,7 +357,7 @@ def uniform_float_dtype(model) -> None:
 
     prepare_model_for_kbit_training upcasts norms and LoRA weights to float32 and the 4-bit
     weights are stored as float32 (quant_storage, ``modeling.load_base_model``), so everything
-    takes that dtype; the GPU levers' bfloat16 norms and embeddings go back to float32 here.
+    takes that dtype; keep_frozen_dtype's bfloat16 norms and embeddings go back to float32 here.
     """
     import torch
 

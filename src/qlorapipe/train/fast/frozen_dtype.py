@@ -6,6 +6,10 @@ non-quantized params only; ``upcast_frozen_params`` puts it back (``fast.remove`
 
 from __future__ import annotations
 
+import logging
+
+logger = logging.getLogger(__name__)
+
 
 def _frozen_float_params(model):
     for param in model.parameters():
@@ -24,11 +28,21 @@ def keep_frozen_dtype(model, compute_dtype) -> bool:
     residual stream and every LoRA input, into float32: twice the activation memory and a
     dtype conversion around every bitsandbytes matmul. Trainable (LoRA) params stay float32.
 
+    Left off when ``lora.modules_to_save`` trains a linear layer (``lm_head``, say): its float32
+    copy would take the compute-dtype output of a norm, and a linear layer does not mix dtypes.
+
     Returns:
         True when any param was cast.
     """
     import torch
 
+    saved_linear = [name for name, module in model.named_modules()
+                    if type(module).__name__ == "ModulesToSaveWrapper"
+                    and isinstance(getattr(module, "original_module", None), torch.nn.Linear)]
+    if saved_linear and compute_dtype != torch.float32:
+        logger.info("keep_frozen_dtype: off, lora.modules_to_save trains float32 linear layers (%s) that take the "
+                    "norms' output", ", ".join(saved_linear))
+        return False
     changed = False
     for param in _frozen_float_params(model):
         if param.dtype != compute_dtype:

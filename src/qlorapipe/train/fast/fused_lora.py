@@ -74,8 +74,8 @@ def dropout(x: torch.Tensor | None, p: float, seed: torch.Tensor, grad: torch.Te
             DROP_X=x is not None, ADD_G=grad is not None, BLOCK=block)
         return out
     keep = _keep_mask(shaped.shape, p, seed, shaped.device)
-    if grad is not None:  # rounded once, as in float32: the mask's multiply is exact
-        into.add_(grad.mul(keep), alpha=scale)
+    if grad is not None:  # in float32, rounded once into ``into`` (a bfloat16 add_ would round alpha first)
+        into.add_(grad.float().mul_(keep), alpha=scale)
     return None if x is None else x.mul(keep).mul_(scale)
 
 
@@ -86,11 +86,14 @@ def _keep_mask(shape, p: float, seed: torch.Tensor, device) -> torch.Tensor:
     Each 64-bit draw gives four uniforms: on the CPU this is about three times as fast as
     ``torch.rand`` and six times ``torch.nn.Dropout``'s Bernoulli draw (docs/benchmarks.md).
     """
+    threshold = _threshold(p) - 32768
+    if threshold > 32767:  # p within 1/131072 of 1: every element is dropped (an int16 compare would wrap)
+        return torch.zeros(shape, dtype=torch.bool, device=device)
     generator = torch.Generator(device=device).manual_seed(int(seed.item()))
     count = math.prod(shape)
     bits = torch.empty((count + 3) // 4, dtype=torch.int64, device=device).random_(-2**63, None, generator=generator)
     uniform = bits.view(torch.int16)[:count].view(shape)  # -32768 to 32767, each equally likely
-    return uniform >= _threshold(p) - 32768
+    return uniform >= threshold
 
 
 # The fused LoRA-dropout kernels: inputs with a multiple of 128 columns, ranks tl.dot takes.
@@ -204,6 +207,9 @@ def frozen_weight(base, dtype) -> torch.Tensor:
     if state is not None:
         import bitsandbytes.functional as F
 
+        if getattr(state, "packing_format_for_cpu", False):  # see merge/merging.py's _float_weight
+            raise RuntimeError("a 4-bit layer bitsandbytes repacked for CPU inference (at an eval-mode forward) "
+                               "cannot be dequantized: its scales were re-rounded")
         return F.dequantize_4bit(weight.data, state).to(dtype)
     return weight.to(dtype)
 

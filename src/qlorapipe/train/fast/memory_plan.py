@@ -64,8 +64,8 @@ def plan_uncheckpointed_layers(model, params: AccelerationParams, batch, device,
     """With ``uncheckpointed_layers: auto``, keep as many blocks as fit in the memory budget.
 
     Runs ``fit_uncheckpointed_layers`` on ``batch`` on CUDA in one process, ``fit_on_host`` on
-    the CPU (where an integer ``uncheckpointed_layers`` is applied here too: ``apply`` changes
-    nothing on the CPU). With several processes every block stays checkpointed: each rank would
+    the CPU (where an integer ``uncheckpointed_layers`` is applied here too: ``apply`` applies it on
+    CUDA only). With several processes every block stays checkpointed: each rank would
     measure its own memory and could keep a different number of blocks, and the ranks must
     agree (under FSDP a recomputed block gathers its shards again: ranks that recompute
     different blocks would wait on different collectives).
