@@ -28,9 +28,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from train_speed import shape_config  # noqa: E402
-
-from qlorapipe.records import SourceRecord, content_hash, write_source_record  # noqa: E402
+from train_speed import shape_config, write_random_source_record  # noqa: E402
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
 
@@ -55,10 +53,7 @@ def build_base(shape: str, tokenizer_dir: Path, workdir: Path) -> Path:
     for name in TOKENIZER_FILES:
         if (tokenizer_dir / name).is_file():
             shutil.copy(tokenizer_dir / name, path / name)
-    write_source_record(path, SourceRecord(
-        source="local", repo_id=f"random-{shape}", revision=None, commit=None, wheel_sha256=None, dtype="bfloat16",
-        model_type=config.model_type, vocab_size=config.vocab_size, trust_remote_code=False,
-        content_sha256=content_hash(path)))
+    write_random_source_record(path, shape, config)
     return path
 
 

@@ -198,6 +198,16 @@ def save_random_model(name: str, workdir: Path) -> tuple[Path, float]:
     return path, n_params
 
 
+def write_random_source_record(path: Path, shape: str, config) -> None:
+    """The source record the stages read (``records.SOURCE_RECORD``) for a random-init model of ``shape`` in ``path``."""
+    from qlorapipe.records import SourceRecord, content_hash, write_source_record
+
+    write_source_record(path, SourceRecord(
+        source="local", repo_id=f"random-{shape}", revision=None, commit=None, wheel_sha256=None, dtype="bfloat16",
+        model_type=config.model_type, vocab_size=config.vocab_size, trust_remote_code=False,
+        content_sha256=content_hash(path)))
+
+
 def flops_per_token(n_params: float, config, seq: int) -> float:
     """4N (forward + input-gradient backward; no weight gradients for frozen weights) plus
     attention 12 * layers * seq * d_attn (forward 4, backward 8; causal not halved, PaLM's

@@ -44,14 +44,13 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from train_speed import save_random_model, shape_config  # noqa: E402
+from train_speed import save_random_model, shape_config, write_random_source_record  # noqa: E402
 
 from qlorapipe import data  # noqa: E402
-from qlorapipe.records import SOURCE_RECORD, SourceRecord, content_hash, write_source_record  # noqa: E402
+from qlorapipe.records import SOURCE_RECORD  # noqa: E402
 
 CPU_LEVERS_OFF = {"keep_frozen_dtype": False, "lora_fast_forward": False, "chunked_cross_entropy": False}
-OFF = {"keep_frozen_dtype": False, "lora_fast_forward": False, "chunked_cross_entropy": False,
-       "fused_kernels": False, "uncheckpointed_layers": 0, "compile_layers": False, "unpaged_optimizer": False,
+OFF = {**CPU_LEVERS_OFF, "fused_kernels": False, "uncheckpointed_layers": 0, "compile_layers": False, "unpaged_optimizer": False,
        "cuda_graphs": False, "async_optimizer": False}
 
 
@@ -79,13 +78,10 @@ def main() -> None:
     args.workdir.mkdir(parents=True, exist_ok=True)
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     base, _ = save_random_model(args.shape, args.workdir)
+    config = shape_config(args.shape)
     if not (base / SOURCE_RECORD).is_file():  # the train stage reads where its base came from
-        config = shape_config(args.shape)
-        write_source_record(base, SourceRecord(
-            source="local", repo_id=f"random-{args.shape}", revision=None, commit=None, wheel_sha256=None,
-            dtype="bfloat16", model_type=config.model_type, vocab_size=config.vocab_size, trust_remote_code=False,
-            content_sha256=content_hash(base)))
-    vocab = shape_config(args.shape).vocab_size
+        write_random_source_record(base, args.shape, config)
+    vocab = config.vocab_size
     seq = args.seq or params["data"]["max_length"]
     batch = args.batch or params["training"]["per_device_batch_size"]
     steps = args.steps or params["training"]["max_steps"]

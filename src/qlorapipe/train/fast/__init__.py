@@ -71,9 +71,15 @@ def apply(model, params: AccelerationParams, device, compute_dtype) -> list[str]
         applied.append("lora_fast_forward")
     if params.chunked_cross_entropy and chunked_loss.use_chunked_loss(model):
         applied.append("chunked_cross_entropy")
-    if device.type != "cuda":  # the rest are Triton, liger-kernel, CUDA graphs and pinned host copies
-        logger.info("Acceleration: %s", ", ".join(applied) or "none")
-        return applied
+    if device.type == "cuda":  # the rest are Triton, liger-kernel, CUDA graphs and pinned host copies
+        applied += _cuda_levers(model, params, device, compute_dtype)
+    logger.info("Acceleration: %s", ", ".join(applied) or "none")
+    return applied
+
+
+def _cuda_levers(model, params: AccelerationParams, device, compute_dtype) -> list[str]:
+    """``apply``'s levers that need CUDA; the names of those applied."""
+    applied = []
     if params.fused_kernels and fused_kernels.use_fused_kernels(model, compute_dtype):
         applied.append("fused_kernels")
     # auto needs a batch to measure: plan_uncheckpointed_layers takes it after apply.
@@ -84,7 +90,6 @@ def apply(model, params: AccelerationParams, device, compute_dtype) -> list[str]
         applied.append("offload_checkpoints")
     if params.compile_layers and regional_compile.compile_layers(model):
         applied.append("compile_layers")
-    logger.info("Acceleration: %s", ", ".join(applied) or "none")
     return applied
 
 

@@ -83,8 +83,8 @@ def _keep_mask(shape, p: float, seed: torch.Tensor, device) -> torch.Tensor:
     """Which elements dropout keeps, drawn from torch's generator seeded with ``seed``: 16-bit
     uniforms, kept at or above ``_threshold(p)`` (the rate the kernels draw, p to 1/65536).
 
-    Each 64-bit draw gives four uniforms: on the CPU this is about three times as fast as
-    ``torch.rand`` and six times ``torch.nn.Dropout``'s Bernoulli draw (docs/benchmarks.md).
+    Each 64-bit draw gives four uniforms: for a 1,024 x 576 mask on the CPU 0.70 ms, against 1.84 ms
+    for ``torch.rand`` and 2.97 ms for a Bernoulli draw as ``torch.nn.Dropout``'s (docs/benchmarks.md).
     """
     threshold = _threshold(p) - 32768
     if threshold > 32767:  # p within 1/131072 of 1: every element is dropped (an int16 compare would wrap)
