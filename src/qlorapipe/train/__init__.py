@@ -125,8 +125,9 @@ def run(sections: Sections, base_dir: Path, data_dir: Path, out: Outputs, relaun
         pissa_initial = adapter_init.initial_adapter(model) if world.is_main else None
     clock.lap("lora")
     fast.apply(model, sections.acceleration, device, compute_dtype)  # the fast paths (three on the CPU)
+    # A training set smaller than the batch makes every micro-batch hold all of it.
     graphed = fast.graphed_step(model, sections.acceleration, device, world.num_processes,
-                                rows=params.per_device_batch_size)
+                                rows=min(params.per_device_batch_size, len(train_set)))
     _, first = next(loop.micro_batches(len(train_set), params.per_device_batch_size, params.seed))
     uncheckpointed = fast.plan_uncheckpointed_layers(model, sections.acceleration, train_set[first], device,
                                                      world.num_processes, cuda_graphs=graphed is not None)
