@@ -142,6 +142,27 @@ def test_the_train_stage_replays_cuda_graphs_and_reports_it(tmp_path, tiny_qwen2
     assert "90% of the GPU's memory)" in caplog.text
 
 
+def test_a_training_set_smaller_than_the_batch_is_still_graphed(tmp_path, tiny_qwen2_dir, corpus_file):
+    import json
+
+    from conftest import load_stage, tiny_params, train_args, write_params
+
+    from qlorapipe import data
+
+    overrides = {"training.max_steps": 3, "training.gradient_accumulation_steps": 1, "model.dtype": "bfloat16"}
+    params = write_params(tmp_path / "params.yaml", tiny_params(tiny_qwen2_dir, corpus_file, **overrides))
+    load_stage("download").main(["--params", str(params), "--out", str(tmp_path / "base")])
+    load_stage("prepare").main(["--params", str(params), "--base", str(tmp_path / "base"), "--out",
+                                str(tmp_path / "data"), "--report", str(tmp_path / "data.json"),
+                                "--lengths", str(tmp_path / "l.csv"), "--lengths-plot", str(tmp_path / "l.png")])
+    rows = len(data.load_split(tmp_path / "data", data.TRAIN_SPLIT))
+    write_params(params, tiny_params(tiny_qwen2_dir, corpus_file, **overrides,
+                                     **{"training.per_device_batch_size": rows + 3}))
+    load_stage("train").main(train_args(params, tmp_path / "base", tmp_path / "data", tmp_path))
+    # Every micro-batch holds all the rows: the first is captured, the next two replay it.
+    assert json.loads((tmp_path / "train.json").read_text())["cuda_graph_replays"] == 3
+
+
 @pytest.fixture(scope="module")
 def six_block_qwen2_dir(tmp_path_factory):
     from conftest import make_model_dir
