@@ -80,7 +80,12 @@ def test_the_merged_model_turned_naive_in_place_is_the_naive_merge_bit_for_bit(t
     assert adapters[1] == ([] if "target_modules" not in lora else
                            [n for n, m in merged.named_modules() if n.endswith(("k_proj", "o_proj", "up_proj",
                                                                                   "down_proj", "gate_proj"))])
+    # As the stage does: the adapters wait on the CPU while the merged model is placed, then come back.
+    assert not any(getattr(layer.get_base_layer(), "quant_state", None) is not None for layer in adapters[0].values())
+    merging.move_adapters(adapters, "cpu")
+    assert {p.device.type for layer in adapters[0].values() for p in layer.parameters()} == {"cpu"}
     placed = memory.place(merged, device, budget, 0)[0]
+    merging.move_adapters(adapters, device)
     before = {key: value.clone() for key, value in placed.state_dict().items()}
     found = merging.naive_in_place(placed, adapters, memory.load_on_cpu(tiny_qwen2_dir, "auto"), dtype).state_dict()
     assert sorted(found) == sorted(expected)
@@ -171,6 +176,20 @@ def test_the_merge_reserves_room_for_the_naive_merge_of_its_largest_layer(prepar
                                False)[1] == reserve
     assert merge._check_budget(prepared / "models/base", QUANT, torch.float16, batches, None, None, False,
                                True)[1] == 16 * largest
+    # The adapters come back to the device for the naive step.
+    assert merge._check_budget(prepared / "models/base", QUANT, torch.float16, batches, None, None, False,
+                               True, 12345)[1] == 16 * largest + 12345
+
+
+def test_the_adapter_is_counted_in_float32_as_peft_loads_it(tmp_path):
+    from safetensors.torch import save_file
+
+    from qlorapipe import merge
+
+    save_file({"a.lora_A.weight": torch.zeros(8, 64, dtype=torch.bfloat16),
+               "a.lora_B.weight": torch.zeros(32, 8, dtype=torch.float32)}, str(tmp_path / "adapter_model.safetensors"))
+    assert merge._adapter_bytes(tmp_path) == 4 * (8 * 64 + 32 * 8)
+    assert merge._adapter_bytes(tmp_path / "missing") == 0
 
 
 def test_on_the_cpu_a_float16_model_computes_in_float32_with_the_same_weights(tiny_llama_dir):

@@ -68,7 +68,7 @@ def run(quant: QuantizationParams, params: MergeParams, budget_gb: float | None,
     batches = fidelity.eval_batches(eval_set, batch_size=4, n_batches=params.fidelity_batches)
     budget = memory.budget_bytes(budget_gb, device)
     rows, reserve = _check_budget(base_dir, quant, dtype, batches, budget, budget_gb, trust,
-                                  params.naive_comparison)
+                                  params.naive_comparison, _adapter_bytes(adapter_dir))
     memory.reset_peak(device)
     clock = PhaseClock("merge")
     base, _ = modeling.load_base_model(base_dir, quant, device, trust_remote_code=trust)
@@ -107,6 +107,8 @@ def run(quant: QuantizationParams, params: MergeParams, budget_gb: float | None,
         # The naive merge needs only the adapters from here on: the quantized weights go.
         adapters = merging.adapters_only(with_adapter) if params.naive_comparison else None
         del base, with_adapter
+        if adapters is not None:
+            merging.move_adapters(adapters, "cpu")  # the merged model's room; back on the device for the naive step
         memory.release(device)
         # Measure the model as saved: reload it from disk, as users will.
         reloaded, offloaded = memory.place(memory.load_on_cpu(out, dtype, trust), device, budget, reserve)
@@ -127,6 +129,7 @@ def run(quant: QuantizationParams, params: MergeParams, budget_gb: float | None,
                 del reloaded
                 memory.release(device)
                 reloaded = memory.load_on_cpu(out, dtype, trust)
+            merging.move_adapters(adapters, device)
             merging.naive_in_place(reloaded, adapters, memory.load_on_cpu(base_dir, "auto", trust), dtype)
             del adapters
             if offloaded:
@@ -175,14 +178,16 @@ def _save(merged, out: Path, base_dir: Path, adapter_dir: Path, trust: bool) -> 
 
 
 def _check_budget(base_dir: Path, quant: QuantizationParams, dtype, batches, budget: float | None,
-                  budget_gb: float | None, trust: bool, naive_comparison: bool) -> tuple[int, float]:
+                  budget_gb: float | None, trust: bool, naive_comparison: bool,
+                  adapter_bytes: int = 0) -> tuple[int, float]:
     """Rows of logits computed at once, and the working memory beside the placed merged model's weights; stops
     early when the smallest working set cannot fit the budget.
 
     The binding phase is the first: the quantized base + adapter must sit whole on the GPU, with one
     layer's weight dequantized and merged in float32 (three copies) and ``rows`` rows of logits. The
     16-bit merged models can stream from the CPU block by block. With ``naive_comparison`` the working
-    memory also holds the naive merge of one layer (``merging.naive_in_place``).
+    memory also holds the naive merge of one layer and the adapters (``adapter_bytes``), which wait on the CPU
+    while the merged model is placed (``merging.naive_in_place``).
 
     Raises:
         UserError: the budget is below what the stage needs for this model.
@@ -198,8 +203,21 @@ def _check_budget(base_dir: Path, quant: QuantizationParams, dtype, batches, bud
     if naive_comparison:
         # The naive merge in place, one adapted weight at a time on the device beside the placed merged model: the
         # 16-bit base weight sent there, its float32 copy, the float32 delta and sum, and their cast.
-        reserve = max(reserve, 16 * memory.largest_weight(skeleton))
+        reserve = max(reserve, 16 * memory.largest_weight(skeleton) + adapter_bytes)
     streamed = memory.largest_block_bytes(skeleton, dtype.itemsize) * 2 + reserve
     memory.check_fits("merge", max(need, streamed), budget, budget_gb,
                       "the quantized base + adapter, one layer merged in float32 and a row of logits")
     return rows, reserve
+
+
+def _adapter_bytes(adapter_dir: Path) -> int:
+    """The adapter's weights on the device: float32, as peft loads 16-bit adapters too (from the file's header)."""
+    import math
+
+    from safetensors import safe_open
+
+    weights = adapter_dir / "adapter_model.safetensors"
+    if not weights.exists():
+        return 0
+    with safe_open(str(weights), "pt") as tensors:
+        return sum(4 * math.prod(tensors.get_slice(key).get_shape()) for key in tensors.keys())

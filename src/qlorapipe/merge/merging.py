@@ -145,12 +145,22 @@ def adapters_only(with_adapter) -> tuple[dict, list[str]]:
     for layer in layers.values():
         base_layer = layer.get_base_layer()
         del base_layer.weight
+        if getattr(base_layer, "quant_state", None) is not None:  # bitsandbytes keeps the 4-bit statistics here too
+            base_layer.quant_state = None
         # A bitsandbytes 8-bit layer keeps the int8 weight and its scales in its matmul state too, once it has run.
         state = getattr(base_layer, "state", None)
         for field in ("CB", "SCB"):
             if hasattr(state, field):
                 setattr(state, field, None)
     return layers, quantized
+
+
+def move_adapters(adapters: tuple[dict, list[str]], device) -> None:
+    """Move ``adapters_only``'s LoRA layers to ``device``: to the CPU while the merged model is placed, so they do
+    not take its room (0.17 GB at the Qwen2.5-3B shape, enough to stream 8 of its 40 modules within 7.5 GB), and
+    back for ``naive_in_place``, which then computes where it always did."""
+    for layer in adapters[0].values():
+        layer.to(device)
 
 
 def naive_in_place(model, adapters: tuple[dict, list[str]], base, dtype):
