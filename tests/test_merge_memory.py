@@ -187,8 +187,11 @@ def test_the_adapter_is_counted_in_float32_as_peft_loads_it(tmp_path):
     from qlorapipe import merge
 
     save_file({"a.lora_A.weight": torch.zeros(8, 64, dtype=torch.bfloat16),
-               "a.lora_B.weight": torch.zeros(32, 8, dtype=torch.float32)}, str(tmp_path / "adapter_model.safetensors"))
-    assert merge._adapter_bytes(tmp_path) == 4 * (8 * 64 + 32 * 8)
+               "a.lora_B.weight": torch.zeros(32, 8, dtype=torch.float32),
+               "a.base_layer.bias": torch.zeros(32, dtype=torch.bfloat16),  # bias: all
+               "lm_head.weight": torch.zeros(100, 64)},  # modules_to_save: not kept for the naive step
+              str(tmp_path / "adapter_model.safetensors"))
+    assert merge._adapter_bytes(tmp_path) == 4 * (8 * 64 + 32 * 8 + 32)
     assert merge._adapter_bytes(tmp_path / "missing") == 0
 
 

@@ -211,7 +211,8 @@ def _check_budget(base_dir: Path, quant: QuantizationParams, dtype, batches, bud
 
 
 def _adapter_bytes(adapter_dir: Path) -> int:
-    """The adapter's weights on the device: float32, as peft loads 16-bit adapters too (from the file's header)."""
+    """The LoRA layers' weights on the device (what ``merging.adapters_only`` keeps: not the trained copies of
+    ``lora.modules_to_save``): float32, as peft loads 16-bit adapters too (from the file's header)."""
     import math
 
     from safetensors import safe_open
@@ -220,4 +221,5 @@ def _adapter_bytes(adapter_dir: Path) -> int:
     if not weights.exists():
         return 0
     with safe_open(str(weights), "pt") as tensors:
-        return sum(4 * math.prod(tensors.get_slice(key).get_shape()) for key in tensors.keys())
+        return sum(4 * math.prod(tensors.get_slice(key).get_shape()) for key in tensors.keys()
+                   if "lora_" in key or key.endswith(".bias"))
