@@ -192,8 +192,9 @@ def saved_bytes(model, inputs: dict, labels, block) -> tuple[int | None, int]:
     def pack(tensor):
         try:
             storage = tensor.untyped_storage()
-        except (NotImplementedError, RuntimeError):  # a sparse or wrapper tensor, left uncounted on purpose:
-            # the probe's figure is then a lower bound (only memory with a plain storage is summed)
+        except (NotImplementedError, RuntimeError):
+            # A sparse or wrapper tensor has no plain storage: it is left uncounted on purpose, and the
+            # probe's figure is then a lower bound.
             return tensor
         if storage.data_ptr() not in own and storage.data_ptr() not in seen:
             seen.add(storage.data_ptr())
