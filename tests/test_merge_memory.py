@@ -282,6 +282,42 @@ def test_a_16bit_model_upcast_block_by_block_computes_the_float32_copys_logits(f
         assert torch.cuda.max_memory_allocated() - before <= fixed + 3 * per_row
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_streamed_float32_reference_gives_the_gpu_back_before_it_returns(tiny_llama_dir, monkeypatch):
+    """Export's float32 reference from a copy with blocks streamed from the CPU: the logits of a float32
+    copy, and every byte it put on the GPU free again when it returns (accelerate's hooks refer back to
+    their modules, a cycle only a collection frees), before base + adapter load for the continuations."""
+    import gc
+
+    from qlorapipe import export
+
+    cuda = torch.device("cuda")
+    model = memory.load_on_cpu(tiny_llama_dir, torch.float16)
+    batches = [torch.randint(4, model.config.vocab_size, (3, 12), generator=torch.Generator().manual_seed(i))
+               for i in range(2)]
+    expected = fidelity.logits_on(memory.load_on_cpu(tiny_llama_dir, torch.float32).to(cuda), batches, cuda)
+    gc.collect()
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated(cuda)
+    offloaded = []  # only the counts: a reference to the copy here would keep it alive
+    place = memory.place
+
+    def spy(*args, **kwargs):
+        placed = place(*args, **kwargs)
+        offloaded.append(placed[1])
+        return placed
+
+    monkeypatch.setattr(memory, "place", spy)
+    # Room for less than the 16-bit copy and its working memory, and for part of the float32 copy's blocks.
+    budget = before + memory.SLACK_BYTES + memory.weight_bytes(model, bytes_16bit=2) * 1.6
+    found = export._reference_logits(model, tiny_llama_dir, batches, cuda, budget, trust=False)
+    assert offloaded and offloaded[0] > 0, "the float32 copy was to stream some of its modules"
+    for got, want in zip(found, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated(cuda) == before
+
+
 def test_a_block_that_fails_midway_leaves_the_16bit_weights_as_they_were(tiny_qwen2_dir):
     model = memory.load_on_cpu(tiny_qwen2_dir, torch.bfloat16)
     weights = {name: param.detach().clone() for name, param in model.named_parameters()}

@@ -265,7 +265,7 @@ def _reference_logits(model, merged: Path, batches: list, device, budget: float 
             return fidelity.float32_logits(resident, batches, device, rows_at_once=rows)
         finally:
             del resident
-            torch.cuda.empty_cache()
+            memory.release(device)
     vocab = model.get_output_embeddings().weight.shape[0]
     row_bytes = memory.logits_bytes(1, length, vocab, 4 + 4)
     room = budget - memory.SLACK_BYTES - torch.cuda.memory_allocated(device)
@@ -276,8 +276,10 @@ def _reference_logits(model, merged: Path, batches: list, device, budget: float 
     try:
         return fidelity.logits_on(copy, batches, device, rows_at_once=rows)
     finally:
+        # accelerate's hooks on the streamed modules refer back to them (a cycle): only a collection frees the
+        # blocks on the GPU, before base + adapter load for the continuations (2.3 GB more at 7B without it)
         del copy
-        torch.cuda.empty_cache()
+        memory.release(device)
 
 
 def _resident_rows(model, length: int, rows: int, budget: float | None, device) -> int:
