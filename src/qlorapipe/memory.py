@@ -173,7 +173,9 @@ def place(model, device, budget: float | None, reserve: float):
     logger.info("%d of %d modules do not fit the GPU within the budget (%.2f GB of room for %.2f GB of weights); "
                 "they stay on the CPU and stream through the GPU at every forward", offloaded, len(placement),
                 room / 1e9, weights / 1e9)
-    return dispatch_model(model, device_map=placement, main_device=index), offloaded
+    # force_hooks: with every module on the CPU (a budget that holds none of them) accelerate would otherwise
+    # leave the whole model there without hooks, and the first forward would meet inputs on the GPU
+    return dispatch_model(model, device_map=placement, main_device=index, force_hooks=True), offloaded
 
 
 def peak_metrics(device, budget: float | None) -> dict:
