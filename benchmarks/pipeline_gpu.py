@@ -135,6 +135,21 @@ def write_params(work: Path, model_dir: Path, steps: int, budget: float, max_len
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
+def set_params(path: Path, assignments: list[str]) -> dict:
+    """Apply ``KEY=VALUE`` assignments (``merge.dtype=bfloat16``, as ``dvc exp run -S`` takes them; values read
+    as YAML) to the params file at ``path``; what was set. A key params.yaml does not have is refused."""
+    params = yaml.safe_load(path.read_text())
+    applied = {}
+    for assignment in assignments:
+        key, sep, text = assignment.partition("=")
+        section, _, name = key.partition(".")
+        if not sep or not name or section not in params or name not in (params[section] or {}):
+            raise SystemExit(f"--set {assignment}: expected SECTION.KEY=VALUE with a key params.yaml has")
+        params[section][name] = applied[key] = yaml.safe_load(text)
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return applied
+
+
 def _dvc_stages() -> dict[str, dict]:
     """dvc.yaml's stages with ``${paths.*}`` filled in everywhere."""
     text = (ROOT / "dvc.yaml").read_text()
@@ -246,6 +261,8 @@ def run_shape(shape: str, args) -> dict:
         write_params(work, model_dir, args.steps, args.budget, args.max_length, args.formats.get(shape),
                      random_weights=shape != "tiny-qwen2")
         record["formats"] = yaml.safe_load((work / "params.yaml").read_text())["export"]["formats"]
+    if args.set:
+        record["set"] = {**record.get("set", {}), **set_params(work / "params.yaml", args.set)}
     env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     # What a user's machine pays once, not at every run, is paid before the stages are timed: matplotlib
     # builds its font cache the first time it is used (over 10 s), and Python compiles every module it
@@ -314,7 +331,9 @@ def wait_for(path: Path, limit: float = 900.0) -> float:
 
 def table(record: dict, budget: float) -> str:
     rows = [f"### {record['shape']} (budget {budget} GB; model built in {record.get('build_seconds')} s; "
-            f"export.formats {record.get('formats')})", "",
+            f"export.formats {record.get('formats')}"
+            + (f"; set {', '.join(f'{k}={v}' for k, v in record['set'].items())}" if record.get("set") else "")
+            + ")", "",
             "| stage | wall s | torch peak allocated GB | torch peak reserved GB | nvidia-smi peak GB |",
             "| --- | --- | --- | --- | --- |"]
     show = lambda v: "-" if v is None else v  # noqa: E731
@@ -393,6 +412,9 @@ def main() -> None:
                         help="export.formats for a shape, e.g. llama-2-7b=gguf-q8_0,adapter (default: params.yaml's)")
     parser.add_argument("--stop-after", choices=STAGES, metavar="STAGE",
                         help="run the stages up to and including STAGE only (export needs llama.cpp built)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="change a parameter in WORK's params.yaml before the stages run (stays for later runs "
+                             "there), e.g. --rerun merge --set merge.dtype=bfloat16")
     parser.add_argument("--wait-before-export", type=Path, metavar="FILE",
                         help="wait until FILE exists before export (untimed): llama.cpp being built beside the stages")
     args = parser.parse_args()

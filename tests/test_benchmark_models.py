@@ -9,6 +9,7 @@ from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import pipeline_gpu  # noqa: E402
 import train_speed  # noqa: E402
 
 
@@ -71,3 +72,22 @@ def test_the_memory_breakdown_counts_every_storage_of_a_4bit_lora_model_once(tmp
     assert found["trainable float32"] == 4 * lora
     embedding = config.vocab_size * config.hidden_size
     assert found["frozen embedding/head float32"] == 4 * embedding  # tied: once; float32 from kbit preparation
+
+
+def test_the_pipeline_benchmark_sets_parameters_as_dvc_exp_run_does(tmp_path):
+    import pytest
+    import yaml
+
+    params = tmp_path / "params.yaml"
+    params.write_text((ROOT / "params.yaml").read_text())
+    applied = pipeline_gpu.set_params(params, ["merge.dtype=bfloat16", "acceleration.memory_budget_gb=7.5"])
+    assert applied == {"merge.dtype": "bfloat16", "acceleration.memory_budget_gb": 7.5}
+    written = yaml.safe_load(params.read_text())
+    assert written["merge"]["dtype"] == "bfloat16" and written["acceleration"]["memory_budget_gb"] == 7.5
+    assert written["lora"] == yaml.safe_load((ROOT / "params.yaml").read_text())["lora"]
+    for bad in ("merge.dtyp=float32", "merge=float32", "nosuch.key=1", "merge.dtype"):
+        with pytest.raises(SystemExit, match="--set"):
+            pipeline_gpu.set_params(params, [bad])
+    assert yaml.safe_load(params.read_text()) == written  # a refused assignment changes nothing
+    record = {"shape": "s", "stages": {}, "set": applied}
+    assert "set merge.dtype=bfloat16, acceleration.memory_budget_gb=7.5)" in pipeline_gpu.table(record, 7.5)
