@@ -320,6 +320,31 @@ def test_the_streamed_float32_reference_gives_the_gpu_back_before_it_returns(tin
     assert torch.cuda.memory_allocated(cuda) == before
 
 
+def test_a_room_that_holds_no_module_streams_every_one_and_a_larger_one_keeps_some(tiny_llama_dir, monkeypatch):
+    """``memory.place``'s choice on a GPU, seen from the CPU: accelerate's two entry points stand in, recording.
+    A model mapped whole to the CPU must go through cpu_offload (dispatch_model would leave it without hooks)."""
+    import accelerate
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 0)
+    monkeypatch.setattr(accelerate, "cpu_offload",
+                        lambda model, execution_device: calls.append(("cpu_offload", execution_device)) or model)
+    monkeypatch.setattr(accelerate, "dispatch_model",
+                        lambda model, device_map, main_device: calls.append(("dispatch", dict(device_map))) or model)
+    model = memory.load_on_cpu(tiny_llama_dir, torch.float32)
+    cuda = torch.device("cuda", 0)
+    assert memory.place(model, cuda, budget=1000, reserve=0)[1] == 1
+    assert calls == [("cpu_offload", cuda)]
+    calls.clear()
+    head = model.get_output_embeddings().weight
+    # The (tied) embeddings and the room accelerate keeps for the largest streamed block: less than the model.
+    room_beside_head = head.numel() * head.element_size() + memory.largest_block_bytes(model, 4) * 1.2
+    _, offloaded = memory.place(model, cuda, budget=head.numel() * head.element_size() + room_beside_head, reserve=0)
+    ((entry, placement),) = calls
+    assert entry == "dispatch" and placement["model.embed_tokens"] == 0 and placement["model.layers"] == "cpu"
+    assert offloaded == sum(1 for where in placement.values() if where == "cpu") > 0
+
+
 def test_a_block_that_fails_midway_leaves_the_16bit_weights_as_they_were(tiny_qwen2_dir):
     model = memory.load_on_cpu(tiny_qwen2_dir, torch.bfloat16)
     weights = {name: param.detach().clone() for name, param in model.named_parameters()}

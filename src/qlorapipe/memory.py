@@ -173,9 +173,13 @@ def place(model, device, budget: float | None, reserve: float):
     logger.info("%d of %d modules do not fit the GPU within the budget (%.2f GB of room for %.2f GB of weights); "
                 "they stay on the CPU and stream through the GPU at every forward", offloaded, len(placement),
                 room / 1e9, weights / 1e9)
-    # force_hooks: with every module on the CPU (a budget that holds none of them) accelerate would otherwise
-    # leave the whole model there without hooks, and the first forward would meet inputs on the GPU
-    return dispatch_model(model, device_map=placement, main_device=index, force_hooks=True), offloaded
+    if offloaded == len(placement):
+        # Room for none of them: every module streams. dispatch_model would leave a model mapped whole to the CPU
+        # where it is, without hooks (its first forward then meets inputs on the GPU); cpu_offload streams each one.
+        from accelerate import cpu_offload
+
+        return cpu_offload(model, execution_device=torch.device("cuda", index)), offloaded
+    return dispatch_model(model, device_map=placement, main_device=index), offloaded
 
 
 def peak_metrics(device, budget: float | None) -> dict:

@@ -277,7 +277,7 @@ def _reference_logits(model, merged: Path, batches: list, device, budget: float 
         return fidelity.logits_on(copy, batches, device, rows_at_once=rows)
     finally:
         # accelerate's hooks on the streamed modules refer back to them (a cycle): only a collection frees the
-        # blocks on the GPU, before base + adapter load for the continuations (2.3 GB more at 7B without it)
+        # blocks on the GPU, before base + adapter load for the continuations (about 3 GB more at 7B without it)
         del copy
         memory.release(device)
 
