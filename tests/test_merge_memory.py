@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
+from conftest import make_model_dir
 
 from qlorapipe import fidelity, memory, modeling
 from qlorapipe.errors import UserError
@@ -282,11 +285,19 @@ def test_a_16bit_model_upcast_block_by_block_computes_the_float32_copys_logits(f
         assert torch.cuda.max_memory_allocated() - before <= fixed + 3 * per_row
 
 
+@pytest.fixture(scope="module")
+def eight_block_llama_dir(tmp_path_factory) -> Path:
+    """A tiny model with enough blocks that a room can hold its embeddings and some blocks but not all."""
+    return make_model_dir(tmp_path_factory.mktemp("eight-blocks") / "model", "llama", num_hidden_layers=8)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-# Room, in 16-bit copies of the tiny model, for: none of the float32 copy's modules (every one streams), or
-# its embeddings and output head (its blocks stream); both less than the 16-bit copy with its working memory.
-@pytest.mark.parametrize("room", [1.6, 2.3], ids=["every-module-streamed", "blocks-streamed"])
-def test_the_streamed_float32_reference_gives_the_gpu_back_before_it_returns(tiny_llama_dir, monkeypatch, room):
+# Room, in 16-bit copies of the model, for: none of the float32 copy's modules (every one streams), or its (tied)
+# embeddings and output head and some blocks (the rest stream). With two blocks, a room that misses the whole
+# float32 copy holds no block beside the head and the room accelerate keeps for a streamed block.
+@pytest.mark.parametrize("room", [0.6, 1.5], ids=["every-module-streamed", "blocks-streamed"])
+def test_the_streamed_float32_reference_gives_the_gpu_back_before_it_returns(eight_block_llama_dir, monkeypatch,
+                                                                            room):
     """Export's float32 reference from a copy with modules streamed from the CPU: the logits of a float32
     copy, and every byte it put on the GPU free again when it returns (accelerate's hooks refer back to
     their modules, a cycle only a collection frees), before base + adapter load for the continuations."""
@@ -295,25 +306,28 @@ def test_the_streamed_float32_reference_gives_the_gpu_back_before_it_returns(tin
     from qlorapipe import export
 
     cuda = torch.device("cuda")
-    model = memory.load_on_cpu(tiny_llama_dir, torch.float16)
+    model_dir = eight_block_llama_dir
+    model = memory.load_on_cpu(model_dir, torch.float16)
     batches = [torch.randint(4, model.config.vocab_size, (3, 12), generator=torch.Generator().manual_seed(i))
                for i in range(2)]
-    expected = fidelity.logits_on(memory.load_on_cpu(tiny_llama_dir, torch.float32).to(cuda), batches, cuda)
+    expected = fidelity.logits_on(memory.load_on_cpu(model_dir, torch.float32).to(cuda), batches, cuda)
     gc.collect()
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated(cuda)
-    offloaded = []  # only the counts: a reference to the copy here would keep it alive
-    place = memory.place
+    placed = []  # (modules left on the CPU, any weight on the GPU): a reference to the copy would keep it alive
 
     def spy(*args, **kwargs):
-        placed = place(*args, **kwargs)
-        offloaded.append(placed[1])
-        return placed
+        copy, offloaded = place(*args, **kwargs)
+        placed.append((offloaded, any(p.device.type == "cuda" for p in copy.parameters())))
+        return copy, offloaded
 
+    place = memory.place
     monkeypatch.setattr(memory, "place", spy)
     budget = before + memory.SLACK_BYTES + memory.weight_bytes(model, bytes_16bit=2) * room
-    found = export._reference_logits(model, tiny_llama_dir, batches, cuda, budget, trust=False)
-    assert offloaded and offloaded[0] > 0, "the float32 copy was to stream some of its modules"
+    found = export._reference_logits(model, model_dir, batches, cuda, budget, trust=False)
+    ((offloaded, some_on_gpu),) = placed
+    assert offloaded > 0, "the float32 copy was to stream some of its modules"
+    assert some_on_gpu == (room > 1), "every module streams only when the room holds none of them"
     for got, want in zip(found, expected, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     torch.cuda.synchronize()
