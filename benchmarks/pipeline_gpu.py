@@ -312,13 +312,20 @@ def run_shape(shape: str, args) -> dict:
     logs.mkdir(parents=True, exist_ok=True)
     for path in [*work.glob("*.log"), *work.glob("*.profile.txt")]:
         shutil.copy2(path, logs / path.name)
-    metrics = work / "metrics"
+    gather_metrics(record, work / "metrics")
+    record_file.write_text(json.dumps(record, indent=1))
+    return record
+
+
+def gather_metrics(record: dict, metrics: Path) -> None:
+    """Put each stage's metrics file into ``record``; a stage whose file is missing (run again and failed:
+    its outputs were deleted first, as dvc repro does) loses the figures an earlier run left there."""
     for name, file in (("train", "train.json"), ("evaluate", "eval.json"), ("merge", "merge.json"),
                        ("export", "export.json")):
         if (metrics / file).is_file():
             record[name] = json.loads((metrics / file).read_text())
-    record_file.write_text(json.dumps(record, indent=1))
-    return record
+        else:
+            record.pop(name, None)
 
 
 def wait_for(path: Path, limit: float = 900.0) -> float:

@@ -91,3 +91,12 @@ def test_the_pipeline_benchmark_sets_parameters_as_dvc_exp_run_does(tmp_path):
     assert yaml.safe_load(params.read_text()) == written  # a refused assignment changes nothing
     record = {"shape": "s", "stages": {}, "set": applied}
     assert "set merge.dtype=bfloat16, acceleration.memory_budget_gb=7.5)" in pipeline_gpu.table(record, 7.5)
+
+
+def test_a_stage_run_again_that_failed_keeps_no_figures_of_the_run_before(tmp_path):
+    import json
+
+    (tmp_path / "train.json").write_text(json.dumps({"steps": 15}))
+    record = {"stages": {}, "train": {"steps": 10}, "merge": {"dtype": "float16"}}  # the earlier run's
+    pipeline_gpu.gather_metrics(record, tmp_path)
+    assert record == {"stages": {}, "train": {"steps": 15}}
