@@ -279,8 +279,9 @@ def test_two_processes_killed_midway_resume_to_the_adapter_of_an_uninterrupted_r
         # The sharded state resumes only as it was written: any other layout is refused, and kept.
         again = write_params(prepared["work"] / "fsdp-as-ddp.yaml", tiny_params(
             tiny_llama_dir, corpus_file, **{**BATCH, **RESUME, "distributed.strategy": "ddp"}))
+        path = os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])
         result = subprocess.run(_stage_command(prepared, resumed, again), capture_output=True, text=True,
-                                env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+                                env={**os.environ, "PYTHONPATH": path})
         assert result.returncode != 0
         assert ("holds the training state sharded over 2 FSDP processes, this run needs it whole (one process or "
                 "DDP): to resume it set distributed.strategy to fsdp and distributed.num_processes to 2") in \

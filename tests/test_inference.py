@@ -118,7 +118,7 @@ def test_merged_model_directory_loads_without_an_adapter(project, tmp_path, monk
 
 
 def test_interactive_mode_streams_answers_read_from_stdin_in_a_subprocess(project):
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
     result = subprocess.run(
         [sys.executable, "-m", "qlorapipe.inference", "--base", str(project["base"]),
          "--adapter", f"chat={project['chat']}", "--adapter", f"code={project['code']}", *GREEDY],
@@ -190,7 +190,7 @@ def test_adapter_trained_on_another_base_is_refused_naming_both(project, tmp_pat
 
 
 def test_cli_exits_non_zero_with_one_line_for_a_user_error(project, tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
     result = subprocess.run([sys.executable, "-m", "qlorapipe.inference", "--model", str(tmp_path), "--mode",
                              "text", "--prompt", "x"], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 1
