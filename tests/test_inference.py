@@ -58,6 +58,13 @@ def _run(argv: list[str], stdin: str = "") -> str:
     return out.getvalue()
 
 
+def _greedy(model, tokenizer, prompt: str, tokens: int) -> str:
+    """``model``'s greedy continuation of ``prompt``, computed directly with transformers, for comparison."""
+    ids = tokenizer(prompt, return_tensors="pt")
+    out = model.eval().generate(**ids, max_new_tokens=tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
 def _greedy_reference(base_dir: Path, adapter_dir: Path, prompt: str, tokens: int) -> str:
     """The same answer computed directly with peft on the 4-bit base, for comparison."""
     import torch
@@ -67,12 +74,9 @@ def _greedy_reference(base_dir: Path, adapter_dir: Path, prompt: str, tokens: in
     from qlorapipe import modeling
     from qlorapipe.params import QuantizationParams
 
-    tokenizer = AutoTokenizer.from_pretrained(base_dir)
     base, _ = modeling.load_base_model(base_dir, QuantizationParams(), torch.device("cpu"))
-    model = PeftModel.from_pretrained(base, adapter_dir).eval()
-    ids = tokenizer(prompt, return_tensors="pt")
-    out = model.generate(**ids, max_new_tokens=tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+    return _greedy(PeftModel.from_pretrained(base, adapter_dir), AutoTokenizer.from_pretrained(base_dir), prompt,
+                   tokens)
 
 
 def test_text_mode_answers_with_the_adapter_on_the_4bit_base(project):
@@ -109,11 +113,8 @@ def test_merged_model_directory_loads_without_an_adapter(project, tmp_path, monk
     # different machines (seen on an H100's host).
     monkeypatch.setattr(modeling, "pick_device", lambda: torch.device("cpu"))
     out = _run(["--model", str(tmp_path / "merged"), "--mode", "text", "--prompt", "Python is", *GREEDY])
-    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "merged")
-    ids = tokenizer("Python is", return_tensors="pt")
-    answer = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval().generate(
-        **ids, max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    expected = tokenizer.decode(answer[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+    expected = _greedy(AutoModelForCausalLM.from_pretrained(tmp_path / "merged"),
+                       AutoTokenizer.from_pretrained(tmp_path / "merged"), "Python is", 6)
     assert out == f"### Python is\n{expected}\n\n"
 
 

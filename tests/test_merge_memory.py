@@ -294,7 +294,7 @@ def eight_block_llama_dir(tmp_path_factory) -> Path:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 # Room, in 16-bit copies of the model, for: none of the float32 copy's modules (every one streams), or its (tied)
 # embeddings and output head (its blocks stream). Both below one 16-bit copy, which would compute the reference
-# itself, block by block in float32; with only two blocks no room between streams some modules and keeps others.
+# itself, block by block in float32. (With two blocks, no room streams some modules and keeps others.)
 @pytest.mark.parametrize(("room", "keeps_some"), [(0.6, False), (0.85, True)],
                          ids=["every-module-streamed", "blocks-streamed"])
 def test_the_streamed_float32_reference_gives_the_gpu_back_before_it_returns(eight_block_llama_dir, monkeypatch,
@@ -316,13 +316,13 @@ def test_the_streamed_float32_reference_gives_the_gpu_back_before_it_returns(eig
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated(cuda)
     placed = []  # (modules left on the CPU, any weight on the GPU): a reference to the copy would keep it alive
+    place = memory.place
 
     def spy(*args, **kwargs):
         copy, offloaded = place(*args, **kwargs)
         placed.append((offloaded, any(p.device.type == "cuda" for p in copy.parameters())))
         return copy, offloaded
 
-    place = memory.place
     monkeypatch.setattr(memory, "place", spy)
     budget = before + memory.SLACK_BYTES + memory.weight_bytes(model, bytes_16bit=2) * room
     found = export._reference_logits(model, model_dir, batches, cuda, budget, trust=False)
