@@ -56,6 +56,7 @@ DEFAULT = AccelerationParams()
 NO_GRAPHS = replace(DEFAULT, cuda_graphs=False)
 WITHIN_PLAIN_PEAK = "ours, defaults + memory_budget_gb=the plain recipe's peak"
 OFFLOADED = replace(DEFAULT, uncheckpointed_layers=0, offload_checkpoints=True)  # the smallest footprint
+NOT_LEAN = ", without lean_recompute"  # the recomputation runs every projection again (the rows before it)
 WITHIN_PEER_PEAK = "ours, defaults + memory_budget_gb=unsloth's peak"
 PEER_DROPOUTS = (0.05, 0.0)
 EAGER_PROBE = ", probed eagerly"
@@ -435,10 +436,14 @@ def run_variant(label, model, case, batches, numerics_batch, autocast, warmup, r
 
 def ours_variants(case: str, n_layers: int) -> list[tuple[str, AccelerationParams]]:
     """Each lever alone (case A), then the defaults, then the levers that trade memory or compile time."""
-    if case == "D":  # each 70B row costs minutes: the budget row and the two smallest footprints
+    recomputing = [("ours, every block checkpointed", replace(DEFAULT, uncheckpointed_layers=0)),
+                   ("ours, every block checkpointed" + NOT_LEAN,
+                    replace(DEFAULT, uncheckpointed_layers=0, lean_recompute=False)),
+                   ("ours, every block checkpointed + offload", OFFLOADED),
+                   ("ours, every block checkpointed + offload" + NOT_LEAN, replace(OFFLOADED, lean_recompute=False))]
+    if case == "D":  # each 70B row costs minutes: the budget row and the smallest footprints
         return [(f"ours, defaults + memory_budget_gb={D_BUDGET_GB:g}", replace(DEFAULT, memory_budget_gb=D_BUDGET_GB)),
-                ("ours, every block checkpointed", replace(DEFAULT, uncheckpointed_layers=0)),
-                ("ours, every block checkpointed + offload", OFFLOADED)]
+                *recomputing]
     variants = [("ours, all levers off (before)", ALL_OFF)]
     if case == "A":
         variants += [(f"ours + {name} only", replace(ALL_OFF, **{name: True}))
@@ -449,8 +454,7 @@ def ours_variants(case: str, n_layers: int) -> list[tuple[str, AccelerationParam
                  ("ours, defaults without unpaged_optimizer", replace(DEFAULT, unpaged_optimizer=False)),
                  ("ours, defaults without fused_kernels", replace(DEFAULT, fused_kernels=False)),
                  ("ours, defaults", DEFAULT),
-                 ("ours, every block checkpointed", replace(DEFAULT, uncheckpointed_layers=0)),
-                 ("ours, every block checkpointed + offload", OFFLOADED)]
+                 *recomputing]
     # uncheckpointed_layers: auto within a memory budget: the plain recipe's peak (A), the targets' (B, C).
     if case == "A":  # what the probe predicts from eager steps, against the graphed steps that train
         variants.append((WITHIN_PLAIN_PEAK + EAGER_PROBE, DEFAULT))
@@ -465,7 +469,8 @@ def ours_variants(case: str, n_layers: int) -> list[tuple[str, AccelerationParam
                      ("ours, defaults + compile_layers + uncheckpointed_layers=4",
                       replace(DEFAULT, compile_layers=True, uncheckpointed_layers=4, cuda_graphs=False))]
     if case == "C":
-        variants = [("ours, defaults without cuda_graphs", NO_GRAPHS)] + variants[-4:]
+        variants = [("ours, defaults without cuda_graphs", NO_GRAPHS), ("ours, defaults", DEFAULT), *recomputing,
+                    variants[-1]]
     # compile_layers runs without CUDA graphs (cuda_graphs.graphed_step): the two do not combine.
     variants.append(("ours, defaults + compile_layers", replace(DEFAULT, compile_layers=True, cuda_graphs=False)))
     return variants
@@ -599,7 +604,8 @@ def run_shape(shape: str, cases: list[str], args, results: list) -> None:
     for case in cases:
         variants = ours_variants(case, config.num_hidden_layers)
         if args.peer:
-            variants.append((WITHIN_PEER_PEAK, replace(DEFAULT, memory_budget_gb=peer_peak(results, case, 0.05))))
+            within = replace(DEFAULT, memory_budget_gb=peer_peak(results, case, 0.05))
+            variants += [(WITHIN_PEER_PEAK, within), (WITHIN_PEER_PEAK + NOT_LEAN, replace(within, lean_recompute=False))]
         for label, params in variants:
             if not selected(label, args):
                 continue
@@ -630,6 +636,8 @@ def run_shape(shape: str, cases: list[str], args, results: list) -> None:
             rows = [("ours, defaults, dropout 0", DEFAULT), (f"{WITHIN_PEER_PEAK}, dropout 0", within)]
             if not args.variants or "offload" in args.variants:
                 rows.append(("ours, every block checkpointed + offload, dropout 0", OFFLOADED))
+            if not args.variants or NOT_LEAN.lstrip(", ") in args.variants:
+                rows.append((f"{WITHIN_PEER_PEAK}, dropout 0{NOT_LEAN}", replace(within, lean_recompute=False)))
             for label, params in rows:
                 run_ours(label, params, model, compute_dtype, case, data, init, references, args, results)
             fast.remove(model, upcast_dtype=torch.float32)

@@ -20,6 +20,8 @@ from qlorapipe.train.fast import (
     cuda_graphs,
     frozen_dtype,
     fused_kernels,
+    fused_lora,
+    lean_recompute,
     lora_forward,
     memory_plan,
     offload,
@@ -345,7 +347,7 @@ def test_auto_is_left_to_the_probe_and_kept_off_with_several_processes(tiny_llam
     model, dtype = _quantized_lora_model(tiny_llama_dir)
     cuda = torch.device("cuda")
     only_layers = dict(keep_frozen_dtype=False, lora_fast_forward=False, chunked_cross_entropy=False,
-                       fused_kernels=False)
+                       lean_recompute=False, fused_kernels=False)
     assert fast.apply(model, AccelerationParams(**only_layers), cuda, dtype) == []  # auto: not here
     assert _checkpointing_flags(model) == [(True, False), (True, False)]
     batch = {"input_ids": torch.zeros(1, 8, dtype=torch.long), "labels": torch.zeros(1, 8, dtype=torch.long)}
@@ -443,7 +445,7 @@ def test_apply_on_the_cpu_switches_on_the_plain_pytorch_levers_only(tiny_llama_d
     everything = AccelerationParams(compile_layers=True, offload_checkpoints=True, uncheckpointed_layers=1)
     applied = fast.apply(model, everything, torch.device("cpu"), dtype)
     upcast = ["keep_frozen_dtype"] if dtype != torch.float32 else []  # float32 norms are float32 already
-    assert applied == [*upcast, "lora_fast_forward", "chunked_cross_entropy"]
+    assert applied == [*upcast, "lora_fast_forward", "chunked_cross_entropy", "lean_recompute"]
     params = dict(model.named_parameters())
     assert frozen and all(params[n].dtype == dtype for n in frozen)
     assert all(p.dtype == torch.float32 for p in params.values() if p.requires_grad)  # LoRA weights stay float32
@@ -466,7 +468,7 @@ def test_a_trained_lm_head_keeps_the_norms_float32_and_trains_in_bfloat16(tiny_l
                               gradient_checkpointing=True)
     with caplog.at_level("INFO", logger="qlorapipe.train.fast"):
         applied = fast.apply(model, AccelerationParams(), torch.device("cpu"), dtype)
-    assert applied == ["lora_fast_forward"]  # the chunked loss takes a plain lm_head only
+    assert applied == ["lora_fast_forward", "lean_recompute"]  # the chunked loss takes a plain lm_head only
     assert "keep_frozen_dtype: off, lora.modules_to_save trains float32 linear layers" in caplog.text
     model.train()
     input_ids = torch.randint(4, 300, (2, 16), generator=torch.Generator().manual_seed(0))
@@ -678,3 +680,52 @@ def test_offload_checkpoints_changes_nothing_on_the_cpu(tiny_llama_dir):
     model, _ = _quantized_lora_model(tiny_llama_dir)
     assert not offload.offload_checkpoints(model, torch.device("cpu"))
     assert not any("_qlorapipe_checkpoint" in vars(m) for m in model.modules())
+
+
+@pytest.mark.parametrize("mlp", ["lora_linear", "swiglu_lora_linear"])
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_lean_recompute_skips_one_base_matmul_per_recomputed_block_and_keeps_the_gradients(
+        tiny_llama_dir, monkeypatch, mlp, dropout):
+    model, _ = tiny_lora_model(tiny_llama_dir, dropout=dropout)
+    cpu = torch.device("cpu")
+    fast.apply(model, AccelerationParams(lean_recompute=False), cpu, torch.float32)
+    if mlp == "swiglu_lora_linear":  # fused_kernels' MLP (a CUDA lever) on its plain-PyTorch path
+        for module in model.modules():
+            if type(module).__name__ == "LlamaMLP":
+                module.forward = types.MethodType(fused_kernels._fused_swiglu_forward, module)
+                module._qlorapipe_patched = True
+    blocks = checkpointing.decoder_layers(model)
+    assert all(block.gradient_checkpointing for block in blocks)
+    matmuls = []
+    real = fused_lora.frozen_weight
+    monkeypatch.setattr(fused_lora, "frozen_weight", lambda base, dtype: matmuls.append(base) or real(base, dtype))
+    input_ids = torch.randint(4, 300, (2, 24), generator=torch.Generator().manual_seed(1))
+
+    def step():
+        matmuls.clear()
+        torch.manual_seed(5)  # the dropout seeds
+        return (*_loss_and_grads(model, input_ids), len(matmuls))
+
+    ref_loss, ref_grads, ref_matmuls = step()
+    assert lean_recompute.lean_recompute(model)
+    downs = [block.mlp.down_proj.base_layer for block in blocks]
+    loss, grads, lean_matmuls = step()
+    assert ref_matmuls - lean_matmuls == len(blocks)  # one down projection per recomputed block
+    assert [m for m in downs if m in matmuls] == downs  # still run in the forward and backward passes
+    assert torch.equal(loss, ref_loss) and torch.equal(grads, ref_grads)  # the same saved tensors: the same bits
+    assert not lean_recompute.recomputing()
+    checkpointing.skip_checkpointing(model, 1)  # a kept block is not recomputed: nothing to skip there
+    assert step()[2] - ref_matmuls == -(len(blocks) - 1) - 7  # and its seven projections' recomputation
+    fast.remove(model)
+    assert not any("_qlorapipe_lean" in vars(m) or lean_recompute.UNREAD in vars(m) for m in model.modules())
+
+
+def test_lean_recompute_leaves_other_blocks_and_uncheckpointed_models_alone(tiny_llama_dir):
+    model, _ = tiny_lora_model(tiny_llama_dir, gradient_checkpointing=False)
+    assert not lean_recompute.lean_recompute(model)
+    model, _ = tiny_lora_model(tiny_llama_dir)
+    # a block class not known to end with the MLP's residual add (Gemma's have a norm after it)
+    renamed = type("GemmaLikeDecoderLayer", (type(checkpointing.decoder_layers(model)[0]),), {})
+    for block in checkpointing.decoder_layers(model):
+        block.__class__ = renamed
+    assert not lean_recompute.lean_recompute(model)

@@ -426,3 +426,43 @@ def _hidden_size(model_dir) -> int:
     import json
 
     return json.loads((model_dir / "config.json").read_text())["hidden_size"]
+
+
+@pytest.mark.parametrize("offloaded", [False, True])
+def test_lean_recompute_computes_the_same_step_eagerly_and_graphed_on_cuda(six_block_qwen2_dir, monkeypatch,
+                                                                           offloaded):
+    from qlorapipe.train.fast import fused_lora
+
+    monkeypatch.setattr(offload, "MIN_BYTES", 0)  # the tiny model's block inputs are small
+    device = torch.device("cuda")
+    ids = torch.randint(4, 300, (4, 512), device=device, generator=torch.Generator(device).manual_seed(5))
+    calls = []
+    real = fused_lora.frozen_weight
+    monkeypatch.setattr(fused_lora, "frozen_weight", lambda base, dtype: calls.append(base) or real(base, dtype))
+    results = {}
+    for lean in (False, True):
+        params = AccelerationParams(uncheckpointed_layers=0, offload_checkpoints=offloaded, lean_recompute=lean)
+        model, dtype = _tiny_lora(six_block_qwen2_dir, None, dropout=0.1)
+        assert ("lean_recompute" in fast.apply(model, params, device, dtype)) == lean
+        calls.clear()
+        torch.manual_seed(3)  # the dropout seeds
+        loss, grads = _loss_and_grads(model, ids, autocast=False)
+        matmuls = len(calls)
+        graphed = cuda_graphs.GraphedStep(model)
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(4)
+        graphed_loss = float(graphed({"input_ids": ids}, ids, 1.0))
+        assert graphed.failed is None
+        graphed_grads = torch.cat([p.grad.float().flatten() for _, p in sorted(model.named_parameters())
+                                   if p.requires_grad])
+        results[lean] = (loss, grads, matmuls, graphed_loss, graphed_grads)
+        del model, graphed
+        gc.collect()
+        torch.cuda.empty_cache()
+    (loss, grads, matmuls, graphed_loss, graphed_grads), lean = results[False], results[True]
+    assert matmuls - lean[2] == 6  # the six blocks' down projections (SwigluLoraLinear) left out of the recomputation
+    assert lean[0] == loss and torch.equal(lean[1], grads)  # eagerly: the same bits
+    assert lean[3] == pytest.approx(graphed_loss, rel=1e-6)
+    difference = (lean[4] - graphed_grads).abs()  # replayed graphs: as in the offload test above
+    assert float(difference.max()) <= float(graphed_grads.abs().max()) * 2**-7
+    assert int((difference > 1e-6).sum()) <= difference.numel() // 20

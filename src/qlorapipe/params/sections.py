@@ -228,8 +228,8 @@ class TrainingParams:
 class AccelerationParams:
     """Fast paths for training (train stage); each computes the plain recipe's function.
 
-    All apply on CUDA; on the CPU keep_frozen_dtype, lora_fast_forward, chunked_cross_entropy
-    and uncheckpointed_layers do (plain PyTorch there), the rest are left off. See
+    All apply on CUDA; on the CPU keep_frozen_dtype, lora_fast_forward, chunked_cross_entropy,
+    uncheckpointed_layers and lean_recompute do (plain PyTorch there), the rest are left off. See
     qlorapipe.train.fast and docs/benchmarks.md for what each one buys.
     """
 
@@ -249,6 +249,8 @@ class AccelerationParams:
     async_optimizer: bool = True  # bitsandbytes optimizers without a GPU sync after every parameter
     # checkpointed blocks' inputs copied to host memory and back, overlapped with compute: less GPU memory
     offload_checkpoints: bool = False
+    # a checkpointed block's recomputation skips its last projection's base matmul (its output is not read)
+    lean_recompute: bool = True
 
     def check(self) -> list[str]:
         problems = []

@@ -7,9 +7,9 @@ each LoRA input to the adapter's float32 and clones every base output; and the l
 materialises full-vocabulary float32 logits (the largest activation with a 152k vocabulary).
 Each lever here removes one of those costs and has a switch in the ``acceleration`` params
 section. None changes what is computed beyond bfloat16 rounding (benchmarks/train_speed.py
-checks loss and LoRA gradients against the plain recipe). On the CPU three of them apply, whose
+checks loss and LoRA gradients against the plain recipe). On the CPU four of them apply, whose
 CPU paths are plain PyTorch (the frozen dtype, the LoRA forward with its cheaper dropout draw, the
-chunked loss), and ``memory_plan`` keeps the activations of the blocks host memory holds instead of
+chunked loss, the lean recomputation), and ``memory_plan`` keeps the activations of the blocks host memory holds instead of
 recomputing them; the rest need CUDA.
 
 Each lever is one module here; this package is the switchboard that applies them (``apply``,
@@ -23,6 +23,8 @@ Each lever is one module here; this package is the switchboard that applies them
   says whether liger-kernel is there).
 - ``checkpointing``: selective gradient checkpointing (``uncheckpointed_layers``), and
   ``memory_plan``: how many blocks fit in the memory budget (``uncheckpointed_layers: auto``).
+- ``lean_recompute``: a checkpointed block's recomputation without its last projection's base
+  matmul (``lean_recompute``).
 - ``offload``: checkpointed blocks' inputs in host memory (``offload_checkpoints``).
 - ``regional_compile``: torch.compile of each block (``compile_layers``).
 - ``cuda_graphs``: the micro-batch step as a CUDA graph (``cuda_graphs``).
@@ -39,6 +41,7 @@ from qlorapipe.train.fast import (
     chunked_loss,
     frozen_dtype,
     fused_kernels,
+    lean_recompute,
     lora_forward,
     offload,
     regional_compile,
@@ -52,8 +55,8 @@ logger = logging.getLogger(__name__)
 
 
 def apply(model, params: AccelerationParams, device, compute_dtype) -> list[str]:
-    """Switch on the levers ``params`` enables: on CUDA all of them, on the CPU the first three
-    (frozen dtype, LoRA forward, chunked loss), whose CPU paths are plain PyTorch.
+    """Switch on the levers ``params`` enables: on CUDA all of them, on the CPU the first four
+    (frozen dtype, LoRA forward, chunked loss, lean recompute), whose CPU paths are plain PyTorch.
 
     Args:
         model: the PEFT model ``modeling.add_lora`` returned.
@@ -71,6 +74,11 @@ def apply(model, params: AccelerationParams, device, compute_dtype) -> list[str]
         applied.append("lora_fast_forward")
     if params.chunked_cross_entropy and chunked_loss.use_chunked_loss(model):
         applied.append("chunked_cross_entropy")
+    # before offload_checkpoints, which wraps the checkpoint function this wraps; a compiled block (CUDA
+    # only) would bake in the recomputation flag this reads, so not with compile_layers there
+    compiled = params.compile_layers and device.type == "cuda"
+    if params.lean_recompute and not compiled and lean_recompute.lean_recompute(model):
+        applied.append("lean_recompute")
     if device.type == "cuda":  # the rest are Triton, liger-kernel, CUDA graphs and pinned host copies
         applied += _cuda_levers(model, params, device, compute_dtype)
     logger.info("Acceleration: %s", ", ".join(applied) or "none")
@@ -128,7 +136,8 @@ def remove(model, upcast_dtype=None) -> None:
         if vars(module).pop("_qlorapipe_patched", False):
             del module.forward  # the instance attribute; the class's forward shows again
         regional_compile.uncompile(module)
-        offload.remove(module)
+        offload.remove(module)  # before lean_recompute's: offload wraps the function lean_recompute wrapped
+        lean_recompute.remove(module)
         fused_kernels.remove_fused_rope(module)
     if upcast_dtype is not None:
         frozen_dtype.upcast_frozen_params(model, upcast_dtype)

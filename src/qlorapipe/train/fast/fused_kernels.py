@@ -35,14 +35,14 @@ def _fused_swiglu_forward(self, x):
     """
     from liger_kernel.ops.swiglu import LigerSiLUMulFunction
 
-    from qlorapipe.train.fast import fused_lora
+    from qlorapipe.train.fast import fused_lora, lean_recompute
 
     gate, up = self.gate_proj(x), self.up_proj(x)
     down = self.down_proj
     if vars(down).get("_qlorapipe_patched") and gate.numel() < fused_lora.MAX_ELEMENTS:
         parts = fused_lora.lora_parts(down)
         if parts is not None:
-            return fused_lora.SwigluLoraLinear.apply(gate, up, *parts)
+            return fused_lora.SwigluLoraLinear.apply(gate, up, *parts, lean_recompute.output_unread(down))
     return down(LigerSiLUMulFunction.apply(gate, up))
 
 

@@ -214,12 +214,14 @@ def frozen_weight(base, dtype) -> torch.Tensor:
     return weight.to(dtype)
 
 
-def _forward(x2, base, lora_a, lora_b, scaling: float, p: float):
+def _forward(x2, base, lora_a, lora_b, scaling: float, p: float, unread: bool = False):
     """base(x2) + (dropout(x2) @ A^T) @ (B * scaling)^T, and the tensors the backward pass needs.
 
     The rank-r product is computed first and the base matmul accumulates onto it (cuBLAS
     reads it in its epilogue), instead of a rank-r ``addmm_`` that reads and writes the whole
-    output once more after the base matmul.
+    output once more after the base matmul. ``unread``: nothing reads the output (a block's
+    recomputation, ``lean_recompute``), so only the tensors the backward pass needs are
+    computed and the output is left unwritten.
     """
     a = lora_a.to(x2.dtype)
     b = (lora_b * scaling).to(x2.dtype)
@@ -229,6 +231,8 @@ def _forward(x2, base, lora_a, lora_b, scaling: float, p: float):
         hidden = lora_down(x2, a, p, seed)
     else:
         hidden = (dropout(x2, p, seed) if p > 0 else x2) @ a.t()
+    if unread:
+        return x2.new_empty(x2.shape[0], b.shape[0]), (hidden, a, b, seed), fused
     bias = base.bias
     out = hidden @ b.t() if bias is None else torch.addmm(bias.to(x2.dtype), hidden, b.t())
     out.addmm_(x2, frozen_weight(base, x2.dtype).t())
@@ -266,9 +270,9 @@ class LoraLinear(torch.autograd.Function):
     """``base(x) + lora_B(lora_A(dropout(x))) * scaling`` keeping only x (and the rank-r activation)."""
 
     @staticmethod
-    def forward(ctx, x, lora_a, lora_b, base, scaling: float, p: float):
+    def forward(ctx, x, lora_a, lora_b, base, scaling: float, p: float, unread: bool = False):
         x2 = x.reshape(-1, x.shape[-1]).contiguous()
-        out, (hidden, a, b, seed), ctx.fused = _forward(x2, base, lora_a, lora_b, scaling, p)
+        out, (hidden, a, b, seed), ctx.fused = _forward(x2, base, lora_a, lora_b, scaling, p, unread)
         ctx.save_for_backward(x2, hidden, a, b, seed)
         ctx.base, ctx.scaling, ctx.p = base, scaling, p
         ctx.needs_lora = ctx.needs_input_grad[:3]
@@ -281,18 +285,18 @@ class LoraLinear(torch.autograd.Function):
         grad_x, grad_a, grad_b = _backward(ctx, grad2, x2, hidden, a, b, seed)
         if grad_x is not None:
             grad_x = grad_x.view(grad_out.shape[:-1] + (x2.shape[-1],))
-        return grad_x, grad_a, grad_b, None, None, None
+        return grad_x, grad_a, grad_b, None, None, None, None
 
 
 class SwigluLoraLinear(torch.autograd.Function):
     """``down(silu(gate) * up)`` for a LoRA ``down``, keeping gate and up but not their product."""
 
     @staticmethod
-    def forward(ctx, gate, up, lora_a, lora_b, base, scaling: float, p: float):
+    def forward(ctx, gate, up, lora_a, lora_b, base, scaling: float, p: float, unread: bool = False):
         gate2 = gate.reshape(-1, gate.shape[-1]).contiguous()
         up2 = up.reshape(-1, up.shape[-1]).contiguous()
         product = swiglu(gate2, up2)
-        out, (hidden, a, b, seed), ctx.fused = _forward(product, base, lora_a, lora_b, scaling, p)
+        out, (hidden, a, b, seed), ctx.fused = _forward(product, base, lora_a, lora_b, scaling, p, unread)
         ctx.save_for_backward(gate2, up2, hidden, a, b, seed)
         ctx.base, ctx.scaling, ctx.p = base, scaling, p
         ctx.needs_lora = (any(ctx.needs_input_grad[:2]), *ctx.needs_input_grad[2:4])
@@ -310,7 +314,7 @@ class SwigluLoraLinear(torch.autograd.Function):
             grad_gate, grad_up = swiglu_backward_(gate2, up2, grad_product)
             grad_gate = grad_gate.view(grad_out.shape[:-1] + (gate2.shape[-1],))
             grad_up = grad_up.view(grad_out.shape[:-1] + (up2.shape[-1],))
-        return grad_gate, grad_up, grad_a, grad_b, None, None, None
+        return grad_gate, grad_up, grad_a, grad_b, None, None, None, None
 
 
 def plain_adapter(layer) -> str | None:

@@ -20,15 +20,17 @@ def _fast_lora_forward(self, x, *args, **kwargs):
     B; the LoRA product is added in place into the base output (no clone); and the backward
     pass keeps only the input, drawing the dropout mask again from a seed instead of keeping
     the dropped-out copy and the mask. Layers it cannot compute exactly run peft's forward.
+    A block's recomputation skips the base matmul of a layer whose output it does not read
+    (``lean_recompute``).
     """
-    from qlorapipe.train.fast import fused_lora
+    from qlorapipe.train.fast import fused_lora, lean_recompute
 
     name = None if (args or kwargs) else fused_lora.plain_adapter(self)
     if name is None:
         return type(self).forward(self, x, *args, **kwargs)
     parts = fused_lora.lora_parts(self) if x.numel() < fused_lora.MAX_ELEMENTS else None
     if parts is not None:
-        return fused_lora.LoraLinear.apply(x, *parts)
+        return fused_lora.LoraLinear.apply(x, *parts, lean_recompute.output_unread(self))
     return _unfused_fast_lora_forward(self, x, name)
 
 
