@@ -541,6 +541,8 @@ def run_peer(case: str, dropout: float, model_dir: Path, batches: list, init: di
         row["error"] = f"unsloth_peer.py exited with status {done.returncode}"
     else:
         row.update(json.loads((work / "row.json").read_text()), peer="unsloth", dropout=dropout)
+        if row.get("checkpointed_blocks") == 0:  # not its best configuration: say so in the table
+            row["variant"] += ", without its checkpointing"
         grads = load_file(str(work / "grads.safetensors"))
         if reference is not None:
             row["loss_diff"], row["grad_cos"], row["grad_cos_worst"] = compare(reference, (row["loss"], grads))

@@ -10,7 +10,8 @@ configuration for QLoRA on one GPU: ``FastLanguageModel.from_pretrained(load_in_
 dtype=bfloat16)``, ``FastLanguageModel.get_peft_model`` with the same rank, alpha, dropout and
 seven projections as the other rows and ``use_gradient_checkpointing="unsloth"`` (its
 offloaded, recomputed checkpoints), bitsandbytes' AdamW8bit, and a plain loop with labels = input
-ids (unsloth's own loss). The LoRA weights start from the same values as the other rows
+ids (unsloth's own loss), after ``FastLanguageModel.for_training`` (which turns its checkpointing
+on; the row says how many blocks it checkpointed). The LoRA weights start from the same values as the other rows
 (``--lora-init``, B non-zero), the batches are the same (``--batches``), so the loss on the last
 batch before any step can be compared with theirs. Not available to it here: flash-attn (sdpa for
 every row). It needs a tokenizer in DIR (train_speed.py writes one of the model's vocabulary size).
@@ -47,6 +48,7 @@ def main() -> None:
     import bitsandbytes as bnb
     import torch
     from safetensors.torch import load_file
+    from transformers.modeling_layers import GradientCheckpointingLayer
 
     model, _ = FastLanguageModel.from_pretrained(model_name=str(args.model_dir), max_seq_length=args.seq,
                                                  dtype=torch.bfloat16, load_in_4bit=True)
@@ -57,7 +59,9 @@ def main() -> None:
     loaded = _load_lora(model, load_file(str(args.lora_init)))
     batches = load_file(str(args.batches))
     batches = [batches[f"batch_{i}"].cuda() for i in range(len(batches))]
-    model.train()
+    FastLanguageModel.for_training(model)  # unsloth's switch to training: it turns its checkpointing on
+    checkpointed = sum(isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing
+                       and getattr(m, "_gradient_checkpointing_func", None) is not None for m in model.modules())
     loss_before = _loss_and_grads(model, batches[-1], args.grads_out)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = bnb.optim.AdamW8bit(trainable, lr=2e-4, weight_decay=0.0)
@@ -77,6 +81,7 @@ def main() -> None:
     torch.cuda.synchronize()
     seconds = time.perf_counter() - started
     tokens = sum(b.numel() for b in batches[args.warmup:])
+    import transformers
     import unsloth
 
     row = {
@@ -90,6 +95,8 @@ def main() -> None:
         "last_loss": losses[-1],
         "lora_tensors_loaded": loaded,
         "optimizer": "bitsandbytes AdamW8bit",
+        "checkpointed_blocks": checkpointed,  # 0: unsloth trained without its checkpointing
+        "transformers": transformers.__version__,
     }
     args.out.write_text(json.dumps(row))
     print(json.dumps(row), flush=True)
