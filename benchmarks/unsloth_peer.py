@@ -11,15 +11,16 @@ dtype=bfloat16)``, ``FastLanguageModel.get_peft_model`` with the same rank, alph
 seven projections as the other rows and ``use_gradient_checkpointing="unsloth"`` (its
 offloaded, recomputed checkpoints), bitsandbytes' AdamW8bit, and a plain loop with labels = input
 ids (unsloth's own loss), after ``FastLanguageModel.for_training`` (which turns its checkpointing
-on; the row says how many blocks it checkpointed). The LoRA weights start from the same values as the other rows
-(``--lora-init``, B non-zero), the batches are the same (``--batches``), so the loss on the last
-batch before any step can be compared with theirs. Not available to it here: flash-attn (sdpa for
+on; the row says for how many blocks a checkpoint really ran). The LoRA weights start from the
+same values as the other rows (``--lora-init``, B non-zero), the batches are the same
+(``--batches``), so the loss on the last batch before any step can be compared with theirs. Not available to it here: flash-attn (sdpa for
 every row). It needs a tokenizer in DIR (train_speed.py writes one of the model's vocabulary size).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import time
@@ -60,9 +61,9 @@ def main() -> None:
     batches = load_file(str(args.batches))
     batches = [batches[f"batch_{i}"].cuda() for i in range(len(batches))]
     FastLanguageModel.for_training(model)  # unsloth's switch to training: it turns its checkpointing on
-    checkpointed = sum(isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing
-                       and getattr(m, "_gradient_checkpointing_func", None) is not None for m in model.modules())
-    loss_before = _loss_and_grads(model, batches[-1], args.grads_out)
+    blocks = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    with checkpoint_calls(blocks) as called:  # the blocks that really ran through a checkpoint
+        loss_before = _loss_and_grads(model, batches[-1], args.grads_out)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = bnb.optim.AdamW8bit(trainable, lr=2e-4, weight_decay=0.0)
     torch.cuda.synchronize()
@@ -95,7 +96,8 @@ def main() -> None:
         "last_loss": losses[-1],
         "lora_tensors_loaded": loaded,
         "optimizer": "bitsandbytes AdamW8bit",
-        "checkpointed_blocks": checkpointed,  # 0: unsloth trained without its checkpointing
+        "checkpointed_blocks": len(called),  # 0: unsloth trained without its checkpointing
+        "blocks": len(blocks),
         "transformers": transformers.__version__,
     }
     args.out.write_text(json.dumps(row))
@@ -121,6 +123,38 @@ def _loss_and_grads(model, input_ids, out: Path) -> float:
     for m, p in zip(dropouts, saved):
         m.p = p
     return float(loss)
+
+
+@contextlib.contextmanager
+def checkpoint_calls(blocks: list):
+    """Yield the set of indices of ``blocks`` whose checkpoint function runs inside the ``with``.
+
+    A block flagged for checkpointing may still not be checkpointed (a wrapper around its forward can
+    bypass the call), so what runs is counted, not the flags. Each block's function is wrapped for the
+    ``with`` only and put back after it.
+    """
+    called: set[int] = set()
+    wrapped = []
+    for index, block in enumerate(blocks):
+        function = getattr(block, "_gradient_checkpointing_func", None)
+        if function is None:
+            continue
+
+        def counting(*args, _index=index, _function=function, **kwargs):
+            called.add(_index)
+            return _function(*args, **kwargs)
+
+        had_own = "_gradient_checkpointing_func" in vars(block)
+        wrapped.append((block, function, had_own))
+        block._gradient_checkpointing_func = counting
+    try:
+        yield called
+    finally:
+        for block, function, had_own in wrapped:
+            if had_own:
+                block._gradient_checkpointing_func = function
+            else:
+                del block._gradient_checkpointing_func
 
 
 def _load_lora(model, state: dict) -> int:

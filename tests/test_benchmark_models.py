@@ -6,11 +6,13 @@ import sys
 
 import torch
 from conftest import ROOT
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import pipeline_gpu  # noqa: E402
 import train_speed  # noqa: E402
+import unsloth_peer  # noqa: E402
 
 
 def test_a_sparse_checkpoint_loads_with_zero_mlp_matrices_and_trains_its_attention_adapters(tmp_path):
@@ -100,3 +102,36 @@ def test_a_stage_run_again_that_failed_keeps_no_figures_of_the_run_before(tmp_pa
     record = {"stages": {}, "train": {"steps": 10}, "merge": {"dtype": "float16"}}  # the earlier run's
     pipeline_gpu.gather_metrics(record, tmp_path)
     assert record == {"stages": {}, "train": {"steps": 15}}
+
+
+def test_the_peer_counts_the_blocks_a_checkpoint_really_ran_for(tiny_llama_dir):
+    """A block flagged for checkpointing whose class forward a wrapper replaced (as unsloth's per-block
+    compilation does) is not checkpointed by transformers 5.23: the count says so, the flags do not."""
+    import functools
+
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    blocks = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    ids = torch.arange(4, 20)[None]
+
+    def forward_backward():
+        model(input_ids=ids, labels=ids).loss.backward()
+
+    with unsloth_peer.checkpoint_calls(blocks) as called:
+        forward_backward()
+    assert called == set(range(len(blocks))) and len(blocks) > 1
+    assert all("counting" not in getattr(b._gradient_checkpointing_func, "__name__", "") for b in blocks)
+
+    block_class = type(blocks[0])
+    wrapped = type("WrappedBlock", (block_class,), {})
+    inner = wrapped.forward
+    wrapped.forward = functools.wraps(inner)(lambda self, *a, **k: inner(self, *a, **k))  # after the class exists
+    for block in blocks:
+        block.__class__ = wrapped
+    assert all(b.gradient_checkpointing for b in blocks)
+    with unsloth_peer.checkpoint_calls(blocks) as called:
+        forward_backward()
+    assert called == set()
