@@ -716,7 +716,13 @@ def test_lean_recompute_skips_one_base_matmul_per_recomputed_block_and_keeps_the
     assert not lean_recompute.recomputing()
     checkpointing.skip_checkpointing(model, 1)  # a kept block is not recomputed: nothing to skip there
     assert step()[2] - ref_matmuls == -(len(blocks) - 1) - 7  # and its seven projections' recomputation
+    checkpointing.checkpoint_again(blocks)
+    originals = [block._qlorapipe_lean for block in blocks]
+    assert offload.wrap_checkpoints(model, _RecordingOffload())  # offloading wraps the lean function
+    loss, grads, offloaded_matmuls = step()
+    assert offloaded_matmuls == lean_matmuls and torch.equal(grads, ref_grads)
     fast.remove(model)
+    assert [block._gradient_checkpointing_func for block in blocks] == originals  # both undone, in order
     assert not any("_qlorapipe_lean" in vars(m) or lean_recompute.UNREAD in vars(m) for m in model.modules())
 
 
