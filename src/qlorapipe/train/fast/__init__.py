@@ -9,8 +9,8 @@ Each lever here removes one of those costs and has a switch in the ``acceleratio
 section. None changes what is computed beyond bfloat16 rounding (benchmarks/train_speed.py
 checks loss and LoRA gradients against the plain recipe). On the CPU four of them apply, whose
 CPU paths are plain PyTorch (the frozen dtype, the LoRA forward with its cheaper dropout draw, the
-chunked loss, the lean recomputation), and ``memory_plan`` keeps the activations of the blocks host memory holds instead of
-recomputing them; the rest need CUDA.
+chunked loss, the lean recomputation), and ``memory_plan`` keeps the activations of the blocks
+host memory holds instead of recomputing them; the rest need CUDA.
 
 Each lever is one module here; this package is the switchboard that applies them (``apply``,
 ``training_params``) and undoes them (``remove``):
