@@ -51,7 +51,8 @@ CASES = {  # name: (shape, seq, batch)
 D_BUDGET_GB = 48.0
 ALL_OFF = AccelerationParams(keep_frozen_dtype=False, lora_fast_forward=False, chunked_cross_entropy=False,
                              fused_kernels=False, uncheckpointed_layers=0, compile_layers=False,
-                             unpaged_optimizer=False, cuda_graphs=False, async_optimizer=False)
+                             unpaged_optimizer=False, cuda_graphs=False, async_optimizer=False,
+                             lean_recompute=False)
 DEFAULT = AccelerationParams()
 NO_GRAPHS = replace(DEFAULT, cuda_graphs=False)
 WITHIN_PLAIN_PEAK = "ours, defaults + memory_budget_gb=the plain recipe's peak"
