@@ -13,8 +13,9 @@ offloaded, recomputed checkpoints), bitsandbytes' AdamW8bit, and a plain loop wi
 ids (unsloth's own loss), after ``FastLanguageModel.for_training`` (which turns its checkpointing
 on; the row says for how many blocks a checkpoint really ran). The LoRA weights start from the
 same values as the other rows (``--lora-init``, B non-zero), the batches are the same
-(``--batches``), so the loss on the last batch before any step can be compared with theirs. Not available to it here: flash-attn (sdpa for
-every row). It needs a tokenizer in DIR (train_speed.py writes one of the model's vocabulary size).
+(``--batches``), so the loss on the last batch before any step can be compared with theirs. Not
+available to it here: flash-attn (sdpa for every row). It needs a tokenizer in DIR (train_speed.py
+writes one of the model's vocabulary size).
 """
 
 from __future__ import annotations
