@@ -34,9 +34,9 @@ EXP_COLUMNS := Experiment|Created|lora\.rank|lora\.alpha|quantization\.load_in|t
 exps: install
 	PATH="$(CURDIR)/$(BIN):$$PATH" dvc exp show --no-pager --md --drop '.*' --keep '$(EXP_COLUMNS)'
 
-# dvc metrics diff without the rows every run changes (each phase's seconds, peak memory); REV=... to compare
-# the workspace with another revision than HEAD.
+# dvc metrics diff without the rows every run changes (each phase's seconds, tokens/s, generation speed, memory);
+# REV=... to compare the workspace with another revision than HEAD.
 REV ?= HEAD
 .PHONY: diff
 diff: install
-	@PATH="$(CURDIR)/$(BIN):$$PATH" dvc metrics diff --md $(REV) | grep -v -E '^\| [^|]*\| [^|]*(seconds|memory|peak_)[^|]*\|' || true
+	@PATH="$(CURDIR)/$(BIN):$$PATH" dvc metrics diff --md $(REV) | grep -v -E '^\| [^|]*\| [^|]*(second|memory|peak_|speed\.|buffers_mb|gpu_gb)[^|]*\|' || true

@@ -101,9 +101,31 @@ def test_the_cpu_mask_keeps_at_the_rate_of_its_16_bit_threshold_up_to_the_ends(p
     """p to 1/65536: below half a step everything is kept, within half a step of 1 nothing (no int16 wrap)."""
     mask = fused_lora._keep_mask((512, 1024), p, torch.tensor([7]), "cpu")
     assert mask.dtype == torch.bool and mask.shape == (512, 1024)
+    for dtype in (torch.bfloat16, torch.float32):  # the same mask as 0 and 1 in the dtype dropout multiplies in
+        assert torch.equal(fused_lora._keep_mask((512, 1024), p, torch.tensor([7]), "cpu", dtype), mask.to(dtype))
     assert abs(mask.float().mean().item() - kept) < 0.005
     if kept in (0.0, 1.0):
         assert bool(mask.all()) == (kept == 1.0) and bool(mask.any()) == (kept == 1.0)
+
+
+def test_a_4bit_weight_on_the_cpu_is_dequantized_with_its_scales_decoded_once():
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as F
+
+    base = _base("nf4", 256, 64)
+    state = base.weight.quant_state
+    assert state.nested  # double quantization: the block scales are themselves 8-bit
+    want = F.dequantize_4bit(base.weight.data, state)
+    assert torch.equal(fused_lora.frozen_weight(base, torch.float32), want.float())
+    decoded = base._qlorapipe_absmax[1]
+    assert torch.equal(fused_lora.frozen_weight(base, torch.bfloat16), want.to(torch.bfloat16))
+    assert base._qlorapipe_absmax[1] is decoded  # not decoded again
+    # a weight quantized anew (PiSSA's residual) gets its own scales
+    base.weight = bnb.nn.Params4bit(torch.randn(64, 256) * 3, requires_grad=False, quant_type="nf4")
+    base.to("cpu")
+    want = F.dequantize_4bit(base.weight.data, base.weight.quant_state)
+    assert torch.equal(fused_lora.frozen_weight(base, torch.float32), want.float())
+    assert base._qlorapipe_absmax[1] is not decoded
 
 
 def test_the_cpu_dropout_in_bfloat16_rounds_once_as_float32_would():

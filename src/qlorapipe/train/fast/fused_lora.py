@@ -73,27 +73,29 @@ def dropout(x: torch.Tensor | None, p: float, seed: torch.Tensor, grad: torch.Te
             into if into is not None else out, seed, n, p, scale,
             DROP_X=x is not None, ADD_G=grad is not None, BLOCK=block)
         return out
-    keep = _keep_mask(shaped.shape, p, seed, shaped.device)
+    keep = _keep_mask(shaped.shape, p, seed, shaped.device, shaped.dtype)
     if grad is not None:  # in float32, rounded once into ``into`` (a bfloat16 add_ would round alpha first)
-        into.add_(grad.float().mul_(keep), alpha=scale)
+        into.addcmul_(grad, keep, value=scale)
     return None if x is None else x.mul(keep).mul_(scale)
 
 
-def _keep_mask(shape, p: float, seed: torch.Tensor, device) -> torch.Tensor:
+def _keep_mask(shape, p: float, seed: torch.Tensor, device, dtype=torch.bool) -> torch.Tensor:
     """Which elements dropout keeps, drawn from torch's generator seeded with ``seed``: 16-bit
     uniforms, kept at or above ``_threshold(p)`` (the rate the kernels draw, p to 1/65536).
 
     Each 64-bit draw gives four uniforms: for a 1,024 x 576 mask on the CPU 0.70 ms, against 1.84 ms
     for ``torch.rand`` and 2.97 ms for a Bernoulli draw as ``torch.nn.Dropout``'s (docs/benchmarks.md).
+    ``dtype``: the mask as 0 and 1 in that dtype, written by the comparison itself; on the CPU a
+    multiply by a bool mask converts it first, which took longer than the multiply.
     """
     threshold = _threshold(p) - 32768
     if threshold > 32767:  # p within 1/131072 of 1: every element is dropped (an int16 compare would wrap)
-        return torch.zeros(shape, dtype=torch.bool, device=device)
+        return torch.zeros(shape, dtype=dtype, device=device)
     generator = torch.Generator(device=device).manual_seed(int(seed.item()))
     count = math.prod(shape)
     bits = torch.empty((count + 3) // 4, dtype=torch.int64, device=device).random_(-2**63, None, generator=generator)
     uniform = bits.view(torch.int16)[:count].view(shape)  # -32768 to 32767, each equally likely
-    return uniform >= threshold
+    return torch.ge(uniform, threshold, out=torch.empty(shape, dtype=dtype, device=device))
 
 
 # The fused LoRA-dropout kernels: inputs with a multiple of 128 columns, ranks tl.dot takes.
@@ -210,8 +212,26 @@ def frozen_weight(base, dtype) -> torch.Tensor:
         if getattr(state, "packing_format_for_cpu", False):  # see merge/merging.py's _float_weight
             raise RuntimeError("a 4-bit layer bitsandbytes repacked for CPU inference (at an eval-mode forward) "
                                "cannot be dequantized: its scales were re-rounded")
+        if state.nested and not weight.is_cuda and weight.shape[0] != 1:  # (1, n): bitsandbytes' transposed form
+            return torch.ops.bitsandbytes.dequantize_4bit.default(weight.data, _decoded_absmax(base, state),
+                                                                  state.blocksize, state.quant_type, state.shape,
+                                                                  state.dtype).to(dtype)
         return F.dequantize_4bit(weight.data, state).to(dtype)
     return weight.to(dtype)
+
+
+def _decoded_absmax(base, state) -> torch.Tensor:
+    """The float32 block scales of a double-quantized 4-bit weight, decoded once per quantization state
+    and kept on its layer (1/16 byte per weight), as ``dequantize_4bit`` decodes them at every call: on
+    the CPU that took 70 % of the call (0.29 against 0.08 ms for a 1,536 x 576 weight), the same values."""
+    import bitsandbytes.functional as F
+
+    cached = getattr(base, "_qlorapipe_absmax", None)
+    if cached is None or cached[0] is not state:
+        absmax = F.dequantize_blockwise(state.absmax, state.state2)
+        absmax += state.offset
+        cached = base._qlorapipe_absmax = (state, absmax.float())
+    return cached[1]
 
 
 def _forward(x2, base, lora_a, lora_b, scaling: float, p: float, unread: bool = False):
