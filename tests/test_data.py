@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import zipfile
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -220,9 +221,18 @@ def test_a_packed_row_gives_each_example_the_logits_it_has_alone(tok, attention)
 
 
 def test_missing_column_lists_the_columns_that_exist(tok):
-    with pytest.raises(UserError, match=r"rows.jsonl:1: no 'instruction' column \(has: answer, question\); "
-                                        r"set data.instruction_column"):
+    with pytest.raises(UserError, match=r"rows.jsonl:1: no 'instruction' column \(has: answer, output\); "
+                                        r"set data.instruction_column$"):
+        build([{"answer": "a", "output": "b"}], tok, format="instruction")
+
+
+def test_every_missing_column_is_named_at_once(tok):
+    with pytest.raises(UserError, match=r"rows.jsonl:1: no 'instruction' or 'output' column \(has: answer, "
+                                        r"question\); set data.instruction_column and data.output_column$"):
         build([{"question": "q", "answer": "a"}], tok, format="instruction")
+    with pytest.raises(UserError, match=r"rows.jsonl:1: no 'completion' column \(has: prompt, reply\); "
+                                        r"set data.completion_column$"):
+        build([{"prompt": "q", "reply": "a"}], tok, format="completion")
 
 
 def test_non_text_values_name_the_row_and_param(tok):
@@ -274,6 +284,37 @@ def test_split_is_seeded_disjoint_and_complete():
 
 def _local(path: Path, **kwargs) -> list[Record]:
     return sources.load_records(DataParams(source="local", path=str(path), **kwargs))[0]
+
+
+def test_the_check_stage_reads_each_local_files_first_record_for_the_columns_the_format_needs(tmp_path):
+    """What prepare would refuse at its first record, refused before DVC deletes prepare's outputs."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from qlorapipe.inputs import data_column_problems
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "a.jsonl").write_text("\n" + json.dumps({"question": "q", "answer": "a"}) + "\n")
+    (folder / "b.csv").write_text("prompt,reply\np,r\n")
+    pq.write_table(pa.Table.from_pylist([{"prompt": "p", "completion": "c"}]), folder / "c.parquet")
+    (folder / "d.json").write_text(json.dumps([{"question": "q"}]))  # read through by prepare, not here
+    (folder / "e.jsonl").write_text("{not json\n")  # prepare names the line
+    completion = DataParams(source="local", path=str(folder), format="completion")
+    assert data_column_problems(completion) == [
+        (f"{folder / 'a.jsonl'}:2: no 'prompt' or 'completion' column (has: answer, question); "
+         "set data.prompt_column and data.completion_column"),
+        f"{folder / 'b.csv'}:2: no 'completion' column (has: prompt, reply); set data.completion_column"]
+    assert data_column_problems(replace(completion, completion_column="reply")) == [
+        (f"{folder / 'a.jsonl'}:2: no 'prompt' or 'reply' column (has: answer, question); "
+         "set data.prompt_column and data.completion_column"),
+        f"{folder / 'c.parquet'}:1: no 'reply' column (has: completion, prompt); set data.completion_column"]
+    text = tmp_path / "notes.txt"
+    text.write_text("plain text")
+    assert data_column_problems(DataParams(source="local", path=str(text))) == []
+    assert data_column_problems(DataParams(source="local", path=str(text), format="instruction")) == [
+        (f"{text}: no 'instruction' or 'output' column (has: text); set data.instruction_column and "
+         "data.output_column")]
 
 
 def test_every_local_file_type_and_directories(tmp_path):

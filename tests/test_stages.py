@@ -247,6 +247,16 @@ def test_the_check_stage_finds_every_missing_or_wrong_local_input_at_once(tmp_pa
         "one of builtin:python-docs, builtin:chatterbot")
     assert not (tmp_path / "failed.txt").exists()
 
+    # Data whose first record lacks a column the format needs (prepare would stop there, its outputs deleted).
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"question": "q", "answer": "a"}\n')
+    write_params(bad, tiny_params(tiny_llama_dir, rows, **{"data.format": "instruction"}))
+    with pytest.raises(UserError) as found:
+        check.main(["--params", str(bad), "--out", str(tmp_path / "failed.txt")])
+    assert str(found.value) == (f"{rows}:1: no 'instruction' or 'output' column (has: answer, question); set "
+                                "data.instruction_column and data.output_column")
+    assert not (tmp_path / "failed.txt").exists()
+
     # A file that is neither a model directory nor a GGUF file, and a directory without config.json.
     for path, message in ((corpus_file, "must be a Hugging Face model directory or a .gguf file"),
                           (tmp_path / "empty", "not a Hugging Face model directory (no config.json)")):

@@ -4,6 +4,8 @@ deletes the outputs of the stage that reads it. Nothing heavy is imported here."
 
 from __future__ import annotations
 
+import csv
+import json
 from pathlib import Path
 
 from qlorapipe.errors import UserError
@@ -66,6 +68,63 @@ def corpus_files(source: str, param: str) -> list[Path]:
     return files
 
 
+def required_columns(data) -> list[tuple[str, str]]:
+    """The (column, data.* param naming it) every record must have in ``data``'s format."""
+    if data.format == "completion":
+        return [(data.prompt_column, "prompt_column"), (data.completion_column, "completion_column")]
+    if data.format == "instruction" and data.template != "guanaco":
+        return [(data.instruction_column, "instruction_column"), (data.output_column, "output_column")]
+    if data.format == "chat":
+        return [(data.messages_column, "messages_column")]
+    return [(data.text_column, "text_column")]
+
+
+def missing_columns_message(where: str, columns, needed: list[tuple[str, str]]) -> str | None:
+    """The one-line problem of a record at ``where`` with ``columns`` that lacks some of ``needed``, or None."""
+    missing = [(column, param) for column, param in needed if column not in columns]
+    if not missing:
+        return None
+    have = ", ".join(sorted(map(str, columns))) or "none"
+    names = " or ".join(f"'{column}'" for column, _ in missing)
+    return f"{where}: no {names} column (has: {have}); set {' and '.join(f'data.{p}' for _, p in missing)}"
+
+
+def _first_record_columns(file: Path) -> tuple[str, list[str]] | None:
+    """(where, columns) of a data file's first record, read without reading the file through; None where
+    that takes the whole file (.json) or the file is not what its suffix says (prepare names the problem)."""
+    try:
+        if file.suffix == ".txt":
+            return str(file), ["text"]
+        if file.suffix == ".jsonl":
+            with file.open("rb") as lines:
+                for number, line in enumerate(lines, start=1):
+                    if line.strip():
+                        value = json.loads(line)
+                        return (f"{file}:{number}", list(value)) if isinstance(value, dict) else None
+        if file.suffix == ".csv":
+            with file.open(newline="", encoding="utf-8") as rows:
+                header = next(csv.reader(rows), None)
+            return (f"{file}:2", header) if header is not None else None
+        if file.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            return f"{file}:1", pq.read_schema(file).names
+    except Exception:  # noqa: BLE001 - undecodable or malformed: the prepare stage reads it and says where
+        return None
+    return None
+
+
+def data_column_problems(data) -> list[str]:
+    """Each local data file whose first record lacks a column ``data``'s format needs (data.source: local)."""
+    problems = []
+    for file in data_files(Path(data.path).expanduser()):
+        first = _first_record_columns(file)
+        problem = first and missing_columns_message(*first, required_columns(data))
+        if problem:
+            problems.append(problem)
+    return problems
+
+
 def local_input_problems(sections: dict) -> list[str]:
     """What is wrong with each local input the ``model``, ``data`` and ``evaluate`` sections name: what the
     stage that reads it would say."""
@@ -74,7 +133,12 @@ def local_input_problems(sections: dict) -> list[str]:
     if model.source == "local":
         checks.append(lambda: model_path_is_gguf(Path(model.local_path).expanduser()))
     if data.source == "local":
-        checks.append(lambda: data_files(Path(data.path).expanduser()))
+        def data_problems():
+            problems = data_column_problems(data)  # raises as data_files does: no such path, no data files
+            if problems:
+                raise UserError("; ".join(problems))
+
+        checks.append(data_problems)
     if general is not None and general not in BUILTIN_CORPORA:
         checks.append(lambda: corpus_files(general, "evaluate.general_corpus"))
     problems = []

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 from qlorapipe.data import IGNORE_INDEX
 from qlorapipe.errors import UserError
+from qlorapipe.inputs import missing_columns_message, required_columns
 from qlorapipe.params import CHAT_ROLES, DataParams
 from qlorapipe.prepare.sources import Record
 
@@ -174,6 +175,9 @@ def render_segments(record: Record, params: DataParams, chat_render=None) -> lis
         UserError: a missing or misnamed column (listing those that exist), non-text values.
     """
     fmt = params.format
+    problem = missing_columns_message(record.where, record.columns, required_columns(params))
+    if problem:  # every column the format needs, named at once
+        raise UserError(problem)
     if fmt == "text":
         return [(_text(record, params.text_column, "text_column"), True)]
     if fmt == "completion":
