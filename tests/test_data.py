@@ -300,6 +300,8 @@ def test_the_check_stage_reads_each_local_files_first_record_for_the_columns_the
     pq.write_table(pa.Table.from_pylist([{"prompt": "p", "completion": "c"}]), folder / "c.parquet")
     (folder / "d.json").write_text(json.dumps([{"question": "q"}]))  # read through by prepare, not here
     (folder / "e.jsonl").write_text("{not json\n")  # prepare names the line
+    (folder / "f.csv").write_text("question,answer\n")  # a header alone: no record for prepare to check
+    pq.write_table(pa.Table.from_pylist([{"question": "q"}]).slice(0, 0), folder / "g.parquet")  # no rows
     completion = DataParams(source="local", path=str(folder), format="completion")
     assert data_column_problems(completion) == [
         (f"{folder / 'a.jsonl'}:2: no 'prompt' or 'completion' column (has: answer, question); "
@@ -309,6 +311,13 @@ def test_the_check_stage_reads_each_local_files_first_record_for_the_columns_the
         (f"{folder / 'a.jsonl'}:2: no 'prompt' or 'reply' column (has: answer, question); "
          "set data.prompt_column and data.completion_column"),
         f"{folder / 'c.parquet'}:1: no 'reply' column (has: completion, prompt); set data.completion_column"]
+    # many files with the same problem: the first few, and a count of the rest
+    many = tmp_path / "many"
+    many.mkdir()
+    for i in range(6):
+        (many / f"{i}.jsonl").write_text(json.dumps({"question": "q"}) + "\n")
+    found = data_column_problems(replace(completion, path=str(many)))
+    assert len(found) == 4 and found[-1] == "and 3 more files like these"
     text = tmp_path / "notes.txt"
     text.write_text("plain text")
     assert data_column_problems(DataParams(source="local", path=str(text))) == []

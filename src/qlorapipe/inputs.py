@@ -1,6 +1,7 @@
 """The local files and folders params name, looked at where a stage reads them and, before any stage
 runs, by the check stage (``local_input_problems``), so that a missing one stops `dvc repro` before DVC
-deletes the outputs of the stage that reads it. Nothing heavy is imported here."""
+deletes the outputs of the stage that reads it. Nothing heavy is imported here (pyarrow only to read a
+parquet file's footer, when data.path holds one)."""
 
 from __future__ import annotations
 
@@ -101,27 +102,31 @@ def _first_record_columns(file: Path) -> tuple[str, list[str]] | None:
                     if line.strip():
                         value = json.loads(line)
                         return (f"{file}:{number}", list(value)) if isinstance(value, dict) else None
-        if file.suffix == ".csv":
+        if file.suffix == ".csv":  # a header without rows gives prepare no record to check
             with file.open(newline="", encoding="utf-8") as rows:
-                header = next(csv.reader(rows), None)
-            return (f"{file}:2", header) if header is not None else None
+                reader = csv.DictReader(rows)
+                return (f"{file}:2", list(reader.fieldnames)) if next(reader, None) is not None else None
         if file.suffix == ".parquet":
             import pyarrow.parquet as pq
 
-            return f"{file}:1", pq.read_schema(file).names
+            metadata = pq.read_metadata(file)
+            return (f"{file}:1", metadata.schema.to_arrow_schema().names) if metadata.num_rows else None
     except Exception:  # noqa: BLE001 - undecodable or malformed: the prepare stage reads it and says where
         return None
     return None
 
 
-def data_column_problems(data) -> list[str]:
-    """Each local data file whose first record lacks a column ``data``'s format needs (data.source: local)."""
+def data_column_problems(data, most: int = 3) -> list[str]:
+    """Each local data file whose first record lacks a column ``data``'s format needs (data.source: local);
+    past ``most`` files, one more line counts the rest."""
     problems = []
     for file in data_files(Path(data.path).expanduser()):
         first = _first_record_columns(file)
         problem = first and missing_columns_message(*first, required_columns(data))
         if problem:
             problems.append(problem)
+    if len(problems) > most:
+        problems[most:] = [f"and {len(problems) - most} more files like these"]
     return problems
 
 

@@ -83,10 +83,11 @@ def _keep_mask(shape, p: float, seed: torch.Tensor, device, dtype=torch.bool) ->
     """Which elements dropout keeps, drawn from torch's generator seeded with ``seed``: 16-bit
     uniforms, kept at or above ``_threshold(p)`` (the rate the kernels draw, p to 1/65536).
 
-    Each 64-bit draw gives four uniforms: for a 1,024 x 576 mask on the CPU 0.70 ms, against 1.84 ms
+    Each 64-bit draw gives four uniforms: for a 1,024 x 576 bool mask on the CPU 0.70 ms, against 1.84 ms
     for ``torch.rand`` and 2.97 ms for a Bernoulli draw as ``torch.nn.Dropout``'s (docs/benchmarks.md).
-    ``dtype``: the mask as 0 and 1 in that dtype, written by the comparison itself; on the CPU a
-    multiply by a bool mask converts it first, which took longer than the multiply.
+    ``dtype``: the mask as 0 and 1 in that dtype, written by the comparison itself (0.10 ms instead of
+    0.27 ms into a bool tensor); on the CPU a multiply by a bool mask converts it first, which took
+    longer than the multiply.
     """
     threshold = _threshold(p) - 32768
     if threshold > 32767:  # p within 1/131072 of 1: every element is dropped (an int16 compare would wrap)
@@ -212,7 +213,7 @@ def frozen_weight(base, dtype) -> torch.Tensor:
         if getattr(state, "packing_format_for_cpu", False):  # see merge/merging.py's _float_weight
             raise RuntimeError("a 4-bit layer bitsandbytes repacked for CPU inference (at an eval-mode forward) "
                                "cannot be dequantized: its scales were re-rounded")
-        if state.nested and not weight.is_cuda and weight.shape[0] != 1:  # (1, n): bitsandbytes' transposed form
+        if state.nested and weight.device.type == "cpu" and weight.shape[0] != 1:  # (1, n): the transposed form
             return torch.ops.bitsandbytes.dequantize_4bit.default(weight.data, _decoded_absmax(base, state),
                                                                   state.blocksize, state.quant_type, state.shape,
                                                                   state.dtype).to(dtype)
@@ -221,17 +222,19 @@ def frozen_weight(base, dtype) -> torch.Tensor:
 
 
 def _decoded_absmax(base, state) -> torch.Tensor:
-    """The float32 block scales of a double-quantized 4-bit weight, decoded once per quantization state
-    and kept on its layer (1/16 byte per weight), as ``dequantize_4bit`` decodes them at every call: on
-    the CPU that took 70 % of the call (0.29 against 0.08 ms for a 1,536 x 576 weight), the same values."""
+    """The float32 block scales of a double-quantized 4-bit weight, decoded once and kept on its layer
+    (1/16 byte per weight), where ``dequantize_4bit`` decodes them at every call: on the CPU that took
+    70 % of the call (0.29 against 0.08 ms for a 1,536 x 576 weight), the same values. Decoded again for
+    another state, or when bitsandbytes gives the state new scales in place (a move between devices,
+    its CPU repacking undone), which always assigns a new ``absmax`` tensor."""
     import bitsandbytes.functional as F
 
     cached = getattr(base, "_qlorapipe_absmax", None)
-    if cached is None or cached[0] is not state:
+    if cached is None or cached[0] is not state or cached[1] is not state.absmax:
         absmax = F.dequantize_blockwise(state.absmax, state.state2)
         absmax += state.offset
-        cached = base._qlorapipe_absmax = (state, absmax.float())
-    return cached[1]
+        cached = base._qlorapipe_absmax = (state, state.absmax, absmax.float())
+    return cached[2]
 
 
 def _forward(x2, base, lora_a, lora_b, scaling: float, p: float, unread: bool = False):
