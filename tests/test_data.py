@@ -221,12 +221,12 @@ def test_a_packed_row_gives_each_example_the_logits_it_has_alone(tok, attention)
 
 
 @pytest.mark.parametrize("row, fmt, message", [
-    ({"answer": "a", "output": "b"}, "instruction", "no 'instruction' column (has: answer, output); set "
-                                                    "data.instruction_column"),
-    ({"question": "q", "answer": "a"}, "instruction", "no 'instruction' or 'output' column (has: answer, "
-                                                      "question); set data.instruction_column and data.output_column"),
-    ({"prompt": "q", "reply": "a"}, "completion", "no 'completion' column (has: prompt, reply); set "
-                                                  "data.completion_column"),
+    ({"answer": "a", "output": "b"}, "instruction",
+     "no 'instruction' column (has: answer, output); set data.instruction_column"),
+    ({"question": "q", "answer": "a"}, "instruction",
+     "no 'instruction' or 'output' column (has: answer, question); set data.instruction_column and data.output_column"),
+    ({"prompt": "q", "reply": "a"}, "completion",
+     "no 'completion' column (has: prompt, reply); set data.completion_column"),
 ])
 def test_every_missing_column_is_named_at_once_with_the_columns_that_exist(tok, row, fmt, message):
     with pytest.raises(UserError) as found:
