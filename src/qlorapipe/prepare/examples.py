@@ -84,8 +84,7 @@ def _text(record: Record, column: str, param: str, optional: bool = False) -> st
     if column not in columns:
         if optional:
             return ""
-        have = ", ".join(sorted(map(str, columns))) or "none"
-        raise UserError(f"{record.where}: no '{column}' column (has: {have}); set data.{param}")
+        raise UserError(missing_columns_message(record.where, columns, [(column, param)]))
     value = columns[column]
     if value is None and optional:
         return ""
@@ -97,10 +96,7 @@ def _text(record: Record, column: str, param: str, optional: bool = False) -> st
 
 def _messages(record: Record, params: DataParams) -> list[dict]:
     """Read OpenAI ({role, content}) or ShareGPT ({from, value}) messages."""
-    column = params.messages_column
-    if column not in record.columns:
-        have = ", ".join(sorted(map(str, record.columns))) or "none"
-        raise UserError(f"{record.where}: no '{column}' column (has: {have}); set data.messages_column")
+    column = params.messages_column  # present: render_segments checked the columns
     raw = record.columns[column]
     if not isinstance(raw, list):
         raise UserError(f"{record.where}: '{column}' is {type(raw).__name__}, not a list of messages; "
