@@ -108,32 +108,6 @@ def test_the_cpu_mask_keeps_at_the_rate_of_its_16_bit_threshold_up_to_the_ends(p
         assert bool(mask.all()) == (kept == 1.0) and bool(mask.any()) == (kept == 1.0)
 
 
-def test_a_4bit_weight_on_the_cpu_is_dequantized_with_its_scales_decoded_once():
-    import bitsandbytes as bnb
-    import bitsandbytes.functional as F
-
-    base = _base("nf4", 256, 64)
-    state = base.weight.quant_state
-    assert state.nested  # double quantization: the block scales are themselves 8-bit
-    want = F.dequantize_4bit(base.weight.data, state)
-    assert torch.equal(fused_lora.frozen_weight(base, torch.float32), want.float())
-    decoded = base._qlorapipe_absmax[2]
-    assert torch.equal(fused_lora.frozen_weight(base, torch.bfloat16), want.to(torch.bfloat16))
-    assert base._qlorapipe_absmax[2] is decoded  # not decoded again
-    # the same state given new scales in place (as bitsandbytes does when it moves or unpacks a weight)
-    state.absmax, state.offset = state.absmax.clone(), state.offset + 0.5
-    want = F.dequantize_4bit(base.weight.data, state)
-    assert torch.equal(fused_lora.frozen_weight(base, torch.float32), want.float())
-    assert base._qlorapipe_absmax[2] is not decoded
-    # a weight quantized anew (a new state) gets its own scales
-    decoded = base._qlorapipe_absmax[2]
-    base.weight = bnb.nn.Params4bit(torch.randn(64, 256) * 3, requires_grad=False, quant_type="nf4")
-    base.to("cpu")
-    want = F.dequantize_4bit(base.weight.data, base.weight.quant_state)
-    assert torch.equal(fused_lora.frozen_weight(base, torch.float32), want.float())
-    assert base._qlorapipe_absmax[2] is not decoded
-
-
 def test_the_cpu_dropout_in_bfloat16_rounds_once_as_float32_would():
     """x * mask / (1 - p) and into + grad * mask / (1 - p), each computed in float32 and rounded once."""
     seed, p = torch.tensor([11]), 0.1

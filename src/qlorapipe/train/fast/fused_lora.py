@@ -213,28 +213,8 @@ def frozen_weight(base, dtype) -> torch.Tensor:
         if getattr(state, "packing_format_for_cpu", False):  # see merge/merging.py's _float_weight
             raise RuntimeError("a 4-bit layer bitsandbytes repacked for CPU inference (at an eval-mode forward) "
                                "cannot be dequantized: its scales were re-rounded")
-        if state.nested and weight.device.type == "cpu" and weight.shape[0] != 1:  # (1, n): the transposed form
-            return torch.ops.bitsandbytes.dequantize_4bit.default(weight.data, _decoded_absmax(base, state),
-                                                                  state.blocksize, state.quant_type, state.shape,
-                                                                  state.dtype).to(dtype)
         return F.dequantize_4bit(weight.data, state).to(dtype)
     return weight.to(dtype)
-
-
-def _decoded_absmax(base, state) -> torch.Tensor:
-    """The float32 block scales of a double-quantized 4-bit weight, decoded once and kept on its layer
-    (1/16 byte per weight), where ``dequantize_4bit`` decodes them at every call: on the CPU that took
-    70 % of the call (0.29 against 0.08 ms for a 1,536 x 576 weight), the same values. Decoded again for
-    another state, or when bitsandbytes gives the state new scales in place (a move between devices,
-    its CPU repacking undone), which always assigns a new ``absmax`` tensor."""
-    import bitsandbytes.functional as F
-
-    cached = getattr(base, "_qlorapipe_absmax", None)
-    if cached is None or cached[0] is not state or cached[1] is not state.absmax:
-        absmax = F.dequantize_blockwise(state.absmax, state.state2)
-        absmax += state.offset
-        cached = base._qlorapipe_absmax = (state, state.absmax, absmax.float())
-    return cached[2]
 
 
 def _forward(x2, base, lora_a, lora_b, scaling: float, p: float, unread: bool = False):
