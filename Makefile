@@ -10,7 +10,11 @@ BIN := $(VENV)/bin
 # llama-cpp-python is built from its pinned source (it vendors llama.cpp): a C/C++ compiler is
 # needed (CMake too, which pip fetches when the machine has none). pip keeps the built wheel in
 # its cache, so a second install does not rebuild. The CPU build skips the multimodal library.
-LLAMA_CMAKE_ARGS ?= -DLLAVA_BUILD=OFF
+# On x86-64 it is built without Intel AMX: llama.cpp's native build uses AMX on CPUs that have it
+# (Sapphire Rapids and later), and its AMX matrix product crashed (SIGSEGV) on the first token of any
+# q8_0 file on such a 2-core machine (ggml-org/llama.cpp#20824); AVX-512 and VNNI stay on.
+NO_AMX := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
+LLAMA_CMAKE_ARGS ?= -DLLAVA_BUILD=OFF $(if $(filter x86_64 amd64,$(shell uname -m)),-DCMAKE_C_FLAGS='$(NO_AMX)' -DCMAKE_CXX_FLAGS='$(NO_AMX)')
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	@command -v c++ >/dev/null || { echo "error: building llama.cpp (llama-cpp-python) needs a C++ compiler: install g++ (Debian: apt install build-essential)" >&2; exit 1; }

@@ -135,6 +135,36 @@ def test_fewer_positions_at_once_give_the_logits_of_all_at_once(tiny_qwen2_dir, 
     assert len(ids) > 4 * 2 and np.abs(scores[4] - scores[None]).max() < 1e-4
 
 
+def test_without_extra_cpu_buffers_a_q8_0_file_gives_the_same_logits(tiny_llama_dir, tmp_path, monkeypatch):
+    """Where llama.cpp's build uses Intel AMX, the worker loads files without extra CPU buffer types (its AMX
+    matrix product crashed on the first token of q8_0 files: ``without_amx``); the logits stay the same."""
+    import llama_cpp
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qlorapipe.export import llama_worker
+
+    low = llama_cpp.llama_cpp
+    monkeypatch.setattr(low, "llama_model_default_params", low.llama_model_default_params)  # restored after
+    amx_build = b"AMX_INT8 = 1" in llama_cpp.llama_print_system_info()
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+    write_gguf(model, tiny_llama_dir, tmp_path / "model-q8_0.gguf", "q8_0")
+    ids = AutoTokenizer.from_pretrained(tiny_llama_dir)(TEXT)["input_ids"]
+    scores = {}
+    for forced in (False, True):
+        if forced:
+            assert llama_worker.without_amx(llama_cpp, force=True)
+        llm = llama_worker.load(tmp_path / "model-q8_0.gguf", n_ctx=64)
+        try:
+            assert llm.model_params.use_extra_bufts == (not forced and not amx_build)
+            llm.eval(ids)
+            scores[forced] = np.array(llm.scores[: len(ids)])
+        finally:
+            llm.close()
+    assert np.isfinite(scores[True]).all() and np.abs(scores[True] - scores[False]).max() < 1e-3
+
+
 def test_a_file_llama_cpp_cannot_load_or_quantize_is_named_in_one_line(tmp_path):
     from qlorapipe.export import llama_worker, llamacpp
 

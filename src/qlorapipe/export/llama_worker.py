@@ -208,6 +208,7 @@ def load(gguf_file: Path, n_ctx: int, n_gpu_layers: int = 0, threads: int | None
         UserError: llama.cpp refuses the file.
     """
     llama_cpp = llamacpp.llama_cpp_module()
+    without_amx(llama_cpp)
     try:
         return llama_cpp.Llama(model_path=str(gguf_file), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ubatch or n_ctx,
                                logits_all=True, n_threads=threads or os.cpu_count() or 1,
@@ -215,6 +216,36 @@ def load(gguf_file: Path, n_ctx: int, n_gpu_layers: int = 0, threads: int | None
     except (ValueError, RuntimeError) as error:
         raise UserError(f"llama.cpp refuses to load {gguf_file}: {error}; drop its format from export.formats "
                         "and report the model's architecture") from None
+
+
+def without_amx(llama_cpp, force: bool = False) -> bool:
+    """Load models without llama.cpp's extra CPU buffer types when its build uses Intel AMX (or ``force``).
+
+    A native build on a CPU with AMX (Sapphire Rapids and later) puts quantized weights in an AMX buffer,
+    and its AMX matrix product crashed (SIGSEGV) on the first token of a q8_0 file on such a machine
+    (ggml-org/llama.cpp#20824). ``make install`` builds llama.cpp without AMX; this covers a build made
+    with it (pip's cache keeps a build across installs). Without extra buffer types (llama.cpp's
+    ``--no-repack``) weights stay in plain CPU buffers: the same values, no repacking. The Llama class
+    takes no such argument, so its default model parameters are replaced in this process (the worker's own).
+
+    Returns:
+        Whether extra buffer types are now off.
+    """
+    low = llama_cpp.llama_cpp
+    if getattr(low.llama_model_default_params, "without_extra_buffers", False):
+        return True
+    if not force and b"AMX_INT8 = 1" not in llama_cpp.llama_print_system_info():
+        return False
+    default = low.llama_model_default_params
+
+    def params():
+        params = default()
+        params.use_extra_bufts = False
+        return params
+
+    params.without_extra_buffers = True
+    low.llama_model_default_params = params
+    return True
 
 
 def layers_within(blocks: list[float], output: float, free: float) -> int:
