@@ -63,10 +63,39 @@ def test_an_evaluation_during_training_leaves_the_next_training_step_bit_for_bit
     assert model.training
     after = training_step()
     assert after[0] == before[0] and all(torch.equal(a, b) for a, b in zip(after[1], before[1]))
-    # Why it matters: an evaluation in eval mode lets bitsandbytes repack the 4-bit weights for
-    # CPU inference (on CPUs with AVX512-BF16), re-rounding their scales for every later step.
+    # An evaluation in eval mode leaves them alone too: the base is loaded with the training numerics at
+    # inference (bitsandbytes would repack the 4-bit weights for its CPU kernel on CPUs with AVX512-BF16,
+    # re-rounding their scales for every later step).
     mean_token_loss(model, rows, 2, torch.device("cpu"))
-    packed = [m for m in model.modules() if getattr(getattr(getattr(m, "weight", None), "quant_state", None),
-                                                     "packing_format_for_cpu", False)]
-    if packed:
-        assert training_step()[0] != before[0]
+    assert not _repacked(model)
+    again = training_step()
+    assert again[0] == before[0] and all(torch.equal(a, b) for a, b in zip(again[1], before[1]))
+
+
+def _repacked(model) -> list:
+    """The 4-bit layers bitsandbytes repacked for its CPU inference kernel."""
+    return [m for m in model.modules() if getattr(getattr(getattr(m, "weight", None), "quant_state", None),
+                                                  "packing_format_for_cpu", False)]
+
+
+@pytest.mark.parametrize("compute_dtype", ["float32", "bfloat16"])
+def test_inference_computes_what_training_computes_unless_chat_asks_for_the_cpu_kernel(tiny_llama_dir,
+                                                                                        compute_dtype):
+    """The stages' 4-bit base gives at inference (eval mode, no grad) the logits of a training-mode forward,
+    bit for bit; ``cpu_inference_kernel`` (chat) lets bitsandbytes repack for its CPU kernel where it has one."""
+    from bitsandbytes.functional import has_avx512bf16
+
+    from qlorapipe import modeling
+    from qlorapipe.params import QuantizationParams
+
+    params = QuantizationParams(load_in="4bit", compute_dtype=compute_dtype)
+    ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(1))
+    model, _ = modeling.load_base_model(tiny_llama_dir, params, torch.device("cpu"))
+    with torch.no_grad():
+        trained = model.train()(input_ids=ids).logits
+        evaluated = model.eval()(input_ids=ids).logits
+    assert torch.equal(evaluated, trained) and not _repacked(model)
+    fast, _ = modeling.load_base_model(tiny_llama_dir, params, torch.device("cpu"), cpu_inference_kernel=True)
+    with torch.no_grad():
+        fast.eval()(input_ids=ids)
+    assert bool(_repacked(fast)) == has_avx512bf16()
