@@ -211,10 +211,8 @@ def adapter_quantization(adapters: dict[str, Path]) -> QuantizationParams:
     return next(iter(known.values()))
 
 
-def load_with_adapters(base_dir: Path, adapters: dict[str, Path], device, cpu_inference_kernel: bool = False
-                       ) -> LoadedModel:
-    """Load the base once, quantized as in training, and attach every adapter under its name
-    (``cpu_inference_kernel``: see ``modeling.load_base_model``; chat takes it, for speed).
+def load_with_adapters(base_dir: Path, adapters: dict[str, Path], device) -> LoadedModel:
+    """Load the base once, quantized as in training, and attach every adapter under its name.
 
     Raises:
         UserError: an adapter is missing or was trained on another base.
@@ -230,8 +228,7 @@ def load_with_adapters(base_dir: Path, adapters: dict[str, Path], device, cpu_in
         check_adapter_matches_base(path, base_dir)
     quant = adapter_quantization(adapters)
     trust = read_source_record(base_dir).trust_remote_code
-    base, _ = modeling.load_base_model(base_dir, quant, device, trust_remote_code=trust,
-                                       cpu_inference_kernel=cpu_inference_kernel)
+    base, _ = modeling.load_base_model(base_dir, quant, device, trust_remote_code=trust)
     base.config.use_cache = True  # training turns the cache off; generation wants it
     (first, first_path), *rest = adapters.items()
     model = PeftModel.from_pretrained(base, first_path, adapter_name=first)

@@ -90,11 +90,10 @@ def import_model_code(base_dir: Path, trust_remote_code: bool = False) -> None:
 
 
 def load_base_model(base_dir: Path, params: QuantizationParams, device, trust_remote_code: bool = False,
-                    shardable_4bit: bool = False, cpu_inference_kernel: bool = False):
+                    shardable_4bit: bool = False):
     """Load the base model quantized as params say, on ``device``.
 
-    Its 4-bit layers compute at inference as in training (``training_numerics_at_inference``) unless
-    ``cpu_inference_kernel``: bitsandbytes' own CPU inference kernel, faster per generated token (chat).
+    Its 4-bit layers compute at inference as in training (``training_numerics_at_inference``).
 
     ``shardable_4bit`` stores the packed 4-bit weights as float32 elements, so FSDP can flatten
     them with the float32 LoRA weights (and the float32 norms prepare_model_for_kbit_training
@@ -131,8 +130,7 @@ def load_base_model(base_dir: Path, params: QuantizationParams, device, trust_re
         if key:
             quantized_cache.store(model, key)
     model.config.use_cache = False
-    if not cpu_inference_kernel:
-        training_numerics_at_inference(model)
+    training_numerics_at_inference(model)
     return model, compute_dtype
 
 
@@ -145,7 +143,7 @@ def training_numerics_at_inference(model) -> None:
     kernel also gave other logits in some runs of the same program than in others (2 of 8 runs of a probe
     that merged first, 2 of 12 merge stages; never with this off), and took 3x as long on 4 x 256 tokens
     (1.8 against 0.58 s a forward, SmolLM2-135M), though it generated tokens 3.3x as fast (33 against 10 a
-    second). A no-op elsewhere (other CPUs, GPUs).
+    second): chat answers too are the evaluate stage's, at that speed. A no-op elsewhere (other CPUs, GPUs).
     """
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):

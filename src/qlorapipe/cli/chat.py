@@ -142,10 +142,7 @@ def main(argv: list[str] | None = None, stdin: TextIO | None = None, stdout: Tex
 
     torch.manual_seed(args.seed)
     device = modeling.pick_device()
-    # bitsandbytes' CPU inference kernel: generating tokens one at a time, 3.3x the tokens/s of the training
-    # numerics on one CPU (modeling.training_numerics_at_inference); the stages keep the training numerics.
-    loaded = (load_with_adapters(args.base or pipeline_path("base"), adapters, device, cpu_inference_kernel=True)
-              if adapters
+    loaded = (load_with_adapters(args.base or pipeline_path("base"), adapters, device) if adapters
               else load_standalone(args.model or pipeline_path("export"), device))
     if args.use:
         loaded.use(args.use)
