@@ -25,7 +25,8 @@ def mean_token_loss(model, dataset, batch_size: int, device, max_batches: int | 
     ``Linear4bit.forward``; the repacking re-rounds the double-quantized scales): training steps
     after an evaluation would run on other weights than steps before it, and a run resumed from a
     checkpoint would drift from the run that was not interrupted. Their forward is otherwise the
-    same in both modes.
+    same in both modes. (``modeling.load_base_model`` already keeps that repacking out of the models it
+    loads; this covers a model loaded otherwise.)
 
     Returns:
         (mean loss in nats, number of predicted tokens)
