@@ -13,8 +13,10 @@ BIN := $(VENV)/bin
 # On x86-64 it is built without Intel AMX: llama.cpp's native build uses AMX on CPUs that have it
 # (Sapphire Rapids and later), and its AMX matrix product crashed (SIGSEGV) on the first token of any
 # q8_0 file on such a 2-core machine (ggml-org/llama.cpp#20824); AVX-512 and VNNI stay on.
+# (A compiler too old to know these flags knows no AMX either: then none are passed.)
 NO_AMX := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
-LLAMA_CMAKE_ARGS ?= -DLLAVA_BUILD=OFF $(if $(filter x86_64 amd64,$(shell uname -m)),-DCMAKE_C_FLAGS='$(NO_AMX)' -DCMAKE_CXX_FLAGS='$(NO_AMX)')
+NO_AMX_ARGS := $(if $(filter x86_64 amd64,$(shell uname -m)),$(shell echo | c++ $(NO_AMX) -x c++ -E - >/dev/null 2>&1 && echo "-DCMAKE_C_FLAGS='$(NO_AMX)' -DCMAKE_CXX_FLAGS='$(NO_AMX)'"))
+LLAMA_CMAKE_ARGS ?= -DLLAVA_BUILD=OFF $(NO_AMX_ARGS)
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	@command -v c++ >/dev/null || { echo "error: building llama.cpp (llama-cpp-python) needs a C++ compiler: install g++ (Debian: apt install build-essential)" >&2; exit 1; }
