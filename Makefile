@@ -15,7 +15,7 @@ BIN := $(VENV)/bin
 # q8_0 file on such a 2-core machine (ggml-org/llama.cpp#20824); AVX-512 and VNNI stay on.
 # (A compiler too old to know these flags knows no AMX either: then none are passed.)
 NO_AMX := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
-NO_AMX_ARGS := $(if $(filter x86_64 amd64,$(shell uname -m)),$(shell echo | c++ $(NO_AMX) -x c++ -E - >/dev/null 2>&1 && echo "-DCMAKE_C_FLAGS='$(NO_AMX)' -DCMAKE_CXX_FLAGS='$(NO_AMX)'"))
+NO_AMX_ARGS = $(if $(filter x86_64 amd64,$(shell uname -m)),$(shell echo | c++ $(NO_AMX) -x c++ -E - >/dev/null 2>&1 && echo "-DCMAKE_C_FLAGS='$(NO_AMX)' -DCMAKE_CXX_FLAGS='$(NO_AMX)'"))
 LLAMA_CMAKE_ARGS ?= -DLLAVA_BUILD=OFF $(NO_AMX_ARGS)
 
 $(BIN)/.installed: pyproject.toml constraints.txt

@@ -328,14 +328,15 @@ def fsdp_wrap(model, device):
     from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
     from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
 
+    from qlorapipe.modeling import training_numerics_at_inference
+
     uniform_float_dtype(model)
-    for module in model.modules():
-        # On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit weight in place into a CPU layout
-        # at its first no-grad eval forward. Under FSDP that rewrites a view of the flat parameter
-        # while the shared quant state says "repacked": every step after the first evaluation
-        # then computed with garbled weights (measured on two gloo ranks). Keep the plain layout.
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
+    # On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit weight in place into a CPU layout at its
+    # first no-grad eval forward. Under FSDP that rewrites a view of the flat parameter while the shared
+    # quant state says "repacked": every step after the first evaluation then computed with garbled
+    # weights (measured on two gloo ranks). load_base_model keeps the plain layout; so does a model loaded
+    # otherwise.
+    training_numerics_at_inference(model)
     layer_names = set(getattr(model.get_base_model(), "_no_split_modules", None) or [])
     layers = {type(m) for m in model.modules() if type(m).__name__ in layer_names}
     if not layers:
