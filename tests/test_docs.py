@@ -1,9 +1,13 @@
-"""Every relative link in the README and docs/ reaches a file, and every #anchor a heading of it."""
+"""The README and docs/ stay true to the tree: every relative link reaches a file and its #anchor a heading of it,
+and the README's params table names every key of every params section."""
 
 from __future__ import annotations
 
 import re
+from dataclasses import fields
 from pathlib import Path
+
+from qlorapipe.params.sections import SECTIONS
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -55,3 +59,17 @@ def test_the_checker_finds_a_broken_anchor_and_file(tmp_path):
 def test_every_link_of_the_readme_and_docs_resolves():
     broken = {page.relative_to(ROOT).as_posix(): broken_links(page) for page in PAGES}
     assert {page: links for page, links in broken.items() if links} == {}
+
+
+def params_table(readme: str) -> dict[str, set[str]]:
+    """The README's params table: each section's row and the names it quotes in backticks."""
+    table = readme[readme.index("| section | keys |"):].split("\n\n")[0]
+    rows = (re.match(r"\| `(\w+)` \| (.*) \|$", line) for line in table.splitlines()[2:])
+    return {row.group(1): set(re.findall(r"`(\w+)`", row.group(2))) for row in rows if row}
+
+
+def test_the_readme_params_table_names_every_key():
+    table = params_table((ROOT / "README.md").read_text())
+    assert set(table) == set(SECTIONS)
+    missing = {name: sorted({f.name for f in fields(section)} - table[name]) for name, section in SECTIONS.items()}
+    assert {name: keys for name, keys in missing.items() if keys} == {}
