@@ -606,8 +606,9 @@ def run_shape(shape: str, cases: list[str], args, results: list) -> None:
     set_lora_state(model, {k: v for k, v in init.items()})
     for case in cases:
         variants = ours_variants(case, config.num_hidden_layers)
-        if args.peer:
-            within = replace(DEFAULT, memory_budget_gb=peer_peak(results, case, 0.05))
+        peak = peer_peak(results, case, 0.05) if args.peer else None
+        if peak is not None:  # no budget row without the peer's row at this dropout (it would be the defaults')
+            within = replace(DEFAULT, memory_budget_gb=peak)
             variants += [(WITHIN_PEER_PEAK, within), (WITHIN_PEER_PEAK + NOT_LEAN, replace(within, lean_recompute=False))]
         for label, params in variants:
             if not selected(label, args):
@@ -635,11 +636,14 @@ def run_shape(shape: str, cases: list[str], args, results: list) -> None:
         torch.cuda.empty_cache()
         model, compute_dtype = build_ours(model_dir, dropout=0.0)
         for case in cases:
-            within = replace(DEFAULT, memory_budget_gb=peer_peak(results, case, 0.0))
-            rows = [("ours, defaults, dropout 0", DEFAULT), (f"{WITHIN_PEER_PEAK}, dropout 0", within)]
+            peak = peer_peak(results, case, 0.0)
+            within = replace(DEFAULT, memory_budget_gb=peak)
+            rows = [("ours, defaults, dropout 0", DEFAULT)]
+            if peak is not None:
+                rows.append((f"{WITHIN_PEER_PEAK}, dropout 0", within))
             if not args.variants or "offload" in args.variants:
                 rows.append(("ours, every block checkpointed + offload, dropout 0", OFFLOADED))
-            if not args.variants or NOT_LEAN.lstrip(", ") in args.variants:
+            if peak is not None and (not args.variants or NOT_LEAN.lstrip(", ") in args.variants):
                 rows.append((f"{WITHIN_PEER_PEAK}, dropout 0{NOT_LEAN}", replace(within, lean_recompute=False)))
             for label, params in rows:
                 run_ours(label, params, model, compute_dtype, case, data, init, references, args, results)
