@@ -59,13 +59,13 @@ def test_an_evaluation_during_training_leaves_the_next_training_step_bit_for_bit
         return loss.item(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
 
     before = training_step()
-    mean_token_loss(model, rows, 2, torch.device("cpu"), during_training=True)
+    mean_token_loss(model, rows, 2, torch.device("cpu"))
     assert model.training
     after = training_step()
     assert after[0] == before[0] and all(torch.equal(a, b) for a, b in zip(after[1], before[1]))
-    # An evaluation in eval mode leaves them alone too: the base is loaded with the training numerics at
-    # inference (bitsandbytes would repack the 4-bit weights for its CPU kernel on CPUs with AVX512-BF16,
-    # re-rounding their scales for every later step).
+    # Nothing was repacked: the base is loaded with the training numerics at inference (bitsandbytes would
+    # repack the 4-bit weights for its CPU kernel on CPUs with AVX512-BF16, re-rounding their scales for
+    # every later step).
     mean_token_loss(model, rows, 2, torch.device("cpu"))
     assert not _repacked(model)
     again = training_step()

@@ -11,7 +11,7 @@ LOSS_CHUNK_ELEMENTS = 2**24
 
 
 def mean_token_loss(model, dataset, batch_size: int, device, max_batches: int | None = None,
-                    chunk_elements: int = LOSS_CHUNK_ELEMENTS, during_training: bool = False) -> tuple[float, int]:
+                    chunk_elements: int = LOSS_CHUNK_ELEMENTS) -> tuple[float, int]:
     """Mean next-token cross-entropy over ``dataset``, weighted by predicted tokens.
 
     The loss is computed in float32 on chunks of ``chunk_elements`` logits at a time: upcasting
@@ -19,14 +19,9 @@ def mean_token_loss(model, dataset, batch_size: int, device, max_batches: int | 
     largest activation (Qwen2.5-3B, 4 x 1,024 tokens: the train stage's evaluations peaked at
     11.25 GB on an H200 that way, against 3.79 GB for a training step).
 
-    ``during_training`` keeps bitsandbytes' 4-bit layers in training mode while the rest of the
-    model evaluates. On CPUs with AVX512-BF16, a Linear4bit layer's first eval-mode forward
-    repacks its weights for inference and keeps them so (bitsandbytes nn/modules.py,
-    ``Linear4bit.forward``; the repacking re-rounds the double-quantized scales): training steps
-    after an evaluation would run on other weights than steps before it, and a run resumed from a
-    checkpoint would drift from the run that was not interrupted. Their forward is otherwise the
-    same in both modes. (``modeling.load_base_model`` already keeps that repacking out of the models it
-    loads; this covers a model loaded otherwise.)
+    The model evaluates in eval mode and is put back in the mode it was in. Its 4-bit layers compute as in
+    training (``modeling.load_base_model`` keeps bitsandbytes' CPU inference repacking out), so an
+    evaluation between training steps leaves the next step as it would have been.
 
     Returns:
         (mean loss in nats, number of predicted tokens)
@@ -35,10 +30,6 @@ def mean_token_loss(model, dataset, batch_size: int, device, max_batches: int | 
 
     was_training = model.training
     model.eval()
-    if during_training:
-        for module in model.modules():
-            if type(module).__name__ == "Linear4bit":
-                module.training = True
     total_loss, total_tokens = 0.0, 0
     with torch.no_grad():
         for start in range(0, len(dataset), batch_size):

@@ -276,7 +276,7 @@ def train(model, train_set, eval_set, params: TrainingParams, device, progress=N
         paused = time.perf_counter()  # throughput counts training time only, not eval or checkpoints
         if step % params.eval_every_steps == 0 or step == n_steps:
             record.eval_loss, _ = mean_token_loss(
-                model, eval_set, params.per_device_batch_size, device, params.max_eval_batches, during_training=True
+                model, eval_set, params.per_device_batch_size, device, params.max_eval_batches
             )
             best = _track_best(result, record, inner, params, best)
             result.eval_seconds += time.perf_counter() - paused
