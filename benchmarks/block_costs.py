@@ -1,0 +1,176 @@
+"""What one decoder block costs, part by part, and what recomputing it costs, on one GPU.
+
+    PYTHONPATH=src python benchmarks/block_costs.py --cases C,A,D --out bench-out/blocks
+
+For each case of train_speed.py (its shape, sequence length and micro-batch), a one-block model of
+that shape (random init, saved and loaded 4-bit as the train stage loads it, LoRA r=16 on the seven
+projections, dropout 0.05, the default fast paths) runs its block's two halves on a random residual
+stream that needs a gradient, as training runs them:
+
+- attention half: the input norm, q/k/v projections, RoPE, sdpa, the output projection;
+- MLP half: the post-attention norm, gate and up projections, SwiGLU and the down projection;
+- the same MLP half as ``lean_recompute`` recomputes it (the down projection's base matmul skipped);
+- each half's backward pass (with everything it saved kept), and single projections alone.
+
+A checkpointed block costs its forward pass again in the backward pass: attention + lean MLP. The
+figures times the blocks give the recomputation's share of the step (against train_speed.py's step
+times for the same case). Times are CUDA-event milliseconds over ``--reps`` calls queued back to
+back (eager: at these sizes the GPU, not the launches, sets the pace).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from train_speed import CASES, DEFAULT, build_ours, randomize_lora_b, shape_config
+
+from qlorapipe.train import fast
+from qlorapipe.train.fast import lean_recompute
+from qlorapipe.train.fast.checkpointing import decoder_layers
+
+
+def save_one_block(shape: str, workdir: Path) -> tuple[Path, int]:
+    """A random-init bf16 model of ``shape`` with one decoder block; returns (dir, the shape's block count)."""
+    from transformers import AutoModelForCausalLM
+
+    config = shape_config(shape)
+    n_blocks = config.num_hidden_layers
+    path = workdir / f"{shape}-one-block"
+    if not (path / "config.json").is_file():
+        config.num_hidden_layers = 1
+        torch.manual_seed(0)
+        with torch.device("cuda"):
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+        model.save_pretrained(path, safe_serialization=True)
+        del model
+        gc.collect()
+        torch.cuda.empty_cache()
+    return path, n_blocks
+
+
+def gpu_ms(fn, reps: int, warmup: int = 3) -> float:
+    """Mean CUDA-event milliseconds of ``fn()``, ``reps`` calls queued back to back."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / reps
+
+
+def measure(case: str, workdir: Path, reps: int) -> dict:
+    shape, seq, batch = CASES[case]
+    model_dir, n_blocks = save_one_block(shape, workdir)
+    model, compute_dtype = build_ours(model_dir)
+    randomize_lora_b(model)
+    device = next(model.parameters()).device
+    applied = fast.apply(model, replace(DEFAULT, uncheckpointed_layers=0), device, compute_dtype)
+    layer = decoder_layers(model)[0]
+    config = model.config
+    hidden = torch.randn(batch, seq, config.hidden_size, device=device, dtype=compute_dtype, requires_grad=True)
+    positions = torch.arange(seq, device=device).expand(batch, seq)
+    rotary = model.get_base_model().model.rotary_emb
+    with torch.no_grad():
+        position_embeddings = rotary(hidden, positions)
+    grad = torch.randn_like(hidden) * 1e-3
+
+    def attention():
+        return layer.self_attn(hidden_states=layer.input_layernorm(hidden), position_embeddings=position_embeddings,
+                               attention_mask=None)[0]
+
+    def mlp():
+        return layer.mlp(layer.post_attention_layernorm(hidden))
+
+    def lean_mlp():  # as a recomputation runs it
+        down = layer.mlp.down_proj
+        marked = vars(down).get(lean_recompute.UNREAD, False)
+        setattr(down, lean_recompute.UNREAD, True)
+        lean_recompute._STATE.on = True
+        try:
+            return mlp()
+        finally:
+            lean_recompute._STATE.on = False
+            setattr(down, lean_recompute.UNREAD, marked)
+
+    def with_backward(half):
+        def run():
+            half().backward(grad)
+            hidden.grad = None
+            model.zero_grad(set_to_none=True)
+        return run
+
+    normed = layer.input_layernorm(hidden).detach()
+    intermediate = torch.randn(batch, seq, config.intermediate_size, device=device, dtype=compute_dtype)
+    attn, mlp_ = layer.self_attn, layer.mlp
+    parts = {
+        "attention_forward": attention,
+        "mlp_forward": mlp,
+        "mlp_forward_lean_recompute": lean_mlp,
+        "attention_forward_backward": with_backward(attention),
+        "mlp_forward_backward": with_backward(mlp),
+        "input_norm": lambda: layer.input_layernorm(hidden),
+        "q_proj": lambda: attn.q_proj(normed),
+        "k_proj": lambda: attn.k_proj(normed),
+        "v_proj": lambda: attn.v_proj(normed),
+        "o_proj": lambda: attn.o_proj(normed),
+        "gate_proj": lambda: mlp_.gate_proj(normed),
+        "up_proj": lambda: mlp_.up_proj(normed),
+        "down_proj_base_only": lambda: mlp_.down_proj.base_layer(intermediate),
+    }
+    row = {"case": case, "shape": shape, "seq": seq, "batch": batch, "blocks": n_blocks, "applied": applied}
+    ms = {name: round(gpu_ms(fn, reps), 3) for name, fn in parts.items()}
+    ms["attention_backward"] = round(ms.pop("attention_forward_backward") - ms["attention_forward"], 3)
+    ms["mlp_backward"] = round(ms.pop("mlp_forward_backward") - ms["mlp_forward"], 3)
+    row["ms_per_block"] = ms
+    forward = ms["attention_forward"] + ms["mlp_forward"]
+    recompute = ms["attention_forward"] + ms["mlp_forward_lean_recompute"]
+    backward = ms["attention_backward"] + ms["mlp_backward"]
+    row["derived_ms_per_block"] = {
+        "forward": round(forward, 3),
+        "backward": round(backward, 3),
+        "recompute_lean": round(recompute, 3),
+        "recompute_attention_share": round(ms["attention_forward"] / recompute, 3),
+        "recompute_over_kept_block": round(recompute / (forward + backward), 3),
+    }
+    row["derived_ms_per_step_all_blocks"] = {
+        "kept": round(n_blocks * (forward + backward), 1),
+        "all_recomputed_lean": round(n_blocks * (forward + backward + recompute), 1),
+    }
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cases", default="C,A")
+    parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--out", type=Path, default=Path("bench-out/blocks"))
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/qlorapipe-bench"))
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for case in args.cases.split(","):
+        rows.append(measure(case, args.workdir, args.reps))
+        gc.collect()  # the case's model, freed when measure returned
+        torch.cuda.empty_cache()
+        print(json.dumps(rows[-1]), flush=True)
+        (args.out / "block_costs.json").write_text(json.dumps(rows, indent=1))
+    for row in rows:
+        ms, derived = row["ms_per_block"], row["derived_ms_per_block"]
+        print(f"{row['case']} ({row['shape']}, {row['batch']} x {row['seq']}): per block forward {derived['forward']} ms "
+              f"(attention {ms['attention_forward']}, MLP {ms['mlp_forward']}), backward {derived['backward']}, "
+              f"lean recompute {derived['recompute_lean']} (attention {100 * derived['recompute_attention_share']:.0f} %), "
+              f"{100 * derived['recompute_over_kept_block']:.0f} % of a kept block's forward + backward")
+
+
+if __name__ == "__main__":
+    main()
