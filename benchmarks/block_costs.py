@@ -14,8 +14,8 @@ stream that needs a gradient, as training runs them:
 
 A checkpointed block costs its forward pass again in the backward pass: attention + lean MLP. The
 figures times the blocks give the recomputation's share of the step (against train_speed.py's step
-times for the same case). Times are CUDA-event milliseconds over ``--reps`` calls queued back to
-back (eager: at these sizes the GPU, not the launches, sets the pace).
+times for the same case). Each part is captured as a CUDA graph, as the train stage replays its
+step, and timed by CUDA events over ``--reps`` replays.
 """
 
 from __future__ import annotations
@@ -43,6 +43,8 @@ def save_one_block(shape: str, workdir: Path) -> tuple[Path, int]:
     path = workdir / f"{shape}-one-block"
     if not (path / "config.json").is_file():
         config.num_hidden_layers = 1
+        if getattr(config, "layer_types", None):  # Qwen2's per-block attention kinds: one per block
+            config.layer_types = config.layer_types[:1]
         torch.manual_seed(0)
         with torch.device("cuda"):
             model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
@@ -54,16 +56,40 @@ def save_one_block(shape: str, workdir: Path) -> tuple[Path, int]:
 
 
 def gpu_ms(fn, reps: int, warmup: int = 3) -> float:
-    """Mean CUDA-event milliseconds of ``fn()``, ``reps`` calls queued back to back."""
-    for _ in range(warmup):
+    """Mean milliseconds of ``fn()``: captured as one CUDA graph (as the train stage replays its step) and
+    replayed ``reps`` times between two CUDA events; queued eagerly where the capture fails (CPU: wall time)."""
+    if not torch.cuda.is_available():
+        import time
+
         fn()
+        started = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        return (time.perf_counter() - started) * 1000 / reps
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the default stream, as graph capture asks
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            fn()
+        run = graph.replay
+    except RuntimeError as exc:
+        print(f"capture failed, timed eagerly: {exc}"[:200], flush=True)
+        graph, run = None, fn
+    run()
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(reps):
-        fn()
+        run()
     end.record()
     torch.cuda.synchronize()
+    del graph
     return start.elapsed_time(end) / reps
 
 
