@@ -333,9 +333,23 @@ def test_the_probe_offloads_checkpointed_inputs_when_recomputing_every_block_is_
         return _h200_peak(kept) - (0.6 if offload.offloaded(model) else 0.0)
 
     steps = _simulated_gpu(monkeypatch, model, peak)
-    kept, measured = _fit(model, 3.5)
-    assert kept == 0 and steps == [36, 0, 1, 2, 0] and offload.offloaded(model)
-    assert measured["peak_all_checkpointed_gb"] == 3.79 and measured["offloaded"] and measured["peak_gb"] == 3.19
+    kept, measured = _fit(model, 3.5)  # offloaded 3.19 GB; the line less the 0.6 GB saved: two blocks at 3.50
+    assert kept == 2 and steps == [36, 0, 1, 2, 0, 2] and offload.offloaded(model)
+    assert measured["peak_all_checkpointed_gb"] == 3.79 and measured["offloaded"]
+    assert measured["peak_offloaded_all_checkpointed_gb"] == 3.19 and measured["peak_gb"] == 3.5
+    assert [block.gradient_checkpointing for block in model.blocks] == [True] * 34 + [False] * 2
+    fast.remove(model)
+
+    def heavier(kept):  # offloading saves less with each block kept: the line's count peaks over, one fewer fits
+        return peak(kept) + (0.2 * kept if offload.offloaded(model) else 0.0)
+
+    steps = _simulated_gpu(monkeypatch, model, heavier)
+    kept, measured = _fit(model, 3.75)  # the line: two (3.50 GB); measured 3.90, then one at 3.39
+    assert steps == [36, 0, 1, 2, 0, 2, 1] and kept == 1 and measured["peak_gb"] == round(heavier(1), 3)
+    fast.remove(model)
+    steps = _simulated_gpu(monkeypatch, model, peak)
+    kept, measured = _fit(model, 3.19)  # no room beside the offloaded step: nothing more measured
+    assert steps == [36, 0, 1, 2, 0] and kept == 0 and measured["peak_gb"] == 3.19
     fast.remove(model)
     assert not offload.offloaded(model)
     _simulated_gpu(monkeypatch, model, peak)

@@ -114,8 +114,9 @@ def plan_uncheckpointed_layers(model, params: AccelerationParams, batch, device,
                     measured["budget_gb"], "" if params.memory_budget_gb is not None else ", 90% of the GPU's memory")
         if measured.get("offloaded"):
             logger.info("uncheckpointed_layers: auto offloads the checkpointed blocks' inputs to host memory "
-                        "(%.2f GB with every block checkpointed): %.2f GB", measured["peak_all_checkpointed_gb"],
-                        measured["peak_gb"])
+                        "(%.2f GB with every block checkpointed, %.2f GB with their inputs offloaded): %.2f GB with "
+                        "%d kept", measured["peak_all_checkpointed_gb"], measured["peak_offloaded_all_checkpointed_gb"],
+                        measured["peak_gb"], kept)
         if measured["peak_gb"] > measured["budget_gb"]:
             logger.warning("A step peaks at %.2f GB with every block checkpointed%s, above the budget of "
                            "%.2f GB (acceleration.memory_budget_gb)", measured["peak_gb"],
@@ -298,8 +299,10 @@ def fit_uncheckpointed_layers(model, inputs: dict, labels, budget_gb: float | No
         peak with N kept); empty when nothing was measured (not CUDA, or no block under
         gradient checkpointing). When even every block checkpointed peaks above the budget, the
         checkpointed blocks' inputs are offloaded to host memory (``offload.offload_checkpoints``,
-        unless they already are) and that step is measured: ``offloaded`` is True and ``peak_gb``
-        is its peak.
+        unless they already are) and that step is measured: ``offloaded`` is True and
+        ``peak_offloaded_all_checkpointed_gb`` its peak; below the budget, the most blocks that fit
+        beside the offloaded inputs are kept (the line through the kept blocks' peaks less what offloading
+        saved, each count measured), and ``peak_gb`` is the peak with them.
 
     Raises:
         torch.cuda.OutOfMemoryError: a step with every block checkpointed does not fit.
@@ -393,14 +396,34 @@ def fit_uncheckpointed_layers(model, inputs: dict, labels, budget_gb: float | No
                 offloaded = round(measure(0), 3)
         finally:
             restore()
-    if n_kept:
-        skip_checkpointing(model, n_kept)
     spread = sorted(kept for kept, peak in peaks.items() if kept >= 1 and math.isfinite(peak))
     per_block = ((peaks[spread[-1]] - peaks[spread[0]]) / (spread[-1] - spread[0])) if len(spread) > 1 else None
+    peak_gb = peaks[n_kept] if offloaded is None else offloaded  # offloaded: nothing kept fitted without it
+    if offloaded is not None and offloaded < budget_gb and per_block:
+        # Room beside the offloaded inputs: keep the blocks that fit there (a kept block's activations stay on
+        # the GPU). The line through the kept blocks' peaks, less what offloading saved, checked by measuring.
+        saved, top = peaks[0] - offloaded, spread[-1]
+        within = {0: offloaded}
+        try:
+            model.train()
+            with torch.random.fork_rng(devices=[index]):
+                n_kept = max(1, blocks_within_budget(peaks[top] - saved, top, per_block, budget_gb, n_blocks))
+                for _ in range(MAX_FIT_CHECKS):
+                    within[n_kept] = measure(n_kept)
+                    if within[n_kept] <= budget_gb or n_kept == 1:
+                        break
+                    slope = (within[n_kept] - offloaded) / n_kept if math.isfinite(within[n_kept]) else per_block
+                    n_kept = max(1, blocks_within_budget(offloaded, 0, slope, budget_gb, n_kept - 1))
+        finally:
+            restore()
+        n_kept = max(kept for kept, peak in within.items() if peak <= budget_gb)
+        peak_gb = within[n_kept]
+    if n_kept:
+        skip_checkpointing(model, n_kept)
     measured = {"peak_all_checkpointed_gb": round(peaks[0], 3) if 0 in peaks else None,
                 "per_block_gb": None if per_block is None else round(per_block, 4),
                 "budget_gb": round(budget_gb, 3), "kept": n_kept, "n_blocks": n_blocks,
-                "peak_gb": round(peaks[n_kept], 3)}
+                "peak_gb": round(peak_gb, 3)}
     if offloaded is not None:
-        measured.update(offloaded=True, peak_gb=offloaded)
+        measured.update(offloaded=True, peak_offloaded_all_checkpointed_gb=offloaded)
     return n_kept, measured
