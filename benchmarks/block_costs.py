@@ -46,7 +46,7 @@ def save_one_block(shape: str, workdir: Path) -> tuple[Path, int]:
         if getattr(config, "layer_types", None):  # Qwen2's per-block attention kinds: one per block
             config.layer_types = config.layer_types[:1]
         torch.manual_seed(0)
-        with torch.device("cuda"):
+        with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
             model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
         model.save_pretrained(path, safe_serialization=True)
         del model
@@ -93,10 +93,10 @@ def gpu_ms(fn, reps: int, warmup: int = 3) -> float:
     return start.elapsed_time(end) / reps
 
 
-def measure(case: str, workdir: Path, reps: int) -> dict:
+def measure(case: str, workdir: Path, reps: int, device=None) -> dict:
     shape, seq, batch = CASES[case]
     model_dir, n_blocks = save_one_block(shape, workdir)
-    model, compute_dtype = build_ours(model_dir)
+    model, compute_dtype = build_ours(model_dir, device=device)
     randomize_lora_b(model)
     device = next(model.parameters()).device
     applied = fast.apply(model, replace(DEFAULT, uncheckpointed_layers=0), device, compute_dtype)

@@ -241,8 +241,8 @@ def build_plain(model_dir: Path):
     return model
 
 
-def build_ours(model_dir: Path, dropout: float = 0.05):
-    device = torch.device("cuda")
+def build_ours(model_dir: Path, dropout: float = 0.05, device=None):
+    device = device or torch.device("cuda")
     model, compute_dtype = modeling.load_base_model(model_dir, QuantizationParams(), device)
     torch.manual_seed(1)
     model = modeling.add_lora(model, lora_params(dropout), quantized=True, gradient_checkpointing=True)
@@ -265,7 +265,8 @@ def set_lora_state(model, state: dict) -> None:
 
 def randomize_lora_b(model) -> None:
     """LoRA B starts at zero, which makes every A gradient zero: give it small seeded values."""
-    generator = torch.Generator(device="cuda").manual_seed(2)
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(2)
     with torch.no_grad():
         for n, p in sorted(model.named_parameters()):
             if p.requires_grad and "lora_B" in n:

@@ -135,3 +135,37 @@ def test_the_peer_counts_the_blocks_a_checkpoint_really_ran_for(tiny_llama_dir):
     with unsloth_peer.checkpoint_calls(blocks) as called:
         forward_backward()
     assert called == set()
+
+
+def test_block_costs_times_each_part_and_recomputes_the_mlp_without_the_down_projections_matmul(tmp_path,
+                                                                                               monkeypatch):
+    """benchmarks/block_costs.py on the CPU (tiny shape): every part timed, and the MLP as ``lean_recompute``
+    recomputes it dequantizes one 4-bit weight fewer (gate and up, not down) than the MLP's forward."""
+    import block_costs
+
+    from qlorapipe.train.fast import fused_lora
+
+    monkeypatch.setitem(block_costs.CASES, "tiny", ("tiny", 16, 2))
+    dequantized = []
+    frozen_weight = fused_lora.frozen_weight
+    monkeypatch.setattr(fused_lora, "frozen_weight", lambda base, dtype: dequantized.append(1) or frozen_weight(base, dtype))
+    per_part = []
+
+    def once(fn, reps, warmup=3):  # one call per part, counting the 4-bit weights it dequantized
+        before = len(dequantized)
+        fn()
+        per_part.append(len(dequantized) - before)
+        return 1.0
+
+    monkeypatch.setattr(block_costs, "gpu_ms", once)
+    row = block_costs.measure("tiny", tmp_path, reps=1, device=torch.device("cpu"))
+    assert row["blocks"] == 2 and "lean_recompute" in row["applied"]
+    assert per_part[:3] == [4, 3, 2]  # attention: q, k, v, o; the MLP: gate, up, down; recomputed: no down
+    ms, derived = row["ms_per_block"], row["derived_ms_per_block"]
+    assert set(ms) == {"attention_forward", "mlp_forward", "mlp_forward_lean_recompute", "input_norm", "q_proj",
+                       "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj_base_only",
+                       "attention_backward", "mlp_backward"}
+    assert derived["recompute_lean"] == ms["attention_forward"] + ms["mlp_forward_lean_recompute"]
+    assert row["derived_ms_per_step_all_blocks"] == {"kept": 2 * (derived["forward"] + derived["backward"]),
+                                                     "all_recomputed_lean": 2 * (derived["forward"] + derived["backward"]
+                                                                                 + derived["recompute_lean"])}
