@@ -333,7 +333,7 @@ def test_the_probe_offloads_checkpointed_inputs_when_recomputing_every_block_is_
         return _h200_peak(kept) - (0.6 if offload.offloaded(model) else 0.0)
 
     steps = _simulated_gpu(monkeypatch, model, peak)
-    kept, measured = _fit(model, 3.5)  # offloaded 3.19 GB; the line less the 0.6 GB saved: two blocks at 3.50
+    kept, measured = _fit(model, 3.55)  # offloaded 3.19 GB; the line less the 0.6 GB saved: two blocks at 3.50
     assert kept == 2 and steps == [36, 0, 1, 2, 0, 2] and offload.offloaded(model)
     assert measured["peak_all_checkpointed_gb"] == 3.79 and measured["offloaded"]
     assert measured["peak_offloaded_all_checkpointed_gb"] == 3.19 and measured["peak_gb"] == 3.5
@@ -346,6 +346,16 @@ def test_the_probe_offloads_checkpointed_inputs_when_recomputing_every_block_is_
     steps = _simulated_gpu(monkeypatch, model, heavier)
     kept, measured = _fit(model, 3.75)  # the line: two (3.50 GB); measured 3.90, then one at 3.39
     assert steps == [36, 0, 1, 2, 0, 2, 1] and kept == 1 and measured["peak_gb"] == round(heavier(1), 3)
+    assert checkpointing.uncheckpointed_count(model) == 1 and not model.blocks[-1].gradient_checkpointing
+    fast.remove(model)
+
+    def steeper(kept):  # offloading saves 2.79 GB, but each block kept beside it takes 0.6 GB
+        return 1.0 + 0.6 * kept if offload.offloaded(model) else _h200_peak(kept)
+
+    steps = _simulated_gpu(monkeypatch, model, steeper, capacity_gb=5.0)
+    kept, measured = _fit(model, 3.5)  # the line: seven, out of memory (5.2 GB); halfway down: three at 2.8
+    assert steps == [36, 0, 1, 2, 0, 7, 3] and kept == 3 and measured["peak_gb"] == 2.8
+    assert checkpointing.uncheckpointed_count(model) == 3
     fast.remove(model)
     steps = _simulated_gpu(monkeypatch, model, peak)
     kept, measured = _fit(model, 3.19)  # no room beside the offloaded step: nothing more measured

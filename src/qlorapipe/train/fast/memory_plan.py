@@ -297,7 +297,7 @@ def fit_uncheckpointed_layers(model, inputs: dict, labels, budget_gb: float | No
         ``per_block_gb`` (both None when every block kept fitted, so neither was measured),
         ``budget_gb``, ``kept``, ``n_blocks`` and ``peak_gb`` (the measured
         peak with N kept); empty when nothing was measured (not CUDA, or no block under
-        gradient checkpointing). When even every block checkpointed peaks above the budget, the
+        gradient checkpointing). When no count fits (every block checkpointed peaks above the budget), the
         checkpointed blocks' inputs are offloaded to host memory (``offload.offload_checkpoints``,
         unless they already are) and that step is measured: ``offloaded`` is True and
         ``peak_offloaded_all_checkpointed_gb`` its peak; below the budget, the most blocks that fit
@@ -388,7 +388,8 @@ def fit_uncheckpointed_layers(model, inputs: dict, labels, budget_gb: float | No
     # Only a measured peak decides: the most blocks measured within the budget, up to the count found.
     n_kept = max((kept for kept, peak in peaks.items() if kept <= n_kept and peak <= budget_gb), default=0)
     offloaded = None
-    if peaks.get(0, 0.0) > budget_gb and not offload.offloaded(model) and offload.offload_checkpoints(model, device):
+    if (not n_kept and peaks.get(0, 0.0) > budget_gb and not offload.offloaded(model)
+            and offload.offload_checkpoints(model, device)):
         # Even recomputing every block is above the budget: their inputs go to host memory too.
         try:
             model.train()
@@ -400,20 +401,29 @@ def fit_uncheckpointed_layers(model, inputs: dict, labels, budget_gb: float | No
     per_block = ((peaks[spread[-1]] - peaks[spread[0]]) / (spread[-1] - spread[0])) if len(spread) > 1 else None
     peak_gb = peaks[n_kept] if offloaded is None else offloaded  # offloaded: nothing kept fitted without it
     if offloaded is not None and offloaded < budget_gb and per_block:
-        # Room beside the offloaded inputs: keep the blocks that fit there (a kept block's activations stay on
-        # the GPU). The line through the kept blocks' peaks, less what offloading saved, checked by measuring.
+        # Room beside the offloaded inputs: keep the blocks that fit there. The line through the kept blocks'
+        # peaks less what offloading saved, each kept block also taking its own input back (its activations
+        # stay on the GPU), checked by measuring as above.
         saved, top = peaks[0] - offloaded, spread[-1]
+        slope = per_block + saved / n_blocks
         within = {0: offloaded}
         try:
             model.train()
             with torch.random.fork_rng(devices=[index]):
-                n_kept = max(1, blocks_within_budget(peaks[top] - saved, top, per_block, budget_gb, n_blocks))
+                at_top = peaks[top] - saved + top * saved / n_blocks
+                n_kept = max(1, blocks_within_budget(at_top, top, slope, budget_gb, n_blocks))
                 for _ in range(MAX_FIT_CHECKS):
                     within[n_kept] = measure(n_kept)
-                    if within[n_kept] <= budget_gb or n_kept == 1:
+                    if within[n_kept] <= budget_gb:
                         break
-                    slope = (within[n_kept] - offloaded) / n_kept if math.isfinite(within[n_kept]) else per_block
-                    n_kept = max(1, blocks_within_budget(offloaded, 0, slope, budget_gb, n_kept - 1))
+                    fits = max(kept for kept, peak in within.items() if peak <= budget_gb)
+                    if math.isinf(within[n_kept]):  # out of memory: halve the way down to what fits
+                        n_kept = (fits + n_kept) // 2
+                    else:  # the line through the offloaded step and this one
+                        slope = (within[n_kept] - offloaded) / n_kept
+                        n_kept = blocks_within_budget(offloaded, 0, slope, budget_gb, n_kept - 1)
+                    if n_kept <= fits:
+                        break
         finally:
             restore()
         n_kept = max(kept for kept, peak in within.items() if peak <= budget_gb)
