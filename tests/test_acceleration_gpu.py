@@ -225,6 +225,31 @@ def test_auto_keeps_the_blocks_that_fit_in_the_budget_and_leaves_no_trace(six_bl
     assert _step_peak_gb(model, inputs, ids, graphed) <= budget  # a real step with the blocks it kept
 
 
+def test_auto_offloads_below_the_all_checkpointed_peak_and_keeps_what_fits_beside(six_block_qwen2_dir, monkeypatch):
+    monkeypatch.setattr(offload, "MIN_BYTES", 0)  # the tiny model's block inputs are small
+    device = torch.device("cuda")
+    model, _ = _tiny_lora(six_block_qwen2_dir, AccelerationParams())  # auto: nothing yet
+    layers = checkpointing.decoder_layers(model)
+    ids = torch.randint(4, 300, (8, 1024), device=device, generator=torch.Generator(device).manual_seed(5))
+    inputs = {"input_ids": ids, "use_cache": False}
+    _step_peak_gb(model, inputs, ids)
+    none_kept = _step_peak_gb(model, inputs, ids)
+    assert offload.offload_checkpoints(model, device)
+    offloaded = _step_peak_gb(model, inputs, ids)
+    for layer in layers:
+        offload.remove(layer)
+    assert offloaded < none_kept and not offload.offloaded(model)
+    budget = none_kept - (none_kept - offloaded) / 4  # below every block checkpointed, above them offloaded
+
+    kept, measured = memory_plan.fit_uncheckpointed_layers(model, inputs, ids, budget, device)
+    assert measured["offloaded"] and offload.offloaded(model), measured
+    assert measured["peak_offloaded_all_checkpointed_gb"] == pytest.approx(offloaded, abs=2e-3)
+    assert measured["kept"] == kept == checkpointing.uncheckpointed_count(model) and kept < 6
+    assert measured["peak_gb"] <= budget
+    model.train()
+    assert _step_peak_gb(model, inputs, ids) <= budget  # a real step, offloaded, with the blocks it kept
+
+
 def test_auto_with_the_default_budget_keeps_every_tiny_block(six_block_qwen2_dir):
     device = torch.device("cuda")
     model, _ = _tiny_lora(six_block_qwen2_dir, AccelerationParams())
