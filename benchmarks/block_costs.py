@@ -10,7 +10,8 @@ stream that needs a gradient, as training runs them:
 - attention half: the input norm, q/k/v projections, RoPE, sdpa, the output projection;
 - MLP half: the post-attention norm, gate and up projections, SwiGLU and the down projection;
 - the same MLP half as ``lean_recompute`` recomputes it (the down projection's base matmul skipped);
-- each half's backward pass (with everything it saved kept), and single projections alone.
+- each half's backward pass (with everything it saved kept), and single projections alone, with their
+  adapters and without (the 4-bit base layer only: dequantization and matmul).
 
 A checkpointed block costs its forward pass again in the backward pass: attention + lean MLP. The
 figures times the blocks give the recomputation's share of the step (against train_speed.py's step
@@ -150,6 +151,8 @@ def measure(case: str, workdir: Path, reps: int, device=None) -> dict:
         "o_proj": lambda: attn.o_proj(normed),
         "gate_proj": lambda: mlp_.gate_proj(normed),
         "up_proj": lambda: mlp_.up_proj(normed),
+        "q_proj_base_only": lambda: attn.q_proj.base_layer(normed),  # what the adapter adds: q_proj less this
+        "gate_proj_base_only": lambda: mlp_.gate_proj.base_layer(normed),
         "down_proj_base_only": lambda: mlp_.down_proj.base_layer(intermediate),
     }
     row = {"case": case, "shape": shape, "seq": seq, "batch": batch, "blocks": n_blocks, "applied": applied}
