@@ -566,7 +566,7 @@ def run_shape(shape: str, cases: list[str], args, results: list) -> None:
 
     dropouts = [float(d) for d in args.peer_dropouts.split(",")]
     references = dict.fromkeys(cases)
-    if not args.plain:  # no plain rows (case D: each load of a 70B model costs minutes): ours first, then the peer
+    if not args.plain:  # no plain rows (D: a 70B load costs minutes): ours, the peer, ours within its peak
         model, compute_dtype = build_ours(model_dir)
         randomize_lora_b(model)
         init = lora_state(model)
@@ -581,6 +581,18 @@ def run_shape(shape: str, cases: list[str], args, results: list) -> None:
         for case in cases:
             for dropout in dropouts if args.peer else ():
                 run_peer(case, dropout, model_dir, data[case][0], init, None, args, results)
+        # Within the peer's peak: ours loaded again once the peer's process has freed the GPU.
+        within = [(case, peer_peak(results, case, 0.05)) for case in cases if selected(WITHIN_PEER_PEAK, args)]
+        within = [(case, peak) for case, peak in within if peak is not None]
+        if within:
+            model, compute_dtype = build_ours(model_dir)
+            for case, peak in within:
+                run_ours(WITHIN_PEER_PEAK, replace(DEFAULT, memory_budget_gb=peak), model, compute_dtype, case, data,
+                         init, references, args, results)
+                fast.remove(model, upcast_dtype=torch.float32)
+            model = None
+            gc.collect()
+            torch.cuda.empty_cache()
         add_mfu(results, cases, n_params, config)
         return
     plain = build_plain(model_dir)
