@@ -11,7 +11,8 @@ stream that needs a gradient, as training runs them:
 - MLP half: the post-attention norm, gate and up projections, SwiGLU and the down projection;
 - the same MLP half as ``lean_recompute`` recomputes it (the down projection's base matmul skipped);
 - each half's backward pass (with everything it saved kept), and single projections alone, with their
-  adapters and without (the 4-bit base layer only: dequantization and matmul).
+  adapters and without (the 4-bit base layer only: dequantization and matmul), and the matmul alone on
+  weights dequantized beforehand.
 
 A checkpointed block costs its forward pass again in the backward pass: attention + lean MLP. The
 figures times the blocks give the recomputation's share of the step (against train_speed.py's step
@@ -31,7 +32,7 @@ import torch
 from train_speed import CASES, DEFAULT, build_ours, randomize_lora_b, shape_config
 
 from qlorapipe.train import fast
-from qlorapipe.train.fast import lean_recompute
+from qlorapipe.train.fast import fused_lora, lean_recompute
 from qlorapipe.train.fast.checkpointing import decoder_layers
 
 
@@ -138,6 +139,10 @@ def measure(case: str, workdir: Path, reps: int, device=None) -> dict:
     normed = layer.input_layernorm(hidden).detach()
     intermediate = torch.randn(batch, seq, config.intermediate_size, device=device, dtype=compute_dtype)
     attn, mlp_ = layer.self_attn, layer.mlp
+    # The 16-bit weights, dequantized once: the matmul alone, against the base layer that dequantizes at each
+    # call; the difference bounds what a dequantization fused into the matmul could take off.
+    q_weight = fused_lora.frozen_weight(attn.q_proj.base_layer, compute_dtype)
+    down_weight = fused_lora.frozen_weight(mlp_.down_proj.base_layer, compute_dtype)
     parts = {
         "attention_forward": attention,
         "mlp_forward": mlp,
@@ -154,6 +159,8 @@ def measure(case: str, workdir: Path, reps: int, device=None) -> dict:
         "q_proj_base_only": lambda: attn.q_proj.base_layer(normed),  # what the adapter adds: q_proj less this
         "gate_proj_base_only": lambda: mlp_.gate_proj.base_layer(normed),
         "down_proj_base_only": lambda: mlp_.down_proj.base_layer(intermediate),
+        "q_proj_matmul_only": lambda: normed @ q_weight.t(),
+        "down_proj_matmul_only": lambda: intermediate @ down_weight.t(),
     }
     row = {"case": case, "shape": shape, "seq": seq, "batch": batch, "blocks": n_blocks, "applied": applied}
     ms = {name: round(gpu_ms(fn, reps), 3) for name, fn in parts.items()}
