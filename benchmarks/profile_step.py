@@ -2,7 +2,7 @@
 
     PYTHONPATH=src python benchmarks/profile_step.py --cases B,A --out bench-out/profile
 
-Builds this project's train path on the random-init Qwen2.5-3B shape (as train_speed.py does),
+Builds this project's train path on each case's random-init shape (as train_speed.py does),
 runs a few warm-up steps per variant, then records two steps with torch.profiler and prints,
 per variant: wall ms per step, GPU-busy ms per step (the union of kernel intervals), kernel
 launches per step, and the operators with the most host time and the kernels with the most
@@ -32,6 +32,9 @@ VARIANTS = {
     "defaults + uncheckpointed_layers=36": replace(DEFAULT, uncheckpointed_layers=36),
     "defaults + compile_layers": replace(DEFAULT, compile_layers=True),
     "defaults + compile_layers + flat_absmax": replace(DEFAULT, compile_layers=True),
+    # Every case's shape: each block recomputed (with its input offloaded: the smallest footprint), or none.
+    "every block checkpointed + offload": replace(DEFAULT, uncheckpointed_layers=0, offload_checkpoints=True),
+    "every block kept": replace(DEFAULT, uncheckpointed_layers=10**6),
 }
 
 
@@ -155,29 +158,35 @@ def main() -> None:
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     args.workdir.mkdir(parents=True, exist_ok=True)
-    model_dir, _ = save_random_model("qwen2.5-3b", args.workdir)
-    config = shape_config("qwen2.5-3b")
-    model, compute_dtype = build_ours(model_dir)
-    randomize_lora_b(model)
     device = torch.device("cuda")
+    cases = args.cases.split(",")
     rows = []
-    for label in args.variants.split(","):
+    for shape in dict.fromkeys(CASES[case][0] for case in cases):  # one model per shape, its cases in turn
+        model_dir, _ = save_random_model(shape, args.workdir)
+        config = shape_config(shape)
+        model, compute_dtype = build_ours(model_dir)
+        randomize_lora_b(model)
+        for label in args.variants.split(","):
+            fast.remove(model, upcast_dtype=torch.float32)
+            applied = fast.apply(model, VARIANTS[label], device, compute_dtype)
+            if label.endswith("flat_absmax"):
+                applied.append(f"flat_absmax on {flatten_absmax(model)} weights")
+            trainable = [p for p in model.parameters() if p.requires_grad]
+            for case in (case for case in cases if CASES[case][0] == shape):
+                _, seq, batch = CASES[case]
+                generator = torch.Generator().manual_seed(3)
+                batches = [torch.randint(0, config.vocab_size, (batch, seq), generator=generator).cuda()
+                           for _ in range(args.steps + 2)]
+                row = profile_variant(model, batches, trainable, label, case, args.out, args.rows)
+                row["applied"] = applied
+                rows.append(row)
+                (args.out / "profile.json").write_text(json.dumps(rows, indent=1))
+                gc.collect()
+                torch.cuda.empty_cache()
         fast.remove(model, upcast_dtype=torch.float32)
-        applied = fast.apply(model, VARIANTS[label], device, compute_dtype)
-        if label.endswith("flat_absmax"):
-            applied.append(f"flat_absmax on {flatten_absmax(model)} weights")
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        for case in args.cases.split(","):
-            _, seq, batch = CASES[case]
-            generator = torch.Generator().manual_seed(3)
-            batches = [torch.randint(0, config.vocab_size, (batch, seq), generator=generator).cuda()
-                       for _ in range(args.steps + 2)]
-            row = profile_variant(model, batches, trainable, label, case, args.out, args.rows)
-            row["applied"] = applied
-            rows.append(row)
-            (args.out / "profile.json").write_text(json.dumps(rows, indent=1))
-            gc.collect()
-            torch.cuda.empty_cache()
+        del model, trainable
+        gc.collect()
+        torch.cuda.empty_cache()
     for row in rows:
         print(json.dumps(row))
 
