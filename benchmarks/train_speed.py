@@ -505,10 +505,12 @@ def run_ours(label: str, params: AccelerationParams, model, compute_dtype, case:
                 prepare, optimizer, graphs=params.cuda_graphs, async_optimizer=params.async_optimizer)
 
 
-def peer_peak(results: list, case: str, dropout: float) -> float | None:
-    """The peak allocated GB of unsloth's row of ``case`` at ``dropout`` (None when it has none: no budget)."""
-    return next((r["peak_alloc_gb"] for r in results if r["case"] == case and r.get("peer") == "unsloth"
+def within_peer_peak(results: list, case: str, dropout: float) -> AccelerationParams | None:
+    """The defaults with ``memory_budget_gb`` at the peak allocated GB of unsloth's row of ``case`` at
+    ``dropout``; None when there is no such row (no budget: the row would be the defaults')."""
+    peak = next((r["peak_alloc_gb"] for r in results if r["case"] == case and r.get("peer") == "unsloth"
                  and r.get("dropout") == dropout and "peak_alloc_gb" in r), None)
+    return None if peak is None else replace(DEFAULT, memory_budget_gb=peak)
 
 
 def run_peer(case: str, dropout: float, model_dir: Path, batches: list, init: dict, reference, args,
@@ -582,13 +584,12 @@ def run_shape(shape: str, cases: list[str], args, results: list) -> None:
             for dropout in dropouts if args.peer else ():
                 run_peer(case, dropout, model_dir, data[case][0], init, None, args, results)
         # Within the peer's peak: ours loaded again once the peer's process has freed the GPU.
-        within = [(case, peer_peak(results, case, 0.05)) for case in cases if selected(WITHIN_PEER_PEAK, args)]
-        within = [(case, peak) for case, peak in within if peak is not None]
+        within = [(case, within_peer_peak(results, case, 0.05)) for case in cases if selected(WITHIN_PEER_PEAK, args)]
+        within = [(case, params) for case, params in within if params is not None]
         if within:
             model, compute_dtype = build_ours(model_dir)
-            for case, peak in within:
-                run_ours(WITHIN_PEER_PEAK, replace(DEFAULT, memory_budget_gb=peak), model, compute_dtype, case, data,
-                         init, references, args, results)
+            for case, params in within:
+                run_ours(WITHIN_PEER_PEAK, params, model, compute_dtype, case, data, init, references, args, results)
                 fast.remove(model, upcast_dtype=torch.float32)
             model = None
             gc.collect()
@@ -619,9 +620,8 @@ def run_shape(shape: str, cases: list[str], args, results: list) -> None:
     set_lora_state(model, {k: v for k, v in init.items()})
     for case in cases:
         variants = ours_variants(case, config.num_hidden_layers)
-        peak = peer_peak(results, case, 0.05) if args.peer else None
-        if peak is not None:  # no budget row without the peer's row at this dropout (it would be the defaults')
-            within = replace(DEFAULT, memory_budget_gb=peak)
+        within = within_peer_peak(results, case, 0.05) if args.peer else None
+        if within is not None:
             variants += [(WITHIN_PEER_PEAK, within), (WITHIN_PEER_PEAK + NOT_LEAN, replace(within, lean_recompute=False))]
         for label, params in variants:
             if not selected(label, args):
@@ -649,14 +649,13 @@ def run_shape(shape: str, cases: list[str], args, results: list) -> None:
         torch.cuda.empty_cache()
         model, compute_dtype = build_ours(model_dir, dropout=0.0)
         for case in cases:
-            peak = peer_peak(results, case, 0.0)
-            within = replace(DEFAULT, memory_budget_gb=peak)
+            within = within_peer_peak(results, case, 0.0)
             rows = [("ours, defaults, dropout 0", DEFAULT)]
-            if peak is not None:
+            if within is not None:
                 rows.append((f"{WITHIN_PEER_PEAK}, dropout 0", within))
             if not args.variants or "offload" in args.variants:
                 rows.append(("ours, every block checkpointed + offload, dropout 0", OFFLOADED))
-            if peak is not None and (not args.variants or NOT_LEAN.lstrip(", ") in args.variants):
+            if within is not None and (not args.variants or NOT_LEAN.lstrip(", ") in args.variants):
                 rows.append((f"{WITHIN_PEER_PEAK}, dropout 0{NOT_LEAN}", replace(within, lean_recompute=False)))
             for label, params in rows:
                 run_ours(label, params, model, compute_dtype, case, data, init, references, args, results)

@@ -59,6 +59,25 @@ def blocks_within_budget(peak: float, kept: int, per_block: float, budget: float
     return max(0, math.floor(room + 1e-9))
 
 
+def _step_down(measure, peaks: dict[int, float], n_kept: int, floor: int, budget_gb: float) -> int:
+    """Measure the step with ``n_kept`` blocks kept (into ``peaks``, unless there already) and, while its peak
+    is above ``budget_gb``, step down, at most ``MAX_FIT_CHECKS`` steps in all: along the line through the
+    most blocks measured below it, or halfway down to them when the step ran out of memory (no line to
+    follow). Counts at ``floor`` or below are not stepped past. Returns the last count tried."""
+    for _ in range(MAX_FIT_CHECKS):
+        if n_kept not in peaks:
+            peaks[n_kept] = measure(n_kept)
+        if n_kept <= floor or peaks[n_kept] <= budget_gb:
+            break
+        below = max(kept for kept in peaks if kept < n_kept)
+        if math.isinf(peaks[n_kept]):
+            n_kept = (below + n_kept) // 2
+        else:
+            slope = (peaks[n_kept] - peaks[below]) / (n_kept - below)
+            n_kept = blocks_within_budget(peaks[below], below, slope, budget_gb, n_kept - 1)
+    return n_kept
+
+
 def plan_uncheckpointed_layers(model, params: AccelerationParams, batch, device, num_processes: int = 1,
                                cuda_graphs: bool = False) -> int:
     """With ``uncheckpointed_layers: auto``, keep as many blocks as fit in the memory budget.
@@ -372,17 +391,7 @@ def fit_uncheckpointed_layers(model, inputs: dict, labels, budget_gb: float | No
                 top = min(2, n_blocks)
                 slope = peaks[top] - peaks[top - 1]  # inf or nan when out of memory
                 n_kept = blocks_within_budget(peaks[top], top, slope, budget_gb, n_blocks) if math.isfinite(slope) else 0
-                for _ in range(MAX_FIT_CHECKS):
-                    if n_kept not in peaks:
-                        peaks[n_kept] = measure(n_kept)
-                    if n_kept <= top or peaks[n_kept] <= budget_gb:
-                        break
-                    below = max(kept for kept in peaks if kept < n_kept)
-                    if math.isinf(peaks[n_kept]):  # out of memory: no line to follow, halve the way down
-                        n_kept = (below + n_kept) // 2
-                    else:
-                        slope = (peaks[n_kept] - peaks[below]) / (n_kept - below)
-                        n_kept = blocks_within_budget(peaks[below], below, slope, budget_gb, n_kept - 1)
+                n_kept = _step_down(measure, peaks, n_kept, top, budget_gb)
     finally:
         restore()
     # Only a measured peak decides: the most blocks measured within the budget, up to the count found.
@@ -403,7 +412,7 @@ def fit_uncheckpointed_layers(model, inputs: dict, labels, budget_gb: float | No
     if offloaded is not None and offloaded < budget_gb and per_block:
         # Room beside the offloaded inputs: keep the blocks that fit there. The line through the kept blocks'
         # peaks less what offloading saved, each kept block also taking its own input back (its activations
-        # stay on the GPU), checked by measuring as above.
+        # stay on the GPU), checked by measuring as the first search is.
         saved, top = peaks[0] - offloaded, spread[-1]
         slope = per_block + saved / n_blocks
         within = {0: offloaded}
@@ -412,18 +421,7 @@ def fit_uncheckpointed_layers(model, inputs: dict, labels, budget_gb: float | No
             with torch.random.fork_rng(devices=[index]):
                 at_top = peaks[top] - saved + top * saved / n_blocks
                 n_kept = max(1, blocks_within_budget(at_top, top, slope, budget_gb, n_blocks))
-                for _ in range(MAX_FIT_CHECKS):
-                    within[n_kept] = measure(n_kept)
-                    if within[n_kept] <= budget_gb:
-                        break
-                    fits = max(kept for kept, peak in within.items() if peak <= budget_gb)
-                    if math.isinf(within[n_kept]):  # out of memory: halve the way down to what fits
-                        n_kept = (fits + n_kept) // 2
-                    else:  # the line through the offloaded step and this one
-                        slope = (within[n_kept] - offloaded) / n_kept
-                        n_kept = blocks_within_budget(offloaded, 0, slope, budget_gb, n_kept - 1)
-                    if n_kept <= fits:
-                        break
+                _step_down(measure, within, n_kept, 0, budget_gb)
         finally:
             restore()
         n_kept = max(kept for kept, peak in within.items() if peak <= budget_gb)
