@@ -12,7 +12,10 @@ stream that needs a gradient, as training runs them:
 - the same MLP half as ``lean_recompute`` recomputes it (the down projection's base matmul skipped);
 - each half's backward pass (with everything it saved kept), and single projections alone, with their
   adapters and without (the 4-bit base layer only: dequantization and matmul), and the matmul alone on
-  weights dequantized beforehand.
+  weights dequantized beforehand;
+- on GPUs with float8 matmuls (compute capability 8.9 and up), the same matmuls in float8 (e4m3, one scale
+  per token and per output channel, the input's quantization included) with their error against bf16: what
+  a float8 base matmul could take off the step.
 
 A checkpointed block costs its forward pass again in the backward pass: attention + lean MLP. The
 figures times the blocks give the recomputation's share of the step (against train_speed.py's step
@@ -95,6 +98,30 @@ def gpu_ms(fn, reps: int, warmup: int = 3) -> float:
     return start.elapsed_time(end) / reps
 
 
+FLOAT8_TOP = torch.finfo(torch.float8_e4m3fn).max
+
+
+def float8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` as 2-D float8 e4m3 rows, each with its own scale (returned as an (M, 1) float32 column)."""
+    flat = x.reshape(-1, x.shape[-1]).float()
+    scale = flat.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / FLOAT8_TOP
+    return (flat / scale).to(torch.float8_e4m3fn), scale
+
+
+def float8_matmul(weight: torch.Tensor):
+    """``x @ weight.t()`` in float8 e4m3 (a scale per row of x and per output channel, bf16 out), as a closure
+    over the weight quantized once that takes x's rows from ``float8_rows``. None where the GPU has no float8
+    matmul (compute capability below 8.9)."""
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9):
+        return None
+    w8, w_scale = float8_rows(weight)
+
+    def matmul(x8: torch.Tensor, x_scale: torch.Tensor) -> torch.Tensor:
+        return torch._scaled_mm(x8, w8.t(), scale_a=x_scale, scale_b=w_scale.t(), out_dtype=weight.dtype)
+
+    return matmul
+
+
 def measure(case: str, workdir: Path, reps: int, device=None) -> dict:
     shape, seq, batch = CASES[case]
     model_dir, n_blocks = save_one_block(shape, workdir)
@@ -163,6 +190,19 @@ def measure(case: str, workdir: Path, reps: int, device=None) -> dict:
         "down_proj_matmul_only": lambda: intermediate @ down_weight.t(),
     }
     row = {"case": case, "shape": shape, "seq": seq, "batch": batch, "blocks": n_blocks, "applied": applied}
+    q8, down8 = float8_matmul(q_weight), float8_matmul(down_weight)
+    if q8 is not None:  # the matmul with x's quantization (unfused torch ops, compiled), and on x quantized beforehand
+        normed8, intermediate8 = float8_rows(normed), float8_rows(intermediate)
+        parts["q_proj_matmul_float8"] = lambda: q8(*float8_rows(normed))
+        parts["down_proj_matmul_float8"] = lambda: down8(*float8_rows(intermediate))
+        fused_rows = torch.compile(float8_rows)  # the quantization as one generated kernel: a fused one's cost
+        parts["down_proj_matmul_float8_compiled_quantize"] = lambda: down8(*fused_rows(intermediate))
+        parts["q_proj_matmul_float8_prequantized"] = lambda: q8(*normed8)
+        parts["down_proj_matmul_float8_prequantized"] = lambda: down8(*intermediate8)
+        with torch.no_grad():
+            exact = intermediate @ down_weight.t()
+            error = (down8(*intermediate8).reshape(exact.shape) - exact).norm() / exact.norm()
+            row["down_proj_float8_relative_error"] = round(float(error), 5)
     ms = {name: round(gpu_ms(fn, reps), 3) for name, fn in parts.items()}
     ms["attention_backward"] = round(ms.pop("attention_forward_backward") - ms["attention_forward"], 3)
     ms["mlp_backward"] = round(ms.pop("mlp_forward_backward") - ms["mlp_forward"], 3)
@@ -206,6 +246,12 @@ def main() -> None:
               f"(attention {ms['attention_forward']}, MLP {ms['mlp_forward']}), backward {derived['backward']}, "
               f"lean recompute {derived['recompute_lean']} (attention {100 * derived['recompute_attention_share']:.0f} %), "
               f"{100 * derived['recompute_over_kept_block']:.0f} % of a kept block's forward + backward")
+        if "down_proj_matmul_float8" in ms:
+            print("  float8 matmul against bf16 (x quantized at each call / beforehand): "
+                  + ", ".join(f"{p} {ms[f'{p}_proj_matmul_only'] / ms[f'{p}_proj_matmul_float8']:.2f}x / "
+                              f"{ms[f'{p}_proj_matmul_only'] / ms[f'{p}_proj_matmul_float8_prequantized']:.2f}x"
+                              for p in ("q", "down"))
+                  + f" (relative error {row['down_proj_float8_relative_error']})")
 
 
 if __name__ == "__main__":

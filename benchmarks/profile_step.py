@@ -72,6 +72,7 @@ def busy_ms(events) -> float:
 
 # Kernel-name fragments -> category, first match wins (names as CUDA reports them).
 CATEGORIES = (
+    ("host copies (offload)", ("memcpy htod", "memcpy dtoh")),  # on their own stream, overlapping kernels
     ("flash attention", ("flash", "fmha", "attention")),
     ("matmul", ("gemm", "sm90_xmma", "cutlass", "nvjet", "cublas", "matmul")),
     ("nf4 dequantize", ("dequantize", "kDequant")),
