@@ -10,6 +10,7 @@ stream that needs a gradient, as training runs them:
 - attention half: the input norm, q/k/v projections, RoPE, sdpa, the output projection;
 - MLP half: the post-attention norm, gate and up projections, SwiGLU and the down projection;
 - the same MLP half as ``lean_recompute`` recomputes it (the down projection's base matmul skipped);
+- the MLP half and the gate projection again with their adapters unjoined (``fused_lora.JOIN_WIDE`` off);
 - each half's backward pass (with everything it saved kept), and single projections alone, with their
   adapters and without (the 4-bit base layer only: dequantization and matmul), and the matmul alone on
   weights dequantized beforehand;
@@ -80,7 +81,7 @@ def gpu_ms(fn, reps: int, warmup: int = 3) -> float:
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     try:
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, stream=side):  # the warm-up's stream, as the train stage captures
             fn()
         run = graph.replay
     except RuntimeError as exc:
@@ -120,6 +121,35 @@ def float8_matmul(weight: torch.Tensor):
         return torch._scaled_mm(x8, w8.t(), scale_a=x_scale, scale_b=w_scale.t(), out_dtype=weight.dtype)
 
     return matmul
+
+
+def adapter_parts(layer, x: torch.Tensor, dtype, name: str) -> dict:
+    """Where a LoRA projection's time beyond its 4-bit base goes, on its (weight dequantized beforehand):
+    the adapter's two rank-r matmuls, the base matmul writing its output and accumulating onto the adapter's
+    (as ``fused_lora`` runs it), and one matmul over [x | dropout(x) A^T] and [W | B * scaling] (the adapter
+    folded into the base matmul's depth) with the copy that builds its input."""
+    lora_a, lora_b, base, scaling, p = fused_lora.lora_parts(layer)
+    x2 = x.reshape(-1, x.shape[-1])
+    # detached: a use of the LoRA weights outside the block's own passes would move their gradient
+    # accumulation's stream, and a capture of the block's backward pass then fails
+    a, b = lora_a.detach().to(dtype), (lora_b.detach() * scaling).to(dtype)
+    seed = fused_lora.new_seed(x2.device)
+    fused = p > 0 and fused_lora.fuses_dropout(x2, a)
+
+    def down():
+        return fused_lora.lora_down(x2, a, p, seed) if fused else fused_lora.dropout(x2, p, seed) @ a.t()
+
+    weight = fused_lora.frozen_weight(base, dtype)
+    hidden = down()
+    accumulated = hidden @ b.t()
+    joined_x, joined_w = torch.cat([x2, hidden], 1), torch.cat([weight, b], 1)
+    return {
+        f"{name}_adapter_down": down,
+        f"{name}_adapter_up": lambda: hidden @ b.t(),
+        f"{name}_matmul_accumulating": lambda: accumulated.addmm_(x2, weight.t()),
+        f"{name}_matmul_joined": lambda: joined_x @ joined_w.t(),
+        f"{name}_join_input": lambda: torch.cat([x2, hidden], 1),
+    }
 
 
 def measure(case: str, workdir: Path, reps: int, device=None) -> dict:
@@ -163,6 +193,15 @@ def measure(case: str, workdir: Path, reps: int, device=None) -> dict:
             model.zero_grad(set_to_none=True)
         return run
 
+    def unjoined(part):  # as before wide projections folded their adapter into the base matmul
+        def run():
+            fused_lora.JOIN_WIDE = False
+            try:
+                return part()
+            finally:
+                fused_lora.JOIN_WIDE = True
+        return run
+
     normed = layer.input_layernorm(hidden).detach()
     intermediate = torch.randn(batch, seq, config.intermediate_size, device=device, dtype=compute_dtype)
     attn, mlp_ = layer.self_attn, layer.mlp
@@ -176,12 +215,15 @@ def measure(case: str, workdir: Path, reps: int, device=None) -> dict:
         "mlp_forward_lean_recompute": lean_mlp,
         "attention_forward_backward": with_backward(attention),
         "mlp_forward_backward": with_backward(mlp),
+        "mlp_forward_unjoined": unjoined(mlp),
+        "mlp_forward_backward_unjoined": unjoined(with_backward(mlp)),
         "input_norm": lambda: layer.input_layernorm(hidden),
         "q_proj": lambda: attn.q_proj(normed),
         "k_proj": lambda: attn.k_proj(normed),
         "v_proj": lambda: attn.v_proj(normed),
         "o_proj": lambda: attn.o_proj(normed),
         "gate_proj": lambda: mlp_.gate_proj(normed),
+        "gate_proj_unjoined": unjoined(lambda: mlp_.gate_proj(normed)),
         "up_proj": lambda: mlp_.up_proj(normed),
         "q_proj_base_only": lambda: attn.q_proj.base_layer(normed),  # what the adapter adds: q_proj less this
         "gate_proj_base_only": lambda: mlp_.gate_proj.base_layer(normed),
@@ -189,6 +231,7 @@ def measure(case: str, workdir: Path, reps: int, device=None) -> dict:
         "q_proj_matmul_only": lambda: normed @ q_weight.t(),
         "down_proj_matmul_only": lambda: intermediate @ down_weight.t(),
     }
+    parts.update(adapter_parts(mlp_.gate_proj, normed, compute_dtype, "gate_proj"))
     row = {"case": case, "shape": shape, "seq": seq, "batch": batch, "blocks": n_blocks, "applied": applied}
     q8, down8 = float8_matmul(q_weight), float8_matmul(down_weight)
     if q8 is not None:  # the matmul with x's quantization (unfused torch ops, compiled), and on x quantized beforehand
@@ -206,6 +249,7 @@ def measure(case: str, workdir: Path, reps: int, device=None) -> dict:
     ms = {name: round(gpu_ms(fn, reps), 3) for name, fn in parts.items()}
     ms["attention_backward"] = round(ms.pop("attention_forward_backward") - ms["attention_forward"], 3)
     ms["mlp_backward"] = round(ms.pop("mlp_forward_backward") - ms["mlp_forward"], 3)
+    ms["mlp_backward_unjoined"] = round(ms.pop("mlp_forward_backward_unjoined") - ms["mlp_forward_unjoined"], 3)
     row["ms_per_block"] = ms
     forward = ms["attention_forward"] + ms["mlp_forward"]
     recompute = ms["attention_forward"] + ms["mlp_forward_lean_recompute"]
@@ -246,6 +290,9 @@ def main() -> None:
               f"(attention {ms['attention_forward']}, MLP {ms['mlp_forward']}), backward {derived['backward']}, "
               f"lean recompute {derived['recompute_lean']} (attention {100 * derived['recompute_attention_share']:.0f} %), "
               f"{100 * derived['recompute_over_kept_block']:.0f} % of a kept block's forward + backward")
+        print(f"  wide projections' adapters joined / unjoined: gate {ms['gate_proj']} / {ms['gate_proj_unjoined']} ms, "
+              f"MLP forward {ms['mlp_forward']} / {ms['mlp_forward_unjoined']}, "
+              f"backward {ms['mlp_backward']} / {ms['mlp_backward_unjoined']}")
         if "down_proj_matmul_float8" in ms:
             print("  float8 matmul against bf16 (x quantized at each call / beforehand): "
                   + ", ".join(f"{p} {ms[f'{p}_proj_matmul_only'] / ms[f'{p}_proj_matmul_float8']:.2f}x / "

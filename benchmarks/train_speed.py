@@ -61,6 +61,7 @@ NOT_LEAN = ", without lean_recompute"  # the recomputation runs every projection
 WITHIN_PEER_PEAK = "ours, defaults + memory_budget_gb=unsloth's peak"
 PEER_DROPOUTS = (0.05, 0.0)
 EAGER_PROBE = ", probed eagerly"
+UNJOINED = " with adapters unjoined"  # fused_lora.JOIN_WIDE off: gate and up add their adapter's product apart
 RESULTS_FILE: Path | None = None
 
 
@@ -456,7 +457,9 @@ def ours_variants(case: str, n_layers: int) -> list[tuple[str, AccelerationParam
                  ("ours, defaults without unpaged_optimizer", replace(DEFAULT, unpaged_optimizer=False)),
                  ("ours, defaults without fused_kernels", replace(DEFAULT, fused_kernels=False)),
                  ("ours, defaults", DEFAULT),
-                 *recomputing]
+                 ("ours, defaults" + UNJOINED, DEFAULT),
+                 *recomputing,
+                 ("ours, every block checkpointed + offload" + UNJOINED, OFFLOADED)]
     # uncheckpointed_layers: auto within a memory budget: the plain recipe's peak (A), the targets' (B, C).
     if case == "A":  # what the probe predicts from eager steps, against the graphed steps that train
         variants.append((WITHIN_PLAIN_PEAK + EAGER_PROBE, DEFAULT))
@@ -500,9 +503,15 @@ def run_ours(label: str, params: AccelerationParams, model, compute_dtype, case:
             applied.append(f"uncheckpointed_layers=auto: {kept} kept, probe {json.dumps(measured)}")
         return applied
 
+    from qlorapipe.train.fast import fused_lora
+
     optimizer = fast.training_params(TrainingParams(optimizer="paged_adamw_8bit"), params, device).optimizer
-    run_variant(label, model, case, data[case][0], data[case][1], False, args.warmup, references[case], results,
-                prepare, optimizer, graphs=params.cuda_graphs, async_optimizer=params.async_optimizer)
+    fused_lora.JOIN_WIDE = not label.endswith(UNJOINED)
+    try:
+        run_variant(label, model, case, data[case][0], data[case][1], False, args.warmup, references[case], results,
+                    prepare, optimizer, graphs=params.cuda_graphs, async_optimizer=params.async_optimizer)
+    finally:
+        fused_lora.JOIN_WIDE = True
 
 
 def within_peer_peak(results: list, case: str, dropout: float) -> AccelerationParams | None:

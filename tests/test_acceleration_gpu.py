@@ -369,6 +369,39 @@ def test_the_fused_lora_functions_compute_the_unfused_function_on_cuda(swiglu):
         assert cosine > 0.999, cosine
 
 
+def test_a_wide_projection_folds_its_adapter_into_the_base_matmul_on_cuda(monkeypatch):
+    """The NF4 weight dequantized into a wider buffer is bitsandbytes' to the bit, and the joined matmul
+    computes what the two matmuls it replaces compute (bf16 rounding apart), gradients included."""
+    import bitsandbytes as bnb
+
+    from qlorapipe.train.fast import fused_lora
+
+    torch.manual_seed(0)
+    base = bnb.nn.Linear4bit(256, 768, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4")
+    base.weight = bnb.nn.Params4bit(torch.randn(768, 256) * 0.05, requires_grad=False, quant_type="nf4")
+    base = base.cuda()
+    wide = torch.full((768, 272), float("nan"), device="cuda", dtype=torch.bfloat16)
+    fused_lora.dequantize_into(base, wide[:, :256])
+    assert torch.equal(wide[:, :256], fused_lora.frozen_weight(base, torch.bfloat16))
+    assert wide[:, 256:].isnan().all()
+    lora_a = (torch.randn(16, 256, device="cuda") * 0.1).requires_grad_()
+    lora_b = (torch.randn(768, 16, device="cuda") * 0.1).requires_grad_()
+    x = torch.randn(4, 32, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    grad_out = torch.randn(4, 32, 768, device="cuda", dtype=torch.bfloat16)
+    assert fused_lora.joins(x.detach().reshape(128, 256), base, lora_b)
+    runs = []
+    for joined in (True, False):
+        monkeypatch.setattr(fused_lora, "JOIN_WIDE", joined)
+        torch.manual_seed(5)
+        out = fused_lora.LoraLinear.apply(x, lora_a, lora_b, base, 2.0, 0.1)
+        out.backward(grad_out)
+        runs.append([out.detach().float()] + [t.grad.float() for t in (x, lora_a, lora_b)])
+        x.grad = lora_a.grad = lora_b.grad = None
+    for got, want in zip(*runs, strict=True):
+        assert torch.allclose(got, want, rtol=2e-2, atol=2e-2)
+        assert torch.nn.functional.cosine_similarity(got.flatten(), want.flatten(), dim=0) > 0.9999
+
+
 def test_dropout_masks_are_redrawn_by_recomputation_and_fresh_at_every_replay(tiny_qwen2_dir):
     device = torch.device("cuda")
     ids = torch.randint(4, 300, (2, 64), device=device, generator=torch.Generator(device).manual_seed(2))

@@ -165,6 +165,9 @@ def test_block_costs_times_each_part_and_recomputes_the_mlp_without_the_down_pro
     assert set(ms) == {"attention_forward", "mlp_forward", "mlp_forward_lean_recompute", "input_norm", "q_proj",
                        "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "q_proj_base_only", "gate_proj_base_only",
                        "down_proj_base_only", "q_proj_matmul_only", "down_proj_matmul_only",
+                       "gate_proj_adapter_down", "gate_proj_adapter_up", "gate_proj_matmul_accumulating",
+                       "gate_proj_matmul_joined", "gate_proj_join_input",
+                       "gate_proj_unjoined", "mlp_forward_unjoined", "mlp_backward_unjoined",
                        "attention_backward", "mlp_backward"}
     assert derived["recompute_lean"] == ms["attention_forward"] + ms["mlp_forward_lean_recompute"]
     assert row["derived_ms_per_step_all_blocks"] == {"kept": 2 * (derived["forward"] + derived["backward"]),

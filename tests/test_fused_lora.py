@@ -10,7 +10,7 @@ from qlorapipe.train.fast import fused_lora, lora_forward
 from qlorapipe.train.fast.checkpointing import decoder_layers
 
 
-def _base(kind: str, in_features: int, out_features: int, bias: bool = False):
+def _base(kind: str, in_features: int, out_features: int, bias: bool = False, nested: bool = True):
     torch.manual_seed(0)
     linear = torch.nn.Linear(in_features, out_features, bias=bias)
     if kind == "linear":
@@ -19,7 +19,8 @@ def _base(kind: str, in_features: int, out_features: int, bias: bool = False):
 
     quantized = bnb.nn.Linear4bit(in_features, out_features, bias=bias, compute_dtype=torch.float32,
                                   quant_type="nf4")
-    quantized.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, quant_type="nf4")
+    quantized.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, quant_type="nf4",
+                                         compress_statistics=nested)
     if bias:
         quantized.bias = torch.nn.Parameter(linear.bias.data, requires_grad=False)
     return quantized.to("cpu")
@@ -176,6 +177,39 @@ def check_fused_dropout_kernels(device="cpu", dtype=torch.float32, tol=1e-4) -> 
 def test_the_fused_lora_dropout_kernels_draw_one_mask():
     """Under Triton's interpreter on CPU tensors."""
     run_under_triton_interpreter("import test_fused_lora as t; t.check_fused_dropout_kernels()")
+
+
+def check_joined_wide_adapter() -> None:
+    """A wide NF4 projection (more outputs than inputs) folds its adapter into the base matmul: the
+    dequantization kernel writes exactly bitsandbytes' values into the first K columns of a wider buffer,
+    and the layer is still the unfused function with its gradients."""
+    for nested in (True, False):
+        base = _base("nf4", 64, 160, nested=nested)
+        assert base.weight.quant_state.nested is nested
+        for dtype in (torch.float32, torch.bfloat16):
+            wide = torch.full((160, 64 + 16), float("nan"), dtype=dtype)
+            fused_lora.dequantize_into(base, wide[:, :64])
+            want = fused_lora.frozen_weight(base, dtype)
+            if dtype == torch.float32:
+                assert torch.equal(wide[:, :64], want)
+            else:  # the interpreter rounds to bfloat16 toward zero; CUDA is exact (tests/test_acceleration_gpu.py)
+                assert torch.allclose(wide[:, :64].float(), want.float(), rtol=2 ** -7, atol=0)
+            assert wide[:, 64:].isnan().all()  # nothing written past the weight's columns
+        lora_a, lora_b = _lora(64, 160, rank=16)
+        x = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(2), requires_grad=True)
+        assert fused_lora.joins(x.detach().reshape(10, 64), base, lora_b)
+        assert not fused_lora.joins(torch.zeros(10, 160), _base("nf4", 160, 64), _lora(160, 64, rank=16)[1])
+        grad_out = torch.randn(2, 5, 160, generator=torch.Generator().manual_seed(3))
+        for p in (0.0, 0.3):
+            _assert_lora_linear_matches(base, lora_a, lora_b, x, grad_out, p,
+                                        lambda seed: fused_lora.dropout(torch.ones(10, 64), p, seed).view(2, 5, 64),
+                                        tol=1e-4)
+            x.grad = lora_a.grad = lora_b.grad = None  # the reference's, left by the check
+
+
+def test_wide_nf4_projections_fold_their_adapter_into_the_base_matmul():
+    """Under Triton's interpreter on CPU tensors (the GPU tests run it on CUDA)."""
+    run_under_triton_interpreter("import test_fused_lora as t; t.check_joined_wide_adapter()")
 
 
 @pytest.mark.parametrize("p", [0.0, 0.2])

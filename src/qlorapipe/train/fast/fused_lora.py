@@ -217,6 +217,46 @@ def frozen_weight(base, dtype) -> torch.Tensor:
     return weight.to(dtype)
 
 
+# Wide projections (more outputs than inputs: a SwiGLU MLP's gate and up) fold their adapter into the base
+# matmul's depth: [x | dropout(x) A^T] @ [W | B * scaling]^T, one matmul of depth K + r, instead of writing
+# the rank-r product (M x N) and reading it back in the base matmul's epilogue. The 4-bit weight is
+# dequantized straight into the first K columns of the wider buffer (``dequantize_into``).
+JOIN_WIDE = True
+_DEQUANTIZE_BLOCK = 1024  # packed bytes per program
+
+
+def _nf4_state(base):
+    """The bitsandbytes quant state of an NF4 base layer, or None."""
+    state = getattr(base.weight, "quant_state", None)
+    return state if state is not None and state.quant_type == "nf4" else None
+
+
+def dequantize_into(base, out: torch.Tensor) -> None:
+    """Dequantize an NF4 base layer's (N, K) weight into ``out``, an (N, K) view whose rows may be
+    strided (the first K columns of a wider buffer); the values ``frozen_weight`` gives, in out's dtype."""
+    import bitsandbytes.functional as F
+
+    from qlorapipe.train.fast import triton_kernels
+
+    state = _nf4_state(base)
+    absmax = state.absmax
+    if state.nested:  # as bitsandbytes' dequantize_4bit undoes its double quantization
+        absmax = F.dequantize_blockwise(state.absmax, state.state2)
+        absmax += state.offset
+    n, k = state.shape
+    n_bytes = n * k // 2
+    triton_kernels.nf4_dequantize_kernel[(_cdiv(n_bytes, _DEQUANTIZE_BLOCK),)](
+        base.weight.data, absmax.float(), state.code.to(out.device), out, n_bytes, k, out.stride(0),
+        BLOCKSIZE=state.blocksize, BLOCK=_DEQUANTIZE_BLOCK)
+
+
+def joins(x2: torch.Tensor, base, b: torch.Tensor) -> bool:
+    """Whether ``_forward`` folds the adapter into the base matmul (see ``JOIN_WIDE``)."""
+    k, r = x2.shape[1], b.shape[1]
+    return (JOIN_WIDE and on_triton(x2) and b.shape[0] > k and k % 2 == 0 and (k + r) % 8 == 0
+            and _nf4_state(base) is not None and tuple(_nf4_state(base).shape) == (b.shape[0], k))
+
+
 def _forward(x2, base, lora_a, lora_b, scaling: float, p: float, unread: bool = False):
     """base(x2) + (dropout(x2) @ A^T) @ (B * scaling)^T, and the tensors the backward pass needs.
 
@@ -237,6 +277,14 @@ def _forward(x2, base, lora_a, lora_b, scaling: float, p: float, unread: bool = 
     if unread:
         return x2.new_empty(x2.shape[0], b.shape[0]), (hidden, a, b, seed), fused
     bias = base.bias
+    if joins(x2, base, b):
+        (m, k), (n, r) = x2.shape, b.shape
+        weight, joined = x2.new_empty(n, k + r), x2.new_empty(m, k + r)
+        dequantize_into(base, weight[:, :k])
+        weight[:, k:] = b
+        joined[:, :k], joined[:, k:] = x2, hidden
+        out = joined @ weight.t() if bias is None else torch.addmm(bias.to(x2.dtype), joined, weight.t())
+        return out, (hidden, a, b, seed), fused
     out = hidden @ b.t() if bias is None else torch.addmm(bias.to(x2.dtype), hidden, b.t())
     out.addmm_(x2, frozen_weight(base, x2.dtype).t())
     return out, (hidden, a, b, seed), fused

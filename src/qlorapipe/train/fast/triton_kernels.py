@@ -125,3 +125,27 @@ def lora_input_grad_kernel(g_ptr, a_ptr, grad_ptr, seed_ptr, M, K, threshold, sc
     grad = tl.load(where, mask=inside[:, None], other=0.0).to(tl.float32)
     grad += tl.where(keep, lora * scale, 0.0)
     tl.store(where, grad.to(grad_ptr.dtype.element_ty), mask=inside[:, None])
+
+
+@triton.jit
+def nf4_dequantize_kernel(q_ptr, absmax_ptr, code_ptr, out_ptr, n_bytes, K, out_stride,
+                          BLOCKSIZE: tl.constexpr, BLOCK: tl.constexpr):
+    """bitsandbytes' blockwise 4-bit dequantization into rows of ``out_stride`` elements.
+
+    Byte i of ``q`` holds elements 2i (high nibble) and 2i + 1 (low nibble) of the row-major (N, K)
+    weight; element e's value is ``code[nibble] * absmax[e // BLOCKSIZE]`` in float32, rounded once to
+    out's dtype, as bitsandbytes computes it. Written at ``(e // K) * out_stride + e % K``: the weight can
+    land in the first K columns of a wider buffer.
+    """
+    pid = tl.program_id(0)
+    offsets = pid * BLOCK + tl.arange(0, BLOCK)
+    inside = offsets < n_bytes
+    packed = tl.load(q_ptr + offsets, mask=inside, other=0).to(tl.int32)
+    scale = tl.load(absmax_ptr + (offsets * 2) // BLOCKSIZE, mask=inside, other=0.0)
+    high = tl.load(code_ptr + (packed >> 4)) * scale
+    low = tl.load(code_ptr + (packed & 15)) * scale
+    values = tl.interleave(high, low)
+    elements = pid * (2 * BLOCK) + tl.arange(0, 2 * BLOCK)
+    tl.store(out_ptr + (elements // K) * out_stride + elements % K,
+             values.to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne"),
+             mask=elements < 2 * n_bytes)
