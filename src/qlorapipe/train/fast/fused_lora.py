@@ -252,9 +252,12 @@ def dequantize_into(base, out: torch.Tensor) -> None:
 
 def joins(x2: torch.Tensor, base, b: torch.Tensor) -> bool:
     """Whether ``_forward`` folds the adapter into the base matmul (see ``JOIN_WIDE``)."""
-    k, r = x2.shape[1], b.shape[1]
-    return (JOIN_WIDE and on_triton(x2) and b.shape[0] > k and k % 2 == 0 and (k + r) % 8 == 0
-            and _nf4_state(base) is not None and tuple(_nf4_state(base).shape) == (b.shape[0], k))
+    (n, r), k = b.shape, x2.shape[1]
+    if not (JOIN_WIDE and on_triton(x2) and n > k and k % 2 == 0 and (k + r) % 8 == 0
+            and n * (k + r) < MAX_ELEMENTS):  # the dequantization kernel's 32-bit offsets
+        return False
+    state = _nf4_state(base)
+    return state is not None and tuple(state.shape) == (n, k)
 
 
 def _forward(x2, base, lora_a, lora_b, scaling: float, p: float, unread: bool = False):
@@ -262,7 +265,8 @@ def _forward(x2, base, lora_a, lora_b, scaling: float, p: float, unread: bool = 
 
     The rank-r product is computed first and the base matmul accumulates onto it (cuBLAS
     reads it in its epilogue), instead of a rank-r ``addmm_`` that reads and writes the whole
-    output once more after the base matmul. ``unread``: nothing reads the output (a block's
+    output once more after the base matmul; a wide NF4 projection (``joins``) instead runs one
+    matmul with the adapter as K's last r columns. ``unread``: nothing reads the output (a block's
     recomputation, ``lean_recompute``), so only the tensors the backward pass needs are
     computed and the output is left unwritten.
     """
