@@ -264,7 +264,8 @@ def init_project(work: Path, params: dict) -> Path:
     """A fresh git + DVC project holding this repository's pipeline and code, with ``params``."""
     tracked = run_cmd(["git", "ls-files"], ROOT).stdout.split()
     for rel in tracked:
-        if rel.startswith((".dvc/", "dvc.yaml", "stages/", "src/", ".dvcignore")) and (ROOT / rel).is_file():
+        project_file = rel.startswith((".dvc/", "dvc.yaml", "stages/", "src/", ".dvcignore", ".gitignore"))
+        if project_file and (ROOT / rel).is_file():
             (work / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / rel, work / rel)
     write_params(work / "params.yaml", params)

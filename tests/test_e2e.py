@@ -52,9 +52,10 @@ def test_repro_then_noop_then_experiment_and_metrics_diff(project):
     params = json.loads(_sh(DVC + ["params", "diff", "--json"], project))
     assert params["params.yaml"]["lora.rank"] == {"old": 8, "new": 4, "diff": -4}
 
-    # `dvc plots diff` as an offline picture: both runs' curves in one PNG.
-    _sh([sys.executable, "-m", "qlorapipe.plot_diff", "HEAD", "workspace", "--out", "diff.png"], project)
-    assert (project / "diff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # `dvc plots diff` as an offline picture: both runs' curves in one PNG, where git does not see it.
+    _sh([sys.executable, "-m", "qlorapipe.plot_diff", "HEAD", "workspace"], project)
+    assert (project / "dvc_plots/plots_diff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "plots_diff" not in _sh(["git", "status", "--short", "--untracked-files=all"], project)
 
 
 def test_a_queued_sweep_runs_every_experiment(project):

@@ -136,3 +136,37 @@ def test_experiments_travel_through_git_and_the_dvc_remote(team):
     assert _digest(grace / "models/adapter") == expected
     out = run_cmd(DVC + ["repro"], grace).stdout
     assert "Running stage" not in out
+
+
+def test_an_experiment_made_before_the_remote_was_committed_is_shared_as_the_docs_say(team, tiny_llama_dir,
+                                                                                      corpus_file):
+    """docs/experiments.md: apply it, put the committed remote back, push its data, commit it on a branch;
+    a teammate checks the branch out and pulls the experiment's adapter without computing anything."""
+    root = team["root"]
+    origin, storage = root / "heidi-origin.git", root / "heidi-storage"
+    run_cmd(["git", "init", "-q", "--bare", str(origin)], root)
+    heidi = init_project(root / "heidi", tiny_params(tiny_llama_dir, corpus_file))
+    run_cmd(DVC + ["repro"], heidi)
+    run_cmd(["git", "add", "-A"], heidi)
+    run_cmd(["git", "commit", "-qm", "baseline"], heidi)
+    run_cmd(DVC + ["exp", "run", "-n", "rank4", "-S", "lora.rank=4"], heidi)
+    run_cmd(["git", "checkout", "HEAD", "--", "params.yaml", "dvc.lock"], heidi)  # the workspace back at the baseline
+    run_cmd(DVC + ["remote", "add", "-d", "storage", str(storage)], heidi)
+    run_cmd(["git", "add", ".dvc/config"], heidi)
+    run_cmd(["git", "commit", "-qm", "the team's remote"], heidi)
+    run_cmd(DVC + ["exp", "apply", "rank4"], heidi)
+    pushed = run_cmd(DVC + ["push"], heidi, check=False)  # the experiment's own .dvc/config names no remote
+    assert pushed.returncode != 0 and "no remote specified" in pushed.stderr + pushed.stdout
+    run_cmd(["git", "checkout", "HEAD", "--", ".dvc/config"], heidi)
+    run_cmd(DVC + ["push"], heidi)
+    run_cmd(["git", "checkout", "-q", "-b", "rank4"], heidi)
+    run_cmd(["git", "add", "params.yaml", "dvc.lock"], heidi)
+    run_cmd(["git", "commit", "-qm", "rank4"], heidi)
+    run_cmd(["git", "remote", "add", "origin", str(origin)], heidi)
+    run_cmd(["git", "push", "-q", "origin", "rank4"], heidi)
+    ivan = root / "ivan"
+    run_cmd(["git", "clone", "-q", "-b", "rank4", str(origin), str(ivan)], root)
+    run_cmd(DVC + ["pull"], ivan)
+    assert json.loads((ivan / "models/adapter/adapter_config.json").read_text())["r"] == 4
+    assert _digest(ivan / "models/adapter") == _digest(heidi / "models/adapter")
+    assert "Running stage" not in run_cmd(DVC + ["repro"], ivan).stdout

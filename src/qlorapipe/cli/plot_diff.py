@@ -1,6 +1,6 @@
 """Training curves of several runs on one PNG, offline: `dvc plots diff` as a picture.
 
-    qlorapipe-plot-diff HEAD workspace my-experiment --out metrics/plots_diff.png
+    qlorapipe-plot-diff HEAD workspace my-experiment      # writes dvc_plots/plots_diff.png
     python -m qlorapipe.plot_diff ...     # the same
 
 Each REV is a git revision, a DVC experiment name, or ``workspace``; the per-step history
@@ -70,7 +70,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("revs", nargs="*", default=["HEAD", "workspace"], help="revisions or experiment names")
     parser.add_argument("--history", help="history CSV path inside the repo (default: dvc.yaml's train_history)")
-    parser.add_argument("--out", type=Path, default=Path("plots_diff.png"))
+    parser.add_argument("--out", type=Path, default=Path("dvc_plots/plots_diff.png"),
+                        help="the PNG to write (default: beside dvc plots' HTML, which git ignores)")
     args = parser.parse_args(argv)
     history = args.history or str(pipeline_path("train_history"))
     plot_runs({rev: read_history(history, rev) for rev in args.revs}, args.out)
