@@ -181,6 +181,14 @@ def test_missing_adapter_is_one_clear_error(project, tmp_path):
               "--prompt", "x"])
 
 
+def test_a_base_the_download_stage_did_not_write_is_one_clear_error(project, tmp_path):
+    merged = tmp_path / "merged"  # a model directory, but not a downloaded base (no source.json)
+    merged.mkdir()
+    (merged / "config.json").write_text("{}")
+    with pytest.raises(UserError, match=f"^{merged} is not a base model the download stage wrote .*--model$"):
+        _run(["--base", str(merged), "--adapter", str(project["chat"]), "--mode", "text", "--prompt", "x"])
+
+
 def test_adapter_trained_on_another_base_is_refused_naming_both(project, tmp_path, corpus_file):
     other = _download(tmp_path, make_model_dir(tmp_path / "other-model", seed=7), corpus_file)
     with pytest.raises(UserError) as info:

@@ -183,7 +183,7 @@ def test_default_system_prompt_only_without_a_system_message():
 def test_chatml_modelfile_in_full():
     modelfile = modelfile_text("model-q8_0.gguf", family_tokenizer("chatml"))
     assert modelfile == '''\
-# Ollama Modelfile for model-q8_0.gguf: ollama create NAME -f Modelfile (in this directory)
+# Ollama Modelfile for model-q8_0.gguf: ollama create NAME -f model-q8_0.Modelfile (in this directory)
 FROM ./model-q8_0.gguf
 # TEMPLATE: the tokenizer's chat template as a Go template, checked to render what transformers renders.
 TEMPLATE """{{- range $i, $_ := .Messages }}

@@ -17,7 +17,8 @@ from qlorapipe import modeling
 from qlorapipe.errors import UserError
 from qlorapipe.gguf_reading import gguf_read_once
 from qlorapipe.params import QuantizationParams
-from qlorapipe.records import check_adapter_matches_base, has_adapter_record, read_adapter_record, read_source_record
+from qlorapipe.records import (SOURCE_RECORD, check_adapter_matches_base, has_adapter_record, read_adapter_record,
+                               read_source_record)
 
 logger = logging.getLogger(__name__)
 
@@ -222,6 +223,9 @@ def load_with_adapters(base_dir: Path, adapters: dict[str, Path], device) -> Loa
 
     if not adapters:
         raise UserError("no adapter given; pass --adapter PATH (or --model DIR for a merged model)")
+    if not (Path(base_dir) / SOURCE_RECORD).is_file():
+        raise UserError(f"{base_dir} is not a base model the download stage wrote (no {SOURCE_RECORD}); pass --base "
+                        "its output (dvc.yaml's base path) or run `dvc repro download`; a merged model goes in --model")
     for path in adapters.values():
         if not path.is_dir():
             raise UserError(f"adapter directory {path} does not exist; run `dvc repro train` or fix --adapter")

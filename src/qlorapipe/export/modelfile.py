@@ -113,7 +113,8 @@ def modelfile_text(gguf_name: str, tokenizer, sampling: dict | None = None) -> s
     """
     if not gguf_name or "/" in gguf_name or "\n" in gguf_name:
         raise ValueError(f"gguf_name must be a file name beside the Modelfile, got {gguf_name!r}")
-    lines = [f"# Ollama Modelfile for {gguf_name}: ollama create NAME -f Modelfile (in this directory)",
+    lines = [f"# Ollama Modelfile for {gguf_name}: ollama create NAME -f {Path(gguf_name).stem}.Modelfile "
+             "(in this directory)",
              f"FROM ./{gguf_name}"]
     if not _chat_template(tokenizer):
         lines += ["# The tokenizer has no chat template: prompts reach the model as they are written.",
