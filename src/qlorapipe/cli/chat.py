@@ -106,7 +106,8 @@ def main(argv: list[str] | None = None, stdin: TextIO | None = None, stdout: Tex
                         help="adapter directory on the 4-bit base; repeat to load several")
     source.add_argument("--model", type=Path, help="a merged or exported model directory, a .gguf file, or an "
                         "ONNX folder (models/export/onnx/<precision>, run by ONNX Runtime GenAI)")
-    parser.add_argument("--base", type=Path, help="the download stage's base model for --adapter (default: dvc.yaml's base path)")
+    parser.add_argument("--base", type=Path,
+                        help="the download stage's base model for --adapter (default: dvc.yaml's base path)")
     parser.add_argument("--mode", choices=("interactive", "demo", "text", "compare"), default="interactive")
     parser.add_argument("--prompt", action="append", default=[], help="text mode: the prompt (repeatable)")
     parser.add_argument("--use", metavar="NAME", help="the adapter that answers (default: the first)")
