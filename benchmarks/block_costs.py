@@ -33,7 +33,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from train_speed import CASES, DEFAULT, build_ours, randomize_lora_b, shape_config
+from train_speed import CASES, DEFAULT, adapters_joined, build_ours, randomize_lora_b, shape_config
 
 from qlorapipe.train import fast
 from qlorapipe.train.fast import fused_lora, lean_recompute
@@ -195,11 +195,8 @@ def measure(case: str, workdir: Path, reps: int, device=None) -> dict:
 
     def unjoined(part):  # as before wide projections folded their adapter into the base matmul
         def run():
-            fused_lora.JOIN_WIDE = False
-            try:
+            with adapters_joined(False):
                 return part()
-            finally:
-                fused_lora.JOIN_WIDE = True
         return run
 
     normed = layer.input_layernorm(hidden).detach()

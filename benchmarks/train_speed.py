@@ -23,6 +23,7 @@ and results.md under --out.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import math
@@ -503,13 +504,20 @@ def run_ours(label: str, params: AccelerationParams, model, compute_dtype, case:
             applied.append(f"uncheckpointed_layers=auto: {kept} kept, probe {json.dumps(measured)}")
         return applied
 
-    from qlorapipe.train.fast import fused_lora
-
     optimizer = fast.training_params(TrainingParams(optimizer="paged_adamw_8bit"), params, device).optimizer
-    fused_lora.JOIN_WIDE = not label.endswith(UNJOINED)
-    try:
+    with adapters_joined(not label.endswith(UNJOINED)):
         run_variant(label, model, case, data[case][0], data[case][1], False, args.warmup, references[case], results,
                     prepare, optimizer, graphs=params.cuda_graphs, async_optimizer=params.async_optimizer)
+
+
+@contextlib.contextmanager
+def adapters_joined(on: bool):
+    """``fused_lora.JOIN_WIDE`` set to ``on`` inside the block (the default, on, again after it)."""
+    from qlorapipe.train.fast import fused_lora
+
+    fused_lora.JOIN_WIDE = on
+    try:
+        yield
     finally:
         fused_lora.JOIN_WIDE = True
 

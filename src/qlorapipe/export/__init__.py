@@ -222,7 +222,7 @@ def _gguf_files(params: ExportParams, inputs: Inputs, model, tokenizer, eval_set
                                     threads_beside(pending, cores, quantizer_threads))
         clock.lap(f"check_{file_type}")
         gate(params, f"gguf-{file_type}", found)
-        found["ollama_modelfile"] = _modelfile(out / "gguf" / f"model-{file_type}.Modelfile", path[file_type].name,
+        found["ollama_modelfile"] = _modelfile(path[file_type].with_suffix(".Modelfile"), path[file_type].name,
                                                tokenizer, inputs.merged)
         found_by_type[f"gguf_{file_type}"] = found
     if "f16" not in gguf_types:
