@@ -8,6 +8,12 @@ per variant: wall ms per step, GPU-busy ms per step (the union of kernel interva
 launches per step, and the operators with the most host time and the kernels with the most
 GPU time. A step whose GPU-busy time is far below its wall time is host-bound: fewer, larger
 kernels (or graphs) pay there, faster kernels do not.
+
+With ``--graphed`` each step runs as the train stage runs it: forward and backward replayed as
+one CUDA graph (``cuda_graphs.GraphedStep``), then the optimizer, with no sync between steps.
+The row then also gives the step's wall time unprofiled, the busy time of each CUDA stream
+(compute, and the offload's copies), the compute stream's idle time inside the step, and its
+longest gaps with the kernels on either side: where a graphed step waits, and for what.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from train_speed import CASES, DEFAULT, build_ours, randomize_lora_b, save_rando
 
 from qlorapipe.train import fast
 from qlorapipe.train import loop as training
+from qlorapipe.train.fast import cuda_graphs
 
 VARIANTS = {
     "defaults": DEFAULT,
@@ -95,21 +102,62 @@ def kernel_categories(kernels, steps: int) -> dict:
     return {k: round(v, 1) for k, v in sorted(totals.items(), key=lambda kv: -kv[1])}
 
 
-def profile_variant(model, batches, trainable, label: str, case: str, out: Path, rows: int = 25) -> dict:
+def stream_timeline(prof, steps: int, gaps: int = 12) -> dict:
+    """Busy milliseconds per step of each CUDA stream, and the main stream's idle time and longest gaps.
+
+    The main stream is the one with the most kernel time (compute); a gap is the time between
+    one of its kernels ending and the next starting, inside the profiled span.
+    """
+    spans: dict[int, list] = {}
+    for event in prof.profiler.kineto_results.events():
+        if (event.device_type() != torch.autograd.DeviceType.CUDA or event.is_user_annotation()
+                or event.name().startswith("Optimizer.")):
+            continue
+        start = event.start_ns() / 1e6
+        spans.setdefault(event.device_resource_id(), []).append((start, start + event.duration_ns() / 1e6,
+                                                                 event.name()))
+    busy = {stream: sum(end - start for start, end, _ in events) for stream, events in spans.items()}
+    main = max(busy, key=busy.get)
+    events = sorted(spans[main])
+    holes = [(events[i + 1][0] - events[i][1], events[i][2][:60], events[i + 1][2][:60])
+             for i in range(len(events) - 1) if events[i + 1][0] > events[i][1]]
+    idle = sum(hole for hole, _, _ in holes)
+    return {
+        "stream_busy_ms_per_step": {("compute" if s == main else f"stream {s}"): round(b / steps, 1)
+                                    for s, b in sorted(busy.items(), key=lambda kv: -kv[1])},
+        "compute_idle_ms_per_step": round(idle / steps, 1),
+        "compute_gaps_over_50us_ms_per_step": round(sum(h for h, _, _ in holes if h > 0.05) / steps, 1),
+        "compute_gaps_under_50us_per_step": sum(1 for h, _, _ in holes if h <= 0.05) // steps,
+        "longest_compute_gaps_ms": [[round(h, 3), before, after] for h, before, after in
+                                    sorted(holes, key=lambda hole: -hole[0])[:gaps]],
+    }
+
+
+def profile_variant(model, batches, trainable, label: str, case: str, out: Path, rows: int = 25,
+                    graphed: bool = False) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
-    optimizer = training.make_optimizer("adamw_8bit", trainable, 2e-4, 0.0)
+    optimizer = training.make_optimizer("adamw_8bit", trainable, 2e-4, 0.0, sync_each_parameter=not graphed)
+    graph = cuda_graphs.GraphedStep(model) if graphed else None
 
     def one_step(input_ids):
-        loss = model(input_ids=input_ids, labels=input_ids).loss
-        loss.backward()
+        if graph is None or graph({"input_ids": input_ids}, input_ids, 1.0) is None:
+            loss = model(input_ids=input_ids, labels=input_ids).loss
+            loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=graph is None)
 
     for input_ids in batches[:-2]:
         one_step(input_ids)
     torch.cuda.synchronize()
+    unprofiled = None
+    if graphed:  # the step as training runs it: no sync between steps
+        started = time.perf_counter()
+        for input_ids in batches[:-2]:
+            one_step(input_ids)
+        torch.cuda.synchronize()
+        unprofiled = round((time.perf_counter() - started) * 1000 / len(batches[:-2]), 1)
     started = time.perf_counter()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
         for input_ids in batches[-2:]:
@@ -124,27 +172,30 @@ def profile_variant(model, batches, trainable, label: str, case: str, out: Path,
     launches = [e for e in events if e.name in ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel",
                                                 "cudaGraphLaunch")]
     row = {
-        "case": case, "variant": label,
+        "case": case, "variant": label + (" (graphed)" if graphed else ""),
+        "wall_ms_per_step": unprofiled,
         "wall_ms_per_step_profiled": round(wall, 1),
         "gpu_busy_ms_per_step": round(busy_ms(kernels) / 2, 1),
         "kernels_per_step": len(kernels) // 2,
         "launch_calls_per_step": len(launches) // 2,
         "gpu_ms_per_step_by_category": kernel_categories(kernels, 2),
+        **stream_timeline(prof, 2),
     }
+    if graph is not None:
+        row["cuda_graph_replays"], row["cuda_graph_failed"] = graph.replays, graph.failed
     averages = prof.key_averages()
     cpu_table = averages.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=70)
     gpu_table = averages.table(sort_by="self_cuda_time_total", row_limit=rows, max_name_column_width=90)
     # The same GPU time by operator and input shapes: which tensors the copies and adds are.
     shapes_table = prof.key_averages(group_by_input_shape=True).table(
         sort_by="self_cuda_time_total", row_limit=rows, max_name_column_width=40, max_shapes_column_width=70)
-    name = f"{case}-{label.replace(' ', '').replace('+', '_').replace('=', '')}"
+    name = f"{case}-{label.replace(' ', '').replace('+', '_').replace('=', '')}{'-graphed' if graphed else ''}"
     (out / f"{name}-shapes.txt").write_text(shapes_table)
     (out / f"{name}-cpu.txt").write_text(cpu_table)
     (out / f"{name}-gpu.txt").write_text(gpu_table)
     print(json.dumps(row), flush=True)
     print(cpu_table[:6000], flush=True)
     print(gpu_table[:12000], flush=True)
-    del optimizer
     return row
 
 
@@ -156,6 +207,8 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/qlorapipe-bench"))
     parser.add_argument("--steps", type=int, default=5, help="warm-up steps before the two profiled ones")
     parser.add_argument("--rows", type=int, default=25, help="kernels listed in the GPU table")
+    parser.add_argument("--graphed", action="store_true",
+                        help="replay forward + backward as one CUDA graph, as the train stage does")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     args.workdir.mkdir(parents=True, exist_ok=True)
@@ -178,7 +231,7 @@ def main() -> None:
                 generator = torch.Generator().manual_seed(3)
                 batches = [torch.randint(0, config.vocab_size, (batch, seq), generator=generator).cuda()
                            for _ in range(args.steps + 2)]
-                row = profile_variant(model, batches, trainable, label, case, args.out, args.rows)
+                row = profile_variant(model, batches, trainable, label, case, args.out, args.rows, args.graphed)
                 row["applied"] = applied
                 rows.append(row)
                 (args.out / "profile.json").write_text(json.dumps(rows, indent=1))

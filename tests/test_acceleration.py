@@ -614,6 +614,48 @@ def test_the_packed_mask_is_what_transformers_builds_from_position_ids(arch, tin
     assert not torch.allclose(causal[:, 14:], packed[:, 14:], atol=1e-3)  # the documents really are kept apart
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_a_captured_step_of_unpacked_rows_gives_sdpa_no_mask_as_the_eager_step_does(arch, tiny_llama_dir,
+                                                                                     tiny_qwen2_dir, monkeypatch):
+    """Under stream capture transformers cannot rule out packing and builds a full mask (sdpa's slow masked
+    kernel); the graphed step tells it what the eager step finds: rows without position ids are not packed."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import import_utils
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir if arch == "llama" else tiny_qwen2_dir,
+                                                 dtype=torch.float32).eval()
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    masks = []
+
+    def spy(*args, attn_mask=None, is_causal=False, **kwargs):
+        masks.append((attn_mask, is_causal))
+        return sdpa(*args, attn_mask=attn_mask, is_causal=is_causal, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    input_ids = torch.randint(4, 200, (2, 24), generator=torch.Generator().manual_seed(0))
+
+    def run(capturing: bool, context=contextlib.nullcontext):
+        monkeypatch.setattr(import_utils, "is_cuda_stream_capturing", lambda: capturing)
+        masks.clear()
+        with torch.no_grad(), context():
+            logits = model(input_ids=input_ids, use_cache=False).logits
+        assert masks
+        return logits, masks[0]
+
+    eager, (mask, causal) = run(capturing=False)
+    assert mask is None and causal
+    captured, (mask, causal) = run(capturing=True)
+    assert mask is not None and mask.shape[-2:] == (24, 24) and not causal  # what capture alone gets
+    fixed, (mask, causal) = run(True, lambda: cuda_graphs.unpacked_rows_while_capturing(packed=False))
+    assert mask is None and causal
+    packed, (mask, _) = run(True, lambda: cuda_graphs.unpacked_rows_while_capturing(packed=True))
+    assert mask is not None  # packed rows are left to transformers (the graphed step gives their mask)
+    assert torch.allclose(fixed, eager, atol=1e-5) and torch.allclose(captured, eager, atol=1e-5)
+    from transformers import masking_utils
+
+    assert masking_utils.find_packed_sequence_indices is not cuda_graphs._not_packed  # put back
+
+
 def test_fused_kernels_are_on_by_default_and_leave_the_cpu_path_alone(tiny_qwen2_dir):
     assert AccelerationParams().fused_kernels
     model, dtype = _quantized_lora_model(tiny_qwen2_dir)

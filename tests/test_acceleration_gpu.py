@@ -85,6 +85,28 @@ def test_a_graphed_step_computes_the_eager_loss_and_accumulates_the_eager_gradie
     assert graphed(inputs(batches[0][:1]), batches[0][:1], 0.5) is None
 
 
+@pytest.mark.parametrize("packed", [False, True])
+def test_a_captured_step_runs_causal_attention_without_a_mask_unless_rows_are_packed(tiny_qwen2_dir, packed,
+                                                                                      monkeypatch):
+    device = torch.device("cuda")
+    model, _ = _tiny_lora(tiny_qwen2_dir, AccelerationParams())
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    captured = []
+
+    def spy(*args, attn_mask=None, is_causal=False, **kwargs):
+        if torch.cuda.is_current_stream_capturing():
+            captured.append((attn_mask is None, is_causal))
+        return sdpa(*args, attn_mask=attn_mask, is_causal=is_causal, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    ids = torch.randint(4, 300, (2, 64), device=device, generator=torch.Generator(device).manual_seed(0))
+    positions = torch.cat([torch.arange(40), torch.arange(24)]).repeat(2, 1).to(device)
+    graphed = cuda_graphs.GraphedStep(model)
+    assert graphed({"input_ids": ids, **({"position_ids": positions} if packed else {})}, ids, 1.0) is not None
+    assert graphed.failed is None and captured
+    assert set(captured) == ({(False, False)} if packed else {(True, True)})
+
+
 def test_a_capture_draws_no_dropout_mask_of_its_own(tiny_qwen2_dir):
     """A run resumed from a checkpoint captures its graph at another micro-batch than the uninterrupted run:
     the replay after a capture must draw the dropout masks the generator holds, not those after the warm-up."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 
@@ -118,7 +119,8 @@ class GraphedStep:
             torch.cuda.current_stream().wait_stream(side)
             torch.cuda.empty_cache()  # the warm-up's activations: the graph gets its own pool
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, stream=side):  # the warm-up's cuBLAS workspace, not one more
+            with (torch.cuda.graph(graph, stream=side),  # the warm-up's cuBLAS workspace, not one more
+                  unpacked_rows_while_capturing(packed="position_ids" in self.static)):
                 loss = self._run()
             self.loss = loss.detach()  # the kernels are in the graph; the autograd objects can go
             generator.set_state(position)  # seed and offset, in the state the graph replays from
@@ -133,6 +135,36 @@ class GraphedStep:
             for param, grad in zip(self.trainable, kept, strict=True):
                 param.grad.zero_() if grad is None else param.grad.copy_(grad)
         return self.graph is not None
+
+
+@contextlib.contextmanager
+def unpacked_rows_while_capturing(packed: bool):
+    """While a step is captured, let transformers see that rows given no position ids are not packed.
+
+    Eagerly, transformers rules out packing by reading the position ids it makes itself
+    (0, 1, 2, ...; ``masking_utils.find_packed_sequence_indices``) and then hands sdpa no mask
+    and ``is_causal=True``. Under stream capture it must not read a tensor, so it assumes the
+    rows may be packed and builds a (batch, 1, seq, seq) mask: sdpa then runs its masked kernel
+    over every (query, key) pair instead of its causal one (docs/benchmarks.md: 3x the causal
+    kernel's time at Llama-2-7B, 2 x 2,048 tokens). Rows captured without position ids are
+    never packed (packed rows come with position ids and their mask, ``packed_causal_mask``),
+    so the answer is the eager one: not packed. ``packed`` rows are left to transformers.
+    """
+    from transformers import masking_utils
+
+    find = getattr(masking_utils, "find_packed_sequence_indices", None)
+    if packed or find is None:
+        yield
+        return
+    masking_utils.find_packed_sequence_indices = _not_packed
+    try:
+        yield
+    finally:
+        masking_utils.find_packed_sequence_indices = find
+
+
+def _not_packed(position_ids):
+    return None
 
 
 @functools.cache
