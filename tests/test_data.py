@@ -130,9 +130,9 @@ def test_chat_roles_templates_do_not_know_are_named_with_their_row_or_mapped_by_
     rows = [{"messages": [{"role": "customer", "content": "Hi"}, {"role": "bot", "content": "Hello."}]},
             {"messages": [{"role": "customer", "content": "Bye"}, {"role": "robot", "content": "Goodbye."}]}]
     with pytest.raises(UserError, match=r"rows.jsonl:1: message 1 has role 'customer', which chat templates do not "
-                                        r"know .*; map it with data.roles, e.g. data.roles: \{customer: assistant\}"):
+                                        r"know .*; map it with data.roles, e.g. data.roles: \{customer: user\}"):  # the user's turn
         build(rows, tok, format="chat", chat_template=CHAT_TEMPLATE)
-    with pytest.raises(UserError, match=r"rows.jsonl:2: message 2 has role 'robot'"):
+    with pytest.raises(UserError, match=r"rows.jsonl:2: message 2 has role 'robot'.*\{robot: assistant\}"):
         build(rows, tok, format="chat", chat_template=CHAT_TEMPLATE, roles={"customer": "user", "bot": "assistant"})
     mapped, counts = build(rows, tok, format="chat", chat_template=CHAT_TEMPLATE,
                            roles={"customer": "user", "bot": "assistant", "robot": "assistant"})
@@ -323,6 +323,31 @@ def test_the_check_stage_reads_each_local_files_first_record_for_the_columns_the
     assert data_column_problems(DataParams(source="local", path=str(text), format="instruction")) == [
         (f"{text}: no 'instruction' or 'output' column (has: text); set data.instruction_column and "
          "data.output_column")]
+
+
+def test_the_check_stage_reads_a_chat_records_roles_and_suggests_the_turns_role(tmp_path):
+    """A role prepare would refuse at the first record, refused before DVC deletes prepare's outputs, with the
+    role its turn has (system messages do not count as turns)."""
+    from qlorapipe.inputs import data_column_problems
+    from qlorapipe.params import CHAT_ROLES
+
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text(json.dumps({"messages": [{"role": "system", "content": "Be brief."},
+                                              {"role": "customer", "content": "Hi"},
+                                              {"role": "bot", "content": "Hello."}]}) + "\n")
+    chat = DataParams(source="local", path=str(chats), format="chat")
+    known = ", ".join(CHAT_ROLES)
+    assert data_column_problems(chat) == [
+        f"{chats}:1: message 2 has role 'customer', which chat templates do not know ({known}); "
+        "map it with data.roles, e.g. data.roles: {customer: user}"]
+    assert data_column_problems(replace(chat, roles={"customer": "user"})) == [
+        f"{chats}:1: message 3 has role 'bot', which chat templates do not know ({known}); "
+        "map it with data.roles, e.g. data.roles: {bot: assistant}"]
+    assert data_column_problems(replace(chat, roles={"customer": "user", "bot": "assistant"})) == []
+    sharegpt = tmp_path / "sharegpt.jsonl"
+    sharegpt.write_text(json.dumps({"conversations": [{"from": "human", "value": "Hi"},
+                                                      {"from": "gpt", "value": "Hello."}]}) + "\n")
+    assert data_column_problems(replace(chat, path=str(sharegpt), messages_column="conversations")) == []
 
 
 def test_every_local_file_type_and_directories(tmp_path):

@@ -11,7 +11,7 @@ import torch
 from conftest import tiny_lora_model
 
 from qlorapipe.errors import UserError
-from qlorapipe.evaluate import harness
+from qlorapipe import harness
 
 TASK_DIR = Path(__file__).parent / "data" / "lm_eval"
 TASK_YAML = TASK_DIR / "general_knowledge.yaml"

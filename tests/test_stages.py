@@ -265,6 +265,64 @@ def test_the_check_stage_finds_every_missing_or_wrong_local_input_at_once(tmp_pa
             check.main(["--params", str(bad), "--out", str(tmp_path / "failed.txt")])
 
 
+def test_the_check_stage_refuses_unknown_lm_eval_tasks_and_warns_of_inputs_dvc_does_not_track(
+        tmp_path, tiny_llama_dir, corpus_file, caplog, monkeypatch):
+    """An lm-eval task the evaluate stage would refuse is refused first; a local input no stage depends on
+    in dvc.yaml, or a gate that cannot act, is named without stopping the run."""
+    import shutil
+
+    check = load_stage("check")
+    root = Path(__file__).resolve().parents[1]
+    shutil.copy(root / "dvc.yaml", tmp_path / "dvc.yaml")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mydata").mkdir()
+    data_file = tmp_path / "mydata" / "rows.txt"
+    data_file.write_text(corpus_file.read_text())
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    task_file = tasks / "general_knowledge.yaml"
+    shutil.copy(root / "tests" / "data" / "lm_eval" / "general_knowledge.yaml", task_file)
+    shutil.copy(root / "tests" / "data" / "lm_eval" / "general_knowledge.jsonl", tasks)
+    params = write_params(tmp_path / "params.yaml", tiny_params(tiny_llama_dir, Path("mydata/rows.txt"), **{
+        "evaluate.lm_eval_tasks": ["tasks/general_knowledge.yaml", "arc_eazy"]}))
+    with pytest.raises(UserError, match=r"^evaluate.lm_eval_tasks: 'arc_eazy' is not an lm-eval task, group or "
+                                        r"tag: did you mean arc_easy"):
+        check.main(["--params", str(params), "--out", "passed.txt"])
+    assert not (tmp_path / "passed.txt").exists()
+
+    write_params(params, tiny_params(tiny_llama_dir, Path("mydata/rows.txt"), **{
+        "evaluate.lm_eval_tasks": ["tasks/general_knowledge.yaml"], "evaluate.min_stop_share": 0.8}))
+    with caplog.at_level("WARNING", logger="qlorapipe.check"):
+        check.main(["--params", str(params), "--out", "passed.txt"])
+    assert (tmp_path / "passed.txt").is_file()
+    warnings = [r.getMessage() for r in caplog.records if r.name == "qlorapipe.check"]
+    model_dep = f"model.local_path '{tiny_llama_dir}' is not among the download stage's deps"
+    assert warnings == [
+        "evaluate.min_stop_share has no effect with data.format text: only instruction, chat and completion data "
+        "have held-out answers to score",
+        f"{model_dep} in dvc.yaml: DVC will not re-run download when it changes; add it there (deps: - "
+        f"{tiny_llama_dir})",
+        "data.path 'mydata/rows.txt' is not among the prepare stage's deps in dvc.yaml: DVC will not re-run "
+        "prepare when it changes; add it there (deps: - mydata/rows.txt)",
+        "evaluate.lm_eval_tasks 'tasks/general_knowledge.yaml' is not among the evaluate stage's deps in dvc.yaml: "
+        "DVC will not re-run evaluate when it changes; add it there (deps: - tasks/general_knowledge.yaml)"]
+
+    # Listed as deps (the file, or a folder holding it), they are tracked: no warning.
+    import yaml
+
+    pipeline = yaml.safe_load((tmp_path / "dvc.yaml").read_text())
+    pipeline["stages"]["download"]["deps"].append(str(tiny_llama_dir))
+    pipeline["stages"]["prepare"]["deps"].append("mydata/rows.txt")
+    pipeline["stages"]["evaluate"]["deps"].append("tasks")
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump(pipeline, sort_keys=False))
+    write_params(params, tiny_params(tiny_llama_dir, Path("mydata/rows.txt"), **{
+        "evaluate.lm_eval_tasks": ["tasks/general_knowledge.yaml"]}))
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="qlorapipe.check"):
+        check.main(["--params", str(params), "--out", "passed.txt"])
+    assert [r for r in caplog.records if r.name == "qlorapipe.check"] == []
+
+
 def test_bad_params_stop_before_any_weights_load(tmp_path, tiny_llama_dir, corpus_file):
     params = write_params(tmp_path / "params.yaml", tiny_params(tiny_llama_dir, corpus_file, **{
         "training.optimizer": "adam"}))

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 from qlorapipe.errors import UserError
+from qlorapipe.params import CHAT_ROLES
 
 PYTHON_DOCS = "builtin:python-docs"
 CHATTERBOT = "builtin:chatterbot"
@@ -17,6 +18,11 @@ BUILTIN_CORPORA = (PYTHON_DOCS, CHATTERBOT)
 
 # The data file formats the prepare stage reads (data.source: local).
 DATA_SUFFIXES = (".txt", ".jsonl", ".json", ".csv", ".parquet")
+# lm-eval task files (evaluate.lm_eval_tasks entries that are paths, not task names).
+TASK_FILE_SUFFIXES = (".yaml", ".yml")
+# ShareGPT's speaker names (``from``) -> chat roles.
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "system": "system", "tool": "tool"}
 
 
 def model_path_is_gguf(local: Path) -> bool:
@@ -90,39 +96,80 @@ def missing_columns_message(where: str, columns, needed: list[tuple[str, str]]) 
     return f"{where}: no {names} column (has: {have}); set {' and '.join(f'data.{p}' for _, p in missing)}"
 
 
-def _first_record_columns(file: Path) -> tuple[str, list[str]] | None:
-    """(where, columns) of a data file's first record, read without reading the file through; None where
-    that takes the whole file (.json) or the file is not what its suffix says (prepare names the problem)."""
+def _first_record(file: Path) -> tuple[str, dict] | None:
+    """(where, columns) of a data file's first record, read without reading the file through (a .jsonl or .csv
+    record's values; a .parquet file's column names, valued None); None where that takes the whole file
+    (.json) or the file is not what its suffix says (prepare names the problem)."""
     try:
         if file.suffix == ".txt":
-            return str(file), ["text"]
+            return str(file), {"text": None}
         if file.suffix == ".jsonl":
             with file.open("rb") as lines:
                 for number, line in enumerate(lines, start=1):
                     if line.strip():
                         value = json.loads(line)
-                        return (f"{file}:{number}", list(value)) if isinstance(value, dict) else None
+                        return (f"{file}:{number}", value) if isinstance(value, dict) else None
         if file.suffix == ".csv":  # a header without rows gives prepare no record to check
             with file.open(newline="", encoding="utf-8") as rows:
-                reader = csv.DictReader(rows)
-                return (f"{file}:2", list(reader.fieldnames)) if next(reader, None) is not None else None
+                row = next(csv.DictReader(rows), None)
+                return (f"{file}:2", row) if row is not None else None
         if file.suffix == ".parquet":
             import pyarrow.parquet as pq
 
             metadata = pq.read_metadata(file)
-            return (f"{file}:1", metadata.schema.to_arrow_schema().names) if metadata.num_rows else None
+            names = metadata.schema.to_arrow_schema().names
+            return (f"{file}:1", dict.fromkeys(names)) if metadata.num_rows else None
     except Exception:  # noqa: BLE001 - undecodable or malformed: the prepare stage reads it and says where
         return None
     return None
 
 
+def unknown_role_message(where: str, number: int, role: str, turn: int) -> str:
+    """The one-line problem of message ``number`` at ``where`` whose role (after data.roles) chat templates do
+    not know; ``turn``: how many messages other than system ones come before it (even: a user's turn)."""
+    guess = "user" if turn % 2 == 0 else "assistant"
+    return (f"{where}: message {number} has role {role!r}, which chat templates do not know "
+            f"({', '.join(CHAT_ROLES)}); map it with data.roles, e.g. data.roles: {{{role}: {guess}}}")
+
+
+def message_role(message) -> str | None:
+    """A message's role as the data names it (OpenAI role, or ShareGPT from mapped), or None if it has none."""
+    if isinstance(message, dict) and "role" in message and "content" in message:
+        return message["role"]
+    if isinstance(message, dict) and "from" in message and "value" in message:
+        return SHAREGPT_ROLES.get(message["from"], message["from"])
+    return None
+
+
+def _role_problem(where: str, messages, roles: dict) -> str | None:
+    """The first message of a chat record whose role, mapped by data.roles, chat templates do not know."""
+    if not isinstance(messages, list):
+        return None
+    turn = 0
+    for number, message in enumerate(messages, start=1):
+        role = message_role(message)
+        if not isinstance(role, str):
+            return None  # prepare names the malformed message
+        role = roles.get(role, role)
+        if role not in CHAT_ROLES:
+            return unknown_role_message(where, number, role, turn)
+        turn += role != "system"
+    return None
+
+
 def data_column_problems(data, most: int = 3) -> list[str]:
-    """Each local data file whose first record lacks a column ``data``'s format needs (data.source: local);
-    past ``most`` files, one more line counts the rest."""
+    """Each local data file whose first record lacks a column ``data``'s format needs, or (chat) has a message
+    whose role chat templates do not know (data.source: local); past ``most`` files, one more line counts the
+    rest."""
     problems = []
     for file in data_files(Path(data.path).expanduser()):
-        first = _first_record_columns(file)
-        problem = first and missing_columns_message(*first, required_columns(data))
+        first = _first_record(file)
+        if first is None:
+            continue
+        where, record = first
+        problem = missing_columns_message(where, list(record), required_columns(data))
+        if problem is None and data.format == "chat":
+            problem = _role_problem(where, record[data.messages_column], data.roles)
         if problem:
             problems.append(problem)
     if len(problems) > most:
@@ -153,3 +200,46 @@ def local_input_problems(sections: dict) -> list[str]:
         except UserError as problem:
             problems.append(str(problem))
     return problems
+
+
+def untracked_inputs(sections: dict, pipeline: Path = Path("dvc.yaml")) -> list[str]:
+    """A line for each local input params name that is not among the deps of the stage reading it in
+    ``pipeline`` (nor inside a folder that is): DVC would not re-run that stage when the file changes.
+    Empty when there is no ``pipeline`` file."""
+    if not pipeline.is_file():
+        return []
+    import yaml
+
+    stages = (yaml.safe_load(pipeline.read_text(encoding="utf-8")) or {}).get("stages") or {}
+    root = pipeline.resolve().parent
+    model, data, evaluate = sections["model"], sections["data"], sections["evaluate"]
+    named = []  # (param, path, stage reading it)
+    if model.source == "local" and model.local_path:
+        named.append(("model.local_path", model.local_path, "download"))
+    if data.source == "local" and data.path:
+        named.append(("data.path", data.path, "prepare"))
+    if evaluate.general_corpus is not None and evaluate.general_corpus not in BUILTIN_CORPORA:
+        named.append(("evaluate.general_corpus", evaluate.general_corpus, "evaluate"))
+    named += [("evaluate.lm_eval_tasks", task, "evaluate") for task in evaluate.lm_eval_tasks
+              if task.lower().endswith(TASK_FILE_SUFFIXES)]
+    lines = []
+    for param, value, stage in named:
+        deps = [(root / dep).resolve() for dep in (stages.get(stage) or {}).get("deps") or []
+                if isinstance(dep, str) and "${" not in dep]
+        path = (root / Path(value).expanduser()).resolve()
+        if not any(path == dep or dep in path.parents for dep in deps):
+            lines.append(f"{param} '{value}' is not among the {stage} stage's deps in dvc.yaml: DVC will not re-run "
+                         f"{stage} when it changes; add it there (deps: - {value})")
+    return lines
+
+
+def inert_gate_problem(data, evaluate) -> str | None:
+    """A line when evaluate.min_stop_share is set but can never act: no held-out answers to score."""
+    if evaluate.min_stop_share is None:
+        return None
+    if data.format == "text":
+        return ("evaluate.min_stop_share has no effect with data.format text: only instruction, chat and completion "
+                "data have held-out answers to score")
+    if evaluate.max_examples == 0:
+        return "evaluate.min_stop_share has no effect with evaluate.max_examples 0: no held-out answers are scored"
+    return None

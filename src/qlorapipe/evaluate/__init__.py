@@ -70,7 +70,7 @@ def run(quant: QuantizationParams, params: EvaluateParams, base_dir: Path, adapt
              if params.general_corpus is not None else None)
     lm_eval_spec = None
     if params.lm_eval_tasks:  # lm-eval takes seconds to import: only when asked for
-        from qlorapipe.evaluate import harness
+        from qlorapipe import harness
 
         lm_eval_spec = harness.check_tasks(params.lm_eval_tasks)
 

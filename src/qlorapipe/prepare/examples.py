@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 from qlorapipe.data import IGNORE_INDEX
 from qlorapipe.errors import UserError
-from qlorapipe.inputs import missing_columns_message, required_columns
+from qlorapipe.inputs import message_role, missing_columns_message, required_columns, unknown_role_message
 from qlorapipe.params import CHAT_ROLES, DataParams
 from qlorapipe.prepare.sources import Record
 
@@ -41,9 +41,6 @@ ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n### Answer:\n"
 ALPACA_PROMPT_WITH_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Answer:\n"
 # guanaco (openassistant-guanaco, the seeds' Llama-2 example): one text column of turns.
 GUANACO_TURN = re.compile(r"(### Human:|### Assistant:)")
-
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                  "system": "system", "tool": "tool"}
 
 
 
@@ -103,21 +100,18 @@ def _messages(record: Record, params: DataParams) -> list[dict]:
                         "set data.messages_column")
     messages = []
     for number, message in enumerate(raw, start=1):
-        if isinstance(message, dict) and "role" in message and "content" in message:
-            role, content = message["role"], message["content"]
-        elif isinstance(message, dict) and "from" in message and "value" in message:
-            role, content = SHAREGPT_ROLES.get(message["from"], message["from"]), message["value"]
-        else:
+        role = message_role(message)
+        if role is None:
             have = ", ".join(sorted(message)) if isinstance(message, dict) else type(message).__name__
             raise UserError(f"{record.where}: message {number} has no role/content or from/value keys "
                             f"(has: {have}); fix the row or set data.messages_column")
+        content = message["content"] if "role" in message and "content" in message else message["value"]
         if not isinstance(content, str):
             raise UserError(f"{record.where}: message {number} content is {type(content).__name__}, not text")
         role = params.roles.get(role, role)
         if role not in CHAT_ROLES:
-            raise UserError(f"{record.where}: message {number} has role {role!r}, which chat templates do not know "
-                            f"({', '.join(CHAT_ROLES)}); map it with data.roles, e.g. data.roles: "
-                            f"{{{role}: assistant}}")
+            turn = sum(m["role"] != "system" for m in messages)
+            raise UserError(unknown_role_message(record.where, number, role, turn))
         messages.append({"role": role, "content": content})
     return messages
 
