@@ -129,8 +129,9 @@ def test_chat_uses_the_template_and_trains_each_assistant_turn_with_its_eos(tok,
 def test_chat_roles_templates_do_not_know_are_named_with_their_row_or_mapped_by_params(tok):
     rows = [{"messages": [{"role": "customer", "content": "Hi"}, {"role": "bot", "content": "Hello."}]},
             {"messages": [{"role": "customer", "content": "Bye"}, {"role": "robot", "content": "Goodbye."}]}]
+    # the hint maps each role to its turn's: the first message is the user's
     with pytest.raises(UserError, match=r"rows.jsonl:1: message 1 has role 'customer', which chat templates do not "
-                                        r"know .*; map it with data.roles, e.g. data.roles: \{customer: user\}"):  # the user's turn
+                                        r"know .*; map it with data.roles, e.g. data.roles: \{customer: user\}"):
         build(rows, tok, format="chat", chat_template=CHAT_TEMPLATE)
     with pytest.raises(UserError, match=r"rows.jsonl:2: message 2 has role 'robot'.*\{robot: assistant\}"):
         build(rows, tok, format="chat", chat_template=CHAT_TEMPLATE, roles={"customer": "user", "bot": "assistant"})
