@@ -32,11 +32,11 @@ from pathlib import Path
 from typing import Any
 
 from qlorapipe.errors import UserError
+from qlorapipe.inputs import TASK_FILE_SUFFIXES
 
 logger = logging.getLogger(__name__)
 
 PARAM = "evaluate.lm_eval_tasks"
-TASK_FILE_SUFFIXES = (".yaml", ".yml")
 # lm-eval's defaults (evaluator.simple_evaluate), so results match its command line.
 SEEDS = {"random_seed": 0, "numpy_random_seed": 1234, "torch_random_seed": 1234, "fewshot_random_seed": 1234}
 # Standard errors of metrics without a closed form (BLEU, F1, ...) are bootstrapped; lm-eval's

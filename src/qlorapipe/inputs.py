@@ -97,7 +97,7 @@ def missing_columns_message(where: str, columns, needed: list[tuple[str, str]]) 
 
 
 def _first_record(file: Path) -> tuple[str, dict] | None:
-    """(where, columns) of a data file's first record, read without reading the file through (a .jsonl or .csv
+    """(where, record) of a data file's first record, read without reading the file through (a .jsonl or .csv
     record's values; a .parquet file's column names, valued None); None where that takes the whole file
     (.json) or the file is not what its suffix says (prepare names the problem)."""
     try:
