@@ -132,12 +132,13 @@ def unknown_role_message(where: str, number: int, role: str, turn: int) -> str:
             f"({', '.join(CHAT_ROLES)}); map it with data.roles, e.g. data.roles: {{{role}: {guess}}}")
 
 
-def message_role(message) -> str | None:
-    """A message's role as the data names it (OpenAI role, or ShareGPT from mapped), or None if it has none."""
+def message_parts(message) -> tuple | None:
+    """(role, content) of an OpenAI ({role, content}) or ShareGPT ({from, value}, from mapped to a role)
+    message, as the data has them; None for anything else."""
     if isinstance(message, dict) and "role" in message and "content" in message:
-        return message["role"]
+        return message["role"], message["content"]
     if isinstance(message, dict) and "from" in message and "value" in message:
-        return SHAREGPT_ROLES.get(message["from"], message["from"])
+        return SHAREGPT_ROLES.get(message["from"], message["from"]), message["value"]
     return None
 
 
@@ -147,9 +148,10 @@ def _role_problem(where: str, messages, roles: dict) -> str | None:
         return None
     turn = 0
     for number, message in enumerate(messages, start=1):
-        role = message_role(message)
-        if not isinstance(role, str):
+        parts = message_parts(message)
+        if parts is None or not isinstance(parts[0], str):
             return None  # prepare names the malformed message
+        role = parts[0]
         role = roles.get(role, role)
         if role not in CHAT_ROLES:
             return unknown_role_message(where, number, role, turn)

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 from qlorapipe.data import IGNORE_INDEX
 from qlorapipe.errors import UserError
-from qlorapipe.inputs import message_role, missing_columns_message, required_columns, unknown_role_message
+from qlorapipe.inputs import message_parts, missing_columns_message, required_columns, unknown_role_message
 from qlorapipe.params import CHAT_ROLES, DataParams
 from qlorapipe.prepare.sources import Record
 
@@ -100,12 +100,12 @@ def _messages(record: Record, params: DataParams) -> list[dict]:
                         "set data.messages_column")
     messages = []
     for number, message in enumerate(raw, start=1):
-        role = message_role(message)
-        if role is None:
+        parts = message_parts(message)
+        if parts is None:
             have = ", ".join(sorted(message)) if isinstance(message, dict) else type(message).__name__
             raise UserError(f"{record.where}: message {number} has no role/content or from/value keys "
                             f"(has: {have}); fix the row or set data.messages_column")
-        content = message["content"] if "role" in message and "content" in message else message["value"]
+        role, content = parts
         if not isinstance(content, str):
             raise UserError(f"{record.where}: message {number} content is {type(content).__name__}, not text")
         role = params.roles.get(role, role)
