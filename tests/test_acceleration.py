@@ -748,6 +748,20 @@ def test_offload_checkpoints_changes_nothing_on_the_cpu(tiny_llama_dir):
     assert not any("_qlorapipe_checkpoint" in vars(m) for m in model.modules())
 
 
+def test_host_kept_layers_are_spread_from_the_first_block_and_checked_like_the_other_counts(tiny_llama_dir):
+    assert offload.host_kept_blocks(32, 8) == [0, 4, 8, 12, 16, 20, 24, 28]
+    assert offload.host_kept_blocks(32, 3) == [0, 10, 21]
+    assert offload.host_kept_blocks(4, 9) == [0, 1, 2, 3] and offload.host_kept_blocks(4, 0) == []
+    assert parse_section("acceleration", {"host_kept_layers": 8}).host_kept_layers == 8
+    with pytest.raises(UserError, match=r"acceleration.host_kept_layers must be an integer >= 0 \(0: none\), got -1"):
+        parse_section("acceleration", {"host_kept_layers": -1})
+    model, _ = _quantized_lora_model(tiny_llama_dir)
+    assert not offload.keep_in_host_memory(model, torch.device("cpu"), 2)  # CUDA streams and pinned memory
+    assert "host_kept_layers" not in " ".join(fast.apply(model, AccelerationParams(host_kept_layers=2),
+                                                         torch.device("cpu"), torch.float32))
+    assert offload.host_kept(model) == 0
+
+
 @pytest.mark.parametrize("mlp", ["lora_linear", "swiglu_lora_linear"])
 @pytest.mark.parametrize("dropout,mode", [(0.0, "non-reentrant"), (0.1, "non-reentrant"), (0.1, "no early stop"),
                                           (0.1, "reentrant")])

@@ -506,6 +506,56 @@ def test_offloaded_checkpoints_compute_the_same_step_eagerly_and_graphed_with_le
     assert offloaded[2] <= peak - 2 * block_input, (offloaded[2], peak, block_input)
 
 
+def test_host_kept_blocks_compute_the_same_step_without_recomputing_and_with_less_memory(six_block_qwen2_dir,
+                                                                                          monkeypatch):
+    monkeypatch.setattr(offload, "MIN_BYTES", 0)  # the tiny model's tensors are small
+    device = torch.device("cuda")
+    ids = torch.randint(4, 300, (8, 1024), device=device, generator=torch.Generator(device).manual_seed(5))
+    results = {}
+    for name, params in {"checkpointed": AccelerationParams(uncheckpointed_layers=0),
+                         "kept on the GPU": AccelerationParams(uncheckpointed_layers=6),
+                         "host-kept": AccelerationParams(uncheckpointed_layers=0, host_kept_layers=3)}.items():
+        model, _ = _tiny_lora(six_block_qwen2_dir, params, dropout=0.1)
+        layers = checkpointing.decoder_layers(model)
+        calls = [0] * 6
+        for i, layer in enumerate(layers):
+            layer.self_attn.register_forward_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+        torch.manual_seed(0)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        loss, grads = _loss_and_grads(model, ids, autocast=False)
+        peak = torch.cuda.max_memory_allocated() - before
+        torch.manual_seed(0)
+        graphed = cuda_graphs.GraphedStep(model)
+        model.zero_grad(set_to_none=True)
+        graphed_loss = float(graphed({"input_ids": ids}, ids, 1.0))
+        assert graphed.failed is None
+        results[name] = (loss, grads, peak, graphed_loss, calls[:])
+        if name == "host-kept":
+            assert offload.host_kept(model) == 3
+            kept = layers[0]._gradient_checkpointing_func.args[0]
+            assert kept.blocks == [0, 2, 4] and all(b.is_pinned() for b in kept.buffers.values())
+            assert {key[0] for key in kept.buffers} == {0, 2, 4}
+            fast.remove(model)
+            assert offload.host_kept(model) == 0
+            assert not any(getattr(getattr(hook, "func", None), "__self__", None) is kept for layer in layers
+                           for hook in (*layer._forward_hooks.values(), *layer._forward_pre_hooks.values()))
+        del model, graphed
+        gc.collect()
+        torch.cuda.empty_cache()
+    loss, grads, peak, graphed_loss, calls = results["host-kept"]
+    reference = results["checkpointed"]
+    assert loss == reference[0] and torch.equal(grads, reference[1])  # the copies are exact
+    assert graphed_loss == pytest.approx(reference[3], rel=1e-6)
+    # Eagerly, then the graph's warm-up runs and its capture: blocks 0, 2 and 4 run their attention once a
+    # step, the others again in the backward pass.
+    steps = 2 + cuda_graphs.GraphedStep.WARMUP_RUNS
+    assert calls == [steps, 2 * steps] * 3 and results["checkpointed"][4] == [2 * steps] * 6, calls
+    assert results["kept on the GPU"][4] == [steps] * 6
+    assert peak < results["kept on the GPU"][2], (peak, results["kept on the GPU"][2])
+
+
 def _hidden_size(model_dir) -> int:
     import json
 

@@ -251,6 +251,9 @@ class AccelerationParams:
     offload_checkpoints: bool = False
     # a checkpointed block's recomputation skips its last projection's base matmul (its output is not read)
     lean_recompute: bool = True
+    # N checkpointed blocks, spread from the first, keep every activation in host memory instead of
+    # recomputing it: copied out and back on a side stream while other blocks compute
+    host_kept_layers: int = 0
 
     def check(self) -> list[str]:
         problems = []
@@ -258,6 +261,9 @@ class AccelerationParams:
         if layers != "auto" and (type(layers) is not int or layers < 0):
             problems.append(f"acceleration.uncheckpointed_layers must be an integer >= 0 (0 checkpoints every "
                             f"block) or 'auto' (as many as fit in acceleration.memory_budget_gb), got {layers!r}")
+        if type(self.host_kept_layers) is not int or self.host_kept_layers < 0:
+            problems.append(f"acceleration.host_kept_layers must be an integer >= 0 (0: none), "
+                            f"got {self.host_kept_layers!r}")
         budget = self.memory_budget_gb
         if budget is not None and not (isinstance(budget, (int, float)) and budget > 0):  # NaN too
             problems.append(f"acceleration.memory_budget_gb must be > 0 (GB) or null (90% of the GPU's memory), "

@@ -25,7 +25,8 @@ Each lever is one module here; this package is the switchboard that applies them
   ``memory_plan``: how many blocks fit in the memory budget (``uncheckpointed_layers: auto``).
 - ``lean_recompute``: a checkpointed block's recomputation without its last projection's base
   matmul (``lean_recompute``).
-- ``offload``: checkpointed blocks' inputs in host memory (``offload_checkpoints``).
+- ``offload``: checkpointed blocks' inputs in host memory (``offload_checkpoints``), and whole
+  blocks' activations there instead of recomputed (``host_kept_layers``).
 - ``regional_compile``: torch.compile of each block (``compile_layers``).
 - ``cuda_graphs``: the micro-batch step as a CUDA graph (``cuda_graphs``).
 - ``training_params`` here: the unpaged optimizer (``unpaged_optimizer``).
@@ -96,6 +97,8 @@ def _cuda_levers(model, params: AccelerationParams, device, compute_dtype) -> li
         applied.append(f"uncheckpointed_layers={layers}")
     if params.offload_checkpoints and offload.offload_checkpoints(model, device):
         applied.append("offload_checkpoints")
+    if params.host_kept_layers and offload.keep_in_host_memory(model, device, params.host_kept_layers):
+        applied.append(f"host_kept_layers={offload.host_kept(model)}")
     if params.compile_layers and regional_compile.compile_layers(model):
         applied.append("compile_layers")
     return applied

@@ -134,8 +134,8 @@ def wrap_checkpoints(model, offload) -> bool:
     changed = False
     for block, layer in enumerate(decoder_layers(model)):
         checkpoint = getattr(layer, "_gradient_checkpointing_func", None)
-        if checkpoint is None or "_qlorapipe_checkpoint" in vars(layer):
-            continue
+        if checkpoint is None or "_qlorapipe_checkpoint" in vars(layer) or "_qlorapipe_host_kept" in vars(layer):
+            continue  # a host-kept block is not recomputed: its input goes to the host with its other tensors
         layer._qlorapipe_checkpoint = checkpoint
         layer._gradient_checkpointing_func = functools.partial(_offloaded, checkpoint, offload, block)
         changed = True
@@ -153,7 +153,204 @@ def _offloaded(checkpoint, offload: CheckpointOffload, block: int, *args, **kwar
 
 
 def remove(module) -> None:
-    """Undo ``offload_checkpoints`` on one module."""
+    """Undo ``offload_checkpoints`` and ``keep_in_host_memory`` on one module."""
+    reached = vars(module).pop("_qlorapipe_reached", None)
+    if reached is not None:
+        reached.remove()
+    host_kept = vars(module).pop("_qlorapipe_host_kept", None)
+    if host_kept is not None:
+        module._gradient_checkpointing_func, fetch_hook = host_kept
+        fetch_hook.remove()
     checkpoint = vars(module).pop("_qlorapipe_checkpoint", None)
     if checkpoint is not None:
         module._gradient_checkpointing_func = checkpoint
+
+
+class _Kept:
+    """One tensor a host-kept block saved: its host copy, and where it is on the GPU meanwhile."""
+
+    __slots__ = ("block", "fetched", "host", "on_gpu", "uses")
+
+    def __init__(self, block: int, host, on_gpu):
+        self.block, self.host, self.on_gpu, self.uses = block, host, on_gpu, 1
+        self.fetched = None
+
+
+class HostKept:
+    """Saved-tensor hooks that keep whole blocks' activations in host memory (``host_kept_layers``).
+
+    A block run under ``hooks(block)`` is not recomputed: every tensor its autograd nodes save
+    (1 MB or more, parameters aside) is copied to pinned host memory on a copy stream as it is
+    saved, and the GPU copy is let go once the next host-kept block starts (so one block's copies at
+    most are in flight) or ``RELEASE_AFTER`` blocks later. In the backward pass the block's tensors are copied back when
+    the gradient reaches the block ``FETCH_AHEAD`` blocks above it (a hook on that block's output),
+    while those blocks run their backward passes. A tensor several nodes save (the normed input
+    of q, k and v) travels once. Each copy is ordered by CUDA events as in ``CheckpointOffload``,
+    so a CUDA graph records them.
+    """
+
+    FETCH_AHEAD = 2  # blocks of backward pass that a fetch overlaps
+    RELEASE_AFTER = 3  # blocks of forward pass after which a block's copies are waited for, if no host-kept one came
+
+    def __init__(self, device, blocks):
+        self.device, self.blocks = device, sorted(blocks)
+        self._stream = None
+        self.buffers: dict = {}  # (block, index, shape, stride, dtype): pinned host tensor, reused every step
+        self.saved: dict[int, list[_Kept]] = {}  # this forward pass's tensors, by block
+        self.arrived: dict[int, object] = {}  # block: the event its fetch records
+        self._keys: dict = {}  # the block being saved: its tensors by storage, offset, shape, stride
+
+    stream = CheckpointOffload.stream
+
+    def hooks(self, block: int):
+        import torch
+
+        return torch.autograd.graph.saved_tensors_hooks(functools.partial(self.pack, block), self.unpack)
+
+    def pack(self, block: int, tensor):
+        import torch
+
+        if (not tensor.is_cuda or isinstance(tensor, torch.nn.Parameter) or 0 in tensor.stride()
+                or tensor.numel() * tensor.element_size() < MIN_BYTES):
+            return tensor
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.stride(),
+               tensor.dtype)
+        kept = self._keys.get(key)
+        if kept is not None:
+            kept.uses += 1
+            return kept
+        index = len(self.saved[block])
+        buffer_key = (block, index, *key[2:])
+        host = self.buffers.get(buffer_key)
+        if host is None:
+            host = self.buffers[buffer_key] = torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype,
+                                                                  pin_memory=True)
+        compute = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(compute)
+        with torch.cuda.stream(self.stream):
+            host.copy_(tensor.detach(), non_blocking=True)
+        kept = self._keys[key] = _Kept(block, host, tensor)
+        self.saved[block].append(kept)
+        return kept
+
+    def begin(self, block: int) -> None:
+        """``block``'s forward pass starts: a new step's if it ran before; let go of the earlier blocks'."""
+        if any(b >= block for b in self.saved):
+            self.saved, self.arrived = {}, {}
+        self._release_before(block)
+        self.saved[block], self._keys = [], {}
+
+    def reached(self, block: int, module=None, args=None) -> None:
+        """A forward pre-hook on every block: let go of host-kept blocks ``RELEASE_AFTER`` or more below."""
+        if self.saved and block not in self.saved and max(self.saved) < block:
+            self._release_before(block - self.RELEASE_AFTER + 1)
+
+    def _release_before(self, block: int) -> None:
+        """Let go of the GPU copies of the blocks saved before ``block``: once the compute stream
+        has waited for their host copies to finish."""
+        import torch
+
+        earlier = [kept for b, saved in self.saved.items() if b < block for kept in saved if kept.on_gpu is not None]
+        if not earlier:
+            return
+        copied = torch.cuda.Event()
+        copied.record(self.stream)
+        torch.cuda.current_stream(self.device).wait_event(copied)
+        for kept in earlier:
+            kept.on_gpu = None
+
+    def unpack(self, kept):
+        import torch
+
+        if not isinstance(kept, _Kept):
+            return kept
+        compute = torch.cuda.current_stream(self.device)
+        if kept.on_gpu is not None:  # never let go (the last host-kept block): its copy may still read it
+            tensor = kept.on_gpu
+        else:
+            if kept.block not in self.arrived:
+                self.fetch(kept.block)  # not fetched ahead (the first blocks of a model): now, and wait for it
+            compute.wait_event(self.arrived[kept.block])
+            tensor = kept.fetched
+        kept.uses -= 1
+        if not kept.uses:
+            if kept.on_gpu is not None:
+                copied = torch.cuda.Event()
+                copied.record(self.stream)
+                compute.wait_event(copied)  # before its memory can be reused
+            kept.on_gpu = kept.fetched = None
+        return tensor
+
+    def fetch(self, block: int) -> None:
+        """Start copying ``block``'s saved tensors back to the GPU (those it let go)."""
+        import torch
+
+        if block in self.arrived or block not in self.saved:
+            return
+        away = [kept for kept in self.saved[block] if kept.on_gpu is None and kept.fetched is None and kept.uses]
+        compute = torch.cuda.current_stream(self.device)
+        for kept in away:  # allocated in the compute stream's order, written once it has got there
+            kept.fetched = torch.empty_strided(kept.host.shape, kept.host.stride(), dtype=kept.host.dtype,
+                                               device=self.device)
+        self.stream.wait_stream(compute)
+        with torch.cuda.stream(self.stream):
+            for kept in away:
+                kept.fetched.copy_(kept.host, non_blocking=True)
+            arrived = self.arrived[block] = torch.cuda.Event()
+            arrived.record(self.stream)
+
+    def fetch_hook(self, block: int, module, args, output):
+        """A forward hook on the block ``FETCH_AHEAD`` above ``block``: once the gradient reaches that
+        block's output, fetch ``block``'s tensors."""
+        import torch
+
+        hidden = output[0] if isinstance(output, tuple) else output
+        if torch.is_grad_enabled() and isinstance(hidden, torch.Tensor) and hidden.requires_grad:
+            hidden.register_hook(lambda grad: self.fetch(block))
+
+
+def host_kept_blocks(n_blocks: int, count: int) -> list[int]:
+    """Which of ``n_blocks`` blocks keep their activations in host memory: ``count`` of them, evenly
+    spread from the first, so that each one's copies overlap the blocks after it."""
+    count = min(count, n_blocks)
+    return sorted({i * n_blocks // count for i in range(count)}) if count else []
+
+
+def keep_in_host_memory(model, device, count: int) -> bool:
+    """Let ``count`` checkpointed blocks keep their activations in host memory instead of running
+    again in the backward pass (``acceleration.host_kept_layers``; CUDA only). Blocks that keep their
+    activations on the GPU (``uncheckpointed_layers``) are not among them. Undone by ``remove``.
+
+    Returns:
+        True when any block was changed.
+    """
+    if device.type != "cuda" or count <= 0:
+        return False
+    layers = decoder_layers(model)
+    candidates = [i for i, layer in enumerate(layers) if getattr(layer, "_gradient_checkpointing_func", None)
+                  and getattr(layer, "gradient_checkpointing", False) and "_qlorapipe_host_kept" not in vars(layer)]
+    if not candidates:
+        return False
+    chosen = [candidates[i] for i in host_kept_blocks(len(candidates), count)]
+    kept = HostKept(device, chosen)
+    for block, layer in enumerate(layers):
+        layer._qlorapipe_reached = layer.register_forward_pre_hook(functools.partial(kept.reached, block))
+    for block in chosen:
+        layer = layers[block]
+        layer._qlorapipe_host_kept = (layer._gradient_checkpointing_func,
+                                      layers[min(block + HostKept.FETCH_AHEAD, len(layers) - 1)]
+                                      .register_forward_hook(functools.partial(kept.fetch_hook, block)))
+        layer._gradient_checkpointing_func = functools.partial(_host_kept, kept, block)
+    return True
+
+
+def host_kept(model) -> int:
+    """How many blocks ``keep_in_host_memory`` changed."""
+    return sum("_qlorapipe_host_kept" in vars(layer) for layer in decoder_layers(model))
+
+
+def _host_kept(kept: HostKept, block: int, function, *args, **kwargs):
+    """In place of a block's checkpoint function: run the block once, its saved tensors sent to the host."""
+    kept.begin(block)
+    with kept.hooks(block):
+        return function(*args, **kwargs)
