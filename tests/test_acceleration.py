@@ -756,10 +756,71 @@ def test_host_kept_layers_are_spread_from_the_first_block_and_checked_like_the_o
     with pytest.raises(UserError, match=r"acceleration.host_kept_layers must be an integer >= 0 \(0: none\), got -1"):
         parse_section("acceleration", {"host_kept_layers": -1})
     model, _ = _quantized_lora_model(tiny_llama_dir)
-    assert not offload.keep_in_host_memory(model, torch.device("cpu"), 2)  # CUDA streams and pinned memory
     assert "host_kept_layers" not in " ".join(fast.apply(model, AccelerationParams(host_kept_layers=2),
                                                          torch.device("cpu"), torch.float32))
+    assert offload.host_kept(model) == 0  # a CUDA lever: copies on a side stream into pinned memory
+
+
+class _Stream:
+    """Stands in for a CUDA stream or event on the CPU, where every copy is done when it returns."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def wait_stream(self, other):
+        pass
+
+    def wait_event(self, event):
+        pass
+
+    def record(self, stream=None):
+        pass
+
+
+def test_host_kept_blocks_send_each_saved_tensor_once_and_fetch_it_back_ahead(tiny_llama_dir, monkeypatch):
+    # HostKept's bookkeeping on the CPU: CUDA's streams, events and pinned memory stood in for (the GPU
+    # test checks the copies' order on a real device).
+    empty_strided = torch.empty_strided
+    monkeypatch.setattr(torch, "empty_strided", lambda *a, pin_memory=False, **k: empty_strided(*a, **k))
+    for name in ("Stream", "Event", "current_stream"):
+        monkeypatch.setattr(torch.cuda, name, _Stream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    monkeypatch.setattr(offload, "MIN_BYTES", 0)
+    model, _ = tiny_lora_model(tiny_llama_dir, dropout=0.1)
+    layers = checkpointing.decoder_layers(model)
+    input_ids = torch.randint(4, 300, (2, 24), generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(0)
+    ref_loss, ref_grads = _loss_and_grads(model, input_ids)
+    calls = [0] * len(layers)
+    for i, layer in enumerate(layers):
+        layer.self_attn.register_forward_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+    assert len(layers) >= 2 and offload.keep_in_host_memory(model, torch.device("cpu"), 1)
+    kept = layers[0]._gradient_checkpointing_func.args[0]
+    fetched = []
+    monkeypatch.setattr(kept, "fetch", lambda block, fetch=kept.fetch: (fetched.append(block), fetch(block))[1])
+    packed = []
+    monkeypatch.setattr(kept, "pack", lambda block, tensor, pack=kept.pack:
+                        packed.append((tensor, pack(block, tensor))) or packed[-1][1])
+    for _ in range(2):  # the second step reuses the host buffers
+        torch.manual_seed(0)
+        loss, grads = _loss_and_grads(model, input_ids)
+        assert torch.equal(loss, ref_loss) and torch.equal(grads, ref_grads)
+    assert kept.blocks == [0] and {key[0] for key in kept.buffers} == {0}
+    # Block 0 ran once a step, the others again in the backward pass; its tensors went out and came back.
+    assert calls == [2] + [4] * (len(layers) - 1), calls
+    assert fetched and set(fetched) == {0} and all(not k.uses and k.fetched is None for k in kept.saved[0])
+    # A tensor several nodes save has one host copy.
+    sent = [result for _, result in packed if isinstance(result, offload._Kept)]
+    assert len({id(result) for result in sent}) < len(sent)
+    # Parameters, and views of them (the transposed LoRA weights), stay where they are.
+    weights = {param.untyped_storage().data_ptr() for param in model.parameters()}
+    assert all(result is tensor for tensor, result in packed if tensor.untyped_storage().data_ptr() in weights)
+    assert any(tensor.untyped_storage().data_ptr() in weights for tensor, _ in packed)
+    assert max(k.uses for k in kept.saved[0]) == 0
+    fast.remove(model)
     assert offload.host_kept(model) == 0
+    assert not any(getattr(getattr(hook, "func", None), "__self__", None) is kept for layer in layers
+                   for hook in (*layer._forward_hooks.values(), *layer._forward_pre_hooks.values()))
 
 
 @pytest.mark.parametrize("mlp", ["lora_linear", "swiglu_lora_linear"])

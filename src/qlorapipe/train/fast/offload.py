@@ -180,7 +180,7 @@ class HostKept:
     """Saved-tensor hooks that keep whole blocks' activations in host memory (``host_kept_layers``).
 
     A block run under ``hooks(block)`` is not recomputed: every tensor its autograd nodes save
-    (1 MB or more, parameters aside) is copied to pinned host memory on a copy stream as it is
+    (1 MB or more, parameters and views of them aside) is copied to pinned host memory on a copy stream as it is
     saved, and the GPU copy is let go once the next host-kept block starts (so one block's copies at
     most are in flight) or ``RELEASE_AFTER`` blocks later. In the backward pass the block's tensors are copied back when
     the gradient reaches the block ``FETCH_AHEAD`` blocks above it (a hook on that block's output),
@@ -192,8 +192,9 @@ class HostKept:
     FETCH_AHEAD = 2  # blocks of backward pass that a fetch overlaps
     RELEASE_AFTER = 3  # blocks of forward pass after which a block's copies are waited for, if no host-kept one came
 
-    def __init__(self, device, blocks):
+    def __init__(self, device, blocks, weights=()):
         self.device, self.blocks = device, sorted(blocks)
+        self.weights = {weight.untyped_storage().data_ptr() for weight in weights}  # never copied, nor views of them
         self._stream = None
         self.buffers: dict = {}  # (block, index, shape, stride, dtype): pinned host tensor, reused every step
         self.saved: dict[int, list[_Kept]] = {}  # this forward pass's tensors, by block
@@ -210,8 +211,9 @@ class HostKept:
     def pack(self, block: int, tensor):
         import torch
 
-        if (not tensor.is_cuda or isinstance(tensor, torch.nn.Parameter) or 0 in tensor.stride()
-                or tensor.numel() * tensor.element_size() < MIN_BYTES):
+        if (tensor.device.type != self.device.type or 0 in tensor.stride()
+                or tensor.numel() * tensor.element_size() < MIN_BYTES
+                or isinstance(tensor, torch.nn.Parameter) or tensor.untyped_storage().data_ptr() in self.weights):
             return tensor
         key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.stride(),
                tensor.dtype)
@@ -318,13 +320,14 @@ def host_kept_blocks(n_blocks: int, count: int) -> list[int]:
 
 def keep_in_host_memory(model, device, count: int) -> bool:
     """Let ``count`` checkpointed blocks keep their activations in host memory instead of running
-    again in the backward pass (``acceleration.host_kept_layers``; CUDA only). Blocks that keep their
-    activations on the GPU (``uncheckpointed_layers``) are not among them. Undone by ``remove``.
+    again in the backward pass (``acceleration.host_kept_layers``; ``apply`` does it on CUDA only, where
+    the copies run on a side stream into pinned memory). Blocks that keep their activations on the
+    GPU (``uncheckpointed_layers``) are not among them. Undone by ``remove``.
 
     Returns:
         True when any block was changed.
     """
-    if device.type != "cuda" or count <= 0:
+    if count <= 0:
         return False
     layers = decoder_layers(model)
     candidates = [i for i, layer in enumerate(layers) if getattr(layer, "_gradient_checkpointing_func", None)
@@ -332,7 +335,7 @@ def keep_in_host_memory(model, device, count: int) -> bool:
     if not candidates:
         return False
     chosen = [candidates[i] for i in host_kept_blocks(len(candidates), count)]
-    kept = HostKept(device, chosen)
+    kept = HostKept(device, chosen, weights=model.parameters())
     for block, layer in enumerate(layers):
         layer._qlorapipe_reached = layer.register_forward_pre_hook(functools.partial(kept.reached, block))
     for block in chosen:
