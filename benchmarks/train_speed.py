@@ -448,6 +448,8 @@ def ours_variants(case: str, n_layers: int) -> list[tuple[str, AccelerationParam
                    ("ours, every block checkpointed + offload" + NOT_LEAN, replace(OFFLOADED, lean_recompute=False))]
     if case == "D":  # each 70B row costs minutes: the budget row and the smallest footprints
         return [(f"ours, defaults + memory_budget_gb={D_BUDGET_GB:g}", replace(DEFAULT, memory_budget_gb=D_BUDGET_GB)),
+                *[(f"ours, defaults + memory_budget_gb={D_BUDGET_GB:g} + host_kept_layers={n}",
+                   replace(DEFAULT, memory_budget_gb=D_BUDGET_GB, host_kept_layers=n)) for n in (16, 24, 40, 60, 80)],
                 *recomputing]
     variants = [("ours, all levers off (before)", ALL_OFF)]
     if case == "A":
@@ -480,8 +482,9 @@ def ours_variants(case: str, n_layers: int) -> list[tuple[str, AccelerationParam
                     variants[-1]]
         # Blocks kept in host memory instead of recomputed, the rest recomputed with offloaded inputs; and
         # within unsloth's peak as measured in every C run so far (5.52 GB at dropout 0.05), without running it.
-        variants += [(f"ours, every block checkpointed + offload + host_kept_layers={n}",
-                      replace(OFFLOADED, host_kept_layers=n)) for n in (4, 8, 16)]
+        variants += [(f"ours, every block checkpointed{how} + host_kept_layers={n}", replace(params, host_kept_layers=n))
+                     for how, params in ((" + offload", OFFLOADED), ("", replace(DEFAULT, uncheckpointed_layers=0)))
+                     for n in (4, 8, 16)]
         variants += [(f"ours, defaults + memory_budget_gb={C_PEER_PEAK_GB}{host}",
                       replace(DEFAULT, memory_budget_gb=C_PEER_PEAK_GB, host_kept_layers=n))
                      for n, host in ((0, ""), (8, " + host_kept_layers=8"), (16, " + host_kept_layers=16"))]
