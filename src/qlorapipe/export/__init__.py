@@ -352,4 +352,5 @@ def gate(params: ExportParams, file_format: str, found: dict, runtime: str = "ll
     if found["chat_template_matches"] is False:
         problems.append(f"{runtime} renders the chat template differently from transformers")
     if problems:
-        raise UserError(f"{file_format} in {runtime} drifts from the trained model: " + "; ".join(problems))
+        raise UserError(f"{file_format} in {runtime} drifts from the trained model: " + "; ".join(problems)
+                        + f" (to export it anyway, relax the gate named; or leave {file_format} out of export.formats)")
