@@ -761,20 +761,10 @@ def test_host_kept_layers_are_spread_from_the_first_block_and_checked_like_the_o
     assert offload.host_kept(model) == 0  # a CUDA lever: copies on a side stream into pinned memory
 
 
-class _Stream:
-    """Stands in for a CUDA stream or event on the CPU, where every copy is done when it returns."""
-
-    def __init__(self, *args, **kwargs):
-        pass
-
-    def wait_stream(self, other):
-        pass
-
-    def wait_event(self, event):
-        pass
-
-    def record(self, stream=None):
-        pass
+def _stream(*args, **kwargs):
+    """A CUDA stream or event stood in for on the CPU, where every copy is done when it returns: waiting
+    for one or recording one has nothing to do."""
+    return types.SimpleNamespace(**dict.fromkeys(("wait_stream", "wait_event", "record"), lambda *args: None))
 
 
 def test_host_kept_blocks_send_each_saved_tensor_once_and_fetch_it_back_ahead(tiny_llama_dir, monkeypatch):
@@ -783,7 +773,7 @@ def test_host_kept_blocks_send_each_saved_tensor_once_and_fetch_it_back_ahead(ti
     empty_strided = torch.empty_strided
     monkeypatch.setattr(torch, "empty_strided", lambda *a, pin_memory=False, **k: empty_strided(*a, **k))
     for name in ("Stream", "Event", "current_stream"):
-        monkeypatch.setattr(torch.cuda, name, _Stream)
+        monkeypatch.setattr(torch.cuda, name, _stream)
     monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
     monkeypatch.setattr(offload, "MIN_BYTES", 0)
     model, _ = tiny_lora_model(tiny_llama_dir, dropout=0.1)

@@ -212,11 +212,12 @@ class HostKept:
         import torch
 
         if (tensor.device.type != self.device.type or 0 in tensor.stride()
-                or tensor.numel() * tensor.element_size() < MIN_BYTES
-                or isinstance(tensor, torch.nn.Parameter) or tensor.untyped_storage().data_ptr() in self.weights):
+                or tensor.numel() * tensor.element_size() < MIN_BYTES or isinstance(tensor, torch.nn.Parameter)):
             return tensor
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.stride(),
-               tensor.dtype)
+        storage = tensor.untyped_storage().data_ptr()
+        if storage in self.weights:
+            return tensor
+        key = (storage, tensor.storage_offset(), tuple(tensor.shape), tensor.stride(), tensor.dtype)
         kept = self._keys.get(key)
         if kept is not None:
             kept.uses += 1
@@ -255,9 +256,7 @@ class HostKept:
         earlier = [kept for b, saved in self.saved.items() if b < block for kept in saved if kept.on_gpu is not None]
         if not earlier:
             return
-        copied = torch.cuda.Event()
-        copied.record(self.stream)
-        torch.cuda.current_stream(self.device).wait_event(copied)
+        torch.cuda.current_stream(self.device).wait_stream(self.stream)
         for kept in earlier:
             kept.on_gpu = None
 
@@ -277,9 +276,7 @@ class HostKept:
         kept.uses -= 1
         if not kept.uses:
             if kept.on_gpu is not None:
-                copied = torch.cuda.Event()
-                copied.record(self.stream)
-                compute.wait_event(copied)  # before its memory can be reused
+                compute.wait_stream(self.stream)  # its copy to the host done before its memory can be reused
             kept.on_gpu = kept.fetched = None
         return tensor
 
