@@ -449,7 +449,8 @@ def ours_variants(case: str, n_layers: int) -> list[tuple[str, AccelerationParam
     if case == "D":  # each 70B row costs minutes: the budget row and the smallest footprints
         return [(f"ours, defaults + memory_budget_gb={D_BUDGET_GB:g}", replace(DEFAULT, memory_budget_gb=D_BUDGET_GB)),
                 *[(f"ours, defaults + memory_budget_gb={D_BUDGET_GB:g} + host_kept_layers={n}",
-                   replace(DEFAULT, memory_budget_gb=D_BUDGET_GB, host_kept_layers=n)) for n in (16, 24, 40, 60, 80)],
+                   replace(DEFAULT, memory_budget_gb=D_BUDGET_GB, host_kept_layers=n))
+                  for n in (16, 24, 40, 60, 80, "auto")],
                 *recomputing]
     variants = [("ours, all levers off (before)", ALL_OFF)]
     if case == "A":
@@ -487,7 +488,10 @@ def ours_variants(case: str, n_layers: int) -> list[tuple[str, AccelerationParam
                      for n in (4, 8, 16)]
         variants += [(f"ours, defaults + memory_budget_gb={C_PEER_PEAK_GB}{host}",
                       replace(DEFAULT, memory_budget_gb=C_PEER_PEAK_GB, host_kept_layers=n))
-                     for n, host in ((0, ""), (8, " + host_kept_layers=8"), (16, " + host_kept_layers=16"))]
+                     for n, host in ((0, ""), (8, " + host_kept_layers=8"), (16, " + host_kept_layers=16"),
+                                     ("auto", " + host_kept_layers=auto"))]
+        variants.append(("ours, every block checkpointed + host_kept_layers=auto",
+                         replace(DEFAULT, uncheckpointed_layers=0, host_kept_layers="auto")))
     # compile_layers runs without CUDA graphs (cuda_graphs.graphed_step): the two do not combine.
     variants.append(("ours, defaults + compile_layers", replace(DEFAULT, compile_layers=True, cuda_graphs=False)))
     return variants
@@ -507,11 +511,16 @@ def run_ours(label: str, params: AccelerationParams, model, compute_dtype, case:
         fast.remove(model, upcast_dtype=torch.float32)
         set_lora_state(model, init)
         applied = fast.apply(model, params, device, compute_dtype)
-        if params.uncheckpointed_layers == "auto":  # as the train stage plans it, on its first micro-batch
-            graphs = params.cuda_graphs and not label.endswith(EAGER_PROBE)
+        inputs = {"input_ids": first, "use_cache": False}
+        graphs = params.cuda_graphs and not label.endswith(EAGER_PROBE)
+        if params.host_kept_layers == "auto":  # as the train stage plans it, on its first micro-batch: first
+            kept, measured = memory_plan.fit_host_kept_layers(
+                model, inputs, first, params.memory_budget_gb, device, cuda_graphs=graphs,
+                every_block_may_fit=params.uncheckpointed_layers == "auto")
+            applied.append(f"host_kept_layers=auto: {kept} kept, timed {json.dumps(measured)}")
+        if params.uncheckpointed_layers == "auto":
             kept, measured = memory_plan.fit_uncheckpointed_layers(
-                model, {"input_ids": first, "use_cache": False}, first, params.memory_budget_gb, device,
-                cuda_graphs=graphs)
+                model, inputs, first, params.memory_budget_gb, device, cuda_graphs=graphs)
             applied.append(f"uncheckpointed_layers=auto: {kept} kept, probe {json.dumps(measured)}")
         return applied
 

@@ -753,8 +753,15 @@ def test_host_kept_layers_are_spread_from_the_first_block_and_checked_like_the_o
     assert offload.host_kept_blocks(32, 3) == [0, 10, 21]
     assert offload.host_kept_blocks(4, 9) == [0, 1, 2, 3] and offload.host_kept_blocks(4, 0) == []
     assert parse_section("acceleration", {"host_kept_layers": 8}).host_kept_layers == 8
-    with pytest.raises(UserError, match=r"acceleration.host_kept_layers must be an integer >= 0 \(0: none\), got -1"):
+    assert parse_section("acceleration", {"host_kept_layers": "auto"}).host_kept_layers == "auto"
+    with pytest.raises(UserError, match=r"acceleration.host_kept_layers must be an integer >= 0 \(0: none\) or "
+                                        r"'auto' \(the count that trains fastest within "
+                                        r"acceleration.memory_budget_gb\), got -1"):
         parse_section("acceleration", {"host_kept_layers": -1})
+    for bad in ("all", 2.5):
+        with pytest.raises(UserError, match=rf"acceleration.host_kept_layers: must be an integer or 'auto', "
+                                            rf"got {bad!r}"):
+            parse_section("acceleration", {"host_kept_layers": bad})
     model, _ = _quantized_lora_model(tiny_llama_dir)
     assert "host_kept_layers" not in " ".join(fast.apply(model, AccelerationParams(host_kept_layers=2),
                                                          torch.device("cpu"), torch.float32))
@@ -811,6 +818,107 @@ def test_host_kept_blocks_send_each_saved_tensor_once_and_fetch_it_back_ahead(ti
     assert offload.host_kept(model) == 0
     assert not any(getattr(getattr(hook, "func", None), "__self__", None) is kept for layer in layers
                    for hook in (*layer._forward_hooks.values(), *layer._forward_pre_hooks.values()))
+
+
+def _timed_gpu(monkeypatch, model, seconds, peak=lambda on_gpu, in_host: 42.0, host_gb_per_block=0.9):
+    """``memory_plan.measure_step`` answering ``peak(blocks kept on the GPU, blocks kept in host memory)`` (GB;
+    inf runs out of memory) and ``seconds(blocks kept in host memory)`` for each step ``model`` runs, and each
+    host-kept block holding ``host_gb_per_block`` of pinned memory.
+
+    Returns:
+        The list each measurement's (on the GPU, in host memory, timed steps) is appended to.
+    """
+    _simulated_gpu(monkeypatch, model, lambda kept: 0.0)
+    calls = []
+
+    def measure_step(model_, inputs, labels, device, cuda_graphs=False, timed=0):
+        on_gpu, in_host = sum(not b.gradient_checkpointing for b in model.blocks), offload.host_kept(model)
+        calls.append((on_gpu, in_host, timed))
+        if math.isinf(peak(on_gpu, in_host)):
+            raise torch.cuda.OutOfMemoryError("simulated")
+        return peak(on_gpu, in_host), (seconds[in_host] if timed else None)
+
+    monkeypatch.setattr(memory_plan, "measure_step", measure_step)
+    monkeypatch.setattr(offload, "host_kept_bytes", lambda m: offload.host_kept(m) * host_gb_per_block * 1e9)
+    monkeypatch.setattr(memory_plan, "host_available", lambda: 1e12)
+    for block in model.blocks:
+        block._gradient_checkpointing_func = lambda run, *args: run(*args)
+    return calls
+
+
+def _fit_host_kept(model, budget_gb, every_block_may_fit=True):
+    ids = torch.ones(3)
+    return memory_plan.fit_host_kept_layers(model, {"input_ids": ids}, ids, budget_gb, torch.device("cuda", 0),
+                                            every_block_may_fit=every_block_may_fit)
+
+
+def test_auto_host_kept_layers_times_sparsest_first_and_keeps_the_fastest_within_the_budget(monkeypatch):
+    # The 70B shape within 48 GB as on an H100: every block kept runs out of memory; one block in two paid most.
+    model = _BlocksModel(80)
+    calls = _timed_gpu(monkeypatch, model, {0: 1.40, 20: 1.30, 26: 1.27, 40: 1.22},
+                       peak=lambda on_gpu, in_host: math.inf if on_gpu else 42.0 + 0.01 * in_host)
+    grad = model.weight.grad = torch.full((3,), 7.0)
+    model.eval()
+    kept, measured = _fit_host_kept(model, 48.0)
+    assert calls == [(80, 0, 0), (0, 0, 3), (0, 20, 3), (0, 26, 3), (0, 40, 3)]
+    assert kept == 40 and offload.host_kept(model) == 40 and measured["kept"] == 40
+    assert [i for i, block in enumerate(model.blocks) if "_qlorapipe_host_kept" in vars(block)] == list(range(0, 80, 2))
+    assert measured["seconds"] == {0: 1.4, 20: 1.3, 26: 1.27, 40: 1.22} and measured["peak_gb"][40] == 42.4
+    assert measured["host_gb"] == {20: 18.0, 26: 23.4, 40: 36.0} and measured["candidates"] == 80
+    assert all(block.gradient_checkpointing for block in model.blocks)  # the other planner fills the budget next
+    assert model.weight.grad is grad and not model.training  # put back
+    fast.remove(model)
+    assert offload.host_kept(model) == 0
+
+    # The 7B shape: one in four paid 4 %, one in three did not: nothing denser is tried.
+    model = _BlocksModel(32)
+    calls = _timed_gpu(monkeypatch, model, {0: 0.352, 8: 0.338, 10: 0.360, 16: 0.2},
+                       peak=lambda on_gpu, in_host: math.inf if on_gpu else 6.06)
+    assert _fit_host_kept(model, None)[0] == 8 and [c[1] for c in calls] == [0, 0, 8, 10]
+
+
+def test_auto_host_kept_layers_keeps_none_without_a_gain_room_or_anything_recomputed(monkeypatch):
+    slow = {0: 0.352, 8: 0.349, 10: 0.348, 16: 0.347}  # 1.4 % at best: timing noise
+    model = _BlocksModel(32)
+    calls = _timed_gpu(monkeypatch, model, slow, peak=lambda on_gpu, in_host: math.inf if on_gpu else 6.0)
+    kept, measured = _fit_host_kept(model, 10.0)
+    assert kept == 0 and offload.host_kept(model) == 0 and [c[1] for c in calls] == [0, 0, 8, 10, 16]
+    assert measured["why_none"] == "no count was 2% faster than recomputing every block"
+    # Within unsloth's peak at the 7B shape: a block's copies in flight do not fit (5.60 GB against 5.52).
+    calls = _timed_gpu(monkeypatch, model, {0: 0.352, 8: 0.338}, peak=lambda on_gpu, in_host: (
+        math.inf if on_gpu else 5.09 + (0.51 if in_host else 0)))
+    assert _fit_host_kept(model, 5.52)[0] == 0 and [c[1] for c in calls] == [0, 0, 8]
+    # Recomputing every block is already above the budget: nothing timed (the other planner offloads inputs).
+    calls = _timed_gpu(monkeypatch, model, slow, peak=lambda on_gpu, in_host: math.inf if on_gpu else 6.06)
+    kept, measured = _fit_host_kept(model, 5.52)
+    assert kept == 0 and calls == [(32, 0, 0), (0, 0, 3)]
+    assert measured["why_none"] == "the step recomputing every checkpointed block is above the budget"
+    # Every block fits on the GPU: one step, nothing timed.
+    calls = _timed_gpu(monkeypatch, model, slow, peak=lambda on_gpu, in_host: 19.1)
+    kept, measured = _fit_host_kept(model, 20.0)
+    assert kept == 0 and calls == [(32, 0, 0)]
+    assert measured["why_none"] == "every block fits on the GPU, so none is recomputed"
+    # ... unless the user's count of blocks kept on the GPU stands (then that step is not measured).
+    calls = _timed_gpu(monkeypatch, model, {0: 0.352, 8: 0.338, 10: 0.36}, peak=lambda on_gpu, in_host: 19.1)
+    assert _fit_host_kept(model, 20.0, every_block_may_fit=False)[0] == 8 and calls[0] == (0, 0, 3)
+    fast.remove(model)
+
+
+def test_auto_host_kept_layers_fits_the_pinned_copies_in_host_memory(monkeypatch, caplog):
+    model = _BlocksModel(80)
+    calls = _timed_gpu(monkeypatch, model, {0: 1.40, 20: 1.30, 26: 1.27, 40: 1.22},
+                       peak=lambda on_gpu, in_host: math.inf if on_gpu else 42.0)
+    monkeypatch.setattr(memory_plan, "host_available", lambda: 50e9)  # half of it: 25 GB for 0.9 GB a block
+    ids = torch.ones(3)
+    with caplog.at_level("INFO", logger="qlorapipe.train.fast"):
+        kept = memory_plan.plan_host_kept_layers(model, {"input_ids": ids}, ids, AccelerationParams(
+            host_kept_layers="auto", memory_budget_gb=48.0), torch.device("cuda", 0))
+    assert kept == 26 and [c[1] for c in calls] == [0, 0, 20, 26, 40]  # 40 ran: 36 GB pinned is over the 25
+    assert ("host_kept_layers: auto keeps 26 of 80 checkpointed blocks' activations in host memory (23.40 GB "
+            "pinned) instead of recomputing them; a step with N of them: 0: 1.400 s at 42.00 GB, 20: 1.300 s at "
+            "42.00 GB, 26: 1.270 s at 42.00 GB, 40: 1.220 s at 42.00 GB; budget 48.00 GB") in caplog.text
+    fast.remove(model)
+    assert offload.host_kept(model) == 0
 
 
 @pytest.mark.parametrize("mlp", ["lora_linear", "swiglu_lora_linear"])

@@ -556,6 +556,40 @@ def test_host_kept_blocks_compute_the_same_step_without_recomputing_and_with_les
     assert peak < results["kept on the GPU"][2], (peak, results["kept on the GPU"][2])
 
 
+@pytest.mark.parametrize("graphed", [False, True])
+def test_auto_host_kept_layers_times_real_steps_and_leaves_no_trace(six_block_qwen2_dir, monkeypatch, graphed):
+    monkeypatch.setattr(offload, "MIN_BYTES", 0)  # the tiny model's tensors are small
+    monkeypatch.setattr(memory_plan, "HOST_KEPT_MIN_GAIN", -1.0)  # keep the fastest count tried, whatever it gained
+    device = torch.device("cuda")
+    model, _ = _tiny_lora(six_block_qwen2_dir, AccelerationParams(uncheckpointed_layers=0), dropout=0.1)
+    layers = checkpointing.decoder_layers(model)
+    ids = torch.randint(4, 300, (8, 1024), device=device, generator=torch.Generator(device).manual_seed(5))
+    inputs = {"input_ids": ids, "use_cache": False}
+    model.eval()
+    cuda_state, cpu_state = torch.cuda.get_rng_state(), torch.get_rng_state()
+    kept, measured = memory_plan.fit_host_kept_layers(model, inputs, ids, 70.0, device, cuda_graphs=graphed,
+                                                      every_block_may_fit=False)
+    assert torch.equal(torch.cuda.get_rng_state(), cuda_state) and torch.equal(torch.get_rng_state(), cpu_state)
+    assert all(p.grad is None for p in model.parameters()) and not model.training
+    assert torch.cuda.max_memory_allocated() == torch.cuda.memory_allocated()  # the peak statistics were reset
+    # Six checkpointed blocks: none, then one in four and one in three (1 and 2), then one in two (3), sparsest
+    # first, until a count is slower than the one before.
+    tried = list(measured["seconds"])
+    assert tried[0] == 0 and tried[1:] == [1, 2, 3][: len(tried) - 1] and len(tried) >= 2, measured
+    assert all(seconds > 0 for seconds in measured["seconds"].values())
+    assert all(measured["host_gb"][count] > 0 for count in tried[1:])  # each ran, its copies in pinned memory
+    fastest = min(measured["seconds"], key=measured["seconds"].get)
+    assert kept == fastest == measured["kept"] == offload.host_kept(model)
+    model.train()
+    torch.manual_seed(0)
+    loss, grads = _loss_and_grads(model, ids, autocast=False)  # a step as planned: the recomputed one's numbers
+    fast.remove(model)
+    assert offload.host_kept(model) == 0
+    torch.manual_seed(0)
+    recomputed_loss, recomputed_grads = _loss_and_grads(model, ids, autocast=False)
+    assert recomputed_loss == loss and torch.equal(recomputed_grads, grads)
+
+
 def _hidden_size(model_dir) -> int:
     import json
 

@@ -252,8 +252,9 @@ class AccelerationParams:
     # a checkpointed block's recomputation skips its last projection's base matmul (its output is not read)
     lean_recompute: bool = True
     # N checkpointed blocks, spread from the first, keep every activation in host memory instead of
-    # recomputing it: copied out and back on a side stream while other blocks compute
-    host_kept_layers: int = 0
+    # recomputing it: copied out and back on a side stream while other blocks compute; auto: the count
+    # that made the first micro-batch's step fastest within memory_budget_gb (none when none paid)
+    host_kept_layers: int | Literal["auto"] = 0
 
     def check(self) -> list[str]:
         problems = []
@@ -261,9 +262,10 @@ class AccelerationParams:
         if layers != "auto" and (type(layers) is not int or layers < 0):
             problems.append(f"acceleration.uncheckpointed_layers must be an integer >= 0 (0 checkpoints every "
                             f"block) or 'auto' (as many as fit in acceleration.memory_budget_gb), got {layers!r}")
-        if type(self.host_kept_layers) is not int or self.host_kept_layers < 0:
-            problems.append(f"acceleration.host_kept_layers must be an integer >= 0 (0: none), "
-                            f"got {self.host_kept_layers!r}")
+        host_kept = self.host_kept_layers
+        if host_kept != "auto" and (type(host_kept) is not int or host_kept < 0):
+            problems.append(f"acceleration.host_kept_layers must be an integer >= 0 (0: none) or 'auto' (the count "
+                            f"that trains fastest within acceleration.memory_budget_gb), got {host_kept!r}")
         budget = self.memory_budget_gb
         if budget is not None and not (isinstance(budget, (int, float)) and budget > 0):  # NaN too
             problems.append(f"acceleration.memory_budget_gb must be > 0 (GB) or null (90% of the GPU's memory), "

@@ -131,6 +131,7 @@ def run(sections: Sections, base_dir: Path, data_dir: Path, out: Outputs, relaun
     _, first = next(loop.micro_batches(len(train_set), params.per_device_batch_size, params.seed))
     uncheckpointed = fast.plan_uncheckpointed_layers(model, sections.acceleration, train_set[first], device,
                                                      world.num_processes, cuda_graphs=graphed is not None)
+    host_kept = fast.host_kept(model)  # blocks whose activations wait in host memory (host_kept_layers)
     clock.lap("plan")
     trainable, total = modeling.parameter_counts(model)
     header = [f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}",
@@ -208,6 +209,7 @@ def run(sections: Sections, base_dir: Path, data_dir: Path, out: Outputs, relaun
         "resumed_from_step": result.resumed_from_step or 0,
         "cuda_graph_replays": graphed.replays if graphed is not None else 0,
         "uncheckpointed_layers": uncheckpointed,
+        "host_kept_layers": host_kept,
         "environment": modeling.environment_record(device),
     }
     write_json(out.metrics, metrics)

@@ -49,8 +49,9 @@ from qlorapipe.train.fast import (
 )
 from qlorapipe.train.fast.cuda_graphs import graphed_step
 from qlorapipe.train.fast.memory_plan import plan_uncheckpointed_layers
+from qlorapipe.train.fast.offload import host_kept
 
-__all__ = ["apply", "graphed_step", "plan_uncheckpointed_layers", "remove", "training_params"]
+__all__ = ["apply", "graphed_step", "host_kept", "plan_uncheckpointed_layers", "remove", "training_params"]
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +98,9 @@ def _cuda_levers(model, params: AccelerationParams, device, compute_dtype) -> li
         applied.append(f"uncheckpointed_layers={layers}")
     if params.offload_checkpoints and offload.offload_checkpoints(model, device):
         applied.append("offload_checkpoints")
-    if params.host_kept_layers and offload.keep_in_host_memory(model, device, params.host_kept_layers):
+    # host_kept_layers: auto is timed on a batch, as uncheckpointed_layers: auto is measured (before it).
+    if params.host_kept_layers not in (0, "auto") and offload.keep_in_host_memory(model, device,
+                                                                                params.host_kept_layers):
         applied.append(f"host_kept_layers={offload.host_kept(model)}")
     if params.compile_layers and regional_compile.compile_layers(model):
         applied.append("compile_layers")

@@ -103,11 +103,13 @@ def plan_uncheckpointed_layers(model, params: AccelerationParams, batch, device,
     """
     if device.type == "cpu" and params.uncheckpointed_layers != "auto":
         skip_checkpointing(model, params.uncheckpointed_layers)
-    if params.uncheckpointed_layers != "auto" or device.type not in ("cuda", "cpu"):
+    autos = [name for name in ("uncheckpointed_layers", "host_kept_layers") if getattr(params, name) == "auto"
+             and (device.type == "cuda" or name == "uncheckpointed_layers")]  # host-kept blocks: CUDA only
+    if not autos or device.type not in ("cuda", "cpu"):
         return uncheckpointed_count(model)
     if num_processes != 1:
-        logger.info("uncheckpointed_layers: auto keeps every block checkpointed with %d processes "
-                    "(set an integer to keep some)", num_processes)
+        logger.info("%s: auto keeps every block checkpointed with %d processes (set an integer to keep some)",
+                    " and ".join(autos), num_processes)
         return uncheckpointed_count(model)
     inputs, labels = model_inputs(batch, device), batch["labels"].to(device).long()
     if device.type == "cpu":
@@ -121,6 +123,10 @@ def plan_uncheckpointed_layers(model, params: AccelerationParams, batch, device,
                         kept, measured["n_blocks"], measured["per_block_bytes"] / 1e9, measured["rest_bytes"] / 1e9,
                         measured["room_bytes"] / 1e9, 100 * HOST_SHARE)
         return kept
+    if "host_kept_layers" in autos:  # first: blocks kept on the GPU then fill what its copies leave of the budget
+        plan_host_kept_layers(model, inputs, labels, params, device, cuda_graphs)
+    if "uncheckpointed_layers" not in autos:
+        return uncheckpointed_count(model)
     kept, measured = fit_uncheckpointed_layers(model, inputs, labels, params.memory_budget_gb, device, cuda_graphs)
     if measured and measured["peak_all_checkpointed_gb"] is None:  # every block kept fitted: nothing else measured
         logger.info("uncheckpointed_layers: auto keeps all %d blocks (%.2f GB; budget %.2f GB%s)", kept,
@@ -140,6 +146,27 @@ def plan_uncheckpointed_layers(model, params: AccelerationParams, batch, device,
             logger.warning("A step peaks at %.2f GB with every block checkpointed%s, above the budget of "
                            "%.2f GB (acceleration.memory_budget_gb)", measured["peak_gb"],
                            " and their inputs offloaded" if measured.get("offloaded") else "", measured["budget_gb"])
+    return kept
+
+
+def plan_host_kept_layers(model, inputs: dict, labels, params: AccelerationParams, device,
+                          cuda_graphs: bool = False) -> int:
+    """``fit_host_kept_layers`` for the train stage, with what it measured in the log; the count kept."""
+    kept, measured = fit_host_kept_layers(model, inputs, labels, params.memory_budget_gb, device, cuda_graphs,
+                                          every_block_may_fit=params.uncheckpointed_layers == "auto")
+    if not measured:
+        return kept
+    tried = ", ".join(f"{count}: {seconds:.3f} s at {measured['peak_gb'][count]:.2f} GB"
+                      for count, seconds in measured["seconds"].items())
+    budget = f"budget {measured['budget_gb']:.2f} GB" + ("" if params.memory_budget_gb is not None
+                                                         else ", 90% of the GPU's memory")
+    if kept:
+        logger.info("host_kept_layers: auto keeps %d of %d checkpointed blocks' activations in host memory "
+                    "(%.2f GB pinned) instead of recomputing them; a step with N of them: %s; %s", kept,
+                    measured["candidates"], measured["host_gb"][kept], tried, budget)
+    else:
+        logger.info("host_kept_layers: auto keeps none: %s%s; %s", measured["why_none"],
+                    f" (a step with N of them: {tried})" if tried else "", budget)
     return kept
 
 
@@ -331,81 +358,44 @@ def fit_uncheckpointed_layers(model, inputs: dict, labels, budget_gb: float | No
     layers = [layer for layer in decoder_layers(model) if getattr(layer, "gradient_checkpointing", False)]
     if not layers:
         return 0, {}
-    import gc
-
     import torch
 
     n_blocks = len(layers)
-    trainable = [param for param in model.parameters() if param.requires_grad]
-    grads = [param.grad for param in trainable]
-    modes = [(module, module.training) for module in model.modules()]
-
-    def release():
-        for param in trainable:
-            param.grad = None
-        gc.collect()
-        torch.cuda.empty_cache()
+    probe = _Probe(model, device)
 
     def measure(kept: int) -> float:
         """The peak allocated memory (GB) of one step with the last ``kept`` blocks kept; inf if it runs out."""
-        release()
+        probe.release()
         skip_checkpointing(model, kept)
-        step = None
         try:
-            torch.cuda.reset_peak_memory_stats(device)
-            step = GraphedStep(model) if cuda_graphs else None
-            if step is None or step(inputs, labels, 1.0) is None:  # eager, or a step that could not be captured
-                model(**inputs, labels=labels).loss.backward()
-            torch.cuda.synchronize(device)
-            return torch.cuda.max_memory_allocated(device) / 1e9
+            return measure_step(model, inputs, labels, device, cuda_graphs)[0]
         except torch.cuda.OutOfMemoryError:
             if kept == 0:
                 raise  # training itself would not fit
             return math.inf
         finally:
-            del step  # the graph and its memory pool
             checkpoint_again(layers[n_blocks - kept :])
 
-    def restore():
-        release()
-        for module, training in modes:
-            module.training = training
-        for param, grad in zip(trainable, grads, strict=True):
-            param.grad = grad
-        torch.cuda.reset_peak_memory_stats(device)
-
-    release()
-    if budget_gb is None:
-        free, _ = torch.cuda.mem_get_info(device)
-        budget_gb = 0.9 * (free + torch.cuda.memory_allocated(device)) / 1e9
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    budget_gb = probe.budget(budget_gb)
     peaks: dict[int, float] = {}
-    try:
-        model.train()  # checkpointing acts in training mode only
-        with torch.random.fork_rng(devices=[index]):  # puts the CPU and CUDA random states back
-            if n_blocks > 2:  # every block kept first: when that fits, there is no line to draw
-                peaks[n_blocks] = measure(n_blocks)
-            n_kept = n_blocks
-            if peaks.get(n_blocks, math.inf) > budget_gb:
-                peaks.update({kept: measure(kept) for kept in range(min(2, n_blocks) + 1)})
-                top = min(2, n_blocks)
-                slope = peaks[top] - peaks[top - 1]  # inf or nan when out of memory
-                n_kept = blocks_within_budget(peaks[top], top, slope, budget_gb, n_blocks) if math.isfinite(slope) else 0
-                n_kept = _step_down(measure, peaks, n_kept, top, budget_gb)
-    finally:
-        restore()
+    with probe:
+        if n_blocks > 2:  # every block kept first: when that fits, there is no line to draw
+            peaks[n_blocks] = measure(n_blocks)
+        n_kept = n_blocks
+        if peaks.get(n_blocks, math.inf) > budget_gb:
+            peaks.update({kept: measure(kept) for kept in range(min(2, n_blocks) + 1)})
+            top = min(2, n_blocks)
+            slope = peaks[top] - peaks[top - 1]  # inf or nan when out of memory
+            n_kept = blocks_within_budget(peaks[top], top, slope, budget_gb, n_blocks) if math.isfinite(slope) else 0
+            n_kept = _step_down(measure, peaks, n_kept, top, budget_gb)
     # Only a measured peak decides: the most blocks measured within the budget, up to the count found.
     n_kept = max((kept for kept, peak in peaks.items() if kept <= n_kept and peak <= budget_gb), default=0)
     offloaded = None
     if (not n_kept and peaks.get(0, 0.0) > budget_gb and not offload.offloaded(model)
             and offload.offload_checkpoints(model, device)):
         # Even recomputing every block is above the budget: their inputs go to host memory too.
-        try:
-            model.train()
-            with torch.random.fork_rng(devices=[index]):
-                offloaded = round(measure(0), 3)
-        finally:
-            restore()
+        with probe:
+            offloaded = round(measure(0), 3)
     spread = sorted(kept for kept, peak in peaks.items() if kept >= 1 and math.isfinite(peak))
     per_block = ((peaks[spread[-1]] - peaks[spread[0]]) / (spread[-1] - spread[0])) if len(spread) > 1 else None
     peak_gb = peaks[n_kept] if offloaded is None else offloaded  # offloaded: nothing kept fitted without it
@@ -416,14 +406,10 @@ def fit_uncheckpointed_layers(model, inputs: dict, labels, budget_gb: float | No
         saved, top = peaks[0] - offloaded, spread[-1]
         slope = per_block + saved / n_blocks
         within = {0: offloaded}
-        try:
-            model.train()
-            with torch.random.fork_rng(devices=[index]):
-                at_top = peaks[top] - saved + top * saved / n_blocks
-                n_kept = max(1, blocks_within_budget(at_top, top, slope, budget_gb, n_blocks))
-                _step_down(measure, within, n_kept, 0, budget_gb)
-        finally:
-            restore()
+        with probe:
+            at_top = peaks[top] - saved + top * saved / n_blocks
+            n_kept = max(1, blocks_within_budget(at_top, top, slope, budget_gb, n_blocks))
+            _step_down(measure, within, n_kept, 0, budget_gb)
         n_kept = max(kept for kept, peak in within.items() if peak <= budget_gb)
         peak_gb = within[n_kept]
     if n_kept:
@@ -435,3 +421,186 @@ def fit_uncheckpointed_layers(model, inputs: dict, labels, budget_gb: float | No
     if offloaded is not None:
         measured.update(offloaded=True, peak_offloaded_all_checkpointed_gb=offloaded)
     return n_kept, measured
+
+
+class _Probe:
+    """Steps measured for a plan leave no trace: inside ``with probe:`` the model is in training mode (checkpointing
+    acts only there) and the CPU and CUDA random states are put back afterwards (training draws the dropout masks
+    it would have drawn without the plan); after it, the gradients and train/eval modes are as they were, the
+    memory the steps used is freed and the peak statistics are reset."""
+
+    def __init__(self, model, device):
+        self.model, self.device = model, device
+        self.trainable = [param for param in model.parameters() if param.requires_grad]
+        self.grads = [param.grad for param in self.trainable]
+        self.modes = [(module, module.training) for module in model.modules()]
+        self._rng = None
+
+    def release(self) -> None:
+        import gc
+
+        import torch
+
+        for param in self.trainable:
+            param.grad = None
+        gc.collect()
+        torch.cuda.empty_cache()
+
+    def budget(self, budget_gb: float | None) -> float:
+        """``budget_gb``, or when None 90% of the GPU's free memory plus what this process has allocated."""
+        import torch
+
+        self.release()
+        if budget_gb is not None:
+            return budget_gb
+        free, _ = torch.cuda.mem_get_info(self.device)
+        return 0.9 * (free + torch.cuda.memory_allocated(self.device)) / 1e9
+
+    def __enter__(self):
+        import torch
+
+        index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+        self.model.train()
+        self._rng = torch.random.fork_rng(devices=[index])
+        self._rng.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import torch
+
+        try:
+            self._rng.__exit__(*exc)
+        finally:
+            self.release()
+            for module, training in self.modes:
+                module.training = training
+            for param, grad in zip(self.trainable, self.grads, strict=True):
+                param.grad = grad
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+
+def measure_step(model, inputs: dict, labels, device, cuda_graphs: bool = False,
+                 timed: int = 0) -> tuple[float, float | None]:
+    """One step of ``inputs`` (forward and backward; as a ``GraphedStep`` with ``cuda_graphs``, eagerly when it
+    cannot be captured), then ``timed`` more: the peak allocated memory (GB) over them all and the median
+    seconds of the timed steps (None without any). Out of memory raises, as in training."""
+    import statistics
+    import time
+
+    import torch
+
+    step = None
+    try:
+        torch.cuda.reset_peak_memory_stats(device)
+        step = GraphedStep(model) if cuda_graphs else None
+        seconds = []
+        for run in range(1 + timed):
+            start = time.perf_counter()
+            if step is None or step(inputs, labels, 1.0) is None:  # eager, or a step that could not be captured
+                step = None
+                model(**inputs, labels=labels).loss.backward()
+            torch.cuda.synchronize(device)
+            if run:
+                seconds.append(time.perf_counter() - start)
+        return torch.cuda.max_memory_allocated(device) / 1e9, statistics.median(seconds) if seconds else None
+    finally:
+        del step  # the graph and its memory pool
+
+
+# host_kept_layers: auto tries one checkpointed block in S kept in host memory for each S here, sparsest first.
+HOST_KEPT_SPACINGS = (4, 3, 2)
+# ... and keeps the fastest count only if it beats recomputing them all by this share of a step (timing noise).
+HOST_KEPT_MIN_GAIN = 0.02
+# Steps timed for each count, after the one that captures the CUDA graph (or warms up the eager step).
+HOST_KEPT_TIMED_STEPS = 3
+
+
+def fit_host_kept_layers(model, inputs: dict, labels, budget_gb: float | None, device, cuda_graphs: bool = False,
+                         every_block_may_fit: bool = True) -> tuple[int, dict]:
+    """With ``host_kept_layers: auto``: how many checkpointed blocks keep their activations in host memory.
+
+    Whether a host-kept block pays depends on whether its copies (hundreds of MB over PCIe) fit in the
+    forward passes of the blocks between two of them (docs/speed.md): on an H100 one in two paid at the
+    70B shape, one in four at the 7B shape, and denser was slower. So it is timed, not predicted: steps of
+    ``inputs`` with none and with one checkpointed block in S (``HOST_KEPT_SPACINGS``, sparsest first, stopping
+    at the first count slower than the one before), each ``HOST_KEPT_TIMED_STEPS`` steps after a warm-up, as
+    training will run them (``cuda_graphs``). The fastest count whose peak is within ``budget_gb`` and whose
+    pinned copies fit in ``HOST_SHARE`` of the host memory available is kept if it is at least
+    ``HOST_KEPT_MIN_GAIN`` faster than none; then ``keep_in_host_memory`` applies it, and the other planner
+    (``fit_uncheckpointed_layers``) fills what is left of the budget with blocks kept on the GPU.
+
+    Nothing is tried when a step with every block kept on the GPU fits the budget (``every_block_may_fit``:
+    the other planner may keep them all, and then no block is recomputed), or when fewer than two blocks
+    are checkpointed. Leaves no trace, as ``fit_uncheckpointed_layers``.
+
+    Returns:
+        (N, measured): the count kept and, for the log, ``seconds`` and ``peak_gb`` by count tried,
+        ``host_gb`` by count (pinned copies), ``budget_gb``, ``candidates`` (checkpointed blocks);
+        or ``why_none``; empty when not on CUDA or nothing is checkpointed.
+    """
+    if device.type != "cuda":
+        return 0, {}
+    layers = [layer for layer in decoder_layers(model) if getattr(layer, "gradient_checkpointing", False)
+              and getattr(layer, "_gradient_checkpointing_func", None) is not None]
+    if len(layers) < 2:
+        return 0, {}
+    import torch
+
+    probe = _Probe(model, device)
+    budget_gb = probe.budget(budget_gb)
+    room = None if (available := host_available()) is None else HOST_SHARE * available
+    measured: dict = {"budget_gb": round(budget_gb, 3), "candidates": len(layers), "seconds": {}, "peak_gb": {},
+                      "host_gb": {}}
+
+    def timed(count: int) -> float | None:
+        """Seconds a step with ``count`` blocks kept in host memory takes; None if it does not fit."""
+        probe.release()
+        if count:
+            offload.keep_in_host_memory(model, device, count)
+        try:
+            peak, seconds = measure_step(model, inputs, labels, device, cuda_graphs, HOST_KEPT_TIMED_STEPS)
+            host = offload.host_kept_bytes(model) / 1e9
+        except RuntimeError as error:  # out of GPU memory, or of pinned host memory for the copies
+            if not count and not isinstance(error, torch.cuda.OutOfMemoryError):
+                raise
+            logger.debug("host_kept_layers=%d did not run: %s", count, error)
+            return None
+        finally:
+            offload.bring_back(model)
+        measured["seconds"][count], measured["peak_gb"][count] = round(seconds, 4), round(peak, 3)
+        if count:
+            measured["host_gb"][count] = round(host, 3)
+        fits = peak <= budget_gb and (room is None or host * 1e9 <= room)
+        return seconds if fits else None
+
+    with probe:
+        if every_block_may_fit:
+            probe.release()
+            skip_checkpointing(model, len(decoder_layers(model)))
+            try:
+                fits = measure_step(model, inputs, labels, device, cuda_graphs)[0] <= budget_gb
+            except torch.cuda.OutOfMemoryError:
+                fits = False
+            finally:
+                checkpoint_again(layers)
+            if fits:
+                measured["why_none"] = "every block fits on the GPU, so none is recomputed"
+                return 0, measured
+        baseline = timed(0)
+        if baseline is None:
+            measured["why_none"] = "the step recomputing every checkpointed block is above the budget"
+            return 0, measured
+        best, last = (0, baseline), baseline
+        for count in dict.fromkeys(len(layers) // spacing for spacing in HOST_KEPT_SPACINGS):
+            seconds = timed(count) if count else None
+            if seconds is None or seconds >= last:
+                break  # denser than a count that did not fit or did not pay: more copies in flight
+            last = seconds
+            best = min(best, (count, seconds), key=lambda item: item[1])
+    count = best[0] if best[1] <= (1 - HOST_KEPT_MIN_GAIN) * baseline else 0
+    if count:
+        offload.keep_in_host_memory(model, device, count)
+    else:
+        measured["why_none"] = f"no count was {HOST_KEPT_MIN_GAIN:.0%} faster than recomputing every block"
+    measured["kept"] = count
+    return count, measured

@@ -154,13 +154,7 @@ def _offloaded(checkpoint, offload: CheckpointOffload, block: int, *args, **kwar
 
 def remove(module) -> None:
     """Undo ``offload_checkpoints`` and ``keep_in_host_memory`` on one module."""
-    reached = vars(module).pop("_qlorapipe_reached", None)
-    if reached is not None:
-        reached.remove()
-    host_kept = vars(module).pop("_qlorapipe_host_kept", None)
-    if host_kept is not None:
-        module._gradient_checkpointing_func, fetch_hook = host_kept
-        fetch_hook.remove()
+    _let_go_of_host(module)
     checkpoint = vars(module).pop("_qlorapipe_checkpoint", None)
     if checkpoint is not None:
         module._gradient_checkpointing_func = checkpoint
@@ -347,6 +341,29 @@ def keep_in_host_memory(model, device, count: int) -> bool:
 def host_kept(model) -> int:
     """How many blocks ``keep_in_host_memory`` changed."""
     return sum("_qlorapipe_host_kept" in vars(layer) for layer in decoder_layers(model))
+
+
+def host_kept_bytes(model) -> int:
+    """Bytes of pinned host memory the host-kept blocks' copies hold (after a step has run)."""
+    kept = {id(keeper): keeper for layer in decoder_layers(model) if "_qlorapipe_host_kept" in vars(layer)
+            for keeper in layer._gradient_checkpointing_func.args[:1]}
+    return sum(host.untyped_storage().nbytes() for keeper in kept.values() for host in keeper.buffers.values())
+
+
+def bring_back(model) -> None:
+    """Undo ``keep_in_host_memory`` only: the blocks are recomputed again (offloaded inputs stay offloaded)."""
+    for layer in decoder_layers(model):
+        _let_go_of_host(layer)
+
+
+def _let_go_of_host(module) -> None:
+    reached = vars(module).pop("_qlorapipe_reached", None)
+    if reached is not None:
+        reached.remove()
+    host_kept = vars(module).pop("_qlorapipe_host_kept", None)
+    if host_kept is not None:
+        module._gradient_checkpointing_func, fetch_hook = host_kept
+        fetch_hook.remove()
 
 
 def _host_kept(kept: HostKept, block: int, function, *args, **kwargs):
