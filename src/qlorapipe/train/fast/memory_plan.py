@@ -3,8 +3,9 @@
 ``fit_uncheckpointed_layers`` measures a few steps' peak memory on the GPU and
 ``blocks_within_budget`` extrapolates along the line through them; on the CPU,
 ``fit_on_host`` counts what one forward pass saves for the backward pass per block and keeps
-as many blocks as fit in a share of the host memory available. ``plan_uncheckpointed_layers``
-is what the train stage calls.
+as many blocks as fit in a share of the host memory available. With ``host_kept_layers: auto``,
+``fit_host_kept_layers`` first times steps with some checkpointed blocks kept in host memory instead
+(CUDA). ``plan_uncheckpointed_layers`` is what the train stage calls: both, each with its log line.
 """
 
 from __future__ import annotations
