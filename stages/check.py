@@ -10,7 +10,7 @@ every problem in one message, before DVC deletes any other stage's outputs to ru
 never changes, so a passing check re-runs nothing downstream.
 
 It also warns, without stopping, about params that cannot act (evaluate.min_stop_share without
-held-out answers) and about local inputs that are not among the deps of the stage reading them in
+held-out answers) or act where they may not be wanted (lora.dropout on PiSSA's principal components) and about local inputs that are not among the deps of the stage reading them in
 dvc.yaml (DVC would not re-run that stage when they change).
 """
 
@@ -25,7 +25,7 @@ from qlorapipe.console import run_stage
 from qlorapipe.errors import UserError
 from qlorapipe.inputs import inert_gate_problem, local_input_problems, untracked_inputs
 from qlorapipe.outputs import write_text_atomic
-from qlorapipe.params import load_sections
+from qlorapipe.params import load_sections, pissa_dropout_problem
 
 CHECKED = ("params.yaml passed every check. The pipeline depends on this file, so that bad params stop "
            "`dvc repro` before any output is touched.\n")
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
     if problems:
         raise UserError("; ".join(problems))
     log = logging.getLogger("qlorapipe.check")
-    for warning in [inert_gate_problem(sections["data"], sections["evaluate"]),
+    for warning in [inert_gate_problem(sections["data"], sections["evaluate"]), pissa_dropout_problem(sections["lora"]),
                     *untracked_inputs(sections, args.pipeline)]:
         if warning:
             log.warning(warning)

@@ -13,7 +13,7 @@ from conftest import load_stage, tiny_params, train_args, write_params
 
 from qlorapipe import modeling
 from qlorapipe.errors import UserError
-from qlorapipe.params import LoraParams, QuantizationParams, load_sections
+from qlorapipe.params import LoraParams, QuantizationParams, load_sections, pissa_dropout_problem
 from qlorapipe.train import adapter_init, checkpoints
 
 CPU = torch.device("cpu")
@@ -174,6 +174,21 @@ def _params(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "params.yaml"
     path.write_text(text)
     return path
+
+
+def test_dropout_on_pissa_is_warned_of_when_params_are_checked(tiny_llama_dir, tmp_path, caplog):
+    warning = ("lora.dropout 0.05 acts on PiSSA's principal components: the training loss starts above the base's "
+               "and is noisier (evaluation has no dropout); the PiSSA paper trains with lora.dropout: 0")
+    assert pissa_dropout_problem(LoraParams(init="pissa", dropout=0.05)) == warning
+    assert pissa_dropout_problem(LoraParams(init="pissa", dropout=0.0)) is None
+    assert pissa_dropout_problem(LoraParams(init="default", dropout=0.05)) is None
+    params = write_params(tmp_path / "params.yaml", tiny_params(tiny_llama_dir, tmp_path / "corpus.txt", **{
+        "lora.init": "pissa", "lora.dropout": 0.05, "quantization.load_in": "none"}))
+    (tmp_path / "corpus.txt").write_text("text\n" * 50)
+    with caplog.at_level("WARNING", logger="qlorapipe.check"):
+        load_stage("check").main(["--params", str(params), "--out", str(tmp_path / "passed.txt"),
+                                  "--pipeline", str(Path(__file__).parents[1] / "dvc.yaml")])
+    assert warning in [r.getMessage() for r in caplog.records if r.name == "qlorapipe.check"]
 
 
 @pytest.mark.parametrize(("text", "message"), [

@@ -15,6 +15,7 @@ from qlorapipe.params.rules import (
     cross_section_problems,
     lora_init_distributed_problem,
     lora_init_problem,
+    pissa_dropout_problem,
 )
 from qlorapipe.params.sections import (
     CHAT_ROLES,
@@ -52,6 +53,7 @@ __all__ = [
     "load_sections",
     "lora_init_distributed_problem",
     "lora_init_problem",
+    "pissa_dropout_problem",
     "parse_section",
     "read_params_file",
 ]

@@ -59,6 +59,15 @@ def lora_init_problem(lora: LoraParams, quantization: QuantizationParams) -> str
     return None
 
 
+def pissa_dropout_problem(lora: LoraParams) -> str | None:
+    """A line when lora.dropout acts on PiSSA's principal components (docs/training.md): the training loss
+    then starts above the base's and is noisier."""
+    if lora.init != "pissa" or not lora.dropout:
+        return None
+    return (f"lora.dropout {lora.dropout:g} acts on PiSSA's principal components: the training loss starts above the "
+            "base's and is noisier (evaluation has no dropout); the PiSSA paper trains with lora.dropout: 0")
+
+
 def lora_init_distributed_problem(lora: LoraParams, distributed: DistributedParams) -> str | None:
     """Why ``lora.init`` cannot train on these processes, or None.
 

@@ -30,6 +30,7 @@ from qlorapipe.params import (
     TrainingParams,
     lora_init_distributed_problem,
     lora_init_problem,
+    pissa_dropout_problem,
 )
 from qlorapipe.records import AdapterRecord, directory_digest, read_source_record, write_adapter_record
 from qlorapipe.train import adapter_init, checkpoints, curves, distributed, fast, live, loop
@@ -121,6 +122,8 @@ def run(sections: Sections, base_dir: Path, data_dir: Path, out: Outputs, relaun
     elif sections.lora.init == "pissa":
         logger.info("PiSSA: the adapters start from the base's principal components, the base weights are the "
                     "residual (%.1f s)", time.perf_counter() - adding)
+        if warning := pissa_dropout_problem(sections.lora):
+            logger.warning(warning)
         init_digest = adapter_init.pissa_digest(model)
         pissa_initial = adapter_init.initial_adapter(model) if world.is_main else None
     clock.lap("lora")
