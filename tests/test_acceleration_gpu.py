@@ -583,7 +583,7 @@ def test_auto_host_kept_layers_times_real_steps_and_leaves_no_trace(six_block_qw
     model.train()
     torch.manual_seed(0)
     loss, grads = _loss_and_grads(model, ids, autocast=False)  # a step as planned: the recomputed one's numbers
-    fast.remove(model)
+    offload.bring_back(model)
     assert offload.host_kept(model) == 0
     torch.manual_seed(0)
     recomputed_loss, recomputed_grads = _loss_and_grads(model, ids, autocast=False)
