@@ -81,11 +81,13 @@ def _step_down(measure, peaks: dict[int, float], n_kept: int, floor: int, budget
 
 def plan_uncheckpointed_layers(model, params: AccelerationParams, batch, device, num_processes: int = 1,
                                cuda_graphs: bool = False) -> int:
-    """With ``uncheckpointed_layers: auto``, keep as many blocks as fit in the memory budget.
+    """With ``uncheckpointed_layers: auto``, keep as many blocks as fit in the memory budget; with
+    ``host_kept_layers: auto`` (CUDA), first keep the checkpointed blocks in host memory that make a step fastest.
 
     Runs ``fit_uncheckpointed_layers`` on ``batch`` on CUDA in one process, ``fit_on_host`` on
     the CPU (where an integer ``uncheckpointed_layers`` is applied here too: ``apply`` applies it on
-    CUDA only). With several processes every block stays checkpointed: each rank would
+    CUDA only); before it on CUDA, ``plan_host_kept_layers``. With several processes every block stays
+    checkpointed and none is kept in host memory: each rank would
     measure its own memory and could keep a different number of blocks, and the ranks must
     agree (under FSDP a recomputed block gathers its shards again: ranks that recompute
     different blocks would wait on different collectives).
