@@ -527,8 +527,9 @@ def fit_host_kept_layers(model, inputs: dict, labels, budget_gb: float | None, d
     70B shape, one in four at the 7B shape, and denser was slower. So it is timed, not predicted: steps of
     ``inputs`` with none and with one checkpointed block in S (``HOST_KEPT_SPACINGS``, sparsest first, stopping
     at the first count slower than the one before), each ``HOST_KEPT_TIMED_STEPS`` steps after a warm-up, as
-    training will run them (``cuda_graphs``). The fastest count whose peak is within ``budget_gb`` and whose
-    pinned copies fit in ``HOST_SHARE`` of the host memory available is kept if it is at least
+    training will run them (``cuda_graphs``; a count whose pinned copies, at the bytes a block took in the
+    counts before, would not fit in ``HOST_SHARE`` of the host memory available is not tried). The fastest
+    count whose peak is within ``budget_gb`` and whose pinned copies fit there is kept if it is at least
     ``HOST_KEPT_MIN_GAIN`` faster than none; then ``keep_in_host_memory`` applies it, and the other planner
     (``fit_uncheckpointed_layers``) fills what is left of the budget with blocks kept on the GPU.
 
@@ -595,6 +596,9 @@ def fit_host_kept_layers(model, inputs: dict, labels, budget_gb: float | None, d
             return 0, measured
         best, last = (0, baseline), baseline
         for count in dict.fromkeys(len(layers) // spacing for spacing in HOST_KEPT_SPACINGS):
+            if room is not None and measured["host_gb"] and count * max(
+                    gb / kept for kept, gb in measured["host_gb"].items()) * 1e9 > room:
+                break  # its pinned copies would not fit in host memory: not allocated to find out
             seconds = timed(count) if count else None
             if seconds is None or seconds >= last:
                 break  # denser than a count that did not fit or did not pay: more copies in flight
