@@ -904,6 +904,43 @@ def test_auto_host_kept_layers_keeps_none_without_a_gain_room_or_anything_recomp
     fast.remove(model)
 
 
+def test_auto_host_kept_blocks_are_left_alone_by_the_gpu_planner_after_it(monkeypatch):
+    # The 70B shape within 48 GB: 40 blocks in host memory, then the GPU planner keeps others on the GPU.
+    model = _BlocksModel(80)
+    _timed_gpu(monkeypatch, model, {0: 1.40, 20: 1.30, 26: 1.27, 40: 1.22},
+               peak=lambda on_gpu, in_host: math.inf if on_gpu >= 40 else 41.4 + 0.42 * max(on_gpu - 1, 0))
+    assert _fit_host_kept(model, 48.0)[0] == 40
+    ids = torch.ones(3)
+    kept, measured = memory_plan.fit_uncheckpointed_layers(model, {"input_ids": ids}, ids, 48.0,
+                                                           torch.device("cuda", 0))
+    assert kept == 16 and measured["n_blocks"] == 40  # 41.4 + 15 x 0.42 = 47.7 GB
+    on_gpu = [i for i, block in enumerate(model.blocks) if not block.gradient_checkpointing]
+    assert on_gpu == list(range(49, 80, 2))  # the last 16 of the blocks still recomputed, none of those sent away
+    assert offload.host_kept(model) == 40 and checkpointing.uncheckpointed_count(model) == 16
+    fast.remove(model)
+
+
+def test_auto_host_kept_layers_tries_one_block_of_three_and_tells_errors_from_running_out(monkeypatch):
+    model = _BlocksModel(3)
+    calls = _timed_gpu(monkeypatch, model, {0: 1.0, 1: 0.9}, peak=lambda on_gpu, in_host: math.inf if on_gpu else 4.0)
+    assert _fit_host_kept(model, 8.0)[0] == 1 and [c[1] for c in calls] == [0, 0, 1]  # 3 // 4 is no count
+    fast.remove(model)
+
+    def failing(error):
+        def measure_step(model_, inputs, labels, device, cuda_graphs=False, timed=0):
+            if offload.host_kept(model):
+                raise error
+            return 4.0, (1.0 if timed else None)
+        return measure_step
+
+    monkeypatch.setattr(memory_plan, "measure_step", failing(RuntimeError("CUDA error: out of memory")))
+    assert _fit_host_kept(model, 8.0, every_block_may_fit=False)[0] == 0  # pinned memory ran out: none kept
+    monkeypatch.setattr(memory_plan, "measure_step", failing(RuntimeError("a hook went wrong")))
+    with pytest.raises(RuntimeError, match="a hook went wrong"):  # not taken for a count that did not fit
+        _fit_host_kept(model, 8.0, every_block_may_fit=False)
+    assert offload.host_kept(model) == 0  # the count tried was taken back
+
+
 def test_auto_host_kept_layers_fits_the_pinned_copies_in_host_memory(monkeypatch, caplog):
     model = _BlocksModel(80)
     calls = _timed_gpu(monkeypatch, model, {0: 1.40, 20: 1.30, 26: 1.27, 40: 1.22},

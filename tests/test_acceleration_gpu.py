@@ -562,7 +562,6 @@ def test_auto_host_kept_layers_times_real_steps_and_leaves_no_trace(six_block_qw
     monkeypatch.setattr(memory_plan, "HOST_KEPT_MIN_GAIN", -1.0)  # keep the fastest count tried, whatever it gained
     device = torch.device("cuda")
     model, _ = _tiny_lora(six_block_qwen2_dir, AccelerationParams(uncheckpointed_layers=0), dropout=0.1)
-    layers = checkpointing.decoder_layers(model)
     ids = torch.randint(4, 300, (8, 1024), device=device, generator=torch.Generator(device).manual_seed(5))
     inputs = {"input_ids": ids, "use_cache": False}
     model.eval()

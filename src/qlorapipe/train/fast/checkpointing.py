@@ -18,16 +18,23 @@ def skip_checkpointing(model, n_layers: int) -> bool:
     """Keep the activations of the last ``n_layers`` blocks instead of recomputing them.
 
     Selective checkpointing: each un-checkpointed block saves a forward pass in the backward
-    pass at the price of its activations; checkpoint only as many as the memory needs.
+    pass at the price of its activations; checkpoint only as many as the memory needs. Blocks kept
+    in host memory (``offload.keep_in_host_memory``) are not recomputed already: they are left alone.
 
     Returns:
         True when any block was changed.
     """
-    layers = [layer for layer in decoder_layers(model) if getattr(layer, "gradient_checkpointing", False)]
+    layers = recomputed_layers(model)
     for layer in layers[len(layers) - min(n_layers, len(layers)) :]:
         layer.gradient_checkpointing = False
         layer._qlorapipe_uncheckpointed = True
     return bool(layers) and n_layers > 0
+
+
+def recomputed_layers(model) -> list:
+    """The blocks that run again in the backward pass: checkpointed, and not kept in host memory."""
+    return [layer for layer in decoder_layers(model) if getattr(layer, "gradient_checkpointing", False)
+            and "_qlorapipe_host_kept" not in vars(layer)]
 
 
 def checkpoint_again(modules) -> None:

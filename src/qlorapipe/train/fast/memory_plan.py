@@ -20,6 +20,7 @@ from qlorapipe.train.fast import offload
 from qlorapipe.train.fast.checkpointing import (
     checkpoint_again,
     decoder_layers,
+    recomputed_layers,
     skip_checkpointing,
     uncheckpointed_count,
 )
@@ -358,7 +359,7 @@ def fit_uncheckpointed_layers(model, inputs: dict, labels, budget_gb: float | No
     """
     if device.type != "cuda":
         return 0, {}
-    layers = [layer for layer in decoder_layers(model) if getattr(layer, "gradient_checkpointing", False)]
+    layers = recomputed_layers(model)  # blocks kept in host memory are not recomputed already
     if not layers:
         return 0, {}
     import torch
@@ -544,8 +545,7 @@ def fit_host_kept_layers(model, inputs: dict, labels, budget_gb: float | None, d
     """
     if device.type != "cuda":
         return 0, {}
-    layers = [layer for layer in decoder_layers(model) if getattr(layer, "gradient_checkpointing", False)
-              and getattr(layer, "_gradient_checkpointing_func", None) is not None]
+    layers = [layer for layer in recomputed_layers(model) if getattr(layer, "_gradient_checkpointing_func", None)]
     if len(layers) < 2:
         return 0, {}
     import torch
@@ -565,9 +565,10 @@ def fit_host_kept_layers(model, inputs: dict, labels, budget_gb: float | None, d
             peak, seconds = measure_step(model, inputs, labels, device, cuda_graphs, HOST_KEPT_TIMED_STEPS)
             host = offload.host_kept_bytes(model) / 1e9
         except RuntimeError as error:  # out of GPU memory, or of pinned host memory for the copies
-            if not count and not isinstance(error, torch.cuda.OutOfMemoryError):
+            if not count or not (isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error)):
                 raise
-            logger.debug("host_kept_layers=%d did not run: %s", count, error)
+            logger.info("host_kept_layers: auto did not fit %d blocks in host memory: %s", count,
+                        str(error).splitlines()[0][:200])
             return None
         finally:
             offload.bring_back(model)
@@ -595,15 +596,16 @@ def fit_host_kept_layers(model, inputs: dict, labels, budget_gb: float | None, d
             measured["why_none"] = "the step recomputing every checkpointed block is above the budget"
             return 0, measured
         best, last = (0, baseline), baseline
-        for count in dict.fromkeys(len(layers) // spacing for spacing in HOST_KEPT_SPACINGS):
+        for count in dict.fromkeys(n for spacing in HOST_KEPT_SPACINGS if (n := len(layers) // spacing)):
             if room is not None and measured["host_gb"] and count * max(
                     gb / kept for kept, gb in measured["host_gb"].items()) * 1e9 > room:
                 break  # its pinned copies would not fit in host memory: not allocated to find out
-            seconds = timed(count) if count else None
+            seconds = timed(count)
             if seconds is None or seconds >= last:
                 break  # denser than a count that did not fit or did not pay: more copies in flight
             last = seconds
             best = min(best, (count, seconds), key=lambda item: item[1])
+    offload.release_pinned_cache()  # the counts tried and not kept hold no host memory for the run
     count = best[0] if best[1] <= (1 - HOST_KEPT_MIN_GAIN) * baseline else 0
     if count:
         offload.keep_in_host_memory(model, device, count)

@@ -339,15 +339,29 @@ def keep_in_host_memory(model, device, count: int) -> bool:
 
 
 def host_kept(model) -> int:
-    """How many blocks ``keep_in_host_memory`` changed."""
-    return sum("_qlorapipe_host_kept" in vars(layer) for layer in decoder_layers(model))
+    """How many blocks keep their activations in host memory: changed by ``keep_in_host_memory`` and still
+    checkpointed (a block that keeps them on the GPU never calls the function that sends them away)."""
+    return sum("_qlorapipe_host_kept" in vars(layer) and getattr(layer, "gradient_checkpointing", False)
+               for layer in decoder_layers(model))
 
 
 def host_kept_bytes(model) -> int:
-    """Bytes of pinned host memory the host-kept blocks' copies hold (after a step has run)."""
+    """Bytes of pinned host memory the host-kept blocks' copies take (after a step has run): each buffer
+    as torch's caching host allocator reserves it, rounded up to a power of two."""
     kept = {id(keeper): keeper for layer in decoder_layers(model) if "_qlorapipe_host_kept" in vars(layer)
             for keeper in layer._gradient_checkpointing_func.args[:1]}
-    return sum(host.untyped_storage().nbytes() for keeper in kept.values() for host in keeper.buffers.values())
+    sizes = [host.untyped_storage().nbytes() for keeper in kept.values() for host in keeper.buffers.values()]
+    return sum(1 << max(size - 1, 0).bit_length() for size in sizes)
+
+
+def release_pinned_cache() -> None:
+    """Give the pinned host memory torch's caching host allocator holds unused back to the system (CUDA
+    builds of torch that have the call; elsewhere nothing)."""
+    import torch
+
+    empty = getattr(torch._C, "_host_emptyCache", None)
+    if empty is not None and torch.cuda.is_available():
+        empty()
 
 
 def bring_back(model) -> None:
