@@ -10,8 +10,9 @@ every problem in one message, before DVC deletes any other stage's outputs to ru
 never changes, so a passing check re-runs nothing downstream.
 
 It also warns, without stopping, about params that cannot act (evaluate.min_stop_share without
-held-out answers) or act where they may not be wanted (lora.dropout on PiSSA's principal components) and about local inputs that are not among the deps of the stage reading them in
-dvc.yaml (DVC would not re-run that stage when they change).
+held-out answers) or act where they may not be wanted (lora.dropout on PiSSA's principal components),
+and about local inputs that are not among the deps of the stage reading them in dvc.yaml (DVC would
+not re-run that stage when they change).
 """
 
 from __future__ import annotations
@@ -48,8 +49,8 @@ def main(argv: list[str] | None = None) -> None:
     if problems:
         raise UserError("; ".join(problems))
     log = logging.getLogger("qlorapipe.check")
-    for warning in [inert_gate_problem(sections["data"], sections["evaluate"]), pissa_dropout_problem(sections["lora"]),
-                    *untracked_inputs(sections, args.pipeline)]:
+    for warning in [inert_gate_problem(sections["data"], sections["evaluate"]),
+                    pissa_dropout_problem(sections["lora"]), *untracked_inputs(sections, args.pipeline)]:
         if warning:
             log.warning(warning)
     write_text_atomic(args.out, CHECKED)

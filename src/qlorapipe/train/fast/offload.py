@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import functools
 
-from qlorapipe.train.fast.checkpointing import decoder_layers
+from qlorapipe.train.fast.checkpointing import decoder_layers, recomputed_layers
 
 # Saved tensors smaller than this stay on the GPU (rotary tables, masks): copying them costs more than it saves.
 MIN_BYTES = 1 << 20
@@ -321,8 +321,9 @@ def keep_in_host_memory(model, device, count: int) -> bool:
     if count <= 0:
         return False
     layers = decoder_layers(model)
-    candidates = [i for i, layer in enumerate(layers) if getattr(layer, "_gradient_checkpointing_func", None)
-                  and getattr(layer, "gradient_checkpointing", False) and "_qlorapipe_host_kept" not in vars(layer)]
+    recomputed = {id(layer) for layer in recomputed_layers(model)}
+    candidates = [i for i, layer in enumerate(layers)
+                  if id(layer) in recomputed and getattr(layer, "_gradient_checkpointing_func", None)]
     if not candidates:
         return False
     chosen = [candidates[i] for i in host_kept_blocks(len(candidates), count)]
@@ -371,6 +372,7 @@ def bring_back(model) -> None:
 
 
 def _let_go_of_host(module) -> None:
+    """Undo ``keep_in_host_memory`` on one module: its pre-hook, and its checkpoint function and fetch hook."""
     reached = vars(module).pop("_qlorapipe_reached", None)
     if reached is not None:
         reached.remove()
