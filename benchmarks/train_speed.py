@@ -54,11 +54,12 @@ C_PEER_PEAK_GB = 5.52  # unsloth's peak at case C, dropout 0.05, in every run so
 ALL_OFF = AccelerationParams(keep_frozen_dtype=False, lora_fast_forward=False, chunked_cross_entropy=False,
                              fused_kernels=False, uncheckpointed_layers=0, compile_layers=False,
                              unpaged_optimizer=False, cuda_graphs=False, async_optimizer=False,
-                             lean_recompute=False)
+                             lean_recompute=False, host_kept_layers=0)
 DEFAULT = AccelerationParams()
 NO_GRAPHS = replace(DEFAULT, cuda_graphs=False)
 WITHIN_PLAIN_PEAK = "ours, defaults + memory_budget_gb=the plain recipe's peak"
-OFFLOADED = replace(DEFAULT, uncheckpointed_layers=0, offload_checkpoints=True)  # the smallest footprint
+CHECKPOINTED = replace(DEFAULT, uncheckpointed_layers=0, host_kept_layers=0)  # every block recomputed
+OFFLOADED = replace(CHECKPOINTED, offload_checkpoints=True)  # the smallest footprint
 NOT_LEAN = ", without lean_recompute"  # the recomputation runs every projection again (the rows before it)
 WITHIN_PEER_PEAK = "ours, defaults + memory_budget_gb=unsloth's peak"
 PEER_DROPOUTS = (0.05, 0.0)
@@ -441,9 +442,9 @@ def run_variant(label, model, case, batches, numerics_batch, autocast, warmup, r
 
 def ours_variants(case: str, n_layers: int) -> list[tuple[str, AccelerationParams]]:
     """Each lever alone (case A), then the defaults, then the levers that trade memory or compile time."""
-    recomputing = [("ours, every block checkpointed", replace(DEFAULT, uncheckpointed_layers=0)),
+    recomputing = [("ours, every block checkpointed", CHECKPOINTED),
                    ("ours, every block checkpointed" + NOT_LEAN,
-                    replace(DEFAULT, uncheckpointed_layers=0, lean_recompute=False)),
+                    replace(CHECKPOINTED, lean_recompute=False)),
                    ("ours, every block checkpointed + offload", OFFLOADED),
                    ("ours, every block checkpointed + offload" + NOT_LEAN, replace(OFFLOADED, lean_recompute=False))]
     if case == "D":  # each 70B row costs minutes: the budget row and the smallest footprints
@@ -471,6 +472,9 @@ def ours_variants(case: str, n_layers: int) -> list[tuple[str, AccelerationParam
     variants.append({"A": (WITHIN_PLAIN_PEAK, DEFAULT),
                      "B": ("ours, defaults + memory_budget_gb=3.5", replace(DEFAULT, memory_budget_gb=3.5)),
                      "C": ("ours, defaults + memory_budget_gb=10", replace(DEFAULT, memory_budget_gb=10.0))}[case])
+    if case == "C":  # within that budget, with host_kept_layers: auto against none
+        variants.append(("ours, defaults + memory_budget_gb=10 + host_kept_layers=auto",
+                         replace(DEFAULT, memory_budget_gb=10.0, host_kept_layers="auto")))
     if case == "A":
         variants += [(f"ours, defaults + uncheckpointed_layers={n}", replace(DEFAULT, uncheckpointed_layers=n))
                      for n in (8, 16, 24, 28, 32, 36)]
@@ -480,18 +484,18 @@ def ours_variants(case: str, n_layers: int) -> list[tuple[str, AccelerationParam
                       replace(DEFAULT, compile_layers=True, uncheckpointed_layers=4, cuda_graphs=False))]
     if case == "C":
         variants = [("ours, defaults without cuda_graphs", NO_GRAPHS), ("ours, defaults", DEFAULT), *recomputing,
-                    variants[-1]]
+                    *variants[-2:]]
         # Blocks kept in host memory instead of recomputed, the rest recomputed with offloaded inputs; and
         # within unsloth's peak as measured in every C run so far (5.52 GB at dropout 0.05), without running it.
         variants += [(f"ours, every block checkpointed{how} + host_kept_layers={n}", replace(params, host_kept_layers=n))
-                     for how, params in ((" + offload", OFFLOADED), ("", replace(DEFAULT, uncheckpointed_layers=0)))
+                     for how, params in ((" + offload", OFFLOADED), ("", CHECKPOINTED))
                      for n in (4, 8, 16)]
         variants += [(f"ours, defaults + memory_budget_gb={C_PEER_PEAK_GB}{host}",
                       replace(DEFAULT, memory_budget_gb=C_PEER_PEAK_GB, host_kept_layers=n))
                      for n, host in ((0, ""), (8, " + host_kept_layers=8"), (16, " + host_kept_layers=16"),
                                      ("auto", " + host_kept_layers=auto"))]
         variants.append(("ours, every block checkpointed + host_kept_layers=auto",
-                         replace(DEFAULT, uncheckpointed_layers=0, host_kept_layers="auto")))
+                         replace(CHECKPOINTED, host_kept_layers="auto")))
     # compile_layers runs without CUDA graphs (cuda_graphs.graphed_step): the two do not combine.
     variants.append(("ours, defaults + compile_layers", replace(DEFAULT, compile_layers=True, cuda_graphs=False)))
     return variants

@@ -51,7 +51,7 @@ from qlorapipe.records import SOURCE_RECORD  # noqa: E402
 
 CPU_LEVERS_OFF = {"keep_frozen_dtype": False, "lora_fast_forward": False, "chunked_cross_entropy": False}
 OFF = {**CPU_LEVERS_OFF, "fused_kernels": False, "uncheckpointed_layers": 0, "compile_layers": False, "unpaged_optimizer": False,
-       "cuda_graphs": False, "async_optimizer": False}
+       "cuda_graphs": False, "async_optimizer": False, "host_kept_layers": 0}
 
 
 def train_losses(history: Path) -> list[float]:
@@ -97,7 +97,7 @@ def main() -> None:
     accel, quant = params["acceleration"], params["quantization"]
     runs = {"defaults": (accel, quant),
             "without cuda_graphs": (dict(accel, cuda_graphs=False), quant),
-            "every block checkpointed": (dict(accel, uncheckpointed_layers=0), quant),
+            "every block checkpointed": (dict(accel, uncheckpointed_layers=0, host_kept_layers=0), quant),
             "all levers off": (OFF, quant),
             "float32 compute": (accel, dict(quant, compute_dtype="float32")),
             "float32 compute, CPU levers off": (dict(accel, **CPU_LEVERS_OFF), dict(quant, compute_dtype="float32")),
