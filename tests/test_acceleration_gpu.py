@@ -163,6 +163,16 @@ def test_a_capture_draws_no_dropout_mask_of_its_own(tiny_qwen2_dir):
     assert not torch.equal(torch.cuda.get_rng_state(device), after_second)  # dropout does draw from it
 
 
+def _download_and_prepare(params, tmp_path) -> None:
+    """The download and prepare stages for ``params``, into ``tmp_path`` / base and / data."""
+    from conftest import load_stage
+
+    load_stage("download").main(["--params", str(params), "--out", str(tmp_path / "base")])
+    load_stage("prepare").main(["--params", str(params), "--base", str(tmp_path / "base"), "--out",
+                                str(tmp_path / "data"), "--report", str(tmp_path / "data.json"),
+                                "--lengths", str(tmp_path / "l.csv"), "--lengths-plot", str(tmp_path / "l.png")])
+
+
 def test_the_train_stage_replays_cuda_graphs_and_reports_it(tmp_path, tiny_qwen2_dir, corpus_file, caplog):
     import json
 
@@ -172,10 +182,7 @@ def test_the_train_stage_replays_cuda_graphs_and_reports_it(tmp_path, tiny_qwen2
 
     params = write_params(tmp_path / "params.yaml", tiny_params(tiny_qwen2_dir, corpus_file, **{
         "training.max_steps": 4, "training.gradient_accumulation_steps": 2, "model.dtype": "bfloat16"}))
-    load_stage("download").main(["--params", str(params), "--out", str(tmp_path / "base")])
-    load_stage("prepare").main(["--params", str(params), "--base", str(tmp_path / "base"), "--out",
-                                str(tmp_path / "data"), "--report", str(tmp_path / "data.json"),
-                                "--lengths", str(tmp_path / "l.csv"), "--lengths-plot", str(tmp_path / "l.png")])
+    _download_and_prepare(params, tmp_path)
     load_stage("train").main(train_args(params, tmp_path / "base", tmp_path / "data", tmp_path))
     metrics = json.loads((tmp_path / "train.json").read_text())
     assert metrics["cuda_graph_replays"] >= 6  # 8 micro-batches; a short last one may run eagerly
@@ -195,10 +202,7 @@ def test_a_training_set_smaller_than_the_batch_is_still_graphed(tmp_path, tiny_q
 
     overrides = {"training.max_steps": 3, "training.gradient_accumulation_steps": 1, "model.dtype": "bfloat16"}
     params = write_params(tmp_path / "params.yaml", tiny_params(tiny_qwen2_dir, corpus_file, **overrides))
-    load_stage("download").main(["--params", str(params), "--out", str(tmp_path / "base")])
-    load_stage("prepare").main(["--params", str(params), "--base", str(tmp_path / "base"), "--out",
-                                str(tmp_path / "data"), "--report", str(tmp_path / "data.json"),
-                                "--lengths", str(tmp_path / "l.csv"), "--lengths-plot", str(tmp_path / "l.png")])
+    _download_and_prepare(params, tmp_path)
     rows = len(data.load_split(tmp_path / "data", data.TRAIN_SPLIT))
     write_params(params, tiny_params(tiny_qwen2_dir, corpus_file, **overrides,
                                      **{"training.per_device_batch_size": rows + 3}))
@@ -625,10 +629,7 @@ def test_the_train_stage_plans_host_kept_blocks_by_timing_and_reports_them(tmp_p
     params = write_params(tmp_path / "params.yaml", tiny_params(six_block_qwen2_dir, corpus_file, **{
         "training.max_steps": 4, "training.gradient_accumulation_steps": 2, "model.dtype": "bfloat16",
         "acceleration.uncheckpointed_layers": 0, "acceleration.host_kept_layers": "auto"}))
-    load_stage("download").main(["--params", str(params), "--out", str(tmp_path / "base")])
-    load_stage("prepare").main(["--params", str(params), "--base", str(tmp_path / "base"), "--out",
-                                str(tmp_path / "data"), "--report", str(tmp_path / "data.json"),
-                                "--lengths", str(tmp_path / "l.csv"), "--lengths-plot", str(tmp_path / "l.png")])
+    _download_and_prepare(params, tmp_path)
     load_stage("train").main(train_args(params, tmp_path / "base", tmp_path / "data", tmp_path))
     metrics = json.loads((tmp_path / "train.json").read_text())
     # Six blocks, all checkpointed: steps timed with none, then one in four, one in three, one in two kept.
