@@ -9,8 +9,10 @@ so DVC runs this stage first whenever params.yaml changes: bad params stop `dvc 
 every problem in one message, before DVC deletes any other stage's outputs to run it. --out's text
 never changes, so a passing check re-runs nothing downstream.
 
-It also warns, without stopping, about params that cannot act (evaluate.min_stop_share without
-held-out answers) or act where they may not be wanted (lora.dropout on PiSSA's principal components),
+It refuses ONNX builder options that onnxruntime-genai's builder does not document (it would ignore
+them) for the ONNX formats exported. It also warns, without stopping, about params that cannot act
+(evaluate.min_stop_share without held-out answers, builder options for an ONNX format not exported) or
+act where they may not be wanted (lora.dropout on PiSSA's principal components),
 and about local inputs that are not among the deps of the stage reading them in dvc.yaml (DVC would
 not re-run that stage when they change).
 """
@@ -21,12 +23,12 @@ import argparse
 import logging
 from pathlib import Path
 
-from qlorapipe import harness
+from qlorapipe import harness, onnx_builder
 from qlorapipe.console import run_stage
 from qlorapipe.errors import UserError
 from qlorapipe.inputs import inert_gate_problem, local_input_problems, untracked_inputs
 from qlorapipe.outputs import write_text_atomic
-from qlorapipe.params import load_sections, pissa_dropout_problem
+from qlorapipe.params import ExportParams, load_sections, pissa_dropout_problem
 
 CHECKED = ("params.yaml passed every check. The pipeline depends on this file, so that bad params stop "
            "`dvc repro` before any output is touched.\n")
@@ -46,11 +48,18 @@ def main(argv: list[str] | None = None) -> None:
         harness.check_tasks(sections["evaluate"].lm_eval_tasks)
     except UserError as problem:
         problems.append(str(problem))
+    export = sections["export"]
+    onnx = [f.removeprefix("onnx-") for f in export.formats if f.startswith("onnx-")]
+    if problem := onnx_builder.unknown_options_problem(export.onnx_builder_options, onnx):
+        problems.append(problem)
     if problems:
         raise UserError("; ".join(problems))
     log = logging.getLogger("qlorapipe.check")
     for warning in [inert_gate_problem(sections["data"], sections["evaluate"]),
-                    pissa_dropout_problem(sections["lora"]), *untracked_inputs(sections, args.pipeline)]:
+                    pissa_dropout_problem(sections["lora"]),
+                    onnx_builder.unused_options_warning(export.onnx_builder_options, export.formats,
+                                                        ExportParams().onnx_builder_options),
+                    *untracked_inputs(sections, args.pipeline)]:
         if warning:
             log.warning(warning)
     write_text_atomic(args.out, CHECKED)

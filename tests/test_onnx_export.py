@@ -218,3 +218,33 @@ def test_builder_options_it_does_not_know_are_refused_before_anything_is_built()
         onnxgenai.check_builder_options({"int8": {"blok_size": 16}}, ["int8"])
     assert str(error.value).startswith("export.onnx_builder_options.int8.blok_size (did you mean block_size?): "
                                        "not an option of onnxruntime-genai's model builder")
+
+
+def test_the_check_stage_refuses_unknown_builder_options_and_warns_of_options_nothing_builds_with(
+        tmp_path, tiny_llama_dir, corpus_file, caplog):
+    """A misspelt builder option stops `dvc repro` at the first stage, before DVC deletes models/export; an
+    option for an ONNX precision export.formats does not hold is named without stopping the run."""
+    from conftest import load_stage, tiny_params, write_params
+
+    check = load_stage("check")
+    params = write_params(tmp_path / "params.yaml", tiny_params(tiny_llama_dir, corpus_file, **{
+        "export.formats": ["safetensors", "onnx-int4"],
+        "export.onnx_builder_options": {"int4": {"algo_config": "k_quant_mixed", "blok_size": 16}}}))
+    with pytest.raises(UserError, match=r"^export.onnx_builder_options.int4.blok_size \(did you mean block_size\?\): "
+                                        "not an option of onnxruntime-genai's model builder, which would ignore it"):
+        check.main(["--params", str(params), "--out", str(tmp_path / "passed.txt")])
+    assert not (tmp_path / "passed.txt").exists()
+
+    write_params(params, tiny_params(tiny_llama_dir, corpus_file, **{
+        "export.onnx_builder_options": {"int4": {"algo_config": "k_quant_mixed", "block_size": 16}}}))
+    with caplog.at_level("WARNING", logger="qlorapipe.check"):
+        check.main(["--params", str(params), "--out", str(tmp_path / "passed.txt")])
+    assert (tmp_path / "passed.txt").is_file()
+    assert [r.getMessage() for r in caplog.records if r.getMessage().startswith("export.")] == [
+        "export.onnx_builder_options int4 set, but export.formats has no onnx-int4: nothing is built with them "
+        "(add the format to export.formats to build it)"]
+    caplog.clear()
+    write_params(params, tiny_params(tiny_llama_dir, corpus_file))  # the default options: nothing said
+    with caplog.at_level("WARNING", logger="qlorapipe.check"):
+        check.main(["--params", str(params), "--out", str(tmp_path / "passed.txt")])
+    assert not [r for r in caplog.records if r.getMessage().startswith("export.")]

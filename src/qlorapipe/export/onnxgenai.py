@@ -30,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from qlorapipe import fidelity
+from qlorapipe import fidelity, onnx_builder
 from qlorapipe.errors import UserError
 from qlorapipe.export.llamacpp import (
     PROBE_CONVERSATION,
@@ -59,26 +59,13 @@ def require() -> None:
 
 def check_builder_options(options: dict[str, dict], precisions: list[str]) -> None:
     """Refuse, before any file is written, option names the installed builder does not document: it would
-    ignore them without a word. The names are read from its --extra_options help, in its source (not imported).
+    ignore them without a word (``onnx_builder.unknown_options_problem``, as the check stage asks).
 
     Raises:
         UserError: naming the key and the builder's nearest option.
     """
-    import difflib
-
-    spec = importlib.util.find_spec("onnxruntime_genai")
-    source = Path(spec.origin).parent / "models" / "builder.py" if spec and spec.origin else None
-    if source is None or not source.is_file():
-        return
-    known = set(re.findall(r"^ {16}([a-z][a-z0-9_]*) = ", source.read_text(), re.MULTILINE))
-    known |= {f"int4_{name}" for name in known}  # the builder's older spellings, still accepted
-    unknown = [f"export.onnx_builder_options.{p}.{k}" + (f" (did you mean {near[0]}?)" if near else "")
-               for p in precisions for k in options.get(p, {}) if k not in known
-               for near in [difflib.get_close_matches(k, known, n=1)]]
-    if unknown:
-        raise UserError(f"{'; '.join(unknown)}: not an option of onnxruntime-genai's model builder, which would "
-                        "ignore it; the options it knows are listed under --extra_options in "
-                        "onnxruntime_genai/models/builder.py")
+    if problem := onnx_builder.unknown_options_problem(options, precisions):
+        raise UserError(problem)
 
 
 def build(merged: Path, out_dir: Path, precision: str, options: dict | None = None) -> None:
