@@ -71,9 +71,11 @@ def test_a_named_phase_clock_logs_each_phase_as_it_ends(caplog):
         clock.lap("reference")
         clock.lap("write_q8_0")
         clock.lap("reference")
-    assert [r.getMessage().split(" done (")[0] for r in caplog.records] == [
-        "merge: reference", "merge: write_q8_0", "merge: reference"]
-    assert list(clock.seconds) == ["reference", "write_q8_0"]  # a phase met twice adds up
+    messages = [r.getMessage() for r in caplog.records]
+    assert [m.split(" done")[0] for m in messages] == ["merge: reference", "merge: write_q8_0", "merge: reference"]
+    assert list(clock.seconds) == ["reference", "write_q8_0"]  # a phase met twice adds up, and says so
+    assert messages[2].startswith("merge: reference done again (") and messages[2].endswith(
+        f" s; {clock.seconds['reference']:.1f} s in all)")
     assert clock.summary() == ", ".join(f"{name} {value:.1f} s" for name, value in clock.seconds.items())
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="qlorapipe.clock"):
