@@ -51,6 +51,7 @@ CASES = {  # name: (shape, seq, batch)
 }
 D_BUDGET_GB = 48.0
 C_PEER_PEAK_GB = 5.52  # unsloth's peak at case C, dropout 0.05, in every run so far (H100 and H200)
+D_PEER_PEAK_GB = 39.84  # and at case D (dropout 0.05, every run on both GPU kinds): rows within it need no peer run
 ALL_OFF = AccelerationParams(keep_frozen_dtype=False, lora_fast_forward=False, chunked_cross_entropy=False,
                              fused_kernels=False, uncheckpointed_layers=0, compile_layers=False,
                              unpaged_optimizer=False, cuda_graphs=False, async_optimizer=False,
@@ -452,6 +453,10 @@ def ours_variants(case: str, n_layers: int) -> list[tuple[str, AccelerationParam
                 *[(f"ours, defaults + memory_budget_gb={D_BUDGET_GB:g} + host_kept_layers={n}",
                    replace(DEFAULT, memory_budget_gb=D_BUDGET_GB, host_kept_layers=n))
                   for n in (16, 24, 40, 60, 80, "auto")],
+                # within unsloth's peak without running it ("39.84" selects both rows)
+                *[(f"ours, defaults{host} + memory_budget_gb={D_PEER_PEAK_GB}",
+                   replace(DEFAULT, memory_budget_gb=D_PEER_PEAK_GB, host_kept_layers=n))
+                  for n, host in ((0, ""), ("auto", " + host_kept_layers=auto"))],
                 *recomputing]
     variants = [("ours, all levers off (before)", ALL_OFF)]
     if case == "A":
