@@ -275,19 +275,24 @@ def test_two_processes_killed_midway_resume_to_the_adapter_of_an_uninterrupted_r
     assert _checkpoint_steps(resumed) == [12]
     ranks = sorted(p.name for p in (resumed / "checkpoints/step-000012").iterdir() if p.is_dir())
     assert ranks == (["rank-0", "rank-1"] if strategy == "fsdp" else ["rank-1"])
-    if strategy == "fsdp":
-        # The sharded state resumes only as it was written: any other layout is refused, and kept.
-        again = write_params(prepared["work"] / "fsdp-as-ddp.yaml", tiny_params(
-            tiny_llama_dir, corpus_file, **{**BATCH, **RESUME, "distributed.strategy": "ddp"}))
-        path = os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])
-        result = subprocess.run(_stage_command(prepared, resumed, again), capture_output=True, text=True,
-                                env={**os.environ, "PYTHONPATH": path})
-        assert result.returncode != 0
-        assert ("holds the training state sharded over 2 FSDP processes, this run needs it whole (one process or "
-                "DDP): to resume it set distributed.strategy to fsdp and distributed.num_processes to 2") in \
-            result.stderr.replace("\n", " ")
-        assert _checkpoint_steps(resumed) == [12]
-    else:
+    # A layout that cannot resume the checkpoint is refused in one line before any process is launched, and
+    # the checkpoint kept: the sharded state resumes only as it was written, the whole one not under FSDP.
+    other = "ddp" if strategy == "fsdp" else "fsdp"
+    again = write_params(prepared["work"] / f"{strategy}-as-{other}.yaml", tiny_params(
+        tiny_llama_dir, corpus_file, **{**BATCH, **RESUME, "distributed.strategy": other}))
+    path = os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])
+    result = subprocess.run(_stage_command(prepared, resumed, again), capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": path})
+    stderr = result.stderr.replace("\n", " ")
+    assert result.returncode != 0
+    assert stderr.count({
+        "fsdp": "holds the training state sharded over 2 FSDP processes, this run needs it whole (one process or "
+                "DDP): to resume it set distributed.strategy to fsdp and distributed.num_processes to 2",
+        "ddp": "holds the training state whole (one process or DDP), this run needs it sharded over 2 FSDP "
+               "processes: to resume it set distributed.strategy to ddp"}[strategy]) == 1, result.stderr
+    assert "Launching" not in stderr and "Traceback" not in stderr, result.stderr
+    assert _checkpoint_steps(resumed) == [12]
+    if strategy == "ddp":
         # DDP ranks hold the whole state: one process resumes it (here: at its last step) to the same adapter.
         one = write_params(prepared["work"] / "ddp-as-one.yaml", tiny_params(
             tiny_llama_dir, corpus_file, **{**BATCH, **RESUME, "distributed.num_processes": 1}))

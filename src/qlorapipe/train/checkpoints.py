@@ -127,6 +127,12 @@ def layout(processes) -> dict:
     return {"sharded": sharded, "num_processes": processes.num_processes if sharded else 1}
 
 
+def layout_of(strategy: str, num_processes: int) -> dict:
+    """``layout`` of the processes ``distributed.strategy`` and ``num_processes`` launch."""
+    sharded = strategy == "fsdp" and num_processes > 1
+    return {"sharded": sharded, "num_processes": num_processes if sharded else 1}
+
+
 def describe_layout(value: dict) -> str:
     if value["sharded"]:
         return f"sharded over {value['num_processes']} FSDP processes"
@@ -222,15 +228,7 @@ class CheckpointStore:
                 processes.barrier()
         if found is None:
             return None
-        written = found.state.get("layout", {"sharded": False, "num_processes": 1})
-        if written != self.layout:
-            raise UserError(
-                f"{found.path} holds the training state {describe_layout(written)}, this run needs it "
-                f"{describe_layout(self.layout)}: to resume it set distributed.strategy to "
-                f"{'fsdp' if written['sharded'] else 'ddp'}"
-                + (f" and distributed.num_processes to {written['num_processes']}" if written["sharded"] else "")
-                + f", or delete {self.directory} to start over"
-            )
+        self._refuse_other_layout(found, self.layout)
         made_from = found.state.get("init_sha256")
         if made_from != self.init_digest:
             raise UserError(
@@ -239,10 +237,32 @@ class CheckpointStore:
                 f"another SVD); resume it where it was made, or delete {self.directory} to start over"
             )
         own = found.path / _rank_dir(processes.rank)
-        if written["sharded"]:
+        if self.layout["sharded"]:  # as written: another layout was refused above
             found.files = own
         found.rng_files = own if (own / "rng.json").is_file() else found.files
         return found
+
+    def refuse_other_layout(self, launching: dict) -> None:
+        """Before processes are launched: refuse, in one line, a newest checkpoint of this run that the
+        layout ``launching`` (``layout_of``) could not resume; nothing is deleted.
+
+        Raises:
+            UserError: as ``latest`` would raise in every launched process.
+        """
+        found = self._find(clean=False)
+        if found is not None:
+            self._refuse_other_layout(found, launching)
+
+    def _refuse_other_layout(self, found: Checkpoint, wanted: dict) -> None:
+        written = found.state.get("layout", {"sharded": False, "num_processes": 1})
+        if written != wanted:
+            raise UserError(
+                f"{found.path} holds the training state {describe_layout(written)}, this run needs it "
+                f"{describe_layout(wanted)}: to resume it set distributed.strategy to "
+                f"{'fsdp' if written['sharded'] else 'ddp'}"
+                + (f" and distributed.num_processes to {written['num_processes']}" if written["sharded"] else "")
+                + f", or delete {self.directory} to start over"
+            )
 
     def _find(self, clean: bool) -> Checkpoint | None:
         """The newest usable checkpoint; with ``clean``, delete every other one and interrupted writes."""
