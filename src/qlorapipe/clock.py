@@ -24,11 +24,12 @@ class PhaseClock:
         now = time.perf_counter()
         before = self.seconds.get(name)
         self.seconds[name] = round((before or 0.0) + now - self.last, 2)
-        if self.stage is not None and before is None:
-            logger.info("%s: %s done (%.1f s)", self.stage, name, now - self.last)
-        elif self.stage is not None:  # a phase run again (merge times each model): the log says the sum too
-            logger.info("%s: %s done again (%.1f s; %.1f s in all)", self.stage, name, now - self.last,
-                        self.seconds[name])
+        if self.stage is not None:
+            if before is None:
+                logger.info("%s: %s done (%.1f s)", self.stage, name, now - self.last)
+            else:  # a phase run again (merge times each model): the log says the sum too
+                logger.info("%s: %s done again (%.1f s; %.1f s in all)", self.stage, name, now - self.last,
+                            self.seconds[name])
         self.last = now
 
     def summary(self) -> str:

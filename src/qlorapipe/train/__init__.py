@@ -84,11 +84,13 @@ def run(sections: Sections, base_dir: Path, data_dir: Path, out: Outputs, relaun
         if problem:
             raise UserError(problem)
     if distributed.needs_launch(dist):
-        # A checkpoint the launched processes would refuse is refused here, once, before they start.
-        fingerprint = checkpoints.run_fingerprint(base_dir, data_dir, quantization=sections.quantization,
-                                                  lora=sections.lora, training=params)
-        checkpoints.CheckpointStore(out.checkpoints, params.checkpoint_every_steps, fingerprint).refuse_other_layout(
-            checkpoints.layout_of(dist.strategy, dist.num_processes))
+        # A checkpoint the launched processes would refuse is refused here, once, before they start (the
+        # data are hashed for the fingerprint only when there is a checkpoint to compare it with).
+        if checkpoints.written_any(out.checkpoints):
+            fingerprint = checkpoints.run_fingerprint(base_dir, data_dir, quantization=sections.quantization,
+                                                      lora=sections.lora, training=params)
+            store = checkpoints.CheckpointStore(out.checkpoints, params.checkpoint_every_steps, fingerprint)
+            store.refuse_other_layout(checkpoints.layout_of(dist.strategy, dist.num_processes))
         distributed.relaunch(dist, *relaunch)
         return
     # Inputs are checked before any weights are loaded.

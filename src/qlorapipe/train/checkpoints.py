@@ -123,14 +123,21 @@ def load_trainable_state(model, tensors: dict) -> None:
 
 def layout(processes) -> dict:
     """How a run holds its trainable state: whole on every rank, or sharded over ``num_processes`` (FSDP)."""
-    sharded = processes.shards_state
-    return {"sharded": sharded, "num_processes": processes.num_processes if sharded else 1}
+    return _layout(processes.shards_state, processes.num_processes)
 
 
 def layout_of(strategy: str, num_processes: int) -> dict:
     """``layout`` of the processes ``distributed.strategy`` and ``num_processes`` launch."""
-    sharded = strategy == "fsdp" and num_processes > 1
+    return _layout(strategy == "fsdp" and num_processes > 1, num_processes)
+
+
+def _layout(sharded: bool, num_processes: int) -> dict:
     return {"sharded": sharded, "num_processes": num_processes if sharded else 1}
+
+
+def written_any(directory: Path) -> bool:
+    """Whether ``directory`` holds any checkpoint, complete or not (nothing to resume or refuse without one)."""
+    return any(Path(directory).glob(f"{_PREFIX}*"))
 
 
 def describe_layout(value: dict) -> str:
