@@ -96,9 +96,43 @@ def test_distributed_params_are_validated():
 
 def test_the_launch_runs_accelerate_on_the_stage_script():
     cmd = distributed.launch_command(DistributedParams(num_processes=2), Path("stages/train.py"), ["--x", "1"], 2950)
-    assert cmd[1:3] == ["-m", "accelerate.commands.launch"]
+    assert cmd[1:3] == ["-m", "qlorapipe.launcher"]  # accelerate launch without the agent's failure report
     assert cmd[cmd.index("--num_processes") + 1] == "2" and cmd[cmd.index("--main_process_port") + 1] == "2950"
     assert cmd[-3:] == ["stages/train.py", "--x", "1"]
+
+
+def test_an_error_every_rank_meets_is_said_once_in_one_line(tmp_path, tiny_llama_dir, corpus_file):
+    params = write_params(tmp_path / "params.yaml", tiny_params(
+        tiny_llama_dir, corpus_file, **{**BATCH, "distributed.num_processes": 2}))
+    missing = tmp_path / "prepared"
+    command = [sys.executable, str(ROOT / "stages/train.py"), *train_args(params, tmp_path / "base", missing,
+                                                                           tmp_path / "out")]
+    path = os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])
+    (tmp_path / "tmp").mkdir()
+    result = subprocess.run(command, capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": path, "TMPDIR": str(tmp_path / "tmp")})
+    assert result.returncode == 1
+    stderr = " ".join(result.stderr.split())
+    assert stderr.count(f"error: {missing / 'train'}: prepared data not found; run `dvc repro prepare`") == 1, stderr
+    assert stderr.count("error:") == 1 and "Traceback" not in stderr and "FAILED" not in stderr, result.stderr
+    assert not list((tmp_path / "tmp").glob("qlorapipe-ranks-*"))  # the ranks' reports are removed
+
+
+def test_a_rank_killed_by_a_signal_is_named_in_the_stage_error(tmp_path):
+    script = tmp_path / "rank.py"
+    script.write_text("import os, signal, time\n"
+                      "if os.environ['RANK'] == '1':\n    os.kill(os.getpid(), signal.SIGKILL)\n"
+                      "time.sleep(60)\n")
+    with pytest.raises(UserError, match=r"^the 2 training processes failed: rank 1 was killed by SIGKILL; "):
+        distributed.relaunch(DistributedParams(num_processes=2), script, [])
+
+
+def test_different_errors_of_the_ranks_are_each_said_with_their_ranks(tmp_path):
+    for rank, message in enumerate(["out of memory", "data missing", "out of memory"]):
+        (tmp_path / f"rank-{rank}.txt").write_text(message)
+    assert distributed.failure_message(3, 1, tmp_path) == "ranks 0 and 2: out of memory; rank 1: data missing"
+    assert distributed.failure_message(3, 1, tmp_path / "none") == \
+        "the 3 training processes failed: the launcher exited with status 1; any message of its own is above"
 
 
 def test_a_global_batch_that_does_not_divide_is_refused_before_anything_loads(tmp_path, tiny_llama_dir, corpus_file):

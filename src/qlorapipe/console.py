@@ -7,6 +7,7 @@ import os
 import sys
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 
 from rich.console import Console
 from rich.logging import RichHandler
@@ -14,6 +15,10 @@ from rich.logging import RichHandler
 from qlorapipe.errors import UserError
 
 console = Console(stderr=True)
+
+# A folder where each rank of a train stage's own launch leaves its error for the launching process, which
+# says it once (train.distributed.relaunch) instead of every rank printing it.
+REPORTS_ENV = "QLORAPIPE_RANK_REPORTS"
 
 # Libraries that log at import or on every call; their messages are not the user's business.
 _NOISY_LOGGERS = ("bitsandbytes", "httpx", "urllib3", "filelock", "datasets", "torch.distributed", "matplotlib",
@@ -93,10 +98,20 @@ def run_stage(main: Callable[[list[str] | None], None], argv: list[str] | None =
     try:
         main(argv)
     except UserError as exc:
-        console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        if os.environ.get(REPORTS_ENV) and "RANK" in os.environ:
+            leave_report(Path(os.environ[REPORTS_ENV]), f"rank-{os.environ['RANK']}", str(exc))
+        else:
+            console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         sys.exit(1)
     if exit_when_done and EXIT_AT_ONCE and os.environ.get("WORLD_SIZE", "1").strip() in ("", "1"):
         exit_at_once()
+
+
+def leave_report(folder: Path, name: str, text: str) -> None:
+    """Write ``text`` to ``folder/name.txt`` whole or not at all (the reader may look at any moment after)."""
+    partial = folder / f".{name}.partial"
+    partial.write_text(text, encoding="utf-8")
+    partial.replace(folder / f"{name}.txt")
 
 
 # A stage that returned has written its outputs (atomic directories renamed into place, files closed): what the

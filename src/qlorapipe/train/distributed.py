@@ -32,11 +32,14 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from qlorapipe.console import REPORTS_ENV
 from qlorapipe.errors import UserError
 from qlorapipe.params import DistributedParams, TrainingParams, accumulation_problem
+from qlorapipe.launcher import FIRST_FAILURE
 
 logger = logging.getLogger(__name__)
 
@@ -73,11 +76,12 @@ def global_batch_size(training: TrainingParams) -> int:
 def launch_command(params: DistributedParams, script: Path, argv: list[str], port: int) -> list[str]:
     """The ``accelerate launch`` command line that runs ``script argv`` on every process.
 
-    The strategy is not a launcher flag: each rank reads it from params.yaml and builds its
-    own Accelerator, so a launch written by hand (multi-node) gets the same behaviour.
+    It runs through qlorapipe.launcher, accelerate's launch with the agent's failure report
+    left out. The strategy is not a launcher flag: each rank reads it from params.yaml and builds
+    its own Accelerator, so a launch written by hand (multi-node) gets the same behaviour.
     """
     return [
-        sys.executable, "-m", "accelerate.commands.launch",
+        sys.executable, "-m", "qlorapipe.launcher",
         "--multi_gpu",  # torch.distributed.run underneath; on a machine without GPUs it runs gloo on the CPU
         "--num_processes", str(params.num_processes),
         "--num_machines", "1",
@@ -99,16 +103,36 @@ def relaunch(params: DistributedParams, script: Path, argv: list[str]) -> None:
     """Run ``script argv`` on ``params.num_processes`` processes and wait for all of them.
 
     Raises:
-        UserError: a process failed (its own message is printed above this one).
+        UserError: a process failed: the error the ranks reported, said once (failure_message).
     """
     port = params.main_process_port or free_port()
     cmd = launch_command(params, script, argv, port)
     logger.info("Launching %d processes (%s): %s", params.num_processes, params.strategy, " ".join(cmd[2:]))
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    status = subprocess.run(cmd, env=env).returncode
-    if status:
-        raise UserError(f"the {params.num_processes} training processes failed (exit status {status}); "
-                        "their messages are above")
+    with tempfile.TemporaryDirectory(prefix="qlorapipe-ranks-") as reports:
+        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), REPORTS_ENV: reports}
+        status = subprocess.run(cmd, env=env).returncode
+        if status:
+            raise UserError(failure_message(params.num_processes, status, Path(reports)))
+
+
+def failure_message(num_processes: int, status: int, reports: Path) -> str:
+    """One line for a failed launch, from the reports the ranks and the launcher left in ``reports``.
+
+    Ranks that stopped on the same error (bad data, say) said it once: the message is that error.
+    Different errors are each said with their ranks. A rank that crashed printed its own traceback;
+    the line then says which rank failed first and how (killed by a signal, an exit status).
+    """
+    by_message: dict[str, list[str]] = {}
+    for report in sorted(reports.glob("rank-*.txt"), key=lambda p: int(p.stem.split("-")[1])):
+        by_message.setdefault(report.read_text(encoding="utf-8"), []).append(report.stem.split("-")[1])
+    if len(by_message) == 1:
+        return next(iter(by_message))
+    if by_message:
+        return "; ".join(f"rank{'s' * (len(ranks) > 1)} {' and '.join(ranks)}: {message}"
+                         for message, ranks in by_message.items())
+    first = reports / f"{FIRST_FAILURE}.txt"
+    how = first.read_text(encoding="utf-8") if first.exists() else f"the launcher exited with status {status}"
+    return f"the {num_processes} training processes failed: {how}; any message of its own is above"
 
 
 def shard(micro_batches: Iterator, rank: int, num_processes: int) -> Iterator:
