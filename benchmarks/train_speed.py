@@ -449,14 +449,15 @@ def ours_variants(case: str, n_layers: int) -> list[tuple[str, AccelerationParam
                    ("ours, every block checkpointed + offload", OFFLOADED),
                    ("ours, every block checkpointed + offload" + NOT_LEAN, replace(OFFLOADED, lean_recompute=False))]
     if case == "D":  # each 70B row costs minutes: the budget row and the smallest footprints
+        # The defaults plan host_kept_layers (auto); "host_kept_layers=0" selects the rows without it.
         return [(f"ours, defaults + memory_budget_gb={D_BUDGET_GB:g}", replace(DEFAULT, memory_budget_gb=D_BUDGET_GB)),
                 *[(f"ours, defaults + memory_budget_gb={D_BUDGET_GB:g} + host_kept_layers={n}",
                    replace(DEFAULT, memory_budget_gb=D_BUDGET_GB, host_kept_layers=n))
-                  for n in (16, 24, 40, 60, 80, "auto")],
+                  for n in (0, 16, 24, 40, 60, 80)],
                 # within unsloth's peak without running it ("39.84" selects both rows)
                 *[(f"ours, defaults{host} + memory_budget_gb={D_PEER_PEAK_GB}",
                    replace(DEFAULT, memory_budget_gb=D_PEER_PEAK_GB, host_kept_layers=n))
-                  for n, host in ((0, ""), ("auto", " + host_kept_layers=auto"))],
+                  for n, host in ((0, " + host_kept_layers=0"), ("auto", ""))],
                 *recomputing]
     variants = [("ours, all levers off (before)", ALL_OFF)]
     if case == "A":
@@ -477,9 +478,9 @@ def ours_variants(case: str, n_layers: int) -> list[tuple[str, AccelerationParam
     variants.append({"A": (WITHIN_PLAIN_PEAK, DEFAULT),
                      "B": ("ours, defaults + memory_budget_gb=3.5", replace(DEFAULT, memory_budget_gb=3.5)),
                      "C": ("ours, defaults + memory_budget_gb=10", replace(DEFAULT, memory_budget_gb=10.0))}[case])
-    if case == "C":  # within that budget, with host_kept_layers: auto against none
-        variants.append(("ours, defaults + memory_budget_gb=10 + host_kept_layers=auto",
-                         replace(DEFAULT, memory_budget_gb=10.0, host_kept_layers="auto")))
+    if case == "C":  # within that budget, without host_kept_layers: auto (the defaults' planner)
+        variants.append(("ours, defaults + memory_budget_gb=10 + host_kept_layers=0",
+                         replace(DEFAULT, memory_budget_gb=10.0, host_kept_layers=0)))
     if case == "A":
         variants += [(f"ours, defaults + uncheckpointed_layers={n}", replace(DEFAULT, uncheckpointed_layers=n))
                      for n in (8, 16, 24, 28, 32, 36)]
@@ -497,8 +498,8 @@ def ours_variants(case: str, n_layers: int) -> list[tuple[str, AccelerationParam
                      for n in (4, 8, 16)]
         variants += [(f"ours, defaults + memory_budget_gb={C_PEER_PEAK_GB}{host}",
                       replace(DEFAULT, memory_budget_gb=C_PEER_PEAK_GB, host_kept_layers=n))
-                     for n, host in ((0, ""), (8, " + host_kept_layers=8"), (16, " + host_kept_layers=16"),
-                                     ("auto", " + host_kept_layers=auto"))]
+                     for n, host in ((0, " + host_kept_layers=0"), (8, " + host_kept_layers=8"),
+                                     (16, " + host_kept_layers=16"), ("auto", ""))]
         variants.append(("ours, every block checkpointed + host_kept_layers=auto",
                          replace(CHECKPOINTED, host_kept_layers="auto")))
     # compile_layers runs without CUDA graphs (cuda_graphs.graphed_step): the two do not combine.

@@ -254,7 +254,7 @@ class AccelerationParams:
     # N checkpointed blocks, spread from the first, keep every activation in host memory instead of
     # recomputing it: copied out and back on a side stream while other blocks compute; auto: the count
     # that made the first micro-batch's step fastest within memory_budget_gb (none when none paid)
-    host_kept_layers: int | Literal["auto"] = 0
+    host_kept_layers: int | Literal["auto"] = "auto"
 
     def check(self) -> list[str]:
         problems = []
