@@ -523,14 +523,17 @@ def run_ours(label: str, params: AccelerationParams, model, compute_dtype, case:
         applied = fast.apply(model, params, device, compute_dtype)
         inputs = {"input_ids": first, "use_cache": False}
         graphs = params.cuda_graphs and not label.endswith(EAGER_PROBE)
+        every_block = None  # a step with every block on the GPU the first planner measured (memory_plan's rule)
         if params.host_kept_layers == "auto":  # as the train stage plans it, on its first micro-batch: first
             kept, measured = memory_plan.fit_host_kept_layers(
                 model, inputs, first, params.memory_budget_gb, device, cuda_graphs=graphs,
                 every_block_may_fit=params.uncheckpointed_layers == "auto")
             applied.append(f"host_kept_layers=auto: {kept} kept, timed {json.dumps(measured)}")
+            every_block = None if kept else measured.get("every_block_peak_gb")
         if params.uncheckpointed_layers == "auto":
             kept, measured = memory_plan.fit_uncheckpointed_layers(
-                model, inputs, first, params.memory_budget_gb, device, cuda_graphs=graphs)
+                model, inputs, first, params.memory_budget_gb, device, cuda_graphs=graphs,
+                every_block_peak_gb=every_block)
             applied.append(f"uncheckpointed_layers=auto: {kept} kept, probe {json.dumps(measured)}")
         return applied
 

@@ -921,6 +921,35 @@ def test_auto_host_kept_blocks_are_left_alone_by_the_gpu_planner_after_it(monkey
     fast.remove(model)
 
 
+class _LabelsOnAnyDevice:
+    """A micro-batch's labels that stay where they are when moved (the planners' CUDA path on a CPU machine)."""
+
+    def to(self, device):
+        return self
+
+    def long(self):
+        return torch.ones(3)
+
+
+@pytest.mark.parametrize("peak_on_gpu,kept_on_gpu,steps", [
+    (19.1, 32, [(32, 0)]),
+    # every block kept; none and 8, 10, 16 of 32 in host memory timed; none, the last 1, 2 and 28 kept on the GPU
+    (math.inf, 28, [(32, 0), (0, 0), (0, 8), (0, 10), (0, 16), (0, 0), (1, 0), (2, 0), (28, 0)])])
+def test_the_two_planners_measure_the_step_with_every_block_on_the_gpu_once(monkeypatch, peak_on_gpu, kept_on_gpu,
+                                                                              steps):
+    # Every block fits (the defaults on a GPU): the host-kept planner's step serves the GPU planner too. Or
+    # none fits and no host-kept count pays: the GPU planner goes on from that step's out of memory.
+    model = _BlocksModel(32)
+    calls = _timed_gpu(monkeypatch, model, {0: 0.352, 8: 0.349, 10: 0.348, 16: 0.347},
+                       peak=lambda on_gpu, in_host: peak_on_gpu if on_gpu == 32 else 6.0 + 0.5 * on_gpu)
+    monkeypatch.setattr(memory_plan, "model_inputs", lambda batch, device: {"input_ids": torch.ones(3)})
+    kept = memory_plan.plan_uncheckpointed_layers(model, AccelerationParams(memory_budget_gb=20.0),
+                                                  {"labels": _LabelsOnAnyDevice()}, torch.device("cuda", 0))
+    assert kept == checkpointing.uncheckpointed_count(model) == kept_on_gpu and offload.host_kept(model) == 0
+    assert [(on_gpu, in_host) for on_gpu, in_host, _ in calls] == steps
+    fast.remove(model)
+
+
 def test_auto_host_kept_layers_tries_one_block_of_three_and_tells_errors_from_running_out(monkeypatch):
     model = _BlocksModel(3)
     calls = _timed_gpu(monkeypatch, model, {0: 1.0, 1: 0.9}, peak=lambda on_gpu, in_host: math.inf if on_gpu else 4.0)
@@ -949,7 +978,7 @@ def test_auto_host_kept_layers_fits_the_pinned_copies_in_host_memory(monkeypatch
     monkeypatch.setattr(memory_plan, "host_available", lambda: 50e9)  # half of it: 25 GB for 0.9 GB a block
     ids = torch.ones(3)
     with caplog.at_level("INFO", logger="qlorapipe.train.fast"):
-        kept = memory_plan.plan_host_kept_layers(model, {"input_ids": ids}, ids, AccelerationParams(
+        kept, _ = memory_plan.plan_host_kept_layers(model, {"input_ids": ids}, ids, AccelerationParams(
             host_kept_layers="auto", memory_budget_gb=48.0), torch.device("cuda", 0))
     assert kept == 26 and [c[1] for c in calls] == [0, 0, 20, 26]  # 40 would pin 36 GB, over the 25: not run
     assert ("host_kept_layers: auto keeps 26 of 80 checkpointed blocks' activations in host memory (23.40 GB "

@@ -127,11 +127,14 @@ def plan_uncheckpointed_layers(model, params: AccelerationParams, batch, device,
                         kept, measured["n_blocks"], measured["per_block_bytes"] / 1e9, measured["rest_bytes"] / 1e9,
                         measured["room_bytes"] / 1e9, 100 * HOST_SHARE)
         return kept
+    every_block = None
     if "host_kept_layers" in autos:  # first: blocks kept on the GPU then fill what its copies leave of the budget
-        plan_host_kept_layers(model, inputs, labels, params, device, cuda_graphs)
+        host_kept, timed = plan_host_kept_layers(model, inputs, labels, params, device, cuda_graphs)
+        every_block = None if host_kept else timed.get("every_block_peak_gb")  # the same step: not measured twice
     if "uncheckpointed_layers" not in autos:
         return uncheckpointed_count(model)
-    kept, measured = fit_uncheckpointed_layers(model, inputs, labels, params.memory_budget_gb, device, cuda_graphs)
+    kept, measured = fit_uncheckpointed_layers(model, inputs, labels, params.memory_budget_gb, device, cuda_graphs,
+                                               every_block_peak_gb=every_block)
     if measured and measured["peak_all_checkpointed_gb"] is None:  # every block kept fitted: nothing else measured
         logger.info("uncheckpointed_layers: auto keeps all %d blocks (%.2f GB; budget %.2f GB%s)", kept,
                     measured["peak_gb"], measured["budget_gb"],
@@ -154,12 +157,12 @@ def plan_uncheckpointed_layers(model, params: AccelerationParams, batch, device,
 
 
 def plan_host_kept_layers(model, inputs: dict, labels, params: AccelerationParams, device,
-                          cuda_graphs: bool = False) -> int:
-    """``fit_host_kept_layers`` for the train stage, with what it measured in the log; the count kept."""
+                          cuda_graphs: bool = False) -> tuple[int, dict]:
+    """``fit_host_kept_layers`` for the train stage, with what it measured in the log: (count kept, measured)."""
     kept, measured = fit_host_kept_layers(model, inputs, labels, params.memory_budget_gb, device, cuda_graphs,
                                           every_block_may_fit=params.uncheckpointed_layers == "auto")
     if not measured:
-        return kept
+        return kept, measured
     tried = ", ".join(f"{count}: {seconds:.3f} s at {measured['peak_gb'][count]:.2f} GB"
                       for count, seconds in measured["seconds"].items())
     budget = f"budget {measured['budget_gb']:.2f} GB" + ("" if params.memory_budget_gb is not None
@@ -171,7 +174,7 @@ def plan_host_kept_layers(model, inputs: dict, labels, params: AccelerationParam
     else:
         logger.info("host_kept_layers: auto keeps none: %s%s; %s", measured["why_none"],
                     f" (a step with N of them: {tried})" if tried else "", budget)
-    return kept
+    return kept, measured
 
 
 def fit_on_host(model, inputs: dict, labels, available: float | None = None) -> tuple[int, dict]:
@@ -306,7 +309,7 @@ def host_available() -> float | None:
 
 
 def fit_uncheckpointed_layers(model, inputs: dict, labels, budget_gb: float | None, device,
-                              cuda_graphs: bool = False) -> tuple[int, dict]:
+                              cuda_graphs: bool = False, every_block_peak_gb: float | None = None) -> tuple[int, dict]:
     """Measure what a block's activations cost, then keep as many blocks as fit in ``budget_gb``.
 
     Forward and backward passes of one micro-batch (eager, or as CUDA graphs with
@@ -341,6 +344,9 @@ def fit_uncheckpointed_layers(model, inputs: dict, labels, budget_gb: float | No
             ``GraphedStep`` (warm-up runs included): on an H200 the graphed step of the 3B model
             with 33 blocks kept peaked at least 1.3 GB above its eager step. A step that
             cannot be captured is measured eagerly, as it will then train.
+        every_block_peak_gb: the peak of the step with every block kept, when ``fit_host_kept_layers`` has
+            just measured it on the same batch and kept no block in host memory (inf: out of memory); it is
+            then not measured again.
 
     Returns:
         (N, measured): the blocks kept and, for the log and metrics, ``peak_all_checkpointed_gb``,
@@ -384,7 +390,7 @@ def fit_uncheckpointed_layers(model, inputs: dict, labels, budget_gb: float | No
     peaks: dict[int, float] = {}
     with probe:
         if n_blocks > 2:  # every block kept first: when that fits, there is no line to draw
-            peaks[n_blocks] = measure(n_blocks)
+            peaks[n_blocks] = measure(n_blocks) if every_block_peak_gb is None else every_block_peak_gb
         n_kept = n_blocks
         if peaks.get(n_blocks, math.inf) > budget_gb:
             peaks.update({kept: measure(kept) for kept in range(min(2, n_blocks) + 1)})
@@ -540,8 +546,9 @@ def fit_host_kept_layers(model, inputs: dict, labels, budget_gb: float | None, d
 
     Returns:
         (N, measured): the count kept and, for the log, ``seconds`` and ``peak_gb`` by count tried,
-        ``host_gb`` by count (pinned copies), ``budget_gb``, ``candidates`` (checkpointed blocks);
-        or ``why_none``; empty when not on CUDA or nothing is checkpointed.
+        ``host_gb`` by count (pinned copies), ``budget_gb``, ``candidates`` (checkpointed blocks),
+        ``every_block_peak_gb`` (inf: out of memory; absent when not measured); or ``why_none``; empty
+        when not on CUDA or nothing is checkpointed.
     """
     if device.type != "cuda":
         return 0, {}
@@ -583,12 +590,13 @@ def fit_host_kept_layers(model, inputs: dict, labels, budget_gb: float | None, d
             probe.release()
             skip_checkpointing(model, len(decoder_layers(model)))
             try:
-                fits = measure_step(model, inputs, labels, device, cuda_graphs)[0] <= budget_gb
+                every_block = measure_step(model, inputs, labels, device, cuda_graphs)[0]
             except torch.cuda.OutOfMemoryError:
-                fits = False
+                every_block = math.inf
             finally:
                 checkpoint_again(layers)
-            if fits:
+            measured["every_block_peak_gb"] = every_block  # the other planner's first step, if none is kept here
+            if every_block <= budget_gb:
                 measured["why_none"] = "every block fits on the GPU, so none is recomputed"
                 return 0, measured
         baseline = timed(0)
