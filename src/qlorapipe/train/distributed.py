@@ -38,8 +38,8 @@ from pathlib import Path
 
 from qlorapipe.console import REPORTS_ENV
 from qlorapipe.errors import UserError
-from qlorapipe.params import DistributedParams, TrainingParams, accumulation_problem
 from qlorapipe.launcher import FIRST_FAILURE
+from qlorapipe.params import DistributedParams, TrainingParams, accumulation_problem
 
 logger = logging.getLogger(__name__)
 
