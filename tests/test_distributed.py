@@ -294,6 +294,26 @@ def _kill_after_a_checkpoint_and_rerun(prepared: dict, tiny_llama_dir, corpus_fi
     return out
 
 
+def test_ctrl_c_stops_the_launcher_and_its_ranks_in_one_line(prepared, tiny_llama_dir, corpus_file):
+    out = prepared["work"] / "ctrl-c"
+    out.mkdir()
+    params = write_params(prepared["work"] / "ctrl-c.yaml",
+                          tiny_params(tiny_llama_dir, corpus_file, **{**BATCH, **RESUME}))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    process = subprocess.Popen(_stage_command(prepared, out, params), env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not _checkpoint_steps(out) and process.poll() is None:
+        assert time.monotonic() < deadline, "no checkpoint within 300 s"
+        time.sleep(0.01)
+    os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C sends the terminal's foreground process group
+    stderr = process.communicate()[1]
+    assert process.returncode == 130, "training finished before it could be interrupted"
+    assert stderr.count("interrupted:") == 1, stderr
+    assert "Traceback" not in stderr and "death signal" not in stderr, stderr
+    assert _checkpoint_steps(out) and not (out / "adapter").exists()
+
+
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_processes_killed_midway_resume_to_the_adapter_of_an_uninterrupted_run(
         prepared, tiny_llama_dir, corpus_file, strategy):

@@ -104,6 +104,31 @@ def test_a_run_killed_midway_resumes_to_the_identical_adapter(prepared, referenc
     assert _checkpoint_steps(work) == [8]  # older checkpoints are deleted once a newer one is complete
 
 
+def test_ctrl_c_stops_a_run_in_one_line_and_it_resumes_from_its_last_checkpoint(prepared, reference, tmp_path_factory,
+                                                                               tiny_llama_dir, corpus_file):
+    work = _run_dir(tmp_path_factory, tiny_llama_dir, corpus_file, "interrupted", **RESUME_OVERRIDES)
+    command = [sys.executable, str(ROOT / "stages/train.py")] + _train_args(prepared, work)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not _checkpoint_steps(work) and process.poll() is None:
+        assert time.monotonic() < deadline, "no checkpoint within 120 s"
+        time.sleep(0.02)
+    process.send_signal(signal.SIGINT)
+    stderr = process.communicate()[1]
+    assert process.returncode == 130, "training finished before it could be interrupted"
+    assert " ".join(stderr.split()).endswith("interrupted: nothing half-written was kept; run it again (training "
+                                             "resumes from its last checkpoint)"), stderr
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
+    assert not (work / "adapter").exists() and not (work / "train.json").exists()
+    assert not [p for p in work.iterdir() if ".tmp-" in p.name]
+    interrupted_at = _checkpoint_steps(work)[-1]
+    result = subprocess.run(command, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert json.loads((work / "train.json").read_text())["resumed_from_step"] == interrupted_at
+    assert _adapter_bytes(work) == _adapter_bytes(reference)
+
+
 def test_same_params_and_data_give_the_same_adapter_bytes(prepared, reference, tmp_path_factory,
                                                           tiny_llama_dir, corpus_file):
     work = _run_dir(tmp_path_factory, tiny_llama_dir, corpus_file, "again", **RESUME_OVERRIDES)

@@ -20,6 +20,9 @@ console = Console(stderr=True)
 # says it once (train.distributed.relaunch) instead of every rank printing it.
 REPORTS_ENV = "QLORAPIPE_RANK_REPORTS"
 
+INTERRUPTED = ("[bold yellow]interrupted:[/] nothing half-written was kept; run it again (training resumes from its "
+               "last checkpoint)")
+
 # Libraries that log at import or on every call; their messages are not the user's business.
 _NOISY_LOGGERS = ("bitsandbytes", "httpx", "urllib3", "filelock", "datasets", "torch.distributed", "matplotlib",
                   "gguf")
@@ -86,7 +89,7 @@ def quiet_libraries() -> None:
 
 def run_stage(main: Callable[[list[str] | None], None], argv: list[str] | None = None,
               tokenizer_threads: bool = False, exit_when_done: bool = True) -> None:
-    """Run a stage's main(): a UserError becomes one red line and exit status 1.
+    """Run a stage's main(): a UserError becomes one red line and exit status 1, Ctrl-C one line and 130.
 
     With ``exit_when_done`` (stage scripts) a main that returned ends the process at once
     (:func:`exit_at_once`); a command others may call in-process (``qlorapipe-chat``) passes False.
@@ -103,6 +106,13 @@ def run_stage(main: Callable[[list[str] | None], None], argv: list[str] | None =
         else:
             console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         sys.exit(1)
+    except KeyboardInterrupt:
+        # Every output is renamed into place whole or removed on the way out (outputs.py), and the train
+        # stage's complete checkpoints stay: the traceback of wherever the signal landed says nothing more.
+        # A rank of the stage's own launch was stopped by its launcher: the launching process says it.
+        if not (os.environ.get(REPORTS_ENV) and "RANK" in os.environ):
+            console.print(INTERRUPTED, highlight=False, soft_wrap=True)
+        sys.exit(130)  # 128 + SIGINT, as a shell reports it
     if exit_when_done and EXIT_AT_ONCE and os.environ.get("WORLD_SIZE", "1").strip() in ("", "1"):
         exit_at_once()
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from qlorapipe.console import REPORTS_ENV, leave_report
 
+AGENT_LOGGERS = ("torch.distributed.elastic", "torch.distributed.launcher", "torch.distributed.run")
 FIRST_FAILURE = "first-failure"  # the report name of the launcher's line on the rank that failed first
 
 
@@ -30,10 +31,13 @@ def how_it_ended(rank: int, exitcode: int, signal_name: str) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     from accelerate.commands.launch import launch_command, launch_command_parser
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-    for name in ("torch.distributed.elastic", "torch.distributed.launcher", "torch.distributed.run"):
-        logging.getLogger(name).setLevel(logging.CRITICAL)
+    # The agent's loggers set levels of their own, some when first used: its records are dropped where torch
+    # prints them (the handler of "torch.distributed", which does not propagate) and at the root.
+    for handler in (*logging.getLogger("torch.distributed").handlers, *logging.getLogger().handlers):
+        handler.addFilter(lambda record: not record.name.startswith(AGENT_LOGGERS))
     args = launch_command_parser().parse_args(argv)
     try:
         launch_command(args)
@@ -43,6 +47,8 @@ def main(argv: list[str] | None = None) -> None:
             leave_report(Path(os.environ[REPORTS_ENV]), FIRST_FAILURE,
                          how_it_ended(rank, failure.exitcode, failure.signal_name()))
         sys.exit(1)
+    except SignalException as exc:  # Ctrl-C, or the stage stopped: the ranks were stopped, the stage says so
+        sys.exit(128 + exc.sigval)
 
 
 if __name__ == "__main__":
