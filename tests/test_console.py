@@ -38,7 +38,9 @@ def main(argv):
     if argv == ["fail"]:
         from qlorapipe.errors import UserError
         raise UserError("training.max_steps must be positive")
-run_stage(main, sys.argv[1:])
+    if argv and argv[0] == "ctrl-c":
+        raise KeyboardInterrupt
+run_stage(main, sys.argv[1:], exit_when_done=sys.argv[-1] != "command")
 """
 
 
@@ -60,6 +62,17 @@ def test_a_failing_stage_and_a_distributed_rank_exit_through_the_interpreter():
     assert "error: training.max_steps must be positive" in failed.stderr
     rank = _stage(WORLD_SIZE="2")
     assert rank.returncode == 0 and rank.stdout == "outteardown"
+
+
+def test_ctrl_c_is_one_line_and_exit_status_130_for_a_stage_a_command_and_none_for_a_launched_rank(tmp_path):
+    stage = _stage("ctrl-c")
+    assert stage.returncode == 130 and "Traceback" not in stage.stderr
+    assert stage.stderr.strip().splitlines()[1:] == [
+        "interrupted: nothing half-written was kept; run it again (training resumes from its last checkpoint)"]
+    command = _stage("ctrl-c", "command")
+    assert command.returncode == 130 and command.stderr.strip().splitlines()[1:] == ["interrupted"]
+    rank = _stage("ctrl-c", RANK="1", QLORAPIPE_RANK_REPORTS=str(tmp_path))  # its launching process says it
+    assert rank.returncode == 130 and "interrupted" not in rank.stderr and not list(tmp_path.iterdir())
 
 
 def test_a_named_phase_clock_logs_each_phase_as_it_ends(caplog):

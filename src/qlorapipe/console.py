@@ -111,7 +111,8 @@ def run_stage(main: Callable[[list[str] | None], None], argv: list[str] | None =
         # stage's complete checkpoints stay: the traceback of wherever the signal landed says nothing more.
         # A rank of the stage's own launch was stopped by its launcher: the launching process says it.
         if not (os.environ.get(REPORTS_ENV) and "RANK" in os.environ):
-            console.print(INTERRUPTED, highlight=False, soft_wrap=True)
+            console.print(INTERRUPTED if exit_when_done else "[bold yellow]interrupted[/]", highlight=False,
+                          soft_wrap=True)  # a stage, or a console command
         sys.exit(130)  # 128 + SIGINT, as a shell reports it
     if exit_when_done and EXIT_AT_ONCE and os.environ.get("WORLD_SIZE", "1").strip() in ("", "1"):
         exit_at_once()
