@@ -529,7 +529,7 @@ def run_ours(label: str, params: AccelerationParams, model, compute_dtype, case:
                 model, inputs, first, params.memory_budget_gb, device, cuda_graphs=graphs,
                 every_block_may_fit=params.uncheckpointed_layers == "auto")
             applied.append(f"host_kept_layers=auto: {kept} kept, timed {json.dumps(measured)}")
-            every_block = None if kept else measured.get("every_block_peak_gb")
+            every_block = measured.get("every_block_peak_gb")
         if params.uncheckpointed_layers == "auto":
             kept, measured = memory_plan.fit_uncheckpointed_layers(
                 model, inputs, first, params.memory_budget_gb, device, cuda_graphs=graphs,

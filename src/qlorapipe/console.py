@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 
 from qlorapipe.errors import UserError
+from qlorapipe.outputs import write_text_atomic
 
 console = Console(stderr=True)
 
@@ -101,8 +102,8 @@ def run_stage(main: Callable[[list[str] | None], None], argv: list[str] | None =
     try:
         main(argv)
     except UserError as exc:
-        if os.environ.get(REPORTS_ENV) and "RANK" in os.environ:
-            leave_report(Path(os.environ[REPORTS_ENV]), f"rank-{os.environ['RANK']}", str(exc))
+        if (report := rank_report()) is not None:
+            write_text_atomic(report, str(exc))
         else:
             console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         sys.exit(1)
@@ -110,7 +111,7 @@ def run_stage(main: Callable[[list[str] | None], None], argv: list[str] | None =
         # Every output is renamed into place whole or removed on the way out (outputs.py), and the train
         # stage's complete checkpoints stay: the traceback of wherever the signal landed says nothing more.
         # A rank of the stage's own launch was stopped by its launcher: the launching process says it.
-        if not (os.environ.get(REPORTS_ENV) and "RANK" in os.environ):
+        if rank_report() is None:
             console.print(INTERRUPTED if exit_when_done else "[bold yellow]interrupted[/]", highlight=False,
                           soft_wrap=True)  # a stage, or a console command
         sys.exit(130)  # 128 + SIGINT, as a shell reports it
@@ -118,11 +119,10 @@ def run_stage(main: Callable[[list[str] | None], None], argv: list[str] | None =
         exit_at_once()
 
 
-def leave_report(folder: Path, name: str, text: str) -> None:
-    """Write ``text`` to ``folder/name.txt`` whole or not at all (the reader may look at any moment after)."""
-    partial = folder / f".{name}.partial"
-    partial.write_text(text, encoding="utf-8")
-    partial.replace(folder / f"{name}.txt")
+def rank_report() -> Path | None:
+    """Where this process, a rank of the train stage's own launch, leaves its error; None when it is not one."""
+    folder = os.environ.get(REPORTS_ENV)
+    return Path(folder) / f"rank-{os.environ['RANK']}.txt" if folder and "RANK" in os.environ else None
 
 
 # A stage that returned has written its outputs (atomic directories renamed into place, files closed): what the

@@ -16,10 +16,11 @@ import os
 import sys
 from pathlib import Path
 
-from qlorapipe.console import REPORTS_ENV, leave_report
+from qlorapipe.console import REPORTS_ENV
+from qlorapipe.outputs import write_text_atomic
 
 AGENT_LOGGERS = ("torch.distributed.elastic", "torch.distributed.launcher", "torch.distributed.run")
-FIRST_FAILURE = "first-failure"  # the report name of the launcher's line on the rank that failed first
+FIRST_FAILURE = "first-failure.txt"  # the report of the launcher's line on the rank that failed first
 
 
 def how_it_ended(rank: int, exitcode: int, signal_name: str) -> str:
@@ -44,8 +45,8 @@ def main(argv: list[str] | None = None) -> None:
     except ChildFailedError as exc:
         rank, failure = exc.get_first_failure()
         if os.environ.get(REPORTS_ENV):
-            leave_report(Path(os.environ[REPORTS_ENV]), FIRST_FAILURE,
-                         how_it_ended(rank, failure.exitcode, failure.signal_name()))
+            write_text_atomic(Path(os.environ[REPORTS_ENV]) / FIRST_FAILURE,
+                              how_it_ended(rank, failure.exitcode, failure.signal_name()))
         sys.exit(1)
     except SignalException as exc:  # Ctrl-C, or the stage stopped: the ranks were stopped, the stage says so
         sys.exit(128 + exc.sigval)

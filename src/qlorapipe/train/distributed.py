@@ -123,14 +123,14 @@ def failure_message(num_processes: int, status: int, reports: Path) -> str:
     the line then says which rank failed first and how (killed by a signal, an exit status).
     """
     by_message: dict[str, list[str]] = {}
-    for report in sorted(reports.glob("rank-*.txt"), key=lambda p: int(p.stem.split("-")[1])):
-        by_message.setdefault(report.read_text(encoding="utf-8"), []).append(report.stem.split("-")[1])
+    for report in sorted(reports.glob("rank-*.txt"), key=lambda p: int(p.stem.removeprefix("rank-"))):
+        by_message.setdefault(report.read_text(encoding="utf-8"), []).append(report.stem.removeprefix("rank-"))
     if len(by_message) == 1:
         return next(iter(by_message))
     if by_message:
         return "; ".join(f"rank{'s' * (len(ranks) > 1)} {' and '.join(ranks)}: {message}"
                          for message, ranks in by_message.items())
-    first = reports / f"{FIRST_FAILURE}.txt"
+    first = reports / FIRST_FAILURE
     how = first.read_text(encoding="utf-8") if first.exists() else f"the launcher exited with status {status}"
     return f"the {num_processes} training processes failed: {how}; any message of its own is above"
 

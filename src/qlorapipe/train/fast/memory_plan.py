@@ -129,8 +129,8 @@ def plan_uncheckpointed_layers(model, params: AccelerationParams, batch, device,
         return kept
     every_block = None
     if "host_kept_layers" in autos:  # first: blocks kept on the GPU then fill what its copies leave of the budget
-        host_kept, timed = plan_host_kept_layers(model, inputs, labels, params, device, cuda_graphs)
-        every_block = None if host_kept else timed.get("every_block_peak_gb")  # the same step: not measured twice
+        _, timed = plan_host_kept_layers(model, inputs, labels, params, device, cuda_graphs)
+        every_block = timed.get("every_block_peak_gb")  # its step with every block on the GPU: not measured twice
     if "uncheckpointed_layers" not in autos:
         return uncheckpointed_count(model)
     kept, measured = fit_uncheckpointed_layers(model, inputs, labels, params.memory_budget_gb, device, cuda_graphs,
@@ -547,8 +547,8 @@ def fit_host_kept_layers(model, inputs: dict, labels, budget_gb: float | None, d
     Returns:
         (N, measured): the count kept and, for the log, ``seconds`` and ``peak_gb`` by count tried,
         ``host_gb`` by count (pinned copies), ``budget_gb``, ``candidates`` (checkpointed blocks),
-        ``every_block_peak_gb`` (inf: out of memory; absent when not measured); or ``why_none``; empty
-        when not on CUDA or nothing is checkpointed.
+        ``every_block_peak_gb`` (inf: out of memory; absent when not measured, or when a count was kept,
+        which makes that step another); or ``why_none``; empty when not on CUDA or nothing is checkpointed.
     """
     if device.type != "cuda":
         return 0, {}
@@ -617,6 +617,7 @@ def fit_host_kept_layers(model, inputs: dict, labels, budget_gb: float | None, d
     count = best[0] if best[1] <= (1 - HOST_KEPT_MIN_GAIN) * baseline else 0
     if count:
         offload.keep_in_host_memory(model, device, count)
+        measured.pop("every_block_peak_gb", None)  # measured without host-kept blocks: not this model's step now
     else:
         measured["why_none"] = f"no count was {HOST_KEPT_MIN_GAIN:.0%} faster than recomputing every block"
     measured["kept"] = count
