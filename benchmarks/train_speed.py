@@ -458,7 +458,10 @@ def ours_variants(case: str, n_layers: int) -> list[tuple[str, AccelerationParam
                 *[(f"ours, defaults{host} + memory_budget_gb={D_PEER_PEAK_GB}",
                    replace(DEFAULT, memory_budget_gb=D_PEER_PEAK_GB, host_kept_layers=n))
                   for n, host in ((0, " + host_kept_layers=0"), ("auto", ""))],
-                *recomputing]
+                *recomputing,
+                # host-kept blocks beside offloaded inputs, which auto does not try: under 39.84 GB?
+                *[(f"ours, every block checkpointed + offload + host_kept_layers={n}",
+                   replace(OFFLOADED, host_kept_layers=n)) for n in (10, 20)]]
     variants = [("ours, all levers off (before)", ALL_OFF)]
     if case == "A":
         variants += [(f"ours + {name} only", replace(ALL_OFF, **{name: True}))
