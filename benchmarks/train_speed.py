@@ -526,18 +526,10 @@ def run_ours(label: str, params: AccelerationParams, model, compute_dtype, case:
         applied = fast.apply(model, params, device, compute_dtype)
         inputs = {"input_ids": first, "use_cache": False}
         graphs = params.cuda_graphs and not label.endswith(EAGER_PROBE)
-        every_block = None  # a step with every block on the GPU the first planner measured (memory_plan's rule)
-        if params.host_kept_layers == "auto":  # as the train stage plans it, on its first micro-batch: first
-            kept, measured = memory_plan.fit_host_kept_layers(
-                model, inputs, first, params.memory_budget_gb, device, cuda_graphs=graphs,
-                every_block_may_fit=params.uncheckpointed_layers == "auto")
-            applied.append(f"host_kept_layers=auto: {kept} kept, timed {json.dumps(measured)}")
-            every_block = measured.get("every_block_peak_gb")
-        if params.uncheckpointed_layers == "auto":
-            kept, measured = memory_plan.fit_uncheckpointed_layers(
-                model, inputs, first, params.memory_budget_gb, device, cuda_graphs=graphs,
-                every_block_peak_gb=every_block)
-            applied.append(f"uncheckpointed_layers=auto: {kept} kept, probe {json.dumps(measured)}")
+        # The planners as the train stage runs them, on its first micro-batch.
+        plans = memory_plan.fit_on_gpu(model, inputs, first, params, device, cuda_graphs=graphs)
+        applied += [f"{name}=auto: {kept} kept, {'timed' if name == 'host_kept_layers' else 'probe'} "
+                    f"{json.dumps(measured)}" for name, (kept, measured) in plans.items()]
         return applied
 
     optimizer = fast.training_params(TrainingParams(optimizer="paged_adamw_8bit"), params, device).optimizer

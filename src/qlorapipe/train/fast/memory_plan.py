@@ -5,7 +5,8 @@
 ``fit_on_host`` counts what one forward pass saves for the backward pass per block and keeps
 as many blocks as fit in a share of the host memory available. With ``host_kept_layers: auto``,
 ``fit_host_kept_layers`` first times steps with some checkpointed blocks kept in host memory instead
-(CUDA). ``plan_uncheckpointed_layers`` is what the train stage calls: both, each with its log line.
+(CUDA). ``plan_uncheckpointed_layers`` is what the train stage calls: both, each with its log line
+(on CUDA through ``fit_on_gpu``, which runs them in order and which the speed benchmark calls too).
 """
 
 from __future__ import annotations
@@ -127,14 +128,10 @@ def plan_uncheckpointed_layers(model, params: AccelerationParams, batch, device,
                         kept, measured["n_blocks"], measured["per_block_bytes"] / 1e9, measured["rest_bytes"] / 1e9,
                         measured["room_bytes"] / 1e9, 100 * HOST_SHARE)
         return kept
-    every_block = None
-    if "host_kept_layers" in autos:  # first: blocks kept on the GPU then fill what its copies leave of the budget
-        _, timed = plan_host_kept_layers(model, inputs, labels, params, device, cuda_graphs)
-        every_block = timed.get("every_block_peak_gb")  # its step with every block on the GPU: not measured twice
-    if "uncheckpointed_layers" not in autos:
+    plans = fit_on_gpu(model, inputs, labels, params, device, cuda_graphs)
+    if "uncheckpointed_layers" not in plans:
         return uncheckpointed_count(model)
-    kept, measured = fit_uncheckpointed_layers(model, inputs, labels, params.memory_budget_gb, device, cuda_graphs,
-                                               every_block_peak_gb=every_block)
+    kept, measured = plans["uncheckpointed_layers"]
     if measured and measured["peak_all_checkpointed_gb"] is None:  # every block kept fitted: nothing else measured
         logger.info("uncheckpointed_layers: auto keeps all %d blocks (%.2f GB; budget %.2f GB%s)", kept,
                     measured["peak_gb"], measured["budget_gb"],
@@ -154,6 +151,24 @@ def plan_uncheckpointed_layers(model, params: AccelerationParams, batch, device,
                            "%.2f GB (acceleration.memory_budget_gb)", measured["peak_gb"],
                            " and their inputs offloaded" if measured.get("offloaded") else "", measured["budget_gb"])
     return kept
+
+
+def fit_on_gpu(model, inputs: dict, labels, params: AccelerationParams, device,
+               cuda_graphs: bool = False) -> dict[str, tuple[int, dict]]:
+    """The CUDA planners ``params`` asks for (``auto``), in the train stage's order: (count kept, measured) by name.
+
+    ``host_kept_layers`` first (``plan_host_kept_layers``, logged): blocks kept on the GPU then fill what its
+    copies leave of the budget (``fit_uncheckpointed_layers``), which takes the step with every block on the
+    GPU that the first measured instead of measuring it twice.
+    """
+    plans: dict[str, tuple[int, dict]] = {}
+    if params.host_kept_layers == "auto":
+        plans["host_kept_layers"] = plan_host_kept_layers(model, inputs, labels, params, device, cuda_graphs)
+    if params.uncheckpointed_layers == "auto":
+        every_block = plans.get("host_kept_layers", (0, {}))[1].get("every_block_peak_gb")
+        plans["uncheckpointed_layers"] = fit_uncheckpointed_layers(
+            model, inputs, labels, params.memory_budget_gb, device, cuda_graphs, every_block_peak_gb=every_block)
+    return plans
 
 
 def plan_host_kept_layers(model, inputs: dict, labels, params: AccelerationParams, device,
