@@ -884,16 +884,19 @@ def test_auto_host_kept_layers_keeps_none_without_a_gain_room_or_anything_recomp
     calls = _timed_gpu(monkeypatch, model, slow, peak=lambda on_gpu, in_host: math.inf if on_gpu else 6.0)
     kept, measured = _fit_host_kept(model, 10.0)
     assert kept == 0 and offload.host_kept(model) == 0 and [c[1] for c in calls] == [0, 0, 8, 10, 16]
-    assert measured["why_none"] == "no count was 2% faster than recomputing every block"
+    assert measured["why_none"] == "no count within the budget was 2% faster than recomputing every block"
     # Within unsloth's peak at the 7B shape: a block's copies in flight do not fit (5.60 GB against 5.52).
     calls = _timed_gpu(monkeypatch, model, {0: 0.352, 8: 0.338}, peak=lambda on_gpu, in_host: (
         math.inf if on_gpu else 5.09 + (0.51 if in_host else 0)))
     assert _fit_host_kept(model, 5.52)[0] == 0 and [c[1] for c in calls] == [0, 0, 8]
-    # Recomputing every block is already above the budget: nothing timed (the other planner offloads inputs).
+    # Recomputing every block is above the budget even with their inputs offloaded: nothing more timed, and the
+    # offloading undone (the other planner offloads by its own measurements).
     calls = _timed_gpu(monkeypatch, model, slow, peak=lambda on_gpu, in_host: math.inf if on_gpu else 6.06)
     kept, measured = _fit_host_kept(model, 5.52)
-    assert kept == 0 and calls == [(32, 0, 0), (0, 0, 3)]
-    assert measured["why_none"] == "the step recomputing every checkpointed block is above the budget"
+    assert kept == 0 and calls == [(32, 0, 0), (0, 0, 3), (0, 0, 3)] and not offload.offloaded(model)
+    assert measured["why_none"] == ("the step recomputing every checkpointed block is above the budget, with their "
+                                    "inputs offloaded too")
+    assert measured["offloaded"] is False and measured["peak_not_offloaded_gb"] == 6.06
     # Every block fits on the GPU: one step, nothing timed.
     calls = _timed_gpu(monkeypatch, model, slow, peak=lambda on_gpu, in_host: 19.1)
     kept, measured = _fit_host_kept(model, 20.0)
@@ -948,6 +951,50 @@ def test_the_two_planners_measure_the_step_with_every_block_on_the_gpu_once(monk
     assert kept == checkpointing.uncheckpointed_count(model) == kept_on_gpu and offload.host_kept(model) == 0
     assert [(on_gpu, in_host) for on_gpu, in_host, _ in calls] == steps
     fast.remove(model)
+
+
+def test_auto_host_kept_layers_times_its_counts_beside_offloaded_inputs_when_recomputing_is_above_the_budget(
+        monkeypatch):
+    # The 70B shape on an H100: recomputing every block 41.99 GB, with their inputs offloaded 39.41 GB, with
+    # host-kept blocks beside that about 0.6 GB more (their copies in flight); 20 of 80 ran 1.07x.
+    model = _BlocksModel(80)
+
+    def peak(on_gpu, in_host):
+        if not offload.offloaded(model):
+            return math.inf if on_gpu else 41.99
+        return 39.41 + (0.6 if in_host else 0.0) + 0.42 * on_gpu
+
+    seconds = {0: 1.416, 20: 1.337, 26: 1.31, 40: 1.28}
+    calls = _timed_gpu(monkeypatch, model, seconds, peak=peak)
+    kept, measured = _fit_host_kept(model, 41.0)
+    assert kept == 40 and offload.host_kept(model) == 40 and offload.offloaded(model)
+    assert calls == [(80, 0, 0), (0, 0, 3), (0, 0, 3), (0, 20, 3), (0, 26, 3), (0, 40, 3)]
+    assert measured["offloaded"] is True and measured["peak_not_offloaded_gb"] == 41.99
+    assert measured["seconds"] == seconds and measured["peak_gb"] == {0: 39.41, 20: 40.01, 26: 40.01, 40: 40.01}
+    # The GPU planner goes on from there: the inputs stay offloaded, and two blocks fit beside the copies.
+    ids = torch.ones(3)
+    on_gpu, fitted = memory_plan.fit_uncheckpointed_layers(model, {"input_ids": ids}, ids, 41.0,
+                                                           torch.device("cuda", 0))
+    assert on_gpu == 2 and fitted["peak_gb"] == 40.85 and "offloaded" not in fitted and offload.offloaded(model)
+    fast.remove(model)
+    assert not offload.offloaded(model) and offload.host_kept(model) == 0
+
+    # Within unsloth's 39.84 GB no count fits beside the offloaded inputs: none kept, the offloading undone.
+    model = _BlocksModel(80)
+    calls = _timed_gpu(monkeypatch, model, seconds, peak=peak)
+    kept, measured = _fit_host_kept(model, 39.84)
+    assert kept == 0 and not offload.offloaded(model) and offload.host_kept(model) == 0
+    assert calls == [(80, 0, 0), (0, 0, 3), (0, 0, 3), (0, 20, 3)] and measured["offloaded"] is False
+    assert measured["why_none"] == ("no count within the budget was 2% faster than recomputing every block (their "
+                                    "inputs offloaded)")
+    # Offloaded by the user (offload_checkpoints): timed as it is, and left so.
+    model = _BlocksModel(80)
+    calls = _timed_gpu(monkeypatch, model, seconds, peak=peak)
+    assert offload.offload_checkpoints(model, torch.device("cuda", 0))
+    kept, measured = _fit_host_kept(model, 41.0)
+    assert kept == 40 and calls[1] == (0, 0, 3) and calls[2] == (0, 20, 3) and "offloaded" not in measured
+    fast.remove(model)
+    assert not offload.offloaded(model)
 
 
 def test_auto_host_kept_layers_tries_one_block_of_three_and_tells_errors_from_running_out(monkeypatch):

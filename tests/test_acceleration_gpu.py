@@ -616,6 +616,41 @@ def test_auto_host_kept_layers_times_real_steps_and_leaves_no_trace(six_block_qw
     assert recomputed_loss == loss and torch.equal(recomputed_grads, grads)
 
 
+def test_auto_host_kept_layers_times_beside_offloaded_inputs_when_recomputing_is_over_the_budget(six_block_qwen2_dir,
+                                                                                             monkeypatch):
+    monkeypatch.setattr(offload, "MIN_BYTES", 0)  # the tiny model's tensors are small
+    monkeypatch.setattr(memory_plan, "HOST_KEPT_MIN_GAIN", -1.0)  # keep the fastest count tried, whatever it gained
+    device = torch.device("cuda")
+    model, _ = _tiny_lora(six_block_qwen2_dir, AccelerationParams(uncheckpointed_layers=0), dropout=0.1)
+    layers = checkpointing.decoder_layers(model)
+    ids = torch.randint(4, 300, (8, 1024), device=device, generator=torch.Generator(device).manual_seed(5))
+    inputs = {"input_ids": ids, "use_cache": False}
+    _step_peak_gb(model, inputs, ids)
+    recomputing = _step_peak_gb(model, inputs, ids)
+    assert offload.offload_checkpoints(model, device)
+    offloaded = _step_peak_gb(model, inputs, ids)
+    for layer in layers:
+        offload.remove(layer)
+    assert offloaded < recomputing
+    budget = offloaded + (recomputing - offloaded) / 2  # the step recomputing every block does not fit
+    model.eval()
+    cuda_state, cpu_state = torch.cuda.get_rng_state(), torch.get_rng_state()
+    kept, measured = memory_plan.fit_host_kept_layers(model, inputs, ids, budget, device, every_block_may_fit=False)
+    assert torch.equal(torch.cuda.get_rng_state(), cuda_state) and torch.equal(torch.get_rng_state(), cpu_state)
+    assert all(p.grad is None for p in model.parameters()) and not model.training
+    assert measured["peak_not_offloaded_gb"] == pytest.approx(recomputing, abs=2e-3), measured
+    assert measured["peak_gb"][0] == pytest.approx(offloaded, abs=2e-3)  # timed again, offloaded
+    assert kept == measured["kept"] == offload.host_kept(model)
+    # The offloading stays with a count kept (whose peak fitted), and is undone without one.
+    assert measured["offloaded"] is bool(kept) and offload.offloaded(model) is bool(kept)
+    if kept:
+        assert measured["peak_gb"][kept] <= budget
+        model.train()
+        assert _step_peak_gb(model, inputs, ids) <= budget + 2e-3  # a real step as planned
+    fast.remove(model)
+    assert not offload.offloaded(model) and offload.host_kept(model) == 0
+
+
 def test_the_train_stage_plans_host_kept_blocks_by_timing_and_reports_them(tmp_path, six_block_qwen2_dir, corpus_file,
                                                                          monkeypatch, caplog):
     import json
