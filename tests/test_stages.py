@@ -106,8 +106,8 @@ def test_train_writes_a_peft_adapter_metrics_curves_and_log(run):
     assert set(metrics) == {"train_loss", "eval_loss", "steps", "tokens_trained", "tokens_per_second",
                             "train_seconds", "wall_seconds", "trainable_params", "total_params", "compute_dtype",
                             "device", "best_step", "stopped_early", "resumed_from_step", "cuda_graph_replays",
-                            "uncheckpointed_layers", "host_kept_layers", "environment", "num_processes",
-                            "global_batch_size", "seconds", "loop_seconds"} | _memory_keys()
+                            "uncheckpointed_layers", "host_kept_layers", "offload_checkpoints", "environment",
+                            "num_processes", "global_batch_size", "seconds", "loop_seconds"} | _memory_keys()
     # Where the stage's time went: each phase, the optimizer steps inside the loop, all within the wall time.
     assert set(metrics["seconds"]) == {"start", "load", "lora", "plan", "loop", "save"}
     assert metrics["seconds"]["loop"] >= metrics["train_seconds"]
@@ -122,7 +122,7 @@ def test_train_writes_a_peft_adapter_metrics_curves_and_log(run):
     assert metrics["num_processes"] == 1 and metrics["global_batch_size"] == 4
     # auto: both tiny blocks fit in 90% of a GPU's memory, and on the CPU in half the host memory available.
     assert metrics["uncheckpointed_layers"] == 2
-    assert metrics["host_kept_layers"] == 0  # a CUDA lever
+    assert metrics["host_kept_layers"] == 0 and metrics["offload_checkpoints"] is False  # CUDA levers
     assert metrics["trainable_params"] > 0 and metrics["total_params"] > metrics["trainable_params"]
     history = (run["metrics"] / "train_history.csv").read_text().splitlines()
     assert history[0] == "step,epoch,train_loss,eval_loss,learning_rate"

@@ -142,6 +142,7 @@ def run(sections: Sections, base_dir: Path, data_dir: Path, out: Outputs, relaun
     uncheckpointed = fast.plan_uncheckpointed_layers(model, sections.acceleration, train_set[first], device,
                                                      world.num_processes, cuda_graphs=graphed is not None)
     host_kept = fast.host_kept(model)  # blocks whose activations wait in host memory (host_kept_layers)
+    offloaded = fast.offloaded(model)  # the recomputed blocks' inputs wait there (set, or chosen by the planners)
     clock.lap("plan")
     trainable, total = modeling.parameter_counts(model)
     header = [f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}",
@@ -220,6 +221,7 @@ def run(sections: Sections, base_dir: Path, data_dir: Path, out: Outputs, relaun
         "cuda_graph_replays": graphed.replays if graphed is not None else 0,
         "uncheckpointed_layers": uncheckpointed,
         "host_kept_layers": host_kept,
+        "offload_checkpoints": offloaded,
         "environment": modeling.environment_record(device),
     }
     write_json(out.metrics, metrics)

@@ -49,9 +49,10 @@ from qlorapipe.train.fast import (
 )
 from qlorapipe.train.fast.cuda_graphs import graphed_step
 from qlorapipe.train.fast.memory_plan import plan_uncheckpointed_layers
-from qlorapipe.train.fast.offload import host_kept
+from qlorapipe.train.fast.offload import host_kept, offloaded
 
-__all__ = ["apply", "graphed_step", "host_kept", "plan_uncheckpointed_layers", "remove", "training_params"]
+__all__ = ["apply", "graphed_step", "host_kept", "offloaded", "plan_uncheckpointed_layers", "remove",
+           "training_params"]
 
 logger = logging.getLogger(__name__)
 
