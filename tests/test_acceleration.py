@@ -956,7 +956,7 @@ def test_the_two_planners_measure_the_step_with_every_block_on_the_gpu_once(monk
 def test_auto_host_kept_layers_times_its_counts_beside_offloaded_inputs_when_recomputing_is_above_the_budget(
         monkeypatch):
     # The 70B shape on an H100: recomputing every block 41.99 GB, with their inputs offloaded 39.41 GB, with
-    # host-kept blocks beside that about 0.6 GB more (their copies in flight); 20 of 80 ran 1.07x.
+    # host-kept blocks beside that about 0.6 GB more (their copies in flight); 20 of 80 ran 1.06x the budget row.
     model = _BlocksModel(80)
 
     def peak(on_gpu, in_host):
