@@ -129,7 +129,6 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=50)
     parser.add_argument("--out", type=Path, default=Path("bench-out/matmuls"))
     args = parser.parse_args()
-    torch.backends.cuda.matmul.allow_tf32 = True
     reference_ms = reference(args.reps)
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "reference_8192_cube": {"ms": round(reference_ms, 4),
