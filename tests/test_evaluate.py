@@ -136,7 +136,26 @@ def test_scores_by_hand():
     same = tasks.scores(["the cat sat on the mat"], ["the cat sat on the mat"])
     assert (same["exact_match"], same["rouge_l"], same["bleu"], same["chrf"]) == (1, 1, 100, 100)
     near = tasks.scores(["the cat sat on the red mat"], ["the cat sat on the mat"])
-    assert 0 < near["bleu"] < 100 and 0 < near["chrf"] < 100 and near["exact_match"] == 0
+    assert near["exact_match"] == 0
+    # BLEU: clipped 1- to 4-gram precisions 6/7, 4/6, 3/5, 2/4, no brevity penalty (7 words against 6)
+    assert near["bleu"] == pytest.approx(100 * (6 / 7 * 4 / 6 * 3 / 5 * 2 / 4) ** 0.25, abs=1e-3)
+    assert near["chrf"] == pytest.approx(_chrf("the cat sat on the red mat", "the cat sat on the mat"), abs=1e-3)
+
+
+def _chrf(answer: str, reference: str, order: int = 6, beta: float = 2.0) -> float:
+    """chrF by its definition (Popovic 2015): character 1- to 6-gram precision and recall, spaces removed,
+    each averaged over the orders, then their F-beta score with recall weighted beta times."""
+    from collections import Counter
+
+    answer, reference = answer.replace(" ", ""), reference.replace(" ", "")
+    precision = recall = 0.0
+    for n in range(1, order + 1):
+        got = Counter(answer[i:i + n] for i in range(len(answer) - n + 1))
+        want = Counter(reference[i:i + n] for i in range(len(reference) - n + 1))
+        matched = sum((got & want).values())
+        precision += matched / sum(got.values()) / order
+        recall += matched / sum(want.values()) / order
+    return 100 * (1 + beta ** 2) * precision * recall / (beta ** 2 * precision + recall)
 
 
 def test_gates_fail_the_stage_and_write_nothing(project):

@@ -90,7 +90,8 @@ def test_text_mode_answers_with_the_adapter_on_the_4bit_base(project):
 def test_demo_mode_answers_every_params_prompt(project):
     out = _run(["--base", str(project["base"]), "--adapter", str(project["chat"]), "--mode", "demo",
                 "--params", str(project["params"]), *GREEDY])
-    assert [line for line in out.splitlines() if line.startswith("###")] == ["### Python is", "### The with statement"]
+    prompts = ["Python is", "The with statement"]
+    assert out == "".join(f"### {p}\n{_greedy_reference(project['base'], project['chat'], p, 6)}\n\n" for p in prompts)
 
 
 def test_merged_model_directory_loads_without_an_adapter(project, tmp_path, monkeypatch):
@@ -156,12 +157,21 @@ def test_compare_mode_prints_each_adapters_answer_to_the_same_prompts(project):
     out = _run(["--base", str(project["base"]), "--adapter", f"chat={project['chat']}",
                 "--adapter", f"code={project['code']}", "--mode", "compare", "--params", str(project["params"]),
                 *GREEDY])
-    lines = out.splitlines()
-    assert lines[0] == "### Python is"
-    assert [line.split(":")[0].strip() for line in lines[1:4]] == ["base", "chat", "code"]
-    assert lines[2].split(": ", 1)[1] == " ".join(
-        _greedy_reference(project["base"], project["chat"], "Python is", 6).split())
-    assert lines[5] == "### The with statement"
+    import torch
+    from transformers import AutoTokenizer
+
+    from qlorapipe import modeling
+    from qlorapipe.params import QuantizationParams
+
+    base_alone, _ = modeling.load_base_model(project["base"], QuantizationParams(), torch.device("cpu"))
+    tokenizer = AutoTokenizer.from_pretrained(project["base"])
+    expected = []
+    for prompt in ("Python is", "The with statement"):
+        answers = {"base": _greedy(base_alone, tokenizer, prompt, 6),
+                   **{name: _greedy_reference(project["base"], project[name], prompt, 6) for name in ("chat", "code")}}
+        assert len(set(answers.values())) == 3  # each row can only be right by coming from its own model
+        expected += [f"### {prompt}", *(f"{name}: {' '.join(text.split())}" for name, text in answers.items()), ""]
+    assert out.splitlines() == expected
 
 
 def test_sampling_flags_change_the_answer_and_are_checked(project):
