@@ -63,6 +63,16 @@ def test_text_document_mode_is_one_example_per_document_trained_everywhere(tok):
     assert example.input_ids == ids and example.labels == ids
 
 
+def test_max_documents_keeps_the_first_distinct_documents_after_blanks_and_duplicates(tok):
+    texts = ["First document.", "  ", "First document.", "Second one.", "Third one.", "Fourth one."]
+    docs, counts = examples.text_documents(records(*({"text": t} for t in texts)), tok, DataParams(max_documents=2))
+    assert [d.input_ids for d in docs] == [enc(tok, t) + [EOS] for t in ("First document.", "Second one.")]
+    assert (counts.records, counts.empty_skipped, counts.duplicates, counts.examples) == (6, 1, 1, 2)
+    rows = [{"instruction": f"Q{i}.", "output": f"A{i}."} for i in (1, 1, 2, 3)]
+    built, counts = build(rows, tok, format="instruction", max_documents=2)
+    assert [b.where for b in built] == ["rows.jsonl:1", "rows.jsonl:3"] and counts.duplicates == 1
+
+
 def test_alpaca_instruction_masks_the_prompt_and_trains_answer_and_eos(tok):
     (example,), _ = build([{"instruction": "Define a list.", "output": "A sequence."}], tok, format="instruction")
     prompt = enc(tok, "### Instruction:\nDefine a list.\n\n### Answer:\n")

@@ -142,9 +142,14 @@ def test_a_failure_costs_nothing_the_last_good_run_stays_or_comes_back(project):
     def learning_rate(value) -> str:
         return changed("training", "learning_rate", value)
 
+    # A key params.yaml does not have: DVC itself refuses the override, before any stage.
+    result = run_cmd(DVC + ["exp", "run", "-S", "lora.rnak=4"], project, check=False)
+    assert result.returncode != 0 and "Could not override 'lora.rnak'" in result.stdout + result.stderr
+    assert "Running stage" not in result.stdout and params_file.read_text() == good
+
     params_file.write_text(learning_rate(-1))
     result = run_cmd(DVC + ["repro"], project, check=False)
-    assert result.returncode != 0
+    assert result.returncode == 255  # DVC's own status for a failed stage (the stage exits with 1)
     assert "training.learning_rate must be positive, got -1.0" in result.stdout + result.stderr
     assert "Running stage 'train'" not in result.stdout
     assert {rel: (project / rel).read_bytes() for rel in kept} == before  # nothing was deleted or rewritten

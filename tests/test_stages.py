@@ -212,6 +212,28 @@ def test_export_writes_model_tokenizer_and_card(run):
         assert needle in card
 
 
+def test_export_max_shard_size_splits_the_model_into_shards_holding_the_same_tensors(run, tmp_path):
+    import torch
+    import yaml
+    from safetensors.torch import load_file
+
+    params = yaml.safe_load(run["params"].read_text())
+    params["export"].update({"formats": ["safetensors"], "max_shard_size": "100KB"})
+    out = tmp_path / "sharded"
+    load_stage("export").main(["--params", str(write_params(tmp_path / "params.yaml", params)),
+                               "--merged", str(run["merged"]), "--base", str(run["base"]),
+                               "--adapter", str(run["adapter"]), "--data", str(run["prepared"]), "--out", str(out),
+                               "--metrics", str(tmp_path / "export.json"), "--card", str(run["metrics"] / "card.json")])
+    shards = sorted(out.glob("*.safetensors"))
+    assert len(shards) > 2 and all(s.stat().st_size <= 100 * 1000 * 2 for s in shards)  # one tensor may overfill
+    index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    assert sorted(set(index.values())) == [s.name for s in shards]
+    whole = load_file(run["export"] / "model.safetensors")
+    parts = {name: tensor for shard in shards for name, tensor in load_file(shard).items()}
+    assert sorted(parts) == sorted(whole) == sorted(index)
+    assert all(torch.equal(parts[name], whole[name]) for name in whole)
+
+
 def test_a_failing_stage_leaves_no_output_behind(tmp_path, tiny_llama_dir, corpus_file):
     params = write_params(tmp_path / "params.yaml", tiny_params(tiny_llama_dir, corpus_file, **{
         "data.max_length": 100000}))

@@ -331,3 +331,14 @@ def test_a_resumed_stream_of_micro_batches_continues_where_it_stopped():
     expected = [next(full)[1].tolist() for _ in range(11)]
     resumed = training.micro_batches(10, 3, seed=5, start=6)
     assert [next(resumed)[1].tolist() for _ in range(5)] == expected[6:]
+
+
+def test_without_max_steps_the_step_count_comes_from_epochs_over_the_micro_batches():
+    def steps(**params):
+        return training.total_steps(parse_section("training", params), n_train=10)
+
+    # 10 rows in micro-batches of 4: 3 micro-batches an epoch (the last one short), 2 to an optimizer step
+    assert steps(max_steps=0, epochs=2, per_device_batch_size=4, gradient_accumulation_steps=2) == 3
+    assert steps(max_steps=0, epochs=3, per_device_batch_size=4, gradient_accumulation_steps=1) == 9
+    assert steps(max_steps=0, epochs=0.2, per_device_batch_size=4, gradient_accumulation_steps=16) == 1  # at least one
+    assert steps(max_steps=7, epochs=3, per_device_batch_size=4, gradient_accumulation_steps=1) == 7
