@@ -734,7 +734,10 @@ class _RecordingOffload:
 
     def hooks(self, block):
         def pack(tensor):
-            self.packed.append((block, tuple(tensor.shape)))
+            # Empty tensors are not recorded: on a machine with a GPU (seen on an H100's host) torch's checkpoint
+            # also saves an empty placeholder per block, and the real hooks leave anything under MIN_BYTES alone.
+            if tensor.numel():
+                self.packed.append((block, tuple(tensor.shape)))
             return tensor.detach().clone()
 
         return torch.autograd.graph.saved_tensors_hooks(pack, lambda copy: copy)
