@@ -29,6 +29,48 @@ def test_a_killed_writers_leftovers_are_removed_by_the_next_write(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [".other.tmp-keep", "eval.json", "prepared"]
 
 
+def test_a_replaced_output_stays_whole_until_the_new_one_is_in_place(tmp_path, monkeypatch):
+    with atomic_dir(tmp_path / "adapter") as out:
+        (out / "weights").write_text("old")
+    with atomic_dir(tmp_path / "adapter") as out:
+        (out / "weights").write_text("new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]  # the old one moved aside, then deleted
+    assert (tmp_path / "adapter/weights").read_text() == "new"
+    real_replace = os.replace
+
+    def failing_rename(src, dst):  # the new output cannot be renamed in (e.g. another process holds the path)
+        if Path(src).name.startswith(".adapter.tmp-") and Path(dst) == tmp_path / "adapter":
+            raise OSError(16, "Device or resource busy")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", failing_rename)
+    with pytest.raises(OSError, match="busy"):
+        with atomic_dir(tmp_path / "adapter") as out:
+            (out / "weights").write_text("newer")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]  # the old output is back, no temporary left
+    assert (tmp_path / "adapter/weights").read_text() == "new"
+
+
+def test_a_figure_is_written_whole_with_the_same_bytes_for_the_same_figure(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from qlorapipe.outputs import save_figure_atomic
+
+    (tmp_path / ".curves.png.tmp-k1ll3d.png").write_bytes(b"\x89PNG half")  # what a killed save leaves
+    pngs = []
+    for _ in range(2):
+        fig, ax = plt.subplots()
+        ax.plot([1, 2, 3])
+        save_figure_atomic(fig, tmp_path / "curves.png")
+        assert not plt.fignum_exists(fig.number)  # closed
+        pngs.append((tmp_path / "curves.png").read_bytes())
+    assert pngs[0] == pngs[1] and pngs[0].startswith(b"\x89PNG")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["curves.png"]
+
+
 def test_outputs_are_readable_by_others_as_the_umask_allows(tmp_path):
     old = os.umask(0o022)
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import signal
@@ -293,7 +294,8 @@ def test_a_checkpoint_is_written_in_the_background_with_the_values_it_was_saved_
 
     monkeypatch.setattr(checkpoints, "_write_snapshot", failing_write)
     store.save(2, model, optimizer, {"note": "two"}, best=None)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(UserError, match=r"checkpoint .*step-000002 could not be written \(\[Errno 28\] No space "
+                                        r"left on device\): free disk space or point --checkpoints elsewhere"):
         store.wait()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000001"]
     store.wait()  # raised once
@@ -318,6 +320,26 @@ def test_a_diverging_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoi
     latest = store.latest()
     assert latest.step == step - 1 and str(latest.path) in str(error.value)
     assert all(torch.isfinite(t).all() for t in latest.adapter().values())
+
+
+@pytest.mark.parametrize("max_grad_norm", [0.0, 1.0])
+def test_infinite_gradients_under_a_finite_loss_stop_before_the_optimizer_step(prepared, tmp_path, max_grad_norm):
+    """A float16 backward can overflow while the loss stays finite: the step is refused, not applied as NaN."""
+    params = _training(max_steps=6, eval_every_steps=10, checkpoint_every_steps=1, max_grad_norm=max_grad_norm,
+                       gradient_accumulation_steps=2)
+    model, train_set, eval_set = _model_and_data(prepared)
+    calls = []
+    lora_b = next(p for n, p in model.named_parameters() if "lora_B" in n)
+    # the fourth step's second micro-batch: an infinite gradient, the loss untouched
+    lora_b.register_hook(lambda grad: calls.append(1) or (grad * math.inf if len(calls) == 8 else grad))
+    store = checkpoints.CheckpointStore(tmp_path, params.checkpoint_every_steps, "run")
+    with pytest.raises(UserError, match=r"^the gradients' norm became (nan|inf) \(loss \d+\.\d{4}\) at step 4; "
+                                        r"likely cause: a learning rate too high") as error:
+        training.train(model, train_set, eval_set, params, CPU, checkpoints=store)
+    latest = store.latest()
+    assert latest.step == 3 and str(latest.path) in str(error.value)
+    assert all(torch.isfinite(t).all() for t in latest.adapter().values())
+    assert all(torch.isfinite(p).all() for p in model.parameters() if p.requires_grad)  # no step applied
 
 
 def test_the_divergence_message_blames_float16_when_it_computed_in_float16():

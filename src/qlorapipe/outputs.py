@@ -62,14 +62,25 @@ def atomic_dir(path: Path) -> Iterator[Path]:
     sweep_leftovers(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     tmp.chmod(0o777 & ~_UMASK)  # mkdtemp makes it private; outputs are ordinary directories
+    aside = None
     try:
         yield tmp
-        if path.exists():
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-        os.replace(tmp, path)
+        if path.exists() or path.is_symlink():
+            # Moved aside first, deleted after: the old output is whole until the new one is in place (deleting
+            # a multi-GB model takes a while, and a deletion that fails halfway would leave part of it).
+            aside = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+            os.replace(path, aside / path.name)
+        try:
+            os.replace(tmp, path)
+        except OSError:
+            if aside is not None:  # the old output goes back where it was
+                os.replace(aside / path.name, path)
+            raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -117,6 +128,30 @@ def write_text_atomic(path: Path, text: str) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def save_figure_atomic(fig, path: Path) -> None:
+    """Save a matplotlib figure as a PNG through a temporary sibling and a rename, then close it.
+
+    Fixed metadata (no Software stamp): the same figure gives the same bytes, so DVC sees no change.
+    """
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        sweep_leftovers(path)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", suffix=".png", dir=path.parent)
+        os.close(fd)
+        try:
+            os.chmod(tmp, 0o666 & ~_UMASK)
+            fig.savefig(tmp, dpi=100, metadata={"Software": None})
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    finally:
+        plt.close(fig)
 
 
 def _non_finite(data: Any, where: str = "") -> str | None:

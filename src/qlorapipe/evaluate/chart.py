@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
+
+from qlorapipe.outputs import save_figure_atomic
 
 # Task figures drawn on one 0-100 axis: shares are shown as percentages.
 TASK_BARS = (("exact_match", "exact match %", 100), ("rouge_l", "ROUGE-L x100", 100), ("bleu", "BLEU", 1),
@@ -45,9 +46,4 @@ def plot_scores(metrics: dict, general_corpus: str | None, path: Path) -> None:
     ax.legend()
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial.png")
-    fig.savefig(partial, dpi=100, metadata={"Software": None})  # fixed metadata: same bytes for the same figures
-    plt.close(fig)
-    os.replace(partial, path)
+    save_figure_atomic(fig, path)

@@ -10,7 +10,7 @@ import math
 from pathlib import Path
 
 from qlorapipe.data import IGNORE_INDEX
-from qlorapipe.outputs import write_text_atomic
+from qlorapipe.outputs import save_figure_atomic, write_text_atomic
 from qlorapipe.params import DataParams
 from qlorapipe.prepare.examples import Counts, Example
 from qlorapipe.prepare.rows import Rows
@@ -57,9 +57,7 @@ def plot_histogram(histogram: list[tuple[int, int]], max_length: int, path: Path
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100, metadata={"Software": None})  # fixed metadata: identical bytes for identical data
-    plt.close(fig)
+    save_figure_atomic(fig, path)
 
 
 def counts_report(counts: Counts, params: DataParams) -> dict:

@@ -179,6 +179,9 @@ def run(sections: Sections, base_dir: Path, data_dir: Path, out: Outputs, relaun
     state_dict = world.adapter_state_dict(model)  # a collective under FSDP: every rank takes part
     if not world.is_main:
         return
+    waiting = time.perf_counter()
+    store.wait()  # the last checkpoint, written in the background: a failed write stops the stage before any output
+    result.checkpoint_seconds += time.perf_counter() - waiting
 
     record = AdapterRecord(base_model=source, data_sha256=directory_digest(data_dir),
                            environment=modeling.environment_record(device), data=sections.data,
@@ -193,9 +196,6 @@ def run(sections: Sections, base_dir: Path, data_dir: Path, out: Outputs, relaun
     clock.lap("save")
     curves.write_history_csv(result.history, out.history)
     curves.plot_training_curves(result.history, out.curves)
-    waiting = time.perf_counter()
-    store.wait()  # the last checkpoint, written in the background meanwhile
-    result.checkpoint_seconds += time.perf_counter() - waiting
     metrics = {
         "train_loss": round(result.final_train_loss, 5),
         "eval_loss": round(result.final_eval_loss, 5),

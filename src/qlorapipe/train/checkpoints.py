@@ -209,7 +209,14 @@ class CheckpointStore:
         self._pending_path: Path | None = None
 
     def due(self, step: int, last: bool) -> bool:
-        """Whether to write a checkpoint after ``step`` (always after the last step, when enabled)."""
+        """Whether to write a checkpoint after ``step`` (always after the last step, when enabled).
+
+        Raises:
+            UserError: the checkpoint written in the background before failed (see ``wait``): said at the
+                step after it failed, not a whole interval later.
+        """
+        if self._pending is not None and self._pending.done() and self._pending.exception() is not None:
+            self.wait()
         return self.every_steps > 0 and (last or step % self.every_steps == 0)
 
     def latest(self) -> Checkpoint | None:
@@ -337,11 +344,17 @@ class CheckpointStore:
         """Return once the checkpoint being written in the background is on disk.
 
         Raises:
-            OSError: what stopped it (its temporary directory is gone, the checkpoint before it kept).
+            UserError: naming what stopped it (an OSError: its temporary directory is gone, the checkpoint
+                before it kept).
         """
         pending, self._pending = self._pending, None
-        if pending is not None:
+        if pending is None:
+            return
+        try:
             pending.result()
+        except OSError as error:
+            raise UserError(f"checkpoint {self._pending_path} could not be written ({error}): free disk space or "
+                            f"point --checkpoints elsewhere (the checkpoint before it is kept)") from error
 
     def settle(self, last: Path | None) -> Path | None:
         """The newest checkpoint on disk once the one being written is done, for a run that stops: ``last`` (the
@@ -349,8 +362,8 @@ class CheckpointStore:
         writing = self._pending_path
         try:
             self.wait()
-        except OSError as error:
-            logger.warning("Checkpoint %s was not written: %s", writing, error)
+        except UserError as error:
+            logger.warning("Checkpoint %s was not written: %s", writing, error.__cause__)
             written = sorted(p for p in self.directory.glob(f"{_PREFIX}*") if (p / STATE_FILE).is_file())
             return written[-1] if written else None
         return last

@@ -6,7 +6,7 @@ import csv
 import io
 from pathlib import Path
 
-from qlorapipe.outputs import write_text_atomic
+from qlorapipe.outputs import save_figure_atomic, write_text_atomic
 
 HISTORY_COLUMNS = ("step", "epoch", "train_loss", "eval_loss", "learning_rate")
 
@@ -43,7 +43,4 @@ def plot_training_curves(history, path: Path) -> None:
     right.set(xlabel="optimizer step", ylabel="learning rate", title="Learning rate")
     right.grid(alpha=0.3)
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    # Fixed metadata keeps the PNG bytes identical for identical curves.
-    fig.savefig(path, dpi=100, metadata={"Software": None})
-    plt.close(fig)
+    save_figure_atomic(fig, path)

@@ -154,8 +154,10 @@ def micro_batches(n_examples: int, batch_size: int, seed: int, start: int = 0):
         epoch += 1
 
 
-def divergence_message(loss: float, step: int, logits_dtype, params: TrainingParams, checkpoint) -> str:
-    """Say at which step the loss stopped being finite, the likely cause, and what is kept."""
+def divergence_message(loss: float, step: int, logits_dtype, params: TrainingParams, checkpoint,
+                       grad_norm: float = math.nan) -> str:
+    """Say at which step the loss (or, the loss finite, the gradients' norm) stopped being finite, the likely
+    cause, and what is kept."""
     import torch
 
     if logits_dtype == torch.float16:
@@ -165,7 +167,9 @@ def divergence_message(loss: float, step: int, logits_dtype, params: TrainingPar
                  f"or add warmup or a lower training.max_grad_norm)")
     kept = (f"the last good checkpoint {checkpoint} is kept" if checkpoint
             else "no checkpoint was written before it (training.checkpoint_every_steps)")
-    return f"the training loss became {loss} at step {step}; likely cause: {cause}; {kept}"
+    what = (f"the training loss became {loss}" if not math.isfinite(loss)
+            else f"the gradients' norm became {grad_norm} (loss {loss:.4f})")
+    return f"{what} at step {step}; likely cause: {cause}; {kept}"
 
 
 def _restore(checkpoint, model, optimizer, scheduler) -> tuple[TrainResult, dict | None]:
@@ -259,12 +263,15 @@ def train(model, train_set, eval_set, params: TrainingParams, device, progress=N
             step_loss += loss.item() / accumulation
             step_tokens += inputs["input_ids"].numel()
         step_loss, step_tokens = processes.mean(step_loss), processes.sum(step_tokens)
-        if not math.isfinite(step_loss):
+        # A finite loss can still give infinite gradients (a float16 backward overflowing): the norm is
+        # checked too (max_grad_norm 0 scales by 1), so that no optimizer step turns the adapter into NaN.
+        grad_norm = (float(processes.clip_grad_norm_(trainable, params.max_grad_norm or math.inf))
+                     if math.isfinite(step_loss) else math.nan)
+        if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
             # Nothing of this step is applied or saved: the last checkpoint stays the last good one.
             last_checkpoint = checkpoints.settle(last_checkpoint) if checkpoints else last_checkpoint
-            raise UserError(divergence_message(step_loss, step, _compute_dtype(inner), params, last_checkpoint))
-        if params.max_grad_norm > 0:
-            processes.clip_grad_norm_(trainable, params.max_grad_norm)
+            raise UserError(divergence_message(step_loss, step, _compute_dtype(inner), params, last_checkpoint,
+                                               grad_norm))
         learning_rate = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
@@ -340,6 +347,7 @@ def _track_best(result: TrainResult, record: StepRecord, model, params: Training
     result.evals_without_improvement += 1
     patience = params.early_stopping_patience
     if patience > 0 and result.evals_without_improvement >= patience:
-        result.stop_reason = (f"eval loss did not improve for {patience} evaluations "
-                              f"(best {result.best_eval_loss:.4f} at step {result.best_step})")
+        best_so_far = ("no finite eval loss yet" if result.best_eval_loss is None
+                       else f"best {result.best_eval_loss:.4f} at step {result.best_step}")
+        result.stop_reason = f"eval loss did not improve for {patience} evaluations ({best_so_far})"
     return best
