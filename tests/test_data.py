@@ -287,6 +287,10 @@ def test_split_is_seeded_disjoint_and_complete():
     assert set(train).isdisjoint(held_out) and set(train) | set(held_out) == set(items)
     assert row_layout.split(items, 0.2, seed=7) == (train, held_out)
     assert row_layout.split(items, 0.2, seed=8)[1] != held_out
+    assert [len(part) for part in row_layout.split(items[:3], 0.5, seed=7)] == [1, 2]  # at least one of each
+    with pytest.raises(UserError, match=r"^data.eval_fraction=0.75 of 2 examples holds out 2, leaving none to train "
+                                        r"on: lower data.eval_fraction or add data$"):
+        row_layout.split(items[:2], 0.75, seed=7)
 
 
 # --- sources -------------------------------------------------------------------------

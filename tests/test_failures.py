@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -293,6 +294,15 @@ def test_a_figure_that_is_not_a_number_fails_every_gate():
     from qlorapipe.params import EvaluateParams, ExportParams, MergeParams
 
     nan = float("nan")
+    import torch
+
+    from qlorapipe.fidelity import compare
+
+    reference = torch.zeros(1, 4, 8)
+    candidate = reference.clone()
+    candidate[0, 1, 2] = nan  # one NaN logit among finite ones: what a broken merge gives
+    compared = compare([reference], [candidate], [torch.zeros(1, 4, dtype=torch.long)])
+    assert math.isnan(compared.max_logit_diff) and math.isnan(compared.mean_logit_diff)
     found = gate.problems(Fidelity(nan, nan, nan, 10.0), MergeParams())
     assert [f.split(" >")[0].split(" exceeds")[0] for f in found] == [
         "max logit difference nan", "mean logit difference nan", "perplexity change +nan"]

@@ -652,6 +652,23 @@ def test_chat_data_is_packed_identically_twice_and_trains(tmp_path, tiny_llama_d
     metrics = json.loads((tmp_path / "train.json").read_text())
     assert metrics["steps"] == 2 and math.isfinite(metrics["eval_loss"])
 
+    # The template trained with travels with the model: the merged tokenizer (so every export) and the chat tool
+    # prompt in it, though the base's tokenizer has none.
+    import torch
+    from transformers import AutoTokenizer
+
+    from qlorapipe import inference
+
+    assert AutoTokenizer.from_pretrained(tmp_path / "base").chat_template is None
+    load_stage("merge").main(["--params", str(params), "--base", str(tmp_path / "base"), "--adapter",
+                              str(tmp_path / "adapter"), "--data", str(tmp_path / "a" / "prepared"), "--out",
+                              str(tmp_path / "merged"), "--metrics", str(tmp_path / "merge.json")])
+    assert AutoTokenizer.from_pretrained(tmp_path / "merged").chat_template == CHAT_TEMPLATE
+    loaded = inference.load_with_adapters(tmp_path / "base", {"chat": tmp_path / "adapter"}, torch.device("cpu"))
+    assert loaded.tokenizer.chat_template == CHAT_TEMPLATE
+    assert inference.encode_prompt(loaded.tokenizer, "Hi", True)["input_ids"][0].tolist() == loaded.tokenizer(
+        "<|user|>Hi</s><|assistant|>", add_special_tokens=False)["input_ids"]
+
 
 def test_the_card_quotes_figures_a_rerun_reproduces_and_names_a_missing_input(run, tmp_path):
     m = run["metrics"]

@@ -186,7 +186,8 @@ class Comparison:
                 ref = reference[row, first:last].to(device, torch.float32)
                 cand = candidate[row, first:last].to(torch.float32)
                 diff = (ref - cand).abs()
-                self.max_diff = max(self.max_diff, float(diff.max()))
+                chunk_max = float(diff.max())  # torch's max is NaN where any difference is; Python's max skips it
+                self.max_diff = chunk_max if math.isnan(chunk_max) else max(self.max_diff, chunk_max)
                 self.diff_sum += float(diff.sum(dtype=torch.float64))
                 self.count += diff.numel()
                 del diff

@@ -18,7 +18,7 @@ from qlorapipe.errors import UserError
 from qlorapipe.gguf_reading import gguf_read_once
 from qlorapipe.params import QuantizationParams
 from qlorapipe.records import (SOURCE_RECORD, check_adapter_matches_base, has_adapter_record, read_adapter_record,
-                               read_source_record)
+                               read_source_record, trained_chat_template)
 
 logger = logging.getLogger(__name__)
 
@@ -219,7 +219,6 @@ def load_with_adapters(base_dir: Path, adapters: dict[str, Path], device) -> Loa
         UserError: an adapter is missing or was trained on another base.
     """
     from peft import PeftModel
-    from transformers import AutoTokenizer
 
     if not adapters:
         raise UserError("no adapter given; pass --adapter PATH (or --model DIR for a merged model)")
@@ -242,7 +241,9 @@ def load_with_adapters(base_dir: Path, adapters: dict[str, Path], device) -> Loa
     model.eval()
     logger.info("Loaded %s (%s) with adapters %s on %s", base_dir, quant.load_in, ", ".join(adapters),
                 modeling.device_summary(device))
-    return LoadedModel(model, AutoTokenizer.from_pretrained(base_dir, trust_remote_code=trust), list(adapters),
+    # One tokenizer for all: the chat template the first adapter was trained with, when data.chat_template gave one
+    tokenizer = modeling.load_tokenizer(base_dir, trust, trained_chat_template(first_path))
+    return LoadedModel(model, tokenizer, list(adapters),
                        device)
 
 

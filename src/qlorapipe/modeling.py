@@ -134,6 +134,18 @@ def load_base_model(base_dir: Path, params: QuantizationParams, device, trust_re
     return model, compute_dtype
 
 
+def load_tokenizer(model_dir: Path, trust_remote_code: bool = False, chat_template: str | None = None):
+    """The model directory's tokenizer, with ``chat_template`` (``records.trained_chat_template``) in place of its
+    own when given: an adapter is prompted in the template it was trained with, and the merged and exported
+    models carry that template."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    if chat_template:
+        tokenizer.chat_template = chat_template
+    return tokenizer
+
+
 def training_numerics_at_inference(model) -> None:
     """Keep bitsandbytes' 4-bit layers computing at inference as in training: dequantize, then matmul.
 

@@ -195,6 +195,15 @@ def read_adapter_record(adapter_dir: Path) -> AdapterRecord:
     return AdapterRecord(**{**raw, **sections, "base_model": base})
 
 
+def trained_chat_template(adapter_dir: Path) -> str | None:
+    """The chat template the adapter was trained with when ``data.chat_template`` gave one for chat data; None:
+    the tokenizer's own (or no template)."""
+    if not has_adapter_record(adapter_dir):
+        return None
+    data = read_adapter_record(adapter_dir).data
+    return data.chat_template if data.format == "chat" else None
+
+
 def check_adapter_matches_base(adapter_dir: Path, base_dir: Path) -> None:
     """Refuse an adapter trained on another base model, naming both.
 

@@ -25,7 +25,7 @@ from qlorapipe.evaluate import chart, forgetting, generation, tasks
 from qlorapipe.outputs import write_json
 from qlorapipe.params import EvaluateParams, QuantizationParams
 from qlorapipe.perplexity import mean_token_loss, perplexity
-from qlorapipe.records import check_adapter_matches_base, read_source_record
+from qlorapipe.records import check_adapter_matches_base, read_source_record, trained_chat_template
 
 logger = logging.getLogger(__name__)
 
@@ -75,11 +75,10 @@ def run(quant: QuantizationParams, params: EvaluateParams, base_dir: Path, adapt
         lm_eval_spec = harness.check_tasks(params.lm_eval_tasks)
 
     from peft import PeftModel
-    from transformers import AutoTokenizer
 
     device = modeling.pick_device()
     trust = read_source_record(base_dir).trust_remote_code
-    tokenizer = AutoTokenizer.from_pretrained(base_dir, trust_remote_code=trust)
+    tokenizer = modeling.load_tokenizer(base_dir, trust, trained_chat_template(adapter_dir))
     general_set = None
     if texts is not None:
         row_length = len(eval_set[0]["input_ids"])

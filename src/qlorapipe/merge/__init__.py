@@ -24,6 +24,7 @@ from qlorapipe.records import (
     ADAPTER_RECORD,
     check_adapter_matches_base,
     read_source_record,
+    trained_chat_template,
 )
 
 logger = logging.getLogger(__name__)
@@ -169,11 +170,10 @@ def run(quant: QuantizationParams, params: MergeParams, budget_gb: float | None,
 
 
 def _save(merged, out: Path, base_dir: Path, adapter_dir: Path, trust: bool) -> None:
-    """The merged model in safetensors, with the base's tokenizer and the adapter's record."""
-    from transformers import AutoTokenizer
-
+    """The merged model in safetensors, with the base's tokenizer (and the chat template the adapter was trained
+    with, when data.chat_template gave one) and the adapter's record."""
     merged.save_pretrained(out, safe_serialization=True)
-    AutoTokenizer.from_pretrained(base_dir, trust_remote_code=trust).save_pretrained(out)
+    modeling.load_tokenizer(base_dir, trust, trained_chat_template(adapter_dir)).save_pretrained(out)
     shutil.copy2(adapter_dir / ADAPTER_RECORD, out / ADAPTER_RECORD)
 
 

@@ -11,10 +11,17 @@ from qlorapipe.prepare.examples import Example
 
 
 def split(items: list, eval_fraction: float, seed: int) -> tuple[list, list]:
-    """Split items into disjoint train and eval lists, reproducibly from ``seed``."""
+    """Split items into disjoint train and eval lists, reproducibly from ``seed``.
+
+    Raises:
+        UserError: ``eval_fraction`` of so few items would leave nothing to train on.
+    """
     order = list(range(len(items)))
     random.Random(seed).shuffle(order)
     n_eval = max(1, round(len(items) * eval_fraction))
+    if n_eval >= len(items):
+        raise UserError(f"data.eval_fraction={eval_fraction} of {len(items)} examples holds out {n_eval}, leaving none "
+                        f"to train on: lower data.eval_fraction or add data")
     eval_ids, train_ids = sorted(order[:n_eval]), sorted(order[n_eval:])
     return [items[i] for i in train_ids], [items[i] for i in eval_ids]
 
