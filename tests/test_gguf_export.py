@@ -318,7 +318,7 @@ def test_a_crash_with_blocks_on_the_gpu_runs_the_file_again_on_the_cpu(tiny_qwen
         specs.append(spec)
         if spec["free_bytes"] is not None:
             raise llamacpp.Crashed("llama.cpp stopped with exit status -11 on m.gguf (load_tensors)")
-        found = {"continuations": [[[5, 6], None]], "tokenizer_matches": True, "chat_rendering": None,
+        found = {"continuations": [[[5, 6], None]], "tokenizer_matches": True, "chat_rendering": None, "eog": [],
                  "seconds": {"load": 0.1}}
         result = fidelity.compare(reference_logits, [reference_logits[0].clone()], batches)
         return {"vocab": 32, "gpu_layers": 0, "n_ubatch": 8, "buffers_mb": {"CPU_Mapped": 0.1}}, result, found
@@ -414,3 +414,17 @@ def test_a_check_beside_the_quantizer_computes_on_the_cores_it_leaves(tiny_qwen2
             assert llm.context_params.n_threads == llm.context_params.n_threads_batch == expected
         finally:
             llm.close()
+
+
+def test_a_reference_continuation_ends_where_the_file_ends_generation():
+    """A base trained on chat data answers "...<|im_end|>\\n<|endoftext|>": llama.cpp ends at <|im_end|> (one of
+    its end-of-generation tokens), and the trained model's continuation is compared as ending there too."""
+    from qlorapipe.export.llamacpp import Continuation, ended_at
+
+    im_end, newline, eos = 7, 8, 2
+    trained = Continuation([40, 41, im_end, newline, eos], 4)  # stopped on its EOS
+    assert ended_at(trained, {im_end, eos}) == Continuation([40, 41, im_end], 2)
+    assert ended_at(trained, {eos}) == trained  # the file ends only on EOS: compared as it is
+    unstopped = Continuation([40, im_end, 41], None)
+    assert ended_at(unstopped, {im_end}) == Continuation([40, im_end], 1)
+    assert ended_at(Continuation([40, 41], None), {im_end}) == Continuation([40, 41], None)

@@ -145,3 +145,19 @@ def test_a_file_copied_and_hashed_in_one_pass_is_the_same_file_with_the_same_has
     assert os.stat(copies / "model.safetensors").st_mtime == os.stat(source / "model.safetensors").st_mtime
     assert content_hash(copies, known) == content_hash(copies) == content_hash(source)
     assert content_hash(copies, {"model.safetensors": "0" * 64}) != content_hash(copies)  # the known ones are used
+
+
+@pytest.mark.parametrize(("load_in", "title", "sentence", "row"), [
+    ("4bit", "fine-tuned with QLoRA", "trained on the 4-bit (NF4) base and merged into the dequantized base",
+     "| base (4-bit (NF4)) | 2.0 |"),
+    ("8bit", "fine-tuned with QLoRA", "trained on the 8-bit base and merged into the dequantized base",
+     "| base (8-bit) | 2.0 |"),
+    ("none", "fine-tuned with LoRA", "trained on the 16-bit base and merged into the base weights",
+     "| base (16-bit) | 2.0 |")])
+def test_the_model_card_names_the_base_the_adapter_trained_on(tmp_path, load_in, title, sentence, row):
+    from qlorapipe.export.model_card import render_model_card
+
+    record = _record(quantization=QuantizationParams(load_in=load_in))
+    card = render_model_card(record, {"eval": {"base": {"loss": 2.0, "perplexity": 7.39}}}, tmp_path / "export")
+    assert f"# org/model {title}\n" in card and sentence in card and row in card
+    assert "none quantized" not in card

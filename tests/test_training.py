@@ -342,6 +342,34 @@ def test_infinite_gradients_under_a_finite_loss_stop_before_the_optimizer_step(p
     assert all(torch.isfinite(p).all() for p in model.parameters() if p.requires_grad)  # no step applied
 
 
+def test_accumulated_micro_batches_count_each_predicted_token_once(prepared):
+    """A step's loss (and gradient) is the mean over all its predicted tokens, as one large batch's: a micro-batch
+    that trains on 6 tokens does not weigh as much as one that trains on 62."""
+    from qlorapipe.data import IGNORE_INDEX, Split
+
+    model, train_set, _ = _model_and_data(prepared)
+    rows = train_set[list(range(4))]
+    labels = rows["labels"].clone()
+    labels[0, :-3] = IGNORE_INDEX  # rows 0 and 1 predict their last 3 tokens, rows 2 and 3 all
+    labels[1, :-3] = IGNORE_INDEX
+    four = Split({**rows, "labels": labels})
+    with torch.no_grad():
+        large_batch = model(**data.model_inputs(four[:], CPU), labels=labels).loss.item()
+    # A seed whose order puts rows 0 and 1 in one micro-batch, 2 and 3 in the other (their means differ by far).
+    def grouped(seed):
+        order = [sorted(index.tolist()) for _, (_, index) in zip(range(2), training.micro_batches(4, 2, seed=seed))]
+        return sorted(order) == [[0, 1], [2, 3]]
+
+    seed = next(seed for seed in range(100) if grouped(seed))
+    result = training.train(model, four, four, _training(max_steps=1, per_device_batch_size=2,
+                                                         gradient_accumulation_steps=2, eval_every_steps=1,
+                                                         seed=seed), CPU)
+    assert result.history[0].train_loss == pytest.approx(large_batch, rel=1e-5)
+    full = 2 * (labels.shape[1] - 1)
+    assert training.token_weights([labels[:2], labels[2:]], training.SingleProcess(CPU)) == pytest.approx(
+        [6 / (6 + full), full / (6 + full)])
+
+
 def test_the_divergence_message_blames_float16_when_it_computed_in_float16():
     message = training.divergence_message(float("inf"), 7, torch.float16, _training(), None)
     assert message.startswith("the training loss became inf at step 7; likely cause: float16 overflow")

@@ -207,6 +207,19 @@ def reference_continuations(model, prompts: list[list[int]], max_new_tokens: int
             for tokens in greedy.generate(model, prompts, max_new_tokens, max(len(prompts), 1), device, stop_ids, pad_id)]
 
 
+def ended_at(reference: Continuation, end_tokens: set[int]) -> Continuation:
+    """``reference`` as a runtime that also ends generation on ``end_tokens`` reads it.
+
+    llama.cpp ends generation on more tokens than the model's EOS: also <|im_end|>, <|eot_id|> and the like
+    when the vocabulary has them. A base model trained on chat data answers "...<|im_end|>\n<|endoftext|>"; its
+    continuation, read as the file's users read it, ends at <|im_end|>, and is compared so.
+    """
+    for index, token in enumerate(reference.tokens[: reference.stop]):
+        if token in end_tokens:
+            return Continuation(reference.tokens[: index + 1], index)
+    return reference
+
+
 def continuation(tokens: list[int], is_stop) -> Continuation:
     for index, token in enumerate(tokens):
         if is_stop(token):
@@ -235,7 +248,8 @@ def check_file(gguf_file: Path, tokenizer, reference_logits: list, batches: list
             "rows": [row for batch in batches for row in batch.tolist()],
             "texts": [[t, ids, bool(ids) and ids[0] == tokenizer.bos_token_id] for t, ids in zip(texts, expected)],
             "chat": {"bos": tokenizer.bos_token or "", "eos": tokenizer.eos_token or ""}
-            if getattr(tokenizer, "chat_template", None) else None}
+            if getattr(tokenizer, "chat_template", None) else None,
+            "probe_tokens": sorted({t for r in reference for t in r.tokens})}
     try:
         header, result, found = _run_check(spec, gguf_file, batches, reference_logits)
     except Crashed as crash:
@@ -245,6 +259,7 @@ def check_file(gguf_file: Path, tokenizer, reference_logits: list, batches: list
         logger.warning("%s; running %s on the CPU instead", crash, Path(gguf_file).name)
         header, result, found = _run_check({**spec, "free_bytes": None}, gguf_file, batches, reference_logits)
     continuations = [Continuation(tokens, stop) for tokens, stop in found["continuations"]]
+    reference = [ended_at(r, set(found["eog"])) for r in reference]
     chat = found["chat_rendering"]
     metrics = {
         **result.as_metrics(),

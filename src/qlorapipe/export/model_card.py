@@ -19,6 +19,9 @@ def render_model_card(record: AdapterRecord, facts: dict[str, dict], shown_path:
     base, lora = record.base_model, record.lora
     evaluation, data_report = facts.get("eval", {}), facts.get("data", {})
     params = {k: v for k, v in record.as_json().items() if k != "base_model"}
+    load_in = record.quantization.load_in
+    trained_on = {"4bit": f"4-bit ({record.quantization.quant_type.upper()})", "8bit": "8-bit",
+                  "none": "16-bit"}[load_in]
     lines = [
         "---",
         "library_name: transformers",
@@ -29,11 +32,10 @@ def render_model_card(record: AdapterRecord, facts: dict[str, dict], shown_path:
         "- dvc",
         "---",
         "",
-        f"# {base.repo_id} fine-tuned with QLoRA",
+        f"# {base.repo_id} fine-tuned with {'LoRA' if load_in == 'none' else 'QLoRA'}",
         "",
-        "A standalone 16-bit model: the LoRA adapter was trained on the "
-        f"{record.quantization.load_in} quantized base and merged into the "
-        "dequantized base weights, so this model computes what was trained.",
+        f"A standalone 16-bit model: the LoRA adapter was trained on the {trained_on} base and merged into "
+        f"the {'' if load_in == 'none' else 'dequantized '}base weights, so this model computes what was trained.",
         "",
         "## Base model",
         "",
@@ -51,7 +53,8 @@ def render_model_card(record: AdapterRecord, facts: dict[str, dict], shown_path:
         "",
         "| model | eval loss | eval perplexity |",
         "| --- | --- | --- |",
-        f"| base (4-bit) | {evaluation.get('base', {}).get('loss')} | {evaluation.get('base', {}).get('perplexity')} |",
+        f"| base ({trained_on}) | {evaluation.get('base', {}).get('loss')} | "
+        f"{evaluation.get('base', {}).get('perplexity')} |",
         f"| fine-tuned | {evaluation.get('finetuned', {}).get('loss')} | "
         f"{evaluation.get('finetuned', {}).get('perplexity')} |",
         "",

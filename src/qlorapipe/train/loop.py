@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
-from qlorapipe.data import model_inputs
+from qlorapipe.data import IGNORE_INDEX, model_inputs
 from qlorapipe.errors import UserError
 from qlorapipe.params import TrainingParams
 from qlorapipe.perplexity import mean_token_loss
@@ -154,6 +154,22 @@ def micro_batches(n_examples: int, batch_size: int, seed: int, start: int = 0):
         epoch += 1
 
 
+def token_weights(step_labels: Sequence, processes) -> list[float]:
+    """Each micro-batch's weight in its optimizer step: its share of the step's predicted tokens (over every
+    process), so that the step's loss and gradient are the mean over all its tokens, as one large batch's.
+
+    A micro-batch's loss is the mean over its own predicted tokens (labels shifted by one, ``IGNORE_INDEX`` left
+    out); weighting each equally (1 / accumulation) would count an answer of 5 tokens as much as one of 400
+    (transformers' Trainer weights by tokens too, ``num_items_in_batch``). Gradients averaged over ``W``
+    processes are multiplied back by ``W``. A step with no predicted token at all keeps equal weights.
+    """
+    counts = [int((labels[:, 1:] != IGNORE_INDEX).sum()) for labels in step_labels]
+    total = processes.sum(sum(counts))
+    if total == 0:
+        return [1 / len(counts)] * len(counts)
+    return [count * processes.num_processes / total for count in counts]
+
+
 def divergence_message(loss: float, step: int, logits_dtype, params: TrainingParams, checkpoint,
                        grad_norm: float = math.nan) -> str:
     """Say at which step the loss (or, the loss finite, the gradients' norm) stopped being finite, the likely
@@ -249,18 +265,18 @@ def train(model, train_set, eval_set, params: TrainingParams, device, progress=N
     started = time.perf_counter()
     remaining = range(result.steps + 1, n_steps + 1) if result.stop_reason is None else range(0)
     for step in remaining:
+        step_batches = [train_set[next(batches)[1]] for _ in range(accumulation)]
+        weights = token_weights([b["labels"] for b in step_batches], processes)
         step_loss, step_tokens = 0.0, 0
-        for micro in range(accumulation):
-            _, index = next(batches)
-            batch = train_set[index]
+        for micro, (batch, weight) in enumerate(zip(step_batches, weights)):
             inputs = model_inputs(batch, device)
             labels = batch["labels"].to(device).long()
-            loss = graphed(inputs, labels, 1 / accumulation) if graphed is not None else None
+            loss = graphed(inputs, labels, weight) if graphed is not None else None
             if loss is None:  # eager: the plain forward and backward
                 with processes.no_sync(model, last=micro == accumulation - 1):
                     loss = model(**inputs, labels=labels).loss
-                    processes.backward(loss / accumulation)
-            step_loss += loss.item() / accumulation
+                    processes.backward(loss * weight)
+            step_loss += loss.item() * weight
             step_tokens += inputs["input_ids"].numel()
         step_loss, step_tokens = processes.mean(step_loss), processes.sum(step_tokens)
         # A finite loss can still give infinite gradients (a float16 backward overflowing): the norm is
