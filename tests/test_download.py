@@ -36,6 +36,10 @@ def _hub_cache(tmp_path: Path, model_dir: Path, repo_id: str) -> Path:
     for file in model_dir.iterdir():
         shutil.copy2(file, snapshot / file.name)
     (snapshot / "pytorch_model.bin").write_bytes(b"pickle that must never be copied")
+    # Mistral's native-format weights and another format's in a subfolder: as large as the model, never copied
+    shutil.copy2(model_dir / "model.safetensors", snapshot / "consolidated.safetensors")
+    (snapshot / "original").mkdir()
+    shutil.copy2(model_dir / "model.safetensors", snapshot / "original" / "model.safetensors")
     (repo / "refs").mkdir()
     (repo / "refs" / "v1.0").write_text(COMMIT)
     return cache
@@ -157,3 +161,6 @@ def test_a_local_copy_records_the_hash_of_the_weights_it_wrote(tmp_path, tiny_ll
     assert record.content_sha256 == digest.hexdigest()
     assert json.loads((tmp_path / "base" / "source.json").read_text())["content_sha256"] == digest.hexdigest()
     assert record.model_type == "llama" and record.vocab_size > 0
+    # model.dtype (bfloat16 by default) converts GGUF sources only: the copy keeps, and records, its own dtype
+    config = json.loads((tiny_llama_dir / "config.json").read_text())
+    assert record.dtype == (config.get("dtype") or config["torch_dtype"]) == "float32"

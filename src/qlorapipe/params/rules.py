@@ -82,6 +82,16 @@ def lora_init_distributed_problem(lora: LoraParams, distributed: DistributedPara
     return None
 
 
+def fsdp_quantization_problem(quantization: QuantizationParams, distributed: DistributedParams) -> str | None:
+    """Why FSDP cannot shard this base, or None: its 8-bit weights are int8 tensors, which FSDP does not
+    flatten beside float ones (4-bit weights are stored as float32 elements for it: ``modeling.load_base_model``'s
+    ``shardable_4bit``)."""
+    if quantization.load_in == "8bit" and distributed.strategy == "fsdp" and distributed.num_processes > 1:
+        return ("quantization.load_in 8bit cannot be sharded by distributed.strategy fsdp (FSDP flattens no int8 "
+                "weights): use quantization.load_in: 4bit, or distributed.strategy: ddp")
+    return None
+
+
 def cross_section_problems(sections: dict[str, Any]) -> list[str]:
     """Every problem between the sections in ``sections`` (name to dataclass); rules whose
     sections are not all there are skipped."""
@@ -95,6 +105,8 @@ def cross_section_problems(sections: dict[str, Any]) -> list[str]:
         problems.append(lora_init_problem(sections["lora"], sections["quantization"]))
     if "lora" in sections and "distributed" in sections:
         problems.append(lora_init_distributed_problem(sections["lora"], sections["distributed"]))
+    if "quantization" in sections and "distributed" in sections:
+        problems.append(fsdp_quantization_problem(sections["quantization"], sections["distributed"]))
     if "data" in sections and "evaluate" in sections:
         problems.append(general_corpus_problem(sections["data"].source, sections["evaluate"].general_corpus))
     return [p for p in problems if p]

@@ -20,9 +20,10 @@ CHECKED_FORMATS = GGUF_FORMATS + ONNX_FORMATS  # each run in its own runtime and
 # The roles chat templates know; others are mapped with data.roles or refused (a template would
 # drop or garble them, and a conversation without an assistant turn trains nothing).
 CHAT_ROLES = ("system", "user", "assistant", "tool", "function", "ipython", "developer")
-# What transformers' save_pretrained(max_shard_size=...) reads (utils.hub.convert_file_size_to_int): a
-# whole number and a unit, bytes (KB, MB, GB, TB and their binary twins) or, in lower case, bits.
-SHARD_SIZE = re.compile(r"\d+\s*([KMGT]i?B|[KMG]b)")
+# What transformers' save_pretrained(max_shard_size=...) hands to huggingface_hub's
+# split_torch_state_dict_into_shards (serialization._base.parse_size_to_int): a number and KB, MB, GB or TB,
+# in any case (decimal units of bytes, no binary ones). Whole numbers only, as the message says.
+SHARD_SIZE = re.compile(r"\d+\s*[KMGT]B", re.IGNORECASE)
 
 
 def _eval_batches_problems(section: str, max_eval_batches: int | None) -> list[str]:
@@ -45,7 +46,7 @@ class ModelParams:
     revision: str | None = None
     local_path: str | None = None
     trust_remote_code: bool = False
-    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"  # GGUF sources; a model directory keeps its own
 
     def check(self) -> list[str]:
         problems = []
@@ -215,6 +216,8 @@ class TrainingParams:
             problems.append(f"training.learning_rate must be positive, got {self.learning_rate}")
         if self.warmup_steps < 0:
             problems.append(f"training.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.weight_decay < 0:
+            problems.append(f"training.weight_decay must be >= 0, got {self.weight_decay}")
         if self.max_grad_norm < 0:
             problems.append(f"training.max_grad_norm must be >= 0 (0 disables clipping), got {self.max_grad_norm}")
         for name in ("early_stopping_patience", "early_stopping_min_delta", "checkpoint_every_steps"):
