@@ -148,7 +148,7 @@ def prepared(tmp_path_factory, tiny_llama_dir, corpus_file) -> Path:
 
 
 def tiny_lora_model(model_dir: Path, device="cpu", dropout: float = 0.0, gradient_checkpointing: bool = True,
-                    load_in: str = "4bit", seed: int = 0, compute_dtype: str | None = None):
+                    load_in: str = "4bit", seed: int = 0, compute_dtype: str | None = None, bias: str = "none"):
     """A tiny model quantized as ``load_in`` with rank-8 LoRA on every linear layer, in training mode.
 
     B is set to small seeded values (at init it is zero, which would hide every A gradient).
@@ -168,7 +168,7 @@ def tiny_lora_model(model_dir: Path, device="cpu", dropout: float = 0.0, gradien
     model, dtype = modeling.load_base_model(model_dir, QuantizationParams(load_in=load_in, compute_dtype=compute_dtype),
                                             torch.device(device))
     torch.manual_seed(seed)
-    model = modeling.add_lora(model, LoraParams(rank=8, alpha=16, dropout=dropout), quantized=True,
+    model = modeling.add_lora(model, LoraParams(rank=8, alpha=16, dropout=dropout, bias=bias), quantized=True,
                               gradient_checkpointing=gradient_checkpointing)
     with torch.no_grad():
         for name, param in model.named_parameters():

@@ -498,7 +498,7 @@ def test_a_trained_lm_head_keeps_the_norms_float32_and_trains_in_bfloat16(tiny_l
     with caplog.at_level("INFO", logger="qlorapipe.train.fast"):
         applied = fast.apply(model, AccelerationParams(), torch.device("cpu"), dtype)
     assert applied == ["lora_fast_forward", "lean_recompute"]  # the chunked loss takes a plain lm_head only
-    assert "keep_frozen_dtype: off, lora.modules_to_save trains float32 linear layers" in caplog.text
+    assert "keep_frozen_dtype: off, lora.modules_to_save trains float32 layers (base_model.model.lm_head)" in caplog.text
     norms = [m.weight for m in model.modules() if type(m).__name__.endswith("RMSNorm")]
     head = model.get_output_embeddings()
     assert norms and all(w.dtype == torch.float32 for w in norms)  # what keep_frozen_dtype would have rounded
@@ -514,6 +514,26 @@ def test_a_trained_lm_head_keeps_the_norms_float32_and_trains_in_bfloat16(tiny_l
     error, plain_error = ((g - exact).norm() / exact.norm() for g in (grads, plain_grads))
     assert error < 1.25 * plain_error and plain_error < 0.3, (error, plain_error)
     assert torch.nn.functional.cosine_similarity(grads, exact, dim=0) > 0.98
+
+
+def test_a_trained_embedding_keeps_the_frozen_params_float32_and_evaluates(tiny_llama_dir, caplog):
+    """modules_to_save's float32 embed_tokens would carry float32 activations to a compute-dtype lm_head."""
+    from qlorapipe import modeling
+    from qlorapipe.params import LoraParams, QuantizationParams
+
+    model, dtype = modeling.load_base_model(tiny_llama_dir, QuantizationParams(compute_dtype="bfloat16"),
+                                            torch.device("cpu"))
+    model = modeling.add_lora(model, LoraParams(rank=8, alpha=16, modules_to_save=["embed_tokens"]), quantized=True,
+                              gradient_checkpointing=True)
+    with caplog.at_level("INFO", logger="qlorapipe.train.fast"):
+        applied = fast.apply(model, AccelerationParams(), torch.device("cpu"), dtype)
+    assert "keep_frozen_dtype" not in applied
+    assert "lora.modules_to_save trains float32 layers (base_model.model.model.embed_tokens)" in caplog.text
+    input_ids = torch.randint(4, 300, (2, 16), generator=torch.Generator().manual_seed(0))
+    loss, grads = _loss_and_grads(model.train(), input_ids)
+    with torch.no_grad():  # evaluation: the plain forward, no chunked loss
+        eval_loss = model.eval()(input_ids=input_ids, labels=input_ids).loss
+    assert torch.isfinite(loss) and grads.abs().sum() > 0 and torch.isfinite(eval_loss)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
@@ -533,6 +553,25 @@ def test_fast_lora_forward_and_chunked_loss_compute_the_plain_function(arch, tin
     fast.remove(model)
     assert not any("forward" in vars(m) for m in model.modules())
     assert torch.allclose(_loss_and_grads(model, input_ids)[0], ref_loss)
+
+
+@pytest.mark.parametrize("bias", ["all", "lora_only"])
+def test_trained_base_biases_get_their_gradients_from_the_fast_forward(tiny_qwen2_dir, bias):
+    """lora.bias all / lora_only trains the base layers' biases (Qwen2's q, k and v have them): those layers take
+    the unfused fast path, whose base layer is a module autograd sees through."""
+    from qlorapipe.train.fast import fused_lora
+
+    model, _ = tiny_lora_model(tiny_qwen2_dir, bias=bias)
+    trained = [n for n, p in model.named_parameters() if p.requires_grad and n.endswith("base_layer.bias")]
+    assert len(trained) == 2 * 3  # two blocks' q, k and v
+    input_ids = torch.randint(4, 300, (2, 24), generator=torch.Generator().manual_seed(1))
+    ref_loss, ref_grads = _loss_and_grads(model, input_ids)
+    assert lora_forward.use_fast_lora_forward(model)
+    assert all(fused_lora.lora_parts(m) is None for m in model.modules()
+               if type(m).__name__ == "Linear4bit" and hasattr(m, "lora_A") and m.base_layer.bias is not None)
+    loss, grads = _loss_and_grads(model, input_ids)  # a bias without its gradient fails here (p.grad is None)
+    assert torch.allclose(loss, ref_loss, atol=1e-5)
+    assert torch.allclose(grads, ref_grads, atol=1e-5, rtol=1e-3)
 
 
 def test_fast_lora_forward_honours_disabled_adapters(tiny_llama_dir):

@@ -29,19 +29,21 @@ def keep_frozen_dtype(model, compute_dtype) -> bool:
     dtype conversion around every bitsandbytes matmul. Trainable (LoRA) params stay float32.
 
     Left off when ``lora.modules_to_save`` trains a linear layer (``lm_head``, say): its float32
-    copy would take the compute-dtype output of a norm, and a linear layer does not mix dtypes.
+    copy would take the compute-dtype output of a norm, and a linear layer does not mix dtypes. Or an
+    embedding (``embed_tokens``): its float32 output would carry float32 activations to the frozen
+    compute-dtype ``lm_head``.
 
     Returns:
         True when any param was cast.
     """
     import torch
 
-    saved_linear = [name for name, module in model.named_modules()
-                    if type(module).__name__ == "ModulesToSaveWrapper"
-                    and isinstance(getattr(module, "original_module", None), torch.nn.Linear)]
-    if saved_linear and compute_dtype != torch.float32:
-        logger.info("keep_frozen_dtype: off, lora.modules_to_save trains float32 linear layers (%s) that take the "
-                    "norms' output", ", ".join(saved_linear))
+    saved = [name for name, module in model.named_modules()
+             if type(module).__name__ == "ModulesToSaveWrapper"
+             and isinstance(getattr(module, "original_module", None), (torch.nn.Linear, torch.nn.Embedding))]
+    if saved and compute_dtype != torch.float32:
+        logger.info("keep_frozen_dtype: off, lora.modules_to_save trains float32 layers (%s) that meet the frozen "
+                    "ones' compute dtype", ", ".join(saved))
         return False
     changed = False
     for param in _frozen_float_params(model):

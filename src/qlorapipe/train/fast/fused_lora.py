@@ -390,14 +390,17 @@ def lora_parts(layer):
     """(lora_A weight, lora_B weight, base layer, scaling, dropout p) of a peft LoRA linear layer
     that the fused functions compute exactly, or None.
 
-    Exactly: a ``plain_adapter``, a torch or bitsandbytes 4-bit base, and dropout that is
-    ``torch.nn.Dropout`` or none.
+    Exactly: a ``plain_adapter``, a torch or bitsandbytes 4-bit base with no trained bias (``lora.bias: all``
+    or ``lora_only`` trains the base layers' biases, which the fused functions treat as constants), and dropout
+    that is ``torch.nn.Dropout`` or none.
     """
     if type(layer).__name__ not in ("Linear", "Linear4bit") or not hasattr(layer, "lora_A"):
         return None
     name = plain_adapter(layer)
     base = layer.base_layer
     if name is None or type(base).__name__ not in ("Linear", "Linear4bit"):
+        return None
+    if base.bias is not None and base.bias.requires_grad:
         return None
     drop = layer.lora_dropout[name]
     if isinstance(drop, torch.nn.Dropout):
