@@ -152,6 +152,21 @@ def test_chat_roles_templates_do_not_know_are_named_with_their_row_or_mapped_by_
     assert mapped[0].input_ids == ids and mapped[0].labels == labels
 
 
+def test_a_conversation_the_chat_template_refuses_is_named_with_its_row(tok):
+    """Templates such as Llama 2's and Mistral's raise_exception when user and assistant turns do not alternate."""
+    alternating = ("{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+                   "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+                   "{% endif %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
+                   "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    fine = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
+    twice = {"messages": [{"role": "user", "content": "Hi"}, {"role": "user", "content": "There?"},
+                          {"role": "assistant", "content": "Hello"}]}
+    assert len(build([fine], tok, format="chat", chat_template=alternating)[0]) == 1
+    with pytest.raises(UserError, match=r"^rows.jsonl:2: the chat template refused this conversation \(Conversation "
+                                        r"roles must alternate user/assistant/user/assistant/...\); fix the row"):
+        build([fine, twice], tok, format="chat", chat_template=alternating)
+
+
 def test_chat_without_any_template_is_refused(tok):
     with pytest.raises(UserError, match="tokenizer has no chat template; set data.chat_template"):
         build([{"messages": [{"role": "user", "content": "Hi"}]}], tok, format="chat")
@@ -298,6 +313,26 @@ def test_split_is_seeded_disjoint_and_complete():
 
 def _local(path: Path, **kwargs) -> list[Record]:
     return sources.load_records(DataParams(source="local", path=str(path), **kwargs))[0]
+
+
+def test_files_with_a_byte_order_mark_and_long_csv_cells_read_as_written(tmp_path):
+    """Excel's "CSV UTF-8" and Notepad start a file with a BOM; a CSV cell may hold a whole chapter."""
+    from qlorapipe.inputs import data_column_problems
+
+    bom = "\ufeff".encode()
+    long_answer = "word " * 40_000  # 200,000 characters: past csv's default field limit
+    (tmp_path / "a.csv").write_bytes(bom + f'instruction,output\nq,"{long_answer}"\n'.encode())
+    (tmp_path / "b.jsonl").write_bytes(bom + json.dumps({"instruction": "q2", "output": "a2"}).encode() + b"\n")
+    (tmp_path / "c.json").write_bytes(bom + json.dumps([{"instruction": "q3", "output": "a3"}]).encode())
+    records = _local(tmp_path, format="instruction")
+    assert [r.columns["instruction"] for r in records] == ["q", "q2", "q3"]
+    assert records[0].columns["output"] == long_answer
+    assert data_column_problems(DataParams(source="local", path=str(tmp_path), format="instruction")) == []
+    (tmp_path / "notes.txt").write_bytes(bom + b"Plain text.")
+    assert _local(tmp_path / "notes.txt")[0].columns["text"] == "Plain text."
+    (tmp_path / "a.csv").write_bytes(b'instruction,output\nq,"a\n')  # a quoted field never closed
+    with pytest.raises(UserError, match=rf"^{tmp_path / 'a.csv'}:2: not valid CSV"):
+        _local(tmp_path / "a.csv", format="instruction")
 
 
 def test_the_check_stage_reads_each_local_files_first_record_for_the_columns_the_format_needs(tmp_path):

@@ -321,3 +321,23 @@ def test_a_figure_that_is_not_a_number_fails_every_gate():
     [problem] = gate_problems(EvaluateParams(max_general_perplexity_increase=0.1),
                               {"finetuned": {}, "general_perplexity_increase": nan})
     assert "evaluate.max_general_perplexity_increase=0.1" in problem
+
+
+@pytest.mark.parametrize("key", ["rope_type", "type"])
+def test_rope_scaling_refuses_gguf_in_compat_as_in_export_whichever_key_spells_it(tmp_path, tiny_llama_dir, key):
+    """compat reads the raw config.json, export a transformers config: both must see old configs' "type" too."""
+    import json
+    from types import SimpleNamespace
+
+    from transformers import AutoConfig
+
+    from qlorapipe.compat import gguf_problem
+
+    raw = {**json.loads((tiny_llama_dir / "config.json").read_text()),
+           "rope_scaling": {key: "linear", "factor": 4.0}, "rope_theta": 10000.0}
+    raw.pop("rope_parameters", None)  # a config written before transformers 5, as on the Hub
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    (tmp_path / "tokenizer.json").write_bytes((tiny_llama_dir / "tokenizer.json").read_bytes())
+    expected = "GGUF files are written without rope scaling; this model uses 'linear'"
+    assert gguf_problem(SimpleNamespace(**raw), tmp_path) == expected  # as the compat stage reads it
+    assert gguf_problem(AutoConfig.from_pretrained(tmp_path), tmp_path) == expected  # as export reads it

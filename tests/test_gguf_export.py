@@ -428,3 +428,22 @@ def test_a_reference_continuation_ends_where_the_file_ends_generation():
     unstopped = Continuation([40, im_end, 41], None)
     assert ended_at(unstopped, {im_end}) == Continuation([40, im_end], 1)
     assert ended_at(Continuation([40, 41], None), {im_end}) == Continuation([40, 41], None)
+
+
+def test_a_tokenizer_without_bos_takes_the_configs_as_llama_cpps_converter_does(tmp_path, tiny_qwen2_dir):
+    """Qwen2's tokenizer has no BOS; without the key llama.cpp would name its BPE default (id 11) as BOS."""
+    import json
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from qlorapipe.export.gguf import tokenizer_metadata
+
+    model_dir = tmp_path / "qwen2"
+    shutil.copytree(tiny_qwen2_dir, model_dir)
+    settings = json.loads((model_dir / "tokenizer_config.json").read_text())
+    (model_dir / "tokenizer_config.json").write_text(json.dumps({**settings, "bos_token": None}))
+    config = json.loads((model_dir / "config.json").read_text())
+    assert AutoTokenizer.from_pretrained(model_dir).bos_token_id is None and isinstance(config["bos_token_id"], int)
+    found = tokenizer_metadata(model_dir, config["vocab_size"], "qwen2")
+    assert found["bos"] == config["bos_token_id"] and found["add_bos"] is False

@@ -37,8 +37,12 @@ def gguf_problem(config, model_dir: Path) -> str | None:
     arch = config.model_type
     if arch not in GGUF_ARCHITECTURES:
         return f"GGUF files are written for {' and '.join(GGUF_ARCHITECTURES)} models; this one is {arch}"
+    # rope_parameters (transformers 5), or a raw config.json's rope_scaling, spelt "rope_type" or, in older
+    # configs (Qwen2.5's YaRN block, deepseek-coder), "type": transformers reads either.
     rope = dict(getattr(config, "rope_parameters", None) or {})
-    rope_type = rope.get("rope_type") or (getattr(config, "rope_scaling", None) or {}).get("rope_type", "default")
+    scaling = dict(getattr(config, "rope_scaling", None) or {})
+    spelt = (rope.get("rope_type"), rope.get("type"), scaling.get("rope_type"), scaling.get("type"))
+    rope_type = next((t for t in spelt if t and t != "default"), "default")
     if rope_type != "default":
         return f"GGUF files are written without rope scaling; this model uses '{rope_type}'"
     path = Path(model_dir) / "tokenizer.json"

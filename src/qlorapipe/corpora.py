@@ -86,7 +86,7 @@ def general_texts(source: str, param: str) -> list[str]:
         texts = []
         for file in corpus_files(source, param):
             try:
-                texts.append(file.read_text(encoding="utf-8"))
+                texts.append(file.read_text(encoding="utf-8-sig"))
             except UnicodeDecodeError as exc:
                 raise UserError(f"{file}: not UTF-8 text ({exc.reason} at byte {exc.start}); "
                                 f"convert it or change {param}") from None

@@ -107,10 +107,10 @@ def _first_record(file: Path) -> tuple[str, dict] | None:
             with file.open("rb") as lines:
                 for number, line in enumerate(lines, start=1):
                     if line.strip():
-                        value = json.loads(line)
+                        value = json.loads(line.removeprefix(b"\xef\xbb\xbf") if number == 1 else line)
                         return (f"{file}:{number}", value) if isinstance(value, dict) else None
         if file.suffix == ".csv":  # a header without rows gives prepare no record to check
-            with file.open(newline="", encoding="utf-8") as rows:
+            with file.open(newline="", encoding="utf-8-sig") as rows:
                 row = next(csv.DictReader(rows), None)
                 return (f"{file}:2", row) if row is not None else None
         if file.suffix == ".parquet":

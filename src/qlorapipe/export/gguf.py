@@ -61,6 +61,12 @@ def permute_for_rope(weight, n_head: int):
             .swapaxes(1, 2).reshape(weight.shape))
 
 
+def _config_bos(model_dir: Path) -> int | None:
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    bos = config.get("bos_token_id")
+    return bos if isinstance(bos, int) else None
+
+
 def tokenizer_metadata(model_dir: Path, vocab_size: int, architecture: str) -> dict:
     """The tokenizer of ``model_dir`` (one ``gguf_problem`` accepts) as GGUF metadata values.
 
@@ -98,7 +104,9 @@ def tokenizer_metadata(model_dir: Path, vocab_size: int, architecture: str) -> d
         "token_types": types,
         "merges": merges,
         "pre": _pre_tokenizer_name(spec.get("pre_tokenizer"), architecture),
-        "bos": tokenizer.bos_token_id,
+        # Qwen2's tokenizer has no BOS; llama.cpp's converter then takes config.json's (else llama.cpp would
+        # name its BPE default, id 11, as BOS)
+        "bos": tokenizer.bos_token_id if tokenizer.bos_token_id is not None else _config_bos(model_dir),
         "eos": tokenizer.eos_token_id,
         "pad": tokenizer.pad_token_id,
         "unk": tokenizer.unk_token_id,

@@ -115,7 +115,7 @@ def _worker(args: list[str], gguf_file: Path, stdin: bytes | None = None, hide_g
             process.stdin.write(stdin or b"")
             process.stdin.close()
             yield process
-        except EOFError:  # the worker stopped early: what it said is the error
+        except (EOFError, BrokenPipeError):  # the worker stopped early (even before reading its input): it said why
             process.wait()
             _raise_reported(process.returncode or 1, errors, gguf_file)
         finally:

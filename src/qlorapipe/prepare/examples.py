@@ -123,18 +123,28 @@ def _chat_segments(messages: list[dict], render, where: str) -> list[tuple[str, 
     assistant turn adds to "conversation so far + generation prompt" is what the model
     must produce. This works with any template whose renderings extend one another.
     """
+    import jinja2
+
+    def render_here(part, add_generation_prompt):
+        try:
+            return render(part, add_generation_prompt)
+        except jinja2.TemplateError as error:  # the template's own raise_exception, e.g. roles must alternate
+            message = " ".join(str(error).split())
+            raise UserError(f"{where}: the chat template refused this conversation ({message}); fix the row, map "
+                            "its roles with data.roles or set data.chat_template") from None
+
     segments, done = [], ""
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        prompt = render(messages[:i], True)
-        full = render(messages[: i + 1], False)
+        prompt = render_here(messages[:i], True)
+        full = render_here(messages[: i + 1], False)
         if not (prompt.startswith(done) and full.startswith(prompt)):
             raise UserError(f"{where}: the chat template does not render this conversation as growing "
                             "prefixes, so the assistant tokens cannot be found; set data.chat_template")
         segments += [(prompt[len(done):], False), (full[len(prompt):], True)]
         done = full
-    rest = render(messages, False)[len(done):]
+    rest = render_here(messages, False)[len(done):]
     if rest:
         segments.append((rest, False))
     return segments

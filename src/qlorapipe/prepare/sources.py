@@ -19,6 +19,7 @@ import csv
 import io
 import json
 import logging
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -84,8 +85,10 @@ def _read_local(path: Path):
 
 
 def _decode(raw: bytes, where: str) -> str:
+    """UTF-8 text without a byte-order mark (Excel's "CSV UTF-8" and Notepad write one; kept, it would glue
+    itself to the first column's name or the first document's text)."""
     try:
-        return raw.decode("utf-8")
+        return raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise UserError(f"{where}: not UTF-8 text ({exc.reason} at byte {exc.start}); re-encode the file "
                         "as UTF-8 or fix data.path") from None
@@ -124,10 +127,16 @@ def _read_json(file: Path):
 
 def _read_csv(file: Path):
     text = _decode(file.read_bytes(), str(file))
-    reader = csv.DictReader(io.StringIO(text, newline=""))
+    csv.field_size_limit(sys.maxsize)  # a cell may hold a whole chapter (the default stops at 131,072 characters)
+    # strict: a quote left open is an error, not the rest of the file read into one cell
+    reader = csv.DictReader(io.StringIO(text, newline=""), strict=True)
     # Row numbers count the header as row 1, as spreadsheets show them.
-    for row, values in enumerate(reader, start=2):
-        yield Record(dict(values), f"{file}:{row}")
+    row = 1
+    try:
+        for row, values in enumerate(reader, start=2):
+            yield Record(dict(values), f"{file}:{row}")
+    except csv.Error as exc:
+        raise UserError(f"{file}:{row + 1}: not valid CSV ({exc}); fix the row or data.path") from None
 
 
 def _read_parquet(file: Path):
