@@ -81,6 +81,42 @@ def test_alpaca_instruction_masks_the_prompt_and_trains_answer_and_eos(tok):
     assert example.labels == [IGNORE] * len(prompt) + answer + [EOS]
 
 
+def test_a_sentencepiece_style_tokenizer_trains_on_the_tokens_inference_reads():
+    """Llama 2's and Mistral's tokenizers mark the start of every text they are given ("▁"): segments tokenized
+    one by one would teach "▁", "P", "aris" after "### Answer:\n", which the whole text never holds there. Where
+    a token spans the prompt's end, the segments are tokenized one by one (the prompt then ends on a token)."""
+    from conftest import CORPUS
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    def sentencepiece_style(extra: list[str]):
+        spm = Tokenizer(models.BPE(unk_token="<unk>"))
+        spm.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+        spm.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="first")
+        spm.train_from_iterator(CORPUS.splitlines() + extra,
+                                trainer=trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"]))
+        return PreTrainedTokenizerFast(tokenizer_object=spm, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+    prompt, answer = "### Instruction:\nName the capital.\n\n### Answer:\n", "Paris"
+    row = records({"instruction": "Name the capital.", "output": answer})
+    for extra, merged in (([], False), (["### Answer:\nParis"] * 50, True)):  # the second merges ":\nParis"
+        tokenizer = sentencepiece_style(extra)
+
+        def ids(text):
+            return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+        eos = tokenizer.eos_token_id
+        whole, one_by_one = ids(prompt + answer), ids(prompt) + ids(answer)
+        assert whole != one_by_one
+        (example,), _ = examples.build_examples(row, tokenizer, DataParams(format="instruction"))
+        assert example.input_ids == (one_by_one if merged else whole) + [eos]
+        n_prompt = len(ids(prompt))
+        assert example.input_ids[:n_prompt] == ids(prompt)  # what the model is given at inference
+        assert example.labels == [IGNORE] * n_prompt + example.input_ids[n_prompt:]
+        assert tokenizer.decode(example.input_ids[n_prompt:-1]).strip() == "Paris"
+        assert example.completion == (n_prompt, len(example.input_ids) - 1)  # the answer, before the EOS
+
+
 def test_alpaca_input_block_and_full_loss_option(tok):
     row = {"instruction": "Add.", "input": "2 and 3", "output": "5"}
     (masked,), _ = build([row], tok, format="instruction")

@@ -250,21 +250,13 @@ def build_examples(records: list[Record], tokenizer, params: DataParams) -> tupl
     if params.max_documents is not None:
         rendered = rendered[: params.max_documents]
 
-    # One batched call over every distinct segment string (fast tokenizers parallelise it).
-    pieces = sorted({text for _, segments in rendered for text, _ in segments})
-    encoded = dict(zip(pieces, tokenizer(pieces, add_special_tokens=False)["input_ids"])) if pieces else {}
+    tokenized = _tokenize_segments([segments for _, segments in rendered], tokenizer)
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     add_bos = _adds_bos(tokenizer)
     mask_prompt = params.completion_only_loss and params.format != "text"
     examples = []
-    for where, segments in rendered:
-        ids, labels, last_trained_start, last_trained_end = [], [], 0, 0
-        for text, trained in segments:
-            piece = encoded[text]
-            if trained:
-                last_trained_start, last_trained_end = len(ids), len(ids) + len(piece)
-            ids += piece
-            labels += piece if (trained or not mask_prompt) else [IGNORE_INDEX] * len(piece)
+    for (where, _), (ids, trained_mask, last_trained_start, last_trained_end) in zip(rendered, tokenized):
+        labels = [token if (trained or not mask_prompt) else IGNORE_INDEX for token, trained in zip(ids, trained_mask)]
         ids, labels = _end_with_one_eos(ids, labels, last_trained_start, eos)
         shift = 0
         if add_bos and ids[:1] != [bos]:
@@ -292,6 +284,58 @@ def build_examples(records: list[Record], tokenizer, params: DataParams) -> tupl
     _check_counts(counts, len(rendered), params)
     counts.examples = len(examples)
     return examples, counts
+
+
+def _tokenize_segments(conversations: list[list[tuple[str, bool]]], tokenizer):
+    """Each example's token ids, which of them are trained, and the token span of its last trained segment.
+
+    The whole text is tokenized at once, as it will be read at inference, and each token goes with the segment
+    its characters are in (its offsets). Tokenizing the segments one by one would differ for tokenizers that
+    mark the start of every text they are given (SentencePiece's "▁": an answer "Paris" after "Answer:\n" would
+    become "▁", "Paris", tokens the model never reads there). Where a token spans two segments (a merge across
+    the prompt's end), the prompt the model is given at inference does not end on a token boundary of the
+    whole text: that example's segments are tokenized one by one, as other fine-tuning tools do for all. So is
+    every example of a tokenizer without offsets (a slow one).
+
+    Returns:
+        per example: (ids, trained per id, last trained segment's first token index, its end index).
+    """
+    texts = ["".join(text for text, _ in segments) for segments in conversations]
+    if not texts:
+        return []
+    if not getattr(tokenizer, "is_fast", False):
+        return [_tokenize_one_by_one(segments, tokenizer) for segments in conversations]
+    batch = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    out = []
+    for segments, ids, offsets in zip(conversations, batch["input_ids"], batch["offset_mapping"]):
+        spans, boundaries, position = [], [], 0  # the character span of each trained segment; segment ends
+        for text, trained in segments:
+            if trained:
+                spans.append((position, position + len(text)))
+            position += len(text)
+            boundaries.append(position)
+        if any(start < boundary < end for start, end in offsets for boundary in boundaries[:-1]):
+            out.append(_tokenize_one_by_one(segments, tokenizer))
+            continue
+        trained_mask = [any(start < high and end > low for low, high in spans) for start, end in offsets]
+        last_start = last_end = 0
+        if spans:
+            low, high = spans[-1]
+            inside = [i for i, (start, end) in enumerate(offsets) if start < high and end > low]
+            last_start, last_end = (inside[0], inside[-1] + 1) if inside else (len(ids), len(ids))
+        out.append((list(ids), trained_mask, last_start, last_end))
+    return out
+
+
+def _tokenize_one_by_one(segments: list[tuple[str, bool]], tokenizer):
+    ids, trained_mask, last_start, last_end = [], [], 0, 0
+    for text, trained in segments:
+        piece = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if trained:
+            last_start, last_end = len(ids), len(ids) + len(piece)
+        ids += piece
+        trained_mask += [trained] * len(piece)
+    return ids, trained_mask, last_start, last_end
 
 
 def _end_with_one_eos(ids: list[int], labels: list[int], last_trained_start: int, eos: int):
