@@ -665,3 +665,25 @@ def test_a_generic_tokenizer_loads_without_torch_and_as_auto_tokenizer_loads_it(
         (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, **changed}))
         assert load_tokenizer(tmp_path, trust_remote_code=True) is auto
     assert calls == [{"trust_remote_code": True}] * 2
+
+
+def test_a_chat_prompt_begins_as_the_training_examples_began(tok):
+    """A tokenizer that adds BOS beside a template that does not write it (TinyLlama's, zephyr's): the examples
+    start with BOS, so the evaluate stage's samples and the chat tool's prompts must too."""
+    import copy
+
+    from tokenizers.processors import TemplateProcessing
+
+    from qlorapipe.data import adds_bos, chat_prompt_ids
+    from qlorapipe.inference import encode_prompt
+
+    with_bos = copy.deepcopy(tok)
+    with_bos._tokenizer.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", BOS)])
+    with_bos.chat_template = CHAT_TEMPLATE
+    assert adds_bos(with_bos) and not adds_bos(tok)
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    (example,), _ = build([{"messages": messages}], with_bos, format="chat", chat_template=CHAT_TEMPLATE)
+    prompt = with_bos.apply_chat_template(messages[:1], add_generation_prompt=True, tokenize=False)
+    assert chat_prompt_ids(with_bos, prompt) == example.input_ids[: example.completion[0]]
+    assert encode_prompt(with_bos, "Hi", True)["input_ids"][0].tolist() == example.input_ids[: example.completion[0]]
+    assert chat_prompt_ids(tok, prompt) == tok(prompt, add_special_tokens=False)["input_ids"]  # no BOS to add

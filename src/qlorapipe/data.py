@@ -71,6 +71,25 @@ def load_tasks(data_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
 
 
+def adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer's own encoding starts with BOS (and encoding without special tokens does not): then
+    every prepared example starts with one BOS, and so must every prompt given to the trained model."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return False
+    with_specials, without = tokenizer("a")["input_ids"], tokenizer("a", add_special_tokens=False)["input_ids"]
+    return with_specials[:1] == [bos] and without[:1] != [bos]
+
+
+def chat_prompt_ids(tokenizer, text: str) -> list[int]:
+    """A rendered chat prompt's token ids as prepare begins a training example: the text's tokens after one BOS
+    where the tokenizer adds one and the template did not write it (``apply_chat_template`` adds none)."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if adds_bos(tokenizer) and ids[:1] != [tokenizer.bos_token_id]:
+        ids = [tokenizer.bos_token_id] + ids
+    return ids
+
+
 class Split:
     """Rows in memory, each column an int64 tensor of rows x length, indexed as a torch-formatted
     ``datasets.Dataset`` is: ``split[i]``, ``split[[i, j]]`` and ``split[a:b]`` give {column: tensor}."""

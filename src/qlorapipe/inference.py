@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qlorapipe import modeling
+from qlorapipe.data import chat_prompt_ids
 from qlorapipe.errors import UserError
 from qlorapipe.gguf_reading import gguf_read_once
 from qlorapipe.params import QuantizationParams
@@ -170,9 +171,12 @@ def use_chat_template(tokenizer, settings: SamplingSettings) -> bool:
 def encode_prompt(tokenizer, prompt: str, chat_template: bool) -> dict:
     """Token ids of ``prompt``, as a single-turn user message when ``chat_template`` is on."""
     if chat_template:
+        import torch
+
         text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                              tokenize=False)
-        return dict(tokenizer(text, return_tensors="pt", add_special_tokens=False))
+        ids = torch.tensor([chat_prompt_ids(tokenizer, text)])  # as training examples begin (one BOS where due)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     return dict(tokenizer(prompt, return_tensors="pt"))
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from qlorapipe import greedy
+from qlorapipe.data import chat_prompt_ids
 from qlorapipe.evaluate import tasks
 
 
@@ -19,7 +20,7 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, device, 
         if chat_template:
             text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                                  tokenize=False)
-            encoded.append(tokenizer(text, add_special_tokens=False)["input_ids"])
+            encoded.append(chat_prompt_ids(tokenizer, text))  # as training examples begin
         else:
             encoded.append(tokenizer(prompt)["input_ids"])
     names = [greedy.BASE] * len(encoded) + [model.active_adapter] * len(encoded)

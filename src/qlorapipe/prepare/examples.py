@@ -26,7 +26,7 @@ import logging
 import re
 from dataclasses import dataclass, field
 
-from qlorapipe.data import IGNORE_INDEX
+from qlorapipe.data import IGNORE_INDEX, adds_bos
 from qlorapipe.errors import UserError
 from qlorapipe.inputs import message_parts, missing_columns_message, required_columns, unknown_role_message
 from qlorapipe.params import CHAT_ROLES, DataParams
@@ -214,14 +214,6 @@ def chat_renderer(tokenizer, template: str | None):
 # --- tokenizing -------------------------------------------------------------------------
 
 
-def _adds_bos(tokenizer) -> bool:
-    """Whether the tokenizer's own encoding starts with BOS (so our examples do too)."""
-    bos = tokenizer.bos_token_id
-    if bos is None:
-        return False
-    return tokenizer("a")["input_ids"][:1] == [bos] and tokenizer("a", add_special_tokens=False)["input_ids"][:1] != [bos]
-
-
 def build_examples(records: list[Record], tokenizer, params: DataParams) -> tuple[list[Example], Counts]:
     """Render, tokenize, mask and length-check every record.
 
@@ -252,7 +244,7 @@ def build_examples(records: list[Record], tokenizer, params: DataParams) -> tupl
 
     tokenized = _tokenize_segments([segments for _, segments in rendered], tokenizer)
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-    add_bos = _adds_bos(tokenizer)
+    add_bos = adds_bos(tokenizer)
     mask_prompt = params.completion_only_loss and params.format != "text"
     examples = []
     for (where, _), (ids, trained_mask, last_trained_start, last_trained_end) in zip(rendered, tokenized):
