@@ -447,3 +447,49 @@ def test_a_tokenizer_without_bos_takes_the_configs_as_llama_cpps_converter_does(
     assert AutoTokenizer.from_pretrained(model_dir).bos_token_id is None and isinstance(config["bos_token_id"], int)
     found = tokenizer_metadata(model_dir, config["vocab_size"], "qwen2")
     assert found["bos"] == config["bos_token_id"] and found["add_bos"] is False
+
+
+def test_the_pre_tokenizer_is_named_only_when_its_rule_is_one_llama_cpp_knows():
+    """llama.cpp splits text by the name the file carries: a guessed name would tokenize otherwise."""
+    from qlorapipe.compat import gguf_pre_tokenizer
+
+    # as Qwen2.5's and Llama 3's tokenizer.json spell their split rules
+    qwen2 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"
+             r"\s+(?!\S)|\s+")
+    llama3 = qwen2.replace(r"|\p{N}|", r"|\p{N}{1,3}|")
+
+    def split_then_bytes(pattern):
+        return {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": False},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}
+
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    assert gguf_pre_tokenizer(split_then_bytes(qwen2)) == "qwen2"
+    assert gguf_pre_tokenizer(split_then_bytes(llama3)) == "llama-bpe"
+    assert gguf_pre_tokenizer(byte_level) == "gpt-2"
+    assert gguf_pre_tokenizer({"type": "Sequence", "pretokenizers": [
+        {"type": "Digits", "individual_digits": True}, byte_level]}) == "smollm"
+    # DeepSeek LLM's rules (newlines apart, its own letters and digits): no name the writer knows
+    assert gguf_pre_tokenizer(split_then_bytes(r"[\r\n]|\s?[A-Za-z]+|\p{N}{1,3}|\s+")) is None
+    assert gguf_pre_tokenizer({"type": "Metaspace", "replacement": "\u2581"}) is None
+    assert gguf_pre_tokenizer(None) is None
+
+
+def test_compat_refuses_gguf_for_a_pre_tokenizer_without_a_name(tmp_path, tiny_llama_dir):
+    import json
+    import shutil
+
+    from transformers import AutoConfig
+
+    from qlorapipe.compat import gguf_problem
+
+    shutil.copytree(tiny_llama_dir, tmp_path / "m")
+    spec = json.loads((tmp_path / "m/tokenizer.json").read_text())
+    spec["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": r"[\r\n]|\s?[A-Za-z]+|\s+"}, "behavior": "Isolated", "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}
+    (tmp_path / "m/tokenizer.json").write_text(json.dumps(spec))
+    problem = gguf_problem(AutoConfig.from_pretrained(tmp_path / "m"), tmp_path / "m")
+    assert problem.startswith(f"GGUF files name how llama.cpp splits text before BPE, and {tmp_path / 'm'}")
+    assert "(qwen2, llama-bpe, smollm, gpt-2)" in problem
+    assert gguf_problem(AutoConfig.from_pretrained(tiny_llama_dir), tiny_llama_dir) is None

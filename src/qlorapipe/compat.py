@@ -52,6 +52,38 @@ def gguf_problem(config, model_dir: Path) -> str | None:
     kind = spec.get("model", {}).get("type")
     if kind != "BPE" or "ByteLevel" not in json.dumps(spec.get("decoder")):
         return f"GGUF files are written for byte-level BPE tokenizers; {path} is {kind}"
+    if gguf_pre_tokenizer(spec.get("pre_tokenizer")) is None:
+        return (f"GGUF files name how llama.cpp splits text before BPE, and {path}'s pre-tokenizer is none of those "
+                f"the writer knows ({', '.join(PRE_TOKENIZER_NAMES)}): llama.cpp would split text otherwise than "
+                "training did")
+    return None
+
+
+# Split rules llama.cpp knows by name (tokenizer.ggml.pre), as tokenizer.json spells them.
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                r"\s*[\r\n]+|\s+(?!\S)|\s+")
+_LLAMA3_SPLIT = _QWEN2_SPLIT.replace(r"|\p{N}|", r"|\p{N}{1,3}|")
+PRE_TOKENIZER_NAMES = ("qwen2", "llama-bpe", "smollm", "gpt-2")
+
+
+def gguf_pre_tokenizer(pre_tokenizer: dict | None) -> str | None:
+    """llama.cpp's name (tokenizer.ggml.pre) for a tokenizer.json pre-tokenizer, or None for one it has no name
+    the writer knows for: Qwen2's or Llama 3's split rule before byte-level BPE, SmolLM's single digits
+    before GPT-2's rule, or GPT-2's rule alone. Matched exactly, not guessed: a mislabelled file would split
+    text otherwise in llama.cpp than the trained model's tokenizer does."""
+    steps = (pre_tokenizer or {}).get("pretokenizers", [pre_tokenizer]) if pre_tokenizer else []
+    kinds = [step.get("type") for step in steps]
+    byte_level = [step for step in steps if step.get("type") == "ByteLevel"]
+    if len(byte_level) != 1 or kinds[-1] != "ByteLevel":
+        return None
+    gpt2_rule = byte_level[0].get("use_regex", True)
+    if kinds == ["Split", "ByteLevel"] and not gpt2_rule:
+        pattern = steps[0].get("pattern", {}).get("Regex")
+        return {_QWEN2_SPLIT: "qwen2", _LLAMA3_SPLIT: "llama-bpe"}.get(pattern)
+    if kinds == ["Digits", "ByteLevel"] and gpt2_rule and steps[0].get("individual_digits"):
+        return "smollm"
+    if kinds == ["ByteLevel"] and gpt2_rule:
+        return "gpt-2"
     return None
 
 

@@ -14,7 +14,7 @@ import json
 import logging
 from pathlib import Path
 
-from qlorapipe.compat import GGUF_ARCHITECTURES, gguf_problem
+from qlorapipe.compat import GGUF_ARCHITECTURES, gguf_pre_tokenizer, gguf_problem
 from qlorapipe.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -103,7 +103,7 @@ def tokenizer_metadata(model_dir: Path, vocab_size: int, architecture: str) -> d
         "tokens": tokens,
         "token_types": types,
         "merges": merges,
-        "pre": _pre_tokenizer_name(spec.get("pre_tokenizer"), architecture),
+        "pre": gguf_pre_tokenizer(spec.get("pre_tokenizer")),  # gguf_problem refused a pre-tokenizer without name
         # Qwen2's tokenizer has no BOS; llama.cpp's converter then takes config.json's (else llama.cpp would
         # name its BPE default, id 11, as BOS)
         "bos": tokenizer.bos_token_id if tokenizer.bos_token_id is not None else _config_bos(model_dir),
@@ -113,18 +113,6 @@ def tokenizer_metadata(model_dir: Path, vocab_size: int, architecture: str) -> d
         "add_bos": bool(probe) and probe[0] == tokenizer.bos_token_id,
         "chat_template": tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None,
     }
-
-
-def _pre_tokenizer_name(pre_tokenizer: dict | None, architecture: str) -> str:
-    """llama.cpp's name for how text is split before BPE (tokenizer.ggml.pre)."""
-    text = json.dumps(pre_tokenizer or {})
-    if architecture == "qwen2":
-        return "qwen2"
-    if '"Digits"' in text and '"individual_digits": true' in text:
-        return "smollm"  # SmolLM: single digits, then GPT-2 byte-level splitting
-    if "\\\\p{N}{1,3}" in text:
-        return "llama-bpe"  # Llama 3's split regex
-    return "gpt-2" if '"ByteLevel"' in text else "default"
 
 
 def write_gguf(model, model_dir: Path, out_file: Path, file_type: str) -> None:
