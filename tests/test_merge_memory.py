@@ -96,6 +96,29 @@ def test_the_merged_model_turned_naive_in_place_is_the_naive_merge_bit_for_bit(t
     assert not torch.equal(before["model.layers.0.self_attn.q_proj.weight"], found["model.layers.0.self_attn.q_proj.weight"])
 
 
+@pytest.mark.parametrize("saved", ["lm_head", "embed_tokens"])
+def test_a_tied_embedding_trained_alone_is_merged_untied_and_computes_what_was_trained(tiny_llama_dir, tmp_path,
+                                                                                       saved):
+    """The tiny models tie input and output embeddings (as Qwen2.5 up to 3B and SmolLM2 do); training one of them
+    in full (lora.modules_to_save) unties them in the trained model, and the merge must keep both."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    adapter = _adapter(tiny_llama_dir, tmp_path / "adapter", modules_to_save=[saved])
+    merged = merging.merge_adapter(tiny_llama_dir, adapter, QUANT, torch.float32, CPU)
+    assert merged.config.tie_word_embeddings is False
+    assert merged.get_input_embeddings().weight is not merged.get_output_embeddings().weight
+    merged.save_pretrained(tmp_path / "merged")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    trained = PeftModel.from_pretrained(modeling.load_base_model(tiny_llama_dir, QUANT, CPU)[0], adapter).eval()
+    ids = torch.randint(4, 300, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want, got = trained(input_ids=ids).logits, reloaded(input_ids=ids).logits
+        base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)(input_ids=ids).logits
+    assert (want - base).abs().max() > 0.05  # the trained embedding changed what the model computes
+    assert (got - want).abs().max() < 2e-3, (got - want).abs().max()
+
+
 def test_adapters_only_drops_the_int8_copy_an_8bit_layer_keeps_once_it_has_run(tiny_qwen2_dir, tmp_path):
     from peft import PeftModel
 

@@ -260,3 +260,16 @@ def test_a_negative_weight_decay_is_refused_naming_the_key():
     with pytest.raises(UserError, match=r"^invalid params: training.weight_decay must be >= 0, got -0.01$"):
         parse_section("training", {"weight_decay": -0.01})
     assert parse_section("training", {"weight_decay": 0.0}).weight_decay == 0.0
+
+
+def test_fsdp_refuses_an_adapter_it_would_save_without_its_biases_or_saved_modules():
+    def problems(processes: int = 2, strategy: str = "fsdp", **lora) -> list[str]:
+        return cross_section_problems({"lora": parse_section("lora", lora), "distributed": parse_section(
+            "distributed", {"num_processes": processes, "strategy": strategy})})
+
+    (problem,) = problems(bias="all", modules_to_save=["lm_head"])
+    assert problem == ("lora.bias all and lora.modules_to_save ['lm_head'] with distributed.strategy fsdp: the saved "
+                       "adapter would lack them (FSDP saves the LoRA matrices); set distributed.strategy: ddp, or "
+                       "lora.bias: none and lora.modules_to_save: null")
+    assert problems(bias="lora_only")[0].startswith("lora.bias lora_only with distributed.strategy fsdp")
+    assert problems() == [] and problems(strategy="ddp", bias="all") == [] and problems(1, bias="all") == []

@@ -40,6 +40,7 @@ def merge_into(target, with_adapter, dtype, from_quantized: bool = True):
     from peft.tuners.lora import LoraLayer
     from peft.utils import ModulesToSaveWrapper
 
+    _untie_trained_embeddings(target, with_adapter)
     for name, module in _merge_units(with_adapter):
         if isinstance(module, LoraLayer):
             layer = module.get_base_layer()
@@ -60,6 +61,34 @@ def merge_into(target, with_adapter, dtype, from_quantized: bool = True):
                 destination.weight.data = memory.to_host(_float_weight(module), dtype)
             _copy_plain(module, destination, dtype, skip=("weight",) if quantized else ())
     return target.to(dtype)
+
+
+def _untie_trained_embeddings(target, with_adapter) -> None:
+    """Give ``target``'s output embedding a weight of its own when training untied it from the input's.
+
+    A model whose input and output embeddings share one weight (Qwen2.5 up to 3B, SmolLM2) trains a
+    ``lora.modules_to_save`` copy (or a LoRA) of one of them alone: the trained model reads through one and
+    predicts through the other. Written into the shared weight, one would overwrite the other; untied, each
+    gets what base + adapter computes with, and the merged model's config says so.
+    """
+    from torch import nn
+
+    trained = with_adapter.get_base_model()
+    shared = target.get_input_embeddings().weight is target.get_output_embeddings().weight
+    if shared and trained.get_input_embeddings() is not trained.get_output_embeddings() and (
+            _is_adapted(trained.get_input_embeddings()) or _is_adapted(trained.get_output_embeddings())):
+        head = target.get_output_embeddings()
+        head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
+        target.config.tie_word_embeddings = False
+        logger.info("The merged model's output embedding is untied from its input embedding: training adapted "
+                    "one of them alone (lora.modules_to_save or lora.target_modules)")
+
+
+def _is_adapted(module) -> bool:
+    from peft.tuners.lora import LoraLayer
+    from peft.utils import ModulesToSaveWrapper
+
+    return isinstance(module, (LoraLayer, ModulesToSaveWrapper))
 
 
 def _merge_units(with_adapter):

@@ -82,6 +82,19 @@ def lora_init_distributed_problem(lora: LoraParams, distributed: DistributedPara
     return None
 
 
+def fsdp_adapter_problem(lora: LoraParams, distributed: DistributedParams) -> str | None:
+    """Why FSDP cannot save this adapter whole, or None: its ranks gather the LoRA matrices into the saved adapter
+    (``distributed.AcceleratedProcesses.adapter_state_dict``), not trained biases or modules_to_save copies."""
+    if distributed.strategy != "fsdp" or distributed.num_processes <= 1:
+        return None
+    extra = [f"lora.bias {lora.bias}"] if lora.bias != "none" else []
+    extra += [f"lora.modules_to_save {list(lora.modules_to_save)}"] if lora.modules_to_save else []
+    if not extra:
+        return None
+    return (f"{' and '.join(extra)} with distributed.strategy fsdp: the saved adapter would lack them (FSDP saves "
+            "the LoRA matrices); set distributed.strategy: ddp, or lora.bias: none and lora.modules_to_save: null")
+
+
 def fsdp_quantization_problem(quantization: QuantizationParams, distributed: DistributedParams) -> str | None:
     """Why FSDP cannot shard this base, or None: its 8-bit weights are int8 tensors, which FSDP does not
     flatten beside float ones (4-bit weights are stored as float32 elements for it: ``modeling.load_base_model``'s
@@ -105,6 +118,7 @@ def cross_section_problems(sections: dict[str, Any]) -> list[str]:
         problems.append(lora_init_problem(sections["lora"], sections["quantization"]))
     if "lora" in sections and "distributed" in sections:
         problems.append(lora_init_distributed_problem(sections["lora"], sections["distributed"]))
+        problems.append(fsdp_adapter_problem(sections["lora"], sections["distributed"]))
     if "quantization" in sections and "distributed" in sections:
         problems.append(fsdp_quantization_problem(sections["quantization"], sections["distributed"]))
     if "data" in sections and "evaluate" in sections:
