@@ -286,8 +286,8 @@ def _tokenize_segments(conversations: list[list[tuple[str, bool]]], tokenizer):
     mark the start of every text they are given (SentencePiece's "▁": an answer "Paris" after "Answer:\n" would
     become "▁", "Paris", tokens the model never reads there). Where a token spans two segments (a merge across
     the prompt's end), the prompt the model is given at inference does not end on a token boundary of the
-    whole text: that example's segments are tokenized one by one, as other fine-tuning tools do for all. So is
-    every example of a tokenizer without offsets (a slow one).
+    whole text: that example's segments are tokenized one by one, as other fine-tuning tools do for all. So is an
+    example with a token that has no characters to place, and every example of a tokenizer without offsets.
 
     Returns:
         per example: (ids, trained per id, last trained segment's first token index, its end index).
@@ -306,7 +306,8 @@ def _tokenize_segments(conversations: list[list[tuple[str, bool]]], tokenizer):
                 spans.append((position, position + len(text)))
             position += len(text)
             boundaries.append(position)
-        if any(start < boundary < end for start, end in offsets for boundary in boundaries[:-1]):
+        # a token spanning two segments, or one with no characters to place (offsets (0, 0)): part by part
+        if any(start < boundary < end or start == end for start, end in offsets for boundary in boundaries[:-1]):
             out.append(_tokenize_one_by_one(segments, tokenizer))
             continue
         trained_mask = [any(start < high and end > low for low, high in spans) for start, end in offsets]
