@@ -445,7 +445,7 @@ def test_a_tokenizer_without_bos_takes_the_configs_as_llama_cpps_converter_does(
     (model_dir / "tokenizer_config.json").write_text(json.dumps({**settings, "bos_token": None}))
     config = json.loads((model_dir / "config.json").read_text())
     assert AutoTokenizer.from_pretrained(model_dir).bos_token_id is None and isinstance(config["bos_token_id"], int)
-    found = tokenizer_metadata(model_dir, config["vocab_size"], "qwen2")
+    found = tokenizer_metadata(model_dir, config["vocab_size"])
     assert found["bos"] == config["bos_token_id"] and found["add_bos"] is False
 
 

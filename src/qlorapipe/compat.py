@@ -123,8 +123,7 @@ def problems(base_dir: Path, trust_remote_code: bool, data: DataParams, lora: Lo
     if data.format == "chat" and data.chat_template is None and not has_template:
         found.append("data.format is chat but the tokenizer has no chat template; set data.chat_template "
                      "to a Jinja template, or use data.format: instruction")
-    trained_template = data.format == "chat" and data.chat_template is not None  # the adapter's (records.py)
-    if evaluate.chat_template and not has_template and not trained_template:
+    if evaluate.chat_template and not has_template and data.trained_chat_template is None:
         found.append("evaluate.chat_template is true but the tokenizer has no chat template (nor data.chat_template "
                      "for chat data); set it to false")
     if isinstance(lora.target_modules, list) or lora.modules_to_save:

@@ -50,6 +50,33 @@ def sweep_leftovers(path: Path) -> list[Path]:
     return removed
 
 
+def _move_aside(path: Path) -> Path | None:
+    """Move ``path`` (if there is one) into a new temporary sibling directory and return where it went: it stays
+    whole until the caller deletes it or puts it back, and a killed run's next writer sweeps it."""
+    if not (path.exists() or path.is_symlink()):
+        return None
+    aside = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent)) / path.name
+    os.replace(path, aside)
+    return aside
+
+
+@contextlib.contextmanager
+def _temporary_file(path: Path, suffix: str = "") -> Iterator[str]:
+    """Yield a temporary sibling file's name (readable as the umask allows) that replaces ``path`` only if the
+    block succeeds."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sweep_leftovers(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", suffix=suffix, dir=path.parent)
+    try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes it private; outputs are ordinary files
+        os.close(fd)
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
 @contextlib.contextmanager
 def atomic_dir(path: Path) -> Iterator[Path]:
     """Yield a temporary directory that replaces ``path`` only if the block succeeds.
@@ -65,22 +92,20 @@ def atomic_dir(path: Path) -> Iterator[Path]:
     aside = None
     try:
         yield tmp
-        if path.exists() or path.is_symlink():
-            # Moved aside first, deleted after: the old output is whole until the new one is in place (deleting
-            # a multi-GB model takes a while, and a deletion that fails halfway would leave part of it).
-            aside = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-            os.replace(path, aside / path.name)
+        # Moved aside first, deleted after: the old output is whole until the new one is in place (deleting a
+        # multi-GB model takes a while, and a deletion that fails halfway would leave part of it).
+        aside = _move_aside(path)
         try:
             os.replace(tmp, path)
         except OSError:
             if aside is not None:  # the old output goes back where it was
-                os.replace(aside / path.name, path)
+                os.replace(aside, path)
             raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
         if aside is not None:
-            shutil.rmtree(aside, ignore_errors=True)
+            shutil.rmtree(aside.parent, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -97,10 +122,7 @@ def live_dir(path: Path) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     sweep_leftovers(path)
-    previous = None
-    if path.exists() or path.is_symlink():
-        previous = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent)) / path.name
-        os.replace(path, previous)
+    previous = _move_aside(path)
     path.mkdir()
     try:
         yield path
@@ -116,18 +138,8 @@ def live_dir(path: Path) -> Iterator[Path]:
 
 def write_text_atomic(path: Path, text: str) -> None:
     """Write a text file through a temporary sibling and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sweep_leftovers(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes it private; outputs are ordinary files
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with _temporary_file(Path(path)) as tmp, open(tmp, "w") as handle:
+        handle.write(text)
 
 
 def save_figure_atomic(fig, path: Path) -> None:
@@ -137,19 +149,9 @@ def save_figure_atomic(fig, path: Path) -> None:
     """
     import matplotlib.pyplot as plt
 
-    path = Path(path)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        sweep_leftovers(path)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", suffix=".png", dir=path.parent)
-        os.close(fd)
-        try:
-            os.chmod(tmp, 0o666 & ~_UMASK)
+        with _temporary_file(Path(path), suffix=".png") as tmp:
             fig.savefig(tmp, dpi=100, metadata={"Software": None})
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
     finally:
         plt.close(fig)
 

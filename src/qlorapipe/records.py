@@ -198,10 +198,7 @@ def read_adapter_record(adapter_dir: Path) -> AdapterRecord:
 def trained_chat_template(adapter_dir: Path) -> str | None:
     """The chat template the adapter was trained with when ``data.chat_template`` gave one for chat data; None:
     the tokenizer's own (or no template)."""
-    if not has_adapter_record(adapter_dir):
-        return None
-    data = read_adapter_record(adapter_dir).data
-    return data.chat_template if data.format == "chat" else None
+    return read_adapter_record(adapter_dir).data.trained_chat_template if has_adapter_record(adapter_dir) else None
 
 
 def check_adapter_matches_base(adapter_dir: Path, base_dir: Path) -> None:

@@ -35,8 +35,7 @@ def run(params: ModelParams, out_dir: Path) -> SourceRecord:
     """
     origin = {"repo_id": None, "revision": None, "commit": None, "wheel_sha256": None}
     hashes: dict[str, str] = {}  # weight files hashed while they were copied
-    converted = params.source == "offline-default" or (params.source == "local" and model_path_is_gguf(
-        Path(params.local_path).expanduser()))  # GGUF sources, written in model.dtype
+    copied = False  # a model directory copied as it is; GGUF sources are converted to model.dtype
     clock = PhaseClock()
     with atomic_dir(out_dir) as out:
         if params.source == "offline-default":
@@ -49,6 +48,7 @@ def run(params: ModelParams, out_dir: Path) -> SourceRecord:
                           wheel_sha256=sources.OFFLINE_DEFAULT_WHEEL_SHA256)
         elif params.source == "hub":
             commit, hashes = sources.download_from_hub(params.repo_id, params.revision, out, params.trust_remote_code)
+            copied = True
             origin.update(repo_id=params.repo_id, revision=params.revision, commit=commit)
         else:
             local = Path(params.local_path).expanduser()
@@ -57,6 +57,7 @@ def run(params: ModelParams, out_dir: Path) -> SourceRecord:
             else:
                 with _importing_transformers():  # a few seconds of imports, while the copy waits on the disk
                     hashes = sources.copy_local_model_dir(local, out, params.trust_remote_code)
+                copied = True
             origin.update(repo_id=local.name)
         clock.lap("write")
         where = f"model.local_path '{params.local_path}'" if params.source == "local" else origin["repo_id"]
@@ -68,7 +69,7 @@ def run(params: ModelParams, out_dir: Path) -> SourceRecord:
             info = sources.check_loadable(out, params.trust_remote_code)
             digest = hashing.result()
         clock.lap("check_and_hash")
-        dtype = params.dtype if converted else _stored_dtype(out, params.dtype)
+        dtype = _stored_dtype(out, params.dtype) if copied else params.dtype
         record = SourceRecord(source=params.source, dtype=dtype, trust_remote_code=params.trust_remote_code,
                               content_sha256=digest, **origin, **info)
         write_source_record(out, record)

@@ -67,7 +67,7 @@ def _config_bos(model_dir: Path) -> int | None:
     return bos if isinstance(bos, int) else None
 
 
-def tokenizer_metadata(model_dir: Path, vocab_size: int, architecture: str) -> dict:
+def tokenizer_metadata(model_dir: Path, vocab_size: int) -> dict:
     """The tokenizer of ``model_dir`` (one ``gguf_problem`` accepts) as GGUF metadata values.
 
     Returns:
@@ -140,7 +140,7 @@ def write_gguf(model, model_dir: Path, out_file: Path, file_type: str) -> None:
     rope_theta = rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))
     n_head, n_kv = config.num_attention_heads, config.num_key_value_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_head
-    tok = tokenizer_metadata(model_dir, config.vocab_size, arch)
+    tok = tokenizer_metadata(model_dir, config.vocab_size)
 
     writer = gguf.GGUFWriter(str(out_file), arch)
     writer.add_name(Path(getattr(config, "_name_or_path", "") or model_dir).name)

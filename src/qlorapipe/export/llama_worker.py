@@ -129,8 +129,9 @@ def check(spec: dict, out) -> None:
                            for text, ids, adds_bos in spec["texts"])
         chat = spec.get("chat")
         rendered = render_chat(llm, chat["bos"], chat["eos"]) if chat else None
-        vocab = llamacpp.llama_cpp_module().llama_model_get_vocab(llm.model)
-        eog = [t for t in spec.get("probe_tokens", []) if llamacpp.llama_cpp_module().llama_vocab_is_eog(vocab, t)]
+        llama_cpp = llamacpp.llama_cpp_module()
+        vocab = llama_cpp.llama_model_get_vocab(llm.model)
+        eog = [t for t in spec.get("probe_tokens", []) if llama_cpp.llama_vocab_is_eog(vocab, t)]
         lap("tokenizer_and_chat")
         out.write((json.dumps({"continuations": [[c.tokens, c.stop] for c in continuations],
                                "tokenizer_matches": tokens_match, "chat_rendering": rendered, "eog": eog,

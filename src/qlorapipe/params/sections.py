@@ -95,6 +95,12 @@ class DataParams:
     seed: int = 42
     max_documents: int | None = None
 
+    @property
+    def trained_chat_template(self) -> str | None:
+        """The chat template given to train chat data with (``chat_template`` for ``format: chat``); None: the
+        tokenizer's own, or none. The adapter keeps it (``records.trained_chat_template``)."""
+        return self.chat_template if self.format == "chat" else None
+
     def check(self) -> list[str]:
         problems = []
         if self.source in ("hub", "local") and not self.path:
