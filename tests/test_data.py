@@ -172,6 +172,23 @@ def test_chat_uses_the_template_and_trains_each_assistant_turn_with_its_eos(tok,
     assert example.input_ids[-1] == EOS and example.input_ids[-2] != EOS  # exactly one EOS at the end
 
 
+@pytest.mark.parametrize("completion_only_loss", [True, False])
+def test_a_conversation_ending_with_a_user_turn_is_not_taught_to_stop_after_it(tok, completion_only_loss):
+    """The final answer's EOS is the trained end; the user turn after it is left out when prompts are masked
+    (its closing EOS carried a label before), and kept whole, ending with its own EOS, when the text is trained
+    whole."""
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
+                {"role": "user", "content": "Bye"}]
+    (example,), _ = build([{"messages": messages}], tok, format="chat", chat_template=CHAT_TEMPLATE,
+                          completion_only_loss=completion_only_loss)
+    if completion_only_loss:
+        ids, labels = _chat_expected(tok, [("<|user|>Hi</s><|assistant|>", False), ("Hello.</s>", True)])
+    else:
+        ids, labels = _chat_expected(tok, [("<|user|>Hi</s><|assistant|>Hello.</s><|user|>Bye</s>", True)])
+    assert example.input_ids == ids and example.labels == labels
+    assert example.input_ids[-1] == EOS and example.labels[-1] == EOS
+
+
 def test_chat_roles_templates_do_not_know_are_named_with_their_row_or_mapped_by_params(tok):
     rows = [{"messages": [{"role": "customer", "content": "Hi"}, {"role": "bot", "content": "Hello."}]},
             {"messages": [{"role": "customer", "content": "Bye"}, {"role": "robot", "content": "Goodbye."}]}]

@@ -243,6 +243,28 @@ def test_train_evaluate_and_export_check_the_budget_before_loading(tiny_llama_di
         memory.check_quantized_fits("train", tiny_llama_dir, QUANT, 0, 0, 1e7, 0.01)
 
 
+def test_evaluate_counts_a_batch_of_logits_only_where_its_loss_holds_them_whole(tiny_llama_dir, tmp_path):
+    """The evaluation loss runs a plain head a chunk at a time (perplexity.mean_token_loss): its budget check
+    counts a batch's logits only for a trained head or a family whose forward computes its logits itself."""
+    import json
+
+    from transformers import GPT2Config
+
+    from qlorapipe.evaluate import _logit_rows_held
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"modules_to_save": None}))
+    assert _logit_rows_held(tiny_llama_dir, adapter, 4, False) == 0
+    (adapter / "adapter_config.json").write_text(json.dumps({"modules_to_save": ["embed_tokens"]}))
+    assert _logit_rows_held(tiny_llama_dir, adapter, 4, False) == 0
+    (adapter / "adapter_config.json").write_text(json.dumps({"modules_to_save": ["lm_head"]}))
+    assert _logit_rows_held(tiny_llama_dir, adapter, 4, False) == 4
+    GPT2Config(vocab_size=300, n_embd=64, n_layer=2, n_head=4).save_pretrained(tmp_path / "gpt2")
+    (adapter / "adapter_config.json").write_text(json.dumps({"modules_to_save": None}))
+    assert _logit_rows_held(tmp_path / "gpt2", adapter, 4, False) == 4
+
+
 def test_a_streamed_model_runs_as_many_rows_at_once_as_move_the_fewest_bytes():
     gb = 1e9
     # Qwen2.5-3B in float32 within 7.5 GB, rows of 512 tokens x 151,936 logits (0.62 GB each): one row at a

@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from qlorapipe import modeling
+
 
 @dataclass(frozen=True)
 class Fidelity:
@@ -70,9 +72,6 @@ def _by_rows(batches, rows_at_once: int | None, logits_of) -> list:
     return found
 
 
-# Families whose logits are the output head applied to the last hidden state and nothing else (no
-# soft-capping, no logit scale, no embedding scale): ``float32_logits`` computes theirs.
-PLAIN_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 # Vocabulary rows of the output head ``float32_logits`` upcasts at once (134 MB at a hidden size of 2,048).
 HEAD_ROWS = 16384
 
@@ -83,7 +82,7 @@ def float32_logits(model, batches, device, rows_at_once: int | None = None, head
     Only one block is ever in float32: each decoder block's weights are upcast for its forward and
     rounded back after (exact: a 16-bit value survives the round trip), the embeddings are looked up in
     16 bits and upcast (the same values), and the output head multiplies in float32 ``head_rows``
-    vocabulary rows at a time. For a family in PLAIN_FAMILIES only (``computes_plain_logits``).
+    vocabulary rows at a time. For a family in ``modeling.PLAIN_HEAD_FAMILIES`` only (``computes_plain_logits``).
 
     Returns:
         float32 logits for each batch, on the CPU (as ``logits_on``).
@@ -138,8 +137,8 @@ def _upcast_blocks(model) -> list:
 
 
 def computes_plain_logits(model) -> bool:
-    """Whether ``float32_logits`` computes what ``model`` does (its family is one of PLAIN_FAMILIES)."""
-    return getattr(model.config, "model_type", None) in PLAIN_FAMILIES
+    """Whether ``float32_logits`` computes what ``model`` does (a family in ``modeling.PLAIN_HEAD_FAMILIES``)."""
+    return getattr(model.config, "model_type", None) in modeling.PLAIN_HEAD_FAMILIES
 
 
 def float32_working_bytes(model, length: int, head_rows: int = HEAD_ROWS) -> tuple[float, float]:

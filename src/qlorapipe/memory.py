@@ -220,7 +220,7 @@ def check_quantized_fits(stage: str, base_dir: Path, quant, rows: int, length: i
     vocab = skeleton.get_output_embeddings().weight.shape[0]
     # The logits in 16 bits, and the float32 chunks the loss upcasts (perplexity.LOSS_CHUNK_ELEMENTS).
     need = (weight_bytes(skeleton, quant.load_in, quant.use_double_quant) + logits_bytes(rows, length, vocab, 2)
-            + 3 * 4 * 2**24 + SLACK_BYTES)
+            + 3 * 4 * 2**25 + SLACK_BYTES)
     what = f" and {rows} x {length} tokens of logits" if rows else ""
     check_fits(stage, need, budget, budget_gb, f"the quantized base + adapter{what}")
 

@@ -162,6 +162,32 @@ def training_numerics_at_inference(model) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
+# Causal LMs whose logits are the output head (a linear layer) applied to the decoder's last hidden state and
+# nothing else (no soft-capping, no logit scale): their loss can be computed from the hidden states a chunk at a
+# time (the train stage's chunked loss, evaluation) and their logits in float32 block by block (export's checks).
+PLAIN_HEAD_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def plain_head_causal_lm(model):
+    """The causal LM inside ``model`` (the LM itself, a PeftModel or a DDP wrapper) when its logits are
+    ``lm_head(decoder(...).last_hidden_state)`` with a plain, bias-free ``torch.nn.Linear`` head; None otherwise:
+    another family, a trained head (``lora.modules_to_save``), or an FSDP wrapper, whose parameters only its own
+    forward gathers."""
+    import torch
+
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        model = model.module
+    if type(model).__name__ == "FullyShardedDataParallel":
+        return None
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = getattr(causal_lm, "lm_head", None)
+    if (getattr(getattr(causal_lm, "config", None), "model_type", None) not in PLAIN_HEAD_FAMILIES
+            or type(head) is not torch.nn.Linear or head.bias is not None
+            or not isinstance(getattr(causal_lm, "model", None), torch.nn.Module)):
+        return None
+    return causal_lm
+
+
 def linear_module_names(model) -> list[str]:
     """Short names of the linear layers LoRA can target (what target_modules refers to)."""
     import torch

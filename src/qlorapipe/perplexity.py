@@ -4,20 +4,27 @@ from __future__ import annotations
 
 import math
 
+from qlorapipe import modeling
 from qlorapipe.data import IGNORE_INDEX, model_inputs
 
-# Float32 logits the loss materialises at once (elements): 64 MiB, whatever the vocabulary.
-LOSS_CHUNK_ELEMENTS = 2**24
+# Logits the loss materialises at once (elements): 128 MiB in float32, whatever the vocabulary. The head by
+# chunks of 2**24 ran at 0.96x the speed of a batch's logits whole at Qwen2.5's vocabulary, of 2**25 0.99x
+# (benchmarks/eval_memory.py, docs/benchmarks.md).
+LOSS_CHUNK_ELEMENTS = 2**25
 
 
 def mean_token_loss(model, dataset, batch_size: int, device, max_batches: int | None = None,
                     chunk_elements: int = LOSS_CHUNK_ELEMENTS) -> tuple[float, int]:
     """Mean next-token cross-entropy over ``dataset``, weighted by predicted tokens.
 
-    The loss is computed in float32 on chunks of ``chunk_elements`` logits at a time: upcasting
-    a whole batch's logits, shifting and log-softmaxing them keeps three float32 copies of the
-    largest activation (Qwen2.5-3B, 4 x 1,024 tokens: the train stage's evaluations peaked at
-    11.25 GB on an H200 that way, against 3.79 GB for a training step).
+    The loss is computed in float32 on chunks of ``chunk_elements`` logits at a time. For a model whose
+    logits are its output head applied to the last hidden states (``modeling.plain_head_causal_lm``) no
+    batch's logits exist whole: the head runs on the hidden states of the predicted positions only, a chunk
+    at a time (Qwen2.5's 152k vocabulary at 4 x 2,048 tokens would be 2.5 GB of 16-bit logits, more than a
+    training step needs beside the weights). Other models compute a batch's logits whole and only the
+    float32 upcast is chunked (upcasting, shifting and log-softmaxing them whole kept three float32 copies
+    of the largest activation: Qwen2.5-3B at 4 x 1,024 tokens peaked at 11.25 GB on an H200 that way,
+    against 3.79 GB for a training step).
 
     The model evaluates in eval mode and is put back in the mode it was in. Its 4-bit layers compute as in
     training (``modeling.load_base_model`` keeps bitsandbytes' CPU inference repacking out), so an
@@ -30,6 +37,7 @@ def mean_token_loss(model, dataset, batch_size: int, device, max_batches: int | 
 
     was_training = model.training
     model.eval()
+    causal_lm = modeling.plain_head_causal_lm(model)
     total_loss, total_tokens = 0.0, 0
     with torch.no_grad():
         for start in range(0, len(dataset), batch_size):
@@ -37,21 +45,37 @@ def mean_token_loss(model, dataset, batch_size: int, device, max_batches: int | 
                 break
             batch = dataset[start : start + batch_size]
             labels = batch["labels"].to(device).long()
-            logits = model(**model_inputs(batch, device)).logits  # (rows, seq, vocab), compute dtype
-            step = max(1, chunk_elements // logits.shape[-1])
-            loss = torch.zeros((), device=logits.device, dtype=torch.float32)
-            for row in range(logits.shape[0]):  # position t predicts label t + 1
-                for first in range(0, logits.shape[1] - 1, step):
-                    last = min(first + step, logits.shape[1] - 1)
-                    loss += torch.nn.functional.cross_entropy(logits[row, first:last].float(),
-                                                              labels[row, first + 1 : last + 1],
-                                                              ignore_index=IGNORE_INDEX, reduction="sum")
-            total_loss += loss.item()
-            total_tokens += int((labels[:, 1:] != IGNORE_INDEX).sum())
+            targets = labels[:, 1:]  # position t predicts label t + 1
+            if causal_lm is not None:
+                hidden = causal_lm.model(**model_inputs(batch, device)).last_hidden_state
+                loss = _summed_loss(hidden[:, :-1][targets != IGNORE_INDEX], targets[targets != IGNORE_INDEX],
+                                    causal_lm.lm_head, causal_lm.lm_head.out_features, chunk_elements)
+                del hidden
+            else:
+                logits = model(**model_inputs(batch, device)).logits  # (rows, seq, vocab), compute dtype
+                loss = sum(_summed_loss(logits[row, :-1], targets[row], None, logits.shape[-1], chunk_elements)
+                           for row in range(logits.shape[0]))
+                del logits
+            total_loss += float(loss)
+            total_tokens += int((targets != IGNORE_INDEX).sum())
     model.train(was_training)
     if total_tokens == 0:
         return float("nan"), 0
     return total_loss / total_tokens, total_tokens
+
+
+def _summed_loss(inputs, targets, head, vocab: int, chunk_elements: int):
+    """Summed float32 cross-entropy of ``head(inputs)`` (``inputs`` themselves with no head) against
+    ``targets``, ``chunk_elements`` logits at a time."""
+    import torch
+
+    step = max(1, chunk_elements // vocab)
+    loss = torch.zeros((), device=inputs.device, dtype=torch.float32)
+    for first in range(0, inputs.shape[0], step):
+        logits = inputs[first : first + step] if head is None else head(inputs[first : first + step])
+        loss += torch.nn.functional.cross_entropy(logits.float(), targets[first : first + step],
+                                                  ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss
 
 
 def perplexity(mean_loss: float) -> float:

@@ -12,6 +12,7 @@ Every figure is written for base and fine-tuned side by side, and drawn (``chart
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -85,8 +86,10 @@ def run(quant: QuantizationParams, params: EvaluateParams, base_dir: Path, adapt
         general_set = forgetting.as_dataset(forgetting.general_rows(
             texts, tokenizer, row_length, params.general_batches * params.batch_size, params.general_corpus))
     budget = memory.budget_bytes(budget_gb, device)
-    memory.check_quantized_fits("evaluate", base_dir, quant, params.batch_size, len(eval_set[0]["input_ids"]), budget,
-                                budget_gb, trust)
+    if budget is not None:
+        rows = _logit_rows_held(base_dir, adapter_dir, params.batch_size, trust)
+        memory.check_quantized_fits("evaluate", base_dir, quant, rows, len(eval_set[0]["input_ids"]), budget,
+                                    budget_gb, trust)
     memory.reset_peak(device)
     clock = PhaseClock("evaluate")  # where the stage's time went (metrics' seconds)
     base, _ = modeling.load_base_model(base_dir, quant, device, trust_remote_code=trust)
@@ -200,3 +203,11 @@ def _gate(params: EvaluateParams, metrics: dict) -> None:
     problems = gate_problems(params, metrics)
     if problems:
         raise UserError("; ".join(problems))
+
+
+def _logit_rows_held(base_dir: Path, adapter_dir: Path, batch_size: int, trust: bool) -> int:
+    """Rows of logits the evaluation loss holds at once: none where ``perplexity.mean_token_loss`` runs the head
+    a chunk at a time (a plain head the adapter does not train), else a batch's."""
+    saved = json.loads((adapter_dir / "adapter_config.json").read_text()).get("modules_to_save") or []
+    plain = modeling.plain_head_causal_lm(memory.meta_model(base_dir, trust)) is not None
+    return 0 if plain and "lm_head" not in saved else batch_size

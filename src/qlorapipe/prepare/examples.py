@@ -249,7 +249,7 @@ def build_examples(records: list[Record], tokenizer, params: DataParams) -> tupl
     examples = []
     for (where, _), (ids, trained_mask, last_trained_start, last_trained_end) in zip(rendered, tokenized):
         labels = [token if (trained or not mask_prompt) else IGNORE_INDEX for token, trained in zip(ids, trained_mask)]
-        ids, labels = _end_with_one_eos(ids, labels, last_trained_start, eos)
+        ids, labels = _end_with_one_eos(ids, labels, last_trained_start, last_trained_end, eos, mask_prompt)
         shift = 0
         if add_bos and ids[:1] != [bos]:
             ids, labels, shift = [bos] + ids, [IGNORE_INDEX] + labels, 1
@@ -331,16 +331,22 @@ def _tokenize_one_by_one(segments: list[tuple[str, bool]], tokenizer):
     return ids, trained_mask, last_start, last_end
 
 
-def _end_with_one_eos(ids: list[int], labels: list[int], last_trained_start: int, eos: int):
+def _end_with_one_eos(ids: list[int], labels: list[int], last_trained_start: int, last_trained_end: int, eos: int,
+                      mask_prompt: bool):
     """Cut after the last EOS of the final completion (chat templates close turns with it),
-    or append one EOS that the model is trained to produce."""
-    tail = ids[last_trained_start:]
+    or append one EOS that the model is trained to produce.
+
+    With the prompt masked, what follows the final completion (a conversation ending with a user
+    turn) is left out: none of it is trained, and the EOS closing it is no answer's end to learn.
+    Trained whole (``completion_only_loss: false``), the text ends where it ends."""
+    end = last_trained_end if mask_prompt else len(ids)
+    tail = ids[last_trained_start:end]
     if eos in tail:
         end = last_trained_start + len(tail) - tail[::-1].index(eos)
         ids, labels = ids[:end], labels[:end]
         labels[-1] = eos
         return ids, labels
-    return ids + [eos], labels + [eos]
+    return ids[:end] + [eos], labels[:end] + [eos]
 
 
 def _check_counts(counts: Counts, n_rendered: int, params: DataParams) -> None:

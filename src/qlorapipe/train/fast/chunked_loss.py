@@ -10,14 +10,12 @@ from __future__ import annotations
 import functools
 import types
 
+from qlorapipe import modeling
 from qlorapipe.data import IGNORE_INDEX
 from qlorapipe.train.fast import liger
 
 # Largest float32 logits block the chunked loss materialises at once (elements): 256 MiB.
 LOGITS_CHUNK_ELEMENTS = 2**26
-# Causal LMs whose forward is exactly decoder -> lm_head -> shifted cross-entropy, with no
-# logit scaling or soft-capping, so the chunked loss is the same function.
-CHUNKED_LOSS_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 @functools.cache
@@ -168,13 +166,8 @@ def use_chunked_loss(model) -> bool:
         True when the model's forward was patched; False for architectures whose head is not
         a plain bias-free linear layer (their forward is left alone).
     """
-    import torch
-
-    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    config = getattr(causal_lm, "config", None)
-    head = getattr(causal_lm, "lm_head", None)
-    if (getattr(config, "model_type", None) not in CHUNKED_LOSS_MODEL_TYPES or type(head) is not torch.nn.Linear
-            or head.bias is not None or not hasattr(causal_lm, "model")):
+    causal_lm = modeling.plain_head_causal_lm(model)
+    if causal_lm is None:
         return False
     # Patched on the instance, not wrapped: peft's PeftModel holds this very object as its base
     # model, and the state-dict names and generation go through it.

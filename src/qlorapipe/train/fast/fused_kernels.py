@@ -11,8 +11,8 @@ import logging
 import threading
 import types
 
+from qlorapipe import modeling
 from qlorapipe.train.fast import liger
-from qlorapipe.train.fast.chunked_loss import CHUNKED_LOSS_MODEL_TYPES
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ def use_fused_kernels(model, compute_dtype) -> bool:
     """
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = getattr(causal_lm, "config", None)
-    if getattr(config, "model_type", None) not in CHUNKED_LOSS_MODEL_TYPES:
+    if getattr(config, "model_type", None) not in modeling.PLAIN_HEAD_FAMILIES:
         return False
     error = liger.missing()
     if error is not None:
