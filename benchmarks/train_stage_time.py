@@ -73,6 +73,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, help="optimizer steps (default: params.yaml training.max_steps)")
     parser.add_argument("--processes", default="1", help="comma-separated process counts (distributed.num_processes)")
     parser.add_argument("--strategy", default="ddp", choices=["ddp", "fsdp"])
+    parser.add_argument("--budget", type=float, help="acceleration.memory_budget_gb of every run (default: params.yaml)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     args.workdir.mkdir(parents=True, exist_ok=True)
@@ -107,6 +108,8 @@ def main() -> None:
         parser.error(f"--runs: unknown {unknown}; known: {list(runs)}")
     for label in labels * args.rounds:
         accel, quant = runs[label]
+        if args.budget is not None:
+            accel = dict(accel, memory_budget_gb=args.budget)
         for processes in counts:
             training = dict(params["training"], per_device_batch_size=batch, max_steps=steps, eval_every_steps=steps,
                             max_eval_batches=2, gradient_accumulation_steps=max(counts))

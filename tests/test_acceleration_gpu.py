@@ -303,6 +303,36 @@ def test_auto_offloads_below_the_all_checkpointed_peak_and_keeps_what_fits_besid
     assert _step_peak_gb(model, inputs, ids) <= budget  # a real step, offloaded, with the blocks it kept
 
 
+def test_with_cuda_graphs_the_steps_leave_room_for_an_evaluation_between_them(six_block_qwen2_dir, monkeypatch):
+    """The graphs' memory pool keeps a step's peak to itself, so an evaluation between steps allocates beside it:
+    the steps are fitted to the budget less what one evaluation allocates (measured on the eval rows). Without
+    graphs an evaluation reuses what the step freed, and the steps get the whole budget."""
+    from qlorapipe.perplexity import mean_token_loss
+
+    device = torch.device("cuda")
+    model, _ = _tiny_lora(six_block_qwen2_dir, AccelerationParams())
+    ids = torch.randint(4, 300, (4, 256), generator=torch.Generator().manual_seed(7))
+    batch = {"input_ids": ids, "labels": ids}
+    room = memory_plan.evaluation_room_gb(model, batch, device)
+    assert model.training and torch.cuda.max_memory_allocated() == torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    mean_token_loss(model, memory_plan._OneBatch(batch), 4, device)
+    assert room > 0 and room == pytest.approx((torch.cuda.max_memory_allocated() - before) / 1e9, abs=1e-3)
+
+    budgets = []
+
+    def fit_on_gpu(model, inputs, labels, params, device, cuda_graphs=False):
+        budgets.append(params.memory_budget_gb)
+        return {}
+
+    monkeypatch.setattr(memory_plan, "fit_on_gpu", fit_on_gpu)
+    for graphed in (True, False):
+        memory_plan.plan_uncheckpointed_layers(model, AccelerationParams(memory_budget_gb=5.0), batch, device,
+                                               cuda_graphs=graphed, eval_batch=batch)
+    assert budgets[0] == pytest.approx(5.0 - room, abs=2e-3) and budgets[1] == 5.0
+
+
 def test_auto_with_the_default_budget_keeps_every_tiny_block(six_block_qwen2_dir):
     device = torch.device("cuda")
     model, _ = _tiny_lora(six_block_qwen2_dir, AccelerationParams())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -45,3 +46,21 @@ print(again.shape == weights.shape, float((again - weights).abs().max() / weight
     found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert found.returncode == 0, found.stderr[-2000:]
     assert found.stdout.split() == ["False", "True", "True"]
+
+
+def test_a_stage_runs_torchs_allocator_with_expandable_segments_unless_the_user_set_its_settings(monkeypatch):
+    from qlorapipe.console import run_stage
+
+    seen = []
+    for variable in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF"):
+        monkeypatch.delenv(variable, raising=False)
+    run_stage(lambda argv: seen.append(dict(os.environ)), [], exit_when_done=False)
+    assert seen[-1].get("PYTORCH_ALLOC_CONF") == "expandable_segments:True"
+    for variable, settings in (("PYTORCH_ALLOC_CONF", "max_split_size_mb:64"),
+                               ("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:32")):
+        for name in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv(variable, settings)
+        run_stage(lambda argv: seen.append(dict(os.environ)), [], exit_when_done=False)
+        assert seen[-1].get(variable) == settings
+        assert "PYTORCH_ALLOC_CONF" not in seen[-1] or variable == "PYTORCH_ALLOC_CONF"

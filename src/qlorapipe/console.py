@@ -95,9 +95,10 @@ def run_stage(main: Callable[[list[str] | None], None], argv: list[str] | None =
     With ``exit_when_done`` (stage scripts) a main that returned ends the process at once
     (:func:`exit_at_once`); a command others may call in-process (``qlorapipe-chat``) passes False.
     """
-    from qlorapipe.startup import defer_bitsandbytes_compile
+    from qlorapipe.startup import defer_bitsandbytes_compile, use_expandable_segments
 
     defer_bitsandbytes_compile()
+    use_expandable_segments()
     configure_logging(tokenizer_threads=tokenizer_threads)
     try:
         main(argv)

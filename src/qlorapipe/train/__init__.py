@@ -140,7 +140,8 @@ def run(sections: Sections, base_dir: Path, data_dir: Path, out: Outputs, relaun
                                 rows=min(params.per_device_batch_size, len(train_set)))
     _, first = next(loop.micro_batches(len(train_set), params.per_device_batch_size, params.seed))
     uncheckpointed = fast.plan_uncheckpointed_layers(model, sections.acceleration, train_set[first], device,
-                                                     world.num_processes, cuda_graphs=graphed is not None)
+                                                     world.num_processes, cuda_graphs=graphed is not None,
+                                                     eval_batch=eval_set[: params.per_device_batch_size])
     host_kept = fast.host_kept(model)  # blocks whose activations wait in host memory (host_kept_layers)
     offloaded = fast.offloaded(model)  # the recomputed blocks' inputs wait there (set, or chosen by the planners)
     clock.lap("plan")

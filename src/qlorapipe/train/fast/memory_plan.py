@@ -82,7 +82,7 @@ def _step_down(measure, peaks: dict[int, float], n_kept: int, floor: int, budget
 
 
 def plan_uncheckpointed_layers(model, params: AccelerationParams, batch, device, num_processes: int = 1,
-                               cuda_graphs: bool = False) -> int:
+                               cuda_graphs: bool = False, eval_batch=None) -> int:
     """With ``uncheckpointed_layers: auto``, keep as many blocks as fit in the memory budget; with
     ``host_kept_layers: auto`` (CUDA), first keep the checkpointed blocks in host memory that make a step fastest.
 
@@ -102,6 +102,10 @@ def plan_uncheckpointed_layers(model, params: AccelerationParams, batch, device,
         device: where the model lives.
         num_processes: how many processes train.
         cuda_graphs: training replays CUDA graphs (``graphed_step``): measure steps the same way.
+        eval_batch: the rows one evaluation between steps computes at once (``perplexity.mean_token_loss``). With
+            ``cuda_graphs`` the memory it allocates is left out of the budget the steps are fitted to
+            (``evaluation_room_gb``): the graphs' memory pool keeps the step's peak to itself, so an evaluation
+            allocates beside it, not in memory the step has freed.
 
     Returns:
         How many blocks keep their activations (0 when none does).
@@ -128,6 +132,8 @@ def plan_uncheckpointed_layers(model, params: AccelerationParams, batch, device,
                         kept, measured["n_blocks"], measured["per_block_bytes"] / 1e9, measured["rest_bytes"] / 1e9,
                         measured["room_bytes"] / 1e9, 100 * HOST_SHARE)
         return kept
+    if cuda_graphs and eval_batch is not None:
+        params = _within_evaluation(model, params, eval_batch, device)
     plans = fit_on_gpu(model, inputs, labels, params, device, cuda_graphs)
     if "uncheckpointed_layers" not in plans:
         return uncheckpointed_count(model)
@@ -151,6 +157,48 @@ def plan_uncheckpointed_layers(model, params: AccelerationParams, batch, device,
                            "%.2f GB (acceleration.memory_budget_gb)", measured["peak_gb"],
                            " and their inputs offloaded" if measured.get("offloaded") else "", measured["budget_gb"])
     return kept
+
+
+def evaluation_room_gb(model, eval_batch, device) -> float:
+    """What one evaluation of ``eval_batch`` allocates (GB) above what is allocated before it: the memory an
+    evaluation between steps needs beside the CUDA graphs' pool (``perplexity.mean_token_loss``, as the loop runs
+    it). Leaves the model as it was (eval mode only inside) and the peak memory statistics reset."""
+    import torch
+
+    from qlorapipe.perplexity import mean_token_loss
+
+    rows = len(eval_batch["input_ids"])
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    mean_token_loss(model, _OneBatch(eval_batch), rows, device)
+    room = (torch.cuda.max_memory_allocated(device) - before) / 1e9
+    torch.cuda.reset_peak_memory_stats(device)
+    return room
+
+
+class _OneBatch:
+    """One batch of prepared rows as a dataset ``mean_token_loss`` slices."""
+
+    def __init__(self, batch: dict):
+        self.batch = batch
+
+    def __len__(self) -> int:
+        return len(self.batch["input_ids"])
+
+    def __getitem__(self, index: slice) -> dict:
+        return {key: value[index] for key, value in self.batch.items()}
+
+
+def _within_evaluation(model, params: AccelerationParams, eval_batch, device) -> AccelerationParams:
+    """``params`` with the budget the steps are fitted to less what an evaluation between steps allocates."""
+    from dataclasses import replace
+
+    room = evaluation_room_gb(model, eval_batch, device)
+    budget = _Probe(model, device).budget(params.memory_budget_gb)
+    logger.info("memory budget: %.2f GB of %.2f GB for the training step; an evaluation between steps allocates "
+                "%.2f GB beside the CUDA graphs' memory", budget - room, budget, room)
+    return replace(params, memory_budget_gb=round(budget - room, 3))
 
 
 def fit_on_gpu(model, inputs: dict, labels, params: AccelerationParams, device,
