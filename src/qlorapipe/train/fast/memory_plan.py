@@ -195,7 +195,9 @@ def _within_evaluation(model, params: AccelerationParams, eval_batch, device) ->
     from dataclasses import replace
 
     room = evaluation_room_gb(model, eval_batch, device)
-    budget = _Probe(model, device).budget(params.memory_budget_gb)
+    probe = _Probe(model, device)
+    with probe:  # the gradients and modes its release touches are put back
+        budget = probe.budget(params.memory_budget_gb)
     logger.info("memory budget: %.2f GB of %.2f GB for the training step; an evaluation between steps allocates "
                 "%.2f GB beside the CUDA graphs' memory", budget - room, budget, room)
     return replace(params, memory_budget_gb=round(budget - room, 3))
