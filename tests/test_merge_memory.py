@@ -243,26 +243,48 @@ def test_train_evaluate_and_export_check_the_budget_before_loading(tiny_llama_di
         memory.check_quantized_fits("train", tiny_llama_dir, QUANT, 0, 0, 1e7, 0.01)
 
 
-def test_evaluate_counts_a_batch_of_logits_only_where_its_loss_holds_them_whole(tiny_llama_dir, tmp_path):
+def test_evaluate_counts_a_batch_of_logits_only_where_it_holds_them_whole(tiny_llama_dir, tmp_path):
     """The evaluation loss runs a plain head a chunk at a time (perplexity.mean_token_loss): its budget check
-    counts a batch's logits only for a trained head or a family whose forward computes its logits itself."""
+    counts a batch's logits only for a trained head, a family whose forward computes its logits itself, or
+    lm-eval's tasks (which take a batch's logits whole)."""
     import json
 
     from transformers import GPT2Config
 
-    from qlorapipe.evaluate import _logit_rows_held
+    from qlorapipe.evaluate import _holds_whole_logits
+    from qlorapipe.params import EvaluateParams
 
-    adapter = tmp_path / "adapter"
+    adapter, plain, harness = tmp_path / "adapter", EvaluateParams(), EvaluateParams(lm_eval_tasks=["arc_easy"])
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text(json.dumps({"modules_to_save": None}))
-    assert _logit_rows_held(tiny_llama_dir, adapter, 4, False) == 0
+    assert not _holds_whole_logits(plain, tiny_llama_dir, adapter, False)
+    assert _holds_whole_logits(harness, tiny_llama_dir, adapter, False)
     (adapter / "adapter_config.json").write_text(json.dumps({"modules_to_save": ["embed_tokens"]}))
-    assert _logit_rows_held(tiny_llama_dir, adapter, 4, False) == 0
+    assert not _holds_whole_logits(plain, tiny_llama_dir, adapter, False)
     (adapter / "adapter_config.json").write_text(json.dumps({"modules_to_save": ["lm_head"]}))
-    assert _logit_rows_held(tiny_llama_dir, adapter, 4, False) == 4
+    assert _holds_whole_logits(plain, tiny_llama_dir, adapter, False)
     GPT2Config(vocab_size=300, n_embd=64, n_layer=2, n_head=4).save_pretrained(tmp_path / "gpt2")
     (adapter / "adapter_config.json").write_text(json.dumps({"modules_to_save": None}))
-    assert _logit_rows_held(tmp_path / "gpt2", adapter, 4, False) == 4
+    assert _holds_whole_logits(plain, tmp_path / "gpt2", adapter, False)
+
+
+def test_the_evaluate_check_counts_a_forward_pass_and_the_logits_only_when_held_whole(tmp_path):
+    """Qwen2.5-3B's shape needs 0.67 GB for a forward pass of 4 x 2,048 tokens through a block, and 2.49 GB more
+    for their logits whole: a budget between the two passes the check only with the head run by chunks."""
+    from transformers import Qwen2Config
+
+    skeleton = tmp_path / "qwen-shape"
+    Qwen2Config(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+                num_attention_heads=16, num_key_value_heads=2, tie_word_embeddings=True).save_pretrained(skeleton)
+    # 2.05 GB of 4-bit weights, 0.68 of forward pass, 0.80 of loss chunks and slack: 3.53 GB; 6.02 with the logits
+    with pytest.raises(UserError, match=r"needs at least 3\.53 GB .*the quantized base \+ adapter and 4 x 2048 "
+                                        r"tokens through a block\)"):
+        memory.check_quantized_fits("evaluate", skeleton, QUANT, 4, 2048, 3.4e9, 3.4, logits=False)
+    memory.check_quantized_fits("evaluate", skeleton, QUANT, 4, 2048, 3.6e9, 3.6, logits=False)
+    with pytest.raises(UserError, match=r"needs at least 6\.02 GB .*the quantized base \+ adapter and 4 x 2048 "
+                                        r"tokens of logits\)"):
+        memory.check_quantized_fits("evaluate", skeleton, QUANT, 4, 2048, 3.6e9, 3.6)
+    memory.check_quantized_fits("evaluate", skeleton, QUANT, 4, 2048, 6.1e9, 6.1)
 
 
 def test_a_streamed_model_runs_as_many_rows_at_once_as_move_the_fewest_bytes():

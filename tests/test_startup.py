@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -48,19 +49,29 @@ print(again.shape == weights.shape, float((again - weights).abs().max() / weight
     assert found.stdout.split() == ["False", "True", "True"]
 
 
-def test_a_stage_runs_torchs_allocator_with_expandable_segments_unless_the_user_set_its_settings(monkeypatch):
-    from qlorapipe.console import run_stage
+def test_a_stage_runs_torchs_allocator_with_expandable_segments_unless_the_user_set_its_settings():
+    """In a stage process of its own (the settings stay there): the variable this torch reads, unless the user set
+    either name."""
+    from qlorapipe.startup import allocator_variable
 
-    seen = []
-    for variable in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF"):
-        monkeypatch.delenv(variable, raising=False)
-    run_stage(lambda argv: seen.append(dict(os.environ)), [], exit_when_done=False)
-    assert seen[-1].get("PYTORCH_ALLOC_CONF") == "expandable_segments:True"
-    for variable, settings in (("PYTORCH_ALLOC_CONF", "max_split_size_mb:64"),
-                               ("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:32")):
-        for name in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF"):
-            monkeypatch.delenv(name, raising=False)
-        monkeypatch.setenv(variable, settings)
-        run_stage(lambda argv: seen.append(dict(os.environ)), [], exit_when_done=False)
-        assert seen[-1].get(variable) == settings
-        assert "PYTORCH_ALLOC_CONF" not in seen[-1] or variable == "PYTORCH_ALLOC_CONF"
+    code = """
+import json, os
+from qlorapipe.console import run_stage
+run_stage(lambda argv: print(json.dumps({k: v for k, v in os.environ.items() if k.endswith("ALLOC_CONF")})), [],
+          exit_when_done=False)
+"""
+    clean = {k: v for k, v in os.environ.items() if not k.endswith("ALLOC_CONF")}
+    for preset, expected in (({}, {allocator_variable(): "expandable_segments:True"}),
+                             ({"PYTORCH_ALLOC_CONF": "max_split_size_mb:64"}, None),
+                             ({"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:32"}, None)):
+        found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False,
+                               env={**clean, **preset})
+        assert found.returncode == 0, found.stderr[-2000:]
+        assert json.loads(found.stdout.strip().splitlines()[-1]) == (expected or preset)
+
+
+def test_the_allocator_variable_follows_the_torch_version():
+    from qlorapipe.startup import allocator_variable
+
+    assert allocator_variable("2.13.0+cpu") == allocator_variable("2.11.0+cu130") == "PYTORCH_ALLOC_CONF"
+    assert allocator_variable("2.10.1") == allocator_variable("2.6.0") == "PYTORCH_CUDA_ALLOC_CONF"

@@ -22,15 +22,28 @@ BITSANDBYTES_COMPILED_OPS = "bitsandbytes.backends.default.ops"
 # segments that grow in place instead of new fixed-size ones. On an H100 the train stage of the 3B shape within
 # a 5 GB budget reserved 5.39 GB instead of 5.87 (5.14 instead of 5.48 without CUDA graphs), at the same
 # tokens/s (docs/benchmarks.md).
-ALLOCATOR_ENV = "PYTORCH_ALLOC_CONF"
 ALLOCATOR_SETTINGS = "expandable_segments:True"
+ALLOCATOR_VARIABLES = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")
+
+
+def allocator_variable(torch_version: str | None = None) -> str:
+    """The variable torch's CUDA allocator takes ``expandable_segments`` from: ``PYTORCH_ALLOC_CONF`` from torch
+    2.11 (2.9 and 2.10 read the name but ignore that setting there on CUDA, pytorch/pytorch#183387), the older
+    ``PYTORCH_CUDA_ALLOC_CONF`` before (which 2.9 and later read too, with a deprecation warning)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        major, minor = (int(part) for part in (torch_version or version("torch")).split("+")[0].split(".")[:2])
+    except (PackageNotFoundError, ValueError):
+        return ALLOCATOR_VARIABLES[1]
+    return ALLOCATOR_VARIABLES[0] if (major, minor) >= (2, 11) else ALLOCATOR_VARIABLES[1]
 
 
 def use_expandable_segments() -> None:
-    """Run torch's CUDA allocator with expandable segments, unless ``PYTORCH_ALLOC_CONF`` or the older
+    """Run torch's CUDA allocator with expandable segments, unless ``PYTORCH_ALLOC_CONF`` or
     ``PYTORCH_CUDA_ALLOC_CONF`` already says how; launched ranks inherit it."""
-    if not {ALLOCATOR_ENV, "PYTORCH_CUDA_ALLOC_CONF"} & set(os.environ):
-        os.environ[ALLOCATOR_ENV] = ALLOCATOR_SETTINGS
+    if not set(ALLOCATOR_VARIABLES) & set(os.environ):
+        os.environ[allocator_variable()] = ALLOCATOR_SETTINGS
 
 
 def defer_bitsandbytes_compile() -> None:

@@ -87,9 +87,8 @@ def run(quant: QuantizationParams, params: EvaluateParams, base_dir: Path, adapt
             texts, tokenizer, row_length, params.general_batches * params.batch_size, params.general_corpus))
     budget = memory.budget_bytes(budget_gb, device)
     if budget is not None:
-        rows = _logit_rows_held(base_dir, adapter_dir, params.batch_size, trust)
-        memory.check_quantized_fits("evaluate", base_dir, quant, rows, len(eval_set[0]["input_ids"]), budget,
-                                    budget_gb, trust)
+        memory.check_quantized_fits("evaluate", base_dir, quant, params.batch_size, len(eval_set[0]["input_ids"]),
+                                    budget, budget_gb, trust, _holds_whole_logits(params, base_dir, adapter_dir, trust))
     memory.reset_peak(device)
     clock = PhaseClock("evaluate")  # where the stage's time went (metrics' seconds)
     base, _ = modeling.load_base_model(base_dir, quant, device, trust_remote_code=trust)
@@ -205,9 +204,9 @@ def _gate(params: EvaluateParams, metrics: dict) -> None:
         raise UserError("; ".join(problems))
 
 
-def _logit_rows_held(base_dir: Path, adapter_dir: Path, batch_size: int, trust: bool) -> int:
-    """Rows of logits the evaluation loss holds at once: none where ``perplexity.mean_token_loss`` runs the head
-    a chunk at a time (a plain head the adapter does not train), else a batch's."""
+def _holds_whole_logits(params: EvaluateParams, base_dir: Path, adapter_dir: Path, trust: bool) -> bool:
+    """Whether the evaluation holds a batch's logits whole: lm-eval's tasks do, and so does the loss unless
+    ``perplexity.mean_token_loss`` runs the head a chunk at a time (a plain head the adapter does not train)."""
     saved = json.loads((adapter_dir / "adapter_config.json").read_text()).get("modules_to_save") or []
     plain = modeling.plain_head_causal_lm(memory.meta_model(base_dir, trust)) is not None
-    return 0 if plain and "lm_head" not in saved else batch_size
+    return bool(params.lm_eval_tasks) or not plain or "lm_head" in saved

@@ -198,8 +198,9 @@ def _within_evaluation(model, params: AccelerationParams, eval_batch, device) ->
     probe = _Probe(model, device)
     with probe:  # the gradients and modes its release touches are put back
         budget = probe.budget(params.memory_budget_gb)
-    logger.info("memory budget: %.2f GB of %.2f GB for the training step; an evaluation between steps allocates "
-                "%.2f GB beside the CUDA graphs' memory", budget - room, budget, room)
+    logger.info("memory budget: %.2f GB of %.2f GB%s for the training step; an evaluation between steps allocates "
+                "%.2f GB beside the CUDA graphs' memory", budget - room, budget,
+                "" if params.memory_budget_gb is not None else " (90% of the GPU's memory)", room)
     return replace(params, memory_budget_gb=round(budget - room, 3))
 
 
