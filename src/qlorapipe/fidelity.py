@@ -137,8 +137,9 @@ def _upcast_blocks(model) -> list:
 
 
 def computes_plain_logits(model) -> bool:
-    """Whether ``float32_logits`` computes what ``model`` does (a family in ``modeling.PLAIN_HEAD_FAMILIES``)."""
-    return getattr(model.config, "model_type", None) in modeling.PLAIN_HEAD_FAMILIES
+    """Whether ``float32_logits`` computes what ``model`` does: a plain bias-free linear head on the decoder's last
+    hidden state (``modeling.plain_head_causal_lm``)."""
+    return modeling.plain_head_causal_lm(model) is not None
 
 
 def float32_working_bytes(model, length: int, head_rows: int = HEAD_ROWS) -> tuple[float, float]:
