@@ -21,6 +21,10 @@ BUDGET_KEY = "acceleration.memory_budget_gb"
 DEFAULT_SHARE = 0.9
 # What the allocator, CUDA kernels' workspaces and small tensors take beside what we count.
 SLACK_BYTES = 400e6
+# Logits the evaluation loss materialises at once (elements; perplexity.mean_token_loss): 128 MiB in float32,
+# whatever the vocabulary. The head by chunks of 2**24 ran at 0.96x the speed of a batch's logits whole at
+# Qwen2.5's vocabulary, of 2**25 0.99x (benchmarks/eval_memory.py, docs/benchmarks.md).
+LOSS_CHUNK_ELEMENTS = 2**25
 # Bytes per weight of a quantized linear layer: 4-bit values plus blockwise scales (64 values share
 # one; double quantization stores those scales in 8 bits), or int8 values plus a scale per row.
 _QUANTIZED_BYTES = {"4bit": 0.5 + 1 / 64 + 4 / 256 / 64, "4bit-single": 0.5 + 4 / 64, "8bit": 1.0}
@@ -227,9 +231,9 @@ def check_quantized_fits(stage: str, base_dir: Path, quant, rows: int, length: i
     hidden = config.hidden_size
     intermediate = getattr(config, "intermediate_size", None) or 4 * hidden
     forward = float(rows) * length * (3 * intermediate + 4 * hidden) * 2
-    # The logits in 16 bits, and the float32 chunks the loss upcasts (perplexity.LOSS_CHUNK_ELEMENTS).
+    # The logits in 16 bits, and the float32 chunks the loss upcasts.
     need = (weight_bytes(skeleton, quant.load_in, quant.use_double_quant) + forward
-            + (logits_bytes(rows, length, vocab, 2) if logits else 0.0) + 3 * 4 * 2**25 + SLACK_BYTES)
+            + (logits_bytes(rows, length, vocab, 2) if logits else 0.0) + 3 * 4 * LOSS_CHUNK_ELEMENTS + SLACK_BYTES)
     what = ""
     if rows:
         what = f" and {rows} x {length} tokens" + (" of logits" if logits else " through a block")

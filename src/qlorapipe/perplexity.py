@@ -6,11 +6,7 @@ import math
 
 from qlorapipe import modeling
 from qlorapipe.data import IGNORE_INDEX, model_inputs
-
-# Logits the loss materialises at once (elements): 128 MiB in float32, whatever the vocabulary. The head by
-# chunks of 2**24 ran at 0.96x the speed of a batch's logits whole at Qwen2.5's vocabulary, of 2**25 0.99x
-# (benchmarks/eval_memory.py, docs/benchmarks.md).
-LOSS_CHUNK_ELEMENTS = 2**25
+from qlorapipe.memory import LOSS_CHUNK_ELEMENTS
 
 
 def mean_token_loss(model, dataset, batch_size: int, device, max_batches: int | None = None,
@@ -46,10 +42,11 @@ def mean_token_loss(model, dataset, batch_size: int, device, max_batches: int | 
             batch = dataset[start : start + batch_size]
             labels = batch["labels"].to(device).long()
             targets = labels[:, 1:]  # position t predicts label t + 1
+            predicted = targets != IGNORE_INDEX
             if causal_lm is not None:
                 hidden = causal_lm.model(**model_inputs(batch, device)).last_hidden_state
-                loss = _summed_loss(hidden[:, :-1][targets != IGNORE_INDEX], targets[targets != IGNORE_INDEX],
-                                    causal_lm.lm_head, causal_lm.lm_head.out_features, chunk_elements)
+                loss = _summed_loss(hidden[:, :-1][predicted], targets[predicted], causal_lm.lm_head,
+                                    causal_lm.lm_head.out_features, chunk_elements)
                 del hidden
             else:
                 logits = model(**model_inputs(batch, device)).logits  # (rows, seq, vocab), compute dtype
@@ -57,7 +54,7 @@ def mean_token_loss(model, dataset, batch_size: int, device, max_batches: int | 
                            for row in range(logits.shape[0]))
                 del logits
             total_loss += float(loss)
-            total_tokens += int((targets != IGNORE_INDEX).sum())
+            total_tokens += int(predicted.sum())
     model.train(was_training)
     if total_tokens == 0:
         return float("nan"), 0
