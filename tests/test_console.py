@@ -5,6 +5,9 @@ import os
 import subprocess
 import sys
 
+import pytest
+import torch
+
 QUIET = ("from transformers.utils import logging as hf_logging; import datasets; "
          "from huggingface_hub.utils import are_progress_bars_disabled; "
          "print(hf_logging.get_verbosity() == hf_logging.ERROR, hf_logging.is_progress_bar_enabled(), "
@@ -40,6 +43,19 @@ def main(argv):
         raise UserError("training.max_steps must be positive")
     if argv and argv[0] == "ctrl-c":
         raise KeyboardInterrupt
+    if argv and argv[0] == "oom":
+        import torch
+        raise torch.cuda.OutOfMemoryError(
+            "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 7.63 GiB of which 1.02 GiB "
+            "is free. Including non-PyTorch memory, this process has 6.60 GiB memory in use. If reserved but "
+            "unallocated memory is large try setting PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True")
+    if argv and argv[0] == "gpu-oom":  # the real thing: more than any GPU has
+        import torch
+        torch.empty(2**50, dtype=torch.uint8, device="cuda")
+    if argv and argv[0] == "kernel-oom":
+        raise RuntimeError("CUDA error: out of memory\\nCUDA kernel errors might be asynchronously reported")
+    if argv and argv[0] == "bug":
+        raise RuntimeError("shape mismatch")
 run_stage(main, sys.argv[1:], exit_when_done=sys.argv[-1] != "command")
 """
 
@@ -94,3 +110,33 @@ def test_a_named_phase_clock_logs_each_phase_as_it_ends(caplog):
     with caplog.at_level(logging.INFO, logger="qlorapipe.clock"):
         PhaseClock().lap("write")  # unnamed: seconds only
     assert not caplog.records
+
+
+def test_the_gpu_out_of_memory_is_one_line_naming_the_budget_and_other_errors_keep_their_traceback(tmp_path):
+    """A stage that runs out of GPU memory says what torch said of it and which settings to change, in one line;
+    a rank of the train stage's own launch leaves that line for its launcher."""
+    budget = ": set acceleration.memory_budget_gb to the GPU memory the stages may use"
+    oom = _stage("oom")
+    assert oom.returncode == 1 and "Traceback" not in oom.stderr
+    assert oom.stderr.strip().splitlines()[1:] == [
+        "error: the GPU ran out of memory (CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity "
+        "of 7.63 GiB of which 1.02 GiB is free)" + budget + " (every stage plans within it; null is 90% of what is "
+        "free when a stage starts), end other processes on the GPU, or lower training.per_device_batch_size or "
+        "data.max_length"]
+    kernel = _stage("kernel-oom")  # a library's kernel: CUDA's own words, its first line
+    assert kernel.returncode == 1 and "Traceback" not in kernel.stderr
+    assert "error: the GPU ran out of memory (CUDA error: out of memory)" + budget in kernel.stderr
+    rank = _stage("oom", RANK="1", QLORAPIPE_RANK_REPORTS=str(tmp_path))
+    assert rank.returncode == 1 and "error" not in rank.stderr
+    assert (tmp_path / "rank-1.txt").read_text().startswith("the GPU ran out of memory (CUDA out of memory.")
+    bug = _stage("bug")
+    assert bug.returncode == 1 and "Traceback" in bug.stderr and "RuntimeError: shape mismatch" in bug.stderr
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_real_allocation_beyond_the_gpu_is_the_same_one_line():
+    done = _stage("gpu-oom")
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    line = done.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: the GPU ran out of memory (CUDA out of memory. Tried to allocate ")
+    assert "is free): set acceleration.memory_budget_gb" in line

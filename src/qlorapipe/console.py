@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import warnings
 from collections.abc import Callable
@@ -90,7 +91,8 @@ def quiet_libraries() -> None:
 
 def run_stage(main: Callable[[list[str] | None], None], argv: list[str] | None = None,
               tokenizer_threads: bool = False, exit_when_done: bool = True) -> None:
-    """Run a stage's main(): a UserError becomes one red line and exit status 1, Ctrl-C one line and 130.
+    """Run a stage's main(): a UserError or the GPU out of memory becomes one red line and exit status 1, Ctrl-C one
+    line and 130.
 
     With ``exit_when_done`` (stage scripts) a main that returned ends the process at once
     (:func:`exit_at_once`); a command others may call in-process (``qlorapipe-chat``) passes False.
@@ -103,11 +105,7 @@ def run_stage(main: Callable[[list[str] | None], None], argv: list[str] | None =
     try:
         main(argv)
     except UserError as exc:
-        if (report := rank_report()) is not None:
-            write_text_atomic(report, str(exc))
-        else:
-            console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-        sys.exit(1)
+        fail(str(exc))
     except KeyboardInterrupt:
         # Every output is renamed into place whole or removed on the way out (outputs.py), and the train
         # stage's complete checkpoints stay: the traceback of wherever the signal landed says nothing more.
@@ -116,8 +114,37 @@ def run_stage(main: Callable[[list[str] | None], None], argv: list[str] | None =
             console.print(INTERRUPTED if exit_when_done else "[bold yellow]interrupted[/]", highlight=False,
                           soft_wrap=True)  # a stage, or a console command
         sys.exit(130)  # 128 + SIGINT, as a shell reports it
+    except Exception as exc:  # the GPU out of memory is a setting to change too; anything else keeps its traceback
+        if (message := out_of_memory(exc)) is None:
+            raise
+        fail(message)
     if exit_when_done and EXIT_AT_ONCE and os.environ.get("WORLD_SIZE", "1").strip() in ("", "1"):
         exit_at_once()
+
+
+def fail(message: str) -> None:
+    """Say ``message`` as one red line (or leave it for the launching process, on a rank of the train stage's own
+    launch) and exit with status 1."""
+    if (report := rank_report()) is not None:
+        write_text_atomic(report, message)
+    else:
+        console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    sys.exit(1)
+
+
+def out_of_memory(exc: BaseException) -> str | None:
+    """The one line a stage says when the GPU ran out of memory (torch's ``OutOfMemoryError``, or a CUDA error
+    saying so from a library's kernel); None for anything else."""
+    torch = sys.modules.get("torch")
+    text = str(exc).strip()
+    if not (torch is not None and isinstance(exc, torch.cuda.OutOfMemoryError)
+            or isinstance(exc, RuntimeError) and "CUDA" in text and "out of memory" in text):
+        return None
+    # torch's message goes on with advice on the allocator's settings, which every stage sets itself.
+    said = re.match(r".*?is free\.", text) or re.match(r"[^\n]*", text)
+    return (f"the GPU ran out of memory ({said.group(0).rstrip('.')}): set acceleration.memory_budget_gb to the GPU "
+            "memory the stages may use (every stage plans within it; null is 90% of what is free when a stage "
+            "starts), end other processes on the GPU, or lower training.per_device_batch_size or data.max_length")
 
 
 def rank_report() -> Path | None:
