@@ -24,6 +24,10 @@ On the CPU the runs that matter set the compute dtype (``auto`` is bfloat16 on C
 bfloat16 instructions) and the three levers that act there (keep_frozen_dtype, lora_fast_forward,
 chunked_cross_entropy); --rounds repeats the whole list, alternating, and every row gets its
 tokens/s as a multiple of the first run's mean (``x first``).
+With --budget B --gpu-cap each stage process may hold no more than B GB of GPU memory
+(``torch.cuda.set_per_process_memory_fraction``, the caching allocator's reserve included): when it
+reaches that, the allocator frees what it has cached and retries, then runs out of memory, as on a GPU
+with B GB free. That checks that a run planned within the budget trains on a GPU of that size.
 """
 
 from __future__ import annotations
@@ -60,6 +64,33 @@ def train_losses(history: Path) -> list[float]:
     return [float(row.split(",")[column]) for row in rows[1:]]
 
 
+# Runs the stage script named after the cap (GB) as its own __main__, its GPU memory capped. The allocator's settings
+# are the stage's own (``use_expandable_segments``), made before the cap initializes CUDA.
+CAPPED_STAGE = """
+import runpy, sys
+from qlorapipe.startup import use_expandable_segments
+use_expandable_segments()
+import torch
+cap_gb, sys.argv = float(sys.argv[1]), sys.argv[2:]
+torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gb * 1e9 / torch.cuda.get_device_properties(0).total_memory))
+from qlorapipe import console
+said = console.out_of_memory
+def out_of_memory(exc):  # where it ran out and the allocator's figures, before the stage's one line
+    if said(exc) is not None:
+        import traceback
+        traceback.print_exception(exc, limit=-12)
+        print(str(exc), torch.cuda.memory_summary(abbreviated=True), sep="\\n", file=sys.stderr)
+    return said(exc)
+console.out_of_memory = out_of_memory
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def capped(cap_gb: float | None) -> list[str]:
+    """The interpreter arguments before a stage script: none, or the wrapper that caps its GPU memory at ``cap_gb``."""
+    return [] if cap_gb is None else ["-c", CAPPED_STAGE, str(cap_gb)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("bench-out"))
@@ -74,7 +105,11 @@ def main() -> None:
     parser.add_argument("--processes", default="1", help="comma-separated process counts (distributed.num_processes)")
     parser.add_argument("--strategy", default="ddp", choices=["ddp", "fsdp"])
     parser.add_argument("--budget", type=float, help="acceleration.memory_budget_gb of every run (default: params.yaml)")
+    parser.add_argument("--gpu-cap", action="store_true",
+                        help="with --budget: each stage process may hold no more GPU memory than the budget")
     args = parser.parse_args()
+    if args.gpu_cap and args.budget is None:
+        parser.error("--gpu-cap: give --budget too (the cap is the budget)")
     args.out.mkdir(parents=True, exist_ok=True)
     args.workdir.mkdir(parents=True, exist_ok=True)
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
@@ -121,7 +156,8 @@ def main() -> None:
             out = args.workdir / f"run-{len(rows)}"
             shutil.rmtree(out, ignore_errors=True)  # a stale checkpoint would resume
             metrics = out / "train.json"
-            command = [sys.executable, str(ROOT / "stages" / "train.py"), "--params", str(params_file),
+            stage = [*capped(args.budget if args.gpu_cap else None), str(ROOT / "stages" / "train.py")]
+            command = [sys.executable, *stage, "--params", str(params_file),
                        "--base", str(base), "--data", str(prepared), "--adapter", str(out / "adapter"),
                        "--metrics", str(metrics), "--history", str(out / "history.csv"),
                        "--curves", str(out / "curves.png"), "--log", str(out / "log.txt"),

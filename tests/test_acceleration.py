@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import types
 
@@ -1011,6 +1012,23 @@ def test_the_two_planners_measure_the_step_with_every_block_on_the_gpu_once(monk
                                                   {"labels": _LabelsOnAnyDevice()}, torch.device("cuda", 0))
     assert kept == checkpointing.uncheckpointed_count(model) == kept_on_gpu and offload.host_kept(model) == 0
     assert [(on_gpu, in_host) for on_gpu, in_host, _ in calls] == steps
+    fast.remove(model)
+
+
+def test_the_optimizer_state_no_measured_step_holds_yet_is_left_out_of_the_budget(monkeypatch, caplog):
+    # The planners' steps run before the optimizer's first step creates its state: 1 GB of it leaves the steps
+    # 19 GB of 20, so the line 6.0 + 0.5 GB a block keeps 26 blocks instead of 28.
+    model = _BlocksModel(32)
+    _timed_gpu(monkeypatch, model, {0: 0.352, 8: 0.349, 10: 0.348, 16: 0.347},
+               peak=lambda on_gpu, in_host: math.inf if on_gpu == 32 else 6.0 + 0.5 * on_gpu)
+    monkeypatch.setattr(memory_plan, "model_inputs", lambda batch, device: {"input_ids": torch.ones(3)})
+    with caplog.at_level(logging.INFO, logger=memory_plan.logger.name):
+        kept = memory_plan.plan_uncheckpointed_layers(model, AccelerationParams(memory_budget_gb=20.0),
+                                                      {"labels": _LabelsOnAnyDevice()}, torch.device("cuda", 0),
+                                                      optimizer_state_gb=1.0)
+    assert kept == checkpointing.uncheckpointed_count(model) == 26
+    assert ("memory budget: 19.00 GB of 20.00 GB for the training step; the optimizer's state takes 1.00 GB"
+            in caplog.messages)
     fast.remove(model)
 
 

@@ -306,7 +306,8 @@ def test_auto_offloads_below_the_all_checkpointed_peak_and_keeps_what_fits_besid
 def test_with_cuda_graphs_the_steps_leave_room_for_an_evaluation_between_them(six_block_qwen2_dir, monkeypatch):
     """The graphs' memory pool keeps a step's peak to itself, so an evaluation between steps allocates beside it:
     the steps are fitted to the budget less what one evaluation allocates (measured on the eval rows). Without
-    graphs an evaluation reuses what the step freed, and the steps get the whole budget."""
+    graphs an evaluation reuses what the step freed, and the steps get the whole budget, less the optimizer's
+    state in both cases."""
     from qlorapipe.perplexity import mean_token_loss
 
     device = torch.device("cuda")
@@ -328,10 +329,13 @@ def test_with_cuda_graphs_the_steps_leave_room_for_an_evaluation_between_them(si
         return {}
 
     monkeypatch.setattr(memory_plan, "fit_on_gpu", fit_on_gpu)
-    for graphed in (True, False):
+    for graphed, optimizer_state in ((True, 0.0), (False, 0.0), (True, 0.125), (False, 0.125)):
         memory_plan.plan_uncheckpointed_layers(model, AccelerationParams(memory_budget_gb=5.0), batch, device,
-                                               cuda_graphs=graphed, eval_batch=batch)
+                                               cuda_graphs=graphed, eval_batch=batch,
+                                               optimizer_state_gb=optimizer_state)
     assert budgets[0] == pytest.approx(5.0 - room, abs=2e-3) and budgets[1] == 5.0
+    # the optimizer's state, which no measured step holds yet, is left out of the budget with or without graphs
+    assert budgets[2] == pytest.approx(5.0 - room - 0.125, abs=2e-3) and budgets[3] == 4.875
 
 
 def test_auto_with_the_default_budget_keeps_every_tiny_block(six_block_qwen2_dir):
@@ -346,6 +350,26 @@ def test_auto_with_the_default_budget_keeps_every_tiny_block(six_block_qwen2_dir
     assert kept == 6 and checkpointing.uncheckpointed_count(model) == 6
     expected = 0.9 * (free + torch.cuda.memory_allocated()) / 1e9
     assert measured["budget_gb"] == pytest.approx(expected, rel=0.01)
+
+
+def test_a_planned_step_whose_capture_runs_out_of_memory_does_not_fit_and_turns_no_graphs_off(tiny_qwen2_dir, caplog,
+                                                                                             monkeypatch):
+    """The planner measures counts that may not fit: a capture that ran out of memory is that count not fitting
+    (the planner's inf), not a step to run eagerly, and no warning says training goes without graphs."""
+    device = torch.device("cuda")
+    model, _ = _tiny_lora(tiny_qwen2_dir, AccelerationParams())
+    ids = torch.randint(4, 300, (2, 64), device=device, generator=torch.Generator(device).manual_seed(1))
+
+    def out_of_memory(self):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.")
+
+    monkeypatch.setattr(cuda_graphs.GraphedStep, "_run", out_of_memory)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        memory_plan.measure_step(model, {"input_ids": ids}, ids, device, cuda_graphs=True)
+    assert "CUDA graphs off" not in caplog.text
+    torch.rand(8, device=device)  # the generator left capture mode
+    training = cuda_graphs.GraphedStep(model)  # the train stage's own step: eager from then on, and says so
+    assert training({"input_ids": ids}, ids, 1.0) is None and "CUDA graphs off" in caplog.text
 
 
 def test_a_step_that_cannot_be_captured_runs_eagerly_and_training_goes_on(tiny_qwen2_dir, caplog):

@@ -15,7 +15,8 @@ QUIET = ("from transformers.utils import logging as hf_logging; import datasets;
 
 
 def _run(code: str) -> list[str]:
-    env = {"PATH": "/usr/bin:/bin"}  # none of the libraries' switches set by the caller
+    env = {"PATH": "/usr/bin:/bin",  # none of the libraries' switches set by the caller; its import path kept
+           **{k: v for k, v in os.environ.items() if k == "PYTHONPATH"}}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     return done.stdout.split()
 

@@ -138,3 +138,23 @@ def test_bias_trains_no_biases_the_adapted_layers_biases_or_all(tiny_qwen2_dir, 
                     for n, p in model.named_parameters() if p.requires_grad and n.endswith("bias"))
     expected = {"none": [], "lora_only": ["q_proj"] * 2, "all": ["k_proj"] * 2 + ["q_proj"] * 2 + ["v_proj"] * 2}
     assert biases == expected[bias]
+
+
+@pytest.mark.parametrize("name", ["adamw_8bit", "adamw_torch", "paged_adamw_8bit"])
+def test_the_optimizer_state_the_memory_plan_counts_is_what_the_optimizer_holds_after_a_step(name):
+    """LoRA-like shapes (8-bit states with their absmax blocks), a small one (32-bit states below 4,096 elements)
+    and a bfloat16 one: the bytes ``optimizer_state_bytes`` counts are the state tensors' after the first step
+    (the shared quantization maps and torch's step counters on the host aside). Paged states count none."""
+    params = [torch.nn.Parameter(torch.randn(16, 2048)), torch.nn.Parameter(torch.randn(2048, 16)),
+              torch.nn.Parameter(torch.randn(100)), torch.nn.Parameter(torch.randn(5000, dtype=torch.bfloat16))]
+    optimizer = training.make_optimizer(name, params, 1e-3, 0.0)
+    for param in params:
+        param.grad = torch.ones_like(param)
+    optimizer.step()
+    held = sum(value.nbytes for state in optimizer.state.values() for key, value in state.items()
+               if torch.is_tensor(value) and key not in ("qmap1", "qmap2", "step", "unorm_vec"))
+    assert held > 0
+    expected = 0 if name.startswith("paged_") else held
+    assert training.optimizer_state_bytes(name, params) == expected
+    if name == "adamw_8bit":  # a byte an element twice, plus the absmax blocks; 32-bit states below 4,096 elements
+        assert held == 2 * (2 * 32768 + 2 * 4 * 128) + 8 * 100 + 2 * (5000 + 4 * 20)

@@ -139,9 +139,13 @@ def run(sections: Sections, base_dir: Path, data_dir: Path, out: Outputs, relaun
     graphed = fast.graphed_step(model, sections.acceleration, device, world.num_processes,
                                 rows=min(params.per_device_batch_size, len(train_set)))
     _, first = next(loop.micro_batches(len(train_set), params.per_device_batch_size, params.seed))
+    run_params = fast.training_params(params, sections.acceleration, device)
+    optimizer_state = loop.optimizer_state_bytes(run_params.optimizer,
+                                                 [param for param in model.parameters() if param.requires_grad])
     uncheckpointed = fast.plan_uncheckpointed_layers(model, sections.acceleration, train_set[first], device,
                                                      world.num_processes, cuda_graphs=graphed is not None,
-                                                     eval_batch=eval_set[: params.per_device_batch_size])
+                                                     eval_batch=eval_set[: params.per_device_batch_size],
+                                                     optimizer_state_gb=optimizer_state / 1e9)
     host_kept = fast.host_kept(model)  # blocks whose activations wait in host memory (host_kept_layers)
     offloaded = fast.offloaded(model)  # the recomputed blocks' inputs wait there (set, or chosen by the planners)
     clock.lap("plan")
@@ -166,7 +170,7 @@ def run(sections: Sections, base_dir: Path, data_dir: Path, out: Outputs, relaun
     with _progress(world.is_main) as progress, publishing as publish:
         try:
             result = loop.train(model, train_set, eval_set,
-                                fast.training_params(params, sections.acceleration, device), device, progress,
+                                run_params, device, progress,
                                 checkpoints=store, processes=world, graphed=graphed,
                                 async_optimizer=sections.acceleration.async_optimizer and device.type == "cuda",
                                 publish=publish)

@@ -92,6 +92,31 @@ def make_optimizer(name: str, parameters, learning_rate: float, weight_decay: fl
     return cls(parameters, lr=learning_rate, weight_decay=weight_decay)
 
 
+# bitsandbytes keeps 8-bit states for parameters of this many elements or more, 32-bit ones below (its default
+# min_8bit_size), with one float32 absmax per block of this many elements for each 8-bit state.
+BNB_MIN_8BIT_SIZE, BNB_BLOCK = 4096, 256
+
+
+def optimizer_state_bytes(name: str, parameters) -> int:
+    """Bytes of GPU memory the optimizer ``name`` (as ``make_optimizer`` makes it) holds for ``parameters`` once it
+    has stepped: two states per parameter (AdamW's moments). Paged variants count none: their states live in
+    memory that pages out to the host when the GPU is full. bitsandbytes' 8-bit states are a byte an element
+    plus a float32 absmax per block of 256, parameters under 4,096 elements keep float32 states, and torch's
+    AdamW keeps its moments in the parameter's own dtype."""
+    if name.startswith("paged_"):
+        return 0
+    total = 0
+    for param in parameters:
+        n = param.numel()
+        if name == "adamw_torch":
+            total += 2 * n * param.element_size()
+        elif name == "adamw_8bit" and n >= BNB_MIN_8BIT_SIZE:
+            total += 2 * (n + 4 * -(-n // BNB_BLOCK))
+        else:  # 32-bit bitsandbytes states
+            total += 2 * 4 * n
+    return total
+
+
 @functools.cache  # one subclass per optimizer class, however many optimizers are made
 def _without_parameter_syncs(cls):
     """A subclass of the bitsandbytes optimizer ``cls`` whose step does not synchronize per parameter."""

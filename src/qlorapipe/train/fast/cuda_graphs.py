@@ -43,14 +43,17 @@ class GraphedStep:
     One graph, for the shape of the first micro-batch of ``rows`` rows (any, when None): other
     shapes (a short last batch) run eagerly. Given ``rows``, a run resumed at an epoch's short
     last micro-batch graphs the same micro-batches as the uninterrupted run, not that one and
-    then none. If capturing fails, a warning says why and every step runs eagerly.
+    then none. If capturing fails, a warning says why and every step runs eagerly. A ``probe`` (a step the
+    memory planner measures) says nothing, and a capture that ran out of memory raises that error: the step
+    does not fit, captured or not.
     """
 
     WARMUP_RUNS = 2  # eager runs on a side stream first, as torch.cuda.graphs documents
 
-    def __init__(self, model, rows: int | None = None):
+    def __init__(self, model, rows: int | None = None, probe: bool = False):
         self.model = model
         self.rows = rows
+        self.probe = probe
         self.trainable = [p for p in model.parameters() if p.requires_grad]
         self.graph = None
         self.static: dict = {}
@@ -127,10 +130,13 @@ class GraphedStep:
             self.graph = graph
         except Exception as error:  # noqa: BLE001 - any capture failure means: run eagerly
             self.failed = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:300]
-            logger.warning("CUDA graphs off (acceleration.cuda_graphs), training eagerly: capturing the step "
-                           "failed with %s", self.failed)
+            if not self.probe:
+                logger.warning("CUDA graphs off (acceleration.cuda_graphs), training eagerly: capturing the step "
+                               "failed with %s", self.failed)
             torch.cuda.synchronize()
             generator.graphsafe_set_state(generator_state)
+            if self.probe and isinstance(error, torch.cuda.OutOfMemoryError):
+                raise
         with torch.no_grad():
             for param, grad in zip(self.trainable, kept, strict=True):
                 param.grad.zero_() if grad is None else param.grad.copy_(grad)

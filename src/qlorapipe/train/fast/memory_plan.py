@@ -82,7 +82,7 @@ def _step_down(measure, peaks: dict[int, float], n_kept: int, floor: int, budget
 
 
 def plan_uncheckpointed_layers(model, params: AccelerationParams, batch, device, num_processes: int = 1,
-                               cuda_graphs: bool = False, eval_batch=None) -> int:
+                               cuda_graphs: bool = False, eval_batch=None, optimizer_state_gb: float = 0.0) -> int:
     """With ``uncheckpointed_layers: auto``, keep as many blocks as fit in the memory budget; with
     ``host_kept_layers: auto`` (CUDA), first keep the checkpointed blocks in host memory that make a step fastest.
 
@@ -106,6 +106,8 @@ def plan_uncheckpointed_layers(model, params: AccelerationParams, batch, device,
             ``cuda_graphs`` the memory it allocates is left out of the budget the steps are fitted to
             (``evaluation_room_gb``): the graphs' memory pool keeps the step's peak to itself, so an evaluation
             allocates beside it, not in memory the step has freed.
+        optimizer_state_gb: what the optimizer's state will hold once it has stepped (``loop.optimizer_state_bytes``):
+            the steps measured here run before any optimizer step, so that is left out of the budget too.
 
     Returns:
         How many blocks keep their activations (0 when none does).
@@ -132,8 +134,9 @@ def plan_uncheckpointed_layers(model, params: AccelerationParams, batch, device,
                         kept, measured["n_blocks"], measured["per_block_bytes"] / 1e9, measured["rest_bytes"] / 1e9,
                         measured["room_bytes"] / 1e9, 100 * HOST_SHARE)
         return kept
-    if cuda_graphs and eval_batch is not None:
-        params = _within_evaluation(model, params, eval_batch, device)
+    evaluation = evaluation_room_gb(model, eval_batch, device) if cuda_graphs and eval_batch is not None else 0.0
+    if evaluation or optimizer_state_gb:
+        params = _within_room(model, params, device, evaluation, optimizer_state_gb)
     plans = fit_on_gpu(model, inputs, labels, params, device, cuda_graphs)
     if "uncheckpointed_layers" not in plans:
         return uncheckpointed_count(model)
@@ -190,18 +193,21 @@ class _OneBatch:
         return {key: value[index] for key, value in self.batch.items()}
 
 
-def _within_evaluation(model, params: AccelerationParams, eval_batch, device) -> AccelerationParams:
-    """``params`` with the budget the steps are fitted to less what an evaluation between steps allocates."""
+def _within_room(model, params: AccelerationParams, device, evaluation_gb: float,
+                 optimizer_state_gb: float) -> AccelerationParams:
+    """``params`` with the budget the steps are fitted to less what the optimizer's state holds and what an
+    evaluation between steps allocates beside the CUDA graphs' memory (0 without graphs), both GB."""
     from dataclasses import replace
 
-    room = evaluation_room_gb(model, eval_batch, device)
     probe = _Probe(model, device)
     with probe:  # the gradients and modes its release touches are put back
         budget = probe.budget(params.memory_budget_gb)
-    logger.info("memory budget: %.2f GB of %.2f GB%s for the training step; an evaluation between steps allocates "
-                "%.2f GB beside the CUDA graphs' memory", budget - room, budget,
-                "" if params.memory_budget_gb is not None else " (90% of the GPU's memory)", room)
-    return replace(params, memory_budget_gb=round(budget - room, 3))
+    steps = budget - evaluation_gb - optimizer_state_gb
+    logger.info("memory budget: %.2f GB of %.2f GB%s for the training step; the optimizer's state takes %.2f GB%s",
+                steps, budget, "" if params.memory_budget_gb is not None else " (90% of the GPU's memory)",
+                optimizer_state_gb, f", an evaluation between steps {evaluation_gb:.2f} GB beside the CUDA graphs' "
+                "memory" if evaluation_gb else "")
+    return replace(params, memory_budget_gb=round(steps, 3))
 
 
 def fit_on_gpu(model, inputs: dict, labels, params: AccelerationParams, device,
@@ -570,7 +576,7 @@ def measure_step(model, inputs: dict, labels, device, cuda_graphs: bool = False,
     step = None
     try:
         torch.cuda.reset_peak_memory_stats(device)
-        step = GraphedStep(model) if cuda_graphs else None
+        step = GraphedStep(model, probe=True) if cuda_graphs else None
         seconds = []
         for run in range(1 + timed):
             start = time.perf_counter()
