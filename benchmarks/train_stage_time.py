@@ -27,7 +27,8 @@ tokens/s as a multiple of the first run's mean (``x first``).
 With --budget B --gpu-cap each stage process may hold no more than B GB of GPU memory
 (``torch.cuda.set_per_process_memory_fraction``, the caching allocator's reserve included): when it
 reaches that, the allocator frees what it has cached and retries, then runs out of memory, as on a GPU
-with B GB free. That checks that a run planned within the budget trains on a GPU of that size.
+with B GB free for torch (the CUDA context is outside the cap, as it is outside the budget). That checks that a
+run planned within the budget trains on a GPU of that size. One process only.
 """
 
 from __future__ import annotations
@@ -110,6 +111,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.gpu_cap and args.budget is None:
         parser.error("--gpu-cap: give --budget too (the cap is the budget)")
+    if args.gpu_cap and args.processes != "1":
+        parser.error("--gpu-cap: one process only (the ranks of a launch start without the cap)")
     args.out.mkdir(parents=True, exist_ok=True)
     args.workdir.mkdir(parents=True, exist_ok=True)
     params = yaml.safe_load((ROOT / "params.yaml").read_text())

@@ -894,7 +894,7 @@ def _timed_gpu(monkeypatch, model, seconds, peak=lambda on_gpu, in_host: 42.0, h
     _simulated_gpu(monkeypatch, model, lambda kept: 0.0)
     calls = []
 
-    def measure_step(model_, inputs, labels, device, cuda_graphs=False, timed=0):
+    def measure_step(model_, inputs, labels, device, cuda_graphs=False, timed=0, eager_when_out_of_memory=False):
         on_gpu, in_host = sum(not b.gradient_checkpointing for b in model.blocks), offload.host_kept(model)
         calls.append((on_gpu, in_host, timed))
         if math.isinf(peak(on_gpu, in_host)):
@@ -1029,6 +1029,29 @@ def test_the_optimizer_state_no_measured_step_holds_yet_is_left_out_of_the_budge
     assert kept == checkpointing.uncheckpointed_count(model) == 26
     assert ("memory budget: 19.00 GB of 20.00 GB for the training step; the optimizer's state takes 1.00 GB"
             in caplog.messages)
+    assert any(message.endswith("budget 19.00 GB left to the steps of 20.00 GB)") for message in caplog.messages)
+    fast.remove(model)
+    # More optimizer state than budget: one line naming the budget and what took it, before any step runs.
+    model = _BlocksModel(32)
+    calls = _timed_gpu(monkeypatch, model, {0: 0.352}, peak=lambda on_gpu, in_host: 6.0 + 0.5 * on_gpu)
+    with pytest.raises(UserError, match=r"acceleration.memory_budget_gb: 1.00 GB leaves nothing to the training step "
+                                        r"\(the optimizer's state takes 1.50 GB\)"):
+        memory_plan.plan_uncheckpointed_layers(model, AccelerationParams(memory_budget_gb=1.0),
+                                               {"labels": _LabelsOnAnyDevice()}, torch.device("cuda", 0),
+                                               optimizer_state_gb=1.5)
+    assert not calls
+
+
+def test_with_the_default_budget_the_planners_say_so_after_the_optimizer_state_is_taken(monkeypatch, caplog):
+    model = _BlocksModel(32)
+    _timed_gpu(monkeypatch, model, {0: 0.352, 8: 0.349, 10: 0.348, 16: 0.347},
+               peak=lambda on_gpu, in_host: math.inf if on_gpu == 32 else 6.0 + 0.5 * on_gpu)
+    monkeypatch.setattr(memory_plan, "model_inputs", lambda batch, device: {"input_ids": torch.ones(3)})
+    with caplog.at_level(logging.INFO, logger=memory_plan.logger.name):
+        memory_plan.plan_uncheckpointed_layers(model, AccelerationParams(), {"labels": _LabelsOnAnyDevice()},
+                                               torch.device("cuda", 0), optimizer_state_gb=0.5)
+    assert "of 90.00 GB (90% of the GPU's memory) for the training step" in caplog.text
+    assert "left to the steps of 90.00 GB (90% of the GPU's memory)" in caplog.text
     fast.remove(model)
 
 
@@ -1083,7 +1106,8 @@ def test_auto_host_kept_layers_tries_one_block_of_three_and_tells_errors_from_ru
     fast.remove(model)
 
     def failing(error):
-        def measure_step(model_, inputs, labels, device, cuda_graphs=False, timed=0):
+        def measure_step(model_, inputs, labels, device, cuda_graphs=False, timed=0,
+                         eager_when_out_of_memory=False):
             if offload.host_kept(model):
                 raise error
             return 4.0, (1.0 if timed else None)

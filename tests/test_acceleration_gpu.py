@@ -355,7 +355,8 @@ def test_auto_with_the_default_budget_keeps_every_tiny_block(six_block_qwen2_dir
 def test_a_planned_step_whose_capture_runs_out_of_memory_does_not_fit_and_turns_no_graphs_off(tiny_qwen2_dir, caplog,
                                                                                              monkeypatch):
     """The planner measures counts that may not fit: a capture that ran out of memory is that count not fitting
-    (the planner's inf), not a step to run eagerly, and no warning says training goes without graphs."""
+    (the planner's inf), not a step to run eagerly, and no warning says training goes without graphs; only the
+    step with every block recomputed, the least a run needs, is then measured eagerly."""
     device = torch.device("cuda")
     model, _ = _tiny_lora(tiny_qwen2_dir, AccelerationParams())
     ids = torch.randint(4, 300, (2, 64), device=device, generator=torch.Generator(device).manual_seed(1))
@@ -366,6 +367,10 @@ def test_a_planned_step_whose_capture_runs_out_of_memory_does_not_fit_and_turns_
     monkeypatch.setattr(cuda_graphs.GraphedStep, "_run", out_of_memory)
     with pytest.raises(torch.cuda.OutOfMemoryError):
         memory_plan.measure_step(model, {"input_ids": ids}, ids, device, cuda_graphs=True)
+    # the step recomputing every block: measured eagerly instead, as training runs when its capture fails
+    peak, _ = memory_plan.measure_step(model, {"input_ids": ids}, ids, device, cuda_graphs=True,
+                                       eager_when_out_of_memory=True)
+    assert peak > 0
     assert "CUDA graphs off" not in caplog.text
     torch.rand(8, device=device)  # the generator left capture mode
     training = cuda_graphs.GraphedStep(model)  # the train stage's own step: eager from then on, and says so

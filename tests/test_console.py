@@ -55,6 +55,8 @@ def main(argv):
         torch.empty(2**50, dtype=torch.uint8, device="cuda")
     if argv and argv[0] == "kernel-oom":
         raise RuntimeError("CUDA error: out of memory\\nCUDA kernel errors might be asynchronously reported")
+    if argv and argv[0] == "cublas":
+        raise RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`")
     if argv and argv[0] == "bug":
         raise RuntimeError("shape mismatch")
 run_stage(main, sys.argv[1:], exit_when_done=sys.argv[-1] != "command")
@@ -121,8 +123,8 @@ def test_the_gpu_out_of_memory_is_one_line_naming_the_budget_and_other_errors_ke
     assert oom.returncode == 1 and "Traceback" not in oom.stderr
     assert oom.stderr.strip().splitlines()[1:] == [
         "error: the GPU ran out of memory (CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity "
-        "of 7.63 GiB of which 1.02 GiB is free)" + budget + " (every stage plans within it; null is 90% of what is "
-        "free when a stage starts), end other processes on the GPU, or lower training.per_device_batch_size or "
+        "of 7.63 GiB of which 1.02 GiB is free)" + budget + " (every stage plans within it; null is 90% of the "
+        "GPU's memory), end other processes on the GPU, or lower training.per_device_batch_size or "
         "data.max_length"]
     kernel = _stage("kernel-oom")  # a library's kernel: CUDA's own words, its first line
     assert kernel.returncode == 1 and "Traceback" not in kernel.stderr
@@ -130,6 +132,8 @@ def test_the_gpu_out_of_memory_is_one_line_naming_the_budget_and_other_errors_ke
     rank = _stage("oom", RANK="1", QLORAPIPE_RANK_REPORTS=str(tmp_path))
     assert rank.returncode == 1 and "error" not in rank.stderr
     assert (tmp_path / "rank-1.txt").read_text().startswith("the GPU ran out of memory (CUDA out of memory.")
+    cublas = _stage("cublas")  # cuBLAS could not allocate its workspace: the same thing
+    assert cublas.returncode == 1 and "error: the GPU ran out of memory (CUDA error: CUBLAS_STATUS_ALLOC" in cublas.stderr
     bug = _stage("bug")
     assert bug.returncode == 1 and "Traceback" in bug.stderr and "RuntimeError: shape mismatch" in bug.stderr
 

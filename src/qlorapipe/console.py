@@ -8,6 +8,7 @@ import re
 import sys
 import warnings
 from collections.abc import Callable
+from typing import NoReturn
 from pathlib import Path
 
 from rich.console import Console
@@ -122,7 +123,7 @@ def run_stage(main: Callable[[list[str] | None], None], argv: list[str] | None =
         exit_at_once()
 
 
-def fail(message: str) -> None:
+def fail(message: str) -> NoReturn:
     """Say ``message`` as one red line (or leave it for the launching process, on a rank of the train stage's own
     launch) and exit with status 1."""
     if (report := rank_report()) is not None:
@@ -135,16 +136,19 @@ def fail(message: str) -> None:
 def out_of_memory(exc: BaseException) -> str | None:
     """The one line a stage says when the GPU ran out of memory (torch's ``OutOfMemoryError``, or a CUDA error
     saying so from a library's kernel); None for anything else."""
+    if not isinstance(exc, RuntimeError):  # torch's OutOfMemoryError is one
+        return None
     torch = sys.modules.get("torch")
     text = str(exc).strip()
     if not (torch is not None and isinstance(exc, torch.cuda.OutOfMemoryError)
-            or isinstance(exc, RuntimeError) and "CUDA" in text and "out of memory" in text):
+            or "CUDA" in text and "out of memory" in text or "CUBLAS_STATUS_ALLOC_FAILED" in text):
         return None
     # torch's message goes on with advice on the allocator's settings, which every stage sets itself.
-    said = re.match(r".*?is free\.", text) or re.match(r"[^\n]*", text)
-    return (f"the GPU ran out of memory ({said.group(0).rstrip('.')}): set acceleration.memory_budget_gb to the GPU "
-            "memory the stages may use (every stage plans within it; null is 90% of what is free when a stage "
-            "starts), end other processes on the GPU, or lower training.per_device_batch_size or data.max_length")
+    said = (re.match(r".*?is free\.", text) or re.match(r"[^\n]*", text)).group(0).rstrip(".")
+    return (f"the GPU ran out of memory{f' ({said})' if said else ''}: set "
+            "acceleration.memory_budget_gb to the GPU memory the stages may use (every stage plans within it; null "
+            "is 90% of the GPU's memory), end other processes on the GPU, or lower training.per_device_batch_size "
+            "or data.max_length")
 
 
 def rank_report() -> Path | None:

@@ -93,27 +93,30 @@ def make_optimizer(name: str, parameters, learning_rate: float, weight_decay: fl
 
 
 # bitsandbytes keeps 8-bit states for parameters of this many elements or more, 32-bit ones below (its default
-# min_8bit_size), with one float32 absmax per block of this many elements for each 8-bit state.
-BNB_MIN_8BIT_SIZE, BNB_BLOCK = 4096, 256
+# min_8bit_size), with one float32 absmax per block of this many elements for each 8-bit state; a paged optimizer
+# pages a state buffer only for parameters of BNB_MIN_PAGED_SIZE elements or more (its get_state_buffer).
+BNB_MIN_8BIT_SIZE, BNB_BLOCK, BNB_MIN_PAGED_SIZE = 4096, 256, 100_000
 
 
 def optimizer_state_bytes(name: str, parameters) -> int:
     """Bytes of GPU memory the optimizer ``name`` (as ``make_optimizer`` makes it) holds for ``parameters`` once it
-    has stepped: two states per parameter (AdamW's moments). Paged variants count none: their states live in
-    memory that pages out to the host when the GPU is full. bitsandbytes' 8-bit states are a byte an element
-    plus a float32 absmax per block of 256, parameters under 4,096 elements keep float32 states, and torch's
+    has stepped: two states per parameter (AdamW's moments), laid out as the optimizer does. bitsandbytes' 8-bit
+    states are a byte an element plus a float32 absmax per block of 256, parameters under 4,096 elements keep
+    float32 states; its paged variants put a state buffer in memory that pages out to the host only for
+    parameters of 100,000 elements or more (LoRA matrices of r=16 are mostly below), the absmax never. torch's
     AdamW keeps its moments in the parameter's own dtype."""
-    if name.startswith("paged_"):
-        return 0
+    paged = name.startswith("paged_")
     total = 0
     for param in parameters:
         n = param.numel()
         if name == "adamw_torch":
             total += 2 * n * param.element_size()
-        elif name == "adamw_8bit" and n >= BNB_MIN_8BIT_SIZE:
-            total += 2 * (n + 4 * -(-n // BNB_BLOCK))
+            continue
+        on_device = not (paged and n >= BNB_MIN_PAGED_SIZE)
+        if name.endswith("adamw_8bit") and n >= BNB_MIN_8BIT_SIZE:
+            total += 2 * 4 * -(-n // BNB_BLOCK) + (2 * n if on_device else 0)
         else:  # 32-bit bitsandbytes states
-            total += 2 * 4 * n
+            total += 2 * 4 * n if on_device else 0
     return total
 
 

@@ -16,6 +16,7 @@ import math
 from pathlib import Path
 
 from qlorapipe.data import model_inputs
+from qlorapipe.errors import UserError
 from qlorapipe.params import AccelerationParams
 from qlorapipe.train.fast import offload
 from qlorapipe.train.fast.checkpointing import (
@@ -134,22 +135,22 @@ def plan_uncheckpointed_layers(model, params: AccelerationParams, batch, device,
                         kept, measured["n_blocks"], measured["per_block_bytes"] / 1e9, measured["rest_bytes"] / 1e9,
                         measured["room_bytes"] / 1e9, 100 * HOST_SHARE)
         return kept
+    note = "" if params.memory_budget_gb is not None else ", 90% of the GPU's memory"  # after each budget logged
     evaluation = evaluation_room_gb(model, eval_batch, device) if cuda_graphs and eval_batch is not None else 0.0
     if evaluation or optimizer_state_gb:
-        params = _within_room(model, params, device, evaluation, optimizer_state_gb)
-    plans = fit_on_gpu(model, inputs, labels, params, device, cuda_graphs)
+        params, note = _within_room(model, params, device, evaluation, optimizer_state_gb)
+    plans = fit_on_gpu(model, inputs, labels, params, device, cuda_graphs, note)
     if "uncheckpointed_layers" not in plans:
         return uncheckpointed_count(model)
     kept, measured = plans["uncheckpointed_layers"]
     if measured and measured["peak_all_checkpointed_gb"] is None:  # every block kept fitted: nothing else measured
         logger.info("uncheckpointed_layers: auto keeps all %d blocks (%.2f GB; budget %.2f GB%s)", kept,
-                    measured["peak_gb"], measured["budget_gb"],
-                    "" if params.memory_budget_gb is not None else ", 90% of the GPU's memory")
+                    measured["peak_gb"], measured["budget_gb"], note)
     elif measured:
         logger.info("uncheckpointed_layers: auto keeps %d of %d blocks (%.2f GB each; %.2f GB with all "
                     "checkpointed, %.2f GB with %d kept; budget %.2f GB%s)", kept, measured["n_blocks"],
                     measured["per_block_gb"], measured["peak_all_checkpointed_gb"], measured["peak_gb"], kept,
-                    measured["budget_gb"], "" if params.memory_budget_gb is not None else ", 90% of the GPU's memory")
+                    measured["budget_gb"], note)
         if measured.get("offloaded"):
             logger.info("uncheckpointed_layers: auto offloads the checkpointed blocks' inputs to host memory "
                         "(%.2f GB with every block checkpointed, %.2f GB with their inputs offloaded): %.2f GB with "
@@ -157,8 +158,9 @@ def plan_uncheckpointed_layers(model, params: AccelerationParams, batch, device,
                         measured["peak_gb"], kept)
         if measured["peak_gb"] > measured["budget_gb"]:
             logger.warning("A step peaks at %.2f GB with every block checkpointed%s, above the budget of "
-                           "%.2f GB (acceleration.memory_budget_gb)", measured["peak_gb"],
-                           " and their inputs offloaded" if measured.get("offloaded") else "", measured["budget_gb"])
+                           "%.2f GB%s (acceleration.memory_budget_gb)", measured["peak_gb"],
+                           " and their inputs offloaded" if measured.get("offloaded") else "", measured["budget_gb"],
+                           note)
     return kept
 
 
@@ -194,24 +196,32 @@ class _OneBatch:
 
 
 def _within_room(model, params: AccelerationParams, device, evaluation_gb: float,
-                 optimizer_state_gb: float) -> AccelerationParams:
+                 optimizer_state_gb: float) -> tuple[AccelerationParams, str]:
     """``params`` with the budget the steps are fitted to less what the optimizer's state holds and what an
-    evaluation between steps allocates beside the CUDA graphs' memory (0 without graphs), both GB."""
+    evaluation between steps allocates beside the CUDA graphs' memory (0 without graphs), both GB; and the words
+    the planners' log lines put after that budget.
+
+    Raises:
+        UserError: nothing is left to the steps.
+    """
     from dataclasses import replace
 
     probe = _Probe(model, device)
     with probe:  # the gradients and modes its release touches are put back
         budget = probe.budget(params.memory_budget_gb)
     steps = budget - evaluation_gb - optimizer_state_gb
-    logger.info("memory budget: %.2f GB of %.2f GB%s for the training step; the optimizer's state takes %.2f GB%s",
-                steps, budget, "" if params.memory_budget_gb is not None else " (90% of the GPU's memory)",
-                optimizer_state_gb, f", an evaluation between steps {evaluation_gb:.2f} GB beside the CUDA graphs' "
-                "memory" if evaluation_gb else "")
-    return replace(params, memory_budget_gb=round(steps, 3))
+    whole = f"{budget:.2f} GB" + ("" if params.memory_budget_gb is not None else " (90% of the GPU's memory)")
+    beside = f"the optimizer's state takes {optimizer_state_gb:.2f} GB" + (
+        f", an evaluation between steps {evaluation_gb:.2f} GB beside the CUDA graphs' memory" if evaluation_gb else "")
+    if steps <= 0:
+        raise UserError(f"acceleration.memory_budget_gb: {whole} leaves nothing to the training step ({beside}): "
+                        "give it more GPU memory, or lower training.per_device_batch_size or data.max_length")
+    logger.info("memory budget: %.2f GB of %s for the training step; %s", steps, whole, beside)
+    return replace(params, memory_budget_gb=round(steps, 3)), f" left to the steps of {whole}"
 
 
 def fit_on_gpu(model, inputs: dict, labels, params: AccelerationParams, device,
-               cuda_graphs: bool = False) -> dict[str, tuple[int, dict]]:
+               cuda_graphs: bool = False, note: str | None = None) -> dict[str, tuple[int, dict]]:
     """The CUDA planners ``params`` asks for (``auto``), in the train stage's order: (count kept, measured) by name.
 
     ``host_kept_layers`` first (``plan_host_kept_layers``, logged): blocks kept on the GPU then fill what its
@@ -220,7 +230,7 @@ def fit_on_gpu(model, inputs: dict, labels, params: AccelerationParams, device,
     """
     plans: dict[str, tuple[int, dict]] = {}
     if params.host_kept_layers == "auto":
-        plans["host_kept_layers"] = plan_host_kept_layers(model, inputs, labels, params, device, cuda_graphs)
+        plans["host_kept_layers"] = plan_host_kept_layers(model, inputs, labels, params, device, cuda_graphs, note)
     if params.uncheckpointed_layers == "auto":
         every_block = plans.get("host_kept_layers", (0, {}))[1].get("every_block_peak_gb")
         plans["uncheckpointed_layers"] = fit_uncheckpointed_layers(
@@ -229,16 +239,18 @@ def fit_on_gpu(model, inputs: dict, labels, params: AccelerationParams, device,
 
 
 def plan_host_kept_layers(model, inputs: dict, labels, params: AccelerationParams, device,
-                          cuda_graphs: bool = False) -> tuple[int, dict]:
-    """``fit_host_kept_layers`` for the train stage, with what it measured in the log: (count kept, measured)."""
+                          cuda_graphs: bool = False, note: str | None = None) -> tuple[int, dict]:
+    """``fit_host_kept_layers`` for the train stage, with what it measured in the log: (count kept, measured).
+    ``note`` follows the budget logged (None: what ``params.memory_budget_gb`` says of itself)."""
     kept, measured = fit_host_kept_layers(model, inputs, labels, params.memory_budget_gb, device, cuda_graphs,
                                           every_block_may_fit=params.uncheckpointed_layers == "auto")
     if not measured:
         return kept, measured
     tried = ", ".join(f"{count}: {seconds:.3f} s at {measured['peak_gb'][count]:.2f} GB"
                       for count, seconds in measured["seconds"].items())
-    budget = f"budget {measured['budget_gb']:.2f} GB" + ("" if params.memory_budget_gb is not None
-                                                         else ", 90% of the GPU's memory")
+    if note is None:
+        note = "" if params.memory_budget_gb is not None else ", 90% of the GPU's memory"
+    budget = f"budget {measured['budget_gb']:.2f} GB{note}"
     if kept:
         offloaded = ("; the other blocks' inputs offloaded to host memory (recomputing every block without that: "
                      f"{measured['peak_not_offloaded_gb']:.2f} GB)" if measured.get("offloaded") else "")
@@ -452,7 +464,7 @@ def fit_uncheckpointed_layers(model, inputs: dict, labels, budget_gb: float | No
         probe.release()
         skip_checkpointing(model, kept)
         try:
-            return measure_step(model, inputs, labels, device, cuda_graphs)[0]
+            return measure_step(model, inputs, labels, device, cuda_graphs, eager_when_out_of_memory=kept == 0)[0]
         except torch.cuda.OutOfMemoryError:
             if kept == 0:
                 raise  # training itself would not fit
@@ -564,10 +576,14 @@ class _Probe:
 
 
 def measure_step(model, inputs: dict, labels, device, cuda_graphs: bool = False,
-                 timed: int = 0) -> tuple[float, float | None]:
+                 timed: int = 0, eager_when_out_of_memory: bool = False) -> tuple[float, float | None]:
     """One step of ``inputs`` (forward and backward; as a ``GraphedStep`` with ``cuda_graphs``, eagerly when it
     cannot be captured), then ``timed`` more: the peak allocated memory (GB) over them all and the median
-    seconds of the timed steps (None without any). Out of memory raises, as in training."""
+    seconds of the timed steps (None without any). Out of memory raises, as in training; a capture that runs
+    out of memory raises too (that count does not fit captured), unless ``eager_when_out_of_memory``: then the
+    step is measured eagerly, as training runs when its own capture fails (the planners' step with every block
+    recomputed: the least a run needs)."""
+    import gc
     import statistics
     import time
 
@@ -580,8 +596,19 @@ def measure_step(model, inputs: dict, labels, device, cuda_graphs: bool = False,
         seconds = []
         for run in range(1 + timed):
             start = time.perf_counter()
-            if step is None or step(inputs, labels, 1.0) is None:  # eager, or a step that could not be captured
-                step = None
+            captured = False
+            if step is not None:
+                try:
+                    captured = step(inputs, labels, 1.0) is not None
+                except torch.cuda.OutOfMemoryError:
+                    if not eager_when_out_of_memory:
+                        raise
+                if not captured:  # measured from here as training would run it: eagerly
+                    step = None
+                    gc.collect()
+                    torch.cuda.empty_cache()
+                    torch.cuda.reset_peak_memory_stats(device)
+            if not captured:
                 model(**inputs, labels=labels).loss.backward()
             torch.cuda.synchronize(device)
             if run:
@@ -649,7 +676,8 @@ def fit_host_kept_layers(model, inputs: dict, labels, budget_gb: float | None, d
         if count:
             offload.keep_in_host_memory(model, device, count)
         try:
-            peak, seconds = measure_step(model, inputs, labels, device, cuda_graphs, HOST_KEPT_TIMED_STEPS)
+            peak, seconds = measure_step(model, inputs, labels, device, cuda_graphs, HOST_KEPT_TIMED_STEPS,
+                                         eager_when_out_of_memory=not count)
             host = offload.host_kept_bytes(model) / 1e9
         except RuntimeError as error:  # out of GPU memory, or of pinned host memory for the copies
             if not count or not (isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error)):
