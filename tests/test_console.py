@@ -123,7 +123,8 @@ def test_the_gpu_out_of_memory_is_one_line_naming_the_budget_and_other_errors_ke
     assert oom.returncode == 1 and "Traceback" not in oom.stderr
     assert oom.stderr.strip().splitlines()[1:] == [
         "error: the GPU ran out of memory (CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity "
-        "of 7.63 GiB of which 1.02 GiB is free)" + budget + " (every stage plans within it; null is 90% of the "
+        "of 7.63 GiB of which 1.02 GiB is free. Including non-PyTorch memory, this process has 6.60 GiB memory in "
+        "use)" + budget + " (every stage plans within it; null is 90% of the "
         "GPU's memory), end other processes on the GPU, or lower training.per_device_batch_size or "
         "data.max_length"]
     kernel = _stage("kernel-oom")  # a library's kernel: CUDA's own words, its first line
@@ -144,4 +145,21 @@ def test_a_real_allocation_beyond_the_gpu_is_the_same_one_line():
     assert done.returncode == 1 and "Traceback" not in done.stderr
     line = done.stderr.strip().splitlines()[-1]
     assert line.startswith("error: the GPU ran out of memory (CUDA out of memory. Tried to allocate ")
-    assert "is free): set acceleration.memory_budget_gb" in line
+    assert "memory in use): set acceleration.memory_budget_gb" in line
+
+
+def test_the_out_of_memory_line_keeps_who_holds_the_gpu_and_the_cap_and_drops_the_allocator_advice():
+    from qlorapipe.console import out_of_memory
+
+    said = ("CUDA out of memory. Tried to allocate 16.00 MiB. GPU 0 has a total capacity of 79.18 GiB of which 73.08 GiB "
+            "is free. Process 1219 has 612.00 MiB memory in use. Including non-PyTorch memory, this process has 5.48 "
+            "GiB memory in use. 4.66 GiB allowed; Of the allocated memory 4.56 GiB is allocated by PyTorch, with 1.97 "
+            "GiB allocated in private pools (e.g., CUDA Graphs), and 80.22 MiB is reserved by PyTorch but unallocated. "
+            "If reserved but unallocated memory is large try setting PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True")
+    line = out_of_memory(torch.cuda.OutOfMemoryError(said))  # a capped run's, on an H100
+    assert line.startswith("the GPU ran out of memory (CUDA out of memory. Tried to allocate 16.00 MiB. GPU 0 has a "
+                           "total capacity of 79.18 GiB of which 73.08 GiB is free. Process 1219 has 612.00 MiB memory "
+                           "in use. Including non-PyTorch memory, this process has 5.48 GiB memory in use. 4.66 GiB "
+                           "allowed): set acceleration.memory_budget_gb")
+    assert out_of_memory(torch.cuda.OutOfMemoryError("")).startswith("the GPU ran out of memory: set ")
+    assert out_of_memory(ValueError("CUDA out of memory")) is None and out_of_memory(RuntimeError("shape")) is None

@@ -143,8 +143,10 @@ def out_of_memory(exc: BaseException) -> str | None:
     if not (torch is not None and isinstance(exc, torch.cuda.OutOfMemoryError)
             or "CUDA" in text and "out of memory" in text or "CUBLAS_STATUS_ALLOC_FAILED" in text):
         return None
-    # torch's message goes on with advice on the allocator's settings, which every stage sets itself.
-    said = (re.match(r".*?is free\.", text) or re.match(r"[^\n]*", text)).group(0).rstrip(".")
+    # torch's first line says what was asked, what is free and which processes hold the GPU, then goes on about
+    # its own allocator's split and settings, which every stage sets itself.
+    said = re.split(r" Of the allocated memory| If reserved but unallocated| See documentation", text.split("\n")[0])
+    said = said[0].rstrip(" .;")
     return (f"the GPU ran out of memory{f' ({said})' if said else ''}: set "
             "acceleration.memory_budget_gb to the GPU memory the stages may use (every stage plans within it; null "
             "is 90% of the GPU's memory), end other processes on the GPU, or lower training.per_device_batch_size "
