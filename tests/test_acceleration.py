@@ -1015,44 +1015,48 @@ def test_the_two_planners_measure_the_step_with_every_block_on_the_gpu_once(monk
     fast.remove(model)
 
 
+def _plan_beside_optimizer_state(monkeypatch, caplog, params: AccelerationParams, optimizer_state_gb: float,
+                                 steps: list | None = None):
+    """The two planners on 32 simulated blocks (every block kept runs out of memory, 6.0 + 0.5 GB a block kept
+    otherwise; 100 GB free): (blocks kept, the planner's log); ``steps`` gets the steps measured."""
+    model = _BlocksModel(32)
+    calls = _timed_gpu(monkeypatch, model, {0: 0.352, 8: 0.349, 10: 0.348, 16: 0.347},
+                       peak=lambda on_gpu, in_host: math.inf if on_gpu == 32 else 6.0 + 0.5 * on_gpu)
+    monkeypatch.setattr(memory_plan, "model_inputs", lambda batch, device: {"input_ids": torch.ones(3)})
+    caplog.clear()
+    try:
+        with caplog.at_level(logging.INFO, logger=memory_plan.logger.name):
+            kept = memory_plan.plan_uncheckpointed_layers(model, params, {"labels": _LabelsOnAnyDevice()},
+                                                          torch.device("cuda", 0),
+                                                          optimizer_state_gb=optimizer_state_gb)
+        assert kept == checkpointing.uncheckpointed_count(model)
+        return kept, caplog.messages
+    finally:
+        if steps is not None:
+            steps.extend(calls)
+        fast.remove(model)
+
+
 def test_the_optimizer_state_no_measured_step_holds_yet_is_left_out_of_the_budget(monkeypatch, caplog):
     # The planners' steps run before the optimizer's first step creates its state: 1 GB of it leaves the steps
     # 19 GB of 20, so the line 6.0 + 0.5 GB a block keeps 26 blocks instead of 28.
-    model = _BlocksModel(32)
-    _timed_gpu(monkeypatch, model, {0: 0.352, 8: 0.349, 10: 0.348, 16: 0.347},
-               peak=lambda on_gpu, in_host: math.inf if on_gpu == 32 else 6.0 + 0.5 * on_gpu)
-    monkeypatch.setattr(memory_plan, "model_inputs", lambda batch, device: {"input_ids": torch.ones(3)})
-    with caplog.at_level(logging.INFO, logger=memory_plan.logger.name):
-        kept = memory_plan.plan_uncheckpointed_layers(model, AccelerationParams(memory_budget_gb=20.0),
-                                                      {"labels": _LabelsOnAnyDevice()}, torch.device("cuda", 0),
-                                                      optimizer_state_gb=1.0)
-    assert kept == checkpointing.uncheckpointed_count(model) == 26
-    assert ("memory budget: 19.00 GB of 20.00 GB for the training step; the optimizer's state takes 1.00 GB"
-            in caplog.messages)
-    assert any(message.endswith("budget 19.00 GB left to the steps of 20.00 GB)") for message in caplog.messages)
-    fast.remove(model)
+    kept, messages = _plan_beside_optimizer_state(monkeypatch, caplog, AccelerationParams(memory_budget_gb=20.0), 1.0)
+    assert kept == 26
+    assert "memory budget: 19.00 GB of 20.00 GB for the training step; the optimizer's state takes 1.00 GB" in messages
+    assert any(message.endswith("budget 19.00 GB left to the steps of 20.00 GB)") for message in messages)
+    assert _plan_beside_optimizer_state(monkeypatch, caplog, AccelerationParams(memory_budget_gb=20.0), 0.0)[0] == 28
     # More optimizer state than budget: one line naming the budget and what took it, before any step runs.
-    model = _BlocksModel(32)
-    calls = _timed_gpu(monkeypatch, model, {0: 0.352}, peak=lambda on_gpu, in_host: 6.0 + 0.5 * on_gpu)
+    steps = []
     with pytest.raises(UserError, match=r"acceleration.memory_budget_gb: 1.00 GB leaves nothing to the training step "
                                         r"\(the optimizer's state takes 1.50 GB\)"):
-        memory_plan.plan_uncheckpointed_layers(model, AccelerationParams(memory_budget_gb=1.0),
-                                               {"labels": _LabelsOnAnyDevice()}, torch.device("cuda", 0),
-                                               optimizer_state_gb=1.5)
-    assert not calls
+        _plan_beside_optimizer_state(monkeypatch, caplog, AccelerationParams(memory_budget_gb=1.0), 1.5, steps)
+    assert not steps
 
 
 def test_with_the_default_budget_the_planners_say_so_after_the_optimizer_state_is_taken(monkeypatch, caplog):
-    model = _BlocksModel(32)
-    _timed_gpu(monkeypatch, model, {0: 0.352, 8: 0.349, 10: 0.348, 16: 0.347},
-               peak=lambda on_gpu, in_host: math.inf if on_gpu == 32 else 6.0 + 0.5 * on_gpu)
-    monkeypatch.setattr(memory_plan, "model_inputs", lambda batch, device: {"input_ids": torch.ones(3)})
-    with caplog.at_level(logging.INFO, logger=memory_plan.logger.name):
-        memory_plan.plan_uncheckpointed_layers(model, AccelerationParams(), {"labels": _LabelsOnAnyDevice()},
-                                               torch.device("cuda", 0), optimizer_state_gb=0.5)
-    assert "of 90.00 GB (90% of the GPU's memory) for the training step" in caplog.text
-    assert "left to the steps of 90.00 GB (90% of the GPU's memory)" in caplog.text
-    fast.remove(model)
+    _, messages = _plan_beside_optimizer_state(monkeypatch, caplog, AccelerationParams(), 0.5)
+    assert any("of 90.00 GB (90% of the GPU's memory) for the training step" in message for message in messages)
+    assert any("left to the steps of 90.00 GB (90% of the GPU's memory)" in message for message in messages)
 
 
 def test_auto_host_kept_layers_times_its_counts_beside_offloaded_inputs_when_recomputing_is_above_the_budget(
