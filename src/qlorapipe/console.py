@@ -8,8 +8,8 @@ import re
 import sys
 import warnings
 from collections.abc import Callable
-from typing import NoReturn
 from pathlib import Path
+from typing import NoReturn
 
 from rich.console import Console
 from rich.logging import RichHandler

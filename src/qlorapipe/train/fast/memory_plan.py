@@ -34,6 +34,8 @@ logger = logging.getLogger(__name__)
 MAX_FIT_CHECKS = 3
 # On the CPU, the share of the host memory available when training starts that kept activations may fill.
 HOST_SHARE = 0.5
+# memory_budget_gb: null, as the planners' log lines say it.
+DEFAULT_BUDGET = "90% of the GPU's memory"
 
 
 def blocks_within_budget(peak: float, kept: int, per_block: float, budget: float, n_blocks: int) -> int:
@@ -135,7 +137,7 @@ def plan_uncheckpointed_layers(model, params: AccelerationParams, batch, device,
                         kept, measured["n_blocks"], measured["per_block_bytes"] / 1e9, measured["rest_bytes"] / 1e9,
                         measured["room_bytes"] / 1e9, 100 * HOST_SHARE)
         return kept
-    note = "" if params.memory_budget_gb is not None else ", 90% of the GPU's memory"  # after each budget logged
+    note = _default_note(params.memory_budget_gb)  # after each budget logged
     evaluation = evaluation_room_gb(model, eval_batch, device) if cuda_graphs and eval_batch is not None else 0.0
     if evaluation or optimizer_state_gb:
         params, note = _within_room(model, params, device, evaluation, optimizer_state_gb)
@@ -195,6 +197,11 @@ class _OneBatch:
         return {key: value[index] for key, value in self.batch.items()}
 
 
+def _default_note(memory_budget_gb: float | None) -> str:
+    """What the planners' log lines say after a budget the user gave (nothing) or left to the default."""
+    return "" if memory_budget_gb is not None else f", {DEFAULT_BUDGET}"
+
+
 def _within_room(model, params: AccelerationParams, device, evaluation_gb: float,
                  optimizer_state_gb: float) -> tuple[AccelerationParams, str]:
     """``params`` with the budget the steps are fitted to less what the optimizer's state holds and what an
@@ -210,7 +217,7 @@ def _within_room(model, params: AccelerationParams, device, evaluation_gb: float
     with probe:  # the gradients and modes its release touches are put back
         budget = probe.budget(params.memory_budget_gb)
     steps = budget - evaluation_gb - optimizer_state_gb
-    whole = f"{budget:.2f} GB" + ("" if params.memory_budget_gb is not None else " (90% of the GPU's memory)")
+    whole = f"{budget:.2f} GB" + (f" ({DEFAULT_BUDGET})" if params.memory_budget_gb is None else "")
     beside = f"the optimizer's state takes {optimizer_state_gb:.2f} GB" + (
         f", an evaluation between steps {evaluation_gb:.2f} GB beside the CUDA graphs' memory" if evaluation_gb else "")
     if steps <= 0:
@@ -248,9 +255,8 @@ def plan_host_kept_layers(model, inputs: dict, labels, params: AccelerationParam
         return kept, measured
     tried = ", ".join(f"{count}: {seconds:.3f} s at {measured['peak_gb'][count]:.2f} GB"
                       for count, seconds in measured["seconds"].items())
-    if note is None:
-        note = "" if params.memory_budget_gb is not None else ", 90% of the GPU's memory"
-    budget = f"budget {measured['budget_gb']:.2f} GB{note}"
+    budget = f"budget {measured['budget_gb']:.2f} GB" + (_default_note(params.memory_budget_gb) if note is None
+                                                          else note)
     if kept:
         offloaded = ("; the other blocks' inputs offloaded to host memory (recomputing every block without that: "
                      f"{measured['peak_not_offloaded_gb']:.2f} GB)" if measured.get("offloaded") else "")
