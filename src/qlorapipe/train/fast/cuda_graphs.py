@@ -76,6 +76,19 @@ class GraphedStep:
         self.replays += 1
         return self.loss
 
+    def pool_bytes(self) -> tuple[int, int]:
+        """The captured graph's private memory pool: the bytes it reserved and the bytes allocated in it now (0, 0
+        before a capture). The pool keeps all it reserved until the graph goes, the unused part of its segments
+        included: nothing else can allocate there, so a run holds the pool's reserved size beside what is
+        allocated outside it."""
+        import torch
+
+        if self.graph is None:
+            return 0, 0
+        pool = tuple(self.graph.pool())
+        segments = [segment for segment in torch.cuda.memory_snapshot() if tuple(segment["segment_pool_id"]) == pool]
+        return sum(s["total_size"] for s in segments), sum(s["allocated_size"] for s in segments)
+
     def _load(self, inputs: dict, labels, scale: float) -> None:
         self.static["input_ids"].copy_(inputs["input_ids"])
         self.static["labels"].copy_(labels)

@@ -584,11 +584,13 @@ class _Probe:
 def measure_step(model, inputs: dict, labels, device, cuda_graphs: bool = False,
                  timed: int = 0, eager_when_out_of_memory: bool = False) -> tuple[float, float | None]:
     """One step of ``inputs`` (forward and backward; as a ``GraphedStep`` with ``cuda_graphs``, eagerly when it
-    cannot be captured), then ``timed`` more: the peak allocated memory (GB) over them all and the median
-    seconds of the timed steps (None without any). Out of memory raises, as in training; a capture that runs
-    out of memory raises too (that count does not fit captured), unless ``eager_when_out_of_memory``: then the
-    step is measured eagerly, as training runs when its own capture fails (the planners' step with every block
-    recomputed: the least a run needs)."""
+    cannot be captured), then ``timed`` more: the peak memory (GB) over them all and the median seconds of the
+    timed steps (None without any). The peak is the allocated peak, and for a captured step at least what the run
+    holds beside the graph (allocated outside its pool) plus the pool's reserved size: the pool keeps the unused
+    ends of its segments to itself (``GraphedStep.pool_bytes``), and on a GPU with just the budget they count.
+    Out of memory raises, as in training; a capture that runs out of memory raises too (that count does not fit
+    captured), unless ``eager_when_out_of_memory``: then the step is measured eagerly, as training runs when its
+    own capture fails (the planners' step with every block recomputed: the least a run needs)."""
     import gc
     import statistics
     import time
@@ -619,7 +621,11 @@ def measure_step(model, inputs: dict, labels, device, cuda_graphs: bool = False,
             torch.cuda.synchronize(device)
             if run:
                 seconds.append(time.perf_counter() - start)
-        return torch.cuda.max_memory_allocated(device) / 1e9, statistics.median(seconds) if seconds else None
+        peak = torch.cuda.max_memory_allocated(device)
+        if step is not None:
+            reserved, allocated = step.pool_bytes()
+            peak = max(peak, torch.cuda.memory_allocated(device) - allocated + reserved)
+        return peak / 1e9, statistics.median(seconds) if seconds else None
     finally:
         del step  # the graph and its memory pool
 
