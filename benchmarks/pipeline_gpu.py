@@ -15,7 +15,9 @@ stage itself writes to its metrics (torch's allocated and reserved). It prints o
 with the merge and export fidelity figures and where export's time went, and writes them as
 Markdown and JSON under --out. A shape whose stages already ran in --work continues where it
 stopped (the stages are long at 7B; one call of a lent machine may not hold them all); --rerun
-runs the named stages again there (with --profile: where their time went).
+runs the named stages again there (with --profile: where their time went). With --gpu-cap each
+stage's process may hold no more than --budget GB of GPU memory (``capped_stage.py``), as on a GPU with that
+much free for torch: that checks that the stages fit a GPU of the budget's size, not only report peaks below it.
 """
 
 from __future__ import annotations
@@ -237,6 +239,16 @@ from qlorapipe import evaluate, merge, export, prepare, download
 """
 
 
+def stage_python(name: str, args) -> str:
+    """What runs a stage's ``python``: the interpreter, under cProfile with --profile, or with its GPU memory capped
+    at the budget with --gpu-cap (``capped_stage.py``)."""
+    if args.profile:
+        return f"{sys.executable} {__file__} --profiled {name}.prof"
+    if args.gpu_cap:
+        return f"{sys.executable} {Path(__file__).with_name('capped_stage.py')} {args.budget}"
+    return sys.executable
+
+
 def run_shape(shape: str, args) -> dict:
     work = args.work / shape
     work.mkdir(parents=True, exist_ok=True)
@@ -288,7 +300,7 @@ def run_shape(shape: str, args) -> dict:
             target = work / output
             shutil.rmtree(target) if target.is_dir() and not target.is_symlink() else target.unlink(missing_ok=True)
         with GpuSampler() as sampler, open(work / f"{name}.log", "w") as log:
-            python = f"{sys.executable} {__file__} --profiled {name}.prof" if args.profile else sys.executable
+            python = stage_python(name, args)
             started = time.perf_counter()
             rc = subprocess.run(cmd.replace("python ", f"{python} ", 1), shell=True, cwd=work, env=env,
                                 stdout=log, stderr=subprocess.STDOUT).returncode
@@ -422,9 +434,14 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="change a parameter in WORK's params.yaml before the stages run (stays for later runs "
                              "there), e.g. --rerun merge --set merge.dtype=bfloat16")
+    parser.add_argument("--gpu-cap", action="store_true",
+                        help="cap each stage's process at --budget GB of GPU memory (capped_stage.py), as on a GPU "
+                             "with that much free for torch; llama.cpp, in export, is outside the cap")
     parser.add_argument("--wait-before-export", type=Path, metavar="FILE",
                         help="wait until FILE exists before export (untimed): llama.cpp being built beside the stages")
     args = parser.parse_args()
+    if args.gpu_cap and args.profile:
+        parser.error("--gpu-cap: not with --profile (each wraps the stage's interpreter)")
     args.formats = {k: v.split(",") for k, v in (item.split("=", 1) for item in args.formats)}
     defaults = yaml.safe_load((ROOT / "params.yaml").read_text())["export"]["formats"]
     for shape in args.shapes:

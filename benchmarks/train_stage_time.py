@@ -27,8 +27,8 @@ tokens/s as a multiple of the first run's mean (``x first``).
 With --budget B --gpu-cap each stage process may hold no more than B GB of GPU memory
 (``torch.cuda.set_per_process_memory_fraction``, the caching allocator's reserve included): when it
 reaches that, the allocator frees what it has cached and retries, then runs out of memory, as on a GPU
-with B GB free for torch (the CUDA context is outside the cap, as it is outside the budget). That checks that a
-run planned within the budget trains on a GPU of that size. One process only.
+with B GB free for torch (``capped_stage.py``; the CUDA context is outside the cap, as it is outside the
+budget). That checks that a run planned within the budget trains on a GPU of that size. One process only.
 """
 
 from __future__ import annotations
@@ -65,31 +65,9 @@ def train_losses(history: Path) -> list[float]:
     return [float(row.split(",")[column]) for row in rows[1:]]
 
 
-# Runs the stage script named after the cap (GB) as its own __main__, its GPU memory capped. The allocator's settings
-# are the stage's own (``use_expandable_segments``), made before the cap initializes CUDA.
-CAPPED_STAGE = """
-import runpy, sys
-from qlorapipe.startup import use_expandable_segments
-use_expandable_segments()
-import torch
-cap_gb, sys.argv = float(sys.argv[1]), sys.argv[2:]
-torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gb * 1e9 / torch.cuda.get_device_properties(0).total_memory))
-from qlorapipe import console
-said = console.out_of_memory
-def out_of_memory(exc):  # where it ran out and the allocator's figures, before the stage's one line
-    if said(exc) is not None:
-        import traceback
-        traceback.print_exception(exc, limit=-12)
-        print(str(exc), torch.cuda.memory_summary(abbreviated=True), sep="\\n", file=sys.stderr)
-    return said(exc)
-console.out_of_memory = out_of_memory
-runpy.run_path(sys.argv[0], run_name="__main__")
-"""
-
-
 def capped(cap_gb: float | None) -> list[str]:
     """The interpreter arguments before a stage script: none, or the wrapper that caps its GPU memory at ``cap_gb``."""
-    return [] if cap_gb is None else ["-c", CAPPED_STAGE, str(cap_gb)]
+    return [] if cap_gb is None else [str(Path(__file__).with_name("capped_stage.py")), str(cap_gb)]
 
 
 def main() -> None:

@@ -96,6 +96,27 @@ def test_the_pipeline_benchmark_sets_parameters_as_dvc_exp_run_does(tmp_path):
     assert "set merge.dtype=bfloat16, acceleration.memory_budget_gb=7.5)" in pipeline_gpu.table(record, 7.5)
 
 
+def test_the_pipeline_benchmark_runs_each_stage_capped_at_the_budget_with_gpu_cap(tmp_path):
+    """--gpu-cap puts capped_stage.py before every stage script, with the budget; the wrapper runs the script as
+    its own __main__ with the stage's arguments (on the CPU there is no GPU memory to cap)."""
+    import argparse
+    import os
+    import subprocess
+
+    capped = pipeline_gpu.stage_python("train", argparse.Namespace(profile=False, gpu_cap=True, budget=7.5))
+    wrapper = ROOT / "benchmarks" / "capped_stage.py"
+    assert capped.split() == [sys.executable, str(wrapper), "7.5"]
+    assert pipeline_gpu.stage_python("train", argparse.Namespace(profile=False, gpu_cap=False, budget=7.5)) \
+        == sys.executable
+    stage = tmp_path / "stage.py"
+    stage.write_text("import sys\nprint(__name__, sys.argv)\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
+               CUDA_VISIBLE_DEVICES="")
+    out = subprocess.run([*capped.split(), str(stage), "--metrics", "m.json"], env=env, capture_output=True,
+                         text=True, check=True).stdout
+    assert out.strip() == f"__main__ {[str(stage), '--metrics', 'm.json']}"
+
+
 def test_a_stage_run_again_that_failed_keeps_no_figures_of_the_run_before(tmp_path):
     import json
 
