@@ -12,15 +12,21 @@ an out of memory the traceback and the allocator's summary are printed before th
 
 import runpy
 import sys
+from pathlib import Path
 
-from qlorapipe.startup import use_expandable_segments
 
-use_expandable_segments()
-
-import torch  # noqa: E402 - after the allocator's settings
+def interpreter_args(cap_gb: float) -> list[str]:
+    """What follows the interpreter, before a stage script and its arguments, to run that stage capped at
+    ``cap_gb``: this script and the cap."""
+    return [str(Path(__file__).resolve()), str(cap_gb)]
 
 
 def main() -> None:
+    from qlorapipe.startup import use_expandable_segments
+
+    use_expandable_segments()  # before anything initializes CUDA
+    import torch
+
     cap_gb, sys.argv = float(sys.argv[1]), sys.argv[2:]
     if torch.cuda.is_available():
         cap(cap_gb)
@@ -29,6 +35,8 @@ def main() -> None:
 
 def cap(cap_gb: float) -> None:
     """Cap this process's GPU memory at ``cap_gb`` and make the stage's out-of-memory line say where it ran out."""
+    import torch
+
     total = torch.cuda.get_device_properties(0).total_memory
     torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gb * 1e9 / total))
     from qlorapipe import console

@@ -38,6 +38,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import capped_stage  # noqa: E402
+
 STAGES = ("check", "download", "compat", "prepare", "train", "evaluate", "merge", "card", "export")
 # The split rules (pre-tokenizer regexes) of the families the shapes come from: Qwen2 splits digits one
 # by one, Llama 3 in groups of three. The GGUF writer names llama.cpp's matching pre-tokenizer from them.
@@ -245,7 +247,7 @@ def stage_python(name: str, args) -> str:
     if args.profile:
         return f"{sys.executable} {__file__} --profiled {name}.prof"
     if args.gpu_cap:
-        return f"{sys.executable} {Path(__file__).with_name('capped_stage.py')} {args.budget}"
+        return " ".join([sys.executable, *capped_stage.interpreter_args(args.budget)])
     return sys.executable
 
 

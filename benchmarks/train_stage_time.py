@@ -49,6 +49,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import capped_stage  # noqa: E402
 from train_speed import save_random_model, shape_config, write_random_source_record  # noqa: E402
 
 from qlorapipe import data  # noqa: E402
@@ -67,7 +68,7 @@ def train_losses(history: Path) -> list[float]:
 
 def capped(cap_gb: float | None) -> list[str]:
     """The interpreter arguments before a stage script: none, or the wrapper that caps its GPU memory at ``cap_gb``."""
-    return [] if cap_gb is None else [str(Path(__file__).with_name("capped_stage.py")), str(cap_gb)]
+    return [] if cap_gb is None else capped_stage.interpreter_args(cap_gb)
 
 
 def main() -> None:
