@@ -9,7 +9,9 @@ bytes of every distinct storage reachable from it: 4-bit weights, their quantiza
 LoRA params, buffers. On a GPU it sets that sum beside ``torch.cuda.memory_allocated()``: what
 the allocator holds that no tensor of the model explains is the first thing to look at when our
 footprint is above a peer's; then it runs one graphed step (--batch x --seq tokens) and reports
-what stays allocated after it, with and without cuBLAS's per-stream workspaces. Prints a table;
+what stays allocated after it, with and without cuBLAS's per-stream workspaces, and how the graph's
+private pool grew during the capture (which requests made it reserve a segment, and how much was free in
+it then: what it reserves beyond the most it held at once is gaps). Prints tables;
 writes breakdown.json under --out.
 """
 
@@ -75,7 +77,8 @@ def breakdown(model) -> dict[str, int]:
 def after_a_graphed_step(model, seq: int, batch: int, before: int) -> dict:
     """What stays allocated after one forward and backward captured and replayed as the train stage runs
     it (``cuda_graphs.GraphedStep``), once the graph is gone, and how much of that is cuBLAS's
-    workspaces (torch keeps them for every stream that ran a matmul, until told to free them)."""
+    workspaces (torch keeps them for every stream that ran a matmul, until told to free them); and how the
+    graph's private pool grew while the step was captured (``pool_growth``)."""
     import gc
 
     from qlorapipe.train.fast import cuda_graphs
@@ -83,10 +86,17 @@ def after_a_graphed_step(model, seq: int, batch: int, before: int) -> dict:
     ids = torch.randint(0, model.config.vocab_size, (batch, seq), device="cuda",
                         generator=torch.Generator("cuda").manual_seed(0))
     graphed = cuda_graphs.GraphedStep(model)
-    graphed({"input_ids": ids}, ids, 1.0)
+    torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
+    graphed({"input_ids": ids}, ids, 1.0)  # the warm-up runs and the capture, recorded
+    snapshot = torch.cuda.memory._snapshot()
+    torch.cuda.memory._record_memory_history(enabled=None)
     graphed({"input_ids": ids}, ids, 1.0)
     torch.cuda.synchronize()
     figures = {"graph_failed": graphed.failed, "step_peak_gb": (torch.cuda.max_memory_allocated() - before) / 1e9}
+    if graphed.graph is not None:
+        pool = tuple(graphed.graph.pool())
+        segments = [s for s in snapshot["segments"] if tuple(s["segment_pool_id"]) == pool]
+        figures["pool"] = pool_growth(snapshot["device_traces"][torch.cuda.current_device()], segments)
     del graphed
     model.zero_grad(set_to_none=True)
     gc.collect()
@@ -95,6 +105,69 @@ def after_a_graphed_step(model, seq: int, batch: int, before: int) -> dict:
     torch._C._cuda_clearCublasWorkspaces()  # in every CUDA build of torch since 1.13
     figures["allocated_without_cublas_workspaces_gb"] = (torch.cuda.memory_allocated() - before) / 1e9
     return figures
+
+
+def pool_growth(events: list[dict], segments: list[dict], top: int = 12) -> dict:
+    """How a CUDA graph's private pool grew during its capture, from the allocator's recorded events.
+
+    ``segments`` are the pool's segments after the capture (``torch.cuda.memory._snapshot()``), ``events``
+    the device's trace from before it. The pool's events are those at its segments' addresses after the last
+    segment given back there (the pool gives none back while its graph lives: earlier events at its addresses
+    were the warm-up's, in memory ``empty_cache`` gave back before the capture).
+    Returns the pool's reserved bytes, the most it held allocated at once (what a pool without gaps would
+    reserve), its segments by size, and the allocations that made it reserve a new segment: the request,
+    the segment it got, what was free in the pool then (a request smaller than that was refused only
+    because the free bytes lay in pieces) and where it was made (the innermost frame outside torch).
+    """
+    spans = sorted((s["address"], s["address"] + s["total_size"]) for s in segments)
+
+    def in_pool(address: int) -> bool:
+        return any(start <= address < end for start, end in spans)
+
+    pool_events = [e for e in events if e["action"] in ("alloc", "free_completed", "segment_alloc", "segment_free",
+                                                        "segment_unmap") and in_pool(e["addr"])]
+    # The pool gives nothing back while its graph lives: memory given back at its addresses was the warm-up's.
+    first = 1 + max((i for i, e in enumerate(pool_events) if e["action"] in ("segment_free", "segment_unmap")),
+                    default=-1)
+    live = reserved = peak = 0
+    live_sizes: dict[int, int] = {}
+    growth, pending = [], None
+    for event in pool_events[first:]:
+        if event["action"] == "segment_alloc":
+            pending = {"segment_bytes": event["size"], "reserved_before": reserved, "free_before": reserved - live}
+            reserved += event["size"]
+        elif event["action"] == "alloc":
+            live -= live_sizes.pop(event["addr"], 0)  # its free was not recorded as completed
+            live_sizes[event["addr"]] = event["size"]
+            live += event["size"]
+            peak = max(peak, live)
+            if pending is not None:
+                growth.append({**pending, "request_bytes": event["size"], "live_before": live - event["size"],
+                               "where": _frame(event.get("frames", []))})
+                pending = None
+        else:
+            live -= live_sizes.pop(event["addr"], 0)
+    by_size: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for segment in segments:
+        size = segment["total_size"]
+        kind = "2 MB" if size == 2 << 20 else "20 MB" if size == 20 << 20 else "other"
+        by_size[kind][0] += 1
+        by_size[kind][1] += size
+    largest = sorted(growth, key=lambda g: g["segment_bytes"], reverse=True)[:top]
+    return {"reserved_bytes": sum(s["total_size"] for s in segments), "peak_live_bytes": peak,
+            "segments": {kind: {"count": n, "bytes": b} for kind, (n, b) in sorted(by_size.items())},
+            "new_segments": len(growth),
+            "new_segments_with_enough_free_bytes": sum(g["free_before"] >= g["request_bytes"] for g in growth),
+            "largest_new_segments": largest}
+
+
+def _frame(frames: list[dict]) -> str:
+    """The innermost recorded frame outside torch itself, as ``file:line function``."""
+    for frame in frames:
+        name = frame.get("filename", "")
+        if "/torch/" not in name and not name.startswith("??"):
+            return f"{'/'.join(Path(name).parts[-2:])}:{frame.get('line')} {frame.get('name')}"
+    return ""
 
 
 def main() -> None:
@@ -130,7 +203,17 @@ def main() -> None:
     print("| kind | GB |\n| --- | --- |")
     for kind, nbytes in found.items():
         print(f"| {kind} | {nbytes / 1e9:.3f} |")
-    print(json.dumps({k: v for k, v in row.items() if k != "bytes"}))
+    print(json.dumps({k: v for k, v in row.items() if k not in ("bytes", "pool")}))
+    pool = row.get("pool")
+    if pool:
+        print(f"graph pool: {pool['reserved_bytes'] / 1e9:.3f} GB reserved, {pool['peak_live_bytes'] / 1e9:.3f} GB "
+              f"allocated at most; segments {pool['segments']}; {pool['new_segments']} new segments, "
+              f"{pool['new_segments_with_enough_free_bytes']} of them while the pool had the request's bytes free")
+        print("| request MB | segment MB | pool free before MB | pool live before MB | where |")
+        print("| --- | --- | --- | --- | --- |")
+        for g in pool["largest_new_segments"]:
+            mib = [f"{g[key] / 2**20:.1f}" for key in ("request_bytes", "segment_bytes", "free_before", "live_before")]
+            print(f"| {' | '.join(mib)} | {g['where']} |")
 
 
 if __name__ == "__main__":

@@ -77,6 +77,43 @@ def test_the_memory_breakdown_counts_every_storage_of_a_4bit_lora_model_once(tmp
     assert found["frozen embedding/head float32"] == 4 * embedding  # tied: once; float32 from kbit preparation
 
 
+def test_the_pool_growth_finds_the_requests_that_reserved_segments_and_the_gaps_they_left():
+    """benchmarks/memory_breakdown.py's reading of a graph pool from the allocator's recorded events: the
+    warm-up's events at the pool's later addresses are not the pool's; a request the pool had the bytes for,
+    but not in one piece, is counted as such; the most allocated at once is below what was reserved."""
+    import memory_breakdown
+
+    mb = 1 << 20
+    frames = [{"filename": "/site/torch/nn/modules/module.py", "line": 1, "name": "_call_impl"},
+              {"filename": "/src/qlorapipe/train/fast/blocks.py", "line": 42, "name": "forward"}]
+    events = [  # the warm-up, in memory that empty_cache gave back and the pool got again
+        {"action": "segment_alloc", "addr": 0, "size": 20 * mb},
+        {"action": "alloc", "addr": 0, "size": 8 * mb},
+        {"action": "free_completed", "addr": 0, "size": 8 * mb},
+        {"action": "segment_free", "addr": 0, "size": 20 * mb},
+        # the capture
+        {"action": "segment_alloc", "addr": 0, "size": 20 * mb},
+        {"action": "alloc", "addr": 0, "size": 8 * mb, "frames": frames},
+        {"action": "alloc", "addr": 8 * mb, "size": 8 * mb},
+        {"action": "alloc", "addr": 16 * mb, "size": 4 * mb},
+        {"action": "free_completed", "addr": 0, "size": 8 * mb},  # 8 MB free at 0, none after 16 MB
+        {"action": "alloc", "addr": 100 * mb, "size": 100},  # elsewhere: not the pool's
+        {"action": "segment_alloc", "addr": 20 * mb, "size": 12 * mb},
+        {"action": "alloc", "addr": 20 * mb, "size": 12 * mb, "frames": frames},
+        {"action": "free_completed", "addr": 8 * mb, "size": 8 * mb},
+    ]
+    segments = [{"address": 0, "total_size": 20 * mb}, {"address": 20 * mb, "total_size": 12 * mb}]
+    grown = memory_breakdown.pool_growth(events, segments)
+    assert grown["reserved_bytes"] == 32 * mb and grown["peak_live_bytes"] == 24 * mb
+    assert grown["new_segments"] == 2 and grown["new_segments_with_enough_free_bytes"] == 0
+    first, second = grown["largest_new_segments"]  # the 20 MB segment, then the 12 MB one
+    assert first == {"segment_bytes": 20 * mb, "reserved_before": 0, "free_before": 0, "request_bytes": 8 * mb,
+                     "live_before": 0, "where": "fast/blocks.py:42 forward"}
+    assert second == {"segment_bytes": 12 * mb, "reserved_before": 20 * mb, "free_before": 8 * mb,
+                      "request_bytes": 12 * mb, "live_before": 12 * mb, "where": "fast/blocks.py:42 forward"}
+    assert grown["segments"] == {"20 MB": {"count": 1, "bytes": 20 * mb}, "other": {"count": 1, "bytes": 12 * mb}}
+
+
 def test_the_pipeline_benchmark_sets_parameters_as_dvc_exp_run_does(tmp_path):
     import pytest
     import yaml
