@@ -74,7 +74,7 @@ def breakdown(model) -> dict[str, int]:
     return dict(sorted(totals.items()))
 
 
-def after_a_graphed_step(model, seq: int, batch: int, before: int) -> dict:
+def after_a_graphed_step(model, seq: int, batch: int, before: int, arena: bool = False) -> dict:
     """What stays allocated after one forward and backward captured and replayed as the train stage runs
     it (``cuda_graphs.GraphedStep``), once the graph is gone, and how much of that is cuBLAS's
     workspaces (torch keeps them for every stream that ran a matmul, until told to free them); and how the
@@ -97,14 +97,55 @@ def after_a_graphed_step(model, seq: int, batch: int, before: int) -> dict:
         pool = tuple(graphed.graph.pool())
         segments = [s for s in snapshot["segments"] if tuple(s["segment_pool_id"]) == pool]
         figures["pool"] = pool_growth(snapshot["device_traces"][torch.cuda.current_device()], segments)
+        figures["measure_gb"] = (_captured_measure(graphed) - before) / 1e9
     del graphed
     model.zero_grad(set_to_none=True)
     gc.collect()
     torch.cuda.empty_cache()
+    if "pool" in figures and arena:
+        figures["arena"] = captured_in_an_arena(model, ids, figures["pool"]["peak_live_bytes"], before)
+        model.zero_grad(set_to_none=True)
+        gc.collect()
+        torch.cuda.empty_cache()
     figures["allocated_after_step_gb"] = (torch.cuda.memory_allocated() - before) / 1e9
     torch._C._cuda_clearCublasWorkspaces()  # in every CUDA build of torch since 1.13
     figures["allocated_without_cublas_workspaces_gb"] = (torch.cuda.memory_allocated() - before) / 1e9
     return figures
+
+
+def _captured_measure(graphed) -> int:
+    """The memory planner's measure of a captured step (``memory_plan.measure_step``): what is allocated
+    outside the graph's pool, and the pool's reserved bytes whole."""
+    reserved, allocated = graphed.pool_bytes()
+    return torch.cuda.memory_allocated() - allocated + reserved
+
+
+def captured_in_an_arena(model, ids, arena_bytes: int, before: int) -> dict:
+    """The same step captured into a pool that already holds one free segment of ``arena_bytes`` (the most the
+    default capture's pool held allocated at once): its larger requests split that one segment, freed neighbours
+    coalesce, and the pool grows only where a request finds no piece large enough. An experiment: the train
+    stage captures into a fresh pool (``torch.cuda.graph`` gets the arena's pool here, not in the product)."""
+    import functools
+    from unittest import mock
+
+    from qlorapipe.train.fast import cuda_graphs
+
+    arena = torch.cuda.MemPool()
+    with torch.cuda.use_mem_pool(arena):
+        block = torch.empty(-(-arena_bytes // (2 << 20)) * (2 << 20), dtype=torch.uint8, device="cuda")
+    del block  # freed into the arena's pool, which keeps the segment
+    torch.cuda.reset_peak_memory_stats()
+    graphed = cuda_graphs.GraphedStep(model)
+    with mock.patch.object(torch.cuda, "graph", functools.partial(torch.cuda.graph, pool=arena.id)):
+        graphed({"input_ids": ids}, ids, 1.0)
+    graphed({"input_ids": ids}, ids, 1.0)
+    torch.cuda.synchronize()
+    reserved, _ = graphed.pool_bytes()
+    found = {"graph_failed": graphed.failed, "arena_bytes": arena_bytes, "pool_reserved_bytes": reserved,
+             "step_peak_gb": (torch.cuda.max_memory_allocated() - before) / 1e9,
+             "measure_gb": (_captured_measure(graphed) - before) / 1e9}
+    del graphed
+    return found
 
 
 def pool_growth(events: list[dict], segments: list[dict], top: int = 12) -> dict:
@@ -177,6 +218,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench-out/memory"))
     parser.add_argument("--seq", type=int, default=1024, help="tokens per row of the graphed step (GPU only)")
     parser.add_argument("--batch", type=int, default=4, help="rows of the graphed step (GPU only)")
+    parser.add_argument("--arena", action="store_true",
+                        help="capture the step again into a pool holding one segment of the most the first capture's "
+                             "pool held at once (captured_in_an_arena; GPU only)")
     args = parser.parse_args()
     from train_speed import lora_params, save_random_model
 
@@ -197,13 +241,13 @@ def main() -> None:
         allocated = torch.cuda.memory_allocated() - before
         row.update(allocated_after_load_gb=loaded / 1e9, allocated_gb=allocated / 1e9,
                    unexplained_gb=(allocated - sum(found.values())) / 1e9)
-        row.update(after_a_graphed_step(model, args.seq, args.batch, before))
+        row.update(after_a_graphed_step(model, args.seq, args.batch, before, args.arena))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "breakdown.json").write_text(json.dumps(row, indent=1))
     print("| kind | GB |\n| --- | --- |")
     for kind, nbytes in found.items():
         print(f"| {kind} | {nbytes / 1e9:.3f} |")
-    print(json.dumps({k: v for k, v in row.items() if k not in ("bytes", "pool")}))
+    print(json.dumps({k: v for k, v in row.items() if k not in ("bytes", "pool")}))  # the arena's figures too
     pool = row.get("pool")
     if pool:
         print(f"graph pool: {pool['reserved_bytes'] / 1e9:.3f} GB reserved, {pool['peak_live_bytes'] / 1e9:.3f} GB "
