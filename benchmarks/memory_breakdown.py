@@ -11,7 +11,8 @@ the allocator holds that no tensor of the model explains is the first thing to l
 footprint is above a peer's; then it runs one graphed step (--batch x --seq tokens) and reports
 what stays allocated after it, with and without cuBLAS's per-stream workspaces, and how the graph's
 private pool grew during the capture (which requests made it reserve a segment, and how much was free in
-it then: what it reserves beyond the most it held at once is gaps). Prints tables;
+it then: what it reserves beyond the most it held at once is gaps; where each request was made only with
+BREAKDOWN_STACKS=1, which a checkpointed step's capture does not survive). Prints tables;
 writes breakdown.json under --out.
 """
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from collections import defaultdict
 from dataclasses import replace
 from pathlib import Path
@@ -86,7 +88,10 @@ def after_a_graphed_step(model, seq: int, batch: int, before: int, arena: bool =
     ids = torch.randint(0, model.config.vocab_size, (batch, seq), device="cuda",
                         generator=torch.Generator("cuda").manual_seed(0))
     graphed = cuda_graphs.GraphedStep(model)
-    torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
+    # The allocator's events, for pool_growth; with their Python frames only when asked: recording frames made the
+    # capture of a checkpointed step fail (torch 2.11, docs/benchmarks.md, forty-fifth run).
+    frames = "alloc" if os.environ.get("BREAKDOWN_STACKS") else None
+    torch.cuda.memory._record_memory_history(max_entries=2_000_000, context=frames, stacks="python")
     graphed({"input_ids": ids}, ids, 1.0)  # the warm-up runs and the capture, recorded
     snapshot = torch.cuda.memory._snapshot()
     torch.cuda.memory._record_memory_history(enabled=None)
@@ -131,7 +136,8 @@ def captured_in_an_arena(model, ids, arena_bytes: int, before: int) -> dict:
     from qlorapipe.train.fast import cuda_graphs
 
     arena = torch.cuda.MemPool()
-    with torch.cuda.use_mem_pool(arena):
+    # On the stream the step is captured on: the allocator gives a free block only to requests of its stream.
+    with torch.cuda.use_mem_pool(arena), torch.cuda.stream(cuda_graphs._warmup_stream(torch.cuda.current_device())):
         block = torch.empty(-(-arena_bytes // (2 << 20)) * (2 << 20), dtype=torch.uint8, device="cuda")
     del block  # freed into the arena's pool, which keeps the segment
     torch.cuda.reset_peak_memory_stats()
@@ -233,6 +239,7 @@ def main() -> None:
     loaded = torch.cuda.memory_allocated() - before if device.type == "cuda" else None
     model = modeling.add_lora(model, lora_params(), quantized=True, gradient_checkpointing=True)
     applied = fast.apply(model, replace(AccelerationParams(), uncheckpointed_layers=0), device, compute_dtype)
+    model.train()  # as the train stage steps it: checkpointing and dropout act only in training mode
     found = breakdown(model)
     row = {"shape": args.shape, "device": str(device), "applied": applied, "bytes": found,
            "sum_gb": sum(found.values()) / 1e9}
