@@ -102,7 +102,7 @@ def after_a_graphed_step(model, seq: int, batch: int, before: int, arena: bool =
         pool = tuple(graphed.graph.pool())
         segments = [s for s in snapshot["segments"] if tuple(s["segment_pool_id"]) == pool]
         figures["pool"] = pool_growth(snapshot["device_traces"][torch.cuda.current_device()], segments)
-        figures["measure_gb"] = (_captured_measure(graphed) - before) / 1e9
+        figures["measure_gb"] = (graphed.held_bytes() - before) / 1e9
     del graphed
     model.zero_grad(set_to_none=True)
     gc.collect()
@@ -116,13 +116,6 @@ def after_a_graphed_step(model, seq: int, batch: int, before: int, arena: bool =
     torch._C._cuda_clearCublasWorkspaces()  # in every CUDA build of torch since 1.13
     figures["allocated_without_cublas_workspaces_gb"] = (torch.cuda.memory_allocated() - before) / 1e9
     return figures
-
-
-def _captured_measure(graphed) -> int:
-    """The memory planner's measure of a captured step (``memory_plan.measure_step``): what is allocated
-    outside the graph's pool, and the pool's reserved bytes whole."""
-    reserved, allocated = graphed.pool_bytes()
-    return torch.cuda.memory_allocated() - allocated + reserved
 
 
 def captured_in_an_arena(model, ids, arena_bytes: int, before: int) -> dict:
@@ -149,7 +142,7 @@ def captured_in_an_arena(model, ids, arena_bytes: int, before: int) -> dict:
     reserved, _ = graphed.pool_bytes()
     found = {"graph_failed": graphed.failed, "arena_bytes": arena_bytes, "pool_reserved_bytes": reserved,
              "step_peak_gb": (torch.cuda.max_memory_allocated() - before) / 1e9,
-             "measure_gb": (_captured_measure(graphed) - before) / 1e9}
+             "measure_gb": (graphed.held_bytes() - before) / 1e9}
     del graphed
     return found
 

@@ -89,6 +89,14 @@ class GraphedStep:
         segments = [segment for segment in torch.cuda.memory_snapshot() if tuple(segment["segment_pool_id"]) == pool]
         return sum(s["total_size"] for s in segments), sum(s["allocated_size"] for s in segments)
 
+    def held_bytes(self, device=None) -> int:
+        """What the run holds with this graph captured: the bytes allocated outside its pool and the pool's reserved
+        bytes whole (``pool_bytes``); the memory planner's measure of a captured step."""
+        import torch
+
+        reserved, allocated = self.pool_bytes()
+        return torch.cuda.memory_allocated(device) - allocated + reserved
+
     def _load(self, inputs: dict, labels, scale: float) -> None:
         self.static["input_ids"].copy_(inputs["input_ids"])
         self.static["labels"].copy_(labels)

@@ -623,8 +623,7 @@ def measure_step(model, inputs: dict, labels, device, cuda_graphs: bool = False,
                 seconds.append(time.perf_counter() - start)
         peak = torch.cuda.max_memory_allocated(device)
         if step is not None:
-            reserved, allocated = step.pool_bytes()
-            peak = max(peak, torch.cuda.memory_allocated(device) - allocated + reserved)
+            peak = max(peak, step.held_bytes(device))
         return peak / 1e9, statistics.median(seconds) if seconds else None
     finally:
         del step  # the graph and its memory pool
