@@ -245,6 +245,16 @@ def write_params(path: Path, params: dict) -> Path:
     return path
 
 
+def interruptible():
+    """For ``subprocess.Popen(preexec_fn=...)``: the child takes Ctrl-C (SIGINT) as a terminal's foreground process
+    does, whatever this process inherited. A shell starts background jobs with SIGINT ignored and a child keeps
+    that (Python then never raises KeyboardInterrupt): the suite run as ``make test &`` would see an interrupted
+    stage run to its end."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_cmd(cmd: list[str], cwd: Path, check: bool = True):
     """Run a command with this interpreter's bin directory first on PATH (stage commands say `python`)."""
     import os

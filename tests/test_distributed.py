@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, load_stage, tiny_params, train_args, write_params
+from conftest import ROOT, interruptible, load_stage, tiny_params, train_args, write_params
 
 from qlorapipe.errors import UserError
 from qlorapipe.params import DistributedParams, TrainingParams, parse_section
@@ -301,7 +301,7 @@ def test_ctrl_c_stops_the_launcher_and_its_ranks_in_one_line(prepared, tiny_llam
                           tiny_params(tiny_llama_dir, corpus_file, **{**BATCH, **RESUME}))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
     process = subprocess.Popen(_stage_command(prepared, out, params), env=env, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+                               stderr=subprocess.PIPE, text=True, start_new_session=True, preexec_fn=interruptible)
     deadline = time.monotonic() + 300
     while not _checkpoint_steps(out) and process.poll() is None:
         assert time.monotonic() < deadline, "no checkpoint within 300 s"

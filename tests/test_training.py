@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, load_stage, tiny_params, train_args, write_params
+from conftest import ROOT, interruptible, load_stage, tiny_params, train_args, write_params
 
 from qlorapipe import data, modeling
 from qlorapipe.errors import UserError
@@ -110,7 +110,8 @@ def test_ctrl_c_stops_a_run_in_one_line_and_it_resumes_from_its_last_checkpoint(
     work = _run_dir(tmp_path_factory, tiny_llama_dir, corpus_file, "interrupted", **RESUME_OVERRIDES)
     command = [sys.executable, str(ROOT / "stages/train.py")] + _train_args(prepared, work)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=interruptible)
     deadline = time.monotonic() + 120
     while not _checkpoint_steps(work) and process.poll() is None:
         assert time.monotonic() < deadline, "no checkpoint within 120 s"
