@@ -147,6 +147,13 @@ def test_a_failure_costs_nothing_the_last_good_run_stays_or_comes_back(project):
     assert result.returncode != 0 and "Could not override 'lora.rnak'" in result.stdout + result.stderr
     assert "Running stage" not in result.stdout and params_file.read_text() == good
 
+    # A misspelt section changes no param a stage reads: the check stage depends on the whole file and refuses it.
+    params_file.write_text(good + "modle:\n  repo_id: Qwen/Qwen2.5-3B-Instruct\n")
+    result = run_cmd(DVC + ["repro"], project, check=False)
+    assert result.returncode == 255
+    assert "params.yaml: section 'modle' is unknown (did you mean 'model'?)" in result.stdout + result.stderr
+    assert "Running stage 'download'" not in result.stdout
+
     params_file.write_text(learning_rate(-1))
     result = run_cmd(DVC + ["repro"], project, check=False)
     assert result.returncode == 255  # DVC's own status for a failed stage (the stage exits with 1)

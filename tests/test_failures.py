@@ -267,6 +267,23 @@ def test_what_the_model_cannot_do_is_refused_before_prepare_naming_each_key(tmp_
     assert list(tmp_path.iterdir()) == [tmp_path / "params.yaml"]  # nothing written
 
 
+def test_a_chat_template_with_a_jinja_syntax_error_is_refused_before_prepare(tmp_path, tiny_neox_base):
+    def compat(template: str) -> list[str]:
+        return _compat(tmp_path, tiny_neox_base, export={"formats": ["safetensors", "adapter"]},
+                       data={"source": "builtin:chatterbot", "format": "chat", "chat_template": template},
+                       evaluate={"general_corpus": "builtin:python-docs"})
+
+    with pytest.raises(UserError) as refused:
+        load_stage("compat").main(compat("{% for m in messages %}{{ m.content"))
+    assert ("data.chat_template: not a Jinja template (unexpected end of template, expected 'end of print "
+            "statement'. at line 1); fix its Jinja syntax") in str(refused.value)
+    assert not (tmp_path / "compat_check.txt").exists()
+    # transformers' own tags compile as apply_chat_template compiles them
+    load_stage("compat").main(compat("{% for m in messages %}{% generation %}{{ m.content }}{% endgeneration %}"
+                                     "{% endfor %}"))
+    assert (tmp_path / "compat_check.txt").is_file()
+
+
 def test_what_the_model_can_do_passes_and_writes_the_same_text_every_time(tmp_path, tiny_neox_base, tiny_llama_dir):
     neox = _compat(tmp_path, tiny_neox_base, export={"formats": ["safetensors", "adapter"]},
                    lora={"target_modules": ["query_key_value"], "modules_to_save": ["embed_in"]})
@@ -321,6 +338,24 @@ def test_a_figure_that_is_not_a_number_fails_every_gate():
     [problem] = gate_problems(EvaluateParams(max_general_perplexity_increase=0.1),
                               {"finetuned": {}, "general_perplexity_increase": nan})
     assert "evaluate.max_general_perplexity_increase=0.1" in problem
+
+
+def test_the_merge_gate_suggests_only_what_would_change_something():
+    from qlorapipe.fidelity import Fidelity
+    from qlorapipe.merge import gate
+    from qlorapipe.params import MergeParams
+
+    far = Fidelity(6.13, 0.34, 10.01, 10.0)  # logits apart, perplexity close: what an 8-bit base gave on 2 cores
+    with pytest.raises(UserError, match=r"max logit difference 6.1300 > merge.max_logit_diff 5.0.*"
+                                        r"\(try merge.dtype: float32, or raise the threshold if this is expected\)$"):
+        gate.check(far, MergeParams())
+    with pytest.raises(UserError, match=r"\(raise the threshold if this is expected\)$"):
+        gate.check(far, MergeParams(dtype="float32"))
+    with pytest.raises(UserError) as eight_bit:
+        gate.check(far, MergeParams(dtype="float32"), "8bit")
+    assert "merge.dtype" not in str(eight_bit.value)
+    assert "quantization.load_in 8bit the trained model rounds every matmul's input to int8" in str(eight_bit.value)
+    gate.check(far, MergeParams(max_logit_diff=7.0, max_mean_logit_diff=0.4), "8bit")  # raised: passes
 
 
 @pytest.mark.parametrize("key", ["rope_type", "type"])

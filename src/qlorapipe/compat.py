@@ -2,7 +2,8 @@
 
 A param can be valid on its own (the check stage) and still ask what this model cannot do:
 GGUF files or ONNX models of an architecture their writer does not lay out, LoRA targets the model does
-not have, sequences longer than its position table, a chat format with no chat template.
+not have, sequences longer than its position table, a chat format with no chat template, a chat
+template with a Jinja syntax error.
 The compat stage reads the base model's config and tokenizer (no weights: the model is
 built on the meta device) and refuses every such param in one message that names the key,
 before prepare, train or export run. The steps that act on these params (train, export)
@@ -119,6 +120,8 @@ def problems(base_dir: Path, trust_remote_code: bool, data: DataParams, lora: Lo
     if positions and data.max_length > positions:
         found.append(f"data.max_length {data.max_length} is longer than this model's {positions} positions "
                      f"(max_position_embeddings); set it to {positions} or less")
+    if data.chat_template is not None and (why := chat_template_problem(data.chat_template)):
+        found.append(f"data.chat_template: {why}; fix its Jinja syntax")
     has_template = has_chat_template(base_dir)
     if data.format == "chat" and data.chat_template is None and not has_template:
         found.append("data.format is chat but the tokenizer has no chat template; set data.chat_template "
@@ -136,6 +139,24 @@ def problems(base_dir: Path, trust_remote_code: bool, data: DataParams, lora: Lo
                 trust_remote_code=trust_remote_code)
         found += lora_problems(model, lora)
     return found
+
+
+def chat_template_problem(template: str) -> str | None:
+    """Why transformers cannot compile the Jinja chat ``template`` (its syntax error and line), or None.
+
+    Compiled as ``apply_chat_template`` compiles it (its sandbox and extensions), so a template refused here
+    would be refused at the first conversation prepare renders, and one passed here is not refused for its
+    syntax there.
+    """
+    from jinja2 import TemplateError
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    try:
+        _compile_jinja_template(template)
+    except TemplateError as error:
+        line = f" at line {error.lineno}" if getattr(error, "lineno", None) else ""
+        return f"not a Jinja template ({getattr(error, 'message', None) or error}{line})"
+    return None
 
 
 def has_chat_template(model_dir: Path) -> bool:

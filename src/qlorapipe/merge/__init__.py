@@ -164,7 +164,7 @@ def run(quant: QuantizationParams, params: MergeParams, budget_gb: float | None,
                     "" if naive is None else f" (naive merge into the 16-bit base: {naive.max_logit_diff:.4f}, "
                                              f"{100 * naive.perplexity_change:+.3f}%)",
                     modeling.memory_summary(device))
-        gate.check(merged_fidelity, params)
+        gate.check(merged_fidelity, params, quant.load_in)
     write_json(metrics_path, metrics)
     return metrics
 
