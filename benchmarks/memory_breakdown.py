@@ -121,8 +121,9 @@ def after_a_graphed_step(model, seq: int, batch: int, before: int, arena: bool =
 def captured_in_an_arena(model, ids, arena_bytes: int, before: int) -> dict:
     """The same step captured into a pool that already holds one free segment of ``arena_bytes`` (the most the
     default capture's pool held allocated at once): its larger requests split that one segment, freed neighbours
-    coalesce, and the pool grows only where a request finds no piece large enough. An experiment: the train
-    stage captures into a fresh pool (``torch.cuda.graph`` gets the arena's pool here, not in the product)."""
+    coalesce, and the pool grows only where a request finds no piece large enough. The experiment that led to
+    ``cuda_graphs.arena`` (the train stage seeds its pool with a first capture instead: in torch 2.11 a MemPool
+    that went after its graph aborted the process; docs/benchmarks.md, forty-sixth run)."""
     import functools
     from unittest import mock
 

@@ -583,6 +583,49 @@ def test_a_captured_step_holds_its_pool_and_the_planner_counts_all_of_it(six_blo
     model.zero_grad(set_to_none=True)
 
 
+def test_a_captured_steps_pool_is_about_what_the_step_holds_at_once(six_block_qwen2_dir):
+    """Captured into an ``arena`` of what its last warm-up held at once, the graph's pool reserves about that and
+    no more; the arena goes with the step, and a peak the stage reached before the capture is still the stage's
+    peak, though the capture restarted torch's counters. A step that holds less than ``ARENA_MIN_BYTES`` is
+    captured into a fresh pool, as before."""
+    from qlorapipe import memory
+
+    device = torch.device("cuda")
+    model, _ = _tiny_lora(six_block_qwen2_dir, AccelerationParams(uncheckpointed_layers=0), dropout=0.1)
+    small = torch.randint(4, 300, (2, 64), device=device, generator=torch.Generator(device).manual_seed(8))
+    step = cuda_graphs.GraphedStep(model)
+    assert step({"input_ids": small}, small, 1.0) is not None and step.arena is None
+    del step
+    ids = torch.randint(4, 300, (256, 256), device=device, generator=torch.Generator(device).manual_seed(8))
+    inputs = {"input_ids": ids, "use_cache": False}
+    for param in model.parameters():
+        if param.requires_grad:
+            param.grad = torch.zeros_like(param)
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    model(**inputs, labels=ids).loss.backward()
+    held = torch.cuda.max_memory_allocated() - before
+    assert held > cuda_graphs.ARENA_MIN_BYTES
+    memory.reset_peak(device)
+    earlier = torch.empty(held + 2**28, dtype=torch.uint8, device=device)  # a peak above the step's, then freed
+    del earlier
+    step = cuda_graphs.GraphedStep(model)
+    assert step(inputs, ids, 1.0) is not None, step.failed
+    torch.cuda.synchronize()
+    reserved, _ = step.pool_bytes()
+    assert step.arena is not None and tuple(step.arena.pool()) == tuple(step.graph.pool())
+    assert abs(reserved - held) <= 0.1 * held + 2**24, (reserved, held)
+    assert memory.stage_peaks(device)["peak_gpu_allocated_gb"] >= round((before + held + 2**28) / 1e9, 3) - 0.001
+    pool = tuple(step.graph.pool())
+    del step
+    gc.collect()
+    torch.cuda.empty_cache()
+    assert not [s for s in torch.cuda.memory_snapshot() if tuple(s["segment_pool_id"]) == pool]
+    model.zero_grad(set_to_none=True)
+
+
 def _offloads(model) -> offload.CheckpointOffload:
     return checkpointing.decoder_layers(model)[0]._gradient_checkpointing_func.args[1]
 

@@ -189,15 +189,22 @@ def place(model, device, budget: float | None, reserve: float):
 def peak_metrics(device, budget: float | None) -> dict:
     """The stage's peak GPU memory (allocated by tensors, reserved by the allocator) and its budget, in GB;
     also logged, so the stage prints its peak."""
+    found = stage_peaks(device)
+    if budget is not None:
+        found["budget_gb"] = round(budget / 1e9, 3)
+    logger.info("Peak memory: %s", ", ".join(f"{key} {value}" for key, value in found.items()))
+    return found
+
+
+def stage_peaks(device) -> dict:
+    """The stage's peak GPU memory, allocated and reserved, in GB (the process's peak RSS on the CPU), the peaks
+    before a ``restart_peak`` included."""
     from qlorapipe.modeling import peak_memory_metrics
 
     found = peak_memory_metrics(device)
     for key, earlier in zip(("peak_gpu_allocated_gb", "peak_gpu_reserved_gb"), _earlier_peaks, strict=True):
         if key in found:
             found[key] = max(found[key], round(earlier / 1e9, 3))
-    if budget is not None:
-        found["budget_gb"] = round(budget / 1e9, 3)
-    logger.info("Peak memory: %s", ", ".join(f"{key} {value}" for key, value in found.items()))
     return found
 
 

@@ -106,6 +106,7 @@ def run(sections: Sections, base_dir: Path, data_dir: Path, out: Outputs, relaun
     if not world.is_main:
         logging.getLogger().setLevel(logging.WARNING)  # one log, rank 0's
     device = world.device
+    memory.reset_peak(device)  # the stage's peak memory counts from here (memory.stage_peaks)
     logger.info("Device: %s", modeling.device_summary(device))
     source = read_source_record(base_dir)
     modeling.import_model_code(base_dir, source.trust_remote_code)
@@ -219,7 +220,7 @@ def run(sections: Sections, base_dir: Path, data_dir: Path, out: Outputs, relaun
         "device": modeling.device_summary(device),
         "num_processes": world.num_processes,
         "global_batch_size": distributed.global_batch_size(params),
-        **modeling.peak_memory_metrics(device),
+        **memory.stage_peaks(device),  # a captured step's measure restarts torch's peak counters
         "best_step": result.best_step,
         "stopped_early": result.stop_reason is not None,
         "resumed_from_step": result.resumed_from_step or 0,

@@ -6,6 +6,7 @@ import contextlib
 import functools
 import logging
 
+from qlorapipe import memory
 from qlorapipe.params import AccelerationParams
 
 logger = logging.getLogger(__name__)
@@ -61,6 +62,7 @@ class GraphedStep:
         self.key = None
         self.failed: str | None = None
         self.replays = 0
+        self.arena = None  # the graph that holds the pool's first segment (``arena``), for as long as ``graph``
 
     def __call__(self, inputs: dict, labels, scale: float):
         """Run forward and ``(loss * scale).backward()``; return the loss, or None to run eagerly."""
@@ -80,7 +82,7 @@ class GraphedStep:
         """The captured graph's private memory pool: the bytes it reserved and the bytes allocated in it now (0, 0
         before a capture). The pool keeps all it reserved until the graph goes, the unused part of its segments
         included: nothing else can allocate there, so a run holds the pool's reserved size beside what is
-        allocated outside it."""
+        allocated outside it (``arena`` keeps that unused part small)."""
         import torch
 
         if self.graph is None:
@@ -138,18 +140,25 @@ class GraphedStep:
             side = _warmup_stream(labels.device.index or 0)
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
-                for _ in range(self.WARMUP_RUNS):
+                for run in range(self.WARMUP_RUNS):
+                    if run == self.WARMUP_RUNS - 1:  # the last warm-up's own peak: what the step holds at once
+                        # (the training step's keeps the stage's peak so far; the planner's probes are its own)
+                        (torch.cuda.reset_peak_memory_stats if self.probe else memory.restart_peak)(labels.device)
+                        before = torch.cuda.memory_allocated(labels.device)
                     self._run()
+            held = torch.cuda.max_memory_allocated(labels.device) - before
             torch.cuda.current_stream().wait_stream(side)
             torch.cuda.empty_cache()  # the warm-up's activations: the graph gets its own pool
+            pool, seed = arena(held, side) if held >= ARENA_MIN_BYTES else (None, None)
             graph = torch.cuda.CUDAGraph()
-            with (torch.cuda.graph(graph, stream=side),  # the warm-up's cuBLAS workspace, not one more
+            with (torch.cuda.graph(graph, pool=pool, stream=side),  # the warm-up's cuBLAS workspace, not one more
                   unpacked_rows_while_capturing(packed="position_ids" in self.static)):
                 loss = self._run()
             self.loss = loss.detach()  # the kernels are in the graph; the autograd objects can go
             generator.set_state(position)  # seed and offset, in the state the graph replays from
-            self.graph = graph
+            self.graph, self.arena = graph, seed
         except Exception as error:  # noqa: BLE001 - any capture failure means: run eagerly
+            graph = seed = None  # a failed capture's pool goes now, not with the traceback that holds this frame
             self.failed = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:300]
             if not self.probe:
                 logger.warning("CUDA graphs off (acceleration.cuda_graphs), training eagerly: capturing the step "
@@ -162,6 +171,38 @@ class GraphedStep:
             for param, grad in zip(self.trainable, kept, strict=True):
                 param.grad.zero_() if grad is None else param.grad.copy_(grad)
         return self.graph is not None
+
+
+# Below this, a step is captured into a fresh pool: the allocator gives a request under 10 MB a segment of 20 MiB
+# and rounds larger ones to 2 MiB, so an arena of a few MB saves nothing.
+ARENA_MIN_BYTES = 2**26
+
+
+def arena(nbytes: int, stream):
+    """A graph memory pool that already holds one free segment of ``nbytes`` (rounded up to 2 MiB), for a step
+    to be captured into on ``stream``; and the graph that put it there, which must live as long as the step's.
+
+    Captured into a fresh pool, a step's requests each get a segment of their own as they come, and a larger
+    request later finds the freed bytes in pieces too small: the pool reserved 1.44 GB for the 1.12 GB a Qwen2.5-3B
+    step held at once (every block checkpointed, 1,024 x 4 tokens), 2.25 GB for 1.80 GB at Llama-2-7B (2,048 x 2).
+    Given one segment of what the step holds at once, requests split it and freed neighbours coalesce: 0.10 GB over
+    (``benchmarks/memory_breakdown.py --arena``, docs/benchmarks.md). The segment comes from a first capture into
+    the pool (graphs may share a pool when they are never replayed at once; this one is never replayed): a
+    ``torch.cuda.MemPool`` would do it too, but torch 2.11 aborted when one went after its graph (its destructor
+    empties the pool's cache, which raised once the graph had given the pool up).
+
+    Returns:
+        (pool, graph): the pool's id for ``torch.cuda.graph(pool=...)``, and the graph that holds the segment.
+    """
+    import torch
+
+    pool = torch.cuda.graph_pool_handle()
+    seed = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(seed, pool=pool, stream=stream):
+        block = torch.empty(-(-max(nbytes, 1) // (2 << 20)) * (2 << 20), dtype=torch.uint8, device=stream.device)
+        block[:1].zero_()  # a kernel: torch warns about a capture that recorded none
+        del block  # freed into the pool, which keeps the segment for the step's capture
+    return pool, seed
 
 
 @contextlib.contextmanager
