@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--base", type=Path, required=True, help="the base model directory")
     parser.add_argument("--out", type=Path, required=True, help="the file that records the check passed")
     args = parser.parse_args(argv)
-    sections = load_sections(args.params, "data", "lora", "evaluate", "export")
+    sections = load_sections(args.params, "data", "quantization", "lora", "evaluate", "export")
     compat.check(args.base, read_source_record(args.base).trust_remote_code, **sections)
     write_text_atomic(args.out, CHECKED)
 

@@ -237,6 +237,12 @@ def tiny_neox_base(tmp_path_factory) -> Path:
     return work / "base"
 
 
+def torch_cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def _compat(tmp_path: Path, base: Path, **sections) -> list[str]:
     path = write_params(tmp_path / "params.yaml", sections)
     return ["--params", str(path), "--base", str(base), "--out", str(tmp_path / "compat_check.txt")]
@@ -282,6 +288,16 @@ def test_a_chat_template_with_a_jinja_syntax_error_is_refused_before_prepare(tmp
     load_stage("compat").main(compat("{% for m in messages %}{% generation %}{{ m.content }}{% endgeneration %}"
                                      "{% endfor %}"))
     assert (tmp_path / "compat_check.txt").is_file()
+
+
+@pytest.mark.skipif(torch_cuda_available(), reason="float16 compute is refused only where there is no CUDA GPU")
+def test_float16_compute_without_a_gpu_is_refused_before_prepare(tmp_path, tiny_neox_base):
+    args = _compat(tmp_path, tiny_neox_base, export={"formats": ["safetensors", "adapter"]},
+                   quantization={"compute_dtype": "float16"})
+    with pytest.raises(UserError, match=r"quantization.compute_dtype float16 is not supported on the CPU \(no CUDA "
+                                        r"GPU here\); use auto or float32"):
+        load_stage("compat").main(args)
+    assert not (tmp_path / "compat_check.txt").exists()
 
 
 def test_what_the_model_can_do_passes_and_writes_the_same_text_every_time(tmp_path, tiny_neox_base, tiny_llama_dir):

@@ -3,7 +3,7 @@
 A param can be valid on its own (the check stage) and still ask what this model cannot do:
 GGUF files or ONNX models of an architecture their writer does not lay out, LoRA targets the model does
 not have, sequences longer than its position table, a chat format with no chat template, a chat
-template with a Jinja syntax error.
+template with a Jinja syntax error, float16 compute without a CUDA GPU.
 The compat stage reads the base model's config and tokenizer (no weights: the model is
 built on the meta device) and refuses every such param in one message that names the key,
 before prepare, train or export run. The steps that act on these params (train, export)
@@ -18,7 +18,7 @@ from types import SimpleNamespace
 
 from qlorapipe.errors import UserError
 from qlorapipe.modeling import lora_problems
-from qlorapipe.params import DataParams, EvaluateParams, ExportParams, LoraParams
+from qlorapipe.params import DataParams, EvaluateParams, ExportParams, LoraParams, QuantizationParams
 
 GGUF_ARCHITECTURES = ("llama", "qwen2")
 # The text models' architectures (config.json "architectures") onnxruntime-genai 0.18's model builder lays out.
@@ -98,7 +98,8 @@ def onnx_problem(config) -> str | None:
 
 
 def problems(base_dir: Path, trust_remote_code: bool, data: DataParams, lora: LoraParams,
-             evaluate: EvaluateParams, export: ExportParams) -> list[str]:
+             evaluate: EvaluateParams, export: ExportParams,
+             quantization: QuantizationParams | None = None) -> list[str]:
     """Every param this base model cannot honour, each naming its key and what to change.
 
     Reads config.json and the tokenizer's files as they are; builds the model (on the meta
@@ -120,6 +121,12 @@ def problems(base_dir: Path, trust_remote_code: bool, data: DataParams, lora: Lo
     if positions and data.max_length > positions:
         found.append(f"data.max_length {data.max_length} is longer than this model's {positions} positions "
                      f"(max_position_embeddings); set it to {positions} or less")
+    if quantization is not None and quantization.compute_dtype == "float16":
+        import torch
+
+        if not torch.cuda.is_available():  # the train stage would refuse it, after DVC deleted its outputs
+            found.append("quantization.compute_dtype float16 is not supported on the CPU (no CUDA GPU here); "
+                         "use auto or float32")
     if data.chat_template is not None and (why := chat_template_problem(data.chat_template)):
         found.append(f"data.chat_template: {why}; fix its Jinja syntax")
     has_template = has_chat_template(base_dir)
@@ -169,13 +176,13 @@ def has_chat_template(model_dir: Path) -> bool:
 
 
 def check(base_dir: Path, trust_remote_code: bool, data: DataParams, lora: LoraParams,
-          evaluate: EvaluateParams, export: ExportParams) -> None:
+          evaluate: EvaluateParams, export: ExportParams, quantization: QuantizationParams | None = None) -> None:
     """Refuse, in one message, every param this base model cannot honour.
 
     Raises:
         UserError: naming each key and what to change.
     """
-    found = problems(base_dir, trust_remote_code, data, lora, evaluate, export)
+    found = problems(base_dir, trust_remote_code, data, lora, evaluate, export, quantization)
     if found:
         raise UserError(f"params ask what {base_dir} ({config_type(base_dir)}) cannot do: " + "; ".join(found))
 
