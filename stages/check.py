@@ -41,8 +41,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pipeline", type=Path, default=Path("dvc.yaml"),
                         help="dvc.yaml, whose stages' deps local inputs should be among")
     args = parser.parse_args(argv)
-    sections = load_sections(args.params, "model", "data", "quantization", "lora", "training", "acceleration",
-                             "distributed", "evaluate", "merge", "export")
+    try:
+        sections = load_sections(args.params, "model", "data", "quantization", "lora", "training", "acceleration",
+                                 "distributed", "evaluate", "merge", "export")
+    except UserError as invalid:
+        raise UserError("; ".join([str(invalid), *inputs_of_valid_sections(args.params)])) from None
     problems = local_input_problems(sections)
     try:
         harness.check_tasks(sections["evaluate"].lm_eval_tasks)
@@ -63,6 +66,16 @@ def main(argv: list[str] | None = None) -> None:
         if warning:
             log.warning(warning)
     write_text_atomic(args.out, CHECKED)
+
+
+def inputs_of_valid_sections(params: Path) -> list[str]:
+    """The local inputs' problems when the model, data and evaluate sections are valid on their own: reported
+    with the params' problems, so that one run shows them all."""
+    try:
+        sections = load_sections(params, "model", "data", "evaluate")
+    except UserError:
+        return []
+    return local_input_problems(sections)
 
 
 if __name__ == "__main__":

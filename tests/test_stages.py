@@ -270,6 +270,16 @@ def test_the_check_stage_finds_every_missing_or_wrong_local_input_at_once(tmp_pa
         "one of builtin:python-docs, builtin:chatterbot")
     assert not (tmp_path / "failed.txt").exists()
 
+    # A param out of range too: its problem and the local inputs' in one message, one run to see them all.
+    bad = write_params(tmp_path / "bad.yaml", tiny_params(tiny_llama_dir, corpus_file, **{
+        "model.local_path": str(tmp_path / "no-model"), "training.per_device_batch_size": 0}))
+    with pytest.raises(UserError) as found:
+        check.main(["--params", str(bad), "--out", str(tmp_path / "failed.txt")])
+    assert str(found.value) == (
+        f"invalid params: training.per_device_batch_size must be at least 1, got 0; model.local_path "
+        f"'{tmp_path / 'no-model'}' does not exist: point it at a Hugging Face model directory or a .gguf file")
+    assert not (tmp_path / "failed.txt").exists()
+
     # Data whose first record lacks a column the format needs (prepare would stop there, its outputs deleted).
     rows = tmp_path / "rows.jsonl"
     rows.write_text('{"question": "q", "answer": "a"}\n')
