@@ -199,7 +199,7 @@ def arena(nbytes: int, stream):
     pool = torch.cuda.graph_pool_handle()
     seed = torch.cuda.CUDAGraph()
     with torch.cuda.graph(seed, pool=pool, stream=stream):
-        block = torch.empty(-(-max(nbytes, 1) // (2 << 20)) * (2 << 20), dtype=torch.uint8, device=stream.device)
+        block = torch.empty(-(-nbytes // (2 << 20)) * (2 << 20), dtype=torch.uint8, device=stream.device)
         block[:1].zero_()  # a kernel: torch warns about a capture that recorded none
         del block  # freed into the pool, which keeps the segment for the step's capture
     return pool, seed
