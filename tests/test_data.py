@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import build_tokenizer, tiny_config
 
-from qlorapipe import corpora, data
+from qlorapipe import corpora, data, prepare
 from qlorapipe.errors import UserError
 from qlorapipe.params import DataParams
 from qlorapipe.prepare import examples, sources
@@ -400,19 +400,22 @@ def test_the_check_stage_reads_each_local_files_first_record_for_the_columns_the
     (folder / "a.jsonl").write_text("\n" + json.dumps({"question": "q", "answer": "a"}) + "\n")
     (folder / "b.csv").write_text("prompt,reply\np,r\n")
     pq.write_table(pa.Table.from_pylist([{"prompt": "p", "completion": "c"}]), folder / "c.parquet")
-    (folder / "d.json").write_text(json.dumps([{"question": "q"}]))  # read through by prepare, not here
-    (folder / "e.jsonl").write_text("{not json\n")  # prepare names the line
-    (folder / "f.csv").write_text("question,answer\n")  # a header alone: no record for prepare to check
+    (folder / "d.json").write_text(json.dumps([{"question": "q"}]))  # read through
+    (folder / "f.csv").write_text("question,answer\n")  # a header alone: no record, as for prepare
     pq.write_table(pa.Table.from_pylist([{"question": "q"}]).slice(0, 0), folder / "g.parquet")  # no rows
     completion = DataParams(source="local", path=str(folder), format="completion")
-    assert data_column_problems(completion) == [
+    assert data_column_problems(completion, most=9) == [
         (f"{folder / 'a.jsonl'}:2: no 'prompt' or 'completion' column (has: answer, question); "
          "set data.prompt_column and data.completion_column"),
-        f"{folder / 'b.csv'}:2: no 'completion' column (has: prompt, reply); set data.completion_column"]
-    assert data_column_problems(replace(completion, completion_column="reply")) == [
+        f"{folder / 'b.csv'}:2: no 'completion' column (has: prompt, reply); set data.completion_column",
+        (f"{folder / 'd.json'}:1: no 'prompt' or 'completion' column (has: question); "
+         "set data.prompt_column and data.completion_column")]
+    assert data_column_problems(replace(completion, completion_column="reply"), most=9) == [
         (f"{folder / 'a.jsonl'}:2: no 'prompt' or 'reply' column (has: answer, question); "
          "set data.prompt_column and data.completion_column"),
-        f"{folder / 'c.parquet'}:1: no 'reply' column (has: completion, prompt); set data.completion_column"]
+        f"{folder / 'c.parquet'}:1: no 'reply' column (has: completion, prompt); set data.completion_column",
+        (f"{folder / 'd.json'}:1: no 'prompt' or 'reply' column (has: question); "
+         "set data.prompt_column and data.completion_column")]
     # many files with the same problem: the first few, and a count of the rest
     many = tmp_path / "many"
     many.mkdir()
@@ -426,6 +429,40 @@ def test_the_check_stage_reads_each_local_files_first_record_for_the_columns_the
     assert data_column_problems(DataParams(source="local", path=str(text), format="instruction")) == [
         (f"{text}: no 'instruction' or 'output' column (has: text); set data.instruction_column and "
          "data.output_column")]
+
+
+def test_the_check_stage_refuses_a_first_record_prepare_would_refuse_with_prepares_words(tmp_path):
+    """A file that does not read as its format, or a source with no record at all, stops `dvc repro` in the
+    check stage, before DVC deletes prepare's outputs, with the message prepare would give."""
+    from qlorapipe.inputs import data_column_problems
+
+    def problems_and_prepares(path):
+        data = DataParams(source="local", path=str(path), format="instruction")
+        found = data_column_problems(data)
+        with pytest.raises(UserError) as refused:
+            _local(path, format="instruction")
+        return found, str(refused.value)
+
+    bad = {"a.jsonl": b"\n{not json\n", "b.jsonl": b'["a list"]\n', "c.csv": b'instruction,output\nq,"a\n',
+           "d.parquet": b"PAR1 not parquet", "e.jsonl": b"\xff\xfe{}\n", "f.json": b"{"}
+    for name, content in bad.items():
+        file = tmp_path / name
+        file.write_bytes(content)
+        found, prepares = problems_and_prepares(file)
+        if file.suffix == ".parquet":  # pyarrow words a footer read and a whole read differently
+            found, prepares = [found[0].split(" (")[0]], prepares.split(" (")[0]
+        assert found == [prepares], name
+        file.unlink()
+    assert found[0].startswith(f"{tmp_path / 'f.json'}: not valid JSON")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "a.jsonl").write_text("\n\n")
+    (empty / "b.csv").write_text("instruction,output\n")
+    assert data_column_problems(DataParams(source="local", path=str(empty), format="instruction")) == [
+        f"{empty}: 0 record(s); need at least 2, one for training and one for evaluation: add data, or for raw "
+        "text use data.format: text with data.text_mode: concat"]
+    with pytest.raises(UserError, match=rf"^{empty}: 0 record\(s\); need at least 2"):  # before any tokenizer
+        prepare.run(DataParams(source="local", path=str(empty), format="instruction"), tmp_path / "no-model", None)
 
 
 def test_the_check_stage_reads_a_chat_records_roles_and_suggests_the_turns_role(tmp_path):

@@ -5,8 +5,6 @@ parquet file's footer, when data.path holds one)."""
 
 from __future__ import annotations
 
-import csv
-import json
 from pathlib import Path
 
 from qlorapipe.errors import UserError
@@ -96,34 +94,6 @@ def missing_columns_message(where: str, columns, needed: list[tuple[str, str]]) 
     return f"{where}: no {names} column (has: {have}); set {' and '.join(f'data.{p}' for _, p in missing)}"
 
 
-def _first_record(file: Path) -> tuple[str, dict] | None:
-    """(where, record) of a data file's first record, read without reading the file through (a .jsonl or .csv
-    record's values; a .parquet file's column names, valued None); None where that takes the whole file
-    (.json) or the file is not what its suffix says (prepare names the problem)."""
-    try:
-        if file.suffix == ".txt":
-            return str(file), {"text": None}
-        if file.suffix == ".jsonl":
-            with file.open("rb") as lines:
-                for number, line in enumerate(lines, start=1):
-                    if line.strip():
-                        value = json.loads(line.removeprefix(b"\xef\xbb\xbf") if number == 1 else line)
-                        return (f"{file}:{number}", value) if isinstance(value, dict) else None
-        if file.suffix == ".csv":  # a header without rows gives prepare no record to check
-            with file.open(newline="", encoding="utf-8-sig") as rows:
-                row = next(csv.DictReader(rows), None)
-                return (f"{file}:2", row) if row is not None else None
-        if file.suffix == ".parquet":
-            import pyarrow.parquet as pq
-
-            metadata = pq.read_metadata(file)
-            names = metadata.schema.to_arrow_schema().names
-            return (f"{file}:1", dict.fromkeys(names)) if metadata.num_rows else None
-    except Exception:  # noqa: BLE001 - undecodable or malformed: the prepare stage reads it and says where
-        return None
-    return None
-
-
 def unknown_role_message(where: str, number: int, role: str, turn: int) -> str:
     """The one-line problem of message ``number`` at ``where`` whose role (after data.roles) chat templates do
     not know; ``turn``: how many messages other than system ones come before it (even: a user's turn)."""
@@ -160,20 +130,29 @@ def _role_problem(where: str, messages, roles: dict) -> str | None:
 
 
 def data_column_problems(data, most: int = 3) -> list[str]:
-    """Each local data file whose first record lacks a column ``data``'s format needs, or (chat) has a message
-    whose role chat templates do not know (data.source: local); past ``most`` files, one more line counts the
-    rest."""
-    problems = []
+    """What prepare would say of each local data file's first record (data.source: local): a file that does
+    not read as its format, or a first record that lacks a column ``data``'s format needs, or (chat) has a
+    message whose role chat templates do not know; or that no file holds a record. Past ``most`` files, one
+    more line counts the rest."""
+    from qlorapipe.prepare.sources import first_record, too_few_records  # the readers prepare uses
+
+    problems, found = [], 0
     for file in data_files(Path(data.path).expanduser()):
-        first = _first_record(file)
-        if first is None:
+        try:
+            record = first_record(file)
+        except UserError as problem:
+            problems.append(str(problem))
             continue
-        where, record = first
-        problem = missing_columns_message(where, list(record), required_columns(data))
+        if record is None:
+            continue
+        found += 1
+        problem = missing_columns_message(record.where, list(record.columns), required_columns(data))
         if problem is None and data.format == "chat":
-            problem = _role_problem(where, record[data.messages_column], data.roles)
+            problem = _role_problem(record.where, record.columns[data.messages_column], data.roles)
         if problem:
             problems.append(problem)
+    if not found and not problems:
+        problems.append(too_few_records(data.path, 0))
     if len(problems) > most:
         problems[most:] = [f"and {len(problems) - most} more files like these"]
     return problems

@@ -71,8 +71,7 @@ def run(params: DataParams, base_dir: Path, out: Outputs) -> dict:
     records, origin = sources.load_records(params)
     concat = params.format == "text" and params.text_mode == "concat"
     if len(records) < 2 and not concat:  # one text document is still a stream to split (below)
-        raise UserError(f"{origin}: {len(records)} record(s); need at least 2, one for training and one for "
-                        "evaluation: add data, or for raw text use data.format: text with data.text_mode: concat")
+        raise UserError(sources.too_few_records(origin, len(records)))
     trust = read_source_record(base_dir).trust_remote_code
     tokenizer = load_tokenizer(base_dir, trust)
     if concat:
