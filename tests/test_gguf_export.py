@@ -314,7 +314,7 @@ def test_a_crash_with_blocks_on_the_gpu_runs_the_file_again_on_the_cpu(tiny_qwen
     reference = [torch.randn(1, 4, 32)]
     specs = []
 
-    def run_check(spec, gguf_file, batches, reference_logits):
+    def run_check(spec, gguf_file, batches, reference_logits, scored):
         specs.append(spec)
         if spec["free_bytes"] is not None:
             raise llamacpp.Crashed("llama.cpp stopped with exit status -11 on m.gguf (load_tensors)")
@@ -493,3 +493,19 @@ def test_compat_refuses_gguf_for_a_pre_tokenizer_without_a_name(tmp_path, tiny_l
     assert problem.startswith(f"GGUF files name how llama.cpp splits text before BPE, and {tmp_path / 'm'}")
     assert "(qwen2, llama-bpe, smollm, gpt-2)" in problem
     assert gguf_problem(AutoConfig.from_pretrained(tiny_llama_dir), tiny_llama_dir) is None
+
+
+def test_a_stop_mismatch_is_a_stop_missed_or_added_where_the_tokens_agreed():
+    """A file that runs on where the trained model stops (or stops where it runs on) with the same tokens before
+    it is a mismatch; continuations that parted before either stopped differ in tokens, not in their ends."""
+    from qlorapipe.export.llamacpp import Continuation, stop_mismatch
+
+    eos = 2
+    trained = Continuation([40, 41, eos], 2)
+    assert not stop_mismatch(trained, Continuation([40, 41, eos], 2))
+    assert stop_mismatch(trained, Continuation([40, 41, 42, 43], None))  # an end of generation missed
+    assert stop_mismatch(trained, Continuation([40, eos], 1))  # one added
+    assert stop_mismatch(Continuation([40, 41, 42], None), Continuation([40, 41, eos], 2))
+    assert not stop_mismatch(trained, Continuation([40, 50, 51, 52], None))  # parted at the second token
+    assert not stop_mismatch(trained, Continuation([50, eos], 1))
+    assert not stop_mismatch(Continuation([40, 41], None), Continuation([40, 41], None))

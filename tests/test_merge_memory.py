@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import make_model_dir
 
-from qlorapipe import fidelity, memory, modeling
+from qlorapipe import data, fidelity, memory, modeling
 from qlorapipe.errors import UserError
 from qlorapipe.merge import merging
 from qlorapipe.params import LoraParams, QuantizationParams
@@ -131,6 +132,28 @@ def test_adapters_only_drops_the_int8_copy_an_8bit_layer_keeps_once_it_has_run(t
     assert states and all(state.CB is None and state.SCB is None for state in states)
 
 
+def test_an_8bit_merge_computes_base_plus_adapter_with_the_int8_rounding_of_inputs_off(tiny_qwen2_dir, tmp_path):
+    """LLM.int8() rounds each matmul's input to int8; the merged model cannot, and is measured without it."""
+    import bitsandbytes as bnb
+    from peft import PeftModel
+
+    adapter = _adapter(tiny_qwen2_dir, tmp_path / "adapter")
+    base, _ = modeling.load_base_model(tiny_qwen2_dir, QuantizationParams(load_in="8bit", compute_dtype="float32"), CPU)
+    with_adapter = PeftModel.from_pretrained(base, adapter)
+    merged = merging.merged_model(with_adapter, tiny_qwen2_dir, torch.float32)
+    ids = [torch.randint(4, 300, (2, 24), generator=torch.Generator().manual_seed(0))]
+    rounded = bnb.nn.Linear8bitLt.forward
+    as_trained = fidelity.logits_on(with_adapter, ids, CPU)
+    with merging.int8_inputs_unrounded():
+        unrounded = fidelity.logits_on(with_adapter, ids, CPU)
+    assert bnb.nn.Linear8bitLt.forward is rounded
+    merged_logits = fidelity.logits_on(merged, ids, CPU)
+    exact = fidelity.compare(unrounded, merged_logits, ids)
+    apart = fidelity.compare(as_trained, merged_logits, ids)
+    assert exact.max_logit_diff < 1e-4, exact
+    assert apart.max_logit_diff > 100 * max(exact.max_logit_diff, 1e-6), apart
+
+
 def test_chunked_comparison_gives_the_whole_batch_figures():
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 50, (3, 17), generator=generator)
@@ -150,6 +173,38 @@ def test_chunked_comparison_gives_the_whole_batch_figures():
     assert figures.mean_logit_diff == pytest.approx(float(diff.double().mean()), rel=1e-12)
     nll = torch.nn.functional.cross_entropy(candidate[0][:, :-1].reshape(-1, 50).double(), ids[:, 1:].reshape(-1))
     assert figures.perplexity == pytest.approx(float(nll.exp()), rel=1e-6)
+
+
+def test_comparisons_score_only_the_positions_whose_next_token_is_a_training_target():
+    """A packed chat row's padding and prompts are not compared: only where training took a loss."""
+    import datasets
+
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 50, (2, 9), generator=generator)
+    labels = ids.clone()
+    labels[0, :3] = data.IGNORE_INDEX  # a prompt
+    labels[0, 6:] = data.IGNORE_INDEX  # padding
+    labels[1, 0] = data.IGNORE_INDEX
+    split = datasets.Dataset.from_dict({"input_ids": ids.tolist(), "labels": labels.tolist()}).with_format("torch")
+    scored = fidelity.scored_positions(split, batch_size=2, n_batches=1)
+    assert scored[0].tolist() == [[False, False, True, True, True, False, False, False, False], [True] * 8 + [False]]
+    reference = torch.randn(2, 9, 50, generator=generator)
+    candidate = reference.clone()
+    candidate[0, 6:] += 100.0  # what the model predicts after its padding: not compared
+    candidate[0, 0] -= 100.0  # nor inside the prompt
+    candidate[1, 4] += torch.randn(50, generator=generator)  # compared
+    found = fidelity.compare([reference], [candidate], [ids], scored)
+    kept = scored[0]
+    diff = (reference - candidate).abs()[kept]
+    assert found.max_logit_diff == float(diff.max()) < 100.0
+    assert found.mean_logit_diff == pytest.approx(float(diff.double().mean()), rel=1e-12)
+    targets = ids[:, 1:][kept[:, :-1]]
+    nll = torch.nn.functional.cross_entropy(candidate[kept].double(), targets)
+    assert found.perplexity == pytest.approx(float(nll.exp()), rel=1e-6)
+    chunked = fidelity.Comparison(chunk_elements=120)  # two positions a chunk
+    chunked.add(reference, candidate, ids, kept)
+    assert chunked.result().as_metrics() == found.as_metrics() and chunked.tokens == 11
+    assert math.isnan(fidelity.compare([reference], [candidate], [ids], [kept & False]).max_logit_diff)
 
 
 def test_rows_at_a_time_compare_like_whole_batches(tiny_llama_dir):

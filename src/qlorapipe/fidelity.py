@@ -41,6 +41,22 @@ def eval_batches(dataset, batch_size: int, n_batches: int) -> list:
                                                                       batch_size)]
 
 
+def scored_positions(dataset, batch_size: int, n_batches: int) -> list:
+    """For ``eval_batches``' rows, the positions whose next token is a training target (its label is not
+    ``IGNORE_INDEX``): the tokens training and the evaluate stage score. Logits elsewhere (a row's padding,
+    prompts, the position before a packed example's first token) are not compared: what a model predicts
+    after its padding is nothing anyone runs, and there a quantized file and the merged model may part."""
+    from qlorapipe.data import IGNORE_INDEX
+
+    found = []
+    for i in range(0, min(len(dataset), batch_size * n_batches), batch_size):
+        labels = dataset[i : i + batch_size]["labels"]
+        scored = labels.new_zeros(labels.shape, dtype=bool)
+        scored[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+        found.append(scored)
+    return found
+
+
 # Float32 logit elements compared at once (64 MiB), whatever the vocabulary: a row of Qwen2.5's
 # 151,936-token logits at 512 tokens is 311 MB in float32, and the comparison needs several such
 # temporaries (both sides, their difference, the log-softmax).
@@ -169,8 +185,9 @@ class Comparison:
         self.max_diff, self.diff_sum, self.count = 0.0, 0.0, 0
         self.ref_nll, self.cand_nll, self.tokens = 0.0, 0.0, 0
 
-    def add(self, reference, candidate, ids) -> None:
-        """One batch: ``reference`` and ``candidate`` logits (rows, length, vocab) of ``ids`` (rows, length).
+    def add(self, reference, candidate, ids, scored=None) -> None:
+        """One batch: ``reference`` and ``candidate`` logits (rows, length, vocab) of ``ids`` (rows, length), at
+        the positions ``scored`` (rows, length; ``scored_positions``) holds true; None: at every position.
 
         The two may be on different devices and in any float dtype; each chunk is compared in
         float32 on the candidate's device.
@@ -183,23 +200,32 @@ class Comparison:
         for row in range(rows):
             for first in range(0, length, step):
                 last = min(first + step, length)
+                # position t predicts token t + 1: the last position predicts nothing
+                kept = torch.arange(first, last)
+                kept = kept[kept < length - 1] if scored is None else kept[scored[row, first:last].cpu()]
+                if scored is not None and not len(kept):
+                    continue
                 ref = reference[row, first:last].to(device, torch.float32)
                 cand = candidate[row, first:last].to(torch.float32)
+                if scored is not None:
+                    ref, cand = ref[(kept - first).to(device)], cand[(kept - first).to(device)]
                 diff = (ref - cand).abs()
                 chunk_max = float(diff.max())  # torch's max is NaN where any difference is; Python's max skips it
                 self.max_diff = chunk_max if math.isnan(chunk_max) else max(self.max_diff, chunk_max)
                 self.diff_sum += float(diff.sum(dtype=torch.float64))
                 self.count += diff.numel()
                 del diff
-                scored = min(last, length - 1) - first  # position t predicts token t + 1
-                if scored <= 0:
+                if not len(kept):
                     continue
-                targets = ids[row, first + 1 : first + 1 + scored].to(device).long()
-                self.ref_nll += _summed_nll(ref[:scored], targets)
-                self.cand_nll += _summed_nll(cand[:scored], targets)
-                self.tokens += scored
+                targets = ids[row, (kept + 1).to(ids.device)].to(device).long()
+                self.ref_nll += _summed_nll(ref[: len(kept)] if scored is None else ref, targets)
+                self.cand_nll += _summed_nll(cand[: len(kept)] if scored is None else cand, targets)
+                self.tokens += len(kept)
 
     def result(self) -> Fidelity:
+        """The figures so far (NaN, which fails every gate, where nothing was scored)."""
+        if not self.tokens:
+            return Fidelity(math.nan, math.nan, math.nan, math.nan)
         return Fidelity(
             max_logit_diff=self.max_diff,
             mean_logit_diff=self.diff_sum / self.count,
@@ -208,25 +234,28 @@ class Comparison:
         )
 
 
-def compare(reference_logits: list, candidate_logits: list, batches: list) -> Fidelity:
-    """Logit differences and perplexities of a candidate against the reference on the same batches."""
+def compare(reference_logits: list, candidate_logits: list, batches: list, scored: list | None = None) -> Fidelity:
+    """Logit differences and perplexities of a candidate against the reference on the same batches, at the
+    ``scored`` positions of each (None: every position)."""
     comparison = Comparison()
-    for ref, cand, ids in zip(reference_logits, candidate_logits, batches):
-        comparison.add(ref, cand, ids)
+    for i, (ref, cand, ids) in enumerate(zip(reference_logits, candidate_logits, batches)):
+        comparison.add(ref, cand, ids, None if scored is None else scored[i])
     return comparison.result()
 
 
-def compare_model(reference_logits: list, model, batches: list, device, rows_at_once: int = 1) -> Fidelity:
+def compare_model(reference_logits: list, model, batches: list, device, rows_at_once: int = 1,
+                  scored: list | None = None) -> Fidelity:
     """``compare`` with the candidate's logits computed ``rows_at_once`` rows at a time and compared where they are."""
     import torch
 
     model.eval()
     comparison = Comparison()
     with torch.no_grad():
-        for ref, ids in zip(reference_logits, batches):
+        for b, (ref, ids) in enumerate(zip(reference_logits, batches)):
             for i in range(0, ids.shape[0], rows_at_once):
                 rows = ids[i : i + rows_at_once]
-                comparison.add(ref[i : i + rows_at_once], model(input_ids=rows.to(device)).logits, rows)
+                comparison.add(ref[i : i + rows_at_once], model(input_ids=rows.to(device)).logits, rows,
+                               None if scored is None else scored[b][i : i + rows_at_once])
     return comparison.result()
 
 

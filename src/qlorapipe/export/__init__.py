@@ -146,6 +146,7 @@ class References:
 
     batches: list  # held-out rows
     logits: list  # the merged model's float32 logits on them
+    scored: list  # where they are compared: the positions whose next token is a training target
     prompts: list[list[int]]  # held-out prompts
     continuations: list  # base + adapter's greedy continuations of them (llamacpp.Continuation)
 
@@ -160,7 +161,8 @@ def _references(params: ExportParams, inputs: Inputs, model, tokenizer, eval_set
     continuations = _trained_continuations(inputs, prompts, params.parity_tokens, tokenizer)
     memory.release(device)  # the GPU is llama.cpp's now
     clock.lap("reference_continuations")
-    return References(batches, logits, prompts, continuations)
+    scored = fidelity.scored_positions(eval_set, batch_size=4, n_batches=params.verify_batches)
+    return References(batches, logits, scored, prompts, continuations)
 
 
 def _onnx_models(params: ExportParams, inputs: Inputs, tokenizer, onnx_types: list[str], references: References,
@@ -173,7 +175,7 @@ def _onnx_models(params: ExportParams, inputs: Inputs, tokenizer, onnx_types: li
         onnxgenai.build(inputs.merged, folder, precision, params.onnx_builder_options.get(precision))
         clock.lap(f"build_onnx_{precision}")
         found = onnxgenai.check_model(folder, tokenizer, references.logits, references.batches, references.prompts,
-                                      references.continuations, params.parity_tokens)
+                                      references.continuations, params.parity_tokens, scored=references.scored)
         clock.lap(f"check_onnx_{precision}")
         gate(params, f"onnx-{precision}", found, runtime="ONNX Runtime")
         found_by_type[f"onnx_{precision}"] = found
@@ -219,7 +221,7 @@ def _gguf_files(params: ExportParams, inputs: Inputs, model, tokenizer, eval_set
             continue
         found = llamacpp.check_file(path[file_type], tokenizer, references.logits, references.batches,
                                     references.prompts, references.continuations, params.parity_tokens, device, budget,
-                                    threads_beside(pending, cores, quantizer_threads))
+                                    threads_beside(pending, cores, quantizer_threads), scored=references.scored)
         clock.lap(f"check_{file_type}")
         gate(params, f"gguf-{file_type}", found)
         found["ollama_modelfile"] = _modelfile(path[file_type].with_suffix(".Modelfile"), path[file_type].name,

@@ -197,6 +197,16 @@ def agreement(reference: Continuation, candidate: Continuation) -> float:
     return common / max(len(reference.tokens), len(candidate.tokens), 1)
 
 
+def stop_mismatch(reference: Continuation, candidate: Continuation) -> bool:
+    """Whether one of the two stops where the other, with the same tokens up to there, does not: an end of
+    generation the file misses or adds. Continuations that part before either stops differ in their tokens
+    already (``agreement`` counts that); where each then stops says nothing of the file's ends."""
+    if reference.stop == candidate.stop:
+        return False
+    first = min(stop for stop in (reference.stop, candidate.stop) if stop is not None)
+    return reference.tokens[:first] == candidate.tokens[:first]
+
+
 def reference_continuations(model, prompts: list[list[int]], max_new_tokens: int, stop_ids: set[int],
                             pad_id: int | None, device) -> list[Continuation]:
     """Greedy continuations of ``prompts`` by a transformers model (base + adapter as trained), in one
@@ -229,10 +239,11 @@ def continuation(tokens: list[int], is_stop) -> Continuation:
 
 def check_file(gguf_file: Path, tokenizer, reference_logits: list, batches: list, prompts: list[list[int]],
                reference: list[Continuation], max_new_tokens: int, device=None, budget: float | None = None,
-               threads: int | None = None) -> dict:
+               threads: int | None = None, scored: list | None = None) -> dict:
     """Run ``gguf_file`` in llama.cpp and measure it against the trained model (see the module docstring).
     On a GPU (``device``) with a CUDA build of llama.cpp, as many blocks as ``budget`` holds beside what
-    torch keeps run there; the rest on ``threads`` cores (None: all of them).
+    torch keeps run there; the rest on ``threads`` cores (None: all of them). Logits are compared at the
+    ``scored`` positions of each batch (``fidelity.scored_positions``; None: every position).
 
     Returns:
         The metrics for metrics/export.json.
@@ -251,13 +262,14 @@ def check_file(gguf_file: Path, tokenizer, reference_logits: list, batches: list
             if getattr(tokenizer, "chat_template", None) else None,
             "probe_tokens": sorted({t for r in reference for t in r.tokens})}
     try:
-        header, result, found = _run_check(spec, gguf_file, batches, reference_logits)
+        header, result, found = _run_check(spec, gguf_file, batches, reference_logits, scored)
     except Crashed as crash:
         if spec["free_bytes"] is None:
             raise
         # A CUDA build of llama.cpp that crashes with blocks on the GPU may still run the file on the CPU.
         logger.warning("%s; running %s on the CPU instead", crash, Path(gguf_file).name)
-        header, result, found = _run_check({**spec, "free_bytes": None}, gguf_file, batches, reference_logits)
+        header, result, found = _run_check({**spec, "free_bytes": None}, gguf_file, batches, reference_logits,
+                                           scored)
     continuations = [Continuation(tokens, stop) for tokens, stop in found["continuations"]]
     reference = [ended_at(r, set(found["eog"])) for r in reference]
     chat = found["chat_rendering"]
@@ -268,7 +280,7 @@ def check_file(gguf_file: Path, tokenizer, reference_logits: list, batches: list
                                  / max(len(prompts), 1), 4),
         "stops_trained": sum(r.stop is not None for r in reference),
         "stops_gguf": sum(c.stop is not None for c in continuations),
-        "stop_mismatches": sum(r.stop != c.stop for r, c in zip(reference, continuations)),
+        "stop_mismatches": sum(stop_mismatch(r, c) for r, c in zip(reference, continuations)),
         "tokenizer_matches": found["tokenizer_matches"],
         "chat_template_matches": None if spec["chat"] is None else chat == tokenizer.apply_chat_template(
             PROBE_CONVERSATION, tokenize=False, add_generation_prompt=True),
@@ -285,7 +297,7 @@ def check_file(gguf_file: Path, tokenizer, reference_logits: list, batches: list
     return metrics
 
 
-def _run_check(spec: dict, gguf_file: Path, batches: list, reference_logits: list) -> tuple:
+def _run_check(spec: dict, gguf_file: Path, batches: list, reference_logits: list, scored: list | None) -> tuple:
     """One run of ``llama_worker check``: its header, its logits compared with ``reference_logits`` (a Fidelity),
     and its closing line.
 
@@ -314,11 +326,11 @@ def _run_check(spec: dict, gguf_file: Path, batches: list, reference_logits: lis
 
         reader = threading.Thread(target=drain, name="llama-logits", daemon=True)
         reader.start()
-        for reference, batch in zip(reference_logits, batches):
+        for i, (reference, batch) in enumerate(zip(reference_logits, batches)):
             block = arrived.get()
             if isinstance(block, BaseException):
                 raise block
-            comparison.add(reference, block, batch)
+            comparison.add(reference, block, batch, None if scored is None else scored[i])
             del block
         reader.join()
         found = _json_line(process.stdout)

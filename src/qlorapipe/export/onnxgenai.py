@@ -37,6 +37,7 @@ from qlorapipe.export.llamacpp import (
     Continuation,
     agreement,
     continuation,
+    stop_mismatch,
 )
 
 logger = logging.getLogger(__name__)
@@ -107,7 +108,7 @@ def _why(log: str, returncode: int) -> str:
 
 
 def check_model(model_dir: Path, tokenizer, reference_logits: list, batches: list, prompts: list[list[int]],
-                reference: list[Continuation], max_new_tokens: int) -> dict:
+                reference: list[Continuation], max_new_tokens: int, scored: list | None = None) -> dict:
     """Run the ONNX Runtime GenAI folder ``model_dir`` (named by its precision) and measure it against the
     trained model (see the module docstring).
 
@@ -121,7 +122,7 @@ def check_model(model_dir: Path, tokenizer, reference_logits: list, batches: lis
     started = time.perf_counter()
     label = f"onnx-{model_dir.name}"
     config = json.loads((model_dir / "genai_config.json").read_text())["model"]
-    result = _logits_comparison(label, model_dir, config, reference_logits, batches)
+    result = _logits_comparison(label, model_dir, config, reference_logits, batches, scored)
     logits_seconds = time.perf_counter() - started
     continuations, tokens_match, chat_matches = _generator_checks(label, model_dir, config, tokenizer, batches,
                                                                   prompts, max_new_tokens)
@@ -132,7 +133,7 @@ def check_model(model_dir: Path, tokenizer, reference_logits: list, batches: lis
                                  / max(len(prompts), 1), 4),
         "stops_trained": sum(r.stop is not None for r in reference),
         "stops_onnx": sum(c.stop is not None for c in continuations),
-        "stop_mismatches": sum(r.stop != c.stop for r, c in zip(reference, continuations)),
+        "stop_mismatches": sum(stop_mismatch(r, c) for r, c in zip(reference, continuations)),
         "tokenizer_matches": tokens_match,
         "chat_template_matches": chat_matches,
         "seconds": {"logits": round(logits_seconds, 3),
@@ -157,7 +158,8 @@ def _runtime_errors(label: str):
                         "try other export.onnx_builder_options") from error
 
 
-def _logits_comparison(label: str, model_dir: Path, config: dict, reference_logits: list, batches: list):
+def _logits_comparison(label: str, model_dir: Path, config: dict, reference_logits: list, batches: list,
+                       scored: list | None):
     """The decoder's logits on ``batches`` (ONNX Runtime, all positions of one row at once from an empty cache)
     compared with ``reference_logits``."""
     import numpy as np
@@ -178,7 +180,7 @@ def _logits_comparison(label: str, model_dir: Path, config: dict, reference_logi
     cache_dtypes = {spec.name: np.float16 if spec.type == "tensor(float16)" else np.float32
                     for spec in session.get_inputs() if spec.name in past}
     comparison = fidelity.Comparison()
-    for reference, batch in zip(reference_logits, batches):
+    for i, (reference, batch) in enumerate(zip(reference_logits, batches)):
         for row in range(batch.shape[0]):  # a row at a time: one row's float32 logits held, not the batch's
             ids = batch[row : row + 1].numpy().astype(np.int64)
             feed = {names["input_ids"]: ids, names["attention_mask"]: np.ones_like(ids)}
@@ -192,7 +194,8 @@ def _logits_comparison(label: str, model_dir: Path, config: dict, reference_logi
                 raise UserError(f"{label}: ONNX Runtime gives logits of shape {list(logits.shape)} for "
                                 f"{ids.shape[1]} tokens, not one row per position; drop prune_lm_head from "
                                 "export.onnx_builder_options")
-            comparison.add(reference[row : row + 1], torch.from_numpy(logits), batch[row : row + 1])
+            comparison.add(reference[row : row + 1], torch.from_numpy(logits), batch[row : row + 1],
+                           None if scored is None else scored[i][row : row + 1])
             del logits
     del session
     return comparison.result()

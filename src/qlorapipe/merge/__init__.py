@@ -4,7 +4,9 @@ The base is dequantized from 4-bit before merging, so the merged model computes 
 trained (``merging``); the step measures that on eval batches against base + adapter as
 trained (``qlorapipe.fidelity``), and, for comparison, the naive merge into the original 16-bit
 base and, with merge.requantized_candidate, the merged model quantized again. ``gate`` fails
-the step when a bound is exceeded. ``speed`` times generation with base + adapter and merged.
+the step when a bound is exceeded. ``speed`` times generation with base + adapter and merged. An 8-bit
+base is the reference with LLM.int8()'s rounding of matmul inputs off (``merging.int8_inputs_unrounded``);
+the merged model's figures against it as trained are reported beside (not gated).
 """
 
 from __future__ import annotations
@@ -67,6 +69,7 @@ def run(quant: QuantizationParams, params: MergeParams, budget_gb: float | None,
     trust = read_source_record(base_dir).trust_remote_code  # a custom-code model loads with its code
     dtype = getattr(torch, params.dtype)
     batches = fidelity.eval_batches(eval_set, batch_size=4, n_batches=params.fidelity_batches)
+    scored = fidelity.scored_positions(eval_set, batch_size=4, n_batches=params.fidelity_batches)
     budget = memory.budget_bytes(budget_gb, device)
     rows, reserve = _check_budget(base_dir, quant, dtype, batches, budget, budget_gb, trust,
                                   params.naive_comparison, _adapter_bytes(adapter_dir))
@@ -90,7 +93,10 @@ def run(quant: QuantizationParams, params: MergeParams, budget_gb: float | None,
             gc.collect()
             clock.lap("save")
         # The reference: base + adapter exactly as trained.
-        reference = fidelity.logits_on(with_adapter, batches, device, rows_at_once=rows)
+        reference = as_trained = fidelity.logits_on(with_adapter, batches, device, rows_at_once=rows)
+        if quant.load_in == "8bit":  # without LLM.int8()'s rounding of each matmul's input, which merging cannot keep
+            with merging.int8_inputs_unrounded():
+                reference = fidelity.logits_on(with_adapter, batches, device, rows_at_once=rows)
         clock.lap("reference")
         if beside:
             saved.result()  # before anything is timed, and before the next 16-bit model is built
@@ -113,7 +119,10 @@ def run(quant: QuantizationParams, params: MergeParams, budget_gb: float | None,
         memory.release(device)
         # Measure the model as saved: reload it from disk, as users will.
         reloaded, offloaded = memory.place(memory.load_on_cpu(out, dtype, trust), device, budget, reserve)
-        merged_fidelity = fidelity.compare_model(reference, reloaded, batches, device, rows)
+        merged_fidelity = fidelity.compare_model(reference, reloaded, batches, device, rows, scored)
+        beside_rounding = None
+        if as_trained is not reference:
+            beside_rounding = fidelity.compare_model(as_trained, reloaded, batches, device, rows, scored)
         clock.lap("reload_and_compare")
         if params.speed_new_tokens and not offloaded:
             reloaded.config.use_cache = True
@@ -135,16 +144,18 @@ def run(quant: QuantizationParams, params: MergeParams, budget_gb: float | None,
             del adapters
             if offloaded:
                 reloaded, _ = memory.place(reloaded, device, budget, reserve)
-            naive = fidelity.compare_model(reference, reloaded, batches, device, rows)
+            naive = fidelity.compare_model(reference, reloaded, batches, device, rows, scored)
             clock.lap("naive")
         del reloaded
         memory.release(device)
         metrics = {
             "merged": merged_fidelity.as_metrics(),
+            **({"merged_vs_int8_inputs_rounded": beside_rounding.as_metrics()} if beside_rounding else {}),
             **({"naive_merge_into_16bit_base": naive.as_metrics()} if naive is not None else {}),
             "reference_perplexity": round(merged_fidelity.reference_perplexity, 5),
             "dtype": params.dtype,
             "eval_tokens": sum(b.numel() for b in batches),
+            "scored_tokens": sum(int(s.sum()) for s in scored),
             "offloaded_modules": offloaded,
         }
         if timings:
@@ -153,8 +164,8 @@ def run(quant: QuantizationParams, params: MergeParams, budget_gb: float | None,
             # What users get when they serve the merged model quantized again: the merged weights are
             # rounded to the quantization grid a second time, so this differs more than the merge itself.
             requantized, _ = modeling.load_base_model(out, quant, device, trust_remote_code=trust)
-            metrics[f"merged_requantized_{quant.load_in}"] = fidelity.compare_model(
-                reference, requantized, batches, device, rows).as_metrics()
+            metrics[f"merged_requantized_{quant.load_in}"] = fidelity.compare_model(  # computes as trained did
+                as_trained, requantized, batches, device, rows, scored).as_metrics()
             del requantized
             clock.lap("requantized")
         metrics["seconds"] = clock.seconds
@@ -164,7 +175,7 @@ def run(quant: QuantizationParams, params: MergeParams, budget_gb: float | None,
                     "" if naive is None else f" (naive merge into the 16-bit base: {naive.max_logit_diff:.4f}, "
                                              f"{100 * naive.perplexity_change:+.3f}%)",
                     modeling.memory_summary(device))
-        gate.check(merged_fidelity, params, quant.load_in)
+        gate.check(merged_fidelity, params)
     write_json(metrics_path, metrics)
     return metrics
 

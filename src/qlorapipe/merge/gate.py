@@ -26,29 +26,14 @@ def problems(fidelity: Fidelity, params: MergeParams) -> list[str]:
     return found
 
 
-def check(fidelity: Fidelity, params: MergeParams, load_in: str = "4bit") -> None:
+def check(fidelity: Fidelity, params: MergeParams) -> None:
     """Refuse a merged model outside the bounds.
-
-    Args:
-        load_in: ``quantization.load_in`` of the base that was trained (what to try depends on it).
 
     Raises:
         UserError: naming every bound exceeded and what to try.
     """
     found = problems(fidelity, params)
     if found:
-        raise UserError("the merged model does not compute what was trained: " + "; ".join(found)
-                        + f" ({hint(params, load_in)})")
-
-
-def hint(params: MergeParams, load_in: str) -> str:
-    """What to try when the gate refuses, given what is set already."""
-    if load_in == "8bit":
-        # LLM.int8() rounds each matmul's input to 8 bits (outlier columns aside): base + adapter as trained computes
-        # with that rounding, the merged 16-bit model without it, however exactly the weights are merged.
-        return ("with quantization.load_in 8bit the trained model rounds every matmul's input to int8 and the merged "
-                "model does not, so its logits differ by more than a 4-bit merge's: raise merge.max_logit_diff and "
-                "merge.max_mean_logit_diff if the perplexity change is small enough")
-    if params.dtype != "float32":
-        return "try merge.dtype: float32, or raise the threshold if this is expected"
-    return "raise the threshold if this is expected"
+        hint = ("try merge.dtype: float32, or raise the threshold if this is expected" if params.dtype != "float32"
+                else "raise the threshold if this is expected")
+        raise UserError("the merged model does not compute what was trained: " + "; ".join(found) + f" ({hint})")

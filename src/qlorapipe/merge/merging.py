@@ -12,10 +12,14 @@ merged in float32 on the device base + adapter computes on, rounded once to the 
 and moved into a 16-bit model on the CPU. The GPU never holds more than base + adapter and one
 layer's float32 weight, whatever the model's size; the result is the same, bit for bit, as
 dequantizing the whole model to float32 and calling peft's merge_and_unload (tests/test_merge_memory.py).
+
+An 8-bit base (LLM.int8()) also rounds every matmul's input to int8 as it computes, which no 16-bit model
+does: the merged model is measured against base + adapter with that rounding off (``int8_inputs_unrounded``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
@@ -104,6 +108,29 @@ def _merge_units(with_adapter):
         if isinstance(module, (LoraLayer, ModulesToSaveWrapper)):
             done.append(name + ".")
         yield name, module
+
+
+@contextlib.contextmanager
+def int8_inputs_unrounded():
+    """bitsandbytes' 8-bit layers computing with their dequantized weights and their inputs as they are, while
+    the context is open (class-wide): what ``merge_into`` merges an adapter into, without LLM.int8()'s rounding
+    of every matmul's input to int8 (outlier columns aside), which no 16-bit model computes."""
+    import bitsandbytes as bnb
+    import torch
+    from peft.utils.integrations import dequantize_bnb_weight
+
+    linear = bnb.nn.Linear8bitLt
+    rounded = linear.forward
+
+    def unrounded(self, x):
+        weight = dequantize_bnb_weight(self.weight, state=self.state).to(x.dtype)
+        return torch.nn.functional.linear(x, weight, None if self.bias is None else self.bias.to(x.dtype))
+
+    linear.forward = unrounded
+    try:
+        yield
+    finally:
+        linear.forward = rounded
 
 
 def _is_quantized(weight) -> bool:
