@@ -132,22 +132,24 @@ def test_adapters_only_drops_the_int8_copy_an_8bit_layer_keeps_once_it_has_run(t
     assert states and all(state.CB is None and state.SCB is None for state in states)
 
 
-def test_an_8bit_merge_computes_base_plus_adapter_with_the_int8_rounding_of_inputs_off(tiny_qwen2_dir, tmp_path):
+@pytest.mark.parametrize("device", [CPU] + ([torch.device("cuda", 0)] if torch.cuda.is_available() else []), ids=str)
+def test_an_8bit_merge_computes_base_plus_adapter_with_the_int8_rounding_of_inputs_off(tiny_qwen2_dir, tmp_path,
+                                                                                        device):
     """LLM.int8() rounds each matmul's input to int8; the merged model cannot, and is measured without it."""
     import bitsandbytes as bnb
     from peft import PeftModel
 
     adapter = _adapter(tiny_qwen2_dir, tmp_path / "adapter")
-    base, _ = modeling.load_base_model(tiny_qwen2_dir, QuantizationParams(load_in="8bit", compute_dtype="float32"), CPU)
-    with_adapter = PeftModel.from_pretrained(base, adapter)
-    merged = merging.merged_model(with_adapter, tiny_qwen2_dir, torch.float32)
+    eight_bit = QuantizationParams(load_in="8bit", compute_dtype="float32")
+    with_adapter = PeftModel.from_pretrained(modeling.load_base_model(tiny_qwen2_dir, eight_bit, device)[0], adapter)
+    merged = merging.merged_model(with_adapter, tiny_qwen2_dir, torch.float32).to(device)
     ids = [torch.randint(4, 300, (2, 24), generator=torch.Generator().manual_seed(0))]
     rounded = bnb.nn.Linear8bitLt.forward
-    as_trained = fidelity.logits_on(with_adapter, ids, CPU)
+    as_trained = fidelity.logits_on(with_adapter, ids, device)
     with merging.int8_inputs_unrounded():
-        unrounded = fidelity.logits_on(with_adapter, ids, CPU)
+        unrounded = fidelity.logits_on(with_adapter, ids, device)
     assert bnb.nn.Linear8bitLt.forward is rounded
-    merged_logits = fidelity.logits_on(merged, ids, CPU)
+    merged_logits = fidelity.logits_on(merged, ids, device)
     exact = fidelity.compare(unrounded, merged_logits, ids)
     apart = fidelity.compare(as_trained, merged_logits, ids)
     assert exact.max_logit_diff < 1e-4, exact
