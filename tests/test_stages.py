@@ -175,7 +175,11 @@ def test_merge_writes_a_standalone_model_that_computes_what_was_trained(run):
                                      "tokenizer.json", "tokenizer_config.json", "training_params.json"]
     metrics = json.loads((run["metrics"] / "merge.json").read_text())
     assert set(metrics) == {"merged", "naive_merge_into_16bit_base", "merged_requantized_4bit", "speed",
-                            "reference_perplexity", "dtype", "eval_tokens", "offloaded_modules", "seconds", "memory"}
+                            "reference_perplexity", "dtype", "eval_tokens", "scored_tokens", "offloaded_modules",
+                            "seconds", "memory"}
+    # Compared where training took a loss: at most every position but each row's last.
+    length = json.loads((run["metrics"] / "data.json").read_text())["max_length"]
+    assert 0 < metrics["scored_tokens"] <= metrics["eval_tokens"] - metrics["eval_tokens"] // length
     # Where the time went, phase by phase.
     assert set(metrics["seconds"]) == {"load", "merge", "save", "reference", "speed", "naive", "reload_and_compare",
                                        "requantized"}

@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from qlorapipe.errors import UserError
+from qlorapipe.local_data import first_record, too_few_records
 from qlorapipe.params import CHAT_ROLES
 
 PYTHON_DOCS = "builtin:python-docs"
@@ -134,8 +135,6 @@ def data_column_problems(data, most: int = 3) -> list[str]:
     not read as its format, or a first record that lacks a column ``data``'s format needs, or (chat) has a
     message whose role chat templates do not know; or that no file holds a record. Past ``most`` files, one
     more line counts the rest."""
-    from qlorapipe.prepare.sources import first_record, too_few_records  # the readers prepare uses
-
     problems, found = [], 0
     for file in data_files(Path(data.path).expanduser()):
         try:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from qlorapipe import data
 from qlorapipe.errors import UserError
+from qlorapipe.local_data import too_few_records
 from qlorapipe.outputs import atomic_dir, write_json
 from qlorapipe.params import DataParams
 from qlorapipe.prepare import examples, report, rows, sources
@@ -71,7 +72,7 @@ def run(params: DataParams, base_dir: Path, out: Outputs) -> dict:
     records, origin = sources.load_records(params)
     concat = params.format == "text" and params.text_mode == "concat"
     if len(records) < 2 and not concat:  # one text document is still a stream to split (below)
-        raise UserError(sources.too_few_records(origin, len(records)))
+        raise UserError(too_few_records(origin, len(records)))
     trust = read_source_record(base_dir).trust_remote_code
     tokenizer = load_tokenizer(base_dir, trust)
     if concat:
