@@ -100,9 +100,29 @@ def main() -> None:
         "checkpointed_blocks": len(called),  # 0: unsloth trained without its checkpointing
         "blocks": len(blocks),
         "transformers": transformers.__version__,
+        "packages": _versions(PEER_PACKAGES),
     }
     args.out.write_text(json.dumps(row))
     print(json.dumps(row), flush=True)
+
+
+# What the peer's speed may depend on beside unsloth itself: its row records the versions it ran with (unsloth's A
+# step took 487 ms in one run and 245 ms in a later one with the same unsloth, transformers and API calls).
+PEER_PACKAGES = ("unsloth_zoo", "torch", "triton", "bitsandbytes", "peft", "trl", "accelerate", "torchao",
+                 "cut_cross_entropy", "xformers", "flash_attn", "datasets", "huggingface_hub", "tokenizers")
+
+
+def _versions(names) -> dict:
+    """The installed version of each of ``names`` (None where it is not installed)."""
+    from importlib import metadata
+
+    found = {}
+    for name in names:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = None
+    return found
 
 
 def _loss_and_grads(model, input_ids, out: Path) -> float:

@@ -232,3 +232,12 @@ def test_block_costs_times_each_part_and_recomputes_the_mlp_without_the_down_pro
     assert row["derived_ms_per_step_all_blocks"] == {"kept": 2 * (derived["forward"] + derived["backward"]),
                                                      "all_recomputed_lean": 2 * (derived["forward"] + derived["backward"]
                                                                                  + derived["recompute_lean"])}
+
+
+def test_the_peer_row_records_the_versions_of_what_it_ran_with():
+    import torch
+
+    found = unsloth_peer._versions(("torch", "pyyaml", "no-such-package-here"))
+    assert found == {"torch": torch.__version__, "pyyaml": __import__("importlib.metadata").metadata.version("PyYAML"),
+                     "no-such-package-here": None}
+    assert "torchao" in unsloth_peer.PEER_PACKAGES and "triton" in unsloth_peer.PEER_PACKAGES
