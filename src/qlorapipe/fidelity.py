@@ -200,27 +200,28 @@ class Comparison:
         for row in range(rows):
             for first in range(0, length, step):
                 last = min(first + step, length)
-                # position t predicts token t + 1: the last position predicts nothing
-                kept = torch.arange(first, last)
-                kept = kept[kept < length - 1] if scored is None else kept[scored[row, first:last].cpu()]
-                if scored is not None and not len(kept):
-                    continue
-                ref = reference[row, first:last].to(device, torch.float32)
-                cand = candidate[row, first:last].to(torch.float32)
-                if scored is not None:
-                    ref, cand = ref[(kept - first).to(device)], cand[(kept - first).to(device)]
+                positions = torch.arange(first, last)
+                if scored is None:  # every position's logits; all but the row's last predict a token (t -> t + 1)
+                    compared, predicting = slice(None), positions[positions < length - 1]
+                else:
+                    predicting = positions[scored[row, first:last].cpu()]
+                    if not len(predicting):
+                        continue
+                    compared = (predicting - first).to(device)
+                ref = reference[row, first:last].to(device, torch.float32)[compared]
+                cand = candidate[row, first:last].to(torch.float32)[compared]
                 diff = (ref - cand).abs()
                 chunk_max = float(diff.max())  # torch's max is NaN where any difference is; Python's max skips it
                 self.max_diff = chunk_max if math.isnan(chunk_max) else max(self.max_diff, chunk_max)
                 self.diff_sum += float(diff.sum(dtype=torch.float64))
                 self.count += diff.numel()
                 del diff
-                if not len(kept):
+                if not len(predicting):
                     continue
-                targets = ids[row, (kept + 1).to(ids.device)].to(device).long()
-                self.ref_nll += _summed_nll(ref[: len(kept)] if scored is None else ref, targets)
-                self.cand_nll += _summed_nll(cand[: len(kept)] if scored is None else cand, targets)
-                self.tokens += len(kept)
+                targets = ids[row, (predicting + 1).to(ids.device)].to(device).long()
+                self.ref_nll += _summed_nll(ref[: len(predicting)], targets)
+                self.cand_nll += _summed_nll(cand[: len(predicting)], targets)
+                self.tokens += len(predicting)
 
     def result(self) -> Fidelity:
         """The figures so far (NaN, which fails every gate, where nothing was scored)."""
@@ -234,12 +235,17 @@ class Comparison:
         )
 
 
+def each_batch(scored: list | None, batches: list) -> list:
+    """``scored`` (``scored_positions``), or None for each of ``batches`` (every position compared)."""
+    return [None] * len(batches) if scored is None else scored
+
+
 def compare(reference_logits: list, candidate_logits: list, batches: list, scored: list | None = None) -> Fidelity:
     """Logit differences and perplexities of a candidate against the reference on the same batches, at the
     ``scored`` positions of each (None: every position)."""
     comparison = Comparison()
-    for i, (ref, cand, ids) in enumerate(zip(reference_logits, candidate_logits, batches)):
-        comparison.add(ref, cand, ids, None if scored is None else scored[i])
+    for ref, cand, ids, mask in zip(reference_logits, candidate_logits, batches, each_batch(scored, batches)):
+        comparison.add(ref, cand, ids, mask)
     return comparison.result()
 
 
@@ -251,11 +257,11 @@ def compare_model(reference_logits: list, model, batches: list, device, rows_at_
     model.eval()
     comparison = Comparison()
     with torch.no_grad():
-        for b, (ref, ids) in enumerate(zip(reference_logits, batches)):
+        for ref, ids, mask in zip(reference_logits, batches, each_batch(scored, batches)):
             for i in range(0, ids.shape[0], rows_at_once):
                 rows = ids[i : i + rows_at_once]
                 comparison.add(ref[i : i + rows_at_once], model(input_ids=rows.to(device)).logits, rows,
-                               None if scored is None else scored[b][i : i + rows_at_once])
+                               None if mask is None else mask[i : i + rows_at_once])
     return comparison.result()
 
 

@@ -326,11 +326,11 @@ def _run_check(spec: dict, gguf_file: Path, batches: list, reference_logits: lis
 
         reader = threading.Thread(target=drain, name="llama-logits", daemon=True)
         reader.start()
-        for i, (reference, batch) in enumerate(zip(reference_logits, batches)):
+        for reference, batch, mask in zip(reference_logits, batches, fidelity.each_batch(scored, batches)):
             block = arrived.get()
             if isinstance(block, BaseException):
                 raise block
-            comparison.add(reference, block, batch, None if scored is None else scored[i])
+            comparison.add(reference, block, batch, mask)
             del block
         reader.join()
         found = _json_line(process.stdout)

@@ -180,7 +180,7 @@ def _logits_comparison(label: str, model_dir: Path, config: dict, reference_logi
     cache_dtypes = {spec.name: np.float16 if spec.type == "tensor(float16)" else np.float32
                     for spec in session.get_inputs() if spec.name in past}
     comparison = fidelity.Comparison()
-    for i, (reference, batch) in enumerate(zip(reference_logits, batches)):
+    for reference, batch, mask in zip(reference_logits, batches, fidelity.each_batch(scored, batches)):
         for row in range(batch.shape[0]):  # a row at a time: one row's float32 logits held, not the batch's
             ids = batch[row : row + 1].numpy().astype(np.int64)
             feed = {names["input_ids"]: ids, names["attention_mask"]: np.ones_like(ids)}
@@ -195,7 +195,7 @@ def _logits_comparison(label: str, model_dir: Path, config: dict, reference_logi
                                 f"{ids.shape[1]} tokens, not one row per position; drop prune_lm_head from "
                                 "export.onnx_builder_options")
             comparison.add(reference[row : row + 1], torch.from_numpy(logits), batch[row : row + 1],
-                           None if scored is None else scored[i][row : row + 1])
+                           None if mask is None else mask[row : row + 1])
             del logits
     del session
     return comparison.result()
